@@ -1,0 +1,191 @@
+"""Zarr v3 stores: the chunk policy, the codecs, atomic writes and verification.
+
+An *input store* (written by ``ingest`` or ``simulate``) is a Zarr v3 group::
+
+    STORE.zarr/
+      data            (scan_y, scan_x, ky, kx)   whole patterns in every chunk
+      truth/          (simulated stores only) masks, patterns, groups
+      attrs["spedflow"] = {"kind": "input", "version", "source", "original_shape",
+                           "original_dtype", "scan_step": {"value", "units"},
+                           "reciprocal_scale": {"value", "units"}, ...}
+
+Every array spedflow writes uses Blosc (zstd, bit-shuffle) followed by a CRC32C
+checksum codec, so a flipped byte in any chunk is detected when it is read
+(``verify_store``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from ..errors import InputError, StoreExistsError
+
+__all__ = [
+    "DATA", "TARGET_CHUNK_BYTES", "compressors", "nav_chunks", "create_array",
+    "open_input", "read_meta", "atomic_store", "check_destination", "verify_store",
+    "is_local", "path_exists",
+]
+
+DATA = "data"
+TARGET_CHUNK_BYTES = 16 * 2**20  # 16 MiB of uncompressed data per chunk
+
+
+def compressors(dtype=None, *, cname: str = "zstd", clevel: int = 3):
+    """Blosc with bit-shuffle, then a CRC32C checksum of the stored bytes."""
+    return [BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle.bitshuffle),
+            Crc32cCodec()]
+
+
+def nav_chunks(shape, dtype, target_bytes: int = TARGET_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape for a (scan_y, scan_x, ky, kx) array: whole patterns, ~target bytes.
+
+    Chunks are square-ish in navigation space (good for both row- and
+    block-wise access) and never split a pattern.
+    """
+    sy, sx, ky, kx = (int(s) for s in shape)
+    per_pattern = ky * kx * np.dtype(dtype).itemsize
+    n = max(1, target_bytes // per_pattern)
+    cy = max(1, min(sy, int(math.isqrt(n))))
+    cx = max(1, min(sx, n // cy))
+    if cx == sx:  # whole rows fit: use the spare budget for more rows
+        cy = max(1, min(sy, n // sx))
+    return (cy, cx, ky, kx)
+
+
+def create_array(group: zarr.Group, name: str, shape, dtype, chunks=None, *,
+                 shards=None, attrs: dict | None = None, fill_value=0, overwrite=False):
+    """Create a checksummed, compressed array in ``group``."""
+    chunks = tuple(chunks) if chunks is not None else tuple(max(1, s) for s in shape)
+    arr = group.create_array(
+        name, shape=tuple(int(s) for s in shape), chunks=chunks, shards=shards,
+        dtype=np.dtype(dtype), compressors=compressors(dtype), fill_value=fill_value,
+        overwrite=overwrite)
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def is_local(path) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def path_exists(path) -> bool:
+    if is_local(path):
+        return Path(str(path).removeprefix("file://")).exists()
+    import fsspec
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs.exists(p)
+
+
+def check_destination(path, overwrite: bool) -> None:
+    """Refuse an existing destination unless ``overwrite``; never delete here."""
+    if path_exists(path) and not overwrite:
+        raise StoreExistsError(f"destination {str(path)!r} exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_store(path, *, overwrite: bool = False, partial_suffix: str = ".partial",
+                 keep_partial: bool = False):
+    """Write a store under a temporary name and rename it into place when done.
+
+    Yields the temporary path. On success an existing ``path`` (allowed only with
+    ``overwrite``) is replaced. On failure the temporary store is removed unless
+    ``keep_partial`` (used by resumable ingest), so a crash never leaves something
+    at ``path`` that looks finished.
+    """
+    path = Path(path)
+    check_destination(path, overwrite)
+    tmp = path.with_name(path.name + partial_suffix)
+    if tmp.exists() and not keep_partial:
+        shutil.rmtree(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        if not keep_partial and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _open_group(path, mode="r"):
+    if is_local(path) and not Path(str(path).removeprefix("file://")).exists():
+        raise InputError(f"store {str(path)!r} does not exist")
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # zarr raises several types for a non-store
+        raise InputError(f"{str(path)!r} is not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+
+
+def read_meta(path) -> dict:
+    """The ``spedflow`` attributes of a store (empty dict if none)."""
+    g = _open_group(path)
+    return dict(g.attrs.get("spedflow", {}))
+
+
+def open_input(path, *, array: str = DATA):
+    """Open an input store's 4-D data as a zarr array, checking what it holds.
+
+    Returns ``(zarr.Array, meta dict)``. Raises InputError with one line for a
+    missing store, a store without ``data``, wrong dimensionality or dtype.
+    """
+    g = _open_group(path)
+    if array not in g:
+        raise InputError(f"store {str(path)!r} has no array {array!r}; is it a spedflow store "
+                         "(made by `spedflow ingest` or `spedflow simulate`)?")
+    arr = g[array]
+    if not isinstance(arr, zarr.Array):
+        raise InputError(f"{str(path)!r}/{array} is a group, not an array")
+    if arr.ndim != 4:
+        raise InputError(f"{str(path)!r}/{array} must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{str(path)!r}/{array} has non-numeric dtype {arr.dtype}")
+    if 0 in arr.shape:
+        raise InputError(f"{str(path)!r}/{array} is empty (shape {arr.shape})")
+    return arr, dict(g.attrs.get("spedflow", {}))
+
+
+def verify_store(path, *, progress=None) -> list[str]:
+    """Read every chunk of every array; return the chunks that fail their checksum.
+
+    Each entry is ``"<array path> chunk (i, j, ...): <reason>"``. An empty list
+    means every chunk read back and matched its CRC32C.
+    """
+    g = _open_group(path)
+    bad: list[str] = []
+    arrays = list(g.arrays()) + [(f"{gname}/{n}", a) for gname, sub in g.groups()
+                                 for n, a in _walk_arrays(sub)]
+    for name, arr in arrays:
+        grid = [range(math.ceil(s / c)) for s, c in zip(arr.shape, arr.chunks)]
+        for idx in np.ndindex(*[len(r) for r in grid]):
+            sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, arr.chunks, arr.shape))
+            try:
+                arr[sl]
+            except Exception as exc:
+                bad.append(f"{name} chunk {idx}: {exc}")
+        if progress is not None:
+            progress(name)
+    return bad
+
+
+def _walk_arrays(group):
+    for n, a in group.arrays():
+        yield n, a
+    for gname, sub in group.groups():
+        for n, a in _walk_arrays(sub):
+            yield f"{gname}/{n}", a
