@@ -1,0 +1,346 @@
+"""The ``spedflow`` command: parse, build parameters, call the library, exit code.
+
+Every user mistake ends in one line on stderr and a non-zero exit code; ``-v`` adds
+the traceback for bug reports. Nothing here computes: each command calls one
+function of the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import _version
+from .errors import SpedflowError
+
+log = logging.getLogger("spedflow")
+
+EXIT_USER = 2      # the user's input was wrong
+EXIT_INTERNAL = 3  # a bug in spedflow or a library
+EXIT_INTERRUPT = 130
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,64,128,128, got {text!r}")
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be positive integers, got {text!r}")
+    return shape
+
+
+def _scan(text: str) -> tuple[int, int]:
+    s = _shape(text)
+    if len(s) == 1:
+        return (s[0], s[0])
+    if len(s) != 2:
+        raise argparse.ArgumentTypeError(f"--scan takes N or NY,NX, got {text!r}")
+    return s  # type: ignore[return-value]
+
+
+def _calibration(text: str) -> tuple[float, str]:
+    value, _, units = text.partition(":")
+    try:
+        return float(value), units.strip() or "px"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected VALUE[:UNITS] like 0.032:1/A, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="spedflow", formatter_class=fmt,
+        description="Out-of-core nanocrystal segmentation of scanning (precession) electron "
+                    "diffraction data (Bergh et al. 2020): ingest -> segment -> report.")
+    p.add_argument("--version", action="version", version=f"spedflow {_version.__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug); tracebacks on error")
+    g.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=fmt)
+
+    c = add("ingest", "Stream a 4-D data set (npy, raw, zarr, blo, mib, hspy, zspy, emd, fpd hdf5) into a chunked Zarr v3 store.")
+    c.add_argument("src", help="source file or store")
+    c.add_argument("dest", help="destination .zarr store")
+    c.add_argument("--shape", type=_shape, help="Y,X,KY,KX for raw binary files")
+    c.add_argument("--dtype", help="dtype of raw binary files, e.g. uint16 or >u2")
+    c.add_argument("--offset", type=int, default=0, help="header bytes to skip in raw binary files")
+    c.add_argument("--array", help="dataset / array name inside an HDF5 or Zarr source")
+    c.add_argument("--chunk-mb", type=float, default=16.0, help="target uncompressed chunk size in MB")
+    c.add_argument("--shards", type=_shape, help="optional shard shape Y,X,KY,KX (multiples of the chunks)")
+    c.add_argument("--scan-step", type=_calibration, help="override the scan step, VALUE[:UNITS] e.g. 3.03:nm")
+    c.add_argument("--reciprocal-scale", type=_calibration, help="override the detector calibration per pixel, e.g. 0.03246:1/A")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    c = add("simulate", "Write a simulated SPED data set of overlapping nanocrystals with ground truth.")
+    c.add_argument("dest", help="destination .zarr store")
+    c.add_argument("--scan", type=_scan, default=(64, 64), help="scan size N or NY,NX")
+    c.add_argument("--detector", type=_positive_int, default=128, help="detector size in pixels (square)")
+    c.add_argument("--crystals", type=_positive_int, default=10, help="number of crystals")
+    c.add_argument("--seed", type=int, default=0, help="random seed")
+    c.add_argument("--saturate-8bit", action="store_true", help="clip to 8 bits as on the ASTAR camera")
+    c.add_argument("--dose", type=float, help="mean counts per pattern (default: the simulator's)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    c = add("info", "Describe a store: shape, dtype, chunks, compression, calibration.")
+    c.add_argument("path")
+    c.add_argument("--verify", action="store_true", help="re-read every chunk and check its checksum")
+
+    c = add("segment", "Run a segmentation workflow on a store and write a result store.")
+    c.add_argument("store", help="input store (from ingest or simulate)")
+    c.add_argument("--method", choices=("vdf", "nmf"), default="vdf", help="workflow of Bergh et al. 2020")
+    c.add_argument("--out", required=True, help="result .zarr store")
+    c.add_argument("--config", help="TOML parameter file (see `spedflow params METHOD`)")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one parameter, e.g. --set preprocess.nav_binning=2 (repeatable)")
+    c.add_argument("--cache", help="stage cache directory (default: OUT.cache beside the result)")
+    c.add_argument("--scheduler", help="dask scheduler address tcp://HOST:PORT or tls://... (default: $SPEDFLOW_SCHEDULER, else a local cluster)")
+    c.add_argument("--workers", type=_positive_int, help="local cluster: number of worker processes")
+    c.add_argument("--threads", type=_positive_int, help="local cluster: threads per worker")
+    c.add_argument("--memory-limit", help="local cluster: memory limit per worker, e.g. 2GB")
+    c.add_argument("--no-cluster", action="store_true", help="run in this process with dask's threaded scheduler")
+    c.add_argument("--tls-ca-file", help="CA certificate for a tls:// scheduler")
+    c.add_argument("--tls-cert", help="client certificate for a tls:// scheduler")
+    c.add_argument("--tls-key", help="client key for a tls:// scheduler")
+    c.add_argument("--report", metavar="DIR", help="also write the HTML report into DIR")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing result")
+
+    c = add("evaluate", "Score a result against the simulated truth stored in the input store.")
+    c.add_argument("result")
+    c.add_argument("store")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    c = add("params", "Print the default parameter file of a workflow (TOML).")
+    c.add_argument("method", choices=("vdf", "nmf"))
+
+    c = add("report", "Write PNG figures and one self-contained HTML page for a result.")
+    c.add_argument("result")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--store", help="input store, for difference patterns and truth (default: the result's input)")
+
+    c = add("export", "Export segment maps and patterns to npy, tiff and HyperSpy (.hspy) files.")
+    c.add_argument("result")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--format", action="append", choices=("npy", "tiff", "hspy"),
+                   help="formats to write (repeatable; default all)")
+
+    c = add("fetch", "Download a public data set from the registry (checksum verified), then ingest it.")
+    c.add_argument("name", nargs="?", help="data set name; omit to list the registry")
+    c.add_argument("--dest", help="destination .zarr store (default NAME.zarr)")
+    c.add_argument("--cache-dir", help="download directory (default: pooch's cache)")
+    c.add_argument("--url", help="override the download URL (e.g. a mirror)")
+    c.add_argument("--overwrite", action="store_true")
+
+    c = add("watch", "Process a store that is still being written by an acquisition; finalise when complete.")
+    c.add_argument("store")
+    c.add_argument("--method", choices=("vdf", "nmf"), default="vdf")
+    c.add_argument("--out", required=True)
+    c.add_argument("--config")
+    c.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the store")
+    c.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds without new data")
+    c.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="spedflow: %(message)s", stream=sys.stderr)
+    import warnings
+    if quiet:
+        warnings.simplefilter("ignore")
+    else:
+        warnings.formatwarning = lambda m, c, f, l, line=None: f"spedflow: warning: {m}\n"
+
+
+def _progress(args) -> bool:
+    return not args.quiet
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        from . import cluster
+        cluster.set_progress(_progress(args))
+    except ImportError:
+        pass
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except KeyboardInterrupt:
+        print("spedflow: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except (SpedflowError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
+        if args.verbose:
+            raise
+        print(f"spedflow: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as exc:  # a bug: still one line unless -v
+        if args.verbose:
+            raise
+        print(f"spedflow: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.strerror}: {exc.filename!r}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+# --- commands -------------------------------------------------------------------
+
+def cmd_ingest(args) -> int:
+    from .io import ingest
+    ingest(args.src, args.dest, overwrite=args.overwrite, chunk_bytes=int(args.chunk_mb * 2**20),
+           shards=args.shards, shape=args.shape, dtype=args.dtype, offset=args.offset, array=args.array,
+           scan_step=_calib_dict(args.scan_step), reciprocal_scale=_calib_dict(args.reciprocal_scale),
+           progress=_progress(args))
+    print(f"wrote {args.dest}")
+    return 0
+
+
+def _calib_dict(c):
+    return None if c is None else {"value": c[0], "units": c[1]}
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import simulate
+    kw = {}
+    if args.saturate_8bit:
+        kw["saturate"] = "8bit"
+    if args.dose is not None:
+        kw["dose"] = args.dose
+    simulate(args.dest, scan=args.scan, detector=args.detector, crystals=args.crystals, seed=args.seed,
+             overwrite=args.overwrite, progress=_progress(args), **kw)
+    print(f"wrote {args.dest}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import format_info, store_info, verify_store
+    print(format_info(store_info(args.path)))
+    if args.verify:
+        bad = verify_store(args.path)
+        if bad:
+            for line in bad:
+                print(f"CORRUPT {line}")
+            print(f"spedflow: error: {len(bad)} chunk(s) failed verification", file=sys.stderr)
+            return 1
+        print("verify: every chunk matches its checksum")
+    return 0
+
+
+def _parse_set(items):
+    import tomllib
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SpedflowError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        section, name = key.strip().split(".", 1)
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()  # a bare word: treat as a string
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def cmd_segment(args) -> int:
+    from . import api
+    overrides = _parse_set(args.set)
+    result = api.segment(
+        args.store, method=args.method, out=args.out, config=args.config, overrides=overrides,
+        cache=args.cache, overwrite=args.overwrite, scheduler=args.scheduler, n_workers=args.workers,
+        threads_per_worker=args.threads, memory_limit=args.memory_limit, local=args.no_cluster,
+        tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        progress=_progress(args))
+    print(f"wrote {result}")
+    if args.report:
+        from .report import write_report
+        html = write_report(result, args.report, store_path=args.store)
+        print(f"report: {Path(html).resolve()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_evaluation
+    scores = evaluate(args.result, args.store)
+    if args.json:
+        import json
+        print(json.dumps(scores, indent=2, default=float))
+    else:
+        print(format_evaluation(scores))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from .workflows import default_config_toml
+    sys.stdout.write(default_config_toml(args.method))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    html = write_report(args.result, args.out, store_path=args.store)
+    print(f"report: {Path(html).resolve()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_result
+    files = export_result(args.result, args.out, formats=tuple(args.format or ("npy", "tiff", "hspy")))
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .datasets import fetch, format_registry
+    if not args.name:
+        print(format_registry())
+        return 0
+    dest = fetch(args.name, dest=args.dest, cache_dir=args.cache_dir, url=args.url,
+                 overwrite=args.overwrite, progress=_progress(args))
+    print(f"wrote {dest}")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from .workflows.live import watch
+    result = watch(args.store, method=args.method, out=args.out, config=args.config, poll=args.poll,
+                   timeout=args.timeout, overwrite=args.overwrite, progress=_progress(args))
+    print(f"wrote {result}")
+    return 0
+
+
+_COMMANDS = {
+    "ingest": cmd_ingest, "simulate": cmd_simulate, "info": cmd_info, "segment": cmd_segment,
+    "evaluate": cmd_evaluate, "params": cmd_params, "report": cmd_report, "export": cmd_export,
+    "fetch": cmd_fetch, "watch": cmd_watch,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
