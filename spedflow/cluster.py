@@ -1,0 +1,685 @@
+"""Where spedflow runs: a local cluster, a remote scheduler, TLS, progress display.
+
+This is the only library module that imports :mod:`distributed`; compute modules
+build lazy dask graphs and never know where they will run.
+
+* :func:`client_for` -- a context manager yielding a :class:`distributed.Client`,
+  either connected to an existing scheduler (argument, ``SPEDFLOW_SCHEDULER``,
+  dask config ``scheduler-address``) or to a :class:`~distributed.LocalCluster`
+  started on 127.0.0.1 only.
+* :func:`local_scheduler` -- dask's threaded scheduler with a bounded thread pool,
+  for small data and tests.
+* :func:`compute` / :func:`persist_with_progress` -- like :func:`dask.compute` /
+  :func:`dask.persist` with a one-line progress bar on stderr, on whichever
+  scheduler dask would use.
+* :func:`set_progress` -- the module switch for the progress display.
+
+Why one thread per worker process by default
+--------------------------------------------
+The heavy kernels are NumPy/SciPy calls that release the GIL, so threads would not
+lose much on them; but the pipeline also runs Python-level code that holds it
+(scikit-image peak finding and watershed bookkeeping, zarr's codec pipeline,
+per-chunk label relabelling), and processes run those in parallel too. One task per
+process also makes the per-worker memory limit mean "the working set of one chunk",
+so dask's spill/pause thresholds act on what one task really uses, and it avoids
+oversubscription with BLAS threads (the nanny pins ``OMP/MKL/OPENBLAS_NUM_THREADS``
+to 1). The cost -- data moved between processes -- is small here: tasks read their
+chunks straight from the Zarr store and pass on reduced partials.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import dask
+from dask.callbacks import Callback
+from dask.system import CPU_COUNT
+from dask.utils import parse_bytes
+
+from .config import check_range
+from .errors import InputError, ParameterError
+
+__all__ = [
+    "client_for", "compute", "persist_with_progress", "local_scheduler", "set_progress",
+    "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
+    "ENV_SCHEDULER", "MIN_WORKER_MEMORY",
+]
+
+#: Environment variable naming a scheduler address (after the explicit argument).
+ENV_SCHEDULER = "SPEDFLOW_SCHEDULER"
+
+#: Smallest per-worker memory limit accepted. A chunk holds ~16 MiB of patterns
+#: (``spedflow.io.TARGET_CHUNK_BYTES``); the largest per-chunk working set is the
+#: multi-scale Laplacian-of-Gaussian stack (~10 float32 copies) plus input, output
+#: and Python overhead, a few hundred MiB. Below this a worker would pause or be
+#: killed on its first task instead of failing with a clear message.
+MIN_WORKER_MEMORY = 256 * 2**20
+
+#: Memory a local worker should have to run any stage comfortably (twice the
+#: largest per-chunk working set above); bounds the default number of workers.
+_COMFORT_WORKER_MEMORY = 2**30
+
+#: Share of physical memory given to a local cluster: the rest is left to the OS
+#: page cache (which serves the Zarr chunks) and the client process.
+_MEMORY_FRACTION = 0.8
+
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
+_DEFAULT_TIMEOUT = 5.0
+_DASHBOARD_PORT = 8787
+
+_progress = True
+
+
+# --------------------------------------------------------------------------- switches
+
+def set_progress(enabled: bool) -> None:
+    """Turn the stderr progress bar of :func:`compute` on or off (default on)."""
+    global _progress
+    if not isinstance(enabled, bool):
+        raise ParameterError(f"`enabled` must be True or False (got {enabled!r})")
+    _progress = enabled
+
+
+def progress_enabled() -> bool:
+    """Whether :func:`compute` draws a progress bar."""
+    return _progress
+
+
+# --------------------------------------------------------------------------- resources
+
+def _physical_memory() -> int:
+    from distributed.system import MEMORY_LIMIT  # respects cgroup / rlimit
+
+    return int(MEMORY_LIMIT)
+
+
+def default_n_workers(memory: int | None = None, cores: int | None = None) -> int:
+    """Default number of local worker processes.
+
+    One per core (``dask.system.CPU_COUNT`` respects CPU affinity and cgroup
+    quotas), but no more than physical memory allows at
+    ``_COMFORT_WORKER_MEMORY`` (1 GiB) per worker, and at least one.
+    """
+    memory = _physical_memory() if memory is None else int(memory)
+    cores = CPU_COUNT if cores is None else int(cores)
+    by_memory = int(memory * _MEMORY_FRACTION // _COMFORT_WORKER_MEMORY)
+    return max(1, min(cores, by_memory))
+
+
+def parse_memory_limit(value: str | int | float | None, n_workers: int) -> int:
+    """Per-worker memory limit in bytes.
+
+    Parameters
+    ----------
+    value : str, int, float or None
+        ``None`` or ``"auto"``: 80 % of physical memory divided by ``n_workers``.
+        An int is bytes; a string is a size with units (``"2GB"``, ``"1.5 GiB"``);
+        a float in (0, 1] is a fraction of physical memory *per worker*.
+    n_workers : int
+        Number of worker processes sharing the machine.
+
+    Returns
+    -------
+    int
+        Bytes, at least :data:`MIN_WORKER_MEMORY`.
+    """
+    total = _physical_memory()
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return max(MIN_WORKER_MEMORY, int(total * _MEMORY_FRACTION / n_workers))
+    if isinstance(value, bool):
+        raise ParameterError(f"`memory_limit` must be a size like '4GB' (got {value!r})")
+    if isinstance(value, float) and 0 < value <= 1:
+        nbytes = int(total * value)
+    elif isinstance(value, (int, float)):
+        nbytes = int(value)
+    elif isinstance(value, str):
+        try:
+            nbytes = int(parse_bytes(value.strip()))
+        except (ValueError, TypeError):
+            raise ParameterError(
+                f"`memory_limit` must be a size like '4GB', '1.5GiB' or 'auto' "
+                f"(got {value!r})") from None
+    else:
+        raise ParameterError(f"`memory_limit` must be a size like '4GB' (got {value!r})")
+    if nbytes < MIN_WORKER_MEMORY:
+        raise ParameterError(
+            f"`memory_limit` must be >= {MIN_WORKER_MEMORY // 2**20} MiB per worker "
+            f"(got {value!r}); one chunk's working set needs that much")
+    if nbytes * n_workers > total:
+        warnings.warn(
+            f"memory_limit {_fmt_bytes(nbytes)} x {n_workers} workers exceeds physical "
+            f"memory {_fmt_bytes(total)}; workers may be killed by the OS",
+            RuntimeWarning, stacklevel=3)
+    return nbytes
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- addresses
+
+def resolve_address(scheduler: str | None = None) -> str | None:
+    """The scheduler address to use, or None for a new local cluster.
+
+    Order: the ``scheduler`` argument, the ``SPEDFLOW_SCHEDULER`` environment
+    variable, dask config ``scheduler-address``. A bare ``host:port`` means
+    ``tcp://host:port``.
+    """
+    for source, value in (("scheduler", scheduler),
+                          (ENV_SCHEDULER, os.environ.get(ENV_SCHEDULER)),
+                          ("dask config scheduler-address",
+                           dask.config.get("scheduler-address", None))):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if not isinstance(value, str):
+            raise ParameterError(f"`{source}` must be an address string (got {value!r})")
+        return _normalise_address(value.strip(), source)
+    return None
+
+
+def _normalise_address(addr: str, source: str) -> str:
+    if "://" in addr:
+        scheme, rest = addr.split("://", 1)
+        if scheme.lower() not in _SCHEMES:
+            raise ParameterError(
+                f"`{source}` has unknown protocol {scheme!r}; expected one of "
+                f"{', '.join(s + '://' for s in _SCHEMES)} (got {addr!r})")
+        addr = f"{scheme.lower()}://{rest}"
+    else:
+        rest = addr
+        addr = "tcp://" + addr
+    if not rest or rest.startswith(":"):
+        raise ParameterError(f"`{source}` must look like tcp://HOST:PORT (got {addr!r})")
+    return addr
+
+
+def _scheme(addr: str) -> str:
+    return addr.split("://", 1)[0]
+
+
+def _check_file(name: str, path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"`{name}` file {str(p)!r} does not exist")
+    return str(p)
+
+
+def _build_security(security, tls_ca_file, tls_cert, tls_key):
+    """A Security from explicit files, an explicit object, or dask's config."""
+    from distributed.security import Security
+
+    files = {"tls_ca_file": _check_file("tls_ca_file", tls_ca_file),
+             "tls_cert": _check_file("tls_cert", tls_cert),
+             "tls_key": _check_file("tls_key", tls_key)}
+    if security is not None:
+        if any(v is not None for v in files.values()):
+            raise ParameterError("give either `security` or the tls_* files, not both")
+        if not isinstance(security, Security):
+            raise ParameterError(
+                f"`security` must be a distributed.security.Security "
+                f"(got {type(security).__name__})")
+        return security
+    if any(v is not None for v in files.values()):
+        if files["tls_ca_file"] is None or files["tls_cert"] is None:
+            raise ParameterError(
+                "TLS needs both `tls_ca_file` and `tls_cert` (and `tls_key` unless the "
+                "key is in the cert file)")
+        return Security(require_encryption=True,
+                        tls_ca_file=files["tls_ca_file"],
+                        tls_client_cert=files["tls_cert"],
+                        tls_client_key=files["tls_key"])
+    # Dask reads distributed.comm.tls.* and require-encryption from its config here.
+    return Security()
+
+
+# --------------------------------------------------------------------------- client_for
+
+@contextmanager
+def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
+               threads_per_worker: int | None = None,
+               memory_limit: str | int | None = None, security=None,
+               tls_ca_file: str | os.PathLike | None = None,
+               tls_cert: str | os.PathLike | None = None,
+               tls_key: str | os.PathLike | None = None, dashboard: bool = True,
+               quiet: bool = False, timeout: float = _DEFAULT_TIMEOUT) -> Iterator[Any]:
+    """A :class:`distributed.Client` for the run; closes it (and any cluster) on exit.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Scheduler address (``tcp://host:8786``, ``tls://host:8786``, or bare
+        ``host:port`` meaning tcp). If None: env ``SPEDFLOW_SCHEDULER``, then dask
+        config ``scheduler-address``; if none is set, a ``LocalCluster`` is started
+        with scheduler, workers and dashboard bound to 127.0.0.1 only.
+    n_workers : int, optional
+        Local cluster only. Default: one process per core, at most one per GiB of
+        80 % of physical memory (:func:`default_n_workers`).
+    threads_per_worker : int, optional
+        Local cluster only. Default 1 (see the module docstring).
+    memory_limit : str or int, optional
+        Local cluster only: per-worker limit, e.g. ``"2GB"`` or bytes. Default 80 %
+        of physical memory divided by ``n_workers``.
+    security : distributed.security.Security, optional
+        Ready-made TLS settings; exclusive with the ``tls_*`` files.
+    tls_ca_file, tls_cert, tls_key : path, optional
+        PEM files: the CA that signed the cluster's certificates, this client's
+        certificate and key. Without them, a ``tls://`` address uses dask's config
+        (``distributed.comm.tls.ca-file``, ``.client.cert``, ``.client.key``).
+    dashboard : bool
+        Local cluster only: serve the dashboard on 127.0.0.1 (port 8787 if free,
+        else a random port).
+    quiet : bool
+        Do not print the scheduler/dashboard line to stderr.
+    timeout : float
+        Seconds to wait for a remote scheduler before giving up.
+
+    Yields
+    ------
+    distributed.Client
+        Set as the default client, so plain ``dask.compute`` uses it too.
+
+    Raises
+    ------
+    InputError
+        Unreachable or refusing scheduler, ``tls://`` without certificates, a
+        certificate file that does not exist.
+    ParameterError
+        Bad address, worker counts or memory limit.
+    """
+    from distributed import Client, LocalCluster
+
+    check_range("n_workers", n_workers, low=1, integer=True, allow_none=True)
+    check_range("threads_per_worker", threads_per_worker, low=1, integer=True,
+                allow_none=True)
+    check_range("timeout", timeout, low=0, low_open=True)
+    address = resolve_address(scheduler)
+    sec = _build_security(security, tls_ca_file, tls_cert, tls_key)
+    explicit_tls = security is not None or tls_ca_file is not None or tls_cert is not None
+
+    if address is not None:
+        local_only = {"n_workers": n_workers, "threads_per_worker": threads_per_worker,
+                      "memory_limit": memory_limit}
+        given = [k for k, v in local_only.items() if v is not None]
+        if given:
+            warnings.warn(f"{', '.join(given)} apply to a local cluster only; ignored for "
+                          f"the scheduler at {address}", RuntimeWarning, stacklevel=3)
+        scheme = _scheme(address)
+        if scheme in ("tls", "wss"):
+            if not sec.tls_ca_file or not sec.tls_client_cert:
+                raise InputError(
+                    f"scheduler {address} uses TLS but no client certificate was given: "
+                    f"pass --tls-ca-file/--tls-cert/--tls-key (tls_ca_file=, tls_cert=, "
+                    f"tls_key=) or set distributed.comm.tls.ca-file and "
+                    f"distributed.comm.tls.client.cert/key in the dask config")
+        elif explicit_tls:
+            raise ParameterError(
+                f"TLS certificates were given but the scheduler address {address} is "
+                f"not tls://; use tls://{address.split('://', 1)[1]}")
+        elif sec.require_encryption:
+            raise InputError(
+                f"dask config requires encryption (distributed.comm.require-encryption) "
+                f"but the scheduler address {address} is not tls://")
+        client = _connect(Client, address, sec, timeout)
+        try:
+            if not quiet:
+                _announce(client, address)
+            yield client
+        finally:
+            client.close()
+        return
+
+    n = int(n_workers) if n_workers is not None else default_n_workers()
+    threads = int(threads_per_worker) if threads_per_worker is not None else 1
+    mem = parse_memory_limit(memory_limit, n)
+    kwargs: dict[str, Any] = {}
+    if explicit_tls or sec.require_encryption:
+        # Explicit certificates, or a config that demands encryption: encrypt the
+        # local cluster too (temporary self-signed certificates if none configured).
+        if not sec.tls_ca_file:
+            from distributed.security import Security
+            sec = Security.temporary()
+        kwargs.update(security=sec, protocol="tls://")
+    dash = _dashboard_address() if dashboard else None
+    cluster = LocalCluster(
+        n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
+        host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
+        **kwargs)
+    try:
+        client = Client(cluster, security=kwargs.get("security"), set_as_default=True)
+        try:
+            if not quiet:
+                _announce(client, cluster.scheduler_address,
+                          extra=f"{n} worker{'s' if n != 1 else ''} x {threads} "
+                                f"thread{'s' if threads != 1 else ''}, "
+                                f"{_fmt_bytes(mem)} each")
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def _connect(Client, address: str, sec, timeout: float):
+    try:
+        return Client(address, security=sec, timeout=timeout, set_as_default=True)
+    except (OSError, TimeoutError) as exc:
+        hint = ("check that the certificates are signed by the cluster's CA and that "
+                "the scheduler runs with TLS" if _scheme(address) in ("tls", "wss") else
+                "start one with `dask scheduler`, check host/port/firewall, or omit the "
+                "address to run on a local cluster")
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot connect to the dask scheduler at {address} within "
+                         f"{timeout:g} s ({cause}); {hint}") from None
+
+
+def _dashboard_address() -> str:
+    """127.0.0.1:8787 if that port is free, else a random free port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", _DASHBOARD_PORT))
+        except OSError:
+            return "127.0.0.1:0"
+    return f"127.0.0.1:{_DASHBOARD_PORT}"
+
+
+def _announce(client, address: str, extra: str = "") -> None:
+    parts = [f"spedflow: dask scheduler {address}", _dashboard_text(client)]
+    if extra:
+        parts.append(extra)
+    print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _dashboard_text(client) -> str:
+    try:
+        served = bool(client.scheduler_info().get("services", {}).get("dashboard"))
+    except Exception:  # pragma: no cover - info is best effort
+        served = False
+    if not served:
+        return "no dashboard"
+    text = f"dashboard {client.dashboard_link}"
+    try:
+        import bokeh  # noqa: F401  (the dashboard pages need it)
+    except ImportError:
+        text += " (pip install bokeh to see its pages)"
+    return text
+
+
+# --------------------------------------------------------------------------- local
+
+@contextmanager
+def local_scheduler(n_threads: int | None = None) -> Iterator[None]:
+    """Use dask's threaded scheduler with at most ``n_threads`` threads.
+
+    Overrides any default distributed client inside the block. Default: the
+    number of cores (``dask.system.CPU_COUNT``).
+    """
+    check_range("n_threads", n_threads, low=1, integer=True, allow_none=True)
+    n = int(n_threads) if n_threads is not None else CPU_COUNT
+    with dask.config.set(scheduler="threads", num_workers=n):
+        yield
+
+
+# --------------------------------------------------------------------------- progress
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class _ProgressLine:
+    """Draws ``label: [#####     ] 45% 1234 patterns/s ETA 12s`` on a stream.
+
+    On a terminal the line is redrawn in place (at most every ``min_interval`` s);
+    elsewhere (CI logs, captured stderr) a new line is written at each 10 % step,
+    so logs stay short.
+    """
+
+    def __init__(self, label: str, n_patterns: int | None, stream=None, width: int = 30,
+                 min_interval: float = 0.1):
+        self.label = label
+        self.n_patterns = n_patterns
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.min_interval = min_interval
+        self.start = time.perf_counter()
+        self._last_draw = -math.inf
+        self._last_decile = -1
+        self._lock = threading.Lock()
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
+
+    def format(self, done: int, total: int, elapsed: float) -> str:
+        frac = min(1.0, done / total) if total else 1.0
+        bar = "#" * int(self.width * frac)
+        if self.n_patterns is not None:
+            rate, unit = self.n_patterns * frac / elapsed if elapsed > 0 else 0.0, "patterns"
+        else:
+            rate, unit = done / elapsed if elapsed > 0 else 0.0, "tasks"
+        if frac >= 1:
+            tail = f"in {_fmt_duration(elapsed)}"
+        else:
+            eta = elapsed * (1 - frac) / frac if frac > 0 else math.inf
+            tail = f"ETA {_fmt_duration(eta)}"
+        return (f"{self.label}: [{bar:<{self.width}}] {int(100 * frac):3d}% "
+                f"{rate:.0f} {unit}/s {tail}")
+
+    def update(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if self.tty:
+                if now - self._last_draw < self.min_interval:
+                    return
+                self._write("\r" + self.format(done, total, now - self.start))
+            else:
+                decile = int(10 * done / total) if total else 10
+                if decile <= self._last_decile or decile >= 10:
+                    return
+                self._write(self.format(done, total, now - self.start) + "\n")
+                self._last_decile = decile
+            self._last_draw = now
+
+    def finish(self, done: int, total: int, ok: bool = True) -> None:
+        with self._lock:
+            line = self.format(done, total, time.perf_counter() - self.start)
+            if not ok:
+                line += " FAILED"
+            self._write(("\r" if self.tty else "") + line + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (ValueError, OSError):  # closed stream: progress is best effort
+            pass
+
+
+class _LocalProgress(Callback):
+    """Progress of dask's local (threaded/synchronous/processes) schedulers."""
+
+    def __init__(self, line: _ProgressLine, interval: float = 0.1):
+        super().__init__()
+        self.line = line
+        self.interval = interval
+        self._state = None
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    def _counts(self):
+        s = self._state
+        if not s:
+            return 0, 0
+        total = sum(len(s[k]) for k in ("ready", "waiting", "running", "finished"))
+        return len(s["finished"]), total
+
+    def _start_state(self, dsk, state):
+        self._state = state
+        self._running = True
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+
+    def _tick(self):
+        while self._running:
+            self.line.update(*self._counts())
+            time.sleep(self.interval)
+
+    def _finish(self, dsk, state, errored):
+        self._running = False
+        if self._thread is not None:
+            self._thread.join()
+        done, total = self._counts()
+        self.line.finish(done if errored else total, total, ok=not errored)
+
+
+def _distributed_bar_class():
+    from distributed.diagnostics.progressbar import ProgressBar
+
+    class _DistributedProgress(ProgressBar):
+        """Progress of futures on a distributed scheduler (its ``Progress`` plugin)."""
+
+        def __init__(self, futures, line: _ProgressLine, address: str):
+            super().__init__(futures, scheduler=address, interval="100ms", complete=True)
+            self.line = line
+            self.ok = True
+
+        def _draw_bar(self, remaining, all, **kwargs):
+            self.line.update(all - remaining, all)
+
+        def _draw_stop(self, remaining, all, status, **kwargs):
+            self.ok = status != "error"
+            self.line.finish(all - remaining, all, ok=self.ok)
+
+    return _DistributedProgress
+
+
+def _pick_client(client, kwargs):
+    """The distributed Client dask would use for this call, or None for local."""
+    if client is not None:
+        return client
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    sched = kwargs.get("scheduler")
+    if isinstance(sched, Client):
+        return sched
+    try:
+        get = dask.base.get_scheduler(scheduler=sched)
+    except (ValueError, RuntimeError):
+        return None
+    owner = getattr(get, "__self__", None)
+    return owner if isinstance(owner, Client) else None
+
+
+def _check_label(label, n_patterns):
+    if not isinstance(label, str) or not label:
+        raise ParameterError(f"`label` must be a non-empty string (got {label!r})")
+    check_range("n_patterns", n_patterns, low=0, integer=True, allow_none=True)
+
+
+def compute(*collections, label: str, n_patterns: int | None = None, client=None,
+            **kwargs) -> tuple:
+    """Compute dask collections like :func:`dask.compute`, with a progress bar.
+
+    Parameters
+    ----------
+    *collections : dask collections (or plain values, returned unchanged)
+    label : str
+        Stage name shown in front of the bar.
+    n_patterns : int, optional
+        Number of diffraction patterns the computation covers; the bar then shows
+        patterns/s (assuming tasks take equal shares), otherwise tasks/s.
+    client : distributed.Client, optional
+        Run on this client. Default: whatever :func:`dask.compute` would use (the
+        default client inside :func:`client_for`, else the local scheduler).
+    **kwargs
+        Passed to ``client.compute`` or ``dask.compute`` (e.g. ``scheduler=``,
+        ``optimize_graph=``).
+
+    Returns
+    -------
+    tuple
+        One result per positional argument, as :func:`dask.compute`.
+    """
+    _check_label(label, n_patterns)
+    cl = _pick_client(client, kwargs)
+    if cl is None:
+        if not _progress:
+            return dask.compute(*collections, **kwargs)
+        with _LocalProgress(_ProgressLine(label, n_patterns)):
+            return dask.compute(*collections, **kwargs)
+    kwargs.pop("scheduler", None)
+    if not _progress:
+        return dask.compute(*collections, scheduler=cl, **kwargs)
+    idx = [i for i, c in enumerate(collections) if dask.is_dask_collection(c)]
+    if not idx:
+        return tuple(collections)
+    futures = cl.compute([collections[i] for i in idx], **kwargs)
+    try:
+        _follow(cl, futures, label, n_patterns)
+        values = cl.gather(futures)
+    finally:
+        for f in futures:
+            f.release()
+    out = list(collections)
+    for i, v in zip(idx, values):
+        out[i] = v
+    return tuple(out)
+
+
+def persist_with_progress(*collections, label: str, n_patterns: int | None = None,
+                          client=None, **kwargs) -> tuple:
+    """Persist dask collections like :func:`dask.persist`, with a progress bar.
+
+    Returns the persisted collections once all their chunks are in (distributed
+    or local) memory; arguments as :func:`compute`.
+    """
+    _check_label(label, n_patterns)
+    cl = _pick_client(client, kwargs)
+    if cl is None:
+        if not _progress:
+            return dask.persist(*collections, **kwargs)
+        with _LocalProgress(_ProgressLine(label, n_patterns)):
+            return dask.persist(*collections, **kwargs)
+    from distributed import futures_of, wait
+
+    kwargs.pop("scheduler", None)
+    persisted = cl.persist(list(collections), **kwargs)
+    futures = futures_of(persisted)
+    if _progress and futures:
+        _follow(cl, futures, label, n_patterns)
+    wait(futures)
+    bad = [f for f in futures if f.status == "error"]
+    if bad:
+        bad[0].result()  # raises the task's exception
+    return tuple(persisted)
+
+
+def _follow(client, futures, label, n_patterns) -> None:
+    """Block until ``futures`` finish, drawing the bar from the scheduler's feed."""
+    bar = _distributed_bar_class()(futures, _ProgressLine(label, n_patterns),
+                                   client.scheduler.address)
+    client.sync(bar.listen)
