@@ -1,0 +1,16 @@
+"""Segmentation: watershed of VDF images / loading maps, correlation merging.
+
+Kernels (NumPy) are in ``_watershed`` and ``_merge``; the dask wrapper is in
+``lazy``.
+"""
+
+from ._merge import (MergeResult, correlation_matrix, merge_components, merge_vdf_segments,
+                     virtual_patterns)
+from ._params import NMFMergeParams, VDFMergeParams, WatershedParams, pattern_sigma
+from ._watershed import segments_from_labels, watershed_image
+from .lazy import watershed_stack
+
+__all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "pattern_sigma",
+           "watershed_image", "segments_from_labels", "watershed_stack",
+           "MergeResult", "merge_vdf_segments", "virtual_patterns", "merge_components",
+           "correlation_matrix"]

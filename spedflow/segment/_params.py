@@ -1,0 +1,169 @@
+"""Parameters of the segmentation stages: watershed, VDF merging, NMF merging.
+
+Every default is argued in the field's documentation; ``None`` means "derive from
+the data" as documented per field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import check_range
+from ..errors import ParameterError
+
+__all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "THRESHOLD_METHODS",
+           "pattern_sigma"]
+
+THRESHOLD_METHODS = ("li", "otsu")
+
+
+@dataclass(frozen=True)
+class WatershedParams:
+    """Marker-controlled watershed of one image (a VDF image or an NMF loading map).
+
+    Attributes
+    ----------
+    threshold : {"li", "otsu"}
+        Automatic threshold that makes the foreground mask (``image > t``). Li's
+        minimum cross-entropy threshold (the paper's choice) sits lower than Otsu's
+        on images with a small bright foreground, which keeps the faint rims of thin
+        crystals.
+    min_distance : float or None
+        Markers closer than this (scan pixels) are one crystal. ``None`` (default)
+        derives it per pair of markers from the mask itself: two markers are merged
+        when their distance is smaller than the radius of the smaller of their
+        maximal inscribed discs (the distance-transform value at the marker), i.e.
+        when the centre of one crystal's core lies inside the other's core. This
+        scales with crystal size, unlike the reference's fixed 5.5 px.
+    neck_ratio : float
+        Two maxima of the mask's distance transform are kept as separate crystals
+        only if the neck joining them is narrower than ``neck_ratio`` times the
+        inscribed radius of the smaller one (and at least one pixel narrower).
+        Default ``sqrt(3)/2``: two equal discs are split exactly when each centre
+        lies outside the other disc (centre distance > radius), so an elongated
+        crystal (a ridge, no neck) or a rough edge is never cut, while two crystals
+        touching or overlapping by less than a radius are.
+    min_size : int
+        Segments smaller than this (scan pixels) are dropped. 10: a crystal must
+        span at least ~3x3 probe positions to be told from a noise blob.
+    marker_radius : float
+        Each marker is grown to a disc of this radius (scan pixels) before flooding,
+        so a single noisy pixel cannot decide the segment (paper's value 2).
+    exclude_border : int
+        Crystals whose marker lies within this many pixels of the image edge are
+        dropped (their region is still flooded, so it cannot leak into neighbours).
+        0 keeps everything.
+    min_intensity : float
+        Segments whose maximum is below ``min_intensity * scale`` are dropped, where
+        ``scale`` is the maximum of the whole image stack (``watershed_stack``) or
+        of the image (``watershed_image`` without ``intensity_scale``). Relative, so
+        binning or a different detector gain does not change its meaning (the
+        reference's absolute 10000 gave no segments after binning). 0 keeps all.
+    """
+
+    threshold: str = "li"
+    min_distance: float | None = None
+    neck_ratio: float = math.sqrt(3.0) / 2.0
+    min_size: int = 10
+    marker_radius: float = 2.0
+    exclude_border: int = 0
+    min_intensity: float = 0.0
+
+    def __post_init__(self):
+        if self.threshold not in THRESHOLD_METHODS:
+            raise ParameterError(f"`threshold` must be one of {', '.join(THRESHOLD_METHODS)} "
+                                 f"(got {self.threshold!r})")
+        check_range("min_distance", self.min_distance, low=0, allow_none=True)
+        check_range("neck_ratio", self.neck_ratio, low=0, high=1, low_open=True)
+        check_range("min_size", self.min_size, low=1, integer=True)
+        check_range("marker_radius", self.marker_radius, low=0)
+        check_range("exclude_border", self.exclude_border, low=0, integer=True)
+        check_range("min_intensity", self.min_intensity, low=0, high=1)
+
+
+@dataclass(frozen=True)
+class VDFMergeParams:
+    """Correlation merging of VDF image segments into crystals (paper, Fig. 1C).
+
+    Attributes
+    ----------
+    corr_threshold : float
+        Segments are one crystal when the zero-shift Pearson correlation of their
+        images exceeds this for EVERY pair in the group (complete linkage). 0.7 as
+        in the paper: segments are zero outside their masks, so the correlation is
+        mostly their overlap; 0.7 needs roughly 70 % mutual overlap of equal masks.
+    vector_threshold : int
+        A group needs at least this many DISTINCT diffraction vectors, otherwise it
+        is discarded as noise. Default 4: a crystal on (or near) a zone axis shows at
+        least two independent reciprocal vectors and their Friedel mates (+-g1,
+        +-g2); one Friedel pair alone is a 1-D set of planes or an artefact. (The
+        reference used 5.) Two segments of the same vector count once.
+    segment_threshold : float
+        Fraction (0, 1] of the group's distinct vectors whose segment must be
+        non-zero at a scan position for it to belong to the summed segment ("at
+        least ceil(fraction * n)", minimum 1). Default 0.5, a majority vote: noise
+        in a minority of VDF images does not grow the crystal, and the rule means
+        the same for a group of 4 or of 40 vectors (the reference's absolute 4 did
+        not).
+    pattern_sigma : float or None
+        Gaussian width (detector pixels) of the spots of the virtual diffraction
+        patterns. ``None``: derived from the measured spot radius ``r`` as
+        ``r / sqrt(2)`` (the LoG blob relation radius = sqrt(2) sigma), see
+        :func:`pattern_sigma`.
+    """
+
+    corr_threshold: float = 0.7
+    vector_threshold: int = 4
+    segment_threshold: float = 0.5
+    pattern_sigma: float | None = None
+
+    def __post_init__(self):
+        check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
+        check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
+        check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)
+        check_range("pattern_sigma", self.pattern_sigma, low=0, low_open=True, allow_none=True)
+
+
+@dataclass(frozen=True)
+class NMFMergeParams:
+    """Correlation merging of NMF components (paper, Fig. 2B).
+
+    Attributes
+    ----------
+    pattern_threshold : float
+        Pearson correlation of the component patterns that every pair in a group
+        must exceed. 0.45 (paper): components of one crystal share their spots but
+        differ in relative intensities (thickness, bending), so the bar is moderate.
+    loading_threshold : float
+        Pearson correlation of the loading maps every pair must exceed. 0.3
+        (paper): NMF splits one crystal into parts that are partly complementary in
+        space, so their loadings overlap only partly.
+    """
+
+    pattern_threshold: float = 0.45
+    loading_threshold: float = 0.3
+
+    def __post_init__(self):
+        check_range("pattern_threshold", self.pattern_threshold, low=-1, high=1, high_open=True)
+        check_range("loading_threshold", self.loading_threshold, low=-1, high=1, high_open=True)
+
+
+def pattern_sigma(params: VDFMergeParams, spot_radius: float) -> float:
+    """Resolve ``params.pattern_sigma``: given, or ``spot_radius / sqrt(2)``.
+
+    Parameters
+    ----------
+    params : VDFMergeParams
+    spot_radius : float
+        Measured diffraction spot radius, detector pixels.
+
+    Returns
+    -------
+    float
+        Gaussian sigma in detector pixels.
+    """
+    if params.pattern_sigma is not None:
+        return float(params.pattern_sigma)
+    check_range("spot_radius", spot_radius, low=0, low_open=True)
+    return float(spot_radius) / math.sqrt(2.0)

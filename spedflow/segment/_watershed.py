@@ -1,0 +1,254 @@
+"""Watershed segmentation of one image (NumPy kernel, no dask).
+
+The recipe is the paper's (Bergh et al. 2020, Fig. 1B): an automatic threshold
+gives a mask, maxima of the mask's distance transform give markers, the Sobel
+gradient of the image is flooded from the markers inside the mask, and small or
+faint segments are dropped.
+
+Where this differs from the reference (pyxem ``separate_watershed``): markers are
+the *regional* maxima of the distance transform (a plateau or ridge is one maximum,
+so a rectangle is not cut into pieces along its ridge), and two maxima stay
+separate only if the mask has a real neck between them (``neck_ratio``), which is
+what distinguishes two touching crystals from one crystal with a rough outline.
+Nearby markers are merged with a size-relative distance instead of a fixed 5.5 px.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import sobel, threshold_li, threshold_otsu
+from skimage.morphology import disk, local_maxima
+from skimage.segmentation import watershed
+
+from ..errors import InputError
+from ._params import WatershedParams
+
+__all__ = ["watershed_image", "segments_from_labels"]
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+# Distance-transform dynamics below one pixel are discretisation, not shape.
+_MIN_NECK_DEPTH = 1.0
+
+
+def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
+                    intensity_scale: float | None = None) -> np.ndarray:
+    """Segment one image into crystals by marker-controlled watershed.
+
+    Parameters
+    ----------
+    image : (Y, X) array_like of float
+        A VDF image or an NMF loading map (one value per scan position).
+    params : WatershedParams, optional
+        Defaults to ``WatershedParams()``.
+    intensity_scale : float, optional
+        The level ``params.min_intensity`` is relative to (normally the maximum of
+        the whole image stack). Default: the maximum of ``image``.
+
+    Returns
+    -------
+    (Y, X) numpy.ndarray of int32
+        0 for background, 1..K for the K segments, numbered in raster order of
+        their markers. An all-zero or constant image gives no segments.
+
+    Raises
+    ------
+    InputError
+        ``image`` is not 2-D or holds NaN/inf.
+    """
+    params = WatershedParams() if params is None else params
+    image = _check_image(image)
+    labels = np.zeros(image.shape, dtype=np.int32)
+    if image.size == 0 or image.min() == image.max():
+        return labels
+    mask = _threshold_mask(image, params.threshold)
+    if not mask.any():
+        return labels
+    seeds, excluded = _markers(mask, params)
+    if seeds.max() == 0:
+        return labels
+    flooded = watershed(sobel(image), markers=seeds, mask=mask)
+    return _filter_segments(image, flooded, excluded, params, intensity_scale)
+
+
+def segments_from_labels(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cut every labelled region out of its image.
+
+    Parameters
+    ----------
+    images : (N, Y, X) array_like
+        Source images.
+    labels : (N, Y, X) array_like of int
+        Labels per image (0 = background); need not be consecutive.
+
+    Returns
+    -------
+    segments : (M, Y, X) numpy.ndarray of float32
+        One image per labelled region: the source image's values inside the region,
+        exactly 0 outside. Ordered by image, then by label value.
+    source : (M,) numpy.ndarray of int64
+        Index of the image each segment came from.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 3:
+        raise InputError(f"`images` must be 3-D (N, Y, X); got shape {images.shape}")
+    if labels.shape != images.shape:
+        raise InputError(f"`labels` (shape {labels.shape}) must have the shape of "
+                         f"`images` (shape {images.shape})")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"`labels` must be integers; got dtype {labels.dtype}")
+    n, ny, nx = images.shape
+    flat_labels = labels.reshape(n, -1).astype(np.int64)
+    img, pix = np.nonzero(flat_labels > 0)
+    lab = flat_labels[img, pix]
+    stride = int(lab.max()) + 1 if lab.size else 1
+    keys, inverse = np.unique(img * stride + lab, return_inverse=True)
+    segments = np.zeros((keys.size, ny * nx), dtype=np.float32)
+    segments[inverse, pix] = images.reshape(n, -1)[img, pix]
+    return segments.reshape(keys.size, ny, nx), (keys // stride).astype(np.int64)
+
+
+# -- steps ----------------------------------------------------------------------------
+
+def _check_image(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise InputError(f"`image` must be 2-D (Y, X); got shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise InputError(f"`image` must be numeric; got dtype {image.dtype}")
+    image = image.astype(np.float64, copy=False)
+    if not np.isfinite(image).all():
+        raise InputError("`image` holds NaN or infinite values")
+    return image
+
+
+def _threshold_mask(image: np.ndarray, method: str) -> np.ndarray:
+    t = threshold_li(image) if method == "li" else threshold_otsu(image)
+    return image > t
+
+
+def _markers(mask: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, set[int]]:
+    """Labelled marker discs (0 elsewhere) and the labels to drop at the border.
+
+    1. regional maxima of the Euclidean distance transform (plateau-aware);
+    2. a watershed of the inverted distance transform assigns each mask pixel to
+       a maximum; the pass height between two basins is the width of the neck;
+    3. basins are merged, highest passes first, unless the neck is narrower than
+       ``neck_ratio`` x the smaller inscribed radius and at least a pixel deep;
+    4. groups closer than ``min_distance`` are merged;
+    5. one disc of ``marker_radius`` per group, at its highest distance value.
+    """
+    dist = ndi.distance_transform_edt(mask)
+    peaks = local_maxima(dist, connectivity=2, allow_borders=True) & mask
+    seeds, n = ndi.label(peaks, structure=_EIGHT)
+    if n == 0:
+        return seeds.astype(np.int32), set()
+    idx = np.arange(1, n + 1)
+    height = np.asarray(ndi.maximum(dist, seeds, idx), dtype=np.float64)
+    where = np.asarray(ndi.maximum_position(dist, seeds, idx), dtype=np.int64).reshape(n, 2)
+
+    parent = np.arange(n + 1)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    top = np.concatenate([[0.0], height])      # group height (root entries valid)
+    top_at = np.concatenate([[[0, 0]], where])  # group representative pixel
+    if n > 1:
+        basins = watershed(-dist, markers=seeds, mask=mask, connectivity=2)
+        a, b, s = _passes(basins, dist)
+        order = np.argsort(-s, kind="stable")
+        for i, j, saddle in zip(a[order], b[order], s[order]):
+            ri, rj = find(i), find(j)
+            if ri == rj:
+                continue
+            low = min(top[ri], top[rj])
+            if saddle >= params.neck_ratio * low or low - saddle < _MIN_NECK_DEPTH:
+                _union(parent, top, top_at, ri, rj)
+        roots = np.unique([find(i) for i in idx])
+        if roots.size > 1:  # merge groups whose representatives are too close
+            pos = top_at[roots].astype(np.float64)
+            d = np.hypot(*(pos[:, None, :] - pos[None, :, :]).transpose(2, 0, 1))
+            r = top[roots]
+            limit = (np.minimum(r[:, None], r[None, :]) if params.min_distance is None
+                     else np.full(d.shape, float(params.min_distance)))
+            ii, jj = np.nonzero(np.triu(d < limit, k=1))
+            for i, j in zip(roots[ii], roots[jj]):
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    _union(parent, top, top_at, ri, rj)
+    roots = np.unique([find(i) for i in idx])
+    # raster order of the representatives gives deterministic label numbers
+    reps = top_at[roots]
+    order = np.lexsort((reps[:, 1], reps[:, 0]))
+    reps = reps[order]
+    point = np.zeros(mask.shape, dtype=np.int32)
+    point[reps[:, 0], reps[:, 1]] = np.arange(1, reps.shape[0] + 1, dtype=np.int32)
+    if params.marker_radius >= 1:
+        point = ndi.grey_dilation(point, footprint=disk(int(params.marker_radius)))
+    point[~mask] = 0
+    e = int(params.exclude_border)
+    excluded = set()
+    if e > 0:
+        ny, nx = mask.shape
+        near = ((reps[:, 0] < e) | (reps[:, 0] > ny - 1 - e)
+                | (reps[:, 1] < e) | (reps[:, 1] > nx - 1 - e))
+        excluded = set((np.nonzero(near)[0] + 1).tolist())
+    return point, excluded
+
+
+def _union(parent, top, top_at, ri, rj):
+    """Merge group rj into ri (or the reverse): the higher maximum represents both."""
+    if top[rj] > top[ri] or (top[rj] == top[ri] and tuple(top_at[rj]) < tuple(top_at[ri])):
+        ri, rj = rj, ri
+    parent[rj] = ri
+
+
+def _passes(basins: np.ndarray, dist: np.ndarray):
+    """Pass (saddle) heights between 8-adjacent basins.
+
+    Returns label arrays ``a < b`` and the highest ``min(dist_p, dist_q)`` over all
+    neighbouring pixel pairs p in basin a, q in basin b.
+    """
+    ny, nx = basins.shape
+    la, lb, hs = [], [], []
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        s1 = (slice(0, ny - dy), slice(max(0, -dx), nx - max(0, dx)))
+        s2 = (slice(dy, ny), slice(max(0, dx), nx - max(0, -dx)))
+        p, q = basins[s1], basins[s2]
+        sel = (p > 0) & (q > 0) & (p != q)
+        if sel.any():
+            la.append(np.minimum(p[sel], q[sel]))
+            lb.append(np.maximum(p[sel], q[sel]))
+            hs.append(np.minimum(dist[s1][sel], dist[s2][sel]))
+    if not la:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+    a, b, h = np.concatenate(la), np.concatenate(lb), np.concatenate(hs)
+    key = a.astype(np.int64) * (int(basins.max()) + 1) + b
+    order = np.lexsort((-h, key))          # per key, highest pass first
+    key, h = key[order], h[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    stride = int(basins.max()) + 1
+    return key[first] // stride, key[first] % stride, h[first]
+
+
+def _filter_segments(image, flooded, excluded, params, intensity_scale) -> np.ndarray:
+    """Drop border, small and faint segments; renumber the rest 1..K."""
+    n = int(flooded.max())
+    idx = np.arange(1, n + 1)
+    size = np.bincount(flooded.ravel(), minlength=n + 1)[1:]
+    peak = np.asarray(ndi.maximum(image, flooded, idx), dtype=np.float64).reshape(n)
+    scale = float(image.max()) if intensity_scale is None else float(intensity_scale)
+    keep = size >= params.min_size
+    if params.min_intensity > 0:
+        keep &= peak >= params.min_intensity * scale
+    if excluded:
+        keep &= ~np.isin(idx, list(excluded))
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[flooded]
