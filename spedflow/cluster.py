@@ -384,8 +384,8 @@ def _connect(Client, address: str, sec, timeout: float):
                 "start one with `dask scheduler`, check host/port/firewall, or omit the "
                 "address to run on a local cluster")
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot connect to the dask scheduler at {address} within "
-                         f"{timeout:g} s ({cause}); {hint}") from None
+        raise InputError(f"cannot connect to the dask scheduler at {address} "
+                         f"(timeout {timeout:g} s: {cause}); {hint}") from None
 
 
 def _dashboard_address() -> str:
