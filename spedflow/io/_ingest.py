@@ -1,0 +1,268 @@
+"""Stream a microscope file into a chunked, checksummed Zarr v3 input store.
+
+The source is read lazily (:func:`open_source`) in blocks that are exactly the
+destination's write units (a chunk, or a shard when sharding), and each dask task
+reads one block, writes it and drops it: memory stays at a few blocks per worker
+thread whatever the size of the file.
+
+Resumable and atomic: everything is written under ``DEST.partial``. Next to the data,
+``DEST.partial/_ingest/source.json`` records what is being ingested (path, size,
+mtime, shape, dtype, chunking) and ``_ingest/done/<i>.<j>`` marks each finished write
+unit, created only after its data is written. A second run with the same source and
+settings skips the marked units; a different source (or settings) starts afresh.
+Only a complete store, its ``complete`` attribute written last, is renamed to DEST.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import dask
+import numpy as np
+import zarr
+
+from .._version import __version__
+from ..config import check_range
+from ..errors import ParameterError
+from ._progress import ProgressBar
+from ._readers import open_source
+from ._store import DATA, TARGET_CHUNK_BYTES, atomic_store, check_destination, create_array, nav_chunks
+
+__all__ = ["ingest"]
+
+_STATE = "_ingest"
+_READER_KEYS = {"shape", "dtype", "offset", "array", "signal_axes"}
+
+#: Test hook: called as ``_on_batch_done(n_units_done_this_run)`` after each batch.
+_on_batch_done: Callable[[int], None] | None = None
+
+
+def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False,
+           chunk_bytes: int = TARGET_CHUNK_BYTES, shards=None, scan_step=None,
+           reciprocal_scale=None, progress: bool = True, **reader_kwargs) -> Path:
+    """Copy a 4D-STEM data set into a Zarr v3 input store, block by block.
+
+    Parameters
+    ----------
+    src : str or path-like
+        Any source :func:`spedflow.io.open_source` reads.
+    dest : str or path-like
+        The store to create (a directory, conventionally ``*.zarr``).
+    overwrite : bool
+        Replace an existing ``dest`` (only once the new store is complete).
+    chunk_bytes : int
+        Target uncompressed bytes per chunk; chunks hold whole patterns and are
+        square-ish in the scan (:func:`spedflow.io.nav_chunks`). The default 16 MiB
+        amortises per-chunk overhead while keeping a chunk per thread cheap in memory.
+    shards : sequence of int, optional
+        Shard shape: ``(sy, sx)`` or ``(sy, sx, ky, kx)``, multiples of the chunk
+        shape in the scan, whole patterns. Fewer, larger files for big data sets;
+        each shard is then written by one task.
+    scan_step, reciprocal_scale : float, (value, units), {"value", "units"} or "value units", optional
+        Override the file's calibration. A bare number is taken in nm (scan step)
+        and 1/nm (reciprocal scale).
+    progress : bool
+        Draw a one-line progress bar on stderr.
+    **reader_kwargs
+        ``shape``, ``dtype``, ``offset``, ``array``, ``signal_axes`` for :func:`open_source`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dest``. Its ``data`` array has the source's values and dtype (native byte
+        order), shape (scan_y, scan_x, ky, kx); attrs ``spedflow`` as in docs/DESIGN.md.
+
+    Raises
+    ------
+    StoreExistsError
+        ``dest`` exists and not ``overwrite``.
+    InputError, ParameterError
+        From reading the source or for bad arguments, before anything is written.
+    """
+    unknown = sorted(set(reader_kwargs) - _READER_KEYS)
+    if unknown:
+        raise ParameterError(f"unknown ingest option {unknown[0]!r}; known: "
+                             f"{', '.join(sorted(_READER_KEYS))}")
+    check_range("chunk_bytes", chunk_bytes, low=1, integer=True)
+    dest = Path(dest).expanduser().absolute()
+    srcp = Path(src).expanduser().absolute()
+    if srcp.resolve() == dest.resolve() or dest.resolve() in srcp.resolve().parents \
+            or srcp.resolve() in dest.resolve().parents:
+        raise ParameterError(f"destination {str(dest)!r} must not be (or contain, or lie inside) the source")
+    check_destination(dest, overwrite)
+    cal = {"scan_step": _parse_calibration("scan_step", scan_step, "nm"),
+           "reciprocal_scale": _parse_calibration("reciprocal_scale", reciprocal_scale, "1/nm")}
+
+    data, meta = open_source(srcp, **reader_kwargs)
+    chunks = nav_chunks(data.shape, data.dtype, int(chunk_bytes))
+    shards = _check_shards(shards, chunks, data.shape)
+    unit = shards or chunks
+    data, meta = open_source(srcp, chunks=unit, **reader_kwargs)
+    native = data.dtype.newbyteorder("=")
+    for k, v in cal.items():
+        if v is not None:
+            meta[k] = v
+
+    signature = {"source": meta["source"], **_fingerprint(Path(meta["source"])),
+                 "shape": list(data.shape), "dtype": native.str, "chunks": list(chunks),
+                 "shards": list(shards) if shards else None, "reader": _jsonable(reader_kwargs)}
+    attrs = {"kind": "input", "version": __version__, "source": meta["source"],
+             "format": meta["format"], "original_shape": meta["original_shape"],
+             "original_dtype": meta["original_dtype"], "scan_step": meta["scan_step"],
+             "reciprocal_scale": meta["reciprocal_scale"], "complete": False}
+    for k in ("dataset", "original_source"):
+        if k in meta:
+            attrs[k] = meta[k]
+
+    grid = tuple(math.ceil(s / u) for s, u in zip(data.shape[:2], unit[:2]))
+    unit_bytes = math.prod(unit) * native.itemsize
+    with atomic_store(dest, overwrite=overwrite, keep_partial=True) as tmp:
+        done = _prepare_partial(tmp, signature, data.shape, native, chunks, shards, attrs)
+        todo = [idx for idx in np.ndindex(*grid) if idx not in done]
+        bar = ProgressBar(math.prod(grid), unit_bytes, label=f"ingest {dest.name} ",
+                          enabled=progress).start(len(done))
+        blocks = data.to_delayed()
+        per_batch = 4 * _n_threads()
+        written = 0
+        try:
+            for b in range(0, len(todo), per_batch):
+                batch = todo[b:b + per_batch]
+                tasks = [dask.delayed(_write_unit, pure=False)(
+                    blocks[i, j, 0, 0], str(tmp), _region(i, j, unit, data.shape), native.str,
+                    str(tmp / _STATE / "done" / f"{i}.{j}")) for i, j in batch]
+                dask.compute(*tasks)
+                written += len(batch)
+                bar.update(len(batch))
+                if _on_batch_done is not None:
+                    _on_batch_done(written)
+        finally:
+            bar.close()
+        group = zarr.open_group(str(tmp), mode="r+")
+        group.attrs["spedflow"] = {**attrs, "complete": True}
+        shutil.rmtree(tmp / _STATE)
+    return dest
+
+
+# --------------------------------------------------------------------------- pieces
+
+def _write_unit(block: np.ndarray, store: str, region: tuple, dtype: str, marker: str) -> int:
+    """Write one block (one task), then mark it done."""
+    arr = zarr.open_array(store, path=DATA, mode="r+")
+    arr[region] = np.ascontiguousarray(block, dtype=np.dtype(dtype))
+    with open(marker, "w"):
+        pass
+    return 1
+
+
+def _region(i: int, j: int, unit, shape) -> tuple[slice, ...]:
+    return (slice(i * unit[0], min((i + 1) * unit[0], shape[0])),
+            slice(j * unit[1], min((j + 1) * unit[1], shape[1])), slice(None), slice(None))
+
+
+def _prepare_partial(tmp: Path, signature: dict, shape, dtype, chunks, shards, attrs) -> set:
+    """Reuse a matching partial store (return its finished units) or start one."""
+    state = tmp / _STATE
+    if tmp.exists():
+        try:
+            old = json.loads((state / "source.json").read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == signature:
+            done = set()
+            for f in (state / "done").iterdir():
+                i, _, j = f.name.partition(".")
+                done.add((int(i), int(j)))
+            return done
+        warnings.warn(f"{str(tmp)!r} is an unfinished ingest of a different source or with other "
+                      "settings; starting afresh", RuntimeWarning, stacklevel=3)
+        shutil.rmtree(tmp)
+    group = zarr.open_group(str(tmp), mode="w")
+    create_array(group, DATA, shape, dtype, chunks, shards=shards)
+    group.attrs["spedflow"] = attrs
+    (state / "done").mkdir(parents=True)
+    # written last: a partial store without it is not resumable and is discarded
+    (state / "source.json").write_text(json.dumps(signature))
+    return set()
+
+
+def _fingerprint(path: Path) -> dict:
+    """Size and modification time of the source (summed over a directory store)."""
+    if path.is_file():
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    size, mtime = 0, 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return {"size": size, "mtime_ns": mtime}
+
+
+def _check_shards(shards, chunks, shape):
+    if shards is None:
+        return None
+    try:
+        s = tuple(int(v) for v in shards)
+    except (TypeError, ValueError):
+        raise ParameterError(f"`shards` must be 2 or 4 integers (got {shards!r})") from None
+    if len(s) == 2:
+        s = s + tuple(shape[2:])
+    if len(s) != 4 or tuple(s[2:]) != tuple(shape[2:]) or min(s) < 1 \
+            or s[0] % chunks[0] or s[1] % chunks[1]:
+        raise ParameterError(f"`shards` must be (sy, sx) multiples of the chunk shape "
+                             f"{tuple(chunks[:2])} with whole {tuple(shape[2:])} patterns (got {shards!r})")
+    return s
+
+
+def _parse_calibration(name: str, value, default_units: str) -> dict | None:
+    """None, number, (value, units), {"value", "units"} or "value units" -> dict."""
+    if value is None:
+        return None
+    units = default_units
+    if isinstance(value, str):
+        parts = value.split(None, 1)
+        try:
+            value, units = float(parts[0]), (parts[1].strip() if len(parts) > 1 else default_units)
+        except (ValueError, IndexError):
+            raise ParameterError(f"`{name}` must look like '12.8 nm' (got {value!r})") from None
+    elif isinstance(value, dict):
+        if set(value) != {"value", "units"}:
+            raise ParameterError(f"`{name}` must have keys value and units (got {sorted(value)})")
+        value, units = value["value"], value["units"]
+    elif isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ParameterError(f"`{name}` must be (value, units) (got {value!r})")
+        value, units = value
+    check_range(name, value, low=0, low_open=True)
+    if not math.isfinite(value):
+        raise ParameterError(f"`{name}` must be finite (got {value!r})")
+    if not isinstance(units, str) or not units:
+        raise ParameterError(f"`{name}` units must be a non-empty string (got {units!r})")
+    return {"value": float(value), "units": units}
+
+
+def _jsonable(d: dict) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in sorted(d.items()):
+        if isinstance(v, (tuple, list)):
+            v = [int(x) if isinstance(x, (int, np.integer)) else x for x in v]
+        elif v is not None and not isinstance(v, (int, float, str, bool)):
+            v = str(np.dtype(v).str) if k == "dtype" else str(v)
+        out[k] = v
+    return out
+
+
+def _n_threads() -> int:
+    """Threads that will run tasks: the distributed client's, else the local pool's."""
+    try:
+        from distributed import default_client
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):
+        pass
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)

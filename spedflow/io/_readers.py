@@ -1,0 +1,486 @@
+"""Lazy readers: any supported microscope file -> (scan_y, scan_x, ky, kx) dask array.
+
+``open_source`` picks a reader from the file extension (or from the directory layout
+for Zarr stores), reads nothing but headers, and returns a dask array whose tasks
+each read one block from disk. Every size a header declares is checked against the
+file before anything is allocated, and nothing is ever unpickled.
+
+Supported sources
+-----------------
+========================  ====================================================
+``.npy``                  NumPy file (header parsed without unpickling)
+``.raw .bin .dat``        headerless binary; needs ``shape`` and ``dtype``
+``.zarr`` or a directory  Zarr v2/v3 array or group (``array=`` or ``data``)
+``.blo``                  NanoMegas ASTAR blockfile (rosettasciio)
+``.mib``                  Quantum Detectors Merlin (rosettasciio, with .hdr)
+``.hspy``                 HyperSpy HDF5 (rosettasciio)
+``.zspy``                 HyperSpy Zarr (rosettasciio)
+``.emd``                  EMD, NCEM or Velox flavour (rosettasciio)
+``.hdf5 .h5``             fpd HDF5 (``fpd_expt/fpd_data/data``) or any HDF5
+                          dataset named with ``array=``
+========================  ====================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from ..errors import InputError, ParameterError
+from ._store import TARGET_CHUNK_BYTES, nav_chunks
+
+__all__ = ["open_source", "SUPPORTED_EXTENSIONS", "MAX_ELEMENTS"]
+
+#: Readers by file extension (lower case).
+SUPPORTED_EXTENSIONS: dict[str, str] = {
+    ".npy": "npy", ".raw": "raw", ".bin": "raw", ".dat": "raw", ".zarr": "zarr",
+    ".blo": "blockfile", ".mib": "quantumdetector", ".hspy": "hspy", ".zspy": "zspy",
+    ".emd": "emd", ".hdf5": "hdf5", ".h5": "hdf5",
+}
+
+#: Largest number of elements a source may declare. 10^14 elements is 100 TB even at
+#: one byte each, ~20x a 4096 x 4096 scan of 512 x 512 patterns (4.4e12): anything
+#: larger is a corrupt or malicious header, refused before any allocation.
+MAX_ELEMENTS = 10**14
+
+FPD_DATASET = "fpd_expt/fpd_data/data"
+_BLOCKFILE_FRAME_HEADER = 6  # bytes before every pattern: AA 55 + uint32 frame number
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _check_dtype(dtype, where: str) -> np.dtype:
+    """Only plain integer/unsigned/float data: no objects, records, strings, bools."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise ParameterError(f"`dtype` {dtype!r} is not a NumPy dtype ({exc})") from None
+    if dt.hasobject or dt.kind not in "iuf" or dt.fields is not None or dt.subdtype is not None:
+        raise InputError(f"{where} has dtype {dt.str!r}; only integer or float data can be ingested")
+    return dt
+
+
+def _check_shape(shape, where: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ParameterError(f"`shape` must be a sequence of integers (got {shape!r})") from None
+    if any(s < 0 for s in shape):
+        raise InputError(f"{where} has a negative dimension in shape {shape}")
+    n = math.prod(shape)
+    if n == 0:
+        raise InputError(f"{where} is empty (shape {shape})")
+    if n > MAX_ELEMENTS:
+        raise InputError(f"{where} declares {n:.3g} elements (shape {shape}), more than the "
+                         f"{MAX_ELEMENTS:.0e} any real acquisition has; refusing it")
+    return shape
+
+
+def _calibration(scale, units) -> dict:
+    """{value, units}; an axis without units (rosettasciio's default 1.0, '') is
+    uncalibrated: {value: None, units: None}."""
+    units = "" if units is None else str(units)
+    if not units or units.startswith("<undefined"):
+        return {"value": None, "units": None}
+    return {"value": float(scale), "units": units}
+
+
+def _chunks_for(shape4: tuple[int, ...], dtype, chunks) -> tuple[int, ...]:
+    return tuple(chunks) if chunks is not None else nav_chunks(shape4, dtype, TARGET_CHUNK_BYTES)
+
+
+def _to_4d(arr: da.Array, signal_axes, where: str) -> da.Array:
+    """Move the detector axes last and make the array (scan_y, scan_x, ky, kx).
+
+    2-D -> (1, 1, ky, kx) with a warning; 3-D (n, ky, kx) -> (1, n, ky, kx);
+    N-D > 4 -> singleton navigation axes dropped, error if more than 2 remain.
+    """
+    nd = arr.ndim
+    if signal_axes is not None:
+        try:
+            sig = tuple(int(a) % nd for a in signal_axes)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise ParameterError(f"`signal_axes` must be two axis indices (got {signal_axes!r})") from None
+        if len(sig) != 2 or sig[0] == sig[1]:
+            raise ParameterError(f"`signal_axes` must be two different axis indices (got {signal_axes!r})")
+        if sig != (nd - 2, nd - 1):
+            arr = da.moveaxis(arr, sig, (nd - 2, nd - 1))
+    if nd < 2:
+        raise InputError(f"{where} is {nd}-D (shape {arr.shape}); expected diffraction patterns "
+                         "(scan_y, scan_x, ky, kx)")
+    if nd == 2:
+        warnings.warn(f"{where} holds a single {arr.shape} pattern; treating it as a 1 x 1 scan",
+                      RuntimeWarning, stacklevel=3)
+        return arr[None, None]
+    if nd == 3:
+        return arr[None]
+    if nd > 4:
+        nav = arr.shape[:-2]
+        keep = [i for i, s in enumerate(nav) if s != 1]
+        if len(keep) > 2:
+            raise InputError(f"{where} has shape {arr.shape}: {len(keep)} non-singleton navigation "
+                             "axes, at most 2 (scan_y, scan_x) are supported")
+        arr = arr.reshape(tuple(nav[i] for i in keep) + arr.shape[-2:])
+        return _to_4d(arr, None, where)
+    return arr
+
+
+class _BlockReader:
+    """A tiny, picklable array-like that reads the requested block of a flat file.
+
+    Each dask task opens its own memory map, copies out
+    its block and closes it again, so the graph holds only a path and a shape and
+    works on a distributed cluster. ``da.from_array(np.memmap)`` would instead
+    embed (and copy) the whole map in the graph.
+    """
+
+    def __init__(self, path: str, shape, dtype, *, offset: int = 0, order: str = "C"):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.offset, self.order = int(offset), order
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
+                       shape=self.shape, order=self.order)
+        try:
+            return np.array(mm[key])
+        finally:
+            del mm
+
+
+def _memmap_array(path: Path, shape, dtype, offset: int, order: str, signal_axes, chunks,
+                  where: str) -> da.Array:
+    """dask array over a flat binary region, one memmap read per block."""
+    shape = tuple(shape)
+    if signal_axes is None or tuple(int(a) % len(shape) for a in signal_axes) == (len(shape) - 2, len(shape) - 1):
+        # singleton axes do not change the memory layout: map the 4-D view directly,
+        # chunked as the destination wants (no rechunk, no read amplification)
+        view = tuple(_to_4d(da.empty(shape, dtype=np.uint8, chunks=-1), None, where).shape)
+        shape, signal_axes = view, None
+        blocks = _chunks_for(view, dtype, chunks)
+    else:
+        blocks = "auto"
+    st = path.stat()
+    reader = _BlockReader(str(path), shape, dtype, offset=offset, order=order)
+    name = "read-" + tokenize(str(path), st.st_size, st.st_mtime_ns, shape, np.dtype(dtype).str, offset, order)
+    arr = da.from_array(reader, chunks=blocks, name=name, lock=False, asarray=False,
+                        meta=np.empty((0,) * len(shape), dtype))
+    return _to_4d(arr, signal_axes, where)
+
+
+# --------------------------------------------------------------------------- readers
+
+def _read_npy(path: Path, *, chunks, signal_axes, **_):
+    where = f"{str(path)!r}"
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:  # (3, 0): utf-8 header, same literal-only parser
+                shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+        except ValueError as exc:
+            raise InputError(f"{where} is not a valid .npy file ({exc})") from None
+        offset = fh.tell()
+    dtype = _check_dtype(dtype, where)
+    shape = _check_shape(shape, where)
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise InputError(f"{where}: header declares shape {shape} {dtype.str} = {expected} bytes "
+                         f"with the header, but the file has {size} bytes")
+    arr = _memmap_array(path, shape, dtype, offset, "F" if fortran else "C", signal_axes, chunks, where)
+    return arr, {"original_shape": list(shape), "original_dtype": dtype.str}
+
+
+def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_axes, **_):
+    where = f"{str(path)!r}"
+    if shape is None or dtype is None:
+        raise ParameterError(f"raw binary {where} needs `shape` and `dtype` (e.g. shape=(256, 256, 128, 128), dtype='<u2')")
+    try:
+        dtype_ = np.dtype(dtype)
+    except TypeError:
+        raise ParameterError(f"`dtype` {dtype!r} is not a NumPy dtype") from None
+    dtype = _check_dtype(dtype_, "`dtype`")
+    shape = _check_shape(shape, "`shape`")
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise ParameterError(f"`offset` must be a whole number of bytes >= 0 (got {offset!r})")
+    size = path.stat().st_size
+    expected = int(offset) + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise InputError(f"{where}: shape {shape} of {dtype.str} after a {offset}-byte header needs "
+                         f"{expected} bytes, but the file has {size} bytes")
+    arr = _memmap_array(path, shape, dtype, int(offset), "C", signal_axes, chunks, where)
+    return arr, {"original_shape": list(shape), "original_dtype": dtype.str}
+
+
+def _read_zarr(path: Path, *, array=None, chunks, signal_axes, **_):
+    import zarr
+    where = f"{str(path)!r}"
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise InputError(f"{where} is not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+    meta: dict[str, Any] = {}
+    if isinstance(node, zarr.Group):
+        meta = dict(node.attrs.get("spedflow", {}))
+        name = array or "data"
+        if name not in node or not isinstance(node[name], zarr.Array):
+            names = [n for n, _ in node.arrays()]
+            raise InputError(f"Zarr group {where} has no array {name!r}; pass `array=` one of {names}")
+        node, where = node[name], f"{where}/{name}"
+    dtype = _check_dtype(node.dtype, where)
+    _check_shape(node.shape, where)
+    arr = _to_4d(da.from_zarr(node), signal_axes, where)
+    out = {"original_shape": list(node.shape), "original_dtype": dtype.str}
+    for k in ("scan_step", "reciprocal_scale"):
+        if isinstance(meta.get(k), dict):
+            out[k] = dict(meta[k])
+    if meta.get("source"):
+        out["original_source"] = meta["source"]
+    return arr, out
+
+
+def _check_blockfile(path: Path) -> None:
+    """Refuse a blockfile whose header promises more patterns than the file holds."""
+    where = f"{str(path)!r}"
+    size = path.stat().st_size
+    head = struct.Struct("<6sHIIIHHHH")
+    with path.open("rb") as fh:
+        raw = fh.read(head.size)
+    if len(raw) < head.size:
+        raise InputError(f"{where} is too short ({size} bytes) to be an ASTAR blockfile")
+    ident, _magic, off1, off2, _unk, dp, _rot, nx, ny = head.unpack(raw)
+    if ident != b"IMGBLO":
+        raise InputError(f"{where} is not an ASTAR blockfile (no IMGBLO signature)")
+    if 0 in (dp, nx, ny):
+        raise InputError(f"{where}: blockfile header declares an empty scan or pattern "
+                         f"(NY={ny}, NX={nx}, DP_SZ={dp})")
+    need = off2 + ny * nx * (_BLOCKFILE_FRAME_HEADER + dp * dp)
+    if off2 < off1 + nx * ny or need > size:
+        raise InputError(f"{where} is truncated or corrupt: its header declares {ny} x {nx} patterns of "
+                         f"{dp} x {dp} bytes ending at byte {need}, but the file has {size} bytes")
+
+
+def _pick_signal(signals: list, where: str) -> dict:
+    """The largest (most elements) signal rosettasciio returned."""
+    cands = [s for s in signals if getattr(s.get("data"), "ndim", 0) >= 2]
+    if not cands:
+        raise InputError(f"{where} holds no image or diffraction data")
+    return max(cands, key=lambda s: math.prod(s["data"].shape))
+
+
+def _read_rsciio(path: Path, *, fmt: str, chunks, signal_axes, array=None, **_):
+    import importlib
+    where = f"{str(path)!r}"
+    if fmt == "blockfile":
+        _check_blockfile(path)
+    mod = importlib.import_module(f"rsciio.{fmt}")
+    kwargs: dict[str, Any] = {"lazy": True}
+    if fmt == "zspy":
+        kwargs["mode"] = "r"  # rosettasciio opens lazily in r+ otherwise
+    if fmt == "emd" and array is not None:
+        kwargs["dataset_path"] = array
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            signals = mod.file_reader(str(path), **kwargs)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot read {where} as {fmt} ({type(exc).__name__}: {exc})") from None
+    sig = _pick_signal(list(signals), where)
+    data = sig["data"]
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks="auto")
+    dtype = _check_dtype(data.dtype, where)
+    _check_shape(data.shape, where)
+    axes = sorted(sig.get("axes", []), key=lambda a: a.get("index_in_array", 0))
+    if signal_axes is None and len(axes) == data.ndim:
+        sig_idx = tuple(i for i, a in enumerate(axes) if not a.get("navigate", True))
+        if len(sig_idx) == 2:
+            signal_axes = sig_idx
+    meta: dict[str, Any] = {"original_shape": list(data.shape), "original_dtype": dtype.str}
+    if len(axes) == data.ndim:
+        sig_ax = signal_axes if signal_axes is not None else (data.ndim - 2, data.ndim - 1)
+        sig_ax = tuple(int(a) % data.ndim for a in sig_ax)
+        nav = [a for i, a in enumerate(axes) if i not in sig_ax]
+        det = [axes[i] for i in sig_ax]
+        if nav:
+            meta["scan_step"] = _axes_calibration(nav, "scan", where)
+        meta["reciprocal_scale"] = _axes_calibration(det, "detector", where)
+    return _to_4d(data, signal_axes, where), meta
+
+
+def _axes_calibration(axes: list[dict], what: str, where: str) -> dict:
+    """One {value, units} for a set of axes (the fastest one); warn if they differ."""
+    cals = [_calibration(a.get("scale", 1.0), a.get("units")) for a in axes if a.get("size", 2) > 1]
+    if not cals:
+        cals = [_calibration(axes[-1].get("scale", 1.0), axes[-1].get("units"))]
+    first = cals[-1]
+    for c in cals[:-1]:
+        if c["units"] != first["units"] or (c["value"] is not None and first["value"] is not None
+                                             and not math.isclose(c["value"], first["value"], rel_tol=1e-6)):
+            warnings.warn(f"{where}: {what} axes have different calibrations {cals}; using {first}",
+                          RuntimeWarning, stacklevel=4)
+            break
+    return first
+
+
+def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, **_):
+    import h5py
+    where = f"{str(path)!r}"
+    try:
+        fh = h5py.File(str(path), "r")
+    except OSError as exc:
+        raise InputError(f"{where} is not a readable HDF5 file ({exc})") from None
+    with fh:
+        if array is None and "Experiments" in fh:  # a HyperSpy file with another extension
+            return None
+        name = array or (FPD_DATASET if FPD_DATASET in fh else None)
+        if name is None or name not in fh or not isinstance(fh[name], h5py.Dataset):
+            found: list[str] = []
+            fh.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and o.ndim >= 2 else None)
+            what = f"no dataset {name!r}" if name else "no fpd dataset"
+            raise InputError(f"HDF5 file {where} has {what}; pass `array=` one of {found[:20]}")
+        ds = fh[name]
+        dtype = _check_dtype(ds.dtype, f"{where}/{name}")
+        shape = _check_shape(ds.shape, f"{where}/{name}")
+    view = shape
+    if len(shape) > 4:  # drop singleton navigation axes inside the reader (fpd: 5-D)
+        nav = [s for s in shape[:-2] if s != 1]
+        view = tuple(nav) + shape[-2:]
+    st = path.stat()
+    reader = _H5Reader(str(path), name, shape, view, dtype)
+    tmp = da.empty(view, dtype=np.uint8, chunks=-1)
+    view4 = _to_4d(tmp, signal_axes, f"{where}/{name}").shape
+    blocks = _chunks_for(view4, dtype, chunks) if len(view) == 4 and signal_axes is None else "auto"
+    arr = da.from_array(reader, chunks=blocks, lock=False, asarray=False,
+                        name="read-" + tokenize(str(path), st.st_size, st.st_mtime_ns, name),
+                        meta=np.empty((0,) * len(view), dtype))
+    arr = _to_4d(arr, signal_axes, f"{where}/{name}")
+    return arr, {"original_shape": list(shape), "original_dtype": dtype.str, "dataset": name}
+
+
+class _H5Reader:
+    """Picklable block reader of one HDF5 dataset, singleton navigation axes dropped."""
+
+    def __init__(self, path: str, dataset: str, full_shape, shape, dtype):
+        self.path, self.dataset = path, dataset
+        self.full_shape, self.shape, self.dtype = tuple(full_shape), tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        import h5py
+        key = key if isinstance(key, tuple) else (key,)
+        if self.full_shape != self.shape:
+            nav_full = self.full_shape[:-2]
+            it = iter(key)
+            key = tuple(0 if s == 1 else next(it) for s in nav_full) + tuple(it)
+        with h5py.File(self.path, "r") as fh:
+            return fh[self.dataset][key]
+
+
+_READERS = {"npy": _read_npy, "raw": _read_raw, "zarr": _read_zarr, "hdf5": _read_hdf5}
+
+
+def _format_of(path: Path, shape) -> str:
+    if path.is_dir():
+        if any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")) or path.suffix.lower() == ".zarr":
+            return "zarr"
+        if path.suffix.lower() == ".zspy":
+            return "zspy"
+        raise InputError(f"{str(path)!r} is a directory but not a Zarr store")
+    ext = path.suffix.lower()
+    if ext in SUPPORTED_EXTENSIONS:
+        return SUPPORTED_EXTENSIONS[ext]
+    if shape is not None:
+        return "raw"
+    raise InputError(f"{str(path)!r}: unknown file type {ext or '(no extension)'!r}; supported: "
+                     f"{', '.join(sorted(SUPPORTED_EXTENSIONS))} (or give `shape` and `dtype` for raw binary)")
+
+
+def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int = 0,
+                array: str | None = None, signal_axes=None, chunks=None) -> tuple[da.Array, dict]:
+    """Open a microscope file lazily as a (scan_y, scan_x, ky, kx) dask array.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file (or Zarr directory). The reader is chosen by extension, see the
+        module docstring; a file with an unknown extension is read as raw binary
+        when ``shape`` is given.
+    shape : sequence of int, optional
+        Raw binary only: the array shape in the file (C order).
+    dtype : str or numpy.dtype, optional
+        Raw binary only: element type including byte order, e.g. ``'>u2'``.
+    offset : int
+        Raw binary only: bytes of header to skip.
+    array : str, optional
+        Array in a Zarr group (default ``data``) or dataset in an HDF5/EMD file.
+    signal_axes : pair of int, optional
+        Axes of the file's array that are the detector (ky, kx). Default: the axes
+        the format marks as signal axes, else the last two.
+    chunks : 4-tuple of int, optional
+        Chunks of the returned array; default whole patterns, about
+        ``TARGET_CHUNK_BYTES`` per chunk (:func:`spedflow.io.nav_chunks`).
+
+    Returns
+    -------
+    data : (scan_y, scan_x, ky, kx) dask.array.Array
+        In the file's dtype and byte order. A single pattern becomes a 1 x 1 scan (with
+        a warning) and a stack of n patterns a 1 x n line scan; singleton navigation
+        axes of >4-D files are dropped.
+    meta : dict
+        ``source`` (absolute path), ``format``, ``original_shape``, ``original_dtype``,
+        and where the file gives them ``scan_step`` / ``reciprocal_scale`` as
+        ``{"value", "units"}`` (``value`` None when the file is uncalibrated; units
+        as the file reports them, e.g. cm for ASTAR diffraction scales).
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, unknown type, a header that promises more bytes
+        than the file holds or an absurd size, non-numeric data, bad dimensionality.
+    ParameterError
+        Bad ``shape``/``dtype``/``offset``/``signal_axes``.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"source {str(path)!r} does not exist")
+    p = p.resolve()
+    if chunks is not None:
+        chunks = tuple(int(c) for c in chunks)
+        if len(chunks) != 4 or min(chunks) < 1:
+            raise ParameterError(f"`chunks` must be 4 positive integers (got {chunks!r})")
+    fmt = _format_of(p, shape)
+    if fmt != "raw" and (shape is not None or dtype is not None or offset):
+        raise ParameterError(f"`shape`, `dtype` and `offset` apply to raw binary only, not {fmt} ({p.name})")
+    kw = dict(shape=shape, dtype=dtype, offset=offset, array=array, signal_axes=signal_axes, chunks=chunks)
+    out = None
+    if fmt in _READERS:
+        out = _READERS[fmt](p, **kw)
+        if out is None and fmt == "hdf5":
+            fmt = "hspy"
+    if out is None:
+        out = _read_rsciio(p, fmt=fmt, **kw)
+    arr, meta = out
+    if arr.ndim != 4 or 0 in arr.shape:
+        raise InputError(f"{str(p)!r} gives shape {arr.shape}; expected 4-D (scan_y, scan_x, ky, kx)")
+    want = da.core.normalize_chunks(_chunks_for(arr.shape, arr.dtype, chunks), arr.shape)
+    if arr.chunks != want:
+        arr = arr.rechunk(want)
+    meta.setdefault("scan_step", {"value": None, "units": None})
+    meta.setdefault("reciprocal_scale", {"value": None, "units": None})
+    meta.update(source=str(p), format=fmt)
+    return arr, meta
