@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
@@ -93,12 +94,32 @@ def correlation_matrix(images: np.ndarray) -> np.ndarray:
     (M, M) numpy.ndarray of float64
         ``corr[i, j]``; a constant image correlates 0 with every other image and 1
         with itself.
+
+    Notes
+    -----
+    Mostly-zero images (segments) go through a sparse Gram matrix,
+    ``cov = S S^T - P m m^T``, so memory scales with the segment pixels, not M x P.
+    Dense images are centred first (no cancellation).
     """
-    a = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-    a = a - a.mean(axis=1, keepdims=True)
-    norm = np.sqrt(np.einsum("ij,ij->i", a, a))
-    z = np.divide(a, norm[:, None], out=np.zeros_like(a), where=norm[:, None] > 0)
-    corr = np.clip(z @ z.T, -1.0, 1.0)
+    a = np.asarray(images)
+    m = a.shape[0]
+    a = a.reshape(m, -1)
+    p = a.shape[1]
+    if m == 0:
+        return np.zeros((0, 0))
+    if np.count_nonzero(a) < 0.1 * a.size:
+        s = sparse.csr_matrix(a, dtype=np.float64)
+        mean = np.asarray(s.sum(axis=1)).ravel() / p
+        cov = (s @ s.T).toarray() - p * np.outer(mean, mean)
+    else:
+        c = a.astype(np.float64)
+        c -= c.mean(axis=1, keepdims=True)
+        cov = c @ c.T
+    var = np.clip(np.diag(cov).copy(), 0.0, None)
+    norm = np.sqrt(var)
+    denom = np.outer(norm, norm)
+    corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    corr = np.clip(corr, -1.0, 1.0)
     np.fill_diagonal(corr, 1.0)
     return corr
 
@@ -150,9 +171,10 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
     if m == 0:
         return empty
 
-    flat = segments.reshape(m, -1).astype(np.float64)
+    flat = segments.reshape(m, -1)
     canon = _canonical_order(flat, vectors[source_vector])
-    groups = _complete_groups(1.0 - correlation_matrix(flat[canon]), 1.0 - params.corr_threshold)
+    corr = correlation_matrix(flat)[np.ix_(canon, canon)]
+    groups = _complete_groups(1.0 - corr, 1.0 - params.corr_threshold)
     groups = [np.sort(canon[g]) for g in groups]
 
     out_sum, out_members, out_int, out_seg, totals = [], [], [], [], []
@@ -160,17 +182,20 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
         vec, inv = np.unique(source_vector[g], return_inverse=True)
         if vec.size < params.vector_threshold:
             continue
-        seg = flat[g]
-        per_vec = np.zeros((vec.size, seg.shape[1]), dtype=np.int32)
-        np.add.at(per_vec, inv, seg != 0)
+        seg = flat[g].astype(np.float64)
+        nonzero = seg != 0
+        if vec.size < g.size:  # several segments of one vector count as one vote
+            per_vec = np.zeros((vec.size, seg.shape[1]), dtype=bool)
+            for k in range(vec.size):
+                per_vec[k] = nonzero[inv == k].any(axis=0)
+            nonzero = per_vec
         need = max(1, math.ceil(params.segment_threshold * vec.size - 1e-9))
-        mask = (per_vec > 0).sum(axis=0) >= need
+        mask = nonzero.sum(axis=0) >= need
         if not mask.any():
             continue
         inside = seg * mask
         summed = inside.sum(axis=0)
-        inten = np.zeros(vec.size)
-        np.add.at(inten, inv, inside.sum(axis=1))
+        inten = np.bincount(inv, weights=inside.sum(axis=1), minlength=vec.size)
         out_sum.append(summed)
         out_members.append(vec.astype(np.int64))
         out_int.append(inten)
@@ -297,8 +322,8 @@ def merge_components(factors: np.ndarray, loadings: np.ndarray, *,
     if e == 0:
         return (np.zeros(factors.shape, np.float32), np.zeros(loadings.shape, np.float32), ())
     canon = _canonical_order(np.concatenate([fp, fl], axis=1))
-    cp = correlation_matrix(fp[canon])
-    cl = correlation_matrix(fl[canon])
+    cp = correlation_matrix(fp)[np.ix_(canon, canon)]
+    cl = correlation_matrix(fl)[np.ix_(canon, canon)]
     dist = np.maximum((1 - cp) / (1 - pattern_threshold), (1 - cl) / (1 - loading_threshold))
     groups = sorted((np.sort(canon[g]) for g in _complete_groups(dist, 1.0)),
                     key=lambda g: g[0])
@@ -326,7 +351,12 @@ def _complete_groups(dist: np.ndarray, cut: float) -> list[np.ndarray]:
 def _canonical_order(rows: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     """A permutation that sorts items by content, so input order cannot matter."""
     w = np.linspace(1.0, 2.0, rows.shape[1])
-    keys = [rows.sum(axis=1), (rows * rows).sum(axis=1), rows @ w]
+    keys = np.zeros((3, rows.shape[0]))
+    for start in range(0, rows.shape[0], 256):  # bounded float64 temporaries
+        block = rows[start:start + 256].astype(np.float64)
+        keys[:, start:start + 256] = [block.sum(axis=1), np.einsum("ij,ij->i", block, block),
+                                      block @ w]
+    keys = list(keys)
     if extra is not None:
         keys += [extra[:, 1], extra[:, 0]]
     return np.lexsort(keys[::-1])

@@ -1,0 +1,312 @@
+"""Correlation merging (VDF, NMF) and virtual patterns: brute force, truth, permutations."""
+
+import math
+
+import numpy as np
+import pytest
+from skimage.draw import disk as draw_disk
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.segment import (NMFMergeParams, VDFMergeParams, correlation_matrix,
+                              merge_components, merge_vdf_segments, pattern_sigma,
+                              virtual_patterns)
+
+SHAPE = (40, 40)
+
+
+def disc(centre, radius, shape=SHAPE):
+    m = np.zeros(shape, bool)
+    m[draw_disk(centre, radius, shape=shape)] = True
+    return m
+
+
+def pearson(a, b):
+    return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
+
+
+@pytest.fixture(scope="module")
+def vdf_case():
+    """Three crystals with known masks and vector sets, plus noise segments.
+
+    Crystal 0 and 1 overlap a little and share vector 4; every segment is the
+    crystal mask (eroded/dilated a little at random) times a random level, with
+    noise inside. Segments 'noise' come from spurious vectors and random blobs.
+    """
+    rng = np.random.default_rng(0)
+    masks = [disc((12, 12), 8), disc((14, 27), 7), disc((30, 20), 9)]
+    vec_sets = [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8, 9], [10, 11, 12, 13]]
+    n_vec = 17
+    segs, src = [], []
+    for mask, vs in zip(masks, vec_sets):
+        for v in vs:
+            jitter = mask.copy()
+            edge = np.argwhere(mask ^ np.roll(mask, 1, axis=rng.integers(2)))
+            drop = edge[rng.random(len(edge)) < 0.3]
+            jitter[tuple(drop.T)] = False
+            segs.append(jitter * rng.uniform(5, 50) * rng.uniform(0.7, 1.3, SHAPE))
+            src.append(v)
+    for v in range(14, n_vec):  # spurious vectors: blobs elsewhere, each alone
+        segs.append(disc(tuple(rng.integers(5, 35, 2)), 3) * rng.uniform(1, 5))
+        src.append(v)
+    vectors = rng.uniform(-20, 20, (n_vec, 2))
+    return dict(segments=np.array(segs, np.float32), source=np.array(src), vectors=vectors,
+                masks=masks, vec_sets=vec_sets)
+
+
+def test_recovers_crystals(vdf_case):
+    res = merge_vdf_segments(vdf_case["segments"], vdf_case["source"], vdf_case["vectors"])
+    assert res.summed.shape == (3, *SHAPE) and res.summed.dtype == np.float32
+    found = sorted(tuple(m.tolist()) for m in res.members)
+    assert found == sorted(tuple(v) for v in vdf_case["vec_sets"])
+    for summed, members in zip(res.summed, res.members):
+        truth = vdf_case["masks"][[set(v) for v in vdf_case["vec_sets"]].index(set(members))]
+        iou = ((summed != 0) & truth).sum() / ((summed != 0) | truth).sum()
+        assert iou > 0.9
+    totals = res.summed.sum(axis=(1, 2))
+    assert np.all(np.diff(totals) <= 0)           # decreasing total
+
+
+def brute_force_check(segments, source, res, params):
+    """Every group obeys the thresholds; masks, sums and intensities as specified."""
+    corr = correlation_matrix(segments)
+    for summed, members, inten, segs in zip(res.summed, res.members, res.intensities,
+                                            res.segment_members):
+        for i in segs:
+            for j in segs:
+                if i != j:
+                    assert pearson(segments[i], segments[j]) > params.corr_threshold
+                    assert corr[i, j] == pytest.approx(pearson(segments[i], segments[j]), abs=1e-9)
+        assert members.tolist() == sorted(set(source[segs].tolist()))
+        assert len(members) >= params.vector_threshold
+        count = np.zeros(segments.shape[1:], int)
+        for v in members:
+            count += np.any([segments[s] != 0 for s in segs if source[s] == v], axis=0)
+        mask = count >= math.ceil(params.segment_threshold * len(members))
+        np.testing.assert_allclose(summed, np.where(mask, segments[segs].sum(axis=0), 0),
+                                   rtol=1e-5, atol=1e-3)
+        assert np.all(summed[~mask] == 0)
+        for v, iv in zip(members, inten):
+            tot = sum(segments[s][mask].sum(dtype=np.float64) for s in segs if source[s] == v)
+            assert iv == pytest.approx(tot, rel=1e-6)
+
+
+@pytest.mark.parametrize("params", [VDFMergeParams(), VDFMergeParams(corr_threshold=0.5),
+                                    VDFMergeParams(corr_threshold=0.9, vector_threshold=2,
+                                                   segment_threshold=1.0)])
+def test_groups_obey_thresholds(vdf_case, params):
+    seg, src = vdf_case["segments"], vdf_case["source"]
+    brute_force_check(seg, src, merge_vdf_segments(seg, src, vdf_case["vectors"], params), params)
+
+
+def test_no_chaining_through_a_segment_covering_two_crystals():
+    a, c = disc((20, 12), 7), disc((20, 27), 7)
+    segs = [a * 1.0] * 3 + [(a | c) * 1.0] + [c * 1.0] * 3
+    segs = np.array(segs) * np.arange(1, 8)[:, None, None]
+    src = np.arange(7)
+    assert pearson(segs[0], segs[3]) > 0.6 and pearson(segs[4], segs[3]) > 0.6
+    res = merge_vdf_segments(segs, src, np.zeros((7, 2)),
+                             VDFMergeParams(corr_threshold=0.6, vector_threshold=1))
+    for g in res.segment_members:   # never a crystal of a and one of c together
+        assert not (set(g) & {0, 1, 2} and set(g) & {4, 5, 6})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_order_independent(vdf_case, seed):
+    seg, src, vec = vdf_case["segments"], vdf_case["source"], vdf_case["vectors"]
+    params = VDFMergeParams(corr_threshold=0.5, vector_threshold=2)
+    ref = merge_vdf_segments(seg, src, vec, params)
+    perm = np.random.default_rng(seed).permutation(len(seg))
+    got = merge_vdf_segments(seg[perm], src[perm], vec, params)
+    assert ({frozenset(g.tolist()) for g in ref.segment_members}
+            == {frozenset(perm[g].tolist()) for g in got.segment_members})
+    np.testing.assert_allclose(got.summed, ref.summed, rtol=1e-6)
+    for a, b in zip(ref.members, got.members):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distinct_vectors_counted_once():
+    m = disc((20, 20), 8)
+    segs = np.array([m * 1.0, m * 1.1, m * 0.9, m * 1.2])
+    vectors = np.zeros((3, 2))
+    same = np.array([0, 0, 1, 1])       # four segments but two vectors
+    assert len(merge_vdf_segments(segs, same, vectors, VDFMergeParams(vector_threshold=3)).members) == 0
+    res = merge_vdf_segments(segs, same, vectors, VDFMergeParams(vector_threshold=2))
+    assert res.members[0].tolist() == [0, 1]
+    np.testing.assert_allclose(res.intensities[0], [2.1 * m.sum(), 2.1 * m.sum()], rtol=1e-6)
+    res = merge_vdf_segments(segs, np.array([0, 1, 2, 2]), vectors, VDFMergeParams(vector_threshold=3))
+    assert res.members[0].tolist() == [0, 1, 2]
+
+
+def test_segment_threshold_is_a_fraction():
+    base = disc((20, 20), 8)
+    segs = np.array([base | disc((20, 30), 4)] + [base] * 3, float)   # one member has a tail
+    params = VDFMergeParams(corr_threshold=0.5, vector_threshold=1, segment_threshold=0.5)
+    res = merge_vdf_segments(segs, np.arange(4), np.zeros((4, 2)), params)
+    assert len(res.members) == 1
+    np.testing.assert_array_equal(res.summed[0] != 0, base)           # tail outvoted 1:3
+    low = merge_vdf_segments(segs, np.arange(4), np.zeros((4, 2)),
+                             VDFMergeParams(corr_threshold=0.5, vector_threshold=1,
+                                            segment_threshold=0.25))
+    np.testing.assert_array_equal(low.summed[0] != 0, segs[0] != 0)  # 1 of 4 is enough
+
+
+def test_empty_and_membership_table(vdf_case):
+    res = merge_vdf_segments(np.zeros((0, 5, 6)), np.zeros(0, int), np.zeros((3, 2)))
+    assert res.summed.shape == (0, 5, 6) and res.membership_table()[0].shape == (0, 2)
+    res = merge_vdf_segments(vdf_case["segments"], vdf_case["source"], vdf_case["vectors"])
+    table, inten = res.membership_table()
+    assert table.dtype == np.int32 and inten.dtype == np.float32
+    assert table.shape == (sum(m.size for m in res.members), 2)
+    for i, (m, iv) in enumerate(zip(res.members, res.intensities)):
+        np.testing.assert_array_equal(table[table[:, 0] == i, 1], m)
+        np.testing.assert_allclose(inten[table[:, 0] == i], iv, rtol=1e-6)
+
+
+# -- virtual patterns -------------------------------------------------------------------
+
+def test_virtual_patterns_brute_force():
+    rng = np.random.default_rng(1)
+    vectors = rng.uniform(-12, 12, (9, 2))
+    members = [np.array([0, 3, 5]), np.array([1, 2, 4, 6, 8]), np.array([], int)]
+    intens = [rng.uniform(1, 10, 3), rng.uniform(1, 10, 5), np.zeros(0)]
+    ky, kx, sigma = 31, 36, 1.3
+    got = virtual_patterns(vectors, members, intens, (ky, kx), sigma)
+    assert got.shape == (3, ky, kx) and got.dtype == np.float32
+    expect = np.zeros((3, ky, kx))
+    for l in range(3):
+        for y in range(ky):
+            for x in range(kx):
+                for v, a in zip(members[l], intens[l]):
+                    cy, cx = vectors[v] + (ky // 2, kx // 2)
+                    r2 = (y - cy) ** 2 + (x - cx) ** 2
+                    expect[l, y, x] += a / (2 * np.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_virtual_pattern_spot_integral_is_intensity():
+    pat = virtual_patterns(np.array([[3.0, -5.5]]), [[0]], [[42.0]], (64, 64), 1.5)
+    assert pat.sum() == pytest.approx(42.0, rel=1e-4)
+    assert np.unravel_index(pat.argmax(), pat.shape)[1:] == (35, 26)
+
+
+def test_pattern_sigma():
+    assert pattern_sigma(VDFMergeParams(), 3.0) == pytest.approx(3 / math.sqrt(2))
+    assert pattern_sigma(VDFMergeParams(pattern_sigma=1.5), 3.0) == 1.5
+
+
+# -- NMF component merging --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nmf_case():
+    """Crystal A split into components 0 and 3, B into 1, 2 and 5, C alone (4)."""
+    rng = np.random.default_rng(2)
+    k = 32
+
+    def pattern(spots, weights):
+        p = np.zeros((k, k))
+        for (y, x), w in zip(spots, weights):
+            p[draw_disk((y, x), 1.5, shape=(k, k))] += w
+        return p
+
+    spots = {c: rng.integers(3, k - 3, (8, 2)) for c in "ABC"}
+    patterns, loadings = [], []
+    parts = {0: ("A", (15, 10), (0, 0)), 3: ("A", (15, 10), (0, 4)), 1: ("B", (28, 28), (0, 0)),
+             2: ("B", (28, 28), (3, 0)), 5: ("B", (28, 28), (-2, 3)), 4: ("C", (10, 30), (0, 0))}
+    for e in range(6):
+        c, centre, shift = parts[e]
+        patterns.append(pattern(spots[c], rng.uniform(0.5, 1.5, 8)))
+        loadings.append(disc((centre[0] + shift[0], centre[1] + shift[1]), 7)
+                        * rng.uniform(0.5, 1.0, SHAPE))
+    return np.array(patterns), np.array(loadings)
+
+
+def test_merge_components_groups(nmf_case):
+    f, l = nmf_case
+    mf, ml, groups = merge_components(f, l)
+    assert [g.tolist() for g in groups] == [[0, 3], [1, 2, 5], [4]]
+    assert mf.shape == (3, 32, 32) and ml.shape == (3, *SHAPE) and mf.dtype == np.float32
+    for g, a, b in zip(groups, mf, ml):
+        np.testing.assert_allclose(a, f[g].sum(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(b, l[g].sum(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tp, tl", [(0.45, 0.3), (0.2, 0.0), (0.8, 0.6), (-0.5, -0.5)])
+def test_merge_components_thresholds_brute_force(nmf_case, tp, tl):
+    f, l = nmf_case
+    _, _, groups = merge_components(f, l, pattern_threshold=tp, loading_threshold=tl)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        for i in g:
+            for j in g:
+                if i != j:
+                    assert pearson(f[i], f[j]) > tp and pearson(l[i], l[j]) > tl
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_merge_components_order_independent(nmf_case, seed):
+    f, l = nmf_case
+    perm = np.random.default_rng(seed).permutation(6)
+    _, _, ref = merge_components(f, l, pattern_threshold=0.2, loading_threshold=0.1)
+    _, _, got = merge_components(f[perm], l[perm], pattern_threshold=0.2, loading_threshold=0.1)
+    assert {frozenset(g.tolist()) for g in ref} == {frozenset(perm[g].tolist()) for g in got}
+
+
+def test_merge_components_pattern_mask_ignores_shared_beam(nmf_case):
+    f, l = nmf_case
+    f = f.copy()
+    beam = np.zeros((32, 32), bool)
+    beam[draw_disk((16, 16), 4)] = True
+    f[:, beam] = 50.0                          # a strong direct beam in every pattern
+    l = np.repeat(l[:1], 6, axis=0)            # loadings identical: only patterns decide
+    _, _, merged = merge_components(f, l)
+    assert len(merged) == 1                    # the beam makes everything correlate
+    _, _, groups = merge_components(f, l, pattern_mask=~beam)
+    assert [g.tolist() for g in groups] == [[0, 3], [1, 2, 5], [4]]
+
+
+# -- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (VDFMergeParams, {"corr_threshold": 1.0}, "corr_threshold"),
+    (VDFMergeParams, {"corr_threshold": -2}, "corr_threshold"),
+    (VDFMergeParams, {"vector_threshold": 0}, "vector_threshold"),
+    (VDFMergeParams, {"vector_threshold": 2.5}, "vector_threshold"),
+    (VDFMergeParams, {"segment_threshold": 0}, "segment_threshold"),
+    (VDFMergeParams, {"segment_threshold": 1.5}, "segment_threshold"),
+    (VDFMergeParams, {"pattern_sigma": 0}, "pattern_sigma"),
+    (NMFMergeParams, {"pattern_threshold": 1.2}, "pattern_threshold"),
+    (NMFMergeParams, {"loading_threshold": "high"}, "loading_threshold"),
+])
+def test_bad_params(cls, kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        cls(**kwargs)
+
+
+Z = np.zeros
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: merge_vdf_segments(Z((3, 4)), Z(3, int), Z((2, 2))), InputError, "3-D"),
+    (lambda: merge_vdf_segments(Z((3, 4, 4)), Z(2, int), Z((2, 2))), InputError, "source_vector"),
+    (lambda: merge_vdf_segments(Z((3, 4, 4)), np.array([0, 1, 2]), Z((2, 2))), InputError,
+     "indices"),
+    (lambda: merge_vdf_segments(Z((3, 4, 4)), Z(3), Z((2, 2))), InputError, "indices"),
+    (lambda: merge_vdf_segments(Z((3, 4, 4)), Z(3, int), Z((2, 3))), InputError, r"\(N, 2\)"),
+    (lambda: merge_vdf_segments(np.full((1, 2, 2), np.nan), Z(1, int), Z((1, 2))), InputError,
+     "finite"),
+    (lambda: virtual_patterns(Z((2, 2)), [[0]], [[1.0]], (8, 8), 0), ParameterError, "sigma"),
+    (lambda: virtual_patterns(Z((2, 2)), [[0]], [[1.0]], (8, 0), 1), ParameterError, "shape"),
+    (lambda: virtual_patterns(Z((2, 2)), [[0]], [[1.0], [2.0]], (8, 8), 1), InputError,
+     "same length"),
+    (lambda: virtual_patterns(Z((2, 2)), [[0, 1]], [[1.0]], (8, 8), 1), InputError, "intensities"),
+    (lambda: virtual_patterns(Z((2, 2)), [[5]], [[1.0]], (8, 8), 1), InputError, "indices"),
+    (lambda: merge_components(Z((3, 4, 4)), Z((2, 5, 5))), InputError, "components"),
+    (lambda: merge_components(Z((3, 16)), Z((3, 5, 5))), InputError, "3-D"),
+    (lambda: merge_components(Z((3, 4, 4)), Z((3, 5, 5)), pattern_mask=Z((5, 5), bool)),
+     InputError, "pattern_mask"),
+    (lambda: merge_components(Z((3, 4, 4)), Z((3, 5, 5)), pattern_threshold=1), ParameterError,
+     "pattern_threshold"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,281 @@
+"""Watershed kernel, segments, lazy wrapper: against skimage, synthetic truth, brute force."""
+
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+from skimage.draw import disk as draw_disk
+from skimage.feature import peak_local_max
+from skimage.filters import sobel, threshold_li
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.segment import (WatershedParams, segments_from_labels, watershed_image,
+                              watershed_stack)
+
+
+@pytest.fixture(autouse=True)
+def _synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def assert_equivalent_labeling(a, b):
+    """Labels equal up to a permutation of the non-zero label values."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    assert np.array_equal(a == 0, b == 0)
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    assert np.unique(pairs[0]).size == pairs.shape[1]
+    assert np.unique(pairs[1]).size == pairs.shape[1]
+
+
+def disc_mask(shape, centre, radius):
+    m = np.zeros(shape, bool)
+    m[draw_disk(centre, radius, shape=shape)] = True
+    return m
+
+
+def square_mask(shape, top_left, side):
+    m = np.zeros(shape, bool)
+    m[top_left[0]:top_left[0] + side, top_left[1]:top_left[1] + side] = True
+    return m
+
+
+def render(masks, levels, noise=0.03, blur=0.7, seed=0):
+    """VDF-like image: crystals add up where they overlap, probe blur, Gaussian noise."""
+    img = sum(level * m.astype(float) for m, level in zip(masks, levels))
+    img = ndi.gaussian_filter(img, blur) if blur else img
+    return img + np.random.default_rng(seed).normal(0, noise * max(levels), img.shape)
+
+
+def iou_matching(labels, masks):
+    """Best one-to-one IoU of each truth mask with a segment."""
+    seg = [labels == k for k in range(1, labels.max() + 1)]
+    iou = np.array([[(s & t).sum() / (s | t).sum() for s in seg] for t in masks])
+    rows, cols = linear_sum_assignment(-iou)
+    return iou[rows, cols]
+
+
+# -- against a direct skimage pipeline --------------------------------------------------
+
+def skimage_reference(image, min_distance, min_size, marker_radius):
+    """The paper's recipe written straight with skimage (no marker merging needed)."""
+    mask = image > threshold_li(image)
+    dist = ndi.distance_transform_edt(mask)
+    comp, _ = ndi.label(mask)
+    peaks = peak_local_max(dist, min_distance=min_distance, labels=comp, exclude_border=False)
+    markers = np.zeros(image.shape, int)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    markers = ndi.grey_dilation(markers, footprint=disk(marker_radius)) * mask
+    labels = watershed(sobel(image), markers, mask=mask)
+    sizes = np.bincount(labels.ravel())
+    labels[sizes[labels] < min_size] = 0
+    return labels
+
+
+def test_equals_skimage_pipeline():
+    shape = (60, 64)
+    masks = [disc_mask(shape, (15, 15), 8), disc_mask(shape, (15, 30), 8),  # touching pair
+             disc_mask(shape, (42, 20), 6), disc_mask(shape, (40, 48), 9)]
+    image = render(masks, [1.0, 0.7, 1.3, 0.9], noise=0, blur=0)
+    ref = skimage_reference(image, min_distance=5, min_size=10, marker_radius=2)
+    assert ref.max() == 4  # the pair is split by both
+    ours = watershed_image(image, WatershedParams(min_size=10, marker_radius=2))
+    assert_equivalent_labeling(ours, ref)
+
+
+# -- synthetic crystals of known shape --------------------------------------------------
+
+SHAPE = (64, 64)
+CASES = {
+    "two touching discs": ([disc_mask(SHAPE, (30, 22), 9), disc_mask(SHAPE, (30, 40), 9)],
+                           [1.0, 0.6]),
+    "overlapping discs": ([disc_mask(SHAPE, (30, 22), 10), disc_mask(SHAPE, (32, 41), 9)],
+                          [1.0, 1.0]),
+    "disc and square": ([disc_mask(SHAPE, (20, 20), 9), square_mask(SHAPE, (24, 29), 16)],
+                        [0.8, 1.0]),
+    "two overlapping squares": ([square_mask(SHAPE, (10, 10), 18), square_mask(SHAPE, (25, 25), 18)],
+                                [1.0, 0.9]),
+    "four crystals": ([disc_mask(SHAPE, (14, 14), 8), disc_mask(SHAPE, (14, 30), 7),
+                       square_mask(SHAPE, (34, 10), 14), disc_mask(SHAPE, (45, 42), 10)],
+                      [1.0, 0.5, 0.8, 1.2]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recovers_touching_crystals(name, seed):
+    masks, levels = CASES[name]
+    labels = watershed_image(render(masks, levels, seed=seed))
+    assert labels.max() == len(masks), name
+    assert iou_matching(labels, masks).min() > 0.8
+
+
+@pytest.mark.parametrize("mask", [
+    square_mask(SHAPE, (10, 10), 30),
+    np.pad(np.ones((8, 40), bool), ((20, 36), (12, 12))),           # long rectangle: a ridge
+    np.fromfunction(lambda y, x: ((y - 32) / 10) ** 2 + ((x - 32) / 25) ** 2 <= 1, SHAPE),
+    disc_mask(SHAPE, (32, 32), 14),
+], ids=["square", "rectangle", "ellipse", "disc"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_single_crystal_not_split(mask, seed):
+    labels = watershed_image(render([mask], [1.0], noise=0.08, seed=seed))
+    assert labels.max() == 1
+    assert iou_matching(labels, [mask])[0] > 0.8
+
+
+def test_labels_int32_consecutive_and_deterministic():
+    masks, levels = CASES["four crystals"]
+    image = render(masks, levels)
+    a = watershed_image(image)
+    assert a.dtype == np.int32 and a.shape == image.shape
+    assert set(np.unique(a)) == set(range(a.max() + 1))
+    assert np.array_equal(a, watershed_image(image))
+
+
+@pytest.mark.parametrize("image", [np.zeros((20, 30)), np.full((20, 30), 7.5),
+                                   np.zeros((1, 1)), np.ones((5, 5), np.uint16)])
+def test_empty_and_constant_images(image):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = watershed_image(image)
+    assert labels.shape == image.shape and labels.max() == 0
+
+
+def test_otsu_threshold():
+    masks, levels = CASES["two touching discs"]
+    labels = watershed_image(render(masks, levels), WatershedParams(threshold="otsu"))
+    assert labels.max() == 2 and iou_matching(labels, masks).min() > 0.75
+
+
+def test_min_size_drops_small_segments():
+    masks = [disc_mask(SHAPE, (20, 20), 8), square_mask(SHAPE, (45, 45), 3)]  # 9 px square
+    image = render(masks, [1.0, 1.0], noise=0, blur=0)
+    assert watershed_image(image, WatershedParams(min_size=9)).max() == 2
+    labels = watershed_image(image, WatershedParams(min_size=10))
+    assert labels.max() == 1 and iou_matching(labels, masks[:1])[0] > 0.9
+
+
+def test_exclude_border_drops_edge_crystal_without_leak():
+    masks = [disc_mask(SHAPE, (32, 0), 9), disc_mask(SHAPE, (32, 17), 9)]  # left one at the edge
+    image = render(masks, [1.0, 1.0], noise=0.01)
+    labels = watershed_image(image, WatershedParams(exclude_border=2))
+    assert labels.max() == 1
+    assert iou_matching(labels, masks[1:])[0] > 0.8
+    assert watershed_image(image).max() == 2
+
+
+def test_min_intensity_relative_to_scale():
+    masks = [disc_mask(SHAPE, (20, 20), 8), disc_mask(SHAPE, (45, 45), 8)]
+    image = render(masks, [1.0, 0.2], noise=0.01)
+    assert watershed_image(image, WatershedParams(min_intensity=0.1)).max() == 2
+    assert watershed_image(image, WatershedParams(min_intensity=0.5)).max() == 1
+    # scale-free: multiplying the data does not change the answer
+    np.testing.assert_array_equal(watershed_image(image * 1e4, WatershedParams(min_intensity=0.5)),
+                                  watershed_image(image, WatershedParams(min_intensity=0.5)))
+    # against an explicit stack level, both are faint
+    assert watershed_image(image, WatershedParams(min_intensity=0.5), intensity_scale=10).max() == 0
+
+
+def test_noise_only_image_in_a_stack_gives_no_segments():
+    rng = np.random.default_rng(3)
+    crystal = render([disc_mask(SHAPE, (30, 30), 10)], [100.0], noise=0.0) + rng.poisson(2.0, SHAPE)
+    noise = rng.poisson(2.0, SHAPE).astype(float)   # a VDF image of a spurious vector
+    stack = np.stack([crystal, noise])
+    params = WatershedParams(min_intensity=0.2)
+    labels = watershed_stack(da.from_array(stack, chunks=1), params).compute()
+    assert labels[0].max() == 1 and labels[1].max() == 0
+    assert watershed_image(noise).max() > 0  # without the relative level, noise segments
+
+
+# -- segments_from_labels ---------------------------------------------------------------
+
+def test_segments_from_labels_brute_force():
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 9, 11)).astype(np.float32) + 0.1
+    labels = rng.choice([0, 1, 4, 7], size=images.shape)   # non-consecutive labels
+    labels[1] = 0                                           # an image without segments
+    segs, source = segments_from_labels(images, labels)
+    expect, expect_src = [], []
+    for n in range(3):
+        for k in np.unique(labels[n]):
+            if k:
+                expect.append(np.where(labels[n] == k, images[n], 0))
+                expect_src.append(n)
+    assert segs.dtype == np.float32 and source.tolist() == expect_src
+    np.testing.assert_array_equal(segs, np.array(expect))
+    assert np.all((segs != 0) <= (labels[source] > 0))
+
+
+def test_segments_from_labels_empty():
+    segs, source = segments_from_labels(np.ones((2, 4, 5)), np.zeros((2, 4, 5), int))
+    assert segs.shape == (0, 4, 5) and source.shape == (0,)
+
+
+# -- lazy == kernel ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stack():
+    return np.stack([render(*CASES[name], seed=i) for i, name in enumerate(CASES)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunks", [(1, 64, 64), (2, 13, 64), (5, 64, 64), (3, 30, 17)])
+@pytest.mark.parametrize("min_intensity", [0.0, 0.6])
+def test_lazy_equals_kernel(stack, chunks, min_intensity):
+    params = WatershedParams(min_intensity=min_intensity)
+    lazy = watershed_stack(da.from_array(stack, chunks=chunks), params)
+    assert lazy.dtype == np.int32 and lazy.chunks[1:] == ((64,), (64,))
+    assert all(c == 1 for c in lazy.chunks[0])
+    got = lazy.compute()
+    expect = np.stack([watershed_image(im, params, intensity_scale=stack.max()) for im in stack])
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_lazy_explicit_scale(stack):
+    params = WatershedParams(min_intensity=0.5)
+    got = watershed_stack(da.from_array(stack), params, intensity_scale=1e9).compute()
+    assert got.max() == 0
+
+
+# -- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"threshold": "yen"}, "threshold"),
+    ({"min_size": 0}, "min_size"),
+    ({"min_size": 2.5}, "min_size"),
+    ({"neck_ratio": 0}, "neck_ratio"),
+    ({"neck_ratio": 1.5}, "neck_ratio"),
+    ({"min_distance": -1}, "min_distance"),
+    ({"marker_radius": -1}, "marker_radius"),
+    ({"exclude_border": 1.5}, "exclude_border"),
+    ({"min_intensity": 1.5}, "min_intensity"),
+    ({"min_intensity": float("nan")}, "min_intensity"),
+])
+def test_bad_params(kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        WatershedParams(**kwargs)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: watershed_image(np.zeros((3, 4, 5))), InputError, "2-D"),
+    (lambda: watershed_image(np.array([[1.0, np.nan]])), InputError, "NaN"),
+    (lambda: watershed_image(np.array([["a"]])), InputError, "numeric"),
+    (lambda: segments_from_labels(np.zeros((2, 3, 3)), np.zeros((2, 3, 4), int)), InputError,
+     "shape"),
+    (lambda: segments_from_labels(np.zeros((2, 3, 3)), np.zeros((2, 3, 3))), InputError,
+     "integers"),
+    (lambda: segments_from_labels(np.zeros((3, 3)), np.zeros((3, 3), int)), InputError, "3-D"),
+    (lambda: watershed_stack(np.zeros((2, 3, 3))), InputError, "dask array"),
+    (lambda: watershed_stack(da.zeros((3, 3))), InputError, "3-D"),
+    (lambda: watershed_stack(da.zeros((2, 3, 3)), intensity_scale="x"), ParameterError,
+     "intensity_scale"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
