@@ -11,6 +11,12 @@ so a rectangle is not cut into pieces along its ridge), and two maxima stay
 separate only if the mask has a real neck between them (``neck_ratio``), which is
 what distinguishes two touching crystals from one crystal with a rough outline.
 Nearby markers are merged with a size-relative distance instead of a fixed 5.5 px.
+
+Limitation (shared with the paper): the split uses the shape of the mask only. Two
+crystals that overlap so much that the mask has no neck (for equal discs, centre
+distance below about one radius; with Li's generous mask on blurred data, below
+about 1.6 radii) are one segment in that image. In the VDF workflow, vectors that
+only one of the crystals excites still separate them.
 """
 
 from __future__ import annotations
