@@ -1,0 +1,144 @@
+"""The Python API: what the CLI calls, one import away in a notebook.
+
+>>> import spedflow
+>>> spedflow.simulate("demo.zarr", scan=48)              # doctest: +SKIP
+>>> data = spedflow.open_store("demo.zarr")               # xarray over dask  # doctest: +SKIP
+>>> res = spedflow.segment("demo.zarr", method="vdf", out="vdf.zarr")      # doctest: +SKIP
+>>> spedflow.open_result(res)["segments/maps"]           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import ParameterError
+
+__all__ = ["open_store", "open_result", "segment", "load_config"]
+
+
+def open_store(path, *, array: str = "data"):
+    """Open a spedflow input store as a lazy ``xarray.DataArray``.
+
+    Returns
+    -------
+    (scan_y, scan_x, ky, kx) xarray.DataArray backed by dask, with coordinates in
+    calibrated units where the store knows them (``attrs["units"]`` per axis) and the
+    store's metadata in ``attrs``.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from .io import open_input
+    arr, meta = open_input(path, array=array)
+    data = da.from_zarr(arr)
+    coords = {}
+    step = meta.get("scan_step") or {}
+    rec = meta.get("reciprocal_scale") or {}
+    for dim, n, cal in (("scan_y", data.shape[0], step), ("scan_x", data.shape[1], step),
+                        ("ky", data.shape[2], rec), ("kx", data.shape[3], rec)):
+        scale = float(cal.get("value", 1.0) or 1.0)
+        origin = -(n // 2) * scale if dim in ("ky", "kx") else 0.0
+        coords[dim] = xr.Variable(dim, origin + scale * np.arange(n),
+                                  attrs={"units": cal.get("units", "px")})
+    return xr.DataArray(data, dims=("scan_y", "scan_x", "ky", "kx"), coords=coords,
+                        name="patterns", attrs={"spedflow": meta, "path": str(path)})
+
+
+def open_result(path) -> dict:
+    """Open a result store: a dict of lazy ``xarray.DataArray`` keyed by array path,
+    plus ``"attrs"`` (the run's parameters, timings, counts)."""
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    from .io._store import _open_group, _walk_arrays
+    g = _open_group(path)
+    out: dict[str, Any] = {"attrs": dict(g.attrs.get("spedflow", {}))}
+    dims_by_name = {
+        "segments/maps": ("segment", "scan_y", "scan_x"),
+        "segments/patterns": ("segment", "ky", "kx"),
+        "vdf/images": ("vector", "scan_y", "scan_x"),
+        "nmf/factors": ("component", "ky", "kx"),
+        "nmf/loadings": ("component", "scan_y", "scan_x"),
+        "vectors": ("vector", "g"),
+        "peaks": ("peak", "column"),
+        "beam/centres": ("scan_y", "scan_x", "yx"),
+        "beam/fitted": ("scan_y", "scan_x", "yx"),
+    }
+    for name, arr in _walk_arrays(g):
+        dims = dims_by_name.get(name, tuple(f"{name.replace('/', '_')}_{i}" for i in range(arr.ndim)))
+        if len(dims) != arr.ndim:
+            dims = tuple(f"dim_{i}" for i in range(arr.ndim))
+        out[name] = xr.DataArray(da.from_zarr(arr), dims=dims, name=name, attrs=dict(arr.attrs))
+    return out
+
+
+def load_config(method: str, config=None, overrides: Mapping | None = None):
+    """The resolved run configuration of a workflow.
+
+    ``config`` may be a path to a TOML file, a dict, or a config dataclass; ``overrides``
+    a nested dict applied on top (``{"preprocess": {"nav_binning": 2}}``).
+    """
+    from .config import read_toml
+    from .workflows import config_class
+    cls = config_class(method)
+    if config is None:
+        data: dict = {}
+    elif isinstance(config, (str, os.PathLike)):
+        data = read_toml(config)
+    elif isinstance(config, Mapping):
+        data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    elif isinstance(config, cls):
+        from .config import params_to_dict
+        data = params_to_dict(config)
+    else:
+        raise ParameterError(f"`config` must be a TOML path, a dict or a {cls.__name__} (got {type(config).__name__})")
+    for section, values in (overrides or {}).items():
+        if not isinstance(values, Mapping):
+            raise ParameterError(f"override {section!r} must be a table of parameters")
+        data.setdefault(section, {})
+        data[section] = {**data[section], **values}
+    from .config import params_from_dict
+    return params_from_dict(cls, data)
+
+
+def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping | None = None,
+            cache=None, overwrite: bool = False, client=None, scheduler: str | None = None,
+            n_workers: int | None = None, threads_per_worker: int | None = None,
+            memory_limit=None, local: bool | None = None, tls_ca_file=None, tls_cert=None,
+            tls_key=None, progress: bool = True) -> Path:
+    """Run a whole workflow (``"vdf"`` or ``"nmf"``) on ``store`` and write ``out``.
+
+    Where it runs: an existing ``client``; else ``scheduler`` (or
+    ``$SPEDFLOW_SCHEDULER``); else a local cluster on 127.0.0.1 sized to the machine;
+    ``local=True`` uses dask's threaded scheduler in this process (no cluster).
+    Returns the path of the result store (see docs/DESIGN.md for its layout).
+    """
+    if method not in ("vdf", "nmf"):
+        raise ParameterError(f"`method` must be 'vdf' or 'nmf' (got {method!r})")
+    cfg = load_config(method, config, overrides)
+    from .workflows import run_workflow
+    from .workflows._common import prepare_run
+    plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
+    from . import cluster
+    cluster.set_progress(progress)
+    if client is not None or local or (local is None and scheduler is None
+                                       and not os.environ.get("SPEDFLOW_SCHEDULER")
+                                       and _small(plan)):
+        ctx = contextlib.nullcontext(client) if client is not None else cluster.local_scheduler()
+    else:
+        ctx = cluster.client_for(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                 memory_limit=memory_limit, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
+                                 tls_key=tls_key, quiet=not progress)
+    with ctx:
+        return run_workflow(method, plan, cfg, cache=cache)
+
+
+def _small(plan) -> bool:
+    """Data sets under ~1 GB run in-process by default: starting a cluster costs more."""
+    return plan.nbytes < 2**30

@@ -1,0 +1,268 @@
+"""Stages both workflows share: the run plan, the beam pass, the result writer.
+
+The workflow layer is the only place that computes, persists or writes; the stage
+modules it calls only build lazy graphs or run NumPy kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .. import cluster
+from .._version import __version__
+from ..config import params_to_dict
+from ..errors import InputError, ParameterError
+from ..io import atomic_store, check_destination, create_array, open_input
+from ._cache import StageCache
+
+log = logging.getLogger("spedflow")
+
+__all__ = ["Plan", "prepare_run", "beam_stage", "BeamInfo", "radial_profiles", "write_result",
+           "Timer"]
+
+
+@dataclass
+class Plan:
+    """What a run reads and writes, validated before anything is computed."""
+
+    store: str
+    out: Path
+    array: object  # zarr.Array
+    meta: dict
+    overwrite: bool
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.array.shape)) * self.array.dtype.itemsize
+
+    @property
+    def n_patterns(self) -> int:
+        return int(self.array.shape[0] * self.array.shape[1])
+
+    def data(self) -> da.Array:
+        """The raw data as a dask array with the store's chunks (whole patterns)."""
+        return da.from_zarr(self.array)
+
+
+def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
+    """Open and check the input, refuse an existing result; compute nothing big."""
+    arr, meta = open_input(store)
+    check_destination(out, overwrite)
+    _sample_check(arr, store)
+    ident = {"store": str(Path(str(store)).resolve()) if "://" not in str(store) else str(store),
+             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+             "source": meta.get("source"), "created": meta.get("created")}
+    return Plan(str(store), Path(out), arr, meta, overwrite, ident)
+
+
+def _sample_check(arr, store) -> None:
+    """Refuse all-zero or NaN data before any computation: read up to 5 chunks."""
+    grid = [int(np.ceil(s / c)) for s, c in zip(arr.shape[:2], arr.chunks[:2])]
+    picks = {(0, 0), (grid[0] - 1, grid[1] - 1), (grid[0] // 2, grid[1] // 2),
+             (0, grid[1] - 1), (grid[0] - 1, 0)}
+    any_signal = False
+    for i, j in sorted(picks):
+        block = arr[i * arr.chunks[0]:(i + 1) * arr.chunks[0], j * arr.chunks[1]:(j + 1) * arr.chunks[1]]
+        if np.issubdtype(block.dtype, np.floating):
+            if not np.isfinite(block).all():
+                raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
+                                 "clean or re-ingest the data first")
+            if (block < 0).any():
+                raise InputError(f"store {store!r} contains negative intensities (chunk {i},{j}); "
+                                 "diffraction counts must be >= 0 (subtract a dark reference and clip first)")
+        elif np.issubdtype(block.dtype, np.signedinteger) and (block < 0).any():
+            raise InputError(f"store {store!r} contains negative intensities (chunk {i},{j}); "
+                             "diffraction counts must be >= 0")
+        any_signal |= bool(np.any(block))
+    if not any_signal:
+        raise InputError(f"store {store!r} holds only zeros in the chunks sampled; "
+                         "is it the right data set?")
+
+
+class Timer:
+    """Per-stage wall times, recorded into the result's attributes."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("stage %s ...", name)
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+                log.info("stage %s done in %.2f s", name, timer.times[name])
+        return _T()
+
+
+# --- the beam pass -----------------------------------------------------------------
+
+def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.ndarray:
+    """Azimuthal sums of each pattern around its own centre, 1-px rings.
+
+    Parameters
+    ----------
+    frames : (..., ky, kx) array
+    centres : (..., 2) array of (ky, kx) beam centres, detector pixels
+    n_bins : int
+        Rings 0 .. n_bins-1 (pixels farther out are ignored).
+
+    Returns
+    -------
+    (..., n_bins) float32: summed intensity in each ring.
+    """
+    lead = frames.shape[:-2]
+    ky, kx = frames.shape[-2:]
+    f = frames.reshape(-1, ky * kx).astype(np.float32, copy=False)
+    c = centres.reshape(-1, 2)
+    yy, xx = np.mgrid[0:ky, 0:kx]
+    n = f.shape[0]
+    r = np.sqrt((yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2)
+    rb = np.minimum(r, n_bins).astype(np.int64).reshape(n, -1)
+    idx = rb + (np.arange(n) * (n_bins + 1))[:, None]
+    prof = np.bincount(idx.ravel(), weights=f.ravel(), minlength=n * (n_bins + 1))
+    return prof.reshape(n, n_bins + 1)[:, :n_bins].astype(np.float32).reshape(*lead, n_bins)
+
+
+@dataclass
+class BeamInfo:
+    measured: np.ndarray      # (Y', X', 2) beam centre found in each pattern
+    used: np.ndarray          # (Y', X', 2) centres used for alignment (fitted descan)
+    radius: float             # direct-beam disc radius, detector pixels
+    profiles: np.ndarray      # (Y', X', R) radial profiles around the measured centre
+    mean_pattern: np.ndarray  # (ky, kx) mean of the (binned, unaligned) patterns
+    descan: dict              # fit statistics
+
+
+def binned(plan: Plan, prep) -> da.Array:
+    """The raw data binned in navigation space (float32 sums) as the first lazy step."""
+    from ..preprocess import lazy as pre
+    data = plan.data()
+    if prep.nav_binning == 1:
+        return data
+    return pre.bin_nav(data, prep.nav_binning)
+
+
+def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
+    """Pass 1: the beam centre of every pattern, its radius, radial profiles, mean pattern."""
+    from ..preprocess import kernels as pk
+    from ..preprocess import lazy as pre
+    stage = cache.stage("beam", plan.identity, {"nav_binning": prep.nav_binning,
+                                                "descan": prep.descan, "align": prep.align,
+                                                "beam_radius": prep.beam_radius})
+    if stage.complete:
+        a = stage.attrs()
+        return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
+                        stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}))
+    with timer("beam"):
+        data = binned(plan, prep)
+        ky, kx = data.shape[2:]
+        n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
+        centres = pre.beam_centres(data)
+        profiles = _profiles_lazy(data, centres, n_bins)
+        mean = data.mean(axis=(0, 1), dtype=np.float64)
+        measured, prof, mean = cluster.compute(centres, profiles, mean, label="beam centres",
+                                               n_patterns=plan.n_patterns)
+        radius = float(prep.beam_radius) if prep.beam_radius else pk.beam_radius_from_profile(
+            prof.reshape(-1, n_bins).sum(axis=0))
+        if not prep.align:
+            used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
+            descan = {"model": "none (align=false)"}
+        elif prep.descan == "none":
+            used, descan = measured.copy(), {"model": "none: each pattern's own centre"}
+        else:
+            used, descan = pk.fit_descan(measured, order=2 if prep.descan == "quadratic" else 1)
+        stage.save("measured", measured.astype(np.float32))
+        stage.save("used", np.asarray(used, np.float32))
+        stage.save("profiles", prof)
+        stage.save("mean_pattern", mean.astype(np.float32))
+        stage.save_attrs(radius=radius, descan=descan)
+        stage.mark_complete()
+    return BeamInfo(measured, np.asarray(used, np.float32), radius, prof, mean.astype(np.float32), descan)
+
+
+def _profiles_lazy(data: da.Array, centres: da.Array, n_bins: int) -> da.Array:
+    """Radial profiles per block; centres get two singleton axes so blocks pair up."""
+    c4 = centres.rechunk(data.chunks[:2] + ((2,),))[:, :, None, :]
+    return da.map_blocks(_profiles_block, data, c4, n_bins, dtype=np.float32,
+                         drop_axis=3, chunks=data.chunks[:2] + ((n_bins,),),
+                         meta=np.empty((0, 0, 0), np.float32))
+
+
+def _profiles_block(frames, centres4, n_bins):
+    return radial_profiles(frames, centres4[:, :, 0, :], n_bins)
+
+
+def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """Annular VDF image (Y, X) from radial profiles: rings inner <= r < outer."""
+    lo, hi = int(np.floor(inner)), int(np.ceil(outer))
+    return profiles[..., lo:hi].sum(axis=-1).astype(np.float32)
+
+
+# --- writing the result ----------------------------------------------------------------
+
+def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer: Timer) -> Path:
+    """Write the result store atomically: ``OUT.partial`` then rename.
+
+    ``arrays`` maps paths (``"segments/maps"``) to NumPy arrays or dask arrays
+    (streamed chunk by chunk).
+    """
+    import zarr
+    with atomic_store(plan.out, overwrite=plan.overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        for name, value in arrays.items():
+            parent, _, leaf = name.rpartition("/")
+            grp = root.require_group(parent) if parent else root
+            if isinstance(value, da.Array):
+                arr = create_array(grp, leaf, value.shape, value.dtype,
+                                   chunks=tuple(c[0] for c in value.chunks) if value.size else None)
+                da.store(value, arr, lock=False, compute=True)
+            else:
+                value = np.asarray(value)
+                arr = create_array(grp, leaf, value.shape, value.dtype,
+                                   chunks=_result_chunks(value))
+                if value.size:
+                    arr[...] = value
+        meta = {
+            "kind": "result", "method": method, "version": __version__,
+            "input": plan.store, "input_meta": plan.meta,
+            "nav_binning": int(cfg.preprocess.nav_binning),
+            "params": params_to_dict(cfg), "timings": timer.times,
+            "scan_step": plan.meta.get("scan_step"), "reciprocal_scale": plan.meta.get("reciprocal_scale"),
+            **attrs,
+        }
+        root.attrs["spedflow"] = json.loads(json.dumps(meta, default=_jsonable))
+    return plan.out
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def _result_chunks(value: np.ndarray):
+    if value.ndim == 0 or value.size == 0:
+        return None
+    per = max(1, value[0].nbytes)
+    rows = max(1, min(value.shape[0], (16 * 2**20) // per))
+    return (rows, *value.shape[1:])

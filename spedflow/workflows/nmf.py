@@ -1,0 +1,173 @@
+"""The NMF segmentation workflow (Bergh et al. 2020, Fig. 2), stage by stage.
+
+Passes: (1) beam centres; (2) Poisson statistics of the aligned, beam-masked data;
+(3) a streamed randomised SVD for the scree and the automatic rank; (4) an
+out-of-core NMF, one pass per epoch. Then the small factor / loading arrays are
+classified (crystal or background), merged by correlation and watershed-segmented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .. import cluster
+from ..decompose import NMFParams, ScreeParams
+from ..preprocess import PreprocessParams
+from ..segment import NMFMergeParams, WatershedParams
+from ._cache import StageCache
+from ._common import Plan, Timer, annular_image, beam_stage, binned, write_result
+
+log = logging.getLogger("spedflow")
+
+__all__ = ["NMFConfig", "run_nmf"]
+
+
+@dataclass(frozen=True)
+class NMFConfig:
+    """All parameters of the NMF workflow; each section is one stage's dataclass."""
+
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    scree: ScreeParams = field(default_factory=ScreeParams)
+    nmf: NMFParams = field(default_factory=NMFParams)
+    merge: NMFMergeParams = field(default_factory=NMFMergeParams)
+    watershed: WatershedParams = field(default_factory=WatershedParams)
+
+
+def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
+    from ..decompose import (beam_mask, choose_n_components, classify_components, nmf,
+                             normalised_matrix, poisson_statistics, scree, undo_normalisation)
+    from ..errors import ParameterError
+    from ..preprocess import lazy as pre
+    from ..preprocess import resolve as resolve_pre
+    from ..segment import merge_components, segments_from_labels, watershed_stack
+
+    timer = Timer()
+    beam = beam_stage(plan, cfg.preprocess, cache, timer)
+    r = beam.radius
+    prep = resolve_pre(cfg.preprocess, r)
+    data = binned(plan, prep)
+    ny, nx, ky, kx = data.shape
+    aligned = pre.align(data, beam.used)
+    mask = beam_mask((ky, kx), cfg.nmf.beam_mask_radius, beam_radius=r)
+    n_pix = int((~mask).sum())
+    if cfg.nmf.n_components is not None and cfg.nmf.n_components > min(ny * nx, n_pix):
+        raise ParameterError(f"`n_components` ({cfg.nmf.n_components}) exceeds what the data allows: "
+                             f"min(patterns {ny * nx}, unmasked pixels {n_pix})")
+    key = (plan.identity, dataclasses.asdict(prep), mask)
+
+    st_stats = cache.stage("poisson", *key)
+    if not st_stats.complete:
+        with timer("poisson"):
+            stats = poisson_statistics(aligned, mask)
+            st_stats.save("row_sums", stats.row_sums)
+            st_stats.save("col_sums", stats.col_sums)
+            st_stats.save_attrs(**{k: v for k, v in stats._asdict().items()
+                                   if k not in ("row_sums", "col_sums")})
+            st_stats.mark_complete()
+    stats = _load_stats(st_stats)
+    matrix = normalised_matrix(aligned, stats, mask)
+
+    st_scree = cache.stage("scree", *key, dataclasses.asdict(cfg.scree))
+    if not st_scree.complete:
+        with timer("scree"):
+            k = min(cfg.scree.n_components, min(matrix.shape) - 1)
+            sc = scree(matrix, k, n_power_iter=cfg.scree.n_power_iter,
+                       n_oversamples=cfg.scree.n_oversamples, seed=cfg.scree.seed)
+            st_scree.save("evr", sc.explained_variance_ratio)
+            st_scree.save("singular_values", sc.singular_values)
+            st_scree.save_attrs(total_variance=sc.total_variance, shape=list(sc.shape))
+            st_scree.mark_complete()
+    evr = st_scree.load("evr")
+    if cfg.nmf.n_components is None:
+        n_comp, why = choose_n_components(evr, shape=tuple(st_scree.attrs()["shape"]),
+                                          max_components=cfg.nmf.max_components)
+    else:
+        n_comp, why = int(cfg.nmf.n_components), "set by the user"
+    log.info("NMF with %d components (%s)", n_comp, why)
+
+    st_nmf = cache.stage("nmf", *key, dataclasses.asdict(cfg.nmf), n_comp)
+    if not st_nmf.complete:
+        with timer("nmf"):
+            h, w, info = nmf(matrix, n_comp, cfg.nmf)
+            if isinstance(w, da.Array):
+                (w,) = cluster.compute(w, label="NMF loadings")
+            st_nmf.save("factors", np.asarray(h, np.float32))
+            st_nmf.save("loadings", np.asarray(w, np.float32))
+            st_nmf.save_attrs(info=info)
+            st_nmf.mark_complete()
+    h, w = st_nmf.load("factors"), st_nmf.load("loadings")
+    nmf_info = st_nmf.attrs().get("info", {})
+    factors, loadings = undo_normalisation(h, w, stats, mask)
+    factors = factors.reshape(-1, ky, kx)
+    loadings = loadings.reshape(-1, ny, nx)
+
+    with timer("classify"):
+        verdicts = classify_components(factors, loadings, beam_radius=r)
+        keep = np.array([v[0] for v in verdicts], bool)
+        reasons = [v[1] for v in verdicts]
+    set_aside = [{"component": int(i), "reason": reasons[i]} for i in np.flatnonzero(~keep)]
+    log.info("%d of %d components kept as crystals", int(keep.sum()), len(keep))
+
+    with timer("merge"):
+        if keep.any():
+            mf, ml, groups = merge_components(factors[keep], loadings[keep],
+                                              pattern_threshold=cfg.merge.pattern_threshold,
+                                              loading_threshold=cfg.merge.loading_threshold)
+        else:
+            mf, ml, groups = np.zeros((0, ky, kx), np.float32), np.zeros((0, ny, nx), np.float32), []
+    kept_index = np.flatnonzero(keep)
+    groups_orig = [[int(kept_index[i]) for i in g] for g in groups]
+
+    with timer("watershed"):
+        if len(ml):
+            labels = watershed_stack(da.from_array(ml.astype(np.float32), chunks=(1, ny, nx)),
+                                     cfg.watershed)
+            (labels,) = cluster.compute(labels, label="watershed")
+            seg_maps, source = segments_from_labels(ml, labels)
+        else:
+            labels = np.zeros((0, ny, nx), np.int32)
+            seg_maps, source = np.zeros((0, ny, nx), np.float32), np.zeros(0, int)
+    seg_patterns = mf[source] if len(source) else np.zeros((0, ky, kx), np.float32)
+    log.info("%d segments", len(seg_maps))
+
+    arrays = {
+        "segments/maps": seg_maps.astype(np.float32),
+        "segments/patterns": np.asarray(seg_patterns, np.float32),
+        "segments/component": np.asarray(source, np.int32),
+        "nmf/factors": factors.astype(np.float32),
+        "nmf/loadings": loadings.astype(np.float32),
+        "nmf/merged_factors": np.asarray(mf, np.float32),
+        "nmf/merged_loadings": np.asarray(ml, np.float32),
+        "nmf/labels": labels.astype(np.int32),
+        "nmf/beam_mask": mask,
+        "scree/explained_variance_ratio": evr.astype(np.float64),
+        "beam/centres": beam.measured.astype(np.float32),
+        "beam/fitted": beam.used.astype(np.float32),
+        "overview/annular_vdf": annular_image(beam.profiles, 2 * r, beam.profiles.shape[-1]),
+        "overview/mean_pattern": beam.mean_pattern,
+    }
+    attrs = {
+        "n_components": n_comp, "n_components_reason": why,
+        "components_kept": [int(i) for i in kept_index],
+        "components_set_aside": set_aside, "merge_groups": groups_orig,
+        "nmf_info": nmf_info,
+        "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
+                     "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi))},
+        "descan": beam.descan,
+        "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
+                   "merged": int(len(mf)), "segments": int(len(seg_maps))},
+    }
+    return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def _load_stats(stage):
+    from ..decompose import PoissonStats
+    a = stage.attrs()
+    fields = {f: a[f] for f in PoissonStats._fields if f not in ("row_sums", "col_sums") and f in a}
+    return PoissonStats(row_sums=stage.load("row_sums"), col_sums=stage.load("col_sums"), **fields)
