@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--url", help="override the download URL (e.g. a mirror)")
     c.add_argument("--overwrite", action="store_true")
 
+    c = add("demo", "Simulate a paper-like data set, run both workflows, score them and write the report.")
+    c.add_argument("--out", default="spedflow-demo", help="output directory")
+    c.add_argument("--scan", type=_scan, default=(64, 64), help="scan size N or NY,NX")
+    c.add_argument("--detector", type=_positive_int, default=128, help="detector size in pixels")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing demo directory's results")
+
     c = add("watch", "Process a store that is still being written by an acquisition; finalise when complete.")
     c.add_argument("store")
     c.add_argument("--method", choices=("vdf", "nmf"), default="vdf")
@@ -335,7 +342,16 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    html = run_demo(args.out, scan=args.scan, detector=args.detector, seed=args.seed,
+                    overwrite=args.overwrite, progress=_progress(args))
+    print(f"report: {Path(html).resolve()}")
+    return 0
+
+
 _COMMANDS = {
+    "demo": cmd_demo,
     "ingest": cmd_ingest, "simulate": cmd_simulate, "info": cmd_info, "segment": cmd_segment,
     "evaluate": cmd_evaluate, "params": cmd_params, "report": cmd_report, "export": cmd_export,
     "fetch": cmd_fetch, "watch": cmd_watch,

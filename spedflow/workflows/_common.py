@@ -171,20 +171,38 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
         data = binned(plan, prep)
         ky, kx = data.shape[2:]
         n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
-        centres = pre.beam_centres(data)
+        # a reference pattern from a few chunks (no extra pass over the data)
+        reference = _sample_mean(plan, prep)
+        centres = da.blockwise(pk.beam_centres, "ijm", data, "ijkl", new_axes={"m": 2},
+                               concatenate=True, dtype=np.float64,
+                               meta=np.empty((0, 0, 0), np.float64),
+                               beam_radius=prep.beam_radius, reference=reference)
+        max_r = min(ky, kx) / 4
+        nb = int(np.ceil(max_r / pk.PROFILE_BIN))
+        parts = da.blockwise(_beam_profile_block, "ijpb", data, "ijkl", centres, "ijm",
+                             new_axes={"p": 3, "b": nb}, concatenate=True, dtype=np.float64,
+                             meta=np.empty((0, 0, 0, 0), np.float64), max_radius=max_r)
+        beam_prof = parts.sum(axis=(0, 1))
         profiles = _profiles_lazy(data, centres, n_bins)
         mean = data.mean(axis=(0, 1), dtype=np.float64)
-        measured, prof, mean = cluster.compute(centres, profiles, mean, label="beam centres",
-                                               n_patterns=plan.n_patterns)
-        radius = float(prep.beam_radius) if prep.beam_radius else pk.beam_radius_from_profile(
-            prof.reshape(-1, n_bins).sum(axis=0))
+        measured, prof, mean, beam_prof = cluster.compute(
+            centres, profiles, mean, beam_prof, label="beam centres", n_patterns=plan.n_patterns)
+        if not np.isfinite(measured).any():
+            raise InputError("no direct beam was found in any pattern; is this diffraction data?")
+        radius = (float(prep.beam_radius) if prep.beam_radius
+                  else pk.radius_from_profile(beam_prof, default=np.nan))
+        if not np.isfinite(radius):
+            raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
         if not prep.align:
             used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
-            descan = {"model": "none (align=false)"}
-        elif prep.descan == "none":
-            used, descan = measured.copy(), {"model": "none: each pattern's own centre"}
+            descan = {"model": "none (align = false)"}
         else:
-            used, descan = pk.fit_descan(measured, order=2 if prep.descan == "quadratic" else 1)
+            used, fit = pk.centres_for_alignment(measured, prep.descan)
+            descan = {"model": prep.descan}
+            if fit is not None:
+                descan.update(order=fit.order, residual_rms=fit.residual_rms,
+                              noise_scale=fit.scale, outliers=fit.n_outliers,
+                              coefficients=fit.coefficients.tolist())
         stage.save("measured", measured.astype(np.float32))
         stage.save("used", np.asarray(used, np.float32))
         stage.save("profiles", prof)
@@ -192,6 +210,26 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
         stage.save_attrs(radius=radius, descan=descan)
         stage.mark_complete()
     return BeamInfo(measured, np.asarray(used, np.float32), radius, prof, mean.astype(np.float32), descan)
+
+
+def _beam_profile_block(block, cen, max_radius):
+    from ..preprocess import kernels as pk
+    return pk.beam_profile(block, cen, max_radius)[None, None]
+
+
+def _sample_mean(plan: Plan, prep) -> np.ndarray:
+    """Mean binned pattern of up to five chunks spread over the scan."""
+    from ..preprocess import kernels as pk
+    arr = plan.array
+    cy, cx = arr.chunks[:2]
+    gy, gx = -(-arr.shape[0] // cy), -(-arr.shape[1] // cx)
+    picks = sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)})
+    total, n = 0.0, 0
+    for i, j in picks:
+        block = np.asarray(arr[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+        total = total + block.sum(axis=(0, 1))
+        n += block.shape[0] * block.shape[1]
+    return (total / n).astype(np.float32)
 
 
 def _profiles_lazy(data: da.Array, centres: da.Array, n_bins: int) -> da.Array:
