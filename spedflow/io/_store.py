@@ -38,8 +38,13 @@ DATA = "data"
 TARGET_CHUNK_BYTES = 16 * 2**20  # 16 MiB of uncompressed data per chunk
 
 
-def compressors(dtype=None, *, cname: str = "zstd", clevel: int = 3):
-    """Blosc with bit-shuffle, then a CRC32C checksum of the stored bytes."""
+def compressors(dtype=None, *, cname: str = "zstd", clevel: int = 1):
+    """Blosc with bit-shuffle, then a CRC32C checksum of the stored bytes.
+
+    zstd level 1: on counting-noise diffraction data the Poisson noise sets the
+    entropy, so higher levels barely help (level 3: 2 % smaller) but encode ~1.7x
+    slower, and encoding is what limits ingest throughput.
+    """
     return [BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle.bitshuffle),
             Crc32cCodec()]
 
