@@ -228,7 +228,7 @@ def _peak_histogram(group: zarr.Group, shape, notes) -> tuple[int | None, np.nda
     return m, hist.reshape(ky, kx)
 
 
-def load_result(path, *, store_path=None) -> ResultView:
+def load_result(path, *, store_path=None, segments_only: bool = False) -> ResultView:
     """Read everything the report needs from a result store.
 
     Parameters
@@ -237,6 +237,8 @@ def load_result(path, *, store_path=None) -> ResultView:
         The result store (``spedflow segment --out``).
     store_path : str or Path, optional
         The input store; used only for calibration when the result attrs lack it.
+    segments_only : bool
+        Read only ``segments/maps`` and ``segments/patterns`` (and the attrs).
 
     Raises
     ------
@@ -249,55 +251,56 @@ def load_result(path, *, store_path=None) -> ResultView:
     v = ResultView(path=Path(path), meta=meta, method=method, notes=notes)
     v.maps = _array(g, "segments/maps", 3, notes)
     v.patterns = _array(g, "segments/patterns", 3, notes)
-    v.annular = _array(g, "overview/annular_vdf", 2, notes)
-    v.mean_pattern = _array(g, "overview/mean_pattern", 2, notes)
-    v.beam_centres = _array(g, "beam/centres", 3, notes)
-    v.beam_fitted = _array(g, "beam/fitted", 3, notes)
-    v.vectors = _array(g, "vectors", 2, notes)
-    v.segment_vectors = _array(g, "vdf/segment_vectors", (1, 2), notes)
-    v.segment_intensities = _array(g, "vdf/segment_intensities", (1, 2), notes)
-    v.factors = _array(g, "nmf/factors", 3, notes)
-    v.loadings = _array(g, "nmf/loadings", 3, notes)
-    v.explained_variance_ratio = _array(g, "scree/explained_variance_ratio", 1, notes)
-    v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
+    if not segments_only:
+        v.annular = _array(g, "overview/annular_vdf", 2, notes)
+        v.mean_pattern = _array(g, "overview/mean_pattern", 2, notes)
+        v.beam_centres = _array(g, "beam/centres", 3, notes)
+        v.beam_fitted = _array(g, "beam/fitted", 3, notes)
+        v.vectors = _array(g, "vectors", 2, notes)
+        v.segment_vectors = _array(g, "vdf/segment_vectors", (1, 2), notes)
+        v.segment_intensities = _array(g, "vdf/segment_intensities", (1, 2), notes)
+        v.factors = _array(g, "nmf/factors", 3, notes)
+        v.loadings = _array(g, "nmf/loadings", 3, notes)
+        v.explained_variance_ratio = _array(g, "scree/explained_variance_ratio", 1, notes)
+        v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
 
-    if v.maps is not None and v.patterns is not None and v.maps.shape[0] != v.patterns.shape[0]:
-        notes.append(f"segments/maps has {v.maps.shape[0]} segments but segments/patterns "
-                     f"{v.patterns.shape[0]}: per-segment figures use the first "
-                     f"{min(v.maps.shape[0], v.patterns.shape[0])}")
-    if v.vectors is not None and v.vectors.shape[-1] != 2:
-        notes.append(f"vectors has shape {v.vectors.shape}, expected (N, 2): ignored")
-        v.vectors = None
-    for name in ("beam_centres", "beam_fitted"):
-        a = getattr(v, name)
-        if a is not None and a.shape[-1] != 2:
-            notes.append(f"beam/{name[5:]} has shape {a.shape}, expected (Y, X, 2): ignored")
-            setattr(v, name, None)
+        if v.maps is not None and v.patterns is not None and v.maps.shape[0] != v.patterns.shape[0]:
+            notes.append(f"segments/maps has {v.maps.shape[0]} segments but segments/patterns "
+                         f"{v.patterns.shape[0]}: per-segment figures use the first "
+                         f"{min(v.maps.shape[0], v.patterns.shape[0])}")
+        if v.vectors is not None and v.vectors.shape[-1] != 2:
+            notes.append(f"vectors has shape {v.vectors.shape}, expected (N, 2): ignored")
+            v.vectors = None
+        for name in ("beam_centres", "beam_fitted"):
+            a = getattr(v, name)
+            if a is not None and a.shape[-1] != 2:
+                notes.append(f"beam/{name[5:]} has shape {a.shape}, expected (Y, X, 2): ignored")
+                setattr(v, name, None)
 
-    # NMF bookkeeping may sit in the top-level attrs, a nested "nmf" dict or the group attrs
-    try:
-        nmf_attrs = dict(g["nmf"].attrs) if "nmf" in g else {}
-    except Exception:
-        nmf_attrs = {}
-    nmf_attrs = {**nmf_attrs, **dict(nmf_attrs.get("spedflow", {}) or {})}
-    sources = [meta.get("nmf") if isinstance(meta.get("nmf"), dict) else {}, meta, nmf_attrs]
-    n = _first(sources, ("n_components", "E", "chosen_n_components"))
-    if isinstance(n, (int, float)) and not isinstance(n, bool):
-        v.n_components = int(n)
-    elif v.factors is not None:
-        v.n_components = int(v.factors.shape[0])
-    reason = _first(sources, ("n_components_reason", "reason", "why"))
-    v.n_components_reason = None if reason is None else str(reason)
-    v.set_aside = set_aside_components(_first(
-        sources, ("set_aside", "set_aside_components", "background_components", "discarded")))
+        # NMF bookkeeping may sit in the top-level attrs, a nested "nmf" dict or the group attrs
+        try:
+            nmf_attrs = dict(g["nmf"].attrs) if "nmf" in g else {}
+        except Exception:
+            nmf_attrs = {}
+        nmf_attrs = {**nmf_attrs, **dict(nmf_attrs.get("spedflow", {}) or {})}
+        sources = [meta.get("nmf") if isinstance(meta.get("nmf"), dict) else {}, meta, nmf_attrs]
+        n = _first(sources, ("n_components", "E", "chosen_n_components"))
+        if isinstance(n, (int, float)) and not isinstance(n, bool):
+            v.n_components = int(n)
+        elif v.factors is not None:
+            v.n_components = int(v.factors.shape[0])
+        reason = _first(sources, ("n_components_reason", "reason", "why"))
+        v.n_components_reason = None if reason is None else str(reason)
+        v.set_aside = set_aside_components(_first(
+            sources, ("set_aside", "set_aside_components", "background_components", "discarded")))
 
-    ev = meta.get("evaluation")
-    v.evaluation = dict(ev) if isinstance(ev, dict) else None
+        ev = meta.get("evaluation")
+        v.evaluation = dict(ev) if isinstance(ev, dict) else None
 
     input_meta, input_shape = {}, None
     sp = store_path or input_store_path(meta, path)
     if sp is not None:
-        try:
+        try:  # only attrs and the shape of data are read here
             sg = zarr.open_group(str(sp), mode="r")
             input_meta = dict(sg.attrs.get("spedflow", {}))
             if "data" in sg:

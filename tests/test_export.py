@@ -1,0 +1,112 @@
+"""Exports round-trip: npy, ImageJ TIFF and HyperSpy .hspy read back equal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.export import export_result
+from test_report import make_fake_input, make_fake_result
+
+
+@pytest.fixture
+def result(tmp_path):
+    return make_fake_result(tmp_path / "r.zarr", "vdf")
+
+
+def _truth(path):
+    g = zarr.open_group(str(path), mode="r")
+    return np.asarray(g["segments/maps"][...]), np.asarray(g["segments/patterns"][...])
+
+
+def test_export_all_formats_round_trip(tmp_path, result):
+    import tifffile
+    from rsciio.hspy import file_reader
+    files = export_result(result, tmp_path / "out")
+    names = sorted(p.name for p in files)
+    assert names == sorted(f"segment_{k}.{e}" for k in ("maps", "patterns")
+                           for e in ("npy", "tif", "hspy"))
+    assert all(p.exists() for p in files)
+    maps, patterns = _truth(result)
+    for kind, want in (("maps", maps), ("patterns", patterns)):
+        got = np.load(tmp_path / "out" / f"segment_{kind}.npy", allow_pickle=False)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+        with tifffile.TiffFile(tmp_path / "out" / f"segment_{kind}.tif") as tf:
+            assert tf.is_imagej
+            np.testing.assert_array_equal(tf.asarray(), want)
+            assert tf.imagej_metadata["images"] == want.shape[0]
+            xres = tf.pages[0].tags["XResolution"].value
+            scale = 3.0 * 2 if kind == "maps" else 0.03  # scan step x nav_binning; 1/Å per px
+            assert xres[1] / xres[0] == pytest.approx(scale, rel=1e-4)
+            assert tf.imagej_metadata["unit"] == ("nm" if kind == "maps" else "1/A")
+
+        sig = file_reader(str(tmp_path / "out" / f"segment_{kind}.hspy"))[0]
+        np.testing.assert_array_equal(sig["data"], want)
+        axes = sig["axes"]
+        assert [a["name"] for a in axes] == (["segment", "y", "x"] if kind == "maps"
+                                             else ["segment", "ky", "kx"])
+        assert [bool(a["navigate"]) for a in axes] == [True, False, False]
+        assert [int(a["size"]) for a in axes] == list(want.shape)
+        if kind == "patterns":
+            ky = axes[1]
+            assert sig["metadata"]["Signal"]["signal_type"] == "electron_diffraction"
+            # the direct beam (Ky//2) sits at k = 0
+            assert ky["offset"] + (want.shape[1] // 2) * ky["scale"] == pytest.approx(0.0)
+            assert ky["units"] == "1/Å"
+        else:
+            assert axes[1]["scale"] == pytest.approx(6.0) and axes[1]["units"] == "nm"
+        assert sig["original_metadata"]["spedflow"]["method"] == "vdf"
+
+
+@pytest.mark.parametrize("formats,expected", [
+    (("npy",), {"segment_maps.npy", "segment_patterns.npy"}),
+    ("tiff", {"segment_maps.tif", "segment_patterns.tif"}),
+    (["hspy", "tif"], {"segment_maps.hspy", "segment_patterns.hspy",
+                       "segment_maps.tif", "segment_patterns.tif"}),
+])
+def test_export_selected_formats(tmp_path, result, formats, expected):
+    files = export_result(result, tmp_path / "out", formats=formats)
+    assert {p.name for p in files} == expected
+    assert {p.name for p in (tmp_path / "out").iterdir()} == expected
+
+
+def test_export_without_calibration_uses_pixels(tmp_path):
+    from rsciio.hspy import file_reader
+    res = make_fake_result(tmp_path / "r.zarr", "nmf",
+                           attrs={"scan_step": None, "reciprocal_scale": None})
+    export_result(res, tmp_path / "out", formats=("hspy", "tiff"))
+    sig = file_reader(str(tmp_path / "out" / "segment_patterns.hspy"))[0]
+    assert sig["axes"][1]["units"] == "px" and sig["axes"][1]["scale"] == 1.0
+
+
+def test_export_only_maps_when_patterns_missing(tmp_path):
+    res = make_fake_result(tmp_path / "r.zarr", "vdf", drop=("segments/patterns",))
+    files = export_result(res, tmp_path / "out", formats=("npy",))
+    assert [p.name for p in files] == ["segment_maps.npy"]
+
+
+@pytest.mark.parametrize("setup,formats,exc,match", [
+    ("result", ("png",), ParameterError, "formats"),
+    ("result", (), ParameterError, "at least one"),
+    ("result", 3, ParameterError, "formats"),
+    ("none", ("npy",), InputError, "does not exist"),
+    ("input", ("npy",), InputError, "not a spedflow result"),
+    ("empty", ("npy",), InputError, "no segments"),
+    ("file_out", ("npy",), InputError, "not a directory"),
+])
+def test_export_bad_inputs(tmp_path, setup, formats, exc, match):
+    path, out = tmp_path / "r.zarr", tmp_path / "out"
+    if setup in ("result", "file_out"):
+        make_fake_result(path)
+    elif setup == "input":
+        make_fake_input(path)
+    elif setup == "empty":
+        make_fake_result(path, drop=("segments/maps", "segments/patterns"))
+    if setup == "file_out":
+        out.write_text("x")
+    with pytest.raises(exc, match=match):
+        export_result(path, out, formats=formats)
