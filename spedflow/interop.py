@@ -1,0 +1,163 @@
+"""Moving between spedflow and HyperSpy / pyxem (and plain NumPy / dask arrays).
+
+HyperSpy and pyxem are not dependencies of spedflow: these functions import them only
+when called, and say how to install them if they are missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from ._version import __version__
+from .errors import InputError, ParameterError
+from .io import DATA, atomic_store, create_array, nav_chunks
+
+__all__ = ["from_array", "to_hyperspy"]
+
+
+def _calib(value, default_units):
+    if value is None:
+        return {"value": 1.0, "units": "px"}
+    if isinstance(value, dict):
+        return {"value": float(value["value"]), "units": str(value.get("units", default_units))}
+    if isinstance(value, (tuple, list)):
+        return {"value": float(value[0]), "units": str(value[1])}
+    return {"value": float(value), "units": default_units}
+
+
+def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scale=None,
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Write a NumPy / dask array or a (lazy) HyperSpy signal as a spedflow input store.
+
+    Parameters
+    ----------
+    data : (scan_y, scan_x, ky, kx) numpy.ndarray, dask.array.Array or HyperSpy signal
+        A HyperSpy ``Signal2D`` with two navigation axes; its axes calibration is used
+        unless ``scan_step`` / ``reciprocal_scale`` are given. A lazy signal stays lazy:
+        it is streamed chunk by chunk.
+    dest : path of the store to create.
+    scan_step, reciprocal_scale : float, (value, units) or {"value", "units"}, optional
+
+    Returns
+    -------
+    pathlib.Path of the store.
+    """
+    source = "array"
+    if hasattr(data, "axes_manager") and hasattr(data, "data"):  # a HyperSpy signal
+        am = data.axes_manager
+        if am.navigation_dimension != 2 or am.signal_dimension != 2:
+            raise InputError(f"the signal must have 2 navigation and 2 signal axes "
+                             f"(got {am.navigation_dimension} and {am.signal_dimension})")
+        nav, sig = am.navigation_axes, am.signal_axes
+        scan_step = scan_step or {"value": float(nav[0].scale), "units": str(nav[0].units)}
+        reciprocal_scale = reciprocal_scale or {"value": float(sig[0].scale), "units": str(sig[0].units)}
+        source = f"hyperspy signal {getattr(data.metadata.General, 'title', '')!s}"
+        data = data.data  # hyperspy stores (nav_y, nav_x, sig_y, sig_x) in array order
+    if isinstance(data, np.ndarray):
+        arr = da.from_array(data, chunks=nav_chunks(data.shape, data.dtype) if data.ndim == 4 else -1)
+    elif isinstance(data, da.Array):
+        arr = data
+    else:
+        raise ParameterError(f"`data` must be a numpy/dask array or a HyperSpy signal "
+                             f"(got {type(data).__name__})")
+    if arr.ndim != 4:
+        raise InputError(f"`data` must be 4-D (scan_y, scan_x, ky, kx) (got shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"`data` has non-numeric dtype {arr.dtype}")
+    if 0 in arr.shape:
+        raise InputError(f"`data` is empty (shape {arr.shape})")
+    import zarr
+    chunks = nav_chunks(arr.shape, arr.dtype)
+    arr = arr.rechunk(chunks)
+    meta = {"kind": "input", "version": __version__, "source": source, "format": "array",
+            "original_shape": list(arr.shape), "original_dtype": str(arr.dtype),
+            "scan_step": _calib(scan_step, "nm"), "reciprocal_scale": _calib(reciprocal_scale, "1/nm"),
+            "complete": False}
+    with atomic_store(dest, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        z = create_array(root, DATA, arr.shape, arr.dtype, chunks=chunks)
+        from . import cluster
+        cluster.compute(da.store(arr, z, lock=False, compute=False), label="write store",
+                        n_patterns=int(arr.shape[0] * arr.shape[1]))
+        root.attrs["spedflow"] = {**meta, "complete": True}
+    return Path(dest)
+
+
+def _hyperspy():
+    try:
+        import hyperspy.api as hs
+    except ImportError:
+        raise InputError("HyperSpy is not installed: `pip install hyperspy` (and pyxem for "
+                         "diffraction signal types) to exchange signals with it") from None
+    return hs
+
+
+def to_hyperspy(path, what: str = "data", *, lazy: bool = True):
+    """A spedflow store or result as a HyperSpy signal (pyxem's type when installed).
+
+    Parameters
+    ----------
+    path : an input store or a result store.
+    what : str
+        ``"data"`` (input store: the 4-D patterns, lazy), ``"segment_patterns"``,
+        ``"segment_maps"``, ``"vdf_images"``, ``"nmf_factors"``, ``"nmf_loadings"``.
+    lazy : bool
+        Return a lazy signal backed by the store (default), or load into memory.
+
+    Returns
+    -------
+    hyperspy Signal2D (or pyxem ElectronDiffraction2D for patterns when pyxem is
+    installed) with calibrated axes.
+    """
+    hs = _hyperspy()
+    from .api import open_result, open_store
+    names = {"segment_patterns": "segments/patterns", "segment_maps": "segments/maps",
+             "vdf_images": "vdf/images", "nmf_factors": "nmf/factors", "nmf_loadings": "nmf/loadings"}
+    if what == "data":
+        xa = open_store(path)
+        arr = xa.data
+        step, rec = xa.attrs["spedflow"].get("scan_step") or {}, xa.attrs["spedflow"].get("reciprocal_scale") or {}
+        axes = [_axis("scan_y", arr.shape[0], step, True), _axis("scan_x", arr.shape[1], step, True),
+                _axis("ky", arr.shape[2], rec, False, centred=True),
+                _axis("kx", arr.shape[3], rec, False, centred=True)]
+        diffraction = True
+    elif what in names:
+        res = open_result(path)
+        if names[what] not in res:
+            raise InputError(f"result {str(path)!r} has no {names[what]!r} (method "
+                             f"{res['attrs'].get('method')!r})")
+        arr = res[names[what]].data
+        attrs = res["attrs"]
+        diffraction = what in ("segment_patterns", "nmf_factors")
+        cal = (attrs.get("reciprocal_scale") if diffraction else attrs.get("scan_step")) or {}
+        if not diffraction and cal:
+            cal = {"value": float(cal.get("value", 1)) * attrs.get("nav_binning", 1), "units": cal.get("units")}
+        axes = [{"name": "index", "size": arr.shape[0], "navigate": True},
+                _axis("y", arr.shape[1], cal, False, centred=diffraction),
+                _axis("x", arr.shape[2], cal, False, centred=diffraction)]
+    else:
+        raise ParameterError(f"`what` must be one of data, {', '.join(names)} (got {what!r})")
+    sig = hs.signals.Signal2D(arr if lazy else np.asarray(arr))
+    if lazy:
+        sig = sig.as_lazy()
+    for ax, spec in zip(sig.axes_manager._axes, axes):
+        ax.name, ax.scale, ax.offset, ax.units = spec["name"], spec.get("scale", 1.0), spec.get("offset", 0.0), spec.get("units", "px")
+    sig.metadata.General.title = f"spedflow {what}"
+    if diffraction:
+        try:
+            import pyxem  # noqa: F401
+            sig.set_signal_type("electron_diffraction")
+        except Exception:
+            pass
+    return sig
+
+
+def _axis(name, size, cal, navigate, centred=False):
+    scale = float((cal or {}).get("value", 1.0) or 1.0)
+    units = (cal or {}).get("units", "px")
+    return {"name": name, "size": size, "scale": scale, "units": units, "navigate": navigate,
+            "offset": -(size // 2) * scale if centred else 0.0}
