@@ -1,0 +1,364 @@
+"""Tests of spedflow.preprocess: kernels against references, lazy == kernel, bad input."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from spedflow.errors import ParameterError
+from spedflow.preprocess import (PreprocessParams, centres_for_alignment, fit_descan,
+                                 kernels, lazy, resolve)
+
+
+@pytest.fixture(autouse=True)
+def _sync():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def disc(shape, centre, radius, amp=1.0, sub=8):
+    """Anti-aliased disc: each pixel holds amp * the fraction of it inside the disc."""
+    ky, kx = shape
+    o = (np.arange(sub) + 0.5) / sub - 0.5
+    y = (np.arange(ky)[:, None] + o[None, :]).ravel()
+    x = (np.arange(kx)[:, None] + o[None, :]).ravel()
+    inside = ((y[:, None] - centre[0]) ** 2 + (x[None, :] - centre[1]) ** 2) <= radius ** 2
+    return amp * inside.reshape(ky, sub, kx, sub).mean(axis=(1, 3))
+
+
+def gauss(shape, centre, sigma, amp=1.0):
+    y, x = np.indices(shape)
+    return amp * np.exp(-((y - centre[0]) ** 2 + (x - centre[1]) ** 2) / (2 * sigma ** 2))
+
+
+# ------------------------------------------------------------------------ binning
+
+def test_bin_nav_equals_brute_force():
+    rng = np.random.default_rng(0)
+    a = rng.poisson(3, (6, 9, 4, 5)).astype(np.uint16)
+    out = kernels.bin_nav(a, 3)
+    ref = np.zeros((2, 3, 4, 5))
+    for i in range(6):
+        for j in range(9):
+            ref[i // 3, j // 3] += a[i, j]
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("chunks", [(6, 9, 4, 5), (1, 1, 4, 5), (4, 5, 4, 5), (5, 2, 4, 5),
+                                    (6, 9, 2, 3)])
+def test_bin_nav_lazy_equals_kernel(chunks):
+    rng = np.random.default_rng(1)
+    a = rng.poisson(3, (6, 12, 4, 5)).astype(np.float32)
+    got = lazy.bin_nav(da.from_array(a, chunks=chunks), 3).compute()
+    np.testing.assert_array_equal(got, kernels.bin_nav(a, 3))
+
+
+# -------------------------------------------------------------- Gaussian and DoG
+
+@pytest.mark.parametrize("sigma", [0.6, 1.7, 6.0, 13.2, 40.0])
+def test_gaussian_blur_matches_scipy_wrap(sigma):
+    rng = np.random.default_rng(2)
+    z = rng.poisson(5, (3, 48, 40)).astype(np.float32)
+    ref = np.stack([ndi.gaussian_filter(p.astype(np.float64), sigma, mode="wrap",
+                                        truncate=12) for p in z])
+    np.testing.assert_allclose(kernels.gaussian_blur(z, sigma), ref, atol=2e-5)
+    # the wide-Gaussian shortcut used for the background
+    import scipy.fft as sfft
+    lp = kernels._lowpass_inverse(sfft.rfft2(z), z.shape[-2:], sigma)
+    np.testing.assert_allclose(lp, ref, atol=2e-5)
+
+
+def _dog_reference(z, lo, hi):
+    gl = ndi.gaussian_filter(z.astype(np.float64), lo, mode="wrap", truncate=12)
+    gh = ndi.gaussian_filter(z.astype(np.float64), hi, mode="wrap", truncate=12)
+    return np.maximum(np.where(gl > gh, z, 0) - gh, 0), np.abs(gl - gh)
+
+
+def test_dog_matches_reference_formula():
+    rng = np.random.default_rng(3)
+    shape = (64, 64)
+    z = np.stack([rng.poisson(2 + 50 * gauss(shape, (30, 33), 2.0)
+                              + 20 * gauss(shape, (12, 50), 1.5)) for _ in range(3)])
+    z = z.astype(np.float32)
+    out = kernels.subtract_background_dog(z, 1.7, 13.2)
+    for o, p in zip(out, z):
+        ref, gap = _dog_reference(p, 1.7, 13.2)
+        clear = gap > 1e-4  # where G_low and G_high differ beyond float32 rounding
+        np.testing.assert_allclose(o[clear], ref[clear], atol=1e-4)
+    assert (out >= 0).all() and out.dtype == np.float32
+
+
+# --------------------------------------------------------------------- shifting
+
+def test_integer_shift_is_exact_with_zero_fill():
+    rng = np.random.default_rng(4)
+    z = rng.random((2, 32, 30)).astype(np.float32)
+    centres = np.array([[13.0, 19.0], [20.0, 10.0]])
+    out = kernels.shift_patterns(z, centres)
+    for o, p, c in zip(out, z, centres):
+        ref = ndi.shift(p, (16 - c[0], 15 - c[1]), order=0, mode="constant")
+        np.testing.assert_allclose(o, ref, atol=1e-5)
+
+
+def test_subpixel_shift_matches_spline_shift_away_from_edges():
+    # band-limited patterns: Fourier and cubic-spline interpolation agree closely
+    shape = (64, 64)
+    rng = np.random.default_rng(5)
+    centres = 32 + rng.uniform(-4, 4, (4, 2))
+    z = np.stack([gauss(shape, c, 2.0, 100) + gauss(shape, c + (10.3, -7.7), 1.6, 40)
+                  for c in centres]).astype(np.float32)
+    out = kernels.shift_patterns(z, centres)
+    m = 8  # margin: > max shift + spline support
+    for o, p, c in zip(out, z, centres):
+        ref = ndi.shift(p.astype(np.float64), (32 - c[0], 32 - c[1]), order=5,
+                        mode="constant")
+        np.testing.assert_allclose(o[m:-m, m:-m], ref[m:-m, m:-m], atol=0.02 * 100)
+        # and the beam really is at the centre now
+        assert np.unravel_index(np.argmax(o), shape) == (32, 32)
+    # zero fill where the source is off the detector
+    d = 32 - centres
+    for o, dy, dx in zip(out, d[:, 0], d[:, 1]):
+        if dy > 0:
+            assert (o[:int(np.floor(dy - 1e-6))] == 0).all()
+        if dx < 0:
+            assert (o[:, 64 + int(np.ceil(dx)):] == 0).all()
+
+
+def _fourier_shift_ref(p, d):
+    """Separable circular Fourier shift with scipy: along y, then along x."""
+    a = np.fft.ifft2(ndi.fourier_shift(np.fft.fft2(p.astype(np.float64)), (d[0], 0))).real
+    return np.fft.ifft2(ndi.fourier_shift(np.fft.fft2(a), (0, d[1]))).real
+
+
+def test_shift_matches_scipy_fourier_shift_inside():
+    rng = np.random.default_rng(14)
+    z = rng.poisson(5, (4, 48, 50)).astype(np.float32)
+    centres = np.array([[24.3, 25.0], [24.0, 23.6], [25.3, 22.6], [21.8, 27.1]])
+    out = kernels.shift_patterns(z, centres)
+    for o, p, c in zip(out, z, centres):
+        ref = _fourier_shift_ref(p, (24 - c[0], 25 - c[1]))
+        np.testing.assert_allclose(o[4:-4, 4:-4], ref[4:-4, 4:-4], atol=1e-4)
+
+
+def test_fused_equals_shift_then_dog_inside():
+    rng = np.random.default_rng(6)
+    shape = (48, 48)
+    centres = 24 + rng.uniform(-3, 3, (3, 2))
+    z = np.stack([rng.poisson(1 + 80 * gauss(shape, c, 2.0) + 30 * gauss(shape, c + (9, 9), 1.5))
+                  for c in centres]).astype(np.float32)
+    fused = kernels.shift_and_subtract(z, centres, 1.0, 8.0)
+    # reference: circular Fourier shift (scipy), then the DoG formula, then zero fill
+    for f, p, c in zip(fused, z, centres):
+        shifted = _fourier_shift_ref(p, (24 - c[0], 24 - c[1]))
+        ref, gap = _dog_reference(shifted, 1.0, 8.0)
+        sl = (slice(5, -5), slice(5, -5))
+        clear = gap[sl] > 1e-3
+        np.testing.assert_allclose(f[sl][clear], ref[sl][clear], atol=2e-3)
+
+
+# ------------------------------------------------------------------ beam centre
+
+@pytest.mark.parametrize("radius", [1.5, 3.0, 6.0, 10.0])
+def test_beam_centre_of_discs(radius):
+    rng = np.random.default_rng(7)
+    shape = (64, 72)
+    true = np.column_stack([rng.uniform(26, 38, 6), rng.uniform(30, 42, 6)])
+    z = np.stack([disc(shape, c, radius, 100) for c in true])
+    z = rng.poisson(z + 0.5).astype(np.float32)
+    found = kernels.beam_centres(z, radius)
+    assert np.abs(found - true).max() < 0.1
+    # without a radius: provisional centres (radius from the mean pattern, which the
+    # +-6 px spread of these beams smears), then radius, then final centres
+    c0 = kernels.beam_centres(z)
+    assert np.abs(c0 - true).max() < 0.6
+    r = kernels.estimate_beam_radius(z, c0)
+    assert abs(r - radius) < 0.1 * radius
+    assert np.abs(kernels.beam_centres(z, r) - true).max() < 0.1
+
+
+def test_beam_centre_saturated_and_bright_spot_nearby():
+    rng = np.random.default_rng(8)
+    shape = (64, 64)
+    r = 4.0
+    true = np.column_stack([rng.uniform(28, 36, 5), rng.uniform(28, 36, 5)])
+    frames = []
+    for c in true:
+        beam = np.minimum(disc(shape, c, r, 3000), 1000)  # flat-topped (saturated)
+        # Bragg spot 3x brighter per pixel, much smaller area, 2R + 4 px away
+        spot = disc(shape, c + (0, 2 * r + 4), 1.5, 3000)
+        frames.append(rng.poisson(beam + spot + 2))
+    z = np.array(frames, np.float32)
+    found = kernels.beam_centres(z, r)
+    assert np.abs(found - true).max() < 0.1
+
+
+def test_beam_centre_empty_pattern_is_nan():
+    z = np.zeros((2, 32, 32), np.float32)
+    z[1] = disc((32, 32), (15.3, 16.6), 3, 10)
+    c = kernels.beam_centres(z, 3.0)
+    assert np.isnan(c[0]).all() and np.abs(c[1] - (15.3, 16.6)).max() < 0.05
+
+
+# ------------------------------------------------------------------ beam radius
+
+@pytest.mark.parametrize("radius", [1.5, 2.5, 4.0, 7.0, 10.0])
+def test_radius_of_discs(radius):
+    rng = np.random.default_rng(9)
+    shape = (96, 96)
+    true = 48 + rng.uniform(-3, 3, (8, 2))
+    z = rng.poisson(np.stack([disc(shape, c, radius, 200) for c in true]) + 1)
+    r = kernels.estimate_beam_radius(z.astype(np.float32))
+    assert abs(r - radius) < max(0.1, 0.02 * radius)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
+def test_radius_of_gaussian_spots_is_hwhm(sigma):
+    shape = (64, 64)
+    true = 32 + np.random.default_rng(10).uniform(-2, 2, (6, 2))
+    z = np.stack([gauss(shape, c, sigma, 100) for c in true]).astype(np.float32)
+    r = kernels.estimate_beam_radius(z)
+    assert abs(r - sigma * np.sqrt(2 * np.log(2))) < 0.05 * sigma + 0.03
+
+
+def test_profile_merge_is_associative_and_matches_whole():
+    rng = np.random.default_rng(11)
+    shape = (48, 48)
+    c = 24 + rng.uniform(-2, 2, (9, 2))
+    z = rng.poisson(np.stack([disc(shape, cc, 3, 50) for cc in c]) + 1).astype(np.float32)
+    parts = [kernels.beam_profile(z[i:i + 3], c[i:i + 3]) for i in (0, 3, 6)]
+    left = kernels.merge_profiles(kernels.merge_profiles(parts[0], parts[1]), parts[2])
+    right = kernels.merge_profiles(parts[0], kernels.merge_profiles(parts[1], parts[2]))
+    whole = kernels.beam_profile(z, c)
+    np.testing.assert_allclose(left, right)
+    np.testing.assert_allclose(left, whole)
+
+
+# ---------------------------------------------------------------------- descan
+
+def test_fit_descan_recovers_quadratic_despite_outliers():
+    rng = np.random.default_rng(12)
+    sy, sx = 20, 25
+    u, v = np.meshgrid(np.linspace(-1, 1, sy), np.linspace(-1, 1, sx), indexing="ij")
+    truth = np.stack([64 + 3 * u - 2 * v + 1.5 * u * v + 2 * u ** 2,
+                      60 - 1 * u + 4 * v - 1.0 * v ** 2], -1)
+    meas = truth + rng.normal(0, 0.05, truth.shape)
+    bad = rng.random((sy, sx)) < 0.10
+    meas[bad] += rng.uniform(-15, 15, (bad.sum(), 2))
+    meas[0, 0] = np.nan
+    fit = fit_descan(meas, order=2)
+    assert np.abs(fit.fitted - truth).max() < 0.05
+    assert fit.outliers[bad].mean() > 0.9 and fit.outliers[0, 0]
+    assert fit.residual_rms < 0.1 and 0.02 < fit.scale < 0.1
+    # plain least squares is bent by the same outliers
+    assert np.abs(fit_descan(meas[1:], order=2, robust=False).fitted - truth[1:]).max() > 0.3
+
+
+def test_centres_for_alignment_modes():
+    meas = np.full((3, 4, 2), 30.0)
+    meas[1, 1] = np.nan
+    used, fit = centres_for_alignment(meas, "none")
+    assert fit is None and np.isfinite(used).all()
+    used, fit = centres_for_alignment(meas, "plane")
+    np.testing.assert_allclose(used, 30.0)
+
+
+# -------------------------------------------------------------- lazy == kernel
+
+CHUNKINGS = [(6, 7, 40, 36), (1, 1, 40, 36), (4, 5, 40, 36), (5, 3, 40, 36), (6, 7, 20, 36)]
+
+
+@pytest.fixture(scope="module")
+def scan():
+    rng = np.random.default_rng(13)
+    sy, sx, shape = 6, 7, (40, 36)
+    yy, xx = np.mgrid[0:sy, 0:sx]
+    centres = np.stack([19.5 + 0.3 * yy, 17.2 - 0.2 * xx], -1)
+    frames = np.stack([[disc(shape, centres[i, j], 3, 100)
+                        + gauss(shape, centres[i, j] + (8, 5), 1.5, 40)
+                        for j in range(sx)] for i in range(sy)])
+    return rng.poisson(frames + 1).astype(np.float32), centres
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS)
+def test_lazy_equals_kernel(scan, chunks):
+    z, centres = scan
+    d = da.from_array(z, chunks=chunks)
+    np.testing.assert_allclose(lazy.beam_centres(d, 3.0).compute(),
+                               kernels.beam_centres(z, 3.0), atol=1e-9)
+    np.testing.assert_allclose(lazy.beam_centres(d).compute(),
+                               kernels.beam_centres(z, None, reference=z.mean((0, 1))),
+                               atol=1e-6)
+    r = lazy.estimate_beam_radius(d, centres).compute()
+    assert r == pytest.approx(kernels.radius_from_profile(kernels.beam_profile(z, centres)))
+    np.testing.assert_allclose(lazy.shift_patterns(d, centres).compute(),
+                               kernels.shift_patterns(z, centres), atol=1e-5)
+    np.testing.assert_allclose(lazy.subtract_background_dog(d, 1.5, 12).compute(),
+                               kernels.subtract_background_dog(z, 1.5, 12), atol=1e-5)
+    p = resolve(PreprocessParams(), 3.0)
+    np.testing.assert_allclose(lazy.preprocess(d, centres, p).compute(),
+                               kernels.shift_and_subtract(z, centres, p.dog_sigma_low,
+                                                          p.dog_sigma_high), atol=1e-5)
+
+
+def test_lazy_pipeline_recovers_centres(scan):
+    z, centres = scan
+    d = da.from_array(z, chunks=(4, 5, 40, 36))
+    c0 = lazy.beam_centres(d).compute()
+    r = float(lazy.estimate_beam_radius(d, c0).compute())
+    assert abs(r - 3.0) < 0.15
+    meas = lazy.beam_centres(d, r).compute()
+    assert np.abs(meas - centres).max() < 0.1
+    used, fit = centres_for_alignment(meas, "quadratic")
+    aligned = lazy.align(d, used).compute()
+    again = kernels.beam_centres(aligned, r)
+    assert np.abs(again - (20, 18)).max() < 0.1
+
+
+# ------------------------------------------------------------------- params
+
+def test_resolve_derives_sigmas_from_radius():
+    p = resolve(PreprocessParams(), 3.0)
+    assert (p.beam_radius, p.dog_sigma_low, p.dog_sigma_high) == (3.0, 1.5, 12.0)
+    p = resolve(PreprocessParams(beam_radius=2.0, dog_sigma_high=20.0), 5.0)
+    assert (p.beam_radius, p.dog_sigma_low, p.dog_sigma_high) == (2.0, 1.0, 20.0)
+    assert p.resolved
+
+
+# ---------------------------------------------------------------- bad input
+
+def _d(shape=(4, 6, 16, 16)):
+    return da.zeros(shape, chunks=(2, 3, 16, 16)[:len(shape)], dtype=np.float32)
+
+
+BAD = [
+    (ParameterError, lambda: PreprocessParams(nav_binning=0), "nav_binning"),
+    (ParameterError, lambda: PreprocessParams(nav_binning=1.5), "nav_binning"),
+    (ParameterError, lambda: PreprocessParams(descan="cubic"), "descan"),
+    (ParameterError, lambda: PreprocessParams(align="yes"), "align"),
+    (ParameterError, lambda: PreprocessParams(beam_radius=-1), "beam_radius"),
+    (ParameterError, lambda: PreprocessParams(dog_sigma_low=0), "dog_sigma_low"),
+    (ParameterError, lambda: PreprocessParams(dog_sigma_low=5, dog_sigma_high=2),
+     "dog_sigma_high"),
+    (ParameterError, lambda: resolve(PreprocessParams()), "beam_radius"),
+    (ParameterError, lambda: lazy.bin_nav(_d(), 4), r"factor.* 4 .*\(4, 6\)"),
+    (ParameterError, lambda: lazy.bin_nav(_d(), 0), "factor"),
+    (ParameterError, lambda: lazy.bin_nav(_d((4, 6, 16)), 2), "4-D"),
+    (TypeError, lambda: lazy.bin_nav(np.zeros((4, 6, 16, 16)), 2), "dask array"),
+    (ParameterError, lambda: lazy.shift_patterns(_d(), np.zeros((4, 5, 2))), "centres"),
+    (ParameterError, lambda: lazy.shift_patterns(_d(), np.full((4, 6, 2), np.nan)),
+     "finite"),
+    (ParameterError, lambda: lazy.subtract_background_dog(_d(), 3, 2), "sigma_high"),
+    (ParameterError, lambda: lazy.subtract_background_dog(_d(), -1, 2), "sigma_low"),
+    (ParameterError, lambda: lazy.beam_centres(_d(), 0), "beam_radius"),
+    (ParameterError, lambda: lazy.preprocess(_d(), np.zeros((4, 6, 2)), PreprocessParams()),
+     "resolve"),
+    (ParameterError, lambda: lazy.estimate_beam_radius(_d(), np.zeros((2, 2))), "centres"),
+]
+
+
+@pytest.mark.parametrize("exc, call, match", BAD)
+def test_bad_input(exc, call, match):
+    with pytest.raises(exc, match=match):
+        call()
