@@ -260,7 +260,7 @@ def radial_norms(optics: dict) -> np.ndarray:
     rings = np.asarray(optics["rings"], float).reshape(-1, 3)
     reach = 40.0 * max(optics["glare_width"], optics["diffuse_length"],
                        *(rings[:, 0] + 5 * rings[:, 1]))
-    r = np.linspace(0.0, reach, 200_001)
+    r = np.linspace(0.0, reach, 40_001)
     prof = _radial_profiles(optics, r)
     norms = np.trapezoid(prof * 2 * np.pi * r, r, axis=1)
     # The glare tail ~ r^-3 converges; add its analytic remainder beyond `reach`.
@@ -295,7 +295,7 @@ def expected_counts(scene: dict, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """
     Ky, Kx = scene["detector"]
     ny, nx = len(ys), len(xs)
-    thick = crystal_thickness(scene["crystals"], ys, xs).reshape(len(scene["crystals"]), -1)
+    thick = crystal_thickness(scene["crystals"], ys, xs).reshape(len(scene["crystals"]), ny * nx)
     film = film_thickness(scene["film"], ys, xs).ravel()
     groups = scene["groups"]
     G = len(groups)

@@ -9,10 +9,7 @@ of workers.
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from .._version import __version__
 from ..config import check_range, params_from_dict, params_to_dict
 from ..errors import ParameterError
 from ..io import DATA, atomic_store, create_array, nav_chunks
+from ..io._progress import ProgressBar
 from . import _kernels as K
 from ._scene import SimParams, make_scene, scene_attrs
 
@@ -106,24 +104,6 @@ def _meta(scene: dict, params: SimParams, shape, dtype, crystals: int) -> dict:
                            "crystals": crystals, "seed": scene["seed"],
                            "params": params_to_dict(params)},
             "complete": True}
-
-
-def _progress(total: int, enabled: bool, label: str = "simulate"):
-    """A minimal stderr progress bar; returns ``update(n_done)``."""
-    start = time.perf_counter()
-
-    def update(done: int) -> None:
-        if not enabled:
-            return
-        frac = done / max(total, 1)
-        bar = "#" * int(30 * frac)
-        el = time.perf_counter() - start
-        sys.stderr.write(f"\r{label}: [{bar:<30}] {done}/{total} chunks {el:6.1f} s")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return update
 
 
 # --------------------------------------------------------------------------- public
@@ -211,17 +191,19 @@ def simulate(dest: str | os.PathLike, *, scan: int | tuple[int, int] = (64, 64),
         _write_truth(root, scene)
         blocks = [(y0, min(y0 + cy, scan[0]), x0, min(x0 + cx, scan[1]))
                   for y0 in range(0, scan[0], cy) for x0 in range(0, scan[1], cx)]
-        update = _progress(len(blocks), progress)
+        bar = ProgressBar(len(blocks), cy * cx * np.prod(detector) * np.dtype(dtype).itemsize,
+                          label="simulate ", enabled=bool(progress))
 
         def job(b):
             y0, y1, x0, x1 = b
             data[y0:y1, x0:x1] = _block(scene, y0, y1, x0, x1)
 
         n_workers = int(workers) if workers is not None else (os.cpu_count() or 1)
-        update(0)
+        bar.start()
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for done, _ in enumerate(pool.map(job, blocks), start=1):
-                update(done)
+            for _ in pool.map(job, blocks):
+                bar.update(1)
+        bar.close()
         root.attrs["spedflow"] = _meta(scene, params, shape, dtype, crystals)
     return dest
 
