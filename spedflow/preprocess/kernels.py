@@ -132,14 +132,14 @@ def _shift_ramp(shape, shifts: np.ndarray):
 
 
 def _valid_mask(shape, shifts: np.ndarray) -> np.ndarray:
-    """(N, ky, kx) bool: output pixels whose source ``p - shift`` lies on the detector."""
+    """(N, ky, 1) and (N, 1, kx) bool: rows/columns whose source ``p - shift`` is on the detector."""
     ky, kx = shape
     eps = 1e-6
     y = np.arange(ky)[None, :]
     x = np.arange(kx)[None, :]
     my = (y >= shifts[:, 0:1] - eps) & (y <= ky - 1 + shifts[:, 0:1] + eps)
     mx = (x >= shifts[:, 1:2] - eps) & (x <= kx - 1 + shifts[:, 1:2] + eps)
-    return my[:, :, None] & mx[:, None, :]
+    return my[:, :, None], mx[:, None, :]
 
 
 def _as_stack(frames) -> tuple[np.ndarray, tuple]:
@@ -179,12 +179,14 @@ def _fft_pipeline(frames, centres, sigma_low, sigma_high):
             g_low = sfft.irfft2(spec * h_low, s=shape, axes=(-2, -1))
             g_high = _lowpass_inverse(spec, shape, sigma_high)
             res = np.subtract(z, g_high, dtype=np.float32)
-            res[g_low <= g_high] = 0
             np.maximum(res, 0, out=res)
+            res *= g_low > g_high
         else:
             res = z
         if shifts is not None:
-            res *= _valid_mask(shape, shifts[s:s + _BATCH])
+            my, mx = _valid_mask(shape, shifts[s:s + _BATCH])
+            res *= my
+            res *= mx
         out[s:s + _BATCH] = res
     return out.reshape(lead + shape)
 
