@@ -60,9 +60,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USER, f"spedflow: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="spedflow", formatter_class=fmt,
         description="Out-of-core nanocrystal segmentation of scanning (precession) electron "
                     "diffraction data (Bergh et al. 2020): ingest -> segment -> report.")
@@ -71,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug); tracebacks on error")
     g.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def add(name, help_):
         return sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=fmt)
+
 
     c = add("ingest", "Stream a 4-D data set (npy, raw, zarr, blo, mib, hspy, zspy, emd, fpd hdf5) into a chunked Zarr v3 store.")
     c.add_argument("src", help="source file or store")

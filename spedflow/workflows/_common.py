@@ -156,65 +156,121 @@ def binned(plan: Plan, prep) -> da.Array:
     return pre.bin_nav(data, prep.nav_binning)
 
 
+def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwargs) -> list:
+    """Run ``fn(block, offset, **kwargs) -> dict of arrays`` on every block not yet done.
+
+    Each block's products are saved to ``stage.block_path((i, j))`` by the task itself,
+    so an interrupted pass resumes block by block and nothing accumulates on the
+    client. Returns the list of block paths in raster order.
+    """
+    from ._cache import save_block
+    blocks = data.to_delayed()
+    offsets = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:2]]
+    paths, todo = [], []
+    for i in range(blocks.shape[0]):
+        for j in range(blocks.shape[1]):
+            path = stage.block_path((i, j))
+            paths.append(path)
+            if not path.exists():
+                todo.append(dask.delayed(_block_task, pure=True)(
+                    blocks[i, j, 0, 0], (int(offsets[0][i]), int(offsets[1][j])), fn, str(path),
+                    kwargs))
+    if len(todo) < len(paths):
+        log.info("%s: reusing %d of %d finished blocks", label, len(paths) - len(todo), len(paths))
+    if todo:
+        cluster.compute(*todo, label=label, n_patterns=n_patterns * len(todo) // len(paths))
+    return paths
+
+
+def _block_task(block, offset, fn, path, kwargs):
+    from ._cache import save_block
+    save_block(Path(path), **fn(block, offset, **kwargs))
+    return 1
+
+
+def assemble(paths, name: str, shape, grid_chunks) -> np.ndarray:
+    """Stitch a per-position product (Y, X, ...) from the block files."""
+    from ._cache import load_block
+    out = None
+    offsets = [np.cumsum((0,) + tuple(c[:-1])) for c in grid_chunks]
+    k = 0
+    for i in range(len(grid_chunks[0])):
+        for j in range(len(grid_chunks[1])):
+            part = load_block(paths[k])[name]
+            k += 1
+            if out is None:
+                out = np.empty(tuple(shape) + part.shape[2:], part.dtype)
+            y0, x0 = offsets[0][i], offsets[1][j]
+            out[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
+    return out
+
+
+def total(paths, name: str):
+    """Sum a mergeable per-block partial over all blocks."""
+    from ._cache import load_block
+    acc = None
+    for p in paths:
+        part = load_block(p)[name]
+        acc = part.astype(np.float64) if acc is None else acc + part
+    return acc
+
+
+def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius):
+    from ..preprocess import kernels as pk
+    frames = np.asarray(block, dtype=np.float32)
+    c = pk.beam_centres(frames, beam_radius, reference=reference)
+    return {"centres": c.astype(np.float32),
+            "profiles": radial_profiles(frames, c, n_bins),
+            "beam_profile": pk.beam_profile(frames, c, max_radius),
+            "sum": frames.sum(axis=(0, 1), dtype=np.float64)}
+
+
 def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
     """Pass 1: the beam centre of every pattern, its radius, radial profiles, mean pattern."""
     from ..preprocess import kernels as pk
-    from ..preprocess import lazy as pre
     stage = cache.stage("beam", plan.identity, {"nav_binning": prep.nav_binning,
                                                 "descan": prep.descan, "align": prep.align,
                                                 "beam_radius": prep.beam_radius})
-    if stage.complete:
-        a = stage.attrs()
-        return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
-                        stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}))
-    with timer("beam"):
-        data = binned(plan, prep)
-        ky, kx = data.shape[2:]
-        n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
-        # a reference pattern from a few chunks (no extra pass over the data)
-        reference = _sample_mean(plan, prep)
-        centres = da.blockwise(pk.beam_centres, "ijm", data, "ijkl", new_axes={"m": 2},
-                               concatenate=True, dtype=np.float64,
-                               meta=np.empty((0, 0, 0), np.float64),
-                               beam_radius=prep.beam_radius, reference=reference)
-        max_r = min(ky, kx) / 4
-        nb = int(np.ceil(max_r / pk.PROFILE_BIN))
-        parts = da.blockwise(_beam_profile_block, "ijpb", data, "ijkl", centres, "ijm",
-                             new_axes={"p": 3, "b": nb}, concatenate=True, dtype=np.float64,
-                             meta=np.empty((0, 0, 0, 0), np.float64), max_radius=max_r)
-        beam_prof = parts.sum(axis=(0, 1))
-        profiles = _profiles_lazy(data, centres, n_bins)
-        mean = data.mean(axis=(0, 1), dtype=np.float64)
-        measured, prof, mean, beam_prof = cluster.compute(
-            centres, profiles, mean, beam_prof, label="beam centres", n_patterns=plan.n_patterns)
-        if not np.isfinite(measured).any():
-            raise InputError("no direct beam was found in any pattern; is this diffraction data?")
-        radius = (float(prep.beam_radius) if prep.beam_radius
-                  else pk.radius_from_profile(beam_prof, default=np.nan))
-        if not np.isfinite(radius):
-            raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
-        if not prep.align:
-            used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
-            descan = {"model": "none (align = false)"}
-        else:
-            used, fit = pk.centres_for_alignment(measured, prep.descan)
-            descan = {"model": prep.descan}
-            if fit is not None:
-                descan.update(order=fit.order, residual_rms=fit.residual_rms,
-                              noise_scale=fit.scale, outliers=fit.n_outliers,
-                              coefficients=fit.coefficients.tolist())
-        stage.save("measured", measured.astype(np.float32))
-        stage.save("used", np.asarray(used, np.float32))
-        stage.save("profiles", prof)
-        stage.save("mean_pattern", mean.astype(np.float32))
-        stage.save_attrs(radius=radius, descan=descan)
-        stage.mark_complete()
-    return BeamInfo(measured, np.asarray(used, np.float32), radius, prof, mean.astype(np.float32), descan)
-
-
-def _beam_profile_block(block, cen, max_radius):
-    from ..preprocess import kernels as pk
-    return pk.beam_profile(block, cen, max_radius)[None, None]
+    data = binned(plan, prep)
+    ny, nx, ky, kx = data.shape
+    if not stage.complete:
+        with timer("beam"):
+            n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
+            # with no radius given, a reference pattern from a few chunks sets the
+            # provisional one (no extra pass over the data)
+            reference = None if prep.beam_radius else _sample_mean(plan, prep)
+            paths = run_blocks(stage, data, _beam_block, label="beam centres",
+                               n_patterns=ny * nx, beam_radius=prep.beam_radius,
+                               reference=reference, n_bins=n_bins, max_radius=min(ky, kx) / 4)
+            measured = assemble(paths, "centres", (ny, nx), data.chunks[:2])
+            prof = assemble(paths, "profiles", (ny, nx), data.chunks[:2])
+            mean = total(paths, "sum") / (ny * nx)
+            beam_prof = total(paths, "beam_profile")
+            if not np.isfinite(measured).any():
+                raise InputError("no direct beam was found in any pattern; is this diffraction data?")
+            radius = (float(prep.beam_radius) if prep.beam_radius
+                      else pk.radius_from_profile(beam_prof, default=np.nan))
+            if not np.isfinite(radius):
+                raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
+            if not prep.align:
+                used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
+                descan = {"model": "none (align = false)"}
+            else:
+                used, fit = pk.centres_for_alignment(measured, prep.descan)
+                descan = {"model": prep.descan}
+                if fit is not None:
+                    descan.update(order=fit.order, residual_rms=fit.residual_rms,
+                                  noise_scale=fit.scale, outliers=fit.n_outliers,
+                                  coefficients=fit.coefficients.tolist())
+            stage.save("measured", measured.astype(np.float32))
+            stage.save("used", np.asarray(used, np.float32))
+            stage.save("profiles", prof)
+            stage.save("mean_pattern", mean.astype(np.float32))
+            stage.save_attrs(radius=radius, descan=descan)
+            stage.mark_complete()
+    a = stage.attrs()
+    return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
+                    stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}))
 
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:
@@ -230,18 +286,6 @@ def _sample_mean(plan: Plan, prep) -> np.ndarray:
         total = total + block.sum(axis=(0, 1))
         n += block.shape[0] * block.shape[1]
     return (total / n).astype(np.float32)
-
-
-def _profiles_lazy(data: da.Array, centres: da.Array, n_bins: int) -> da.Array:
-    """Radial profiles per block; centres get two singleton axes so blocks pair up."""
-    c4 = centres.rechunk(data.chunks[:2] + ((2,),))[:, :, None, :]
-    return da.map_blocks(_profiles_block, data, c4, n_bins, dtype=np.float32,
-                         drop_axis=3, chunks=data.chunks[:2] + ((n_bins,),),
-                         meta=np.empty((0, 0, 0), np.float32))
-
-
-def _profiles_block(frames, centres4, n_bins):
-    return radial_profiles(frames, centres4[:, :, 0, :], n_bins)
 
 
 def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarray:

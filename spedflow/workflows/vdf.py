@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask
 import dask.array as da
 import numpy as np
 
@@ -23,8 +22,9 @@ from ..peaks.vectors import VectorParams
 from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
-from ._cache import StageCache, load_block, save_block
-from ._common import Plan, Timer, annular_image, beam_stage, binned, write_result
+from ._cache import StageCache, load_block
+from ._common import (Plan, Timer, annular_image, beam_stage, binned, run_blocks, total,
+                      write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -43,23 +43,12 @@ class VDFConfig:
     merge: VDFMergeParams = field(default_factory=VDFMergeParams)
 
 
-def _tree_sum(items: list):
-    """Pairwise sum of delayed values: bounded memory on the client and the workers."""
-    items = list(items)
-    add = dask.delayed(np.add, pure=True)
-    while len(items) > 1:
-        items = [add(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
-                 for i in range(0, len(items), 2)]
-    return items[0]
-
-
-def _peaks_task(block, offset, params, det_shape, oversample, path):
+def _peaks_block(block, offset, *, params, det_shape, oversample):
     from ..peaks import peaks_block
     from ..peaks.vectors import peak_histogram
     table = peaks_block(block, offset, params)
-    hist = peak_histogram(table, det_shape, oversample=oversample)
-    save_block(Path(path), table=table.astype(np.float32), hist=hist)
-    return hist
+    return {"table": table.astype(np.float32),
+            "hist": peak_histogram(table, det_shape, oversample=oversample)}
 
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
@@ -86,30 +75,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     # pass 2: peaks of every pattern, and the mergeable histogram of their positions
     st_peaks = cache.stage("peaks", plan.identity, dataclasses.asdict(prep), dataclasses.asdict(pk),
-                           vp.oversample)
-    blocks = aligned.to_delayed()
-    offsets = [np.cumsum((0,) + c[:-1]) for c in aligned.chunks[:2]]
+                           vp.oversample, beam.used)
     if not st_peaks.complete:
         with timer("peaks"):
-            todo, done = [], []
-            for i in range(blocks.shape[0]):
-                for j in range(blocks.shape[1]):
-                    path = st_peaks.block_path((i, j))
-                    if path.exists():
-                        done.append(path)
-                        continue
-                    todo.append(dask.delayed(_peaks_task, pure=True)(
-                        blocks[i, j, 0, 0], (int(offsets[0][i]), int(offsets[1][j])), pk,
-                        (ky, kx), vp.oversample, str(path)))
-            if done:
-                log.info("peaks: reusing %d of %d finished blocks", len(done), len(done) + len(todo))
-            hist = np.zeros((ky * vp.oversample, kx * vp.oversample))
-            if todo:
-                hist = hist + cluster.compute(_tree_sum(todo), label="peaks",
-                                              n_patterns=ny * nx * len(todo) // max(1, blocks.shape[0] * blocks.shape[1]))[0]
-            for path in done:
-                hist += load_block(path)["hist"]
-            st_peaks.save("hist", hist)
+            paths = run_blocks(st_peaks, aligned, _peaks_block, label="peaks", n_patterns=ny * nx,
+                               params=pk, det_shape=(ky, kx), oversample=vp.oversample)
+            st_peaks.save("hist", total(paths, "hist"))
             st_peaks.mark_complete()
     hist = st_peaks.load("hist")
 

@@ -1,0 +1,153 @@
+"""The command line: every user mistake is one line on stderr, exit code 2, no
+traceback, and nothing that existed before is modified."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spedflow.cli import main
+from spedflow.interop import from_array
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sim_store):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    good = rng.poisson(2.0, (4, 4, 16, 16)).astype(np.uint16)
+    np.save(d / "good.npy", good)
+    np.save(d / "empty.npy", np.zeros((0, 4, 16, 16), np.uint16))
+    np.save(d / "obj.npy", np.array([_Exploit()], dtype=object), allow_pickle=True)
+    (d / "raw.bin").write_bytes(good.tobytes()[:-10])
+    (d / "notes.xyz").write_text("not data")
+    from_array(np.zeros((8, 8, 16, 16), np.uint16), d / "zeros.zarr", progress=False)
+    nan = rng.random((8, 8, 16, 16)).astype(np.float32)
+    nan[3, 3, 2, 2] = np.nan
+    from_array(nan, d / "nan.zarr", progress=False)
+    import zarr
+    zarr.open_group(str(d / "nodata.zarr"), mode="w")
+    (d / "exists.zarr").mkdir()
+    (d / "exists.zarr" / "keep.txt").write_text("precious")
+    (d / "bad.toml").write_text("[peaks]\nthreshold = \n")
+    (d / "unknown.toml").write_text("[peaks]\nthreshhold = 3\n")
+    (d / "unknown_section.toml").write_text("[peak]\nthreshold = 3\n")
+    return d, Path(sim_store)
+
+
+CASES = [
+    # (id, argv template, expected message fragment)
+    ("ingest-missing", ["ingest", "{d}/nope.npy", "{d}/o1.zarr"], "does not exist"),
+    ("ingest-unknown-format", ["ingest", "{d}/notes.xyz", "{d}/o2.zarr"], "xyz"),
+    ("ingest-empty", ["ingest", "{d}/empty.npy", "{d}/o3.zarr"], "empty"),
+    ("ingest-pickle", ["ingest", "{d}/obj.npy", "{d}/o4.zarr"], "object"),
+    ("ingest-raw-no-shape", ["ingest", "{d}/raw.bin", "{d}/o5.zarr", "--dtype", "uint16"], "shape"),
+    ("ingest-raw-size-mismatch", ["ingest", "{d}/raw.bin", "{d}/o6.zarr", "--shape", "4,4,16,16",
+                                  "--dtype", "uint16"], "bytes"),
+    ("ingest-dest-exists", ["ingest", "{d}/good.npy", "{d}/exists.zarr"], "exists"),
+    ("ingest-bad-shape-arg", ["ingest", "{d}/raw.bin", "{d}/o7.zarr", "--shape", "4,a"], "integers"),
+    ("simulate-dest-exists", ["simulate", "{d}/exists.zarr", "--scan", "8"], "exists"),
+    ("simulate-bad-scan", ["simulate", "{d}/o8.zarr", "--scan", "0"], "positive"),
+    ("info-missing", ["info", "{d}/nope.zarr"], "does not exist"),
+    ("segment-missing-store", ["segment", "{d}/nope.zarr", "--out", "{d}/r1.zarr"], "does not exist"),
+    ("segment-no-data-array", ["segment", "{d}/nodata.zarr", "--out", "{d}/r2.zarr"], "no array"),
+    ("segment-all-zero", ["segment", "{d}/zeros.zarr", "--out", "{d}/r3.zarr"], "only zeros"),
+    ("segment-nan", ["segment", "{d}/nan.zarr", "--out", "{d}/r4.zarr"], "NaN"),
+    ("segment-result-exists", ["segment", "{s}", "--out", "{d}/exists.zarr"], "exists"),
+    ("segment-config-missing", ["segment", "{s}", "--out", "{d}/r5.zarr", "--config", "{d}/no.toml"],
+     "does not exist"),
+    ("segment-config-not-toml", ["segment", "{s}", "--out", "{d}/r6.zarr", "--config", "{d}/bad.toml"],
+     "not valid TOML"),
+    ("segment-config-unknown-key", ["segment", "{s}", "--out", "{d}/r7.zarr", "--config",
+                                    "{d}/unknown.toml"], "threshhold"),
+    ("segment-config-unknown-section", ["segment", "{s}", "--out", "{d}/r8.zarr", "--config",
+                                        "{d}/unknown_section.toml"], "peak"),
+    ("segment-set-negative-binning", ["segment", "{s}", "--out", "{d}/r9.zarr", "--set",
+                                      "preprocess.nav_binning=-1"], "nav_binning"),
+    ("segment-set-malformed", ["segment", "{s}", "--out", "{d}/r10.zarr", "--set", "binning=2"],
+     "SECTION.KEY=VALUE"),
+    ("segment-set-negative-sigma", ["segment", "{s}", "--out", "{d}/r11.zarr", "--set",
+                                    "preprocess.dog_sigma_low=-1"], "dog_sigma_low"),
+    ("segment-bad-method", ["segment", "{s}", "--out", "{d}/r12.zarr", "--method", "pca"], "method"),
+    ("segment-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13.zarr", "--set",
+                                      "preprocess.nav_binning=5", "--no-cluster"], "nav_binning"),
+    ("segment-nmf-too-many-components", ["segment", "{s}", "--method", "nmf", "--out", "{d}/r14.zarr",
+                                         "--set", "nmf.n_components=100000", "--no-cluster"],
+     "n_components"),
+    ("evaluate-no-truth", ["evaluate", "{d}/r-none.zarr", "{d}/zeros.zarr"], "does not exist"),
+    ("params-bad-method", ["params", "kmeans"], "invalid choice"),
+    ("report-missing", ["report", "{d}/nope.zarr", "--out", "{d}/rep"], "does not exist"),
+    ("fetch-unknown", ["fetch", "no_such_data"], "unknown data set"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_error(case, files, capsys, monkeypatch):
+    d, s = files
+    monkeypatch.chdir(d)
+    _, argv, fragment = case
+    argv = [a.format(d=d, s=s) for a in argv]
+    before = _tree_hash(d), _tree_hash(s)
+    code = _run(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("spedflow: error:"), err
+    assert fragment.lower() in lines[0].lower(), err
+    assert "Traceback" not in err
+    assert (_tree_hash(d), _tree_hash(s)) == before, "an existing file changed"
+    assert not (d / "pwned_by_pickle").exists()
+
+
+def _run(argv) -> int:
+    """main(), with argparse's own exits turned into return codes."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def test_help_of_every_command_shows_defaults():
+    for cmd in ("ingest", "simulate", "info", "segment", "evaluate", "params", "report", "export",
+                "fetch", "watch", "demo"):
+        out = subprocess.run([sys.executable, "-m", "spedflow", cmd, "--help"], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "usage:" in out.stdout
+        if cmd in ("simulate", "segment"):
+            assert "(default:" in out.stdout
+
+
+def test_params_prints_toml_that_loads_back(tmp_path, capsys):
+    import tomllib
+
+    from spedflow.api import load_config
+    for method in ("vdf", "nmf"):
+        assert main(["params", method]) == 0
+        text = capsys.readouterr().out
+        (tmp_path / f"{method}.toml").write_text(text)
+        data = tomllib.loads(text)
+        assert "preprocess" in data
+        cfg = load_config(method, tmp_path / f"{method}.toml")
+        assert cfg == load_config(method)
