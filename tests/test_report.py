@@ -161,21 +161,45 @@ def _decode_png(raw: bytes) -> np.ndarray:
     return imread(io.BytesIO(raw), format="png")
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The VDF (with its input store: difference patterns) and NMF reports, made once."""
+    from spedflow.report import write_report
+    base = tmp_path_factory.mktemp("reports")
+    inp = make_fake_input(base / "in.zarr")
+    out = {}
+    for method in ("vdf", "nmf"):
+        res = make_fake_result(base / f"{method}.zarr", method,
+                               input_path=inp if method == "vdf" else None)
+        html_path = write_report(res, base / f"rep_{method}")
+        out[method] = (html_path.parent, html_path.read_text())
+    return out
+
+
+@pytest.fixture
+def fast_png(monkeypatch):
+    """Build every figure but skip rasterising it (tests of which figures are made)."""
+    import io
+    from matplotlib.image import imsave
+    from spedflow.report import _figures
+    buf = io.BytesIO()
+    imsave(buf, np.eye(8), format="png")
+    tiny = buf.getvalue()
+    monkeypatch.setattr(_figures, "figure_png", lambda fig, dpi=100: tiny)
+
+
 # --------------------------------------------------------------------------- tests
 
 VDF_FIGS = {"overview", "segments", "vectors", "beam"}
 NMF_FIGS = {"overview", "scree", "nmf_components", "segments", "beam"}
 
 
-@pytest.mark.parametrize("method,expected", [("vdf", VDF_FIGS), ("nmf", NMF_FIGS)])
-def test_report_writes_every_applicable_figure(tmp_path, method, expected):
-    from spedflow.report import write_report
-    res = make_fake_result(tmp_path / "r.zarr", method)
-    html_path = write_report(res, tmp_path / "rep")
-    assert html_path == tmp_path / "rep" / "report.html"
-    written = {p.stem for p in (tmp_path / "rep").glob("*.png")}
+@pytest.mark.parametrize("method,expected", [("vdf", VDF_FIGS | {"differences"}),
+                                             ("nmf", NMF_FIGS)])
+def test_report_writes_every_applicable_figure(rendered, method, expected):
+    out, text = rendered[method]
+    written = {p.stem for p in out.glob("*.png")}
     assert written == expected
-    text = html_path.read_text()
     pngs = _check_self_contained(text)
     # every figure plus one thumbnail per segment
     assert len(pngs) == len(expected) + 3
@@ -189,29 +213,23 @@ def test_report_writes_every_applicable_figure(tmp_path, method, expected):
     if method == "nmf":
         assert "amorphous film" in text and "largest gap" in text
     else:
-        assert "unique vectors" in text
+        assert "unique vectors" in text and "1/Å" in text
 
 
-def test_figures_are_not_blank(tmp_path):
-    from spedflow.report import write_report
-    res = make_fake_result(tmp_path / "r.zarr", "vdf")
-    write_report(res, tmp_path / "rep")
-    for png in (tmp_path / "rep").glob("*.png"):
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_figures_are_not_blank(rendered, method):
+    out, _ = rendered[method]
+    for png in out.glob("*.png"):
         img = _decode_png(png.read_bytes())[..., :3]
         assert img.std() > 0.05, png.name  # not a uniform canvas
 
 
-def test_difference_patterns_with_store(tmp_path):
+def test_difference_patterns_default_to_recorded_input(tmp_path, fast_png):
     from spedflow.report import write_report
     inp = make_fake_input(tmp_path / "in.zarr")
-    res = make_fake_result(tmp_path / "r.zarr", "vdf", input_path=inp)
-    # explicit store_path
-    html_path = write_report(res, tmp_path / "rep", store_path=inp)
+    res = make_fake_result(tmp_path / "r.zarr", "nmf", input_path=inp)
+    write_report(res, tmp_path / "rep")       # store_path from the result's attrs
     assert (tmp_path / "rep" / "differences.png").exists()
-    _check_self_contained(html_path.read_text())
-    # default: the input path recorded in the result attrs
-    write_report(res, tmp_path / "rep2")
-    assert (tmp_path / "rep2" / "differences.png").exists()
 
 
 def test_data_patterns_at_matches_manual_binning(tmp_path):
@@ -244,7 +262,7 @@ def test_beam_radius_from_profile():
     assert beam_radius(disc, {"nmf": {"beam_radius": 100}}) == 16  # quarter of the detector
 
 
-def test_attr_strings_are_escaped(tmp_path):
+def test_attr_strings_are_escaped(tmp_path, fast_png):
     from spedflow.report import write_report
     evil = "<script>alert(1)</script>"
     res = make_fake_result(
@@ -258,7 +276,7 @@ def test_attr_strings_are_escaped(tmp_path):
     _check_self_contained(text)
 
 
-def test_evaluation_attrs_are_shown(tmp_path):
+def test_evaluation_attrs_are_shown(tmp_path, fast_png):
     from spedflow.report import write_report
     res = make_fake_result(tmp_path / "r.zarr", "vdf",
                            attrs={"evaluation": {"recall": 0.75, "precision": 1.0,
@@ -277,7 +295,7 @@ def test_evaluation_attrs_are_shown(tmp_path):
     ("nmf", ("nmf/factors", "nmf/loadings"), {"nmf_components"}),
     ("nmf", ("nmf/loadings", "beam/fitted"), set()),            # patterns only; no residual
 ])
-def test_missing_optional_arrays_skip_figures(tmp_path, method, drop, missing):
+def test_missing_optional_arrays_skip_figures(tmp_path, fast_png, method, drop, missing):
     from spedflow.report import write_report
     res = make_fake_result(tmp_path / "r.zarr", method, drop=drop)
     text = write_report(res, tmp_path / "rep").read_text()
@@ -289,7 +307,7 @@ def test_missing_optional_arrays_skip_figures(tmp_path, method, drop, missing):
         assert "skipped" in text
 
 
-def test_malformed_array_is_a_note_not_an_error(tmp_path):
+def test_malformed_array_is_a_note_not_an_error(tmp_path, fast_png):
     from spedflow.report import write_report
     res = make_fake_result(tmp_path / "r.zarr", "vdf", drop=("beam/centres",))
     g = zarr.open_group(str(res), mode="a")
@@ -327,9 +345,7 @@ def test_segment_colours_distinct_and_stable():
     np.testing.assert_array_equal(segment_colours(40)[:25], segment_colours(60)[:25])
 
 
-def test_report_does_not_touch_pyplot(tmp_path):
-    from spedflow.report import write_report
-    write_report(make_fake_result(tmp_path / "r.zarr", "vdf"), tmp_path / "rep")
+def test_report_does_not_touch_pyplot(rendered):
     if "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
         assert plt.get_fignums() == []
@@ -344,15 +360,26 @@ def _chromium():
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
-def test_screenshot_in_headless_chromium(tmp_path):
-    res = make_fake_result(tmp_path / "r.zarr", "nmf")
+def test_screenshot_in_headless_chromium(rendered):
+    out, _ = rendered["nmf"]
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "screenshot_report.py"), str(res),
-         "--out", str(tmp_path / "rep"), "--height", "2000"],
+        [sys.executable, str(REPO / "benchmarks" / "screenshot_report.py"),
+         str(out / "report.html"), "--height", "2000"],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    shot = tmp_path / "rep" / "report_screenshot.png"
-    assert shot.exists()
-    img = _decode_png(shot.read_bytes())
-    assert img.shape[1] >= 1000 and img[..., :3].std() > 0.02
     assert "all images loaded" in proc.stdout
+    shot = out / "report_screenshot.png"
+    img = _decode_png(shot.read_bytes())
+    assert img.shape[:2] == (2000, 1400) and img[..., :3].std() > 0.02
+
+
+def test_dollar_signs_in_store_strings_do_not_reach_mathtext():
+    from spedflow.report._figures import fig_nmf_components, fig_scree, figure_png
+    from spedflow.report._load import Calibration
+    evil = "costs $5 and $\\frac{x}{$ unbalanced"
+    fig_png = figure_png(fig_scree(np.array([0.5, 0.3, 0.2]), 2, evil))
+    assert fig_png.startswith(b"\x89PNG")
+    f = np.ones((2, 8, 8), np.float32)
+    assert figure_png(fig_nmf_components(f, f, Calibration(), {1: evil})).startswith(b"\x89PNG")
+    cal = Calibration(scan_step=2.0, scan_units="n$m", k_scale=0.1, k_units="1/$A")
+    assert figure_png(fig_nmf_components(f, f, cal, {1: evil})).startswith(b"\x89PNG")

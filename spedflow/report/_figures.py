@@ -119,8 +119,8 @@ def _show_pattern(ax, p, cal: Calibration, *, cmap="magma", axes=True, colorbar=
     im = ax.imshow(p, cmap=cmap, norm=_pattern_norm(p), extent=_pattern_extent(p.shape, cal),
                    interpolation="nearest")
     if axes:
-        ax.set_xlabel(f"k$_x$ ({cal.k_label})")
-        ax.set_ylabel(f"k$_y$ ({cal.k_label})")
+        ax.set_xlabel(f"k$_x$ ({_t(cal.k_label)})")
+        ax.set_ylabel(f"k$_y$ ({_t(cal.k_label)})")
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -139,15 +139,15 @@ def _scalebar(ax, shape, cal: Calibration, *, colour="white"):
     height = y * cal.scan_step
     x0, y0 = 0.05 * width, 0.93 * height
     ax.add_patch(Rectangle((x0, y0), length, 0.025 * height, color=colour, lw=0))
-    label = f"{length:g} {cal.scan_units}"
+    label = f"{length:g} {_t(cal.scan_units)}"
     ax.text(x0 + length / 2, y0 - 0.02 * height, label, color=colour, ha="center", va="bottom",
             fontsize=7, path_effects=_OUTLINE if colour == "white" else None)
 
 
 def _map_axes(ax, shape, cal: Calibration, *, axes: bool):
     if axes:
-        ax.set_xlabel(f"x ({cal.scan_label})")
-        ax.set_ylabel(f"y ({cal.scan_label})")
+        ax.set_xlabel(f"x ({_t(cal.scan_label)})")
+        ax.set_ylabel(f"y ({_t(cal.scan_label)})")
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -426,8 +426,8 @@ def fig_vectors(cal: Calibration, *, pattern: np.ndarray | None, vectors: np.nda
             ax.set_facecolor("black")
             fig.colorbar(im, ax=ax, shrink=0.8, label="peaks found per detector pixel")
             ax.set_title(f"positions of all {int(h.sum())} peaks found")
-            ax.set_xlabel(f"k$_x$ ({cal.k_label})")
-            ax.set_ylabel(f"k$_y$ ({cal.k_label})")
+            ax.set_xlabel(f"k$_x$ ({_t(cal.k_label)})")
+            ax.set_ylabel(f"k$_y$ ({_t(cal.k_label)})")
         if vectors is not None and len(vectors):
             shape = arr.shape
             r = (aperture_radius or max(1.5, 0.04 * min(shape))) * scale
@@ -549,6 +549,11 @@ def normalise_outside(stack: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     a = np.clip(np.nan_to_num(np.asarray(stack, np.float64)), 0, None)
     top = np.where(exclude, 0.0, a).reshape(a.shape[0], -1).max(axis=1)
     return a / np.where(top > 0, top, 1.0)[:, None, None]
+
+
+def _t(text) -> str:
+    """A store string made safe for matplotlib text (``$`` would start mathtext)."""
+    return str(text).replace("$", r"\$")
 
 
 def _wrap(text: str, width: int) -> str:
