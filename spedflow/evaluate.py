@@ -95,7 +95,7 @@ def _exclusion_radius(truth_patterns: np.ndarray) -> float:
     C, Ky, Kx = truth_patterns.shape
     if C == 0:
         return 0.0
-    peak = truth_patterns.reshape(C, -1).max(axis=1)
+    peak = truth_patterns.reshape(C, Ky * Kx).max(axis=1)
     rel = truth_patterns / np.where(peak > 0, peak, 1.0)[:, None, None]
     signal = (rel > 0.01).any(axis=0)
     if not signal.any():
@@ -172,8 +172,9 @@ def score_segmentation(maps: np.ndarray, patterns: np.ndarray, truth_masks: np.n
         exclude_radius = _exclusion_radius(tpat)
 
     C, S = len(truth), len(maps)
-    t = truth.reshape(C, -1).astype(np.float64)
-    p = (maps > 0).reshape(S, -1).astype(np.float64)
+    n_pix = truth.shape[1] * truth.shape[2]
+    t = truth.reshape(C, n_pix).astype(np.float64)
+    p = (maps > 0).reshape(S, n_pix).astype(np.float64)
     inter = t @ p.T
     union = t.sum(axis=1)[:, None] + p.sum(axis=1)[None, :] - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
