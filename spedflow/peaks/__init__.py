@@ -1,0 +1,15 @@
+"""Peak finding (multi-scale LoG), peak tables and unique diffraction vectors.
+
+Kernels (NumPy, one chunk) are in ``kernels``; the dask wrapper is in ``lazy``;
+the unique-vector reduction (histogram process / merge / finalize) is in
+``vectors``.
+"""
+
+from ._params import FALSE_PEAKS_PER_PATTERN, PeakParams, default_threshold, resolve
+from .kernels import find_peaks_log, log_sigmas, noise_level
+from .lazy import TABLE_COLUMNS, find_peaks, peaks_block
+from .vectors import VectorParams, merge, peak_histogram, unique_vectors
+
+__all__ = ["PeakParams", "resolve", "default_threshold", "FALSE_PEAKS_PER_PATTERN",
+           "find_peaks_log", "log_sigmas", "noise_level", "find_peaks", "peaks_block",
+           "TABLE_COLUMNS", "VectorParams", "peak_histogram", "merge", "unique_vectors"]

@@ -1,0 +1,286 @@
+"""Unique diffraction vectors as a mergeable reduction over peak tables.
+
+The reference clusters *all* peaks of the scan at once with DBSCAN, whose memory
+grows with the square of the neighbourhood sizes. Here the reduction is
+
+- ``process``: :func:`peak_histogram`, a 2-D histogram of one block's peak
+  positions on a grid ``oversample`` times finer than the detector,
+- ``merge``: :func:`merge` (``np.add``), associative and commutative,
+- ``finalize``: :func:`unique_vectors`, cluster centres found on the histogram.
+
+Memory is one detector-sized histogram per block, whatever the number of peaks.
+Vectors are returned relative to the direct beam at ``(ky // 2, kx // 2)``
+(docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+
+from ..config import check_range
+from ..errors import InputError, ParameterError
+
+__all__ = ["VectorParams", "resolve", "peak_histogram", "merge", "unique_vectors"]
+
+
+@dataclass(frozen=True)
+class VectorParams:
+    """Finding the unique diffraction vectors from the peak-position histogram.
+
+    Attributes
+    ----------
+    oversample : int
+        Histogram bins per detector pixel along each axis. 2: sub-pixel peak
+        positions keep their precision (bin width 0.5 px is well below the
+        ~0.1-0.3 px scatter of refined positions plus descan residuals) at only
+        4x the detector's size.
+    cluster_radius : float or None
+        Peaks within this distance (px) of a cluster's centre belong to it. None:
+        the spot radius ``r``. Two spots closer than one spot radius overlap and
+        cannot be imaged separately by VDF discs of that radius anyway, while the
+        same reflection from different patterns scatters by far less (sub-pixel
+        refinement error, residual descan, small tilts).
+    scatter : float or None
+        Gaussian width (px) used to smooth the histogram before its local maxima
+        are taken. None: ``cluster_radius / 2``, so the cluster radius is ~2
+        standard deviations of the position scatter and holds ~86 % of a
+        cluster's peaks.
+    min_patterns : int
+        A vector needs at least this many peaks (scan positions) within
+        ``cluster_radius``. 10: the smallest crystal worth finding, the same as
+        the watershed's smallest segment (``WatershedParams.min_size``); the
+        reference's DBSCAN ``min_samples`` was also 10.
+    beam_exclusion_radius : float or None
+        Vectors shorter than this (px) are the direct beam and dropped. None:
+        ``2 r``: a spot disc whose centre is closer than ``2 r`` to the beam
+        overlaps the beam disc and its VDF image would be the bright field.
+    edge_margin : float or None
+        Vectors whose absolute position is closer than this to the detector edge
+        (px, from the outermost pixel centre) are dropped. None: ``r``, the VDF
+        disc radius, so every VDF disc lies on the detector.
+    """
+
+    oversample: int = 2
+    cluster_radius: float | None = None
+    scatter: float | None = None
+    min_patterns: int = 10
+    beam_exclusion_radius: float | None = None
+    edge_margin: float | None = None
+
+    def __post_init__(self):
+        check_range("oversample", self.oversample, low=1, high=16, integer=True)
+        check_range("cluster_radius", self.cluster_radius, low=0, low_open=True, allow_none=True)
+        check_range("scatter", self.scatter, low=0, allow_none=True)
+        check_range("min_patterns", self.min_patterns, low=1, integer=True)
+        check_range("beam_exclusion_radius", self.beam_exclusion_radius, low=0, allow_none=True)
+        check_range("edge_margin", self.edge_margin, low=0, allow_none=True)
+
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.cluster_radius, self.scatter, self.beam_exclusion_radius,
+                            self.edge_margin)
+
+
+def resolve(params: VectorParams, spot_radius: float | None = None) -> VectorParams:
+    """Fill the ``None`` fields of ``params`` from the spot radius ``r`` (px)."""
+    if not isinstance(params, VectorParams):
+        raise ParameterError(f"`params` must be a VectorParams (got {type(params).__name__})")
+    if params.resolved:
+        return params
+    if None in (params.cluster_radius, params.beam_exclusion_radius, params.edge_margin):
+        check_range("spot_radius", spot_radius, low=0, low_open=True)
+    cr = params.cluster_radius if params.cluster_radius is not None else float(spot_radius)
+    return dataclasses.replace(
+        params, cluster_radius=float(cr),
+        scatter=float(params.scatter if params.scatter is not None else cr / 2.0),
+        beam_exclusion_radius=float(params.beam_exclusion_radius
+                                    if params.beam_exclusion_radius is not None
+                                    else 2.0 * spot_radius),
+        edge_margin=float(params.edge_margin if params.edge_margin is not None else spot_radius))
+
+
+def _check_shape(detector_shape) -> tuple[int, int]:
+    try:
+        ky, kx = (int(s) for s in detector_shape)
+    except (TypeError, ValueError):
+        raise ParameterError(f"`detector_shape` must be (ky, kx) (got {detector_shape!r})") from None
+    if ky < 1 or kx < 1:
+        raise ParameterError(f"`detector_shape` must be positive (got {detector_shape!r})")
+    return ky, kx
+
+
+def peak_histogram(table: np.ndarray, detector_shape: tuple[int, int], oversample: int = 2,
+                   weights: np.ndarray | None = None) -> np.ndarray:
+    """Histogram of peak positions (``process`` step of the vector reduction).
+
+    Bin ``(i, j)`` covers detector positions ``[(i - 0.5)/o - 0.5 ... ]``, i.e.
+    pixel ``k`` (centre at ``k``) is split into ``o x o`` bins with centres at
+    ``k + (b + 0.5)/o - 0.5``; positions outside ``[-0.5, ky - 0.5)`` are ignored.
+
+    Parameters
+    ----------
+    table : (m, 5) array
+        Peak table ``[scan_y, scan_x, ky, kx, intensity]`` (docs/DESIGN.md);
+        only the ``ky, kx`` columns (absolute detector px) are used.
+    detector_shape : (ky, kx)
+    oversample : int
+        Bins per pixel along each axis, ``o``.
+    weights : (m,) array, optional
+        Weight per peak (e.g. ``table[:, 4]``). Default 1: the histogram counts
+        peaks, which is what ``min_patterns`` of :func:`unique_vectors` assumes.
+
+    Returns
+    -------
+    (ky * o, kx * o) float64 array
+    """
+    ky, kx = _check_shape(detector_shape)
+    check_range("oversample", oversample, low=1, high=16, integer=True)
+    o = int(oversample)
+    table = np.asarray(table)
+    if table.ndim != 2 or table.shape[1] < 4:
+        raise InputError(f"`table` must be a (m, 5) peak table; got shape {table.shape}")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(table),):
+            raise InputError(f"`weights` (shape {weights.shape}) must have one value per peak "
+                             f"({len(table)})")
+    by = np.floor((table[:, 2].astype(np.float64) + 0.5) * o)
+    bx = np.floor((table[:, 3].astype(np.float64) + 0.5) * o)
+    ok = (by >= 0) & (by < ky * o) & (bx >= 0) & (bx < kx * o)
+    flat = by[ok].astype(np.intp) * (kx * o) + bx[ok].astype(np.intp)
+    w = None if weights is None else weights[ok]
+    return np.bincount(flat, weights=w, minlength=ky * o * kx * o).astype(
+        np.float64).reshape(ky * o, kx * o)
+
+
+def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Merge two partial histograms (``merge`` step): their sum."""
+    return np.add(a, b)
+
+
+def _disc_offsets(radius: float) -> tuple[np.ndarray, np.ndarray]:
+    h = int(math.floor(radius))
+    o = np.arange(-h, h + 1)
+    oy, ox = np.meshgrid(o, o, indexing="ij")
+    inside = oy ** 2 + ox ** 2 <= radius * radius
+    return oy[inside], ox[inside]
+
+
+def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
+                   oversample: int | None = None, params: VectorParams | None = None,
+                   beam_radius: float | None = None, cluster_radius: float | None = None,
+                   scatter: float | None = None, min_patterns: int | None = None,
+                   beam_exclusion_radius: float | None = None,
+                   edge_margin: float | None = None, return_support: bool = False):
+    """Unique diffraction vectors from a merged peak histogram (``finalize`` step).
+
+    The histogram is smoothed by a Gaussian of the expected position ``scatter``;
+    its local maxima (within ``cluster_radius``) that gather at least
+    ``min_patterns`` peaks within ``cluster_radius`` in the *unsmoothed*
+    histogram are clusters. A cluster's centre is the weighted mean of the bin
+    centres within ``cluster_radius`` of the maximum (sub-pixel). Of two centres
+    closer than ``cluster_radius`` the weaker is dropped. Finally the direct beam
+    (``|g| < beam_exclusion_radius``) and vectors within ``edge_margin`` of the
+    detector edge are removed.
+
+    Parameters
+    ----------
+    hist : (ky * o, kx * o) array
+        Sum of :func:`peak_histogram` over all blocks.
+    detector_shape : (ky, kx)
+    oversample : int, optional
+        Bins per pixel ``o``; inferred from ``hist.shape`` when not given.
+    params : VectorParams, optional
+        Supplies every value not given explicitly (unset fields resolved from
+        ``beam_radius``). Explicit keyword arguments win.
+    beam_radius : float, optional
+        Spot (direct-beam) radius ``r``, px, to resolve ``params``.
+    cluster_radius, scatter, min_patterns, beam_exclusion_radius, edge_margin
+        See :class:`VectorParams`; px, px, peaks, px, px.
+    return_support : bool
+        Also return the number of peaks (histogram weight) of each vector.
+
+    Returns
+    -------
+    (N, 2) float64 array
+        ``(gy, gx)`` relative to the direct beam at ``(ky // 2, kx // 2)``, px,
+        strongest cluster first.
+    (N,) float64 array
+        Only with ``return_support``.
+    """
+    ky, kx = _check_shape(detector_shape)
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.ndim != 2:
+        raise InputError(f"`hist` must be 2-D; got shape {hist.shape}")
+    o = hist.shape[0] // ky if oversample is None else oversample
+    check_range("oversample", o, low=1, high=16, integer=True)
+    o = int(o)
+    if hist.shape != (ky * o, kx * o):
+        raise InputError(f"`hist` (shape {hist.shape}) does not match detector {(ky, kx)} "
+                         f"with oversample {o}")
+    p = params if params is not None else VectorParams()
+    if not isinstance(p, VectorParams):
+        raise ParameterError(f"`params` must be a VectorParams (got {type(p).__name__})")
+    explicit = dict(cluster_radius=cluster_radius, scatter=scatter, min_patterns=min_patterns,
+                    beam_exclusion_radius=beam_exclusion_radius, edge_margin=edge_margin)
+    p = dataclasses.replace(p, **{k: v for k, v in explicit.items() if v is not None})
+    if not p.resolved:
+        if beam_radius is None:
+            missing = [k for k in ("cluster_radius", "beam_exclusion_radius", "edge_margin")
+                       if getattr(p, k) is None]
+            if missing:
+                raise ParameterError(f"`{missing[0]}` is unset: give it or `beam_radius`")
+        p = resolve(p, beam_radius)
+    empty = np.zeros((0, 2))
+    if not np.isfinite(hist).all() or (hist < 0).any():
+        raise InputError("`hist` must hold finite, non-negative counts")
+
+    rb = p.cluster_radius * o  # cluster radius in bins
+    smooth = ndi.gaussian_filter(hist, p.scatter * o, mode="constant") if p.scatter > 0 else hist
+    oy, ox = _disc_offsets(rb)
+    footprint = np.zeros((2 * int(rb) + 1,) * 2, bool)
+    footprint[oy + int(rb), ox + int(rb)] = True
+    peak = (smooth == ndi.maximum_filter(smooth, footprint=footprint, mode="constant")) & (smooth > 0)
+    cy, cx = np.nonzero(peak)
+    if len(cy) == 0:
+        return (empty, np.zeros(0)) if return_support else empty
+
+    # support and weighted centre over the disc of cluster_radius in the raw histogram
+    yy = cy[:, None] + oy[None, :]
+    xx = cx[:, None] + ox[None, :]
+    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
+    w = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1), np.clip(xx, 0, hist.shape[1] - 1)], 0.0)
+    support = w.sum(axis=1)
+    keep = support >= p.min_patterns
+    cy, cx, w, yy, xx, support = cy[keep], cx[keep], w[keep], yy[keep], xx[keep], support[keep]
+    if len(cy) == 0:
+        return (empty, np.zeros(0)) if return_support else empty
+    by = (w * yy).sum(axis=1) / support
+    bx = (w * xx).sum(axis=1) / support
+    pos = np.column_stack([(by + 0.5) / o - 0.5, (bx + 0.5) / o - 0.5])  # absolute px
+
+    # one centre per cluster: drop the weaker of two closer than cluster_radius
+    strength = smooth[cy, cx]
+    keep = np.ones(len(pos), bool)
+    if len(pos) > 1:
+        pairs = cKDTree(pos).query_pairs(p.cluster_radius, output_type="ndarray")
+        if len(pairs):
+            i, j = pairs[:, 0], pairs[:, 1]
+            weaker = np.where((strength[i] < strength[j]) | ((strength[i] == strength[j]) & (i > j)), i, j)
+            keep[weaker] = False
+    # direct beam and detector edge
+    g = pos - np.array([ky // 2, kx // 2], float)
+    keep &= np.hypot(g[:, 0], g[:, 1]) >= p.beam_exclusion_radius
+    m = p.edge_margin
+    keep &= ((pos[:, 0] >= m) & (pos[:, 0] <= ky - 1 - m)
+             & (pos[:, 1] >= m) & (pos[:, 1] <= kx - 1 - m))
+    g, support = g[keep], support[keep]
+    order = np.lexsort((g[:, 1], g[:, 0], -support))
+    g, support = g[order], support[order]
+    return (g, support) if return_support else g
