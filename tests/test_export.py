@@ -77,7 +77,8 @@ def test_export_selected_formats(tmp_path, result, formats, expected):
 def test_export_without_calibration_uses_pixels(tmp_path):
     from rsciio.hspy import file_reader
     res = make_fake_result(tmp_path / "r.zarr", "nmf",
-                           attrs={"scan_step": None, "reciprocal_scale": None})
+                           attrs={"scan_step": None, "reciprocal_scale": None,
+                                  "input_meta": None})
     export_result(res, tmp_path / "out", formats=("hspy", "tiff"))
     sig = file_reader(str(tmp_path / "out" / "segment_patterns.hspy"))[0]
     assert sig["axes"][1]["units"] == "px" and sig["axes"][1]["scale"] == 1.0

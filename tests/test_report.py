@@ -104,10 +104,16 @@ def make_fake_result(path, method="vdf", *, scan=(12, 14), k=(32, 32), drop=(), 
             "vectors": vectors,
             "peaks": np.array(peaks, np.float32),
             "vdf/images": np.einsum("cn,cyx->nyx", membership, weights).astype(np.float32),
-            "vdf/segment_vectors": membership,
-            "vdf/segment_intensities": (membership * 2.0).astype(np.float32),
+            # (K, 2) rows (segment, vector) as the workflow writes them
+            "vdf/segment_vectors": np.argwhere(membership).astype(np.int32),
+            "vdf/segment_intensities": np.full(int(membership.sum()), 2.0, np.float32),
+            "overview/peak_histogram": np.zeros(k, np.float32),
         })
-        extra = {}
+        for y, x, py, px, _ in peaks:
+            arrays["overview/peak_histogram"][int(round(py)), int(round(px))] += 1
+        extra = {"resolved": {"beam_radius": 1.5, "vdf": {"radius": 2.0}},
+                 "counts": {"patterns": ny * nx, "peaks": len(peaks), "vectors": len(vectors),
+                            "segments": s}}
         params = {"preprocess": {"nav_binning": 2}, "peaks": {"threshold": 0.05},
                   "vdf": {"aperture_radius": 2.0}}
     else:
@@ -117,20 +123,25 @@ def make_fake_result(path, method="vdf", *, scan=(12, 14), k=(32, 32), drop=(), 
         evr = (0.5 ** np.arange(12)).astype(np.float32)
         evr /= evr.sum()
         arrays.update({"nmf/factors": factors, "nmf/loadings": loadings,
-                       "scree/explained_variance_ratio": evr})
+                       "scree/explained_variance_ratio": evr,
+                       "segments/component": np.arange(s, dtype=np.int32)})
         extra = {"n_components": e, "n_components_reason": "largest gap in log variance after #4",
-                 "set_aside": [{"component": 3, "reason": "background: loading nearly uniform"},
-                               {"component": 4, "reason": "amorphous film"}]}
+                 "components_set_aside": [
+                     {"component": 3, "reason": "background: loading nearly uniform"},
+                     {"component": 4, "reason": "amorphous film"}],
+                 "merge_groups": [[0], [1, 5], [2]],
+                 "resolved": {"beam_radius": 1.5, "beam_mask_radius": 3.0}}
         params = {"preprocess": {"nav_binning": 2}, "nmf": {"n_components": None,
                                                              "beam_radius": 3.0}}
     for name, a in arrays.items():
         if name in drop:
             continue
         create_array(g, name, a.shape, a.dtype)[...] = a
+    cal = {"scan_step": {"value": 3.0, "units": "nm"},
+           "reciprocal_scale": {"value": 0.03, "units": "1/Å"}}
     meta = {"kind": "result", "method": method, "nav_binning": 2, "params": params,
             "version": "0.0-test", "input": str(input_path) if input_path else "/nonexistent.zarr",
-            "scan_step": {"value": 3.0, "units": "nm"},
-            "reciprocal_scale": {"value": 0.03, "units": "1/Å"},
+            "input_meta": {"kind": "input", **cal}, **cal,
             "timings": {"preprocess": 1.5, "peaks": 2.25, "segment": 0.5}, **extra}
     meta.update(attrs or {})
     g.attrs["spedflow"] = meta
@@ -212,6 +223,7 @@ def test_report_writes_every_applicable_figure(rendered, method, expected):
     assert "segments" in text and "preprocess" in text and "2.25" in text
     if method == "nmf":
         assert "amorphous film" in text and "largest gap" in text
+        assert "#1 + #5" in text and "from component" in text
     else:
         assert "unique vectors" in text and "1/Å" in text
 
@@ -251,6 +263,19 @@ def test_data_patterns_at_matches_manual_binning(tmp_path):
         np.testing.assert_allclose(got[i], want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["table", "matrix", "labels"])
+def test_membership_forms_agree(form):
+    from spedflow.report._html import _membership, _vector_counts
+    from spedflow.report._load import ResultView
+    _, weights, patterns, vectors, mem = _fake_scene()
+    stored = {"table": np.argwhere(mem).astype(np.int32), "matrix": mem,
+              "labels": mem.argmax(axis=0).astype(np.int64)}[form]
+    v = ResultView(path=Path("x"), meta={}, method="vdf", maps=weights, patterns=patterns,
+                   vectors=vectors, segment_vectors=stored)
+    np.testing.assert_array_equal(_membership(v), mem)
+    np.testing.assert_array_equal(_vector_counts(v), mem.sum(axis=1))
+
+
 def test_beam_radius_from_profile():
     from spedflow.report._differences import beam_radius
     yy, xx = np.indices((64, 64))
@@ -268,7 +293,7 @@ def test_attr_strings_are_escaped(tmp_path, fast_png):
     res = make_fake_result(
         tmp_path / "r.zarr", "nmf",
         attrs={"version": evil, "input": evil, "n_components_reason": evil,
-               "set_aside": {"3": evil}, "params": {evil: evil, "a": {"b": evil}},
+               "components_set_aside": {"3": evil}, "params": {evil: evil, "a": {"b": evil}},
                "timings": {evil: 1.0}, "evaluation": {evil: 0.5, "f1": evil}})
     text = write_report(res, tmp_path / "rep").read_text()
     assert "<script" not in text.lower()
@@ -288,7 +313,8 @@ def test_evaluation_attrs_are_shown(tmp_path, fast_png):
 @pytest.mark.parametrize("method,drop,missing", [
     ("vdf", ("overview/annular_vdf",), set()),                 # falls back to the maps
     ("vdf", ("beam/centres",), {"beam"}),
-    ("vdf", ("vectors", "peaks"), {"vectors"}),
+    ("vdf", ("vectors", "peaks", "overview/peak_histogram"), {"vectors"}),
+    ("vdf", ("overview/peak_histogram",), set()),               # histogram from the peaks
     ("vdf", ("segments/maps",), {"overview", "segments"}),
     ("vdf", ("segments/patterns", "vdf/segment_vectors"), {"segments"}),
     ("nmf", ("scree/explained_variance_ratio",), {"scree"}),

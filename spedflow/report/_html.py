@@ -127,27 +127,36 @@ class _Report:
 
 
 def _membership(v: ResultView) -> np.ndarray | None:
-    """(S, N) bool membership of vectors in segments, if it can be read that way."""
+    """(S, N) bool membership of vectors in segments, from any stored form.
+
+    The result stores ``vdf/segment_vectors`` as (K, 2) int rows ``(segment, vector)``;
+    a dense (S, N) bool matrix or an (N,) int segment label per vector are read too.
+    """
     m = v.segment_vectors
     if m is None or v.vectors is None:
         return None
-    n = len(v.vectors)
-    if m.ndim == 2 and m.shape[1] == n:
-        return m.astype(bool) if m.dtype == bool else m != 0
+    n, s = len(v.vectors), v.n_segments
+    if m.ndim == 2 and m.dtype != bool and np.issubdtype(m.dtype, np.integer) and m.shape[1] == 2:
+        ok = (m[:, 0] >= 0) & (m[:, 0] < s) & (m[:, 1] >= 0) & (m[:, 1] < n)
+        out = np.zeros((s, n), bool)
+        out[m[ok, 0], m[ok, 1]] = True
+        return out
+    if m.ndim == 2 and m.shape == (s, n):
+        return m != 0
     if m.ndim == 1 and m.shape[0] == n and np.issubdtype(m.dtype, np.integer):
-        s = v.n_segments
-        return (m[None, :] == np.arange(s)[:, None])
+        return m[None, :] == np.arange(s)[:, None]
     return None
 
 
 def _vector_counts(v: ResultView) -> np.ndarray | None:
     mem = _membership(v)
-    if mem is not None:
-        return mem.sum(axis=1)
-    m = v.segment_vectors
-    if m is not None and m.ndim == 2:
-        return (m != 0).sum(axis=1)
-    return None
+    return None if mem is None else mem.sum(axis=1)
+
+
+def _radius(v: ResultView, *words: str) -> float | None:
+    """A radius from the resolved values (preferred) or the parameters."""
+    return (find_param(v.meta.get("resolved"), *words)
+            or find_param(v.meta.get("params"), *words))
 
 
 def _evaluation(v: ResultView, store_path, notes) -> dict | None:
@@ -180,7 +189,9 @@ def _make_figures(v: ResultView, rep: _Report, store_path) -> None:
     cal = v.calibration
     s = v.n_segments
     nmf = v.method == "nmf"
-    aperture = find_param(v.meta.get("params"), "aperture", "radius")
+    aperture = _radius(v, "aperture", "radius")
+    if aperture is None and isinstance(v.meta.get("resolved"), dict):
+        aperture = find_param(v.meta["resolved"].get("vdf"), "radius")
 
     title = "Segments over the annular VDF image (cf. Fig. 3A)"
     if v.maps is not None and s:
@@ -280,7 +291,7 @@ def _make_figures(v: ResultView, rep: _Report, store_path) -> None:
 
         def make():
             d = data_patterns_at(v, data, pos)
-            r = beam_radius(d, v.meta.get("params"))
+            r = beam_radius(d, {"params": v.meta.get("params"), "resolved": v.meta.get("resolved")})
             return F.fig_differences(d, v.patterns[:n], pos, cal, beam_radius=r, label=label)
         rep.add("differences", title,
                 "For each segment: the data pattern at the segment's brightest scan position "
@@ -313,6 +324,9 @@ def _segment_rows(v: ResultView) -> list:
             row += ["–"] * (4 if cal.scan_step else 3)
         if counts is not None:
             row.append(int(counts[i]) if i < len(counts) else "–")
+        comp = v.segment_component
+        if comp is not None:
+            row.append(f"#{int(comp[i])}" if i < len(comp) else "–")
         if v.patterns is not None and i < v.patterns.shape[0]:
             row.append(_Raw(_img_tag(F.thumbnail_png(v.patterns[i]), f"pattern of segment {i}")))
         else:
@@ -328,6 +342,8 @@ def _segment_header(v: ResultView) -> list[str]:
     h += ["peak intensity", "brightest at (y, x)"]
     if _vector_counts(v) is not None:
         h.append("vectors")
+    if v.segment_component is not None:
+        h.append("from component")
     h.append("pattern")
     return h
 
@@ -422,6 +438,15 @@ def _page(v: ResultView, rep: _Report, evaluation, store_path) -> str:
         if v.set_aside:
             rows.append(("set aside", "; ".join(f"#{k}: {r}" if r else f"#{k}"
                                                  for k, r in sorted(v.set_aside.items()))))
+    groups = m.get("merge_groups")
+    if isinstance(groups, list) and any(isinstance(g, list) and len(g) > 1 for g in groups):
+        rows.append(("components merged", "; ".join(
+            " + ".join(f"#{x}" for x in g) for g in groups if isinstance(g, list) and len(g) > 1)))
+    counts = m.get("counts")
+    if isinstance(counts, dict):
+        for k, x in counts.items():
+            if k not in ("patterns", "segments") and isinstance(x, (int, float)):
+                rows.append((f"count: {k}", x))
     rows.append(("segments", v.n_segments))
     parts.append("<div class='cols'><div><h2>Summary</h2>" + _table(rows) + "</div>")
 

@@ -60,8 +60,9 @@ class ResultView:
     vectors: np.ndarray | None = None         # (N, 2) relative to the beam
     n_peaks: int | None = None
     peak_histogram: np.ndarray | None = None  # (Ky, Kx) counts of peak positions
-    segment_vectors: np.ndarray | None = None  # (S, N) bool membership
-    segment_intensities: np.ndarray | None = None  # (S, N)
+    segment_vectors: np.ndarray | None = None  # (K, 2) int (segment, vector) rows, or (S, N) bool
+    segment_intensities: np.ndarray | None = None  # (K,) or (S, N)
+    segment_component: np.ndarray | None = None  # (S,) NMF component each segment came from
     factors: np.ndarray | None = None         # (E, Ky, Kx)
     loadings: np.ndarray | None = None        # (E, Y, X)
     explained_variance_ratio: np.ndarray | None = None
@@ -170,7 +171,8 @@ def _pair(v, default=1) -> tuple[int, int]:
 
 def _calibration(meta: dict, input_meta: dict, pattern_shape, input_shape) -> Calibration:
     inp = meta.get("input") if isinstance(meta.get("input"), dict) else {}
-    sources = [meta, inp, input_meta]
+    inp_meta = meta.get("input_meta") if isinstance(meta.get("input_meta"), dict) else {}
+    sources = [meta, inp, inp_meta, input_meta]
     scan = _first(sources, ("scan_step",))
     recip = _first(sources, ("reciprocal_scale",))
     cal = {}
@@ -262,7 +264,13 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
         v.factors = _array(g, "nmf/factors", 3, notes)
         v.loadings = _array(g, "nmf/loadings", 3, notes)
         v.explained_variance_ratio = _array(g, "scree/explained_variance_ratio", 1, notes)
-        v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
+        v.segment_component = _array(g, "segments/component", 1, notes)
+        hist = _array(g, "overview/peak_histogram", 2, notes)
+        if hist is not None and v.pattern_shape is not None and hist.shape == v.pattern_shape:
+            v.peak_histogram = hist
+            v.n_peaks = int(g["peaks"].shape[0]) if "peaks" in g else int(round(float(hist.sum())))
+        else:
+            v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
 
         if v.maps is not None and v.patterns is not None and v.maps.shape[0] != v.patterns.shape[0]:
             notes.append(f"segments/maps has {v.maps.shape[0]} segments but segments/patterns "
@@ -292,7 +300,8 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
         reason = _first(sources, ("n_components_reason", "reason", "why"))
         v.n_components_reason = None if reason is None else str(reason)
         v.set_aside = set_aside_components(_first(
-            sources, ("set_aside", "set_aside_components", "background_components", "discarded")))
+            sources, ("components_set_aside", "set_aside", "set_aside_components",
+                      "background_components", "discarded")))
 
         ev = meta.get("evaluation")
         v.evaluation = dict(ev) if isinstance(ev, dict) else None
