@@ -1,0 +1,102 @@
+"""Parameters of the decomposition stage (scree + NMF)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check_range
+from ..errors import ParameterError
+
+__all__ = ["NMFParams", "ScreeParams"]
+
+_INITS = ("nndsvda", "random")
+
+
+@dataclass(frozen=True)
+class ScreeParams:
+    """How the scree (explained variance ratio) is computed.
+
+    n_components : int, default 50
+        Number of leading singular values computed by the randomised SVD. The
+        scree must reach past the largest rank one would ever pick
+        (``NMFParams.max_components``) into the noise plateau, so the noise level
+        can be read off it.
+    n_power_iter : int, default 4
+        Power (subspace) iterations of the randomised SVD. Each costs two passes
+        over the data; with the flat noise spectrum of Poisson-normalised data the
+        error of the leading singular values falls like ``(s_noise/s_k)^(2q+1)``,
+        and q = 4 makes it negligible (< 1e-3 of the explained variance ratio).
+    n_oversamples : int, default 10
+        Extra random probe vectors (Halko et al. 2011 recommend 5-10).
+    seed : int, default 0
+        Seed of the random probe matrix (results are deterministic for a seed).
+    """
+
+    n_components: int = 50
+    n_power_iter: int = 4
+    n_oversamples: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        check_range("n_components", self.n_components, low=1, integer=True)
+        check_range("n_power_iter", self.n_power_iter, low=0, high=50, integer=True)
+        check_range("n_oversamples", self.n_oversamples, low=0, integer=True)
+        check_range("seed", self.seed, low=0, integer=True)
+
+
+@dataclass(frozen=True)
+class NMFParams:
+    """Parameters of the non-negative matrix factorisation.
+
+    n_components : int or None, default None
+        Number of components E. None: chosen from the scree by
+        :func:`choose_n_components` (components above the noise edge).
+    max_components : int, default 30
+        Upper bound of the automatic choice (the paper needed 11 for 6 crystal
+        orientations + film + vacuum; 30 leaves room for split crystals).
+    beam_mask_radius : float or None, default None
+        Radius (detector pixels) of the central disc excluded from the
+        decomposition. None: :func:`default_beam_mask_radius` of the measured
+        direct-beam radius.
+    max_epochs : int, default 300
+        Maximum passes over the data (one pass = one W and one H update).
+    tol : float, default 1e-4
+        Stop when the relative decrease of the Frobenius loss over one epoch is
+        below ``tol`` (sklearn's default; the loss is dominated by the noise floor,
+        so smaller improvements do not change the factors visibly).
+    w_sweeps : int, default 2
+        HALS sweeps over the loadings of a row chunk per epoch (cheap: uses the
+        ``X_c H^T`` product computed once per pass).
+    h_sweeps : int, default 2
+        HALS sweeps over the factors per epoch, from the summed statistics.
+    init : {"nndsvda", "random"}, default "nndsvda"
+        Initialisation: NNDSVD with zeros filled by the data mean (Boutsidis &
+        Gallopoulos 2008) from a randomised SVD, or seeded random values.
+    seed : int, default 0
+        Seed for the randomised SVD / random initialisation.
+    """
+
+    n_components: int | None = None
+    max_components: int = 30
+    beam_mask_radius: float | None = None
+    max_epochs: int = 300
+    tol: float = 1e-4
+    w_sweeps: int = 2
+    h_sweeps: int = 2
+    init: str = "nndsvda"
+    seed: int = 0
+
+    def __post_init__(self):
+        check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
+        check_range("max_components", self.max_components, low=1, integer=True)
+        if self.n_components is not None and self.n_components > self.max_components:
+            raise ParameterError(f"`n_components` ({self.n_components}) must be <= "
+                                 f"`max_components` ({self.max_components})")
+        check_range("beam_mask_radius", self.beam_mask_radius, low=0, allow_none=True)
+        check_range("max_epochs", self.max_epochs, low=1, integer=True)
+        check_range("tol", self.tol, low=0, high=1, low_open=True, high_open=True)
+        check_range("w_sweeps", self.w_sweeps, low=1, high=100, integer=True)
+        check_range("h_sweeps", self.h_sweeps, low=1, high=100, integer=True)
+        if self.init not in _INITS:
+            raise ParameterError(f"`init` must be one of {', '.join(_INITS)} (got {self.init!r})")
+        check_range("seed", self.seed, low=0, integer=True)

@@ -1,0 +1,233 @@
+"""Scree (explained variance ratio) from a streamed randomised SVD, and the rank choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import check_range
+from ..errors import InputError, ParameterError
+
+__all__ = ["ScreeResult", "scree", "choose_n_components", "marchenko_pastur_count",
+           "signflip_block"]
+
+
+@dataclass(frozen=True)
+class ScreeResult:
+    """Leading singular values of the mean-centred (normalised, masked) data matrix.
+
+    explained_variance_ratio : (k,) float64, ``s_i**2 / total_variance``.
+    singular_values : (k,) float64.
+    total_variance : float, sum of squares of the centred matrix.
+    shape : (N, P) of the matrix.
+    noise_edge : float or None, largest explained variance ratio of the
+        random-sign-flipped centred matrix (the noise floor of signflip parallel
+        analysis); None if not computed.
+    """
+
+    explained_variance_ratio: np.ndarray
+    singular_values: np.ndarray
+    total_variance: float
+    shape: tuple[int, int]
+    noise_edge: float | None = None
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def signflip_block(block: np.ndarray, row0: int, n_cols: int, seed: int) -> np.ndarray:
+    """Kernel: multiply each element by a pseudo-random sign fixed by its (row, col).
+
+    The sign of element ``(i, j)`` is the top bit of splitmix64(``i * n_cols + j``
+    + seed * golden ratio), so the flipped matrix does not depend on the chunking.
+
+    Parameters
+    ----------
+    block : (n, P) ndarray, rows ``row0 .. row0 + n`` of the matrix.
+    """
+    n, p = block.shape
+    with np.errstate(over="ignore"):
+        z = (np.arange(row0, row0 + n, dtype=np.uint64)[:, None] * np.uint64(n_cols)
+             + np.arange(p, dtype=np.uint64)[None] + np.uint64(seed + 1) * _GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    sign = np.where(z >> np.uint64(63), -1, 1).astype(block.dtype)
+    return block * sign
+
+
+def _as_dask_matrix(matrix):
+    import dask.array as da
+    if matrix.ndim != 2:
+        raise InputError(f"`matrix` must be 2-D (patterns, pixels) (got shape {matrix.shape})")
+    if 0 in matrix.shape:
+        raise InputError(f"`matrix` is empty (shape {matrix.shape})")
+    if isinstance(matrix, np.ndarray):
+        matrix = da.from_array(matrix, chunks=(max(1, matrix.shape[0]), matrix.shape[1]))
+    if len(matrix.chunks[1]) > 1:
+        matrix = matrix.rechunk({1: -1})
+    return matrix
+
+
+def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversamples: int = 10,
+          seed: int = 0, noise_edge: bool = True) -> ScreeResult:
+    """Explained variance ratio of the leading components, streaming the data.
+
+    The column mean and the total sum of squares are one mergeable pass; the
+    randomised SVD (``dask.array.linalg.svd_compressed``, Halko et al. 2011) of the
+    centred matrix costs ``2 * (n_power_iter + 1)`` more passes. Nothing of size
+    N x P is held in memory.
+
+    With ``noise_edge`` the noise floor is measured by signflip parallel analysis
+    (Hong, Sheng & Dobriban 2020): flipping the sign of every element at random
+    destroys the low-rank (signal) structure but keeps every element's magnitude,
+    so the top singular value of the flipped matrix is the edge of the noise
+    spectrum *with the data's own* heteroscedasticity and heavy tails (sparse,
+    low-count pixels make Poisson-normalised noise far from Gaussian, which moves
+    the edge well above the Marchenko-Pastur value). A few more passes.
+
+    Parameters
+    ----------
+    matrix : (N, P) dask.array.Array or ndarray
+        Normalised data matrix (patterns x unmasked pixels), chunked by rows.
+    n_components : int
+        Number of leading components k (clipped to ``min(N - 1, P)``).
+    n_power_iter, n_oversamples, seed
+        Randomised SVD accuracy knobs (see :class:`ScreeParams`).
+    noise_edge : bool
+        Also measure the signflip noise floor (``ScreeResult.noise_edge``).
+
+    Returns
+    -------
+    ScreeResult
+    """
+    check_range("n_components", n_components, low=1, integer=True)
+    check_range("n_power_iter", n_power_iter, low=0, integer=True)
+    check_range("n_oversamples", n_oversamples, low=0, integer=True)
+    check_range("seed", seed, low=0, integer=True)
+    import dask
+    import dask.array as da
+
+    m = _as_dask_matrix(matrix)
+    n, p = m.shape
+    if n < 2:
+        raise InputError(f"`matrix` needs at least 2 patterns for a scree (got {n})")
+    k = int(min(n_components, n - 1, p))
+    m64 = m.astype(np.float64)
+    mean, sumsq = dask.compute(m64.mean(axis=0), (m64 ** 2).sum())
+    total = float(sumsq - n * np.dot(mean, mean))
+    if total <= 0:
+        raise InputError("`matrix` has no variance (all patterns identical)")
+    centred = m - mean.astype(m.dtype)
+    oversamples = int(min(n_oversamples, min(n, p) - k))
+    _, s, _ = da.linalg.svd_compressed(centred, k, n_power_iter=n_power_iter,
+                                       n_oversamples=max(oversamples, 0), seed=seed)
+    s = np.asarray(s.compute(), np.float64)
+    edge = None
+    if noise_edge:
+        offsets = np.cumsum((0,) + centred.chunks[0][:-1])
+        flipped = da.map_blocks(
+            lambda b, block_info=None: signflip_block(
+                b, int(offsets[block_info[0]["chunk-location"][0]]), p, seed),
+            centred, dtype=centred.dtype, meta=np.empty((0, 0), centred.dtype))
+        kn = int(min(5, k))
+        over = int(max(min(n_oversamples, min(n, p) - kn), 0))
+        _, sn, _ = da.linalg.svd_compressed(flipped, kn, n_power_iter=n_power_iter,
+                                            n_oversamples=over, seed=seed + 1)
+        edge = float(np.asarray(sn.compute())[0] ** 2 / total)
+    return ScreeResult(s ** 2 / total, s, total, (int(n), int(p)), edge)
+
+
+def marchenko_pastur_count(evr: np.ndarray, shape: tuple[int, int]) -> tuple[int, float]:
+    """Number of components above the noise edge, and the edge (in evr units).
+
+    Noise of variance sigma^2 in an ``n x p`` matrix (n = N - 1 after centring) has
+    eigenvalues below ``sigma^2 (sqrt(n) + sqrt(p))^2`` (Marchenko-Pastur edge;
+    fluctuations above it are O(n^-2/3), negligible). sigma^2 is not assumed (the
+    detector gain and preprocessing change it): it is the variance left after the
+    E signal components, ``(1 - sum_{i<E} evr_i) / ((n - E)(p - E))``, and E is the
+    fixed point of "count eigenvalues above the edge" (monotone: starting from
+    E = 0 overestimates sigma, each step can only add components).
+    """
+    evr = np.asarray(evr, np.float64)
+    n, p = shape[0] - 1, shape[1]
+    e = 0
+    for _ in range(evr.size + 1):
+        resid = max(1.0 - evr[:e].sum(), 0.0)
+        dof = max((n - e) * (p - e), 1)
+        edge = resid / dof * (np.sqrt(max(n - e, 1)) + np.sqrt(max(p - e, 1))) ** 2
+        new = int((evr > edge).sum())
+        if new == e:
+            break
+        e = new
+    return e, float(edge)
+
+
+def _elbow(evr: np.ndarray) -> int:
+    """Kneedle on the log-scree: the point farthest below the chord first-last."""
+    y = np.log10(np.maximum(evr, np.finfo(float).tiny))
+    x = np.arange(y.size, dtype=float)
+    chord = y[0] + (y[-1] - y[0]) * x / max(x[-1], 1.0)
+    return int(np.argmax(chord - y))
+
+
+def choose_n_components(evr, *, noise_edge: float | None = None,
+                        shape: tuple[int, int] | None = None,
+                        max_components: int | None = None) -> tuple[int, str]:
+    """Automatic number of components from a scree.
+
+    With ``noise_edge`` (from :func:`scree`, signflip parallel analysis; the
+    preferred criterion) E is the number of components whose explained variance
+    ratio exceeds the largest one of the sign-flipped (signal-free) matrix: they
+    stand out of the data's own noise, whatever its distribution. Otherwise, with
+    ``shape`` (the (N, P) of the matrix, as in :class:`ScreeResult`) the
+    count is the number of eigenvalues above the Marchenko-Pastur edge of the
+    noise (see :func:`marchenko_pastur_count`): Poisson-normalised noise is
+    near-homoscedastic, its eigenvalues form a flat plateau ending at that edge,
+    and every component above it carries signal that NMF should be able to
+    represent. Without ``shape`` the elbow (maximum distance below the chord of
+    the log-scree, "kneedle") is used. The result is clipped to
+    ``[1, max_components]``.
+
+    Parameters
+    ----------
+    evr : (k,) array of explained variance ratios, decreasing.
+    noise_edge : float, optional, noise floor in explained-variance-ratio units.
+    shape : (N, P), optional.
+    max_components : int, optional, upper bound.
+
+    Returns
+    -------
+    (E, reason) : int and a one-line explanation to store with the result.
+    """
+    evr = np.asarray(evr, np.float64)
+    if evr.ndim != 1 or evr.size < 2:
+        raise ParameterError(f"`evr` must be 1-D with at least 2 values (got shape {evr.shape})")
+    if not np.all(np.isfinite(evr)) or np.any(evr < 0):
+        raise ParameterError("`evr` must be finite and non-negative")
+    check_range("max_components", max_components, low=1, integer=True, allow_none=True)
+    cap = int(max_components) if max_components is not None else evr.size
+    if noise_edge is not None:
+        check_range("noise_edge", noise_edge, low=0)
+        e = int((evr > noise_edge).sum())
+        reason = (f"{e} of {evr.size} components above the signflip noise floor "
+                  f"(explained variance ratio {noise_edge:.3g})")
+        if e >= evr.size:
+            reason += "; all computed components are above it: compute a longer scree"
+    elif shape is not None:
+        if len(shape) != 2 or min(shape) < 2:
+            raise ParameterError(f"`shape` must be (N, P) with N, P >= 2 (got {shape!r})")
+        e, edge = marchenko_pastur_count(evr, shape)
+        reason = (f"{e} of {evr.size} components above the Marchenko-Pastur noise edge "
+                  f"(explained variance ratio {edge:.3g})")
+        if e >= evr.size:
+            reason += "; all computed components are above it: compute a longer scree"
+    else:
+        e = _elbow(evr)
+        reason = f"elbow of the log-scree (maximum distance below the chord) at {e}"
+    if e > cap:
+        reason += f"; capped at max_components={cap}"
+    elif e < 1:
+        reason += "; no signal found, using 1"
+    return int(min(max(e, 1), cap)), reason
