@@ -52,6 +52,17 @@ def test_spot_image_is_pixel_integrated_gaussian():
     assert (img * kx).sum() / img.sum() == pytest.approx(14.6, abs=1e-6)
 
 
+def test_sparse_spot_images_match_dense():
+    rng = np.random.default_rng(0)
+    spots = rng.uniform(-20, 20, size=(30, 2))
+    w = rng.uniform(0.1, 1, 30)
+    group = rng.integers(0, 3, 30)
+    got = K.spot_images(spots, w, group, 3, (16.3, 15.8), 1.2, (40, 36))
+    for k in range(3):
+        ref = K.spot_image(spots[group == k], w[group == k], (16.3, 15.8), 1.2, (40, 36))
+        np.testing.assert_allclose(got[k], ref, atol=1e-4 * w.max())
+
+
 # --------------------------------------------------------------------------- determinism
 def test_deterministic_for_seed():
     a, ta = simulate_array(**SMALL)

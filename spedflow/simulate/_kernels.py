@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import erf, erfc
 
 __all__ = ["ray_lengths", "crystal_thickness", "film_thickness", "beam_centres",
-           "spot_image", "radial_table", "radial_images", "radial_norms", "expected_counts",
+           "spot_image", "spot_images", "radial_table", "radial_images", "radial_norms", "expected_counts",
            "poisson_by_position"]
 
 _SHIFT_QUANTUM = 0.1  # detector px: beam positions are rendered on this grid (error <= 0.05 px)
@@ -179,6 +179,52 @@ def spot_image(spots: np.ndarray, weights: np.ndarray, centre, sigma: float,
     return (gy * np.asarray(weights, float)[:, None]).T @ gx
 
 
+def spot_images(spots: np.ndarray, weights: np.ndarray, group: np.ndarray, n_groups: int,
+                centre, sigma: float, shape: tuple[int, int]) -> np.ndarray:
+    """Spot images of several groups at once, each spot rendered only near its centre.
+
+    Same values as :func:`spot_image` (pixel-integrated Gaussians) truncated at
+    ``4 sigma + 1`` px from the spot centre (the neglected tail is < 1e-4 of
+    a spot), accumulated with one ``bincount``: cost ~ spots x (8 sigma)^2
+    instead of spots x Ky x Kx.
+
+    Parameters
+    ----------
+    spots : (S, 2) float array
+        ``(gy, gx)`` relative to the beam, detector px.
+    weights : (S,) float array
+    group : (S,) int array
+        Group index of each spot, in ``[0, n_groups)``.
+    n_groups : int
+    centre : (2,) floats
+        Beam position ``(ky, kx)``, detector px.
+    sigma : float
+        Spot width, detector px.
+    shape : (Ky, Kx)
+
+    Returns
+    -------
+    (n_groups, Ky, Kx) float64 array
+    """
+    Ky, Kx = shape
+    r = int(np.ceil(4 * sigma)) + 1
+    off = np.arange(-r, r + 1)
+    mu = np.asarray(spots, float).reshape(-1, 2) + np.asarray(centre, float)
+    base = np.round(mu).astype(np.int64)
+    iy = base[:, 0, None] + off  # (S, 2r+1)
+    ix = base[:, 1, None] + off
+    s2 = np.sqrt(2.0) * sigma
+    vy = 0.5 * (erf((iy + 0.5 - mu[:, 0, None]) / s2) - erf((iy - 0.5 - mu[:, 0, None]) / s2))
+    vx = 0.5 * (erf((ix + 0.5 - mu[:, 1, None]) / s2) - erf((ix - 0.5 - mu[:, 1, None]) / s2))
+    vy *= ((iy >= 0) & (iy < Ky)) * np.asarray(weights, float)[:, None]
+    vx *= (ix >= 0) & (ix < Kx)
+    vals = vy[:, :, None] * vx[:, None, :]
+    flat = (np.asarray(group, np.int64)[:, None, None] * Ky + np.clip(iy, 0, Ky - 1)[:, :, None]) * Kx \
+        + np.clip(ix, 0, Kx - 1)[:, None, :]
+    out = np.bincount(flat.ravel(), weights=vals.ravel(), minlength=n_groups * Ky * Kx)
+    return out.reshape(n_groups, Ky, Kx)
+
+
 def radial_table(optics: dict, centre_lo, centre_hi, shape: tuple[int, int]) -> dict:
     """Pixel-integrated beam, glare and film images for every quantised beam position.
 
@@ -310,26 +356,19 @@ def expected_counts(scene: dict, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     coef = np.concatenate([scattered, (transmitted * (1 - g))[:, None],
                            (transmitted * g)[:, None], f_film[:, None]], axis=1)
     coef *= scene["dose"]
-    # Quantise the beam positions; render each distinct one once. Spots are
-    # separable: 1-D pixel-integrated Gaussians per distinct row/column shift.
+    # Quantise the beam positions; render each distinct one once.
     centres = beam_centres(scene["descan"], ys, xs).reshape(-1, 2)
     q = np.round(centres / _SHIFT_QUANTUM).astype(np.int64)
     uniq, inverse = np.unique(q, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     spots = np.concatenate([grp["spots"] for grp in groups]) if G else np.zeros((0, 2))
-    bounds = np.cumsum([0] + [len(grp["spots"]) for grp in groups])
     weights = np.concatenate([grp["weights"] for grp in groups]) if G else np.zeros(0)
-    sigma = scene["spot_sigma"]
-    uy, iy = np.unique(uniq[:, 0], return_inverse=True)
-    ux, ix = np.unique(uniq[:, 1], return_inverse=True)
-    gy = [_pixel_gaussian(spots[:, 0] + v * _SHIFT_QUANTUM, sigma, Ky) * weights[:, None] for v in uy]
-    gx = [_pixel_gaussian(spots[:, 1] + v * _SHIFT_QUANTUM, sigma, Kx) for v in ux]
+    owner = np.repeat(np.arange(G), [len(grp["spots"]) for grp in groups])
     out = np.empty((ny * nx, Ky * Kx), np.float32)
     basis = np.empty((G + 3, Ky, Kx), np.float32)
     for j, qc in enumerate(uniq):
-        a, b = gy[iy.ravel()[j]], gx[ix.ravel()[j]]
-        for k in range(G):
-            basis[k] = a[bounds[k]:bounds[k + 1]].T @ b[bounds[k]:bounds[k + 1]]
+        basis[:G] = spot_images(spots, weights, owner, G, qc * _SHIFT_QUANTUM,
+                                scene["spot_sigma"], (Ky, Kx))
         basis[G:] = radial_images(scene["radial_table"], qc * _SHIFT_QUANTUM, (Ky, Kx))
         sel = np.flatnonzero(inverse == j)
         out[sel] = coef[sel] @ basis.reshape(G + 3, -1)

@@ -67,11 +67,14 @@ def _truth_patterns(scene: dict) -> np.ndarray:
     """(C, Ky, Kx) float32: each crystal's spots, beam at (Ky//2, Kx//2), weights sum 1."""
     Ky, Kx = scene["detector"]
     centre = (Ky // 2, Kx // 2)
-    out = np.zeros((len(scene["crystals"]), Ky, Kx), np.float32)
-    for i, c in enumerate(scene["crystals"]):
-        grp = scene["groups"][c["group"]]
-        out[i] = K.spot_image(grp["spots"], grp["weights"], centre, scene["spot_sigma"], (Ky, Kx))
-    return out
+    crystals, groups = scene["crystals"], scene["groups"]
+    if not crystals:
+        return np.zeros((0, Ky, Kx), np.float32)
+    spots = [groups[c["group"]] for c in crystals]
+    return K.spot_images(np.concatenate([g["spots"] for g in spots]),
+                         np.concatenate([g["weights"] for g in spots]),
+                         np.repeat(np.arange(len(spots)), [len(g["spots"]) for g in spots]),
+                         len(spots), centre, scene["spot_sigma"], (Ky, Kx)).astype(np.float32)
 
 
 def _crystal_thickness_full(scene: dict, i: int) -> np.ndarray:
