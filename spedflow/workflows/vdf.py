@@ -17,8 +17,7 @@ import numpy as np
 
 from .. import cluster
 from ..errors import InputError
-from ..peaks import PeakParams
-from ..peaks.vectors import VectorParams
+from ..peaks import PeakParams, VectorParams
 from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
@@ -53,7 +52,8 @@ def _peaks_block(block, offset, *, params, det_shape, oversample):
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks import resolve as resolve_peaks
-    from ..peaks.vectors import resolve as resolve_vectors, unique_vectors
+    from ..peaks import unique_vectors
+    from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
     from ..segment import (merge_vdf_segments, pattern_sigma, segments_from_labels,
@@ -65,7 +65,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     beam = beam_stage(plan, cfg.preprocess, cache, timer)
     r = beam.radius
     prep = resolve_pre(cfg.preprocess, r)
-    pk = resolve_peaks(cfg.peaks, r)
+    pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
     vp = resolve_vectors(cfg.vectors, r)
     vd = resolve_vdf(cfg.vdf, r)
     data = binned(plan, prep)
@@ -86,7 +86,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     # unique vectors (finalize of the histogram reduction)
     with timer("vectors"):
-        vectors = unique_vectors(hist, detector_shape=(ky, kx), params=vp, beam_radius=r)
+        vectors = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
     if len(vectors) == 0:
         raise InputError("no diffraction vectors were found: the data may hold no crystals, or the "
                          "peak threshold is too high (see `spedflow params vdf`, section [peaks])")
@@ -96,7 +96,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep), vectors, dataclasses.asdict(vd))
     if not st_vdf.complete:
         with timer("vdf"):
-            images = vdfl.vdf_images(aligned, vectors, vd.radius)
+            images = vdfl.vdf_images(aligned, vectors, vd.radius, subpixel=vd.subpixel)
             (images,) = cluster.compute(images, label="VDF images", n_patterns=ny * nx)
             st_vdf.save("images", images.astype(np.float32))
             st_vdf.mark_complete()
