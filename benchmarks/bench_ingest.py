@@ -118,6 +118,7 @@ def main(argv=None) -> int:
         shape = make_source(src, gb)
         gen = time.perf_counter() - t0
         nbytes = math.prod(shape) * DTYPE.itemsize
+        load_before = os.getloadavg()[0]
         try:
             res = run_ingest(src, dest)
             info = store_info(dest)["data"]
@@ -130,7 +131,9 @@ def main(argv=None) -> int:
                      "wall_s": round(res["wall_s"], 2), "mb_per_s": round(nbytes / 1e6 / res["wall_s"], 1),
                      "peak_rss_mb": round(res["peak_rss_bytes"] / 1e6, 1),
                      "stored_gb": round(info["stored_bytes"] / 1e9, 3),
-                     "compression_ratio": round(info["ratio"], 2), "generate_s": round(gen, 1)})
+                     "compression_ratio": round(info["ratio"], 2), "generate_s": round(gen, 1),
+                     # other work on the machine competes for the cores: record it
+                     "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
         print(f"{rows[-1]['size_gb']:.2f} GB done: {rows[-1]['mb_per_s']} MB/s", file=sys.stderr)
 
     result = {"benchmark": "ingest .npy -> zarr v3 (blosc zstd bitshuffle + crc32c)",
