@@ -409,3 +409,22 @@ def test_dollar_signs_in_store_strings_do_not_reach_mathtext():
     assert figure_png(fig_nmf_components(f, f, Calibration(), {1: evil})).startswith(b"\x89PNG")
     cal = Calibration(scan_step=2.0, scan_units="n$m", k_scale=0.1, k_units="1/$A")
     assert figure_png(fig_nmf_components(f, f, cal, {1: evil})).startswith(b"\x89PNG")
+
+
+def test_subtract_radial_median_removes_symmetric_background_keeps_spots():
+    from spedflow.report._differences import subtract_radial_median
+    yy, xx = np.indices((33, 33))
+    r = np.hypot(yy - 16, xx - 16)
+    halo = 50 * np.exp(-r / 6)
+    spots = _spots((33, 33), [(16, 26), (6, 16)], sigma=0.8) * 10
+    got = subtract_radial_median((halo + spots)[None])[0]
+    # brute-force reference: the median of each one-pixel ring
+    ring = np.rint(r).astype(int)
+    ref = halo + spots
+    for k in np.unique(ring):
+        ref[ring == k] -= np.median((halo + spots)[ring == k])
+    np.testing.assert_allclose(got, np.clip(ref, 0, None), atol=1e-9)
+    assert got[16, 26] > 9 and got[6, 16] > 9           # spots kept
+    # the halo is gone up to its variation across one ring (< 10 % of its peak)
+    away = (r > 3) & (spots < 1e-3)
+    assert got[away].max() < 0.1 * halo.max() and got[away].mean() < 0.01 * halo.max()

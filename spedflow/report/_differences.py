@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from ._load import ResultView, _pair, find_param
 
-__all__ = ["brightest_positions", "data_patterns_at", "beam_radius"]
+__all__ = ["brightest_positions", "data_patterns_at", "beam_radius", "subtract_radial_median"]
 
 
 def brightest_positions(maps: np.ndarray) -> np.ndarray:
@@ -90,3 +90,36 @@ def beam_radius(patterns: np.ndarray, params=None) -> float:
     if from_params:
         radius = max(radius, from_params)
     return float(min(radius, min(ky, kx) / 4))
+
+
+def subtract_radial_median(patterns: np.ndarray) -> np.ndarray:
+    """Remove the azimuthally symmetric background of each pattern.
+
+    The diffuse background (amorphous film, inelastic and thermal diffuse scattering,
+    the beam's tails) depends on the scattering angle only, while Bragg spots occupy a
+    small fraction of each ring around the beam: the median over each one-pixel ring is
+    the background there. Returns ``max(pattern - ring median, 0)``.
+
+    Parameters
+    ----------
+    patterns : (S, Ky, Kx) array
+        Aligned patterns, beam at ``(Ky//2, Kx//2)``.
+
+    Returns
+    -------
+    (S, Ky, Kx) float64 array
+    """
+    a = np.nan_to_num(np.asarray(patterns, np.float64))
+    s, ky, kx = a.shape
+    yy, xx = np.indices((ky, kx))
+    ring = np.rint(np.hypot(yy - ky // 2, xx - kx // 2)).astype(np.int64).ravel()
+    n_rings = int(ring.max()) + 1
+    order = np.argsort(ring, kind="stable")
+    bounds = np.searchsorted(ring[order], np.arange(n_rings + 1))
+    flat = a.reshape(s, -1)[:, order]
+    med = np.zeros((s, n_rings))
+    for r in range(n_rings):  # a few dozen rings, each vectorised over all patterns
+        lo, hi = bounds[r], bounds[r + 1]
+        if hi > lo:
+            med[:, r] = np.median(flat[:, lo:hi], axis=1)
+    return np.clip(a - med[:, ring].reshape(s, ky, kx), 0, None)

@@ -259,7 +259,7 @@ def fig_overview(annular: np.ndarray | None, maps: np.ndarray, cal: Calibration,
         ax.set_ylim(ext[2], ext[3])
         _map_axes(ax, (ny, nx), cal, axes=True)
     ax0.set_title(f"{background_title} with {s} segments outlined")
-    ax1.set_title("segments in their colours (brightness = map / max)")
+    ax1.set_title("segments (brightness = map / its max)")
     if overlap.any():
         ax1.legend(handles=[Patch(facecolor="black", edgecolor="white", hatch="////",
                                   label=f"overlap ({int(overlap.sum())} px in ≥2 segments)")],
@@ -539,7 +539,7 @@ def fig_differences(data: np.ndarray, patterns: np.ndarray, positions: np.ndarra
         fig.colorbar(last, ax=fig.axes, shrink=0.5, location="right",
                      label="normalised difference")
     fig.suptitle(_wrap("data at each segment's brightest position vs its pattern, both "
-                       f"normalised to their max outside the beam (grey){suffix}",
+                       f"background-subtracted and normalised to their max outside the beam (grey){suffix}",
                        max(40, 16 * min(shown, GRID_COLUMNS))), fontsize=9)
     return fig
 

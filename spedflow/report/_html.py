@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import InputError
 from . import _figures as F
-from ._differences import beam_radius, brightest_positions, data_patterns_at
+from ._differences import (beam_radius, brightest_positions, data_patterns_at,
+                           subtract_radial_median)
 from ._load import ResultView, find_param, input_store_path, load_result
 
 __all__ = ["write_report"]
@@ -292,12 +293,15 @@ def _make_figures(v: ResultView, rep: _Report, store_path) -> None:
         def make():
             d = data_patterns_at(v, data, pos)
             r = beam_radius(d, {"params": v.meta.get("params"), "resolved": v.meta.get("resolved")})
-            return F.fig_differences(d, v.patterns[:n], pos, cal, beam_radius=r, label=label)
+            return F.fig_differences(subtract_radial_median(d),
+                                     subtract_radial_median(v.patterns[:n]), pos, cal,
+                                     beam_radius=r, label=label)
         rep.add("differences", title,
                 "For each segment: the data pattern at the segment's brightest scan position "
                 "(raw data summed over the binning square and aligned with the beam model), the "
-                f"segment's {label}, and data − pattern after dividing each by its maximum "
-                "outside the direct-beam disc (grey). Red: intensity the segment pattern misses; "
+                f"segment's {label}, and data − pattern. Both have their azimuthally symmetric "
+                "background (the median of each ring around the beam: film, diffuse scattering) "
+                "removed and are divided by their maximum outside the direct-beam disc (grey). Red: intensity the segment pattern misses; "
                 "blue: intensity it has that the data do not.", make)
 
 
