@@ -377,13 +377,15 @@ def expected_counts(scene: dict, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- noise
-def poisson_by_position(expected: np.ndarray, seed: int, ys: np.ndarray,
-                        xs: np.ndarray) -> np.ndarray:
+def poisson_by_position(expected: np.ndarray, seed: int, ys: np.ndarray, xs: np.ndarray,
+                        dtype=np.uint16) -> np.ndarray:
     """Poisson counts, each pattern drawn from a generator seeded by its position.
 
     Seeding from ``(seed, y, x)`` makes the noise independent of how the scan
     is chunked. The loop is over patterns, but each draw is a whole pattern
     (``Ky * Kx`` values); generator set-up costs about 3 % of the draw.
+    Counts above the largest value of ``dtype`` are clipped to it (detector
+    saturation: 255 for an 8-bit camera).
 
     Parameters
     ----------
@@ -392,14 +394,16 @@ def poisson_by_position(expected: np.ndarray, seed: int, ys: np.ndarray,
     seed : int
     ys, xs : 1-D int arrays
         Global scan rows and columns of the block.
+    dtype : unsigned integer dtype
 
     Returns
     -------
-    (ny, nx, Ky, Kx) int64 array
+    (ny, nx, Ky, Kx) array of ``dtype``
     """
-    out = np.empty(expected.shape, np.int64)
+    top = np.iinfo(dtype).max
+    out = np.empty(expected.shape, dtype)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             rng = np.random.default_rng([int(seed), 0x5EED, int(y), int(x)])
-            out[i, j] = rng.poisson(expected[i, j])
+            out[i, j] = np.minimum(rng.poisson(expected[i, j]), top)
     return out

@@ -144,7 +144,7 @@ class SimParams:
 # --------------------------------------------------------------------------- helpers
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     """Uniform random rotation (normalised Gaussian quaternion); columns = body axes."""
-    w, x, y, z = rng.normal(size=4) / 1.0
+    w, x, y, z = rng.normal(size=4)
     n = math.sqrt(w * w + x * x + y * y + z * z)
     w, x, y, z = w / n, x / n, y / n, z / n
     return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
