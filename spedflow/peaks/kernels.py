@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
+from scipy.stats import gamma, norm
 
 from ..errors import InputError, ParameterError
 from ._params import default_threshold
@@ -33,10 +34,10 @@ _NOISE_STRIDE = 4
 #: MAD -> standard deviation of a Gaussian.
 _MAD_TO_SIGMA = 1.4826
 #: Iterative sigma clipping of the noise sample: cut, iterations, and the ratio of
-#: the standard deviation of a Gaussian cut at +-3 sigma to the full one.
-_CLIP = 3.0
+#: the standard deviation of a Gaussian cut at +-5 sigma to the full one.
+_CLIP = 5.0
 _CLIP_ITER = 3
-_CLIP_BIAS = 0.98658
+_CLIP_BIAS = 1.0
 #: Noise floor relative to the pattern's strongest response (dynamic range ~1e4,
 #: about 14 bits): only matters when the noise is undefined (MAD = 0, e.g. noise-free
 #: simulations or backgrounds clipped to exactly zero over most of the pattern).
@@ -89,15 +90,16 @@ def noise_level(response: np.ndarray, threshold: float) -> np.ndarray:
     The LoG kernel sums to zero, so a flat or slowly varying background gives
     zero response and what remains away from spots is noise. Its standard
     deviation ``s`` and skewness ``g`` are measured on a sub-grid of pixels by
-    iterative 3-sigma clipping (starting from the MAD; the few spot pixels are
-    clipped; the 3-sigma cut of a Gaussian biases ``s`` by only -1.3 %, corrected).
+    iterative 5-sigma clipping, starting from the MAD (spot pixels are clipped;
+    a 5-sigma cut leaves the tail of the noise, whose skewness matters, intact).
     Counting noise is skewed at low dose, so a Gaussian ``threshold`` would let
-    through far more noise peaks than intended; the Cornish-Fisher expansion
-    moves the ``threshold`` quantile to ``threshold + g/6 (threshold^2 - 1)``.
-    The returned unit is ``s * (1 + g (threshold^2 - 1) / (6 threshold))``,
-    so ``R / unit > threshold`` holds exactly when ``R`` exceeds the corrected
-    quantile. Floored at ``1e-4`` of the pattern's largest response (only
-    matters where the noise is undefined: noise-free or all-zero backgrounds).
+    through far more noise peaks than intended; the threshold is moved to the
+    quantile with the same tail probability of a gamma (Pearson III)
+    distribution of skewness ``g`` (:func:`_skewed_quantile`, ``q``). The
+    returned unit is ``s * q / threshold``, so ``R / unit > threshold`` holds
+    exactly when ``R`` exceeds the corrected quantile. Floored at ``1e-4`` of the
+    pattern's largest response (only matters where the noise is undefined:
+    noise-free or all-zero backgrounds).
 
     Parameters
     ----------
@@ -111,9 +113,9 @@ def noise_level(response: np.ndarray, threshold: float) -> np.ndarray:
     """
     n = response.shape[0]
     sub = response[:, ::_NOISE_STRIDE, ::_NOISE_STRIDE].reshape(n, -1)
-    sigma = _MAD_TO_SIGMA * np.median(np.abs(sub), axis=1)
-    rms = np.sqrt(np.mean(sub * sub, axis=1))
-    sigma = np.where(sigma > 0, np.maximum(sigma, 0.0), rms)  # start from above if MAD = 0
+    sigma = _MAD_TO_SIGMA * np.median(np.abs(sub), axis=1).astype(np.float64)
+    rms = np.sqrt(np.mean(sub * sub, axis=1, dtype=np.float64))
+    sigma = np.where(sigma > 0, sigma, rms)  # MAD = 0 (mostly empty): start from above
     for _ in range(_CLIP_ITER):
         keep = np.abs(sub) <= _CLIP * sigma[:, None]
         cnt = np.maximum(keep.sum(axis=1), 1)
@@ -128,12 +130,28 @@ def noise_level(response: np.ndarray, threshold: float) -> np.ndarray:
     m3 = (d2 * d).sum(axis=1, dtype=np.float64) / cnt
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = np.nan_to_num(m3 / m2 ** 1.5)
-    skew = np.clip(skew, 0.0, None)  # only a heavy upper tail raises the threshold
-    unit = sigma * (1.0 + skew * (threshold ** 2 - 1.0) / (6.0 * threshold))
+    unit = sigma * _skewed_quantile(threshold, skew) / threshold
     floor = _NOISE_FLOOR * np.abs(response.reshape(n, -1)).max(axis=1)
     out = np.maximum(unit, floor)
     out[out == 0] = np.inf  # an all-zero pattern has no peaks
     return out.astype(np.float32)
+
+
+def _skewed_quantile(z: float, skew: np.ndarray) -> np.ndarray:
+    """Upper quantile, in standard deviations, of a Pearson type III (shifted gamma)
+    distribution of skewness ``skew`` with the tail probability of ``z`` Gaussian sigmas.
+
+    Sums of counting noise are gamma-like; the gamma with the measured skewness
+    models their upper tail far better than a Gaussian (or Cornish-Fisher) does at
+    low dose. ``skew <= 0`` (or tiny) gives ``z`` itself.
+    """
+    skew = np.asarray(skew, np.float64)
+    out = np.full(skew.shape, float(z))
+    pos = skew > 1e-3
+    if pos.any():
+        k = 4.0 / skew[pos] ** 2
+        out[pos] = (gamma.isf(norm.sf(z), k) - k) / np.sqrt(k)
+    return out
 
 
 def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,

@@ -1,0 +1,222 @@
+"""LoG peak finder: against skimage blob_log, known spot centres, pure noise; lazy == kernel."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from skimage.feature import blob_log
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.peaks import (PeakParams, default_threshold, find_peaks, find_peaks_log, log_sigmas,
+                            peaks_block, resolve)
+
+SPOT_SIGMA = 1.2  # Gaussian spot width, px
+SIGMAS = log_sigmas(0.85, 1.7, 2)
+
+
+@pytest.fixture(autouse=True)
+def _synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def gaussian_spots(shape, centres, amplitudes, sigma=SPOT_SIGMA):
+    """Spots of integrated intensity ``amplitudes`` (pixel-centre sampled Gaussians)."""
+    ky, kx = shape
+    yy, xx = np.mgrid[:ky, :kx]
+    img = np.zeros(shape)
+    for (y, x), a in zip(centres, amplitudes):
+        img += a / (2 * np.pi * sigma ** 2) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma ** 2))
+    return img
+
+
+def make_patterns(n, k=64, *, spacing=12, amplitude=(300.0, 3000.0), background=2.0, seed=0):
+    """Background-subtracted Poisson patterns of well-separated spots on a jittered lattice.
+
+    Returns frames (n, k, k) float32 and the truth table (m, 4) [index, y, x, amplitude].
+    """
+    rng = np.random.default_rng(seed)
+    g = np.arange(spacing // 2 + 4, k - spacing // 2 - 3, spacing, dtype=float)
+    lattice = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    frames, truth = [], []
+    for i in range(n):
+        c = lattice + rng.uniform(-2, 2, lattice.shape)
+        a = rng.uniform(*amplitude, len(c))
+        lam = gaussian_spots((k, k), c, a) + background
+        frames.append(rng.poisson(lam) - background)
+        truth.append(np.column_stack([np.full(len(c), i), c, a]))
+    return np.asarray(frames, np.float32), np.concatenate(truth)
+
+
+def match(found, truth, tol):
+    """Distances from each truth spot to the nearest found peak in the same pattern."""
+    gap = 1e4
+    tree = cKDTree(np.column_stack([found[:, 0] * gap, found[:, 1], found[:, 2]]))
+    d, j = tree.query(np.column_stack([truth[:, 0] * gap, truth[:, 1], truth[:, 2]]),
+                      distance_upper_bound=tol)
+    return d, j
+
+
+def test_finds_every_spot_and_nothing_else():
+    frames, truth = make_patterns(12)
+    found = find_peaks_log(frames, SIGMAS, exclude_border=3)
+    d, _ = match(found, truth, 1.0)
+    assert np.isfinite(d).all()                 # every spot found within 1 px
+    assert len(found) == len(truth)             # and nothing else
+    assert found.dtype == np.float32 and found.shape[1] == 5
+    assert set(np.unique(found[:, 4])) <= set(SIGMAS.astype(np.float32))
+
+
+def test_same_peaks_as_skimage_blob_log():
+    frames, truth = make_patterns(4, amplitude=(1500.0, 3000.0), seed=1)
+    ours = find_peaks_log(frames, SIGMAS, exclude_border=3)
+    for i, f in enumerate(frames):
+        ref = blob_log(f / f.max(), min_sigma=0.85, max_sigma=1.7, num_sigma=5, threshold=0.02,
+                       exclude_border=3)
+        mine = ours[ours[:, 0] == i, 1:3]
+        d_ref = cKDTree(mine).query(ref[:, :2])[0]
+        d_mine = cKDTree(ref[:, :2]).query(mine)[0]
+        assert len(ref) == len(mine)
+        assert d_ref.max() <= 1.0 and d_mine.max() <= 1.0
+
+
+def test_subpixel_accuracy():
+    frames, truth = make_patterns(16, amplitude=(2000.0, 4000.0), seed=2)
+    found = find_peaks_log(frames, SIGMAS, exclude_border=3)
+    d, _ = match(found, truth, 1.0)
+    assert np.sqrt(np.mean(d ** 2)) < 0.1
+    assert d.max() < 0.2
+    # the rounded position alone would be off by ~0.4 px on average
+    d_int, _ = match(np.column_stack([found[:, 0], np.rint(found[:, 1:3]), found[:, 3:]]), truth, 1.0)
+    assert d.mean() < 0.5 * d_int.mean()
+
+
+def test_intensity_is_disc_integral():
+    frames, truth = make_patterns(8, amplitude=(2000.0, 4000.0), seed=3)
+    found = find_peaks_log(frames, SIGMAS, exclude_border=3)
+    d, j = match(truth, found, 1.0)  # nearest truth spot of each found peak
+    rho = np.sqrt(2) * SIGMAS.max()
+    expected = truth[j, 3] * (1 - np.exp(-rho ** 2 / (2 * SPOT_SIGMA ** 2)))
+    assert np.median(found[:, 3] / expected) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("rate", [0.5, 2.0, 20.0])
+def test_pure_noise_false_peak_rate(rate):
+    rng = np.random.default_rng(4)
+    n, k = 400, 64
+    noise = (rng.poisson(rate, (n, k, k)) - rate).astype(np.float32)
+    found = find_peaks_log(noise, SIGMAS)
+    # nominal 0.01 per pattern for Gaussian noise; allow for the Poisson skew
+    assert len(found) / n <= 0.05
+
+
+def test_intensity_scale_free():
+    frames, _ = make_patterns(4, seed=5)
+    a = find_peaks_log(frames, SIGMAS, exclude_border=3)
+    b = find_peaks_log(frames * 1000.0, SIGMAS, exclude_border=3)
+    assert len(a) == len(b)
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-4)
+    np.testing.assert_allclose(b[:, 3], a[:, 3] * 1000.0, rtol=1e-4)
+
+
+def test_weak_spot_beside_strong_beam():
+    """A thin crystal's spot at 0.3 % of the beam is found (blob_log's relative cut loses it)."""
+    rng = np.random.default_rng(6)
+    k = 64
+    lam = gaussian_spots((k, k), [(32, 32), (20, 45)], [3e5, 900.0]) + 2.0
+    frame = (rng.poisson(lam) - 2.0).astype(np.float32)[None]
+    found = find_peaks_log(frame, SIGMAS, exclude_border=3)
+    assert np.min(np.hypot(found[:, 1] - 20, found[:, 2] - 45)) < 0.5
+    ref = blob_log(frame[0] / frame.max(), min_sigma=0.85, max_sigma=1.7, num_sigma=5,
+                   threshold=0.046, exclude_border=3)
+    assert not np.any(np.hypot(ref[:, 0] - 20, ref[:, 1] - 45) < 1)
+
+
+def test_border_exclusion_and_empty_patterns():
+    k = 48
+    lam = gaussian_spots((k, k), [(2.0, 24.0), (24.0, 24.0), (24.0, k - 3.0)], [3000.0] * 3)
+    frames = np.stack([lam, np.zeros((k, k))]).astype(np.float32)
+    found = find_peaks_log(frames, SIGMAS, exclude_border=4)
+    assert len(found) == 1 and found[0, 0] == 0
+    assert found[0, 1:3] == pytest.approx([24.0, 24.0], abs=0.05)  # noise-free: exact fit
+    assert find_peaks_log(np.zeros((3, k, k), np.float32), SIGMAS).shape == (0, 5)
+
+
+def test_resolve_defaults_from_spot_radius():
+    p = resolve(PeakParams(), 3.0, detector_shape=(128, 128))
+    assert p.max_sigma == pytest.approx(3.0 / np.sqrt(2))
+    assert p.min_sigma == pytest.approx(3.0 / (2 * np.sqrt(2)))
+    assert p.exclude_border == 3
+    assert p.threshold == pytest.approx(default_threshold(128, 128, 2))
+    assert 4.8 < p.threshold < 5.2
+    small = resolve(PeakParams(), 1.0)
+    assert small.min_sigma == pytest.approx(0.7)
+    assert small.max_sigma == pytest.approx(1 / np.sqrt(2))
+    assert small.threshold is None
+    fixed = PeakParams(min_sigma=1, max_sigma=2, num_sigma=3, threshold=6, exclude_border=2)
+    assert resolve(fixed) == fixed
+
+
+@pytest.mark.parametrize("chunks", [(9, 7), (4, 5), (3, 2), (1, 7)])
+def test_lazy_equals_kernel(chunks):
+    frames, _ = make_patterns(63, k=48, seed=7)
+    data = frames.reshape(9, 7, 48, 48)
+    params = resolve(PeakParams(), 2.0)
+    whole = peaks_block(data, (0, 0), params)
+    tables = dask.compute(*find_peaks(da.from_array(data, chunks=chunks + (48, 48)), params))
+    lazy = np.concatenate(tables)
+    lazy = lazy[np.lexsort((lazy[:, 3], lazy[:, 2], lazy[:, 1], lazy[:, 0]))]
+    whole = whole[np.lexsort((whole[:, 3], whole[:, 2], whole[:, 1], whole[:, 0]))]
+    np.testing.assert_array_equal(lazy, whole)
+    # and the kernel's pattern index maps to global scan coordinates
+    sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
+    k = find_peaks_log(frames, sig, exclude_border=params.exclude_border)
+    assert len(k) == len(whole)
+    np.testing.assert_array_equal(np.sort(k[:, 0] // 7), np.sort(whole[:, 0]))
+
+
+def test_find_peaks_resolves_with_spot_radius():
+    frames, _ = make_patterns(4, k=48, seed=8)
+    data = da.from_array(frames.reshape(2, 2, 48, 48), chunks=(1, 2, 48, 48))
+    a = np.concatenate(dask.compute(*find_peaks(data, PeakParams(), spot_radius=2.0)))
+    b = np.concatenate(dask.compute(*find_peaks(data, resolve(PeakParams(), 2.0))))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("exc, kwargs, match", [
+    (ParameterError, dict(min_sigma=0.1), "min_sigma"),
+    (ParameterError, dict(max_sigma=-1), "max_sigma"),
+    (ParameterError, dict(min_sigma=3, max_sigma=2), "min_sigma"),
+    (ParameterError, dict(num_sigma=0), "num_sigma"),
+    (ParameterError, dict(num_sigma=2.5), "num_sigma"),
+    (ParameterError, dict(threshold=0), "threshold"),
+    (ParameterError, dict(threshold="5"), "threshold"),
+    (ParameterError, dict(exclude_border=0), "exclude_border"),
+])
+def test_bad_params(exc, kwargs, match):
+    with pytest.raises(exc, match=match):
+        PeakParams(**kwargs)
+
+
+@pytest.mark.parametrize("exc, call, match", [
+    (InputError, lambda: find_peaks_log(np.zeros((8, 8)), [1.0]), "3-D"),
+    (InputError, lambda: find_peaks_log(np.zeros((1, 2, 8)), [1.0]), "3 x 3"),
+    (InputError, lambda: find_peaks_log(np.zeros((1, 8, 8), bool), [1.0]), "numeric"),
+    (ParameterError, lambda: find_peaks_log(np.zeros((1, 8, 8)), []), "sigmas"),
+    (ParameterError, lambda: find_peaks_log(np.zeros((1, 8, 8)), [0.2]), "sigmas"),
+    (ParameterError, lambda: find_peaks_log(np.zeros((1, 8, 8)), [1.0], threshold=-1), "threshold"),
+    (ParameterError, lambda: find_peaks_log(np.zeros((1, 8, 8)), [1.0], exclude_border=0),
+     "exclude_border"),
+    (ParameterError, lambda: resolve(PeakParams(), None), "spot_radius"),
+    (ParameterError, lambda: resolve({}, 2.0), "PeakParams"),
+    (ParameterError, lambda: peaks_block(np.zeros((1, 1, 8, 8)), (0, 0), PeakParams()), "resolve"),
+    (InputError, lambda: peaks_block(np.zeros((8, 8)), (0, 0), resolve(PeakParams(), 2.0)), "4-D"),
+    (InputError, lambda: find_peaks(np.zeros((1, 1, 8, 8)), PeakParams(), spot_radius=2), "dask"),
+    (InputError, lambda: find_peaks(da.zeros((2, 2, 8, 8), chunks=(1, 1, 4, 8)), PeakParams(),
+                                    spot_radius=2), "whole patterns"),
+    (ParameterError, lambda: find_peaks(da.zeros((2, 2, 8, 8)), PeakParams()), "spot_radius"),
+])
+def test_bad_inputs(exc, call, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,154 @@
+"""Unique vectors: histogram reduction (process / merge / finalize) vs truth and DBSCAN."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.cluster import DBSCAN
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.peaks import PeakParams, find_peaks, resolve as resolve_peaks
+from spedflow.peaks.vectors import VectorParams, merge, peak_histogram, resolve, unique_vectors
+
+K = 64
+BEAM = np.array([K // 2, K // 2], float)
+
+
+def synthetic_table(vectors, counts, *, scatter=0.3, n_noise=300, n_beam=400, seed=0):
+    """A peak table: ``counts[i]`` peaks scattered about each vector, beam peaks, noise."""
+    rng = np.random.default_rng(seed)
+    pos = [BEAM + v + rng.normal(0, scatter, (c, 2)) for v, c in zip(vectors, counts)]
+    pos.append(BEAM + rng.normal(0, 0.5, (n_beam, 2)))
+    pos.append(rng.uniform(0, K - 1, (n_noise, 2)))
+    pos = np.concatenate(pos)
+    scan = rng.integers(0, 40, (len(pos), 2))
+    return np.column_stack([scan, pos, rng.uniform(1, 10, len(pos))]).astype(np.float32)
+
+
+TRUE_VECTORS = np.array([[10.3, 0.2], [-10.1, -0.4], [0.6, 12.7], [7.2, 7.9], [-15.5, 11.1]])
+COUNTS = [200, 60, 25, 16, 80]
+
+
+def test_histogram_is_a_mergeable_reduction():
+    t = synthetic_table(TRUE_VECTORS, COUNTS)
+    parts = np.array_split(t, 5)
+    hists = [peak_histogram(p, (K, K), oversample=2) for p in parts]
+    whole = peak_histogram(t, (K, K), oversample=2)
+    np.testing.assert_array_equal(merge(merge(hists[0], hists[1]), hists[2]),
+                                  merge(hists[0], merge(hists[1], hists[2])))
+    total = hists[0]
+    for h in hists[1:]:
+        total = merge(total, h)
+    np.testing.assert_array_equal(total, whole)
+    assert whole.sum() == len(t)  # every peak lies on the detector
+    w = np.round(t[:, 4])
+    np.testing.assert_allclose(sum(peak_histogram(p, (K, K), 2, weights=np.round(p[:, 4]))
+                                   for p in parts), peak_histogram(t, (K, K), 2, weights=w))
+
+
+def test_histogram_bins_match_numpy():
+    t = synthetic_table(TRUE_VECTORS, COUNTS, seed=1)
+    o = 3
+    edges_y = (np.arange(K * o + 1)) / o - 0.5
+    ref, _, _ = np.histogram2d(t[:, 2], t[:, 3], bins=[edges_y, edges_y])
+    np.testing.assert_array_equal(peak_histogram(t, (K, K), oversample=o), ref)
+
+
+def test_recovers_known_vectors():
+    t = synthetic_table(TRUE_VECTORS, COUNTS, seed=2)
+    hist = peak_histogram(t, (K, K), oversample=2)
+    v, support = unique_vectors(hist, detector_shape=(K, K), params=VectorParams(),
+                                beam_radius=3.0, return_support=True)
+    assert len(v) == len(TRUE_VECTORS)  # beam and noise dropped
+    d = np.linalg.norm(v[:, None, :] - TRUE_VECTORS[None], axis=2)
+    assert d.min(axis=1).max() < 0.2
+    assert support[0] == support.max()  # strongest first
+    assert np.all(support >= 10)
+
+
+def test_min_patterns_and_edge():
+    vec = np.array([[10.0, 0.0], [-10.0, 0.0], [0.0, 30.0]])  # last one 1 px from the edge
+    t = synthetic_table(vec, [40, 6, 40], n_noise=0, seed=3)
+    hist = peak_histogram(t, (K, K), 2)
+    v = unique_vectors(hist, detector_shape=(K, K), beam_radius=3.0)
+    np.testing.assert_allclose(v, [[10.0, 0.0]], atol=0.2)
+    v = unique_vectors(hist, detector_shape=(K, K), beam_radius=3.0, min_patterns=5, edge_margin=0)
+    assert len(v) == 3
+    v = unique_vectors(hist, detector_shape=(K, K), beam_radius=3.0, beam_exclusion_radius=0)
+    assert np.min(np.linalg.norm(v, axis=1)) < 0.2  # the beam itself
+
+
+def test_random_peaks_make_no_vectors():
+    rng = np.random.default_rng(4)
+    pos = rng.uniform(0, K - 1, (20000, 2))  # ~5 peaks per pixel, local maxima > 10
+    t = np.column_stack([np.zeros((len(pos), 2)), pos, np.ones(len(pos))])
+    v = unique_vectors(peak_histogram(t, (K, K), 2), detector_shape=(K, K), beam_radius=3.0)
+    assert len(v) == 0
+    # a real cluster on top of that floor is still found
+    t2 = np.concatenate([t, synthetic_table([[12.0, -5.0]], [150], n_noise=0, n_beam=0)])
+    v = unique_vectors(peak_histogram(t2, (K, K), 2), detector_shape=(K, K), beam_radius=3.0)
+    np.testing.assert_allclose(v, [[12.0, -5.0]], atol=0.3)
+
+
+def test_same_vectors_as_dbscan():
+    """The reference: DBSCAN (eps 0.89 px, min_samples 10) on all peak positions."""
+    t = synthetic_table(TRUE_VECTORS, COUNTS, n_noise=100, n_beam=0, seed=5)
+    labels = DBSCAN(eps=0.89, min_samples=10).fit_predict(t[:, 2:4])
+    ref = np.array([t[labels == i, 2:4].mean(0) for i in range(labels.max() + 1)]) - BEAM
+    ours = unique_vectors(peak_histogram(t, (K, K), 2), detector_shape=(K, K), beam_radius=3.0)
+    assert len(ours) == len(ref)
+    d = np.linalg.norm(ours[:, None] - ref[None], axis=2)
+    assert d.min(axis=1).max() < 1.0
+
+
+def test_end_to_end_from_patterns():
+    """Patterns with spots at known vectors in some scan positions -> those vectors."""
+    rng = np.random.default_rng(6)
+    sy, sx, k = 8, 8, 48
+    vec = np.array([[9.4, -3.2], [-6.7, 8.1]])
+    yy, xx = np.mgrid[:k, :k]
+    data = np.zeros((sy, sx, k, k))
+    for iy in range(sy):
+        for ix in range(sx):
+            lam = 2.0 + 4000 / (2 * np.pi * 1.5 ** 2) * np.exp(-((yy - 24) ** 2 + (xx - 24) ** 2) / 4.5)
+            for j, v in enumerate(vec):
+                if (j == 0 and iy < 5) or (j == 1 and ix > 3):
+                    c = 24 + v + rng.normal(0, 0.1, 2)
+                    lam = lam + 800 / (2 * np.pi * 1.2 ** 2) * np.exp(
+                        -((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * 1.2 ** 2))
+            data[iy, ix] = rng.poisson(lam) - 2.0
+    d = da.from_array(data.astype(np.float32), chunks=(3, 5, k, k))
+    tables = dask.compute(*find_peaks(d, PeakParams(), spot_radius=2.1), scheduler="synchronous")
+    hist = sum(peak_histogram(tb, (k, k), 2) for tb in tables)
+    v = unique_vectors(hist, detector_shape=(k, k), beam_radius=2.1)
+    assert len(v) == 2
+    dist = np.linalg.norm(v[:, None] - vec[None], axis=2)
+    assert dist.min(axis=1).max() < 0.2
+
+
+def test_defaults():
+    p = resolve(VectorParams(), 3.0)
+    assert (p.cluster_radius, p.scatter, p.beam_exclusion_radius, p.edge_margin) == (3.0, 1.5, 6.0, 3.0)
+    from spedflow.segment import WatershedParams
+    assert VectorParams().min_patterns == WatershedParams().min_size
+    assert resolve(p) is p
+
+
+@pytest.mark.parametrize("exc, call, match", [
+    (ParameterError, lambda: VectorParams(oversample=0), "oversample"),
+    (ParameterError, lambda: VectorParams(cluster_radius=0), "cluster_radius"),
+    (ParameterError, lambda: VectorParams(min_patterns=0), "min_patterns"),
+    (ParameterError, lambda: VectorParams(edge_margin=-1), "edge_margin"),
+    (ParameterError, lambda: resolve(VectorParams()), "spot_radius"),
+    (InputError, lambda: peak_histogram(np.zeros((3, 2)), (K, K)), "peak table"),
+    (ParameterError, lambda: peak_histogram(np.zeros((3, 5)), (K,)), "detector_shape"),
+    (InputError, lambda: peak_histogram(np.zeros((3, 5)), (K, K), weights=np.ones(2)), "weights"),
+    (InputError, lambda: unique_vectors(np.zeros((10, 10)), detector_shape=(K, K), beam_radius=3),
+     "does not match"),
+    (ParameterError, lambda: unique_vectors(np.zeros((K, K)), detector_shape=(K, K)), "beam_radius"),
+    (InputError, lambda: unique_vectors(-np.ones((K, K)), detector_shape=(K, K), beam_radius=3),
+     "non-negative"),
+])
+def test_bad_inputs(exc, call, match):
+    with pytest.raises(exc, match=match):
+        call()
