@@ -1,0 +1,126 @@
+"""VDF sums: one sparse product == brute-force loop of masks; lazy == kernel over chunkings."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.vdf import (VDFParams, annular_sums, annular_vdf, annulus_mask, disc_masks, resolve,
+                          vdf_images, vdf_sums)
+
+VECTORS = np.array([[5.3, -7.8], [-10.0, 2.0], [0.0, 0.0], [12.6, 12.4], [14.0, -14.5]])
+
+
+@pytest.fixture(autouse=True)
+def _synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def brute_force(frames, vectors, radius, supersample=1):
+    """Loop over vectors: mask (pixel area fraction at ``supersample``^2 points) times pattern."""
+    ky, kx = frames.shape[-2:]
+    s = (np.arange(supersample) + 0.5) / supersample - 0.5
+    yy = (np.arange(ky)[:, None] + s[None, :]).reshape(-1)
+    xx = (np.arange(kx)[:, None] + s[None, :]).reshape(-1)
+    out = []
+    for gy, gx in vectors:
+        cy, cx = gy + ky // 2, gx + kx // 2
+        fine = (yy[:, None] - cy) ** 2 + (xx[None, :] - cx) ** 2 <= radius ** 2
+        mask = fine.reshape(ky, supersample, kx, supersample).mean(axis=(1, 3))
+        out.append((frames * mask).sum(axis=(-2, -1)))
+    return np.stack(out, axis=-1)
+
+
+@pytest.fixture
+def frames():
+    return np.random.default_rng(0).poisson(5.0, (7, 9, 40, 40)).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0, 3.3])
+def test_hard_discs_equal_brute_force(frames, radius):
+    np.testing.assert_allclose(vdf_sums(frames, VECTORS, radius, subpixel=False),
+                               brute_force(frames, VECTORS, radius), rtol=1e-5)
+
+
+def test_subpixel_discs_equal_brute_force(frames):
+    # same 8 x 8 supersampling as the kernel -> identical masks
+    np.testing.assert_allclose(vdf_sums(frames, VECTORS, 2.5),
+                               brute_force(frames, VECTORS, 2.5, supersample=8), rtol=1e-5)
+    # and the area of every disc on the detector is pi r^2 to well within a percent
+    area = np.asarray(disc_masks(VECTORS[:4], 2.5, (40, 40)).sum(axis=0)).ravel()
+    np.testing.assert_allclose(area, np.pi * 2.5 ** 2, rtol=0.01)
+
+
+def test_subpixel_sum_is_continuous_in_the_vector():
+    """Moving a disc by 0.1 px changes the sum of a smooth image by little (no jumps)."""
+    yy, xx = np.mgrid[:40, :40]
+    img = np.exp(-((yy - 20.0) ** 2 + (xx - 26.0) ** 2) / 50.0)[None].astype(np.float32)
+    shifts = np.linspace(0, 1, 11)
+    vec = np.column_stack([np.zeros_like(shifts), 3 + shifts])
+    soft = vdf_sums(img, vec, 2.2)[0]
+    hard = vdf_sums(img, vec, 2.2, subpixel=False)[0]
+    assert np.abs(np.diff(soft)).max() < 0.5 * np.abs(np.diff(hard)).max()
+
+
+def test_disc_off_the_detector_is_clipped(frames):
+    v = np.array([[19.5, 0.0], [40.0, 40.0]])  # half off; entirely off
+    out = vdf_sums(frames, v, 2.0, subpixel=False)
+    np.testing.assert_allclose(out, brute_force(frames, v, 2.0), rtol=1e-5)
+    assert np.all(out[..., 1] == 0)
+
+
+def test_annular(frames):
+    ky = kx = 40
+    yy, xx = np.mgrid[:ky, :kx]
+    r2 = (yy - 20) ** 2 + (xx - 20) ** 2
+    mask = (r2 >= 4.0 ** 2) & (r2 <= 12.0 ** 2)
+    np.testing.assert_allclose(annular_sums(frames, 4.0, 12.0, subpixel=False),
+                               (frames * mask).sum(axis=(-2, -1)), rtol=1e-5)
+    area = annulus_mask((ky, kx), 4.0, 12.0).sum()
+    assert area == pytest.approx(np.pi * (12 ** 2 - 4 ** 2), rel=0.01)
+
+
+@pytest.mark.parametrize("chunks", [(7, 9), (4, 5), (3, 2), (1, 9), (7, 1)])
+def test_lazy_equals_kernel(frames, chunks):
+    d = da.from_array(frames, chunks=chunks + (40, 40))
+    imgs = vdf_images(d, VECTORS, 2.5)
+    assert imgs.shape == (len(VECTORS), 7, 9) and imgs.dtype == np.float32
+    np.testing.assert_allclose(imgs.compute(), vdf_sums(frames, VECTORS, 2.5).transpose(2, 0, 1),
+                               rtol=1e-6)
+    ann = annular_vdf(d, 3.0, 10.0)
+    assert ann.shape == (7, 9)
+    np.testing.assert_allclose(ann.compute(), annular_sums(frames, 3.0, 10.0), rtol=1e-6)
+
+
+def test_integer_data_and_no_vectors(frames):
+    raw = frames.astype(np.uint16)
+    np.testing.assert_allclose(vdf_sums(raw, VECTORS, 2.0), vdf_sums(frames, VECTORS, 2.0))
+    assert vdf_sums(frames, np.zeros((0, 2)), 2.0).shape == (7, 9, 0)
+
+
+def test_params():
+    assert resolve(VDFParams(), 3.1).radius == 3.1
+    assert resolve(VDFParams(radius=2.0), 3.1).radius == 2.0
+
+
+@pytest.mark.parametrize("exc, call, match", [
+    (ParameterError, lambda: VDFParams(radius=0), "radius"),
+    (ParameterError, lambda: VDFParams(subpixel="yes"), "subpixel"),
+    (ParameterError, lambda: resolve(VDFParams()), "spot_radius"),
+    (InputError, lambda: vdf_sums(np.zeros((2, 8, 8)), np.zeros((3, 3)), 1.0), r"\(N, 2\)"),
+    (InputError, lambda: vdf_sums(np.zeros((2, 8, 8)), [[np.nan, 0]], 1.0), "finite"),
+    (ParameterError, lambda: vdf_sums(np.zeros((2, 8, 8)), [[0, 0]], -1.0), "radius"),
+    (InputError, lambda: vdf_sums(np.zeros(8), [[0, 0]], 1.0), "ky, kx"),
+    (ParameterError, lambda: annular_sums(np.zeros((2, 8, 8)), 5.0, 3.0), "inner"),
+    (InputError, lambda: vdf_images(np.zeros((2, 2, 8, 8)), [[0, 0]], 1.0), "dask"),
+    (InputError, lambda: vdf_images(da.zeros((2, 8, 8)), [[0, 0]], 1.0), "4-D"),
+    (InputError, lambda: vdf_images(da.zeros((2, 2, 8, 8), chunks=(1, 1, 4, 8)), [[0, 0]], 1.0),
+     "whole patterns"),
+    (InputError, lambda: annular_vdf(da.zeros((2, 2, 8, 8), chunks=(1, 1, 8, 4)), 1.0, 2.0),
+     "whole patterns"),
+])
+def test_bad_inputs(exc, call, match):
+    with pytest.raises(exc, match=match):
+        call()
