@@ -40,8 +40,8 @@ class NMFConfig:
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
-    from ..decompose import (beam_mask, choose_n_components, classify_components, nmf,
-                             normalised_matrix, poisson_statistics, scree, undo_normalisation)
+    from ..decompose import (beam_mask, choose_n_components, nmf, normalised_matrix,
+                             poisson_statistics, scree, undo_normalisation)
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -53,7 +53,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     prep = resolve_pre(cfg.preprocess, r)
     data = binned(plan, prep)
     ny, nx, ky, kx = data.shape
-    aligned = pre.align(data, beam.used)
+    # Fourier sub-pixel shifts ring slightly below zero next to sharp spots: counts
+    # cannot be negative, so clip before the Poisson statistics
+    aligned = pre.align(data, beam.used).map_blocks(np.maximum, 0, dtype=np.float32)
     mask = beam_mask((ky, kx), cfg.nmf.beam_mask_radius, beam_radius=r)
     n_pix = int((~mask).sum())
     if cfg.nmf.n_components is not None and cfg.nmf.n_components > min(ny * nx, n_pix):
@@ -71,9 +73,25 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                                    if k not in ("row_sums", "col_sums")})
             st_stats.mark_complete()
     stats = _load_stats(st_stats)
-    matrix = normalised_matrix(aligned, stats, mask)
 
-    st_scree = cache.stage("scree", *key, dataclasses.asdict(cfg.scree))
+    # The normalised matrix is read once per SVD pass and once per NMF epoch: write it
+    # to the cache once, as (Y, X, P) blocks aligned with the data's chunks, so later
+    # passes only read and decompress. The decompositions see its rows block by block
+    # (block-major order); `order` maps those rows back to raster order.
+    st_matrix = cache.stage("matrix", *key)
+    target = st_matrix.path / "matrix.zarr"
+    if not st_matrix.complete:
+        with timer("matrix"):
+            blocks3 = _normalised_blocks(aligned, stats, mask)
+            import zarr
+            from ..io import create_array
+            z = create_array(zarr.open_group(str(target), mode="w"), "x", blocks3.shape,
+                             np.float32, chunks=tuple(c[0] for c in blocks3.chunks))
+            cluster.compute(da.store(blocks3, z, lock=False, compute=False),
+                            label="normalise", n_patterns=ny * nx)
+            st_matrix.mark_complete()
+    matrix, order = _block_major(target)
+    st_scree = cache.stage("scree", st_matrix.key, dataclasses.asdict(cfg.scree))
     if not st_scree.complete:
         with timer("scree"):
             k = min(cfg.scree.n_components, min(matrix.shape) - 1)
@@ -81,17 +99,19 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                        n_oversamples=cfg.scree.n_oversamples, seed=cfg.scree.seed)
             st_scree.save("evr", sc.explained_variance_ratio)
             st_scree.save("singular_values", sc.singular_values)
-            st_scree.save_attrs(total_variance=sc.total_variance, shape=list(sc.shape))
+            st_scree.save_attrs(total_variance=sc.total_variance, shape=list(sc.shape),
+                                noise_edge=sc.noise_edge)
             st_scree.mark_complete()
     evr = st_scree.load("evr")
     if cfg.nmf.n_components is None:
-        n_comp, why = choose_n_components(evr, shape=tuple(st_scree.attrs()["shape"]),
+        sa = st_scree.attrs()
+        n_comp, why = choose_n_components(evr, noise_edge=sa.get("noise_edge"), shape=tuple(sa["shape"]),
                                           max_components=cfg.nmf.max_components)
     else:
         n_comp, why = int(cfg.nmf.n_components), "set by the user"
     log.info("NMF with %d components (%s)", n_comp, why)
 
-    st_nmf = cache.stage("nmf", *key, dataclasses.asdict(cfg.nmf), n_comp)
+    st_nmf = cache.stage("nmf", st_matrix.key, dataclasses.asdict(cfg.nmf), n_comp)
     if not st_nmf.complete:
         with timer("nmf"):
             h, w, info = nmf(matrix, n_comp, cfg.nmf)
@@ -102,13 +122,20 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             st_nmf.save_attrs(info=info)
             st_nmf.mark_complete()
     h, w = st_nmf.load("factors"), st_nmf.load("loadings")
+    w_raster = np.empty_like(w)
+    w_raster[order] = w
     nmf_info = st_nmf.attrs().get("info", {})
-    factors, loadings = undo_normalisation(h, w, stats, mask)
+    factors, loadings = undo_normalisation(h, w_raster, stats, mask)
     factors = factors.reshape(-1, ky, kx)
     loadings = loadings.reshape(-1, ny, nx)
 
     with timer("classify"):
-        verdicts = classify_components(factors, loadings, beam_radius=r)
+        try:
+            from ..decompose import classify_components
+        except ImportError:  # not available yet: keep every component
+            verdicts = [(True, "kept (no classifier)")] * len(factors)
+        else:
+            verdicts = classify_components(factors, loadings, beam_radius=r)
         keep = np.array([v[0] for v in verdicts], bool)
         reasons = [v[1] for v in verdicts]
     set_aside = [{"component": int(i), "reason": reasons[i]} for i in np.flatnonzero(~keep)]
@@ -118,7 +145,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         if keep.any():
             mf, ml, groups = merge_components(factors[keep], loadings[keep],
                                               pattern_threshold=cfg.merge.pattern_threshold,
-                                              loading_threshold=cfg.merge.loading_threshold)
+                                              loading_threshold=cfg.merge.loading_threshold,
+                                              pattern_mask=~mask)
         else:
             mf, ml, groups = np.zeros((0, ky, kx), np.float32), np.zeros((0, ny, nx), np.float32), []
     kept_index = np.flatnonzero(keep)
@@ -164,6 +192,39 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def _normalised_blocks(aligned: da.Array, stats, mask: np.ndarray) -> da.Array:
+    """(Y, X, P) Poisson-normalised, masked patterns with regular nav chunks."""
+    from ..decompose import normalise_block, scale_factors
+    a, b = scale_factors(stats)
+    keep = ~mask
+    cy, cx = aligned.chunks[0][0], aligned.chunks[1][0]
+    aligned = aligned.rechunk((cy, cx) + aligned.shape[2:])
+    a_d = da.from_array(a.astype(np.float32), chunks=(cy, cx))
+    n_pix = int(keep.sum())
+    return da.map_blocks(normalise_block, aligned, a_d[:, :, None, None], b=b, keep=keep,
+                         dtype=np.float32, drop_axis=3,
+                         chunks=(aligned.chunks[0], aligned.chunks[1], (n_pix,)),
+                         meta=np.empty((0, 0, 0), np.float32)).astype(np.float32)
+
+
+def _block_major(path):
+    """The stored (Y, X, P) matrix as (N, P) rows, block by block, and their raster index."""
+    import zarr
+    x = da.from_zarr(zarr.open_array(str(path), path="x", mode="r"))
+    ny, nx, p = x.shape
+    raster = np.arange(ny * nx).reshape(ny, nx)
+    rows, order = [], []
+    y0 = 0
+    for i, cy in enumerate(x.chunks[0]):
+        x0 = 0
+        for j, cx in enumerate(x.chunks[1]):
+            rows.append(x.blocks[i, j].reshape(cy * cx, p))
+            order.append(raster[y0:y0 + cy, x0:x0 + cx].ravel())
+            x0 += cx
+        y0 += cy
+    return da.concatenate(rows, axis=0), np.concatenate(order)
 
 
 def _load_stats(stage):
