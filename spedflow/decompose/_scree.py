@@ -10,7 +10,7 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["ScreeResult", "scree", "choose_n_components", "marchenko_pastur_count",
-           "signflip_block"]
+           "signflip_block", "randomized_svd"]
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,95 @@ def _as_dask_matrix(matrix):
     return matrix
 
 
+def _project_block(x, row0, mean, flip_seed, mat, left):
+    """Kernel of one pass: ``x~ @ mat`` (right) or ``x~^T @ mat`` (left) for a row block.
+
+    ``x~`` is the block minus ``mean`` (if given), sign-flipped if ``flip_seed`` is
+    not None; products in float32, results float64.
+    """
+    x = np.asarray(x, np.float32)
+    if mean is not None:
+        x = x - mean.astype(np.float32)
+    if flip_seed is not None:
+        x = signflip_block(x, row0, x.shape[1], flip_seed)
+    mat = np.asarray(mat, np.float32)
+    return (x.T @ mat if left else x @ mat).astype(np.float64)
+
+
+def _sum(*parts):
+    out = parts[0].copy()
+    for q in parts[1:]:
+        out += q
+    return out
+
+
+def _tree_sum(items, fan_in=8):
+    from dask import delayed
+    while len(items) > 1:
+        items = [delayed(_sum, pure=True)(*items[i:i + fan_in]) for i in range(0, len(items), fan_in)]
+    return items[0]
+
+
+def randomized_svd(matrix, k: int, *, n_power_iter: int = 4, n_oversamples: int = 10,
+                   seed: int = 0, mean: np.ndarray | None = None,
+                   signflip_seed: int | None = None):
+    """Randomised SVD (Halko, Martinsson & Tropp 2011) streaming a row-chunked matrix.
+
+    Every pass is a graph of per-chunk products: ``X_c @ Omega`` (kept per chunk, N x l
+    in total, small) or ``X_c^T Q_c`` (P x l, tree-summed). The client orthonormalises
+    the thin N x l / P x l matrices. ``2 * n_power_iter + 2`` passes.
+
+    Parameters
+    ----------
+    matrix : (N, P) dask.array.Array or ndarray, chunked by rows.
+    k : number of singular triplets.
+    mean : (P,) optional, subtracted from every row on the fly (centring).
+    signflip_seed : int, optional, decompose the sign-flipped matrix instead
+        (:func:`signflip_block`).
+
+    Returns
+    -------
+    u : (N, k), s : (k,), vt : (k, P) float64 ndarrays.
+    """
+    import dask
+    from dask import delayed
+
+    m = _as_dask_matrix(matrix)
+    n, p = m.shape
+    ell = int(min(k + n_oversamples, n, p))
+    blocks = m.to_delayed().ravel().tolist()
+    rows = np.cumsum((0,) + m.chunks[0])
+    mean_d = delayed(mean, pure=True) if mean is not None else None
+
+    def right(mat):
+        mat_d = delayed(mat, pure=True)
+        parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, signflip_seed, mat_d, False)
+                 for i, b in enumerate(blocks)]
+        return np.concatenate(dask.compute(parts)[0], axis=0)
+
+    def left(q):
+        parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, signflip_seed,
+                                                    q[rows[i]:rows[i + 1]], True)
+                 for i, b in enumerate(blocks)]
+        return dask.compute(_tree_sum(parts))[0]
+
+    omega = np.random.default_rng(seed).standard_normal((p, ell))
+    q, _ = np.linalg.qr(right(omega))
+    for _ in range(n_power_iter):
+        z, _ = np.linalg.qr(left(q))
+        q, _ = np.linalg.qr(right(z))
+    bt = left(q)                        # (P, l) = (Q^T X)^T
+    vb, s, ubt = np.linalg.svd(bt, full_matrices=False)
+    return (q @ ubt.T)[:, :k], s[:k], vb.T[:k]
+
+
 def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversamples: int = 10,
           seed: int = 0, noise_edge: bool = True) -> ScreeResult:
     """Explained variance ratio of the leading components, streaming the data.
 
     The column mean and the total sum of squares are one mergeable pass; the
-    randomised SVD (``dask.array.linalg.svd_compressed``, Halko et al. 2011) of the
-    centred matrix costs ``2 * (n_power_iter + 1)`` more passes. Nothing of size
+    randomised SVD (:func:`randomized_svd`, Halko et al. 2011) of the centred
+    matrix (centred on the fly) costs ``2 * (n_power_iter + 1)`` more passes. Nothing of size
     N x P is held in memory.
 
     With ``noise_edge`` the noise floor is measured by signflip parallel analysis
@@ -107,7 +189,6 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     check_range("n_oversamples", n_oversamples, low=0, integer=True)
     check_range("seed", seed, low=0, integer=True)
     import dask
-    import dask.array as da
 
     m = _as_dask_matrix(matrix)
     n, p = m.shape
@@ -119,23 +200,16 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     total = float(sumsq - n * np.dot(mean, mean))
     if total <= 0:
         raise InputError("`matrix` has no variance (all patterns identical)")
-    centred = m - mean.astype(m.dtype)
-    oversamples = int(min(n_oversamples, min(n, p) - k))
-    _, s, _ = da.linalg.svd_compressed(centred, k, n_power_iter=n_power_iter,
-                                       n_oversamples=max(oversamples, 0), seed=seed)
-    s = np.asarray(s.compute(), np.float64)
+    oversamples = int(max(min(n_oversamples, min(n, p) - k), 0))
+    _, s, _ = randomized_svd(m, k, n_power_iter=n_power_iter, n_oversamples=oversamples,
+                             seed=seed, mean=mean)
     edge = None
     if noise_edge:
-        offsets = np.cumsum((0,) + centred.chunks[0][:-1])
-        flipped = da.map_blocks(
-            lambda b, block_info=None: signflip_block(
-                b, int(offsets[block_info[0]["chunk-location"][0]]), p, seed),
-            centred, dtype=centred.dtype, meta=np.empty((0, 0), centred.dtype))
-        kn = int(min(5, k))
-        over = int(max(min(n_oversamples, min(n, p) - kn), 0))
-        _, sn, _ = da.linalg.svd_compressed(flipped, kn, n_power_iter=n_power_iter,
-                                            n_oversamples=over, seed=seed + 1)
-        edge = float(np.asarray(sn.compute())[0] ** 2 / total)
+        # same subspace size as the scree itself: the randomised estimates of a flat
+        # (noise) spectrum are biased low, and equally so for data and null.
+        _, sn, _ = randomized_svd(m, k, n_power_iter=n_power_iter, n_oversamples=oversamples,
+                                  seed=seed + 1, mean=mean, signflip_seed=seed)
+        edge = float(sn[0] ** 2 / total)
     return ScreeResult(s ** 2 / total, s, total, (int(n), int(p)), edge)
 
 
