@@ -1,0 +1,146 @@
+"""Set aside NMF components that are not crystals (vacuum, detector glare, amorphous film).
+
+Two measurable properties separate them from crystal components:
+
+* **Spot fraction** of the component pattern: the fraction of its energy (sum of
+  squares over unmasked pixels) *not* explained by its azimuthal average about
+  the direct beam. Bragg spots break circular symmetry: the azimuthal average
+  spreads a spot over its whole ring (2 pi g pixels against a spot of a few), so a
+  spot pattern keeps nearly all its energy outside the average (fraction ~ 0.9-1).
+  The amorphous-film ring, the glare/halo of the direct beam and the vacuum are
+  circularly symmetric (fraction ~ 0, plus noise). The default threshold 0.25
+  reflects asymmetric costs: a discarded crystal is lost for good, a kept
+  background component only adds a segment that later steps can drop. NMF often
+  mixes some film ring into a crystal component (spots + a ring at 0.3 of the spot
+  height measure ~0.35), so a component is set aside only when at least three
+  quarters of its energy is circularly symmetric.
+* **Coverage** of the loading map: the fraction of scan positions where it exceeds
+  ``level`` (10 %) of its maximum. Film and vacuum components are spread over most
+  of the scan; a nanocrystal covers a small part. Coverage alone does not reject a
+  component with clear spots (a large crystal is still a crystal), but a component
+  with weak spot contrast (fraction below ``strong_spot_fraction`` = 0.5, i.e.
+  mostly symmetric) spread over
+  more than ``max_coverage`` of the scan is set aside as textured background.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import check_range
+from ..errors import ParameterError
+from ._poisson import beam_mask
+
+__all__ = ["spot_fraction", "loading_coverage", "classify_components"]
+
+
+def spot_fraction(factors: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of each pattern's energy that breaks circular symmetry about the beam.
+
+    Parameters
+    ----------
+    factors : (E, ky, kx) ndarray, component patterns, beam at (ky//2, kx//2).
+    mask : (ky, kx) bool, optional, True = excluded pixels (the direct beam).
+
+    Returns
+    -------
+    (E,) float64 in [0, 1]; 0 for an all-zero pattern.
+    """
+    f = np.asarray(factors, np.float64)
+    if f.ndim != 3:
+        raise ParameterError(f"`factors` must be (E, ky, kx) (got shape {f.shape})")
+    ky, kx = f.shape[1:]
+    keep = np.ones((ky, kx), bool) if mask is None else ~np.asarray(mask, bool)
+    yy, xx = np.indices((ky, kx))
+    rbin = np.rint(np.hypot(yy - ky // 2, xx - kx // 2)).astype(np.intp)[keep]
+    vals = f[:, keep]                                          # (E, P)
+    counts = np.bincount(rbin)
+    nb = counts.size
+    # azimuthal averages of all components at once: one bincount over (E * nbins)
+    idx = (np.arange(f.shape[0])[:, None] * nb + rbin[None]).ravel()
+    sums = np.bincount(idx, weights=vals.ravel(), minlength=f.shape[0] * nb).reshape(-1, nb)
+    radial = sums / np.maximum(counts, 1)
+    resid = vals - radial[:, rbin]
+    energy = np.sum(vals ** 2, axis=1)
+    out = np.zeros(f.shape[0])
+    np.divide(np.sum(resid ** 2, axis=1), energy, out=out, where=energy > 0)
+    return out
+
+
+def loading_coverage(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
+    """Fraction of scan positions where each loading exceeds ``level`` x its maximum.
+
+    Parameters
+    ----------
+    loadings : (E, Y, X) ndarray.
+    level : float in (0, 1).
+
+    Returns
+    -------
+    (E,) float64; 0 for an all-zero loading.
+    """
+    w = np.asarray(loadings, np.float64)
+    if w.ndim != 3:
+        raise ParameterError(f"`loadings` must be (E, Y, X) (got shape {w.shape})")
+    check_range("level", level, low=0, high=1, low_open=True, high_open=True)
+    flat = w.reshape(w.shape[0], -1)
+    peak = flat.max(axis=1, keepdims=True)
+    cov = np.mean(flat > level * peak, axis=1)
+    return np.where(peak[:, 0] > 0, cov, 0.0)
+
+
+def classify_components(factors: np.ndarray, loadings: np.ndarray, *,
+                        beam_radius: float | None = None, mask: np.ndarray | None = None,
+                        min_spot_fraction: float = 0.25, strong_spot_fraction: float = 0.5,
+                        max_coverage: float = 0.9, level: float = 0.1
+                        ) -> list[tuple[bool, str]]:
+    """Decide which NMF components are crystals (keep) and which are background.
+
+    Parameters
+    ----------
+    factors : (E, ky, kx) ndarray, component patterns (beam at the centre).
+    loadings : (E, Y, X) ndarray, loading maps.
+    beam_radius : float, optional
+        Measured direct-beam radius (px): the beam region (:func:`beam_mask` with
+        the default radius) is left out of the spot fraction. Ignored if ``mask``.
+    mask : (ky, kx) bool, optional, explicit excluded pixels.
+    min_spot_fraction : float, default 0.25
+        Below it the pattern is circularly symmetric: vacuum/glare/film.
+    strong_spot_fraction : float, default 0.5
+        Below it *and* covering more than ``max_coverage``: textured background.
+    max_coverage : float, default 0.9
+        Coverage (fraction of the scan above ``level`` x max) of scan-filling components.
+    level : float, default 0.1
+
+    Returns
+    -------
+    list of (keep, reason), one per component, reason a short sentence with the
+    measured spot fraction and coverage.
+    """
+    f = np.asarray(factors)
+    w = np.asarray(loadings)
+    if f.ndim != 3 or w.ndim != 3 or f.shape[0] != w.shape[0]:
+        raise ParameterError(f"`factors` (E, ky, kx) and `loadings` (E, Y, X) must have the same E "
+                             f"(got shapes {f.shape} and {w.shape})")
+    for name, v in (("min_spot_fraction", min_spot_fraction),
+                    ("strong_spot_fraction", strong_spot_fraction), ("max_coverage", max_coverage)):
+        check_range(name, v, low=0, high=1)
+    if mask is None and beam_radius is not None:
+        mask = beam_mask(f.shape[1:], beam_radius=beam_radius)
+    if mask is not None and np.shape(mask) != f.shape[1:]:
+        raise ParameterError(f"`mask` (shape {np.shape(mask)}) must have the pattern shape {f.shape[1:]}")
+    spots = spot_fraction(f, mask)
+    cover = loading_coverage(w, level)
+    out = []
+    for s, c, fe, we in zip(spots, cover, f.reshape(f.shape[0], -1).any(1),
+                            w.reshape(w.shape[0], -1).any(1)):
+        what = f"spot fraction {s:.2f}, coverage {c:.2f}"
+        if not (fe and we):
+            out.append((False, f"empty component ({what})"))
+        elif s < min_spot_fraction:
+            out.append((False, f"diffuse, circularly symmetric pattern: vacuum/glare/film ({what})"))
+        elif s < strong_spot_fraction and c > max_coverage:
+            out.append((False, f"weak spots spread over the whole scan: textured background ({what})"))
+        else:
+            out.append((True, f"crystal: spots break circular symmetry ({what})"))
+    return out
