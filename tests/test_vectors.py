@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import DBSCAN
 
 from spedflow.errors import InputError, ParameterError
-from spedflow.peaks import PeakParams, find_peaks, resolve as resolve_peaks
+from spedflow.peaks import PeakParams, find_peaks
 from spedflow.peaks.vectors import VectorParams, merge, peak_histogram, resolve, unique_vectors
 
 K = 64

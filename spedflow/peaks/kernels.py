@@ -33,11 +33,10 @@ _TRUNCATE = 3.5
 _NOISE_STRIDE = 4
 #: MAD -> standard deviation of a Gaussian.
 _MAD_TO_SIGMA = 1.4826
-#: Iterative sigma clipping of the noise sample: cut, iterations, and the ratio of
-#: the standard deviation of a Gaussian cut at +-5 sigma to the full one.
+#: Iterative sigma clipping of the noise sample: cut (a Gaussian cut at 5 sigma
+#: keeps its standard deviation to 1e-5) and iterations.
 _CLIP = 5.0
 _CLIP_ITER = 3
-_CLIP_BIAS = 1.0
 #: Noise floor relative to the pattern's strongest response (dynamic range ~1e4,
 #: about 14 bits): only matters when the noise is undefined (MAD = 0, e.g. noise-free
 #: simulations or backgrounds clipped to exactly zero over most of the pattern).
@@ -47,7 +46,7 @@ _NOISE_FLOOR = 1e-4
 def log_sigmas(min_sigma: float, max_sigma: float, num_sigma: int) -> np.ndarray:
     """Geometrically spaced LoG scales, px (one value when ``num_sigma == 1``)."""
     if num_sigma == 1 or min_sigma == max_sigma:
-        return np.array([float(max_sigma)] * 1)
+        return np.array([float(max_sigma)])
     return np.geomspace(float(min_sigma), float(max_sigma), int(num_sigma))
 
 
@@ -120,7 +119,7 @@ def noise_level(response: np.ndarray, threshold: float) -> np.ndarray:
         keep = np.abs(sub) <= _CLIP * sigma[:, None]
         cnt = np.maximum(keep.sum(axis=1), 1)
         m2 = np.where(keep, sub * sub, 0.0).sum(axis=1, dtype=np.float64) / cnt
-        sigma = np.sqrt(m2) / _CLIP_BIAS
+        sigma = np.sqrt(m2)
     keep = np.abs(sub) <= _CLIP * sigma[:, None]
     cnt = np.maximum(keep.sum(axis=1), 1)
     mean = np.where(keep, sub, 0.0).sum(axis=1, dtype=np.float64) / cnt
