@@ -32,15 +32,15 @@ PYXEM = "0.21.0"
 # What run_reference.py itself imports on top of pyxem's own requirements. pyxem 0.21
 # pins zarr<3, so the reference side reads and writes the Zarr v3 stores with the small
 # numcodecs-based codec in _zarr3.py instead of the zarr package.
-EXTRA = ["scikit-learn", "numcodecs"]
+EXTRA = ["scikit-learn", "numcodecs", "crc32c"]   # crc32c: verify chunk checksums
 
 PROBE = r"""
 import json, importlib, sys, warnings
 warnings.simplefilter("ignore")
 out = {"python": sys.version.split()[0]}
-for name in ("pyxem", "hyperspy", "numpy", "scipy", "skimage", "sklearn", "dask", "numcodecs", "numba"):
+for name in ("pyxem", "hyperspy", "numpy", "scipy", "skimage", "sklearn", "dask", "numcodecs", "crc32c", "numba"):
     try:
-        out[name] = importlib.import_module(name).__version__
+        out[name] = getattr(importlib.import_module(name), "__version__", "installed")
     except Exception as exc:  # noqa: BLE001 - report, do not fail the probe
         out[name] = f"unavailable ({type(exc).__name__}: {exc})"
 print(json.dumps(out))
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     versions = probe(py)
     if args.force or versions.get("pyxem") != args.pyxem or any(
             str(versions.get(k, "unavailable")).startswith("unavailable")
-            for k in ("hyperspy", "numcodecs", "sklearn", "skimage")) or "error" in versions:
+            for k in ("hyperspy", "numcodecs", "crc32c", "sklearn", "skimage")) or "error" in versions:
         cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check",
                f"pyxem=={args.pyxem}", *EXTRA]
         print("+ " + " ".join(cmd), file=sys.stderr)
