@@ -1,0 +1,316 @@
+"""Poisson normalisation, beam mask, scree/rank choice and background components."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from spedflow.config import params_from_dict
+from spedflow.decompose import (NMFParams, ScreeParams, beam_mask, choose_n_components,
+                                classify_components, default_beam_mask_radius,
+                                marchenko_pastur_count, merge_poisson, normalised_matrix,
+                                poisson_partial, poisson_statistics, randomized_svd, scree,
+                                signflip_block, spot_fraction, undo_normalisation)
+from spedflow.errors import InputError, ParameterError
+
+
+@pytest.fixture(autouse=True)
+def _sync():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def synth(rank, sy=32, sx=32, k=24, seed=0, counts=50.0):
+    """Sum of `rank` spot patterns x disc-like loadings, plus a radial halo, Poisson noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:k, :k]
+    pats = []
+    for _ in range(rank):
+        p = np.zeros((k, k))
+        for _ in range(rng.integers(4, 9)):
+            cy, cx = rng.uniform(2, k - 2, 2)
+            p += rng.uniform(0.5, 1.5) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)
+        pats.append(p / p.sum() * k * k)
+    Y, X = np.mgrid[:sy, :sx]
+    loads = []
+    for _ in range(rank):
+        cy, cx, r = rng.uniform(0, sy), rng.uniform(0, sx), rng.uniform(4, 9)
+        loads.append(np.clip(1.2 - np.hypot(Y - cy, X - cx) / r, 0, 1))
+    pats, loads = np.array(pats), np.array(loads)
+    mean = np.einsum("cyx,cij->yxij", loads, pats) * counts * 4 / (k * k)
+    mean += 0.2 * np.exp(-np.hypot(yy - k // 2, xx - k // 2) / 8)
+    return rng.poisson(mean).astype(np.float32), pats, loads
+
+
+# ------------------------------------------------------------------ beam mask
+def test_beam_mask_brute_force():
+    m = beam_mask((9, 10), 2.5)
+    ref = np.array([[(y - 4) ** 2 + (x - 5) ** 2 <= 6.25 for x in range(10)] for y in range(9)])
+    np.testing.assert_array_equal(m, ref)
+
+
+def test_beam_mask_default_radius():
+    assert default_beam_mask_radius(1.0) == 3.0          # small disc: +2 px margin
+    assert default_beam_mask_radius(5.0) == 10.0         # large disc: 2x
+    np.testing.assert_array_equal(beam_mask((16, 16), beam_radius=5), beam_mask((16, 16), 10.0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shape=(8, 8)), "radius"),
+    (dict(shape=(8, 8), radius=-1), "radius"),
+    (dict(shape=(8,), radius=1), "shape"),
+    (dict(shape=(8, 8), beam_radius=0), "beam_radius"),
+])
+def test_beam_mask_bad(kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        beam_mask(**kwargs)
+
+
+# ------------------------------------------------------------------ Poisson statistics
+def test_poisson_merge_associative_and_exact():
+    data, _, _ = synth(2, sy=12, sx=8, k=10)
+    mask = beam_mask((10, 10), 2)
+    parts = [poisson_partial(data[s], mask) for s in (slice(0, 3), slice(3, 7), slice(7, 12))]
+    left = merge_poisson(merge_poisson(parts[0], parts[1]), parts[2])
+    right = merge_poisson(parts[0], merge_poisson(parts[1], parts[2]))
+    whole = poisson_partial(data, mask)
+    for got in (left, right):
+        np.testing.assert_allclose(got.row_sums, whole.row_sums)
+        np.testing.assert_allclose(got.col_sums, whole.col_sums)
+    np.testing.assert_allclose(whole.row_sums, np.where(mask, 0, data).sum((2, 3)))
+    np.testing.assert_allclose(whole.col_sums, np.where(mask, 0, data).sum((0, 1)))
+    assert np.all(whole.col_sums[mask] == 0)
+
+
+@pytest.mark.parametrize("chunks", [(12, 8), (5, 3), (1, 8), (7, 5)])
+def test_poisson_statistics_lazy_equals_kernel(chunks):
+    data, _, _ = synth(2, sy=12, sx=8, k=10)
+    mask = beam_mask((10, 10), 2)
+    ref = poisson_statistics(data, mask)
+    got = poisson_statistics(da.from_array(data, chunks=chunks + (10, 10)), mask)
+    np.testing.assert_allclose(got.row_sums, ref.row_sums)
+    np.testing.assert_allclose(got.col_sums, ref.col_sums)
+
+
+@pytest.mark.parametrize("chunks", [(12, 8), (5, 3), (4, 8)])
+def test_normalised_matrix_brute_force(chunks):
+    data, _, _ = synth(2, sy=12, sx=8, k=10)
+    mask = beam_mask((10, 10), 2)
+    stats = poisson_statistics(data, mask)
+    got = normalised_matrix(da.from_array(data, chunks=chunks + (10, 10)), stats, mask).compute()
+    x = data.reshape(96, 100).astype(np.float64)
+    x[:, mask.ravel()] = 0
+    r, c, t = x.sum(1), x.sum(0), x.sum()
+    ref = np.zeros_like(x)
+    for i in range(96):                       # brute force: Keenan & Kotula x sqrt(T)
+        for j in range(100):
+            if r[i] * c[j] > 0:
+                ref[i, j] = x[i, j] / np.sqrt(r[i] * c[j] / t)
+    np.testing.assert_allclose(got, ref[:, ~mask.ravel()], rtol=1e-5, atol=1e-6)
+
+
+def test_normalisation_zero_patterns_and_pixels_no_nan():
+    data, _, _ = synth(2, sy=6, sx=6, k=10)
+    data[2, 3] = 0                            # an all-zero pattern
+    data[:, :, 0, :] = 0                      # a never-lit detector row
+    stats = poisson_statistics(data)
+    m = normalised_matrix(da.from_array(data, chunks=(4, 4, 10, 10)), stats).compute()
+    assert np.all(np.isfinite(m))
+    assert np.all(m[2 * 6 + 3] == 0) and np.all(m[:, :10] == 0)
+
+
+def test_negative_values_clipped_with_warning():
+    data, _, _ = synth(1, sy=4, sx=4, k=8)
+    data[0, 0, 1, 1] = -3.0
+    with pytest.warns(RuntimeWarning, match="1 negative"):
+        stats = poisson_statistics(da.from_array(data, chunks=(2, 2, 8, 8)))
+    assert stats.n_negative == 1
+    m = normalised_matrix(data, stats)
+    assert m.min() >= 0 and m[0, 9] == 0
+
+
+def test_undo_normalisation_back_to_counts():
+    rng = np.random.default_rng(1)
+    data, _, _ = synth(2, sy=6, sx=5, k=8)
+    mask = beam_mask((8, 8), 1)
+    stats = poisson_statistics(data, mask)
+    w, h = rng.random((30, 3)), rng.random((3, int((~mask).sum())))
+    f, l = undo_normalisation(h, w, stats, mask)
+    assert f.shape == (3, 8, 8) and l.shape == (3, 6, 5)
+    np.testing.assert_allclose(l.reshape(3, -1).max(1), 1.0, rtol=1e-6)
+    assert np.all(f[:, mask] == 0)
+    x = data.reshape(30, 64).astype(np.float64)
+    x[:, mask.ravel()] = 0
+    r, c = x.sum(1), x.sum(0)
+    counts = (w @ h) * np.sqrt(np.outer(r, c[~mask.ravel()]) / x.sum())
+    recon = np.einsum("eyx,eij->yxij", l.astype(np.float64), f.astype(np.float64)).reshape(30, 64)
+    np.testing.assert_allclose(recon[:, ~mask.ravel()], counts, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(data=np.zeros((4, 4, 8))), InputError, "4-D"),
+    (dict(data=np.zeros((4, 4, 8, 8)), mask=np.zeros((8, 8), int)), ParameterError, "boolean"),
+    (dict(data=np.zeros((4, 4, 8, 8)), mask=np.zeros((7, 8), bool)), ParameterError, "detector shape"),
+    (dict(data=np.zeros((4, 4, 8, 8)), mask=np.ones((8, 8), bool)), ParameterError, "every"),
+    (dict(data=da.zeros((4, 4, 8, 8), chunks=(2, 2, 4, 8))), InputError, "whole patterns"),
+])
+def test_poisson_statistics_bad(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        poisson_statistics(**kwargs)
+
+
+# ------------------------------------------------------------------ scree
+def test_scree_matches_numpy_svd():
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 8)) @ rng.random((8, 120)) * 5 + rng.standard_normal((300, 120))
+    x = x.astype(np.float32)
+    c = x.astype(np.float64) - x.mean(0)
+    s = np.linalg.svd(c, compute_uv=False)
+    ref = s ** 2 / np.sum(c ** 2)
+    for chunks in ((300, 120), (37, 120), (100, 60)):
+        res = scree(da.from_array(x, chunks=chunks), 20, n_power_iter=6)
+        np.testing.assert_allclose(res.explained_variance_ratio[:12], ref[:12], atol=1e-3)
+        np.testing.assert_allclose(res.total_variance, np.sum(c ** 2), rtol=1e-5)
+        assert res.shape == (300, 120) and res.noise_edge is not None
+
+
+def test_randomized_svd_top_triplets():
+    rng = np.random.default_rng(2)
+    x = (rng.random((200, 5)) @ rng.random((5, 80)) + 0.01 * rng.random((200, 80))).astype(np.float32)
+    u, s, vt = randomized_svd(da.from_array(x, chunks=(33, 80)), 5, n_power_iter=3)
+    ur, sr, vr = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(s, sr[:5], rtol=1e-4)
+    np.testing.assert_allclose(np.abs(np.sum(vt * vr[:5], axis=1)), 1, atol=1e-3)
+
+
+def test_signflip_independent_of_chunking():
+    x = np.ones((20, 7), np.float32)
+    whole = signflip_block(x, 0, 7, seed=3)
+    parts = np.concatenate([signflip_block(x[:6], 0, 7, 3), signflip_block(x[6:], 6, 7, 3)])
+    np.testing.assert_array_equal(whole, parts)
+    assert set(np.unique(whole)) == {-1.0, 1.0} and abs(whole.mean()) < 0.3
+    assert not np.array_equal(whole, signflip_block(x, 0, 7, seed=4))
+
+
+@pytest.mark.parametrize("rank", [3, 6, 12])
+def test_choose_n_components_finds_planted_rank(rank):
+    data, _, _ = synth(rank, seed=rank)
+    d = da.from_array(data, chunks=(8, 32, 24, 24))
+    stats = poisson_statistics(d)
+    res = scree(normalised_matrix(d, stats), 30)
+    e, reason = choose_n_components(res.explained_variance_ratio, noise_edge=res.noise_edge)
+    assert abs(e - rank) <= max(1, 0.2 * rank), reason
+    assert "signflip" in reason
+
+
+def test_choose_n_components_other_criteria():
+    # pure noise spectrum of an n x p Gaussian matrix plus 4 strong components
+    rng = np.random.default_rng(0)
+    n, p = 400, 150
+    x = rng.standard_normal((n, 4)) @ rng.standard_normal((4, p)) * 0.8 + rng.standard_normal((n, p))
+    c = x - x.mean(0)
+    s = np.linalg.svd(c, compute_uv=False)
+    evr = s ** 2 / np.sum(c ** 2)
+    assert marchenko_pastur_count(evr, (n, p))[0] == 4
+    e, reason = choose_n_components(evr[:40], shape=(n, p))
+    assert e == 4 and "Marchenko" in reason
+    e, reason = choose_n_components(evr[:40])
+    assert abs(e - 4) <= 1 and "elbow" in reason
+    e, reason = choose_n_components(evr[:40], shape=(n, p), max_components=2)
+    assert e == 2 and "capped" in reason
+    e, reason = choose_n_components(evr[:40], noise_edge=1.0)
+    assert e == 1 and "no signal" in reason
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(evr=[0.5]), "evr"),
+    (dict(evr=[0.5, np.nan]), "evr"),
+    (dict(evr=[0.5, 0.1], max_components=0), "max_components"),
+    (dict(evr=[0.5, 0.1], shape=(1, 5)), "shape"),
+    (dict(evr=[0.5, 0.1], noise_edge=-1), "noise_edge"),
+])
+def test_choose_n_components_bad(kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        choose_n_components(**kwargs)
+
+
+def test_scree_bad_input():
+    with pytest.raises(InputError, match="2-D"):
+        scree(np.zeros((4, 4, 4)))
+    with pytest.raises(InputError, match="no variance"):
+        scree(np.ones((10, 6), np.float32), 3)
+    with pytest.raises(ParameterError, match="n_components"):
+        scree(np.ones((10, 6), np.float32), 0)
+
+
+# ------------------------------------------------------------------ params
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (NMFParams, dict(n_components=0), "n_components"),
+    (NMFParams, dict(n_components=40), "max_components"),
+    (NMFParams, dict(tol=0), "tol"),
+    (NMFParams, dict(max_epochs=0), "max_epochs"),
+    (NMFParams, dict(init="svd"), "init"),
+    (NMFParams, dict(beam_mask_radius=-2), "beam_mask_radius"),
+    (NMFParams, dict(bogus=1), "unknown parameter"),
+    (ScreeParams, dict(n_components=0), "n_components"),
+    (ScreeParams, dict(n_power_iter=-1), "n_power_iter"),
+])
+def test_params_bad(cls, kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        params_from_dict(cls, kwargs)
+
+
+def test_params_defaults_valid():
+    assert NMFParams().n_components is None and ScreeParams().n_components >= NMFParams().max_components
+
+
+# ------------------------------------------------------------------ background components
+def _factors(k=40, seed=0):
+    yy, xx = np.mgrid[:k, :k]
+    r = np.hypot(yy - k // 2, xx - k // 2)
+    rng = np.random.default_rng(seed)
+    ring = np.exp(-(r - 12) ** 2 / 8)
+    glare = np.exp(-r / 5)
+    spots = sum(np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 2) for y, x in rng.uniform(4, k - 4, (6, 2)))
+    # Friedel-symmetric spot pattern (a zone axis) is still far from circular
+    zone = sum(np.exp(-((yy - k // 2 - g[0]) ** 2 + (xx - k // 2 - g[1]) ** 2) / 2)
+               for g in [(8, 0), (-8, 0), (0, 8), (0, -8), (8, 8), (-8, -8), (8, -8), (-8, 8)])
+    return np.array([ring, glare, spots, zone, spots + 0.3 * ring])
+
+
+def test_spot_fraction_symmetric_vs_spots():
+    f = _factors()
+    frac = spot_fraction(f, beam_mask((40, 40), 3))
+    assert frac[0] < 0.05 and frac[1] < 0.05
+    # a zone axis puts 4 spots on a small ring: less asymmetric, still far above 0.25
+    assert frac[2] > 0.8 and frac[3] > 0.5 and frac[4] > 0.25
+    noisy = np.random.default_rng(1).poisson(50 * f) / 50
+    frac_noisy = spot_fraction(noisy)
+    assert frac_noisy[0] < 0.25 and frac_noisy[1] < 0.25 and frac_noisy[2] > 0.8
+
+
+def test_classify_components():
+    f = _factors()
+    sy = sx = 20
+    Y, X = np.mgrid[:sy, :sx]
+    small = (np.hypot(Y - 5, X - 5) < 4).astype(float)
+    everywhere = np.ones((sy, sx)) * 0.5 + 0.1 * np.random.default_rng(0).random((sy, sx))
+    loads = np.array([everywhere, everywhere, small, small, small])
+    out = classify_components(f, loads, beam_radius=1.5)
+    assert [k for k, _ in out] == [False, False, True, True, True]
+    assert "circularly symmetric" in out[0][1] and "crystal" in out[2][1]
+    # weak spots everywhere = textured background; a zero component = empty
+    weak = 0.5 * f[0] / np.sqrt(np.sum(f[0] ** 2)) + 0.6 * f[2] / np.sqrt(np.sum(f[2] ** 2))
+    out = classify_components(np.array([weak, weak, np.zeros_like(weak)]),
+                              np.array([everywhere, small, small]), beam_radius=1.5)
+    assert [k for k, _ in out] == [False, True, False]
+    assert "whole scan" in out[0][1] and "empty" in out[2][1]
+
+
+def test_classify_components_bad():
+    with pytest.raises(ParameterError, match="same E"):
+        classify_components(np.zeros((2, 8, 8)), np.zeros((3, 4, 4)))
+    with pytest.raises(ParameterError, match="min_spot_fraction"):
+        classify_components(np.zeros((2, 8, 8)), np.zeros((2, 4, 4)), min_spot_fraction=2)
+    with pytest.raises(ParameterError, match="mask"):
+        classify_components(np.zeros((2, 8, 8)), np.zeros((2, 4, 4)), mask=np.zeros((4, 4), bool))
