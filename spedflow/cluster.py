@@ -466,6 +466,8 @@ class _ProgressLine:
         self.start = time.perf_counter()
         self._last_draw = -math.inf
         self._last_decile = -1
+        self._last = (0, 0)
+        self.finished = False
         self._lock = threading.Lock()
         try:
             self.tty = bool(self.stream.isatty())
@@ -490,6 +492,9 @@ class _ProgressLine:
     def update(self, done: int, total: int) -> None:
         now = time.perf_counter()
         with self._lock:
+            if self.finished:
+                return
+            self._last = (done, total)
             if self.tty:
                 if now - self._last_draw < self.min_interval:
                     return
@@ -502,8 +507,16 @@ class _ProgressLine:
                 self._last_decile = decile
             self._last_draw = now
 
-    def finish(self, done: int, total: int, ok: bool = True) -> None:
+    def finish(self, done: int | None = None, total: int | None = None,
+               ok: bool = True) -> None:
+        """Write the final line once (later calls do nothing); counts default to
+        the last update's."""
         with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+            if done is None or total is None:
+                done, total = self._last if self._last[1] else (1, 1)
             line = self.format(done, total, time.perf_counter() - self.start)
             if not ok:
                 line += " FAILED"
@@ -679,7 +692,32 @@ def persist_with_progress(*collections, label: str, n_patterns: int | None = Non
 
 
 def _follow(client, futures, label, n_patterns) -> None:
-    """Block until ``futures`` finish, drawing the bar from the scheduler's feed."""
-    bar = _distributed_bar_class()(futures, _ProgressLine(label, n_patterns),
-                                   client.scheduler.address)
-    client.sync(bar.listen)
+    """Block until ``futures`` finish, drawing the bar from the scheduler's feed.
+
+    The feed (distributed's ``Progress`` plugin) runs on the client's event loop;
+    completion is decided by waiting on the futures themselves, because the feed
+    never reports a task that failed before it was set up.
+    """
+    import asyncio
+
+    from distributed import wait
+
+    line = _ProgressLine(label, n_patterns)
+    bar = _distributed_bar_class()(futures, line, client.scheduler.address)
+    listener = asyncio.run_coroutine_threadsafe(bar.listen(), client.loop.asyncio_loop)
+    ok = False
+    try:
+        wait(futures)
+        ok = all(f.status == "finished" for f in futures)
+        if ok:  # let the feed deliver its last (100 %) message
+            try:
+                listener.result(timeout=2.0)
+            except Exception:
+                pass
+    finally:
+        if not listener.done():
+            listener.cancel()
+            comm = getattr(bar, "comm", None)
+            if comm is not None:
+                client.loop.add_callback(comm.abort)
+        line.finish(ok=ok)  # no-op if the feed already drew the final line

@@ -21,7 +21,8 @@ Robustness:
   after a grace period, so nanny children go too. A ``weakref.finalize`` does the
   same if a test forgets to stop the cluster.
 * the child environment drops ``SPEDFLOW_SCHEDULER`` / ``DASK_SCHEDULER_ADDRESS``
-  so a developer's settings cannot redirect the test cluster.
+  so a developer's settings cannot redirect the test cluster, and puts ``tests/``
+  on ``PYTHONPATH`` so functions defined in test modules can run on the workers.
 """
 
 from __future__ import annotations
@@ -140,9 +141,16 @@ class DaskProcess:
         self._log.close()
 
 
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
     env["PYTHONUNBUFFERED"] = "1"
+    # Functions defined in test modules are pickled by reference (module name):
+    # workers must be able to import them, as the pytest process can.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env
 

@@ -1,0 +1,306 @@
+"""spedflow.cluster: where computations run, and the progress display."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import dask
+import dask.array as da
+import numpy as np
+import psutil
+import pytest
+from dask.utils import parse_bytes
+
+from cluster_utils import ProcessCluster, free_port
+from spedflow import cluster
+from spedflow.cluster import (client_for, compute, local_scheduler, parse_memory_limit,
+                              persist_with_progress, resolve_address, set_progress)
+from spedflow.errors import InputError, ParameterError
+
+BAR = r"{label}: \[#+\s*\] 100% \d+ {unit}/s in \d+s"
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory):
+    """A real `dask scheduler` + 2 `dask worker` processes on 127.0.0.1."""
+    with ProcessCluster(n_workers=2, workdir=tmp_path_factory.mktemp("dask")) as pc:
+        yield pc
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(cluster.ENV_SCHEDULER, raising=False)
+    set_progress(True)
+    with dask.config.set({"scheduler-address": None}):
+        yield
+    set_progress(True)
+
+
+def _listening(pids):
+    """(ip, port) of every listening TCP socket of the given processes."""
+    out = []
+    for pid in pids:
+        proc = psutil.Process(pid)
+        conns = getattr(proc, "net_connections", proc.connections)(kind="inet")
+        out += [c.laddr for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+# ------------------------------------------------------------------ local cluster
+
+def test_local_cluster_listens_on_loopback_only(capsys):
+    with client_for(n_workers=2, memory_limit="600MB") as client:
+        local = client.cluster
+        assert local.scheduler_address.startswith("tcp://127.0.0.1:")
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 2
+        for addr, info in workers.items():
+            assert addr.startswith("tcp://127.0.0.1:")
+            assert info["nanny"].startswith("tcp://127.0.0.1:")
+            assert info["nthreads"] == 1
+            assert info["memory_limit"] == parse_bytes("600MB")
+        # Every socket any process of the cluster listens on (scheduler, dashboard/
+        # HTTP server and nannies in this process, the worker processes) is loopback.
+        me = psutil.Process()
+        pids = [me.pid] + [c.pid for c in me.children(recursive=True)]
+        addrs = _listening(pids)
+        dash_port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        assert dash_port in {a.port for a in addrs}
+        assert addrs and all(a.ip == "127.0.0.1" for a in addrs), addrs
+        x = da.arange(10_000, chunks=999)
+        assert x.sum().compute() == np.arange(10_000).sum()
+    err = capsys.readouterr().err
+    assert re.search(r"dask scheduler tcp://127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:"
+                     r"\d+/status.*2 workers x 1 thread", err)
+
+
+def test_defaults_from_machine():
+    mem = 64 * 2**30
+    assert cluster.default_n_workers(memory=mem, cores=8) == 8
+    # memory-bound: 80 % of 2 GiB allows one 1-GiB worker, never zero
+    assert cluster.default_n_workers(memory=2 * 2**30, cores=8) == 1
+    assert cluster.default_n_workers(memory=2**20, cores=8) == 1
+    total = cluster._physical_memory()
+    assert parse_memory_limit(None, 4) == int(0.8 * total / 4)
+    assert parse_memory_limit("auto", 2) == int(0.8 * total / 2)
+    assert parse_memory_limit("2GB", 1) == 2_000_000_000
+    assert parse_memory_limit("1.5 GiB", 1) == int(1.5 * 2**30)
+    assert parse_memory_limit(2**30, 1) == 2**30
+
+
+def test_memory_limit_over_physical_warns():
+    total = cluster._physical_memory()
+    with pytest.warns(RuntimeWarning, match="exceeds physical memory"):
+        parse_memory_limit(total, 2)
+
+
+# ------------------------------------------------------------------ remote scheduler
+
+def test_remote_scheduler_computes(processes, capsys):
+    x = da.from_array(np.arange(3000, dtype=np.int64).reshape(60, 50), chunks=(7, 13))
+    with client_for(processes.address) as client:
+        assert client.scheduler.address == processes.address
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert x.sum().compute() == np.arange(3000).sum()
+    assert f"dask scheduler {processes.address}" in capsys.readouterr().err
+
+
+def test_env_variable_then_config(processes, monkeypatch, capsys):
+    monkeypatch.setenv(cluster.ENV_SCHEDULER, processes.address)
+    with client_for(quiet=True) as client:
+        assert client.scheduler.address == processes.address
+        assert da.ones(100, chunks=30).sum().compute() == 100
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv(cluster.ENV_SCHEDULER)
+    with dask.config.set({"scheduler-address": processes.address}):
+        with client_for(quiet=True) as client:
+            assert client.scheduler.address == processes.address
+
+
+def test_address_resolution_order(monkeypatch):
+    monkeypatch.setenv(cluster.ENV_SCHEDULER, "tcp://10.0.0.2:8786")
+    with dask.config.set({"scheduler-address": "tcp://10.0.0.3:8786"}):
+        assert resolve_address("tls://10.0.0.1:8786") == "tls://10.0.0.1:8786"
+        assert resolve_address() == "tcp://10.0.0.2:8786"
+        monkeypatch.delenv(cluster.ENV_SCHEDULER)
+        assert resolve_address() == "tcp://10.0.0.3:8786"
+    assert resolve_address() is None
+    assert resolve_address("node7:8786") == "tcp://node7:8786"
+
+
+def test_unreachable_scheduler_is_input_error():
+    port = free_port()
+    with pytest.raises(InputError, match=rf"cannot connect .*127\.0\.0\.1:{port}.*dask scheduler"):
+        with client_for(f"tcp://127.0.0.1:{port}", timeout=1):
+            pass
+
+
+def test_remote_ignores_local_only_options(processes):
+    with pytest.warns(RuntimeWarning, match="n_workers, memory_limit apply to a local"):
+        with client_for(processes.address, n_workers=3, memory_limit="2GB", quiet=True):
+            pass
+
+
+@pytest.mark.parametrize("exc, kwargs, match", [
+    (ParameterError, {"memory_limit": "lots"}, r"`memory_limit` must be a size like"),
+    (ParameterError, {"memory_limit": "1MB"}, r"`memory_limit` must be >= 256 MiB"),
+    (ParameterError, {"memory_limit": True}, r"`memory_limit` must be a size"),
+    (ParameterError, {"memory_limit": [1]}, r"`memory_limit` must be a size"),
+    (ParameterError, {"n_workers": 0}, r"`n_workers` must be >= 1"),
+    (ParameterError, {"threads_per_worker": 1.5}, r"`threads_per_worker` must be a whole"),
+    (ParameterError, {"timeout": 0}, r"`timeout` must be > 0"),
+    (ParameterError, {"scheduler": "http://h:8786"}, r"unknown protocol 'http'"),
+    (ParameterError, {"scheduler": ":8786"}, r"must look like tcp://HOST:PORT"),
+    (ParameterError, {"scheduler": 8786}, r"must be an address string"),
+    (InputError, {"scheduler": "tls://127.0.0.1:1"}, r"uses TLS but no client certificate"),
+    (InputError, {"scheduler": "tls://127.0.0.1:1", "tls_ca_file": "/nonexistent/ca.pem",
+                  "tls_cert": "/nonexistent/c.pem"}, r"`tls_ca_file` file .* does not exist"),
+    (ParameterError, {"security": "yes"}, r"`security` must be a distributed"),
+])
+def test_bad_arguments(exc, kwargs, match):
+    with pytest.raises(exc, match=match):
+        with client_for(**kwargs):
+            pass
+
+
+def test_tls_files_with_tcp_address(tmp_path):
+    for name in ("ca.pem", "c.pem"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ParameterError, match=r"not tls://; use tls://127\.0\.0\.1:1"):
+        with client_for("tcp://127.0.0.1:1", tls_ca_file=tmp_path / "ca.pem",
+                        tls_cert=tmp_path / "c.pem"):
+            pass
+    with pytest.raises(ParameterError, match="needs both `tls_ca_file` and `tls_cert`"):
+        with client_for("tls://127.0.0.1:1", tls_cert=tmp_path / "c.pem"):
+            pass
+
+
+def test_required_encryption_with_tcp_address():
+    with dask.config.set({"distributed.comm.require-encryption": True}):
+        with pytest.raises(InputError, match="requires encryption"):
+            with client_for("tcp://127.0.0.1:1"):
+                pass
+
+
+# ------------------------------------------------------------------ compute / progress
+
+def _collections():
+    a = np.random.default_rng(0).random((40, 30))
+    x = da.from_array(a, chunks=(7, 11))
+    return x.sum(), (x * 2).mean(axis=0), x.T
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_compute_local_matches_dask(scheduler, capsys):
+    cols = _collections()
+    expected = dask.compute(*cols, scheduler="synchronous")
+    got = compute(*cols, 5, label="stage", n_patterns=1200, scheduler=scheduler)
+    assert len(got) == 4 and got[3] == 5
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    err = capsys.readouterr().err
+    assert re.search(BAR.format(label="stage", unit="patterns"), err), err
+
+
+def test_compute_distributed_matches_dask(processes, capsys):
+    cols = _collections()
+    expected = dask.compute(*cols, scheduler="synchronous")
+    with client_for(processes.address, quiet=True) as client:
+        got = compute(*cols, label="vdf", client=client)  # explicit client
+        got_default = compute(*cols, label="vdf2")  # the default client
+    for g, g2, e in zip(got, got_default, expected):
+        np.testing.assert_array_equal(g, e)
+        np.testing.assert_array_equal(g2, e)
+    err = capsys.readouterr().err
+    assert re.search(BAR.format(label="vdf", unit="tasks"), err), err
+    assert re.search(BAR.format(label="vdf2", unit="tasks"), err), err
+
+
+def test_local_scheduler_overrides_default_client(processes):
+    with client_for(processes.address, quiet=True):
+        with local_scheduler(2):
+            assert dask.base.get_scheduler() is dask.threaded.get
+            assert dask.config.get("num_workers") == 2
+            assert cluster._pick_client(None, {}) is None
+
+
+def test_progress_off_prints_nothing(processes, capsys):
+    set_progress(False)
+    cols = _collections()
+    got = compute(*cols, label="quiet", scheduler="synchronous")
+    with client_for(processes.address, quiet=True):
+        got2 = compute(*cols, label="quiet")
+    for g, g2, e in zip(got, got2, dask.compute(*cols, scheduler="synchronous")):
+        np.testing.assert_array_equal(g, e)
+        np.testing.assert_array_equal(g2, e)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ParameterError, match="`enabled` must be True or False"):
+        set_progress("no")
+
+
+def _boom(block):
+    raise ZeroDivisionError("bad chunk")
+
+
+def test_errors_propagate_and_bar_says_failed(processes, capsys):
+    x = da.ones(20, chunks=5).map_blocks(_boom, dtype=float)
+    with pytest.raises(ZeroDivisionError, match="bad chunk"):
+        compute(x.sum(), label="local", scheduler="synchronous")
+    with client_for(processes.address, quiet=True):
+        with pytest.raises(ZeroDivisionError, match="bad chunk"):
+            compute(x.sum(), label="remote")
+    err = capsys.readouterr().err
+    assert re.search(r"local: .* FAILED", err) and re.search(r"remote: .* FAILED", err)
+
+
+def test_persist_with_progress(processes, capsys):
+    x = da.from_array(np.arange(200.0).reshape(20, 10), chunks=(3, 4))
+    (p,) = persist_with_progress(x * 3, label="persist", scheduler="synchronous")
+    np.testing.assert_array_equal(p.compute(scheduler="synchronous"), np.arange(200.0).reshape(20, 10) * 3)
+    with client_for(processes.address, quiet=True):
+        (q,) = persist_with_progress(x * 3, label="persist-remote", n_patterns=200)
+        assert len(q.dask) == q.npartitions  # only the persisted chunks remain
+        np.testing.assert_array_equal(q.compute(), np.arange(200.0).reshape(20, 10) * 3)
+    err = capsys.readouterr().err
+    assert re.search(BAR.format(label="persist", unit="tasks"), err)
+    assert re.search(BAR.format(label="persist-remote", unit="patterns"), err)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"label": ""}, "`label` must be a non-empty string"),
+    ({"label": "x", "n_patterns": -1}, "`n_patterns` must be >= 0"),
+    ({"label": "x", "n_patterns": 2.5}, "`n_patterns` must be a whole number"),
+])
+def test_compute_bad_arguments(kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        compute(da.ones(3), **kwargs)
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_format_and_tty_redraw():
+    line = cluster._ProgressLine("peaks", 2000, stream=io.StringIO(), width=10)
+    # 45 % done after 9 s of 2000 patterns: 100 patterns/s, 11 s to go
+    assert line.format(45, 100, 9.0) == "peaks: [####      ]  45% 100 patterns/s ETA 11s"
+    assert line.format(0, 100, 1.0).endswith("ETA ?")
+    assert line.format(100, 100, 125.0).endswith("in 2m05s")
+    tty = _FakeTTY()
+    line = cluster._ProgressLine("nmf", None, stream=tty, width=4, min_interval=0.0)
+    line.update(1, 4)
+    line.update(2, 4)
+    line.finish(4, 4)
+    text = tty.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and "tasks/s" in text
+    # non-terminal: one line per 10 % step at most, plus the final line
+    log = io.StringIO()
+    line = cluster._ProgressLine("log", None, stream=log, min_interval=0.0)
+    for i in range(101):
+        line.update(i, 100)
+    line.finish(100, 100)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11 and "100%" in lines[-1]
