@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return int(_COMMANDS[args.command](args) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("spedflow: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
         return EXIT_INTERRUPT

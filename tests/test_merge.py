@@ -310,3 +310,20 @@ Z = np.zeros
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_friedel_pair_keeps_a_two_vector_crystal_and_noise_pairs_are_dropped():
+    """An off-axis crystal showing one Friedel pair (g, -g) is kept below the vector
+    threshold; two correlated segments of unrelated vectors are not."""
+    from spedflow.segment import VDFMergeParams, merge_vdf_segments
+    yy, xx = np.mgrid[:32, :32]
+    blob = ((yy - 10) ** 2 + (xx - 12) ** 2 < 25).astype(np.float32)
+    segs = np.stack([blob, blob * 0.9])
+    friedel = np.array([[10.0, 4.0], [-10.2, -3.9]])
+    unrelated = np.array([[10.0, 4.0], [3.0, -12.0]])
+    p = VDFMergeParams(vector_threshold=4)
+    kept = merge_vdf_segments(segs, np.array([0, 1]), friedel, p)
+    assert len(kept.summed) == 1 and set(kept.members[0]) == {0, 1}
+    assert len(merge_vdf_segments(segs, np.array([0, 1]), unrelated, p).summed) == 0
+    off = VDFMergeParams(vector_threshold=4, friedel_tolerance=0.0)
+    assert len(merge_vdf_segments(segs, np.array([0, 1]), friedel, off).summed) == 0

@@ -180,7 +180,7 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
     out_sum, out_members, out_int, out_seg, totals = [], [], [], [], []
     for g in groups:
         vec, inv = np.unique(source_vector[g], return_inverse=True)
-        if vec.size < params.vector_threshold:
+        if vec.size < params.vector_threshold and not _has_friedel_pair(vectors[vec], params):
             continue
         seg = flat[g].astype(np.float64)
         nonzero = seg != 0
@@ -333,6 +333,20 @@ def merge_components(factors: np.ndarray, loadings: np.ndarray, *,
 
 
 # -- helpers --------------------------------------------------------------------------
+
+def _has_friedel_pair(v: np.ndarray, params: VDFMergeParams) -> bool:
+    """True if two of the vectors are (close to) each other's Friedel mate, g and -g.
+
+    Friedel's law (nearly exact in precession patterns) makes every reflection of a
+    crystal come with its mate at -g; two VDF images from opposite sides of the
+    beam that show the same segment are a crystal, not noise.
+    """
+    if params.friedel_tolerance <= 0 or len(v) < 2:
+        return False
+    d = np.linalg.norm(v[:, None, :] + v[None, :, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return bool((d <= params.friedel_tolerance).any())
+
 
 def _complete_groups(dist: np.ndarray, cut: float) -> list[np.ndarray]:
     """Complete-linkage clusters whose every pairwise distance is strictly < ``cut``."""

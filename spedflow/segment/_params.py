@@ -98,7 +98,18 @@ class VDFMergeParams:
         is discarded as noise. Default 4: a crystal on (or near) a zone axis shows at
         least two independent reciprocal vectors and their Friedel mates (+-g1,
         +-g2); one Friedel pair alone is a 1-D set of planes or an artefact. (The
-        reference used 5.) Two segments of the same vector count once.
+        reference used 5.) Two segments of the same vector count once. A group
+        with fewer vectors is kept all the same when it holds a Friedel pair (see
+        ``friedel_tolerance``).
+    friedel_tolerance : float
+        Two vectors ``g1``, ``g2`` with ``|g1 + g2|`` at most this (detector px) are a
+        Friedel pair. By Friedel's law (nearly exact under precession) a crystal's
+        reflections come in pairs ``g, -g``, so a group whose segments show the same
+        region in the VDF images of both members of a pair is a crystal even with
+        only two vectors (an off-axis crystal exciting a single systematic row, the
+        paper's P2), while noise has no reason to respect the symmetry. Default
+        1.0 px: twice the typical sub-pixel position scatter of a vector. 0
+        disables the rule (the paper's behaviour).
     segment_threshold : float
         Fraction (0, 1] of the group's distinct vectors whose segment must be
         non-zero at a scan position for it to belong to the summed segment ("at
@@ -115,12 +126,14 @@ class VDFMergeParams:
 
     corr_threshold: float = 0.7
     vector_threshold: int = 4
+    friedel_tolerance: float = 1.0
     segment_threshold: float = 0.5
     pattern_sigma: float | None = None
 
     def __post_init__(self):
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
+        check_range("friedel_tolerance", self.friedel_tolerance, low=0)
         check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)
         check_range("pattern_sigma", self.pattern_sigma, low=0, low_open=True, allow_none=True)
 

@@ -47,7 +47,40 @@ def _peaks_block(block, offset, *, params, det_shape, oversample):
     from ..peaks.vectors import peak_histogram
     table = peaks_block(block, offset, params)
     return {"table": table.astype(np.float32),
-            "hist": peak_histogram(table, det_shape, oversample=oversample)}
+            "hist": peak_histogram(table, det_shape, oversample=oversample),
+            "dog_sum": np.asarray(block, np.float64).sum(axis=(0, 1))}
+
+
+def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: float,
+                n_max: int = 30) -> tuple[float, float]:
+    """The size of the diffraction spots, measured on the mean background-subtracted pattern.
+
+    The half-width at half-maximum of the azimuthal profile around the strongest
+    vectors (their neighbours lie farther than the beam radius in any pattern we
+    can segment). Returns ``(hwhm, radius)``, where ``radius = 1.5 hwhm`` clipped to
+    [1, beam_radius]: a disc of 1.5 HWHM collects ~80 % of a Gaussian spot and all
+    of a flat disc-shaped one (HWHM = its radius), and no spot is larger than the
+    direct beam it is an image of.
+    """
+    from ..preprocess import kernels as pk
+    ky, kx = mean_pattern.shape
+    v = np.asarray(vectors, float)[:n_max] + [ky // 2, kx // 2]
+    if len(v) == 0:
+        return beam_radius, beam_radius
+    # each spot scaled to its own peak, so bright and faint spots weigh alike
+    iy = np.clip(np.rint(v[:, 0]).astype(int), 0, ky - 1)
+    ix = np.clip(np.rint(v[:, 1]).astype(int), 0, kx - 1)
+    peak = np.array([mean_pattern[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() for y, x in zip(iy, ix)])
+    ok = peak > 0
+    v, peak = v[ok], peak[ok]
+    if len(v) == 0:
+        return beam_radius, beam_radius
+    frames = mean_pattern.astype(np.float32)[None] / peak[:, None, None].astype(np.float32)
+    prof = pk.beam_profile(frames, v, max(2.0, 1.5 * beam_radius))
+    hwhm = pk.radius_from_profile(prof, default=np.nan)
+    if not np.isfinite(hwhm):
+        return beam_radius, beam_radius
+    return float(hwhm), float(np.clip(1.5 * hwhm, 1.0, beam_radius))
 
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
@@ -67,26 +100,36 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     prep = resolve_pre(cfg.preprocess, r)
     pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
     vp = resolve_vectors(cfg.vectors, r)
-    vd = resolve_vdf(cfg.vdf, r)
     data = binned(plan, prep)
     ky, kx = data.shape[2:]
     ny, nx = data.shape[:2]
     aligned = pre.preprocess(data, beam.used, prep)
 
     # pass 2: peaks of every pattern, and the mergeable histogram of their positions
-    st_peaks = cache.stage("peaks", plan.identity, dataclasses.asdict(prep), dataclasses.asdict(pk),
+    st_peaks = cache.stage("peaks", "v2", plan.identity, dataclasses.asdict(prep), dataclasses.asdict(pk),
                            vp.oversample, beam.used)
     if not st_peaks.complete:
         with timer("peaks"):
             paths = run_blocks(st_peaks, aligned, _peaks_block, label="peaks", n_patterns=ny * nx,
                                params=pk, det_shape=(ky, kx), oversample=vp.oversample)
             st_peaks.save("hist", total(paths, "hist"))
+            st_peaks.save("mean_pattern", total(paths, "dog_sum") / (ny * nx))
             st_peaks.mark_complete()
     hist = st_peaks.load("hist")
+    mean_dog = st_peaks.load("mean_pattern")
 
-    # unique vectors (finalize of the histogram reduction)
+    # unique vectors (finalize of the histogram reduction): a first pass with the beam
+    # radius as length scale, then the spots' own size is measured at those vectors
+    # and the vectors found again with it (spots can be sharper than the beam disc)
     with timer("vectors"):
+        first = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
+        hwhm, s_r = spot_radius(mean_dog, first, r)
+        vp = resolve_vectors(cfg.vectors, s_r)
+        if cfg.vectors.beam_exclusion_radius is None:  # the beam keeps its own size
+            vp = dataclasses.replace(vp, beam_exclusion_radius=2.0 * r)
         vectors = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
+        vd = resolve_vdf(cfg.vdf, s_r)
+    log.info("spot HWHM %.2f px (beam radius %.2f px): VDF disc radius %.2f px", hwhm, r, vd.radius)
     if len(vectors) == 0:
         raise InputError("no diffraction vectors were found: the data may hold no crystals, or the "
                          "peak threshold is too high (see `spedflow params vdf`, section [peaks])")
@@ -111,7 +154,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     with timer("merge"):
         merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
-        sigma = pattern_sigma(cfg.merge, r)
+        sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
     log.info("%d crystals after correlation merging", len(merged.summed))
@@ -133,7 +176,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "overview/peak_histogram": hist.astype(np.float32),
     }
     attrs = {
-        "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
+        "resolved": {"beam_radius": r, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma},
         "descan": beam.descan,
