@@ -345,6 +345,9 @@ def _has_friedel_pair(v: np.ndarray, params: VDFMergeParams) -> bool:
         return False
     d = np.linalg.norm(v[:, None, :] + v[None, :, :], axis=-1)
     np.fill_diagonal(d, np.inf)
+    short = np.linalg.norm(v, axis=-1) <= params.friedel_tolerance  # g ~ 0 is no pair
+    d[short, :] = np.inf
+    d[:, short] = np.inf
     return bool((d <= params.friedel_tolerance).any())
 
 
