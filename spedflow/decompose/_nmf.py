@@ -22,6 +22,7 @@ and the result is deterministic for a seed and a chunking.
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 
@@ -135,11 +136,14 @@ def _as_row_matrix(matrix):
     return matrix
 
 
-def _tree_sum(items):
+def _tree_sum(items, name):
     from dask import delayed
+    level = 0
     while len(items) > 1:
-        items = [delayed(merge_nmf_stats, pure=True)(*items[i:i + _FAN_IN])
+        items = [delayed(merge_nmf_stats)(*items[i:i + _FAN_IN],
+                                          dask_key_name=(f"{name}-merge-{level}", i))
                  for i in range(0, len(items), _FAN_IN)]
+        level += 1
     return items[0]
 
 
@@ -208,12 +212,16 @@ def nmf(matrix, n_components: int, params: NMFParams | None = None):
     converged = False
     xsq = None
     epoch = 0
+    run = f"nmf-{uuid.uuid4().hex[:12]}"    # explicit keys: no hashing of arrays per epoch
     for epoch in range(1, params.max_epochs + 1):
-        h_d = delayed(h, pure=True)
+        name = f"{run}-{epoch}"
+        h_d = delayed(h, name=f"{name}-h")
         hht = h @ h.T
-        outs = [delayed(nmf_block_update, nout=2, pure=True)(blk, wp, h_d, hht, params.w_sweeps)
-                for blk, wp in zip(blocks, w_parts)]
-        w_parts, (a, b, xsq) = dask.compute([o[0] for o in outs], _tree_sum([o[1] for o in outs]))
+        outs = [delayed(nmf_block_update, nout=2)(blk, wp, h_d, hht, params.w_sweeps,
+                                                  dask_key_name=(f"{name}-block", i))
+                for i, (blk, wp) in enumerate(zip(blocks, w_parts))]
+        w_parts, (a, b, xsq) = dask.compute([o[0] for o in outs],
+                                            _tree_sum([o[1] for o in outs], name))
         h = hals_update_factors(h, a, b, params.h_sweeps)
         loss = max(xsq - 2.0 * np.sum(a * h) + np.sum(b * (h @ h.T)), 0.0)
         history.append(float(loss))
