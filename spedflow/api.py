@@ -123,8 +123,9 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
         raise ParameterError(f"`method` must be 'vdf' or 'nmf' (got {method!r})")
     cfg = load_config(method, config, overrides)
     from .workflows import run_workflow
-    from .workflows._common import prepare_run
+    from .workflows._common import prepare_run, validate
     plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
+    validate(plan, cfg)
     from . import cluster
     cluster.set_progress(progress)
     if client is not None or local or (local is None and scheduler is None

@@ -60,7 +60,7 @@ CASES = [
     ("ingest-missing", ["ingest", "{d}/nope.npy", "{d}/o1.zarr"], "does not exist"),
     ("ingest-unknown-format", ["ingest", "{d}/notes.xyz", "{d}/o2.zarr"], "xyz"),
     ("ingest-empty", ["ingest", "{d}/empty.npy", "{d}/o3.zarr"], "empty"),
-    ("ingest-pickle", ["ingest", "{d}/obj.npy", "{d}/o4.zarr"], "object"),
+    ("ingest-pickle", ["ingest", "{d}/obj.npy", "{d}/o4.zarr"], "only integer or float"),
     ("ingest-raw-no-shape", ["ingest", "{d}/raw.bin", "{d}/o5.zarr", "--dtype", "uint16"], "shape"),
     ("ingest-raw-size-mismatch", ["ingest", "{d}/raw.bin", "{d}/o6.zarr", "--shape", "4,4,16,16",
                                   "--dtype", "uint16"], "bytes"),
@@ -128,15 +128,20 @@ def _run(argv) -> int:
         return int(exc.code)
 
 
-def test_help_of_every_command_shows_defaults():
+def test_help_of_every_command_shows_defaults(capsys):
     for cmd in ("ingest", "simulate", "info", "segment", "evaluate", "params", "report", "export",
                 "fetch", "watch", "demo"):
-        out = subprocess.run([sys.executable, "-m", "spedflow", cmd, "--help"], capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        assert "usage:" in out.stdout
-        if cmd in ("simulate", "segment"):
-            assert "(default:" in out.stdout
+        assert _run([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "usage: spedflow " + cmd in out
+        if cmd in ("simulate", "segment", "demo"):
+            assert "(default:" in out
+
+
+def test_entry_point_runs_as_a_program():
+    out = subprocess.run([sys.executable, "-m", "spedflow", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("spedflow ")
 
 
 def test_params_prints_toml_that_loads_back(tmp_path, capsys):

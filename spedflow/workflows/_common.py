@@ -64,6 +64,19 @@ def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
     return Plan(str(store), Path(out), arr, meta, overwrite, ident)
 
 
+def validate(plan: "Plan", cfg) -> None:
+    """Check parameters against the data's shape before anything is computed."""
+    ny, nx, ky, kx = plan.array.shape
+    b = cfg.preprocess.nav_binning
+    if ny % b or nx % b:
+        raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
+                             f"({ny}, {nx}); choose a divisor or crop the scan")
+    n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)
+    if n_comp is not None and n_comp > min((ny // b) * (nx // b), ky * kx):
+        raise ParameterError(f"`nmf.n_components` = {n_comp} exceeds what the data allows: "
+                             f"min(patterns {(ny // b) * (nx // b)}, detector pixels {ky * kx})")
+
+
 def _sample_check(arr, store) -> None:
     """Refuse all-zero or NaN data before any computation: read up to 5 chunks."""
     grid = [int(np.ceil(s / c)) for s, c in zip(arr.shape[:2], arr.chunks[:2])]
