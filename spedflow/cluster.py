@@ -348,10 +348,14 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
     threads = int(threads_per_worker) if threads_per_worker is not None else 1
     mem = parse_memory_limit(memory_limit, n)
     kwargs: dict[str, Any] = {}
-    if explicit_tls or sec.require_encryption:
-        # Explicit certificates, or a config that demands encryption: encrypt the
-        # local cluster too (temporary self-signed certificates if none configured).
-        if not sec.tls_ca_file:
+    if explicit_tls:
+        raise ParameterError(
+            "TLS certificates were given without a scheduler address; they are for a "
+            "tls:// scheduler (a local cluster listens on 127.0.0.1 only)")
+    if sec.require_encryption:
+        # The dask config demands encryption: encrypt the local cluster too, with the
+        # configured scheduler/worker certificates or temporary self-signed ones.
+        if not (sec.tls_ca_file and sec.tls_scheduler_cert and sec.tls_worker_cert):
             from distributed.security import Security
             sec = Security.temporary()
         kwargs.update(security=sec, protocol="tls://")

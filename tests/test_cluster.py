@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 
 import dask
@@ -174,6 +173,14 @@ def test_tls_files_with_tcp_address(tmp_path):
             pass
     with pytest.raises(ParameterError, match="needs both `tls_ca_file` and `tls_cert`"):
         with client_for("tls://127.0.0.1:1", tls_cert=tmp_path / "c.pem"):
+            pass
+
+
+def test_tls_files_without_address(tmp_path):
+    for name in ("ca.pem", "c.pem"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ParameterError, match="without a scheduler address"):
+        with client_for(tls_ca_file=tmp_path / "ca.pem", tls_cert=tmp_path / "c.pem"):
             pass
 
 
