@@ -158,6 +158,7 @@ class BeamInfo:
     profiles: np.ndarray      # (Y', X', R) radial profiles around the measured centre
     mean_pattern: np.ndarray  # (ky, kx) mean of the (binned, unaligned) patterns
     descan: dict              # fit statistics
+    key: str = ""             # the beam stage's cache key: later stages depend on it
 
 
 def binned(plan: Plan, prep) -> da.Array:
@@ -238,23 +239,33 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius):
             "sum": frames.sum(axis=(0, 1), dtype=np.float64)}
 
 
+def beam_stage_of(plan: Plan, prep, cache: StageCache):
+    """The beam stage's cache entry (shared by the batch run and live mode)."""
+    return cache.stage("beam", plan.identity, {"nav_binning": prep.nav_binning,
+                                               "descan": prep.descan, "align": prep.align,
+                                               "beam_radius": prep.beam_radius})
+
+
+def beam_block_kwargs(plan: Plan, prep) -> dict:
+    """Keyword arguments of :func:`_beam_block` for this plan."""
+    ky, kx = plan.array.shape[2:]
+    return dict(beam_radius=prep.beam_radius,
+                reference=None if prep.beam_radius else _sample_mean(plan, prep),
+                n_bins=int(np.ceil(np.hypot(ky, kx) / 2)), max_radius=min(ky, kx) / 4)
+
+
 def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
     """Pass 1: the beam centre of every pattern, its radius, radial profiles, mean pattern."""
     from ..preprocess import kernels as pk
-    stage = cache.stage("beam", plan.identity, {"nav_binning": prep.nav_binning,
-                                                "descan": prep.descan, "align": prep.align,
-                                                "beam_radius": prep.beam_radius})
+    stage = beam_stage_of(plan, prep, cache)
     data = binned(plan, prep)
     ny, nx, ky, kx = data.shape
     if not stage.complete:
         with timer("beam"):
-            n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
             # with no radius given, a reference pattern from a few chunks sets the
             # provisional one (no extra pass over the data)
-            reference = None if prep.beam_radius else _sample_mean(plan, prep)
             paths = run_blocks(stage, data, _beam_block, label="beam centres",
-                               n_patterns=ny * nx, beam_radius=prep.beam_radius,
-                               reference=reference, n_bins=n_bins, max_radius=min(ky, kx) / 4)
+                               n_patterns=ny * nx, **beam_block_kwargs(plan, prep))
             measured = assemble(paths, "centres", (ny, nx), data.chunks[:2])
             prof = assemble(paths, "profiles", (ny, nx), data.chunks[:2])
             mean = total(paths, "sum") / (ny * nx)
@@ -283,7 +294,8 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
             stage.mark_complete()
     a = stage.attrs()
     return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
-                    stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}))
+                    stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}),
+                    stage.key)
 
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:

@@ -21,7 +21,8 @@ from ..decompose import NMFParams, ScreeParams
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
-from ._common import Plan, Timer, annular_image, beam_stage, binned, write_result
+from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, run_blocks,
+                      total, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -61,16 +62,15 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     if cfg.nmf.n_components is not None and cfg.nmf.n_components > min(ny * nx, n_pix):
         raise ParameterError(f"`n_components` ({cfg.nmf.n_components}) exceeds what the data allows: "
                              f"min(patterns {ny * nx}, unmasked pixels {n_pix})")
-    key = (plan.identity, dataclasses.asdict(prep), mask)
 
-    st_stats = cache.stage("poisson", *key)
+    st_stats = poisson_stage_of(cache, beam, prep, mask)
     if not st_stats.complete:
         with timer("poisson"):
-            stats = poisson_statistics(aligned, mask)
-            st_stats.save("row_sums", stats.row_sums)
-            st_stats.save("col_sums", stats.col_sums)
-            st_stats.save_attrs(**{k: v for k, v in stats._asdict().items()
-                                   if k not in ("row_sums", "col_sums")})
+            paths = run_blocks(st_stats, aligned, poisson_block, label="Poisson statistics",
+                               n_patterns=ny * nx, mask=mask)
+            st_stats.save("row_sums", assemble(paths, "row_sums", (ny, nx), aligned.chunks[:2]))
+            st_stats.save("col_sums", total(paths, "col_sums"))
+            st_stats.save_attrs(n_negative=int(total(paths, "n_negative")))
             st_stats.mark_complete()
     stats = _load_stats(st_stats)
 
@@ -78,7 +78,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # to the cache once, as (Y, X, P) blocks aligned with the data's chunks, so later
     # passes only read and decompress. The decompositions see its rows block by block
     # (block-major order); `order` maps those rows back to raster order.
-    st_matrix = cache.stage("matrix", *key)
+    st_matrix = cache.stage("matrix", st_stats.key)
     target = st_matrix.path / "matrix.zarr"
     if not st_matrix.complete:
         with timer("matrix"):
@@ -192,6 +192,19 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def poisson_stage_of(cache, beam, prep, mask):
+    """The Poisson statistics' cache entry: keyed on the beam stage and the mask."""
+    return cache.stage("poisson", "v2", beam.key, dataclasses.asdict(prep), mask)
+
+
+def poisson_block(block, offset, *, mask):
+    """Per-block Poisson statistics (row sums of this block, column sums, negatives)."""
+    from ..decompose import poisson_partial
+    st = poisson_partial(np.asarray(block), mask)
+    return {"row_sums": np.asarray(st.row_sums, np.float64), "col_sums": np.asarray(st.col_sums, np.float64),
+            "n_negative": np.asarray(st.n_negative)}
 
 
 def _normalised_blocks(aligned: da.Array, stats, mask: np.ndarray) -> da.Array:

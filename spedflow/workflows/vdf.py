@@ -83,6 +83,12 @@ def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: floa
     return float(hwhm), float(np.clip(1.5 * hwhm, 1.0, beam_radius))
 
 
+def peaks_stage_of(cache, beam, prep, pk, vp):
+    """The peaks stage's cache entry: keyed on the beam stage (which fixes the centres)."""
+    return cache.stage("peaks", "v2", beam.key, dataclasses.asdict(prep), dataclasses.asdict(pk),
+                       vp.oversample)
+
+
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks import resolve as resolve_peaks
     from ..peaks import unique_vectors
@@ -106,8 +112,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     aligned = pre.preprocess(data, beam.used, prep)
 
     # pass 2: peaks of every pattern, and the mergeable histogram of their positions
-    st_peaks = cache.stage("peaks", "v2", plan.identity, dataclasses.asdict(prep), dataclasses.asdict(pk),
-                           vp.oversample, beam.used)
+    st_peaks = peaks_stage_of(cache, beam, prep, pk, vp)
     if not st_peaks.complete:
         with timer("peaks"):
             paths = run_blocks(st_peaks, aligned, _peaks_block, label="peaks", n_patterns=ny * nx,

@@ -1,0 +1,236 @@
+"""Live mode: follow a store that an acquisition is still writing.
+
+``watch`` polls the store; every chunk that has landed (its file exists and reads
+back with a valid checksum) goes through the per-chunk stages at once: beam centre,
+radial profiles, and, for the VDF workflow, alignment, background removal, peak
+finding and the vector histogram; for the NMF workflow alignment and the Poisson
+statistics. Their products go into the same stage cache the batch run uses, under
+the same keys, so when the scan is complete the final ``segment`` run finds them
+and only does what needs the whole scan (unique vectors, VDF images, scree, NMF,
+watershed, merging).
+
+Two things must be fixed before the scan is complete, so live mode fixes them: the
+direct-beam radius (measured on the first chunk that lands, unless the
+configuration gives it) and the alignment centres (each pattern's own measured
+centre: ``descan = "none"``, since a descan fit needs the whole scan). A
+configuration that asks for a descan fit is honoured; the peaks are then found
+again at the end with the fitted centres.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ._cache import StageCache, save_block
+
+log = logging.getLogger("spedflow")
+
+__all__ = ["watch", "landed_chunks"]
+
+
+def landed_chunks(arr) -> set[tuple[int, int]]:
+    """Navigation chunk indices whose stored object exists in ``arr``'s store."""
+    import asyncio
+
+    cy, cx = (arr.shards or arr.chunks)[:2]
+    grid = (math.ceil(arr.shape[0] / cy), math.ceil(arr.shape[1] / cx))
+    store = arr.store
+    prefix = arr.path
+
+    async def _keys():
+        return [k async for k in store.list_prefix(f"{prefix}/c/")]
+
+    keys = asyncio.run(_keys())
+    out = set()
+    for k in keys:
+        parts = k.split("/")
+        try:
+            i, j = int(parts[-4]), int(parts[-3])
+        except (ValueError, IndexError):
+            continue
+        if i < grid[0] and j < grid[1]:
+            out.add((i, j))
+    return out
+
+
+def _wait_for_store(store, deadline):
+    import zarr
+    while True:
+        try:
+            g = zarr.open_group(str(store), mode="r")
+            if "data" in g:
+                return g
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise InputError(f"store {str(store)!r} did not appear (no `data` array) before the timeout")
+        time.sleep(0.2)
+
+
+def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, timeout: float = 3600.0,
+          overwrite: bool = False, progress: bool = True, cache=None, **segment_kwargs) -> Path:
+    """Process ``store`` while it is being written; finalise when it is complete.
+
+    Parameters
+    ----------
+    store : path of a spedflow input store being written (its ``data`` array created
+        with the full shape first; ``attrs["spedflow"]["complete"]`` set true last,
+        or every chunk present).
+    method, out, config, overwrite : as :func:`spedflow.segment`.
+    poll : seconds between looks at the store.
+    timeout : give up when no new chunk lands for this many seconds.
+
+    Returns
+    -------
+    Path of the result store.
+    """
+    from ..api import load_config, segment
+    from ..io import check_destination
+    from ._common import Plan
+
+    check_destination(out, overwrite)
+    cfg = load_config(method, config)
+    if config is None:
+        cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
+    group = _wait_for_store(store, time.monotonic() + timeout)
+    arr = group["data"]
+    if arr.ndim != 4:
+        raise InputError(f"{str(store)!r}/data must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
+    meta = dict(group.attrs.get("spedflow", {}))
+    ny, nx, ky, kx = arr.shape
+    cy, cx = arr.chunks[:2]
+    grid = (math.ceil(ny / cy), math.ceil(nx / cx))
+    per_block = cfg.preprocess.nav_binning == 1
+    if not per_block:
+        log.warning("live mode processes chunks as they land only without navigation binning; "
+                    "everything is computed when the scan is complete")
+    cache = StageCache(cache if cache is not None else Path(str(out) + ".cache"))
+    ident = {"store": str(Path(str(store)).resolve()), "shape": list(arr.shape), "dtype": str(arr.dtype),
+             "chunks": list(arr.chunks), "source": meta.get("source"), "created": meta.get("created")}
+    plan = Plan(str(store), Path(out), arr, meta, overwrite, ident)
+
+    done: set = set()
+    state: dict = {}
+    last_new = time.monotonic()
+    t0 = time.monotonic()
+    while True:
+        new = sorted(landed_chunks(arr) - done)
+        for i, j in new:
+            sl = (slice(i * cy, (i + 1) * cy), slice(j * cx, (j + 1) * cx))
+            try:
+                block = np.asarray(arr[sl])
+            except Exception:  # still being written (checksum does not match yet)
+                continue
+            if per_block:
+                _process_block(block, (i, j), (i * cy, j * cx), plan, cfg, cache, state, method)
+            done.add((i, j))
+            last_new = time.monotonic()
+        if progress and new:
+            rate = len(done) * cy * cx / max(time.monotonic() - t0, 1e-9)
+            extra = f", {state['n_vectors']} vectors so far" if "n_vectors" in state else ""
+            print(f"\rwatch: {len(done)}/{grid[0] * grid[1]} chunks, {rate:.0f} patterns/s{extra}   ",
+                  end="", file=sys.stderr, flush=True)
+        import zarr
+        group = zarr.open_group(str(store), mode="r")  # re-read the attributes
+        complete = bool(dict(group.attrs.get("spedflow", {})).get("complete"))
+        if len(done) == grid[0] * grid[1] and (complete or not new):
+            break
+        if time.monotonic() - last_new > timeout:
+            raise InputError(f"no new chunk landed in {timeout:.0f} s ({len(done)} of "
+                             f"{grid[0] * grid[1]} present); the acquisition seems to have stopped")
+        time.sleep(poll)
+    if progress:
+        print(file=sys.stderr)
+    if "beam_radius" in state and cfg.preprocess.beam_radius is None:
+        cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess,
+                                                                      beam_radius=state["beam_radius"]))
+    return segment(store, method=method, out=out, config=cfg, cache=cache.root, overwrite=overwrite,
+                   progress=progress, **({"local": True} | segment_kwargs))
+
+
+def _process_block(block, index, offset, plan, cfg, cache, state, method):
+    """The per-chunk stages of one landed chunk, written where the batch run looks."""
+    from ..preprocess import kernels as pk
+    from ..preprocess import resolve as resolve_pre
+    from ._common import _beam_block, beam_block_kwargs, beam_stage_of
+
+    frames = np.asarray(block, np.float32)
+    if "beam_radius" not in state:
+        r0 = cfg.preprocess.beam_radius
+        if r0 is None:
+            c = pk.beam_centres(frames, None)
+            r0 = float(pk.radius_from_profile(pk.beam_profile(frames, c, min(frames.shape[-2:]) / 4)))
+            if not np.isfinite(r0):
+                return  # an empty chunk: wait for one with a beam
+        state["beam_radius"] = float(r0)
+        prep = dataclasses.replace(cfg.preprocess, beam_radius=float(r0))
+        state["prep"] = prep
+        state["beam"] = beam_stage_of(plan, prep, cache)
+        state["beam_kwargs"] = beam_block_kwargs(plan, prep)
+        state["prep_resolved"] = resolve_pre(prep, float(r0))
+        if method == "vdf":
+            from ..peaks import resolve as resolve_peaks
+            from ..peaks.vectors import resolve as resolve_vectors
+            from .vdf import peaks_stage_of
+            pk_params = resolve_peaks(cfg.peaks, float(r0), detector_shape=frames.shape[-2:])
+            vp = resolve_vectors(cfg.vectors, float(r0))
+            state["peaks_params"], state["vp"] = pk_params, vp
+            state["peaks"] = peaks_stage_of(cache, _Key(state["beam"].key), state["prep_resolved"],
+                                            pk_params, vp)
+            state["hist"] = 0.0
+        else:
+            from ..decompose import beam_mask
+            from .nmf import poisson_stage_of
+            mask = beam_mask(frames.shape[-2:], cfg.nmf.beam_mask_radius, beam_radius=float(r0))
+            state["mask"] = mask
+            state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key), state["prep_resolved"], mask)
+    beam = state["beam"]
+    path = beam.block_path(index)
+    if path.exists():
+        from ._cache import load_block
+        centres = load_block(path)["centres"]
+    else:
+        prod = _beam_block(frames, offset, **state["beam_kwargs"])
+        save_block(path, **prod)
+        centres = prod["centres"]
+    if state["prep"].descan != "none" or not state["prep"].align:
+        return  # the alignment centres are only known at the end
+    used = np.where(np.isfinite(centres), centres,
+                    np.array([frames.shape[-2] // 2, frames.shape[-1] // 2], np.float32))
+    prep = state["prep_resolved"]
+    if method == "vdf":
+        from .vdf import _peaks_block
+        aligned = pk.shift_and_subtract(frames, used.astype(np.float64), prep.dog_sigma_low,
+                                        prep.dog_sigma_high)
+        stage = state["peaks"]
+        if not stage.block_path(index).exists():
+            prod = _peaks_block(aligned, offset, params=state["peaks_params"],
+                                det_shape=frames.shape[-2:], oversample=state["vp"].oversample)
+            save_block(stage.block_path(index), **prod)
+            state["hist"] = state["hist"] + prod["hist"]
+            from ..peaks import unique_vectors
+            state["n_vectors"] = len(unique_vectors(np.asarray(state["hist"], float),
+                                                    detector_shape=frames.shape[-2:],
+                                                    oversample=state["vp"].oversample,
+                                                    params=state["vp"]))
+    else:
+        from .nmf import poisson_block
+        aligned = np.maximum(pk.shift_patterns(frames, used.astype(np.float64)), 0)
+        stage = state["poisson"]
+        if not stage.block_path(index).exists():
+            save_block(stage.block_path(index), **poisson_block(aligned, offset, mask=state["mask"]))
+
+
+class _Key:
+    """Stands in for a BeamInfo where only its cache key is needed."""
+
+    def __init__(self, key):
+        self.key = key
