@@ -1,0 +1,192 @@
+"""PNG plots of a benchmark results folder (``benchmarks/results/<size>/``).
+
+- ``weak_scaling.png``: wall time and process-tree peak RSS vs data size, log-log, both
+  workflows, with a linear-growth guide (time) and a flat guide (memory).
+- ``stages.png``: per-stage wall time of each workflow on the main set, with the I/O
+  floor and the start-up/write overhead.
+- ``reference.png``: spedflow vs the reference implementation (pyxem), per workflow:
+  end-to-end and algorithm times and the speed-up.
+- ``strong_scaling.png``: wall time vs number of worker processes, with the ideal.
+
+Each plot is drawn only if its JSON exists. ``python benchmarks/plot_results.py DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"vdf": "tab:blue", "nmf": "tab:orange"}
+
+
+def _load(folder: Path, name: str):
+    p = folder / name
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def _ok(rows):
+    return [r for r in rows if r.get("returncode") == 0]
+
+
+def plot_weak(res: dict, out: Path) -> Path | None:
+    rows = _ok(res.get("rows", []))
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in sorted({r["method"] for r in rows}):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["gb"])
+        x = [r["gb"] for r in rs]
+        c = COLORS.get(m)
+        a1.plot(x, [r["wall_s"] for r in rs], "o-", color=c, label=f"{m} end to end")
+        a1.plot(x, [r["stage_sum_s"] for r in rs], "s--", color=c, alpha=0.6, label=f"{m} stages")
+        a1.plot(x, [x[0] and rs[0]["stage_sum_s"] * xi / x[0] for xi in x], ":", color=c,
+                alpha=0.5, label=f"{m} linear guide")
+        for r in rs:
+            if r.get("extra_args"):
+                a1.annotate(" ".join(r["extra_args"]).replace("--set ", ""), (r["gb"], r["wall_s"]),
+                            fontsize=6, textcoords="offset points", xytext=(3, -10))
+        a2.plot(x, [r["peak_rss_mb"] for r in rs], "o-", color=c, label=m)
+        a2.axhline(rs[0]["peak_rss_mb"], color=c, ls=":", alpha=0.5)
+    fl = sorted({(r["gb"], r["io_floor_s"]) for r in rows if r.get("io_floor_s")})
+    if fl:
+        a1.plot([f[0] for f in fl], [f[1] for f in fl], "k^-", alpha=0.6, label="I/O floor")
+    for a in (a1, a2):
+        a.set_xscale("log")
+        a.set_xlabel("data size (GB, uncompressed)")
+        a.grid(True, which="both", alpha=0.3)
+    a1.set_yscale("log")
+    a2.set_ylim(bottom=0)  # linear from 0: flat memory reads as flat
+    a1.set_ylabel("wall time (s)")
+    a1.set_title("Weak scaling: time (dotted: linear)")
+    a2.set_ylabel("peak RSS of the process tree (MB)")
+    a2.set_title("Weak scaling: memory (dotted: flat)")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_stages(res: dict, out: Path) -> Path | None:
+    runs = {m: r for m, r in res.get("runs", {}).items() if r.get("returncode") == 0}
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 2.4 + 1.0 * len(runs)))
+    cmap = plt.get_cmap("tab20")
+    names = []
+    for rec in runs.values():
+        names += [k for k in rec["timings"] if k not in names]
+    for i, (m, rec) in enumerate(runs.items()):
+        left = 0.0
+        for k in names:
+            v = rec["timings"].get(k, 0.0)
+            if v <= 0:
+                continue
+            ax.barh(i, v, left=left, color=cmap(names.index(k) % 20), edgecolor="w",
+                    label=k if i == 0 or k not in runs[list(runs)[0]]["timings"] else None)
+            left += v
+        ax.barh(i, max(rec["overhead_s"], 0), left=left, color="0.85", edgecolor="w", hatch="//",
+                label="start-up, cluster, write" if i == 0 else None)
+        ax.text(rec["wall_s"], i, f" {rec['wall_s']:.1f} s, {rec['patterns_per_s']['end_to_end']:.0f} pat/s",
+                va="center", fontsize=8)
+    floor = res.get("io_floor", {}).get("seconds")
+    if floor:
+        ax.axvline(floor, color="k", ls="--", label=f"I/O floor {floor:.2f} s")
+    ax.set_yticks(range(len(runs)), list(runs))
+    ax.set_xlabel("wall time (s)")
+    ax.set_xlim(0, max(r["wall_s"] for r in runs.values()) * 1.35)
+    ax.set_title("Per-stage time on the main set")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35 / len(runs) - 0.1))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_reference(res: dict, out: Path) -> Path | None:
+    cmp = {m: c for m, c in res.get("methods", {}).items()
+           if c.get("reference", {}).get("returncode") == 0 and c.get("spedflow", {}).get("returncode") == 0}
+    if not cmp:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels, sp, ref = [], [], []
+    for m, c in cmp.items():
+        for kind in ("end_to_end", "algorithm"):
+            labels.append(f"{m}\n{kind.replace('_', ' ')}")
+            sp.append(c["spedflow_s"][kind])
+            ref.append(c["reference_s"][kind])
+    xs = range(len(labels))
+    a1.bar([x - 0.2 for x in xs], ref, 0.4, label="reference (pyxem)", color="0.5")
+    a1.bar([x + 0.2 for x in xs], sp, 0.4, label="spedflow", color="tab:green")
+    a1.set_xticks(list(xs), labels, fontsize=8)
+    a1.set_yscale("log")
+    a1.set_ylabel("wall time (s)")
+    a1.set_title("Same simulated set, both tools")
+    a1.legend(fontsize=8)
+    speed = [r / s if s else 0 for r, s in zip(ref, sp)]
+    a2.bar(list(xs), speed, color="tab:green")
+    a2.axhline(1, color="k", lw=0.8)
+    for x, s in zip(xs, speed):
+        a2.text(x, s, f"{s:.1f}x", ha="center", va="bottom", fontsize=8)
+    a2.set_xticks(list(xs), labels, fontsize=8)
+    a2.set_ylabel("speed-up (reference / spedflow)")
+    a2.set_title("Speed-up vs reference")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_strong(res: dict, out: Path) -> Path | None:
+    rows = _ok(res.get("rows", []))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for m in sorted({r["method"] for r in rows}):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["workers"])
+        w = [r["workers"] for r in rs]
+        c = COLORS.get(m)
+        ax.plot(w, [r["wall_s"] for r in rs], "o-", color=c, label=f"{m} end to end")
+        ax.plot(w, [r["stage_sum_s"] for r in rs], "s--", color=c, alpha=0.6, label=f"{m} stages")
+        ax.plot(w, [rs[0]["stage_sum_s"] * w[0] / wi for wi in w], ":", color=c, alpha=0.5,
+                label=f"{m} ideal")
+    ax.set_xticks(sorted({r["workers"] for r in rows}))
+    ax.set_xlabel("local worker processes (1 thread each)")
+    ax.set_ylabel("wall time (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Strong scaling")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_all(folder: str | Path) -> list[Path]:
+    """Draw every plot whose JSON is in ``folder``; the PNG paths written."""
+    folder = Path(folder)
+    made = []
+    for json_name, fn, png in (("weak_scaling.json", plot_weak, "weak_scaling.png"),
+                               ("workflows.json", plot_stages, "stages.png"),
+                               ("reference.json", plot_reference, "reference.png"),
+                               ("strong_scaling.json", plot_strong, "strong_scaling.png")):
+        res = _load(folder, json_name)
+        if res is not None:
+            p = fn(res, folder / png)
+            if p:
+                made.append(p)
+    return made
+
+
+if __name__ == "__main__":
+    for p in plot_all(sys.argv[1] if len(sys.argv) > 1 else "."):
+        print(p)

@@ -1,0 +1,115 @@
+"""Smoke test of the benchmark suite: it runs at the smallest size and writes valid
+JSON and PNGs. No timing is asserted (benchmarks measure, tests assert)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _measure as M  # noqa: E402
+import plot_results  # noqa: E402
+import run_all  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image as mpimg
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_run_tree_sees_children_memory():
+    # a child that allocates ~200 MB in a grandchild: the tree sampler must see it
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import numpy as np, time; a = np.ones(25_000_000); time.sleep(1.5)'])")
+    run = M.run_tree([sys.executable, "-c", code], interval=0.1)
+    assert run["returncode"] == 0
+    assert run["peak_rss_bytes"] > 200e6
+    assert run["rss_samples"] >= 3
+
+
+def test_io_floor_reads_everything(tmp_path):
+    import zarr
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    data = np.random.default_rng(0).integers(0, 50, (5, 7, 8, 8), dtype=np.uint16)
+    g.create_array("data", shape=data.shape, chunks=(2, 3, 8, 8), dtype=data.dtype)[...] = data
+    fl = M.io_floor(tmp_path / "s.zarr")
+    assert fl["checksum"] == int(data.sum())
+    assert fl["patterns"] == 35 and fl["n_chunks"] == 9 and fl["nbytes"] == data.nbytes
+    assert fl["seconds"] > 0 and fl["patterns_per_s"] > 0
+
+
+def test_loglog_slope():
+    import bench_scaling as S
+    x = [1, 2, 4, 8]
+    assert S.loglog_slope(x, [3 * v for v in x]) == pytest.approx(1.0)
+    assert S.loglog_slope(x, [5, 5, 5, 5]) == pytest.approx(0.0)
+    assert S.loglog_slope([1], [1]) is None
+
+
+def test_last_json():
+    text = 'chatter {not json}\n{"a": {"b": 1}}\nmore\n{"c": 2}\n'
+    assert run_all._last_json(text) == {"c": 2}
+    assert run_all._last_json("nothing") is None
+
+
+def test_suite_smoke(tmp_path):
+    """run_all at the smoke size: I/O floor, one workflow end to end, plots."""
+    results, work = tmp_path / "results", tmp_path / "work"
+    rc = run_all.main(["--size", "smoke", "--only", "io", "workflows", "plots",
+                       "--methods", "vdf", "--work", str(work), "--results", str(results)])
+    assert rc == 0
+    out = results / "smoke"
+    io = json.loads((out / "io_floor.json").read_text())
+    assert io["io_floor"]["patterns"] == 64 and io["io_floor"]["mb_per_s"] > 0
+    assert io["machine"]["logical_cores"] >= 1 and len(io["load_avg_before"]) == 3
+    wf = json.loads((out / "workflows.json").read_text())
+    vdf = wf["runs"]["vdf"]
+    assert vdf["returncode"] == 0, vdf.get("error")
+    assert vdf["patterns"] == 64 and vdf["peak_rss_mb"] > 0
+    assert set(vdf["timings"]) <= set(vdf["patterns_per_s"])
+    assert vdf["ratio_to_io_floor"]["end_to_end"] > 0
+    assert 0 <= vdf["quality"]["recall"] <= 1
+    _valid_png(out / "stages.png")
+
+
+def _fake_run(method, wall, **kw):
+    stages = {"beam": wall * 0.2, "peaks": wall * 0.3} if method == "vdf" else \
+        {"beam": wall * 0.2, "nmf": wall * 0.4}
+    return {"method": method, "returncode": 0, "wall_s": wall, "stage_sum_s": sum(stages.values()),
+            "timings": stages, "peak_rss_mb": 300.0, **kw}
+
+
+def test_plots_from_results(tmp_path):
+    """Every plot is drawn from JSON of the shape the suite writes."""
+    weak = {"rows": [dict(_fake_run(m, 10 * gb, extra_args=[]), gb=gb, io_floor_s=gb)
+                     for gb in (0.1, 0.4, 1.6) for m in ("vdf", "nmf")]}
+    weak["rows"][-1]["extra_args"] = ["--set", "preprocess.nav_binning=2"]
+    strong = {"rows": [dict(_fake_run(m, 20 / w), workers=w) for w in (1, 2) for m in ("vdf", "nmf")]}
+    runs = {m: dict(_fake_run(m, 5.0), overhead_s=1.5, patterns_per_s={"end_to_end": 100.0})
+            for m in ("vdf", "nmf")}
+    ref = {"methods": {m: {"reference": {"returncode": 0}, "spedflow": {"returncode": 0},
+                           "reference_s": {"end_to_end": 100.0, "algorithm": 90.0},
+                           "spedflow_s": {"end_to_end": 10.0, "algorithm": 5.0}}
+                       for m in ("vdf", "nmf")}}
+    for name, obj in (("weak_scaling", weak), ("strong_scaling", strong),
+                      ("workflows", {"runs": runs, "io_floor": {"seconds": 0.5}}),
+                      ("reference", ref)):
+        M.write_json(tmp_path / f"{name}.json", obj)
+    made = plot_results.plot_all(tmp_path)
+    assert sorted(p.name for p in made) == ["reference.png", "stages.png", "strong_scaling.png",
+                                            "weak_scaling.png"]
+    for p in made:
+        _valid_png(p)
