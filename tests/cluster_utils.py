@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["free_port", "TLSFiles", "DaskProcess", "start_scheduler", "start_worker",
-           "ProcessCluster"]
+           "ProcessCluster", "child_env", "start_cli", "wait_exit"]
 
 _DROP_ENV = ("SPEDFLOW_SCHEDULER", "DASK_SCHEDULER_ADDRESS", "DASK_SCHEDULER-ADDRESS")
 
@@ -154,6 +154,34 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     env.update(extra or {})
     return env
 
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment test children get: no scheduler redirection, tests/ importable."""
+    return _child_env(extra)
+
+
+def start_cli(args: list[str], log_path: str | os.PathLike,
+              env: dict[str, str] | None = None) -> DaskProcess:
+    """Start ``python -m spedflow ARGS`` in its own process group, output to ``log_path``.
+
+    Returns at once; see :func:`wait_exit`. Signals can be sent to ``proc.pid``
+    (e.g. SIGINT for a Ctrl-C); teardown happens as for dask processes.
+    """
+    return DaskProcess("spedflow " + " ".join(map(str, args[:1])),
+                       [sys.executable, "-m", "spedflow", *map(str, args)], Path(log_path),
+                       _child_env(env))
+
+
+def wait_exit(proc: DaskProcess, timeout: float = 120.0) -> int:
+    """Wait for ``proc`` to exit and return its code; on timeout kill it and raise."""
+    try:
+        code = proc.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.stop(grace=1.0)
+        raise TimeoutError(f"{proc.name} still running after {timeout:g} s; log "
+                           f"{proc.log_path}:\n{proc.log_tail()}") from None
+    proc.stop(grace=1.0)  # reap any children, close the log
+    return code
 
 def _wait(predicate, proc: DaskProcess, timeout: float, what: str):
     deadline = time.monotonic() + timeout
