@@ -82,10 +82,9 @@ def reference(store, tmp_path_factory):
     """In-process runs of both workflows: {method: result path} (cache beside it)."""
     root = tmp_path_factory.mktemp("dist_ref")
     out = {}
-    with dask.config.set(scheduler="threads"):
-        for method, overrides in (("vdf", None), ("nmf", NMF_SET)):
-            out[method] = spedflow.segment(store, method=method, out=root / f"{method}.zarr",
-                                           overrides=overrides, local=True, progress=False)
+    for method, overrides in (("vdf", None), ("nmf", NMF_SET)):
+        out[method] = spedflow.segment(store, method=method, out=root / f"{method}.zarr",
+                                       overrides=overrides, local=True, progress=False)
     return out
 
 
@@ -158,6 +157,13 @@ def _one_stage(cache: Path, name: str) -> Path:
     return dirs[0] if len(dirs) == 1 else None
 
 
+def _worker_transitions(address: str) -> dict[str, int]:
+    """Task state transitions each worker of the cluster has made so far."""
+    from distributed import Client
+    with Client(address, timeout=10, set_as_default=False) as client:
+        return client.run(lambda dask_worker: dask_worker.state.transition_counter)
+
+
 def _mtimes(paths) -> dict[Path, int]:
     return {Path(p): os.stat(p).st_mtime_ns for p in paths}
 
@@ -168,15 +174,17 @@ def _mtimes(paths) -> dict[Path, int]:
 def test_cli_on_cluster_equals_local_run(method, store, reference, dask_cluster, tmp_path):
     out = tmp_path / f"{method}.zarr"
     overrides = NMF_SET if method == "nmf" else {}
+    before = _worker_transitions(dask_cluster.address)
     text = _run_cli(_segment_args(store, method, out, "--scheduler", dask_cluster.address,
                                   *_set_args(overrides)), tmp_path / "cli.log")
     assert f"dask scheduler {dask_cluster.address}" in text  # it really used the cluster
     assert not (tmp_path / f"{method}.zarr.partial").exists()
     # VDF: bitwise; NMF: 1e-5 relative (see the module docstring)
     _assert_same_result(out, reference[method], rtol=0.0 if method == "vdf" else 1e-5)
-    # the work ran on both workers, not in the client
-    for w in dask_cluster.workers:
-        w.check_alive()
+    # the work ran on both workers, not in the client process
+    after = _worker_transitions(dask_cluster.address)
+    assert len(before) == 2 and after.keys() == before.keys()
+    assert all(after[w] > before[w] for w in before), (before, after)
 
 
 # ----------------------------------------------------------------------- 2. a worker dies
@@ -209,6 +217,7 @@ def test_worker_killed_mid_run_recovers(store, reference, dask_cluster, tmp_path
     # the kill landed inside the peak pass, with blocks still to do
     assert not peaks_complete_at_kill and 1 <= done_at_kill < 16, done_at_kill
     assert "Remove worker" in pc.scheduler.log()  # the scheduler noticed the loss
+    assert len(_worker_transitions(pc.address)) == 2  # survivor + replacement
     assert len(list(cache.glob("peaks-*/blocks/*.npz"))) == 16
     _assert_same_result(out, reference["vdf"])
 
