@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,8 +35,12 @@ LIBRARIES = ("spedflow", "numpy", "scipy", "dask", "distributed", "zarr", "numco
              "skimage", "sklearn", "psutil", "matplotlib")
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of ``proc`` and all its descendants (0 for vanished ones)."""
+def tree_rss(proc: psutil.Process, cpu: dict | None = None) -> int:
+    """Resident bytes of ``proc`` and all its descendants (0 for vanished ones).
+
+    If ``cpu`` is given, it is updated in place with ``pid -> user + system CPU seconds``
+    of every process seen (the last value seen is kept: a process's CPU time only grows).
+    """
     total = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
@@ -43,7 +48,11 @@ def tree_rss(proc: psutil.Process) -> int:
         return 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            with p.oneshot():
+                total += p.memory_info().rss
+                if cpu is not None:
+                    t = p.cpu_times()
+                    cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
         except psutil.Error:
             pass
     return total
@@ -62,12 +71,13 @@ class TreeSampler:
         self.interval = interval
         self.peak = 0
         self.samples = 0
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.proc))
+            self.peak = max(self.peak, tree_rss(self.proc, self.cpu))
             self.samples += 1
             self._stop.wait(self.interval)
 
@@ -79,6 +89,10 @@ class TreeSampler:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def cpu_seconds(self) -> float:
+        return float(sum(self.cpu.values()))
+
 
 def run_tree(cmd: list[str], *, interval: float = 0.2, timeout: float | None = None,
              env: dict | None = None, cwd: str | Path | None = None) -> dict:
@@ -86,9 +100,12 @@ def run_tree(cmd: list[str], *, interval: float = 0.2, timeout: float | None = N
 
     Returns
     -------
-    dict with ``wall_s`` (s), ``peak_rss_bytes``, ``rss_samples``, ``returncode``,
+    dict with ``wall_s`` (s), ``cpu_s`` (user + system CPU seconds of the tree; on a
+    shared, loaded machine this is the load-robust measure of work), ``peak_rss_bytes``, ``rss_samples``, ``returncode``,
     ``stdout``, ``stderr`` (text) and ``cmd`` (the command as one shell-quoted string).
     """
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ru0 = ru.ru_utime + ru.ru_stime
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=cwd)
@@ -100,7 +117,13 @@ def run_tree(cmd: list[str], *, interval: float = 0.2, timeout: float | None = N
             out, err = proc.communicate()
             err += f"\n[bench] killed after {timeout} s"
     wall = time.perf_counter() - t0
+    # CPU of the tree: the rusage of the reaped child includes every descendant that was
+    # waited for (exact when the tree cleans up after itself); the sampled sum covers
+    # descendants that were not reaped, up to their last sample. Take the larger.
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reaped_cpu = ru.ru_utime + ru.ru_stime - ru0
     return {"cmd": " ".join(_quote(c) for c in cmd), "wall_s": round(wall, 3),
+            "cpu_s": round(max(reaped_cpu, sampler.cpu_seconds), 2),
             "peak_rss_bytes": int(sampler.peak), "rss_samples": sampler.samples,
             "returncode": proc.returncode, "stdout": out, "stderr": err}
 

@@ -69,7 +69,7 @@ def ensure_store(path: str | Path, scan: int, detector: int, *, seed: int = 0,
 
 def _slim(rec: dict) -> dict:
     """A run record without the bulky fields (for scaling tables)."""
-    keep = ("method", "returncode", "wall_s", "peak_rss_mb", "rss_samples", "patterns",
+    keep = ("method", "returncode", "wall_s", "cpu_s", "peak_rss_mb", "rss_samples", "patterns",
             "nav_binning", "timings", "stage_sum_s", "overhead_s", "patterns_per_s", "quality",
             "cmd", "segment_args", "load_avg_before", "load_avg_after", "error", "counts")
     return {k: rec[k] for k in keep if k in rec}
@@ -117,6 +117,8 @@ def summarise_weak(rows: list[dict]) -> dict:
     for m in sorted({r["method"] for r in rows}):
         rs = [r for r in rows if r["method"] == m and r.get("returncode") == 0]
         out[m] = {"time_vs_size_loglog_slope": loglog_slope([r["gb"] for r in rs], [r["wall_s"] for r in rs]),
+                  "cpu_vs_size_loglog_slope": loglog_slope([r["gb"] for r in rs],
+                                                           [r.get("cpu_s") for r in rs]),
                   "stage_time_vs_size_loglog_slope": loglog_slope([r["gb"] for r in rs],
                                                                   [r["stage_sum_s"] for r in rs]),
                   "memory_vs_size_loglog_slope": loglog_slope([r["gb"] for r in rs],
@@ -143,6 +145,7 @@ def strong_scaling(store: dict, methods, *, work: Path, workers=(1, 2), extra=()
             if r["method"] == m and base and r.get("returncode") == 0 and base.get("returncode") == 0:
                 r["speedup_wall"] = round(base["wall_s"] / r["wall_s"], 2)
                 r["speedup_stages"] = round(base["stage_sum_s"] / r["stage_sum_s"], 2)
+                r["cpu_ratio"] = round(r["cpu_s"] / base["cpu_s"], 2) if base.get("cpu_s") else None
     return rows
 
 

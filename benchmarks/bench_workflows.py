@@ -58,7 +58,8 @@ def run_segment(store: str | Path, method: str, out: str | Path, *,
 
     Returns
     -------
-    dict: ``wall_s``, ``peak_rss_mb``, ``timings`` (s per stage), ``stage_sum_s``,
+    dict: ``wall_s``, ``cpu_s`` (CPU seconds of the process tree: robust to other work
+    on a shared machine, unlike wall time), ``peak_rss_mb``, ``timings`` (s per stage), ``stage_sum_s``,
     ``overhead_s`` (wall minus the stages: interpreter start, imports, cluster start and
     writing the result), ``patterns_per_s`` per stage and ``end_to_end``, ``counts``,
     ``quality`` and the exact command.
@@ -74,7 +75,8 @@ def run_segment(store: str | Path, method: str, out: str | Path, *,
     run = M.run_tree(cmd, interval=interval, timeout=timeout)
     rec = {"method": method, "store": str(store), "cmd": run["cmd"],
            "segment_args": list(segment_args), "returncode": run["returncode"],
-           "wall_s": run["wall_s"], "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1),
+           "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
+           "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1),
            "rss_samples": run["rss_samples"], "load_avg_before": load0,
            "load_avg_after": M.load_avg()}
     if run["returncode"] != 0:
@@ -90,7 +92,8 @@ def run_segment(store: str | Path, method: str, out: str | Path, *,
         "stage_sum_s": round(stage_sum, 3), "overhead_s": round(run["wall_s"] - stage_sum, 3),
         "patterns_per_s": {**{k: round(n / v, 1) for k, v in timings.items() if v > 0},
                            "stages": round(n / stage_sum, 1) if stage_sum else None,
-                           "end_to_end": round(n / run["wall_s"], 1)},
+                           "end_to_end": round(n / run["wall_s"], 1),
+                           "per_cpu_second": round(n / run["cpu_s"], 1) if run["cpu_s"] else None},
         "counts": counts,
     })
     if evaluate:

@@ -47,6 +47,8 @@ def plot_weak(res: dict, out: Path) -> Path | None:
         c = COLORS.get(m)
         a1.plot(x, [r["wall_s"] for r in rs], "o-", color=c, label=f"{m} end to end")
         a1.plot(x, [r["stage_sum_s"] for r in rs], "s--", color=c, alpha=0.6, label=f"{m} stages")
+        if all(r.get("cpu_s") for r in rs):
+            a1.plot(x, [r["cpu_s"] for r in rs], "v-.", color=c, alpha=0.6, label=f"{m} CPU s (tree)")
         a1.plot(x, [x[0] and rs[0]["stage_sum_s"] * xi / x[0] for xi in x], ":", color=c,
                 alpha=0.5, label=f"{m} linear guide")
         for r in rs:
@@ -64,7 +66,7 @@ def plot_weak(res: dict, out: Path) -> Path | None:
         a.grid(True, which="both", alpha=0.3)
     a1.set_yscale("log")
     a2.set_ylim(bottom=0)  # linear from 0: flat memory reads as flat
-    a1.set_ylabel("wall time (s)")
+    a1.set_ylabel("wall time / CPU time (s)")
     a1.set_title("Weak scaling: time (dotted: linear)")
     a2.set_ylabel("peak RSS of the process tree (MB)")
     a2.set_title("Weak scaling: memory (dotted: flat)")
@@ -120,7 +122,9 @@ def plot_reference(res: dict, out: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels, sp, ref = [], [], []
     for m, c in cmp.items():
-        for kind in ("end_to_end", "algorithm"):
+        for kind in ("end_to_end", "algorithm", "cpu"):
+            if not (c["spedflow_s"].get(kind) and c["reference_s"].get(kind)):
+                continue
             labels.append(f"{m}\n{kind.replace('_', ' ')}")
             sp.append(c["spedflow_s"][kind])
             ref.append(c["reference_s"][kind])
@@ -129,7 +133,7 @@ def plot_reference(res: dict, out: Path) -> Path | None:
     a1.bar([x + 0.2 for x in xs], sp, 0.4, label="spedflow", color="tab:green")
     a1.set_xticks(list(xs), labels, fontsize=8)
     a1.set_yscale("log")
-    a1.set_ylabel("wall time (s)")
+    a1.set_ylabel("wall time (s); cpu: CPU seconds")
     a1.set_title("Same simulated set, both tools")
     a1.legend(fontsize=8)
     speed = [r / s if s else 0 for r, s in zip(ref, sp)]
@@ -157,6 +161,8 @@ def plot_strong(res: dict, out: Path) -> Path | None:
         c = COLORS.get(m)
         ax.plot(w, [r["wall_s"] for r in rs], "o-", color=c, label=f"{m} end to end")
         ax.plot(w, [r["stage_sum_s"] for r in rs], "s--", color=c, alpha=0.6, label=f"{m} stages")
+        if all(r.get("cpu_s") for r in rs):
+            ax.plot(w, [r["cpu_s"] for r in rs], "v-.", color=c, alpha=0.5, label=f"{m} CPU s")
         ax.plot(w, [rs[0]["stage_sum_s"] * w[0] / wi for wi in w], ":", color=c, alpha=0.5,
                 label=f"{m} ideal")
     ax.set_xticks(sorted({r["workers"] for r in rows}))

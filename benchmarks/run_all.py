@@ -54,13 +54,13 @@ SIZES = {
                   peer=None, segment_args=["--no-cluster"], nmf_binned=[], timeout=300,
                   default_skip=("strong", "bounded", "reference", "nmf_quality", "components")),
     "small": dict(detector=128, main=32, weak=[16, 24, 32, 48], strong=48,
-                  bounded=(128, "128MB"), peer=24, segment_args=CLUSTER, nmf_binned=[],
+                  bounded=None, peer=24, segment_args=CLUSTER, nmf_binned=[],
                   timeout=1800, default_skip=()),
     "medium": dict(detector=128, main=64, weak=[64, 96, 128, 192], strong=128,
-                   bounded=(256, "256MB"), peer=32, segment_args=CLUSTER, nmf_binned=[],
+                   bounded=(384, "512MB"), peer=32, segment_args=CLUSTER, nmf_binned=[],
                    timeout=3600, default_skip=()),
     "large": dict(detector=128, main=128, weak=[64, 128, 256, 512], strong=256,
-                  bounded=(384, "512MB"), peer=64, segment_args=CLUSTER, nmf_binned=[512],
+                  bounded=(512, "512MB"), peer=64, segment_args=CLUSTER, nmf_binned=[512],
                   timeout=3 * 3600, default_skip=()),
 }
 
@@ -115,12 +115,17 @@ class Suite:
                                 "rows": rows, "summary": S.summarise_weak(rows), "note": note}
 
     def strong(self):
+        if not self.cfg["strong"]:
+            return "strong_scaling", {"skipped": f"no strong-scaling set at size {self.size}"}
         st = self.store(self.cfg["strong"])
         rows = S.strong_scaling(st, self.methods, work=self.work / "runs",
                                 timeout=self.cfg["timeout"])
         return "strong_scaling", {"set": st, "rows": rows}
 
     def bounded(self):
+        if not self.cfg["bounded"]:
+            return "bounded_memory", {"skipped": f"no set >= 4x a workable worker limit at size "
+                                                 f"{self.size} (a worker alone needs ~200 MB)"}
         scan, limit = self.cfg["bounded"]
         st = self.store(scan)
         rows = [S.bounded_memory(st, m, work=self.work / "runs", memory_limit=limit,
@@ -128,6 +133,8 @@ class Suite:
         return "bounded_memory", {"set": st, "rows": rows}
 
     def reference(self):
+        if not self.cfg["peer"]:
+            return "reference", {"skipped": f"no peer set at size {self.size}"}
         st = self.store(self.cfg["peer"])
         if not REFERENCE_PY.exists():
             return "reference", {"set": st, "skipped": f"no reference venv at {REFERENCE_PY}: "
@@ -177,6 +184,7 @@ def compare_reference(st: dict, method: str, work: Path, segment_args, timeout) 
     load0 = M.load_avg()
     run = M.run_tree(cmd, timeout=timeout)
     ref = {"cmd": run["cmd"], "returncode": run["returncode"], "wall_s": run["wall_s"],
+           "cpu_s": run["cpu_s"],
            "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1), "load_avg_before": load0,
            "load_avg_after": M.load_avg()}
     if run["returncode"] != 0 or not ref_json.exists():
@@ -195,10 +203,12 @@ def compare_reference(st: dict, method: str, work: Path, segment_args, timeout) 
     res = {"reference": ref, "spedflow": sp}
     if ref["returncode"] == 0 and sp.get("returncode") == 0 and "algorithm_s" in ref:
         n = sp["patterns"]
-        res["reference_s"] = {"end_to_end": ref["wall_s"], "algorithm": ref["algorithm_s"]}
-        res["spedflow_s"] = {"end_to_end": sp["wall_s"], "algorithm": sp["stage_sum_s"]}
+        res["reference_s"] = {"end_to_end": ref["wall_s"], "algorithm": ref["algorithm_s"],
+                              "cpu": ref["cpu_s"]}
+        res["spedflow_s"] = {"end_to_end": sp["wall_s"], "algorithm": sp["stage_sum_s"],
+                             "cpu": sp["cpu_s"]}
         res["speedup"] = {k: round(res["reference_s"][k] / res["spedflow_s"][k], 2)
-                          for k in ("end_to_end", "algorithm")}
+                          for k in ("end_to_end", "algorithm", "cpu") if res["spedflow_s"][k]}
         res["ms_per_pattern"] = {
             "reference_algorithm": round(1e3 * ref["algorithm_s"] / ref["patterns"], 3),
             "spedflow_stages": round(1e3 * sp["stage_sum_s"] / n, 3)}
@@ -225,7 +235,7 @@ def run_script(script: Path, out_json: Path | None, timeout, *, json_flag: str |
             cmd += [json_flag, str(out_json)]
     run = M.run_tree(cmd, timeout=timeout)
     rec = {"cmd": run["cmd"], "returncode": run["returncode"], "wall_s": run["wall_s"],
-           "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1)}
+           "cpu_s": run["cpu_s"], "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1)}
     if out_json is not None and out_json.exists():
         rec["result"] = json.loads(out_json.read_text())
     else:
