@@ -1,0 +1,370 @@
+"""The public Python API (``import spedflow``): stores as xarray, one-call workflows,
+configuration, stage-by-stage runs through the exported functions, interop.
+
+All runs use dask's synchronous scheduler (``local=True`` runs in-process) and small
+simulated stores; the NMF workflow runs on a 16 x 16 scan with a fixed, small E.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import spedflow
+from spedflow.errors import InputError, ParameterError
+
+RESULT_DIMS = {
+    "segments/maps": ("segment", "scan_y", "scan_x"),
+    "segments/patterns": ("segment", "ky", "kx"),
+    "beam/centres": ("scan_y", "scan_x", "yx"),
+    "beam/fitted": ("scan_y", "scan_x", "yx"),
+}
+VDF_DIMS = {**RESULT_DIMS, "vdf/images": ("vector", "scan_y", "scan_x"),
+            "vectors": ("vector", "g"), "peaks": ("peak", "column")}
+NMF_DIMS = {**RESULT_DIMS, "nmf/factors": ("component", "ky", "kx"),
+            "nmf/loadings": ("component", "scan_y", "scan_x")}
+
+
+@pytest.fixture(autouse=True)
+def _synchronous():
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def vdf_result(sim_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api_vdf") / "vdf.zarr"
+    with dask.config.set(scheduler="synchronous"):
+        return spedflow.segment(sim_store, method="vdf", out=out, local=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from spedflow.simulate import simulate
+    path = tmp_path_factory.mktemp("api_tiny") / "tiny.zarr"
+    return simulate(path, scan=(16, 16), detector=32, crystals=3, seed=2, progress=False)
+
+
+# ---------------------------------------------------------------------------- open_store
+
+def test_open_store_is_lazy_calibrated_xarray(sim_store):
+    x = spedflow.open_store(sim_store)
+    assert isinstance(x, xr.DataArray)
+    assert x.dims == ("scan_y", "scan_x", "ky", "kx")
+    assert isinstance(x.data, da.Array)
+    raw = zarr.open_group(str(sim_store), mode="r")["data"]
+    assert x.shape == raw.shape and x.dtype == raw.dtype
+    # every chunk holds whole patterns
+    assert x.data.chunks[2:] == ((raw.shape[2],), (raw.shape[3],))
+    meta = x.attrs["spedflow"]
+    step, rec = meta["scan_step"], meta["reciprocal_scale"]
+    for dim in ("scan_y", "scan_x"):
+        np.testing.assert_allclose(np.diff(x[dim].values), step["value"])
+        assert x[dim].values[0] == 0
+        assert x[dim].attrs["units"] == step["units"]
+    for dim in ("ky", "kx"):
+        n = x.sizes[dim]
+        np.testing.assert_allclose(np.diff(x[dim].values), rec["value"])
+        assert x[dim].values[n // 2] == pytest.approx(0.0, abs=1e-12)  # beam centre
+        assert x[dim].attrs["units"] == rec["units"]
+    np.testing.assert_array_equal(x[3:5, 7, :, :].values, raw[3:5, 7])
+
+
+# ------------------------------------------------------------------------ one-call runs
+
+def _check_dims(res, expected, scan, detector):
+    for name, dims in expected.items():
+        assert name in res, f"result lacks {name!r}"
+        arr = res[name]
+        assert isinstance(arr, xr.DataArray) and isinstance(arr.data, da.Array), name
+        assert arr.dims == dims, name
+        for dim, n in zip(("scan_y", "scan_x"), scan):
+            if dim in arr.dims:
+                assert arr.sizes[dim] == n, (name, dim)
+        for dim, n in zip(("ky", "kx"), detector):
+            if dim in arr.dims:
+                assert arr.sizes[dim] == n, (name, dim)
+    assert res["segments/maps"].sizes["segment"] == res["segments/patterns"].sizes["segment"]
+
+
+def test_segment_vdf_result_layout(vdf_result, sim_store):
+    res = spedflow.open_result(vdf_result)
+    shape = spedflow.open_store(sim_store).shape
+    _check_dims(res, VDF_DIMS, shape[:2], shape[2:])
+    attrs = res["attrs"]
+    assert attrs["kind"] == "result" and attrs["method"] == "vdf" and attrs["nav_binning"] == 1
+    assert res["peaks"].sizes["column"] == 5
+    assert res["vdf/images"].sizes["vector"] == res["vectors"].sizes["vector"] == attrs["counts"]["vectors"]
+    assert res["segments/maps"].sizes["segment"] == attrs["counts"]["segments"] > 0
+    # the run's parameters are the defaults, written back in full
+    assert spedflow.load_config("vdf", attrs["params"]) == spedflow.load_config("vdf")
+    maps = res["segments/maps"].values
+    assert np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_segment_nmf_result_layout(tiny_store, tmp_path):
+    overrides = {"nmf": {"n_components": 3, "max_epochs": 30}, "scree": {"n_components": 8}}
+    out = spedflow.segment(tiny_store, method="nmf", out=tmp_path / "nmf.zarr", local=True,
+                           overrides=overrides, progress=False)
+    res = spedflow.open_result(out)
+    _check_dims(res, NMF_DIMS, (16, 16), (32, 32))
+    attrs = res["attrs"]
+    assert attrs["method"] == "nmf" and attrs["n_components"] == 3
+    assert res["nmf/factors"].sizes["component"] == res["nmf/loadings"].sizes["component"] == 3
+    assert attrs["params"]["nmf"]["n_components"] == 3
+    assert (res["nmf/factors"].values >= 0).all() and (res["nmf/loadings"].values >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(method="pca"), ParameterError, "method"),
+    (dict(overrides={"peaks": {"treshold": 3}}), ParameterError, "treshold"),
+    (dict(config=42), ParameterError, "config"),
+])
+def test_segment_bad_input(sim_store, tmp_path, kwargs, exc, match):
+    out = tmp_path / "r.zarr"
+    with pytest.raises(exc, match=match):
+        spedflow.segment(sim_store, out=out, local=True, progress=False, **kwargs)
+    assert not out.exists()
+
+
+def test_segment_refuses_existing_result(vdf_result, sim_store):
+    with pytest.raises(FileExistsError, match="exists"):
+        spedflow.segment(sim_store, method="vdf", out=vdf_result, local=True, progress=False)
+
+
+# ---------------------------------------------------------------------------- load_config
+
+def test_load_config_sources_agree(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[peaks]\nthreshold = 6.5\n\n[merge]\ncorr_threshold = 0.8\n")
+    from_toml = spedflow.load_config("vdf", toml)
+    from_str = spedflow.load_config("vdf", str(toml))
+    from_dict = spedflow.load_config("vdf", {"peaks": {"threshold": 6.5}, "merge": {"corr_threshold": 0.8}})
+    from_cfg = spedflow.load_config("vdf", from_dict)
+    assert from_toml == from_str == from_dict == from_cfg
+    assert from_toml.peaks.threshold == 6.5 and from_toml.merge.corr_threshold == 0.8
+    # everything else keeps its default
+    default = spedflow.load_config("vdf")
+    assert from_toml.preprocess == default.preprocess and from_toml.vdf == default.vdf
+    assert dataclasses.replace(from_toml.peaks, threshold=default.peaks.threshold) == default.peaks
+
+
+def test_load_config_overrides_win(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[preprocess]\nnav_binning = 2\ndescan = \"plane\"\n")
+    cfg = spedflow.load_config("vdf", toml, overrides={"preprocess": {"nav_binning": 3}})
+    assert cfg.preprocess.nav_binning == 3 and cfg.preprocess.descan == "plane"
+    cfg = spedflow.load_config("nmf", overrides={"nmf": {"n_components": 4}})
+    assert cfg.nmf.n_components == 4
+
+
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_default_config_toml_round_trip(tmp_path, method):
+    path = tmp_path / f"{method}.toml"
+    path.write_text(spedflow.default_config_toml(method))
+    assert spedflow.load_config(method, path) == spedflow.load_config(method)
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("vdf", {"peaks": {"treshold": 5}}), {}, "unknown parameter 'treshold'"),
+    (("vdf", {"peeks": {}}), {}, "unknown parameter 'peeks'"),
+    (("nmf",), {"overrides": {"nmf": {"n_component": 3}}}, "unknown parameter 'n_component'"),
+    (("vdf", {"peaks": {"threshold": "high"}}), {}, "threshold"),
+    (("vdf", {"peaks": {"num_sigma": 2.5}}), {}, "num_sigma"),
+    (("vdf", {"preprocess": {"align": "yes"}}), {}, "align"),
+    (("vdf", {"peaks": 3}), {}, "peaks"),
+    (("vdf",), {"overrides": {"peaks": 3}}, "peaks"),
+    (("vdf", 42), {}, "config"),
+    (("vdf", "/nonexistent/run.toml"), {}, "does not exist"),
+    (("pca",), {}, "method"),
+])
+def test_load_config_bad_input(args, kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        spedflow.load_config(*args, **kwargs)
+
+
+def test_load_config_bad_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[peaks\nthreshold = \n")
+    with pytest.raises(ParameterError, match="not valid TOML"):
+        spedflow.load_config("vdf", bad)
+
+
+# ------------------------------------------------------------- stage by stage == one call
+
+def _spot_radius():
+    """The spot-size measurement the VDF workflow uses (wherever it is exported)."""
+    for module in ("spedflow.peaks", "spedflow.vdf", "spedflow.workflows.vdf"):
+        fn = getattr(importlib.import_module(module), "spot_radius", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
+    """Every stage of the VDF workflow is reachable through the public functions."""
+    from spedflow import peaks, preprocess, vdf
+    from spedflow.segment import (merge_vdf_segments, segments_from_labels, watershed_stack)
+
+    cfg = spedflow.load_config("vdf")
+    data = spedflow.open_store(sim_store).data
+    ny, nx, ky, kx = data.shape
+    centres = preprocess.beam_centres(data).compute()
+    r = float(preprocess.estimate_beam_radius(data, centres).compute())
+    used, _ = preprocess.centres_for_alignment(centres, cfg.preprocess.descan)
+    prep = preprocess.resolve(cfg.preprocess, r)
+    processed = preprocess.preprocess(data, used, prep)
+    pk = peaks.resolve(cfg.peaks, r, detector_shape=(ky, kx))
+    table = np.concatenate(dask.compute(*peaks.find_peaks(processed, pk)))
+    vp = peaks.vectors.resolve(cfg.vectors, r)
+    hist = peaks.peak_histogram(table, (ky, kx), oversample=vp.oversample)
+    vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
+    spot_r = r
+    spot_radius = _spot_radius()
+    if spot_radius is not None:  # second pass with the measured spot size
+        _, spot_r = spot_radius(processed.mean(axis=(0, 1)).compute(), vectors, r)
+        vp = dataclasses.replace(peaks.vectors.resolve(cfg.vectors, spot_r),
+                                 beam_exclusion_radius=2.0 * r)
+        vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
+
+    res = spedflow.open_result(vdf_result)
+    attrs = res["attrs"]
+    assert attrs["resolved"]["beam_radius"] == pytest.approx(r, rel=1e-6)
+    np.testing.assert_allclose(res["beam/fitted"].values, used, atol=1e-4)
+    assert len(table) == attrs["counts"]["peaks"]
+    ref = res["vectors"].values
+    assert abs(len(vectors) - len(ref)) <= 1
+    if len(vectors) == len(ref):
+        np.testing.assert_allclose(vectors, ref, atol=1e-3)
+
+    # VDF images, watershed and merging on the same vectors give the same crystals
+    # (the stored vectors are float32: use the float64 ones the workflow computed)
+    if len(vectors) != len(ref):
+        vectors = ref.astype(np.float64)
+    vd = vdf.resolve(cfg.vdf, spot_r)
+    images = vdf.vdf_images(processed, vectors, vd.radius, subpixel=vd.subpixel).compute()
+    stored = res["vdf/images"].values
+    # the centres here come from the whole data's mean pattern, the workflow's from a
+    # sample of chunks: they differ by < 1e-4 px, which moves a few pixels across the
+    # DoG's G_low > G_high edge; all but a few VDF pixels agree to float32 precision
+    close = np.isclose(images, stored, rtol=1e-4, atol=1e-4 * float(np.abs(stored).max()))
+    assert close.mean() > 0.995
+    assert np.corrcoef(images.ravel(), stored.ravel())[0, 1] > 0.9999
+
+    # watershed and merging of the stored VDF images give the stored crystals
+    labels = watershed_stack(da.from_array(stored, chunks=(1, ny, nx)), cfg.watershed).compute()
+    np.testing.assert_array_equal(labels, res["vdf/labels"].values)
+    segments, source = segments_from_labels(stored, labels)
+    merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
+    assert len(merged.summed) == attrs["counts"]["segments"]
+    np.testing.assert_allclose(merged.summed, res["segments/maps"].values, rtol=1e-5,
+                               atol=1e-6 * float(merged.summed.max()))
+
+
+# ------------------------------------------------------------------------------- interop
+
+@pytest.mark.parametrize("as_dask", [False, True])
+def test_from_array_round_trip(tmp_path, as_dask):
+    from spedflow.simulate import simulate_array
+    arr, _ = simulate_array(scan=(9, 11), detector=24, crystals=2, seed=3)
+    src = da.from_array(arr, chunks=(4, 5, 24, 24)) if as_dask else arr
+    path = spedflow.from_array(src, tmp_path / "a.zarr", scan_step=(2.5, "nm"),
+                               reciprocal_scale=0.05, progress=False)
+    x = spedflow.open_store(path)
+    assert x.dims == ("scan_y", "scan_x", "ky", "kx") and x.dtype == arr.dtype
+    np.testing.assert_array_equal(x.values, arr)
+    np.testing.assert_allclose(np.diff(x.scan_x.values), 2.5)
+    assert x.scan_x.attrs["units"] == "nm"
+    np.testing.assert_allclose(np.diff(x.ky.values), 0.05)
+    assert x.ky.attrs["units"] == "1/nm"
+    assert x.attrs["spedflow"]["complete"] is True
+
+
+@pytest.mark.parametrize("data, exc, match", [
+    (np.ones((4, 4, 8)), InputError, "4-D"),
+    (np.ones((0, 4, 8, 8)), InputError, "empty"),
+    (np.ones((2, 2, 4, 4), dtype=complex), InputError, "dtype"),
+    ([[1, 2], [3, 4]], ParameterError, "data"),
+])
+def test_from_array_bad_input(tmp_path, data, exc, match):
+    with pytest.raises(exc, match=match):
+        spedflow.from_array(data, tmp_path / "bad.zarr", progress=False)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_from_array_refuses_existing(tmp_path):
+    arr = np.ones((2, 2, 4, 4), np.uint16)
+    path = spedflow.from_array(arr, tmp_path / "a.zarr", progress=False)
+    with pytest.raises(FileExistsError, match="exists"):
+        spedflow.from_array(arr, path, progress=False)
+    spedflow.from_array(2 * arr, path, overwrite=True, progress=False)
+    np.testing.assert_array_equal(spedflow.open_store(path).values, 2 * arr)
+
+
+def test_to_hyperspy(sim_store, vdf_result):
+    pytest.importorskip("hyperspy.api")
+    sig = spedflow.to_hyperspy(sim_store)
+    x = spedflow.open_store(sim_store)
+    assert sig._lazy
+    assert sig.data.shape == x.shape
+    nav, sg = sig.axes_manager.navigation_axes, sig.axes_manager.signal_axes
+    # HyperSpy lists navigation axes x first; both scan axes share the step
+    assert nav[0].scale == pytest.approx(x.attrs["spedflow"]["scan_step"]["value"])
+    assert sg[0].scale == pytest.approx(x.attrs["spedflow"]["reciprocal_scale"]["value"])
+    np.testing.assert_allclose(sg[0].offset, x.kx.values[0])
+    np.testing.assert_array_equal(np.asarray(sig.inav[5, 3].data), x[3, 5].values)
+
+    maps = spedflow.to_hyperspy(vdf_result, "segment_maps", lazy=False)
+    ref = spedflow.open_result(vdf_result)["segments/maps"].values
+    np.testing.assert_array_equal(maps.data, ref)
+    assert maps.axes_manager.navigation_shape == (ref.shape[0],)
+    back = spedflow.from_array(spedflow.to_hyperspy(sim_store), sim_store.parent / "hs_back.zarr",
+                               progress=False)
+    np.testing.assert_array_equal(spedflow.open_store(back).values, x.values)
+    with pytest.raises(ParameterError, match="what"):
+        spedflow.to_hyperspy(vdf_result, "nonsense")
+    with pytest.raises(InputError, match="nmf/factors"):
+        spedflow.to_hyperspy(vdf_result, "nmf_factors")
+
+
+# ---------------------------------------------------------------------- the names exported
+
+_SHADOWED = pytest.mark.xfail(
+    reason="spedflow/__init__.py: importing the submodule of the same name binds the module "
+           "over the lazy function (reported to the lead)", strict=False)
+
+
+@pytest.mark.parametrize("name", [pytest.param("simulate", marks=_SHADOWED),
+                                  pytest.param("evaluate", marks=_SHADOWED),
+                                  "open_store", "open_result", "segment", "load_config", "write_report", "from_array", "to_hyperspy",
+                                  "default_config_toml", "ingest", "export_result"])
+def test_public_functions_stay_functions(name):
+    """``spedflow.<name>`` is the function even after its submodule was imported."""
+    for module in ("spedflow.simulate", "spedflow.evaluate", "spedflow.export", "spedflow.io"):
+        importlib.import_module(module)
+    obj = getattr(spedflow, name)
+    assert callable(obj) and not isinstance(obj, type(spedflow)), f"spedflow.{name} is {obj!r}"
+
+
+def test_stage_packages_exported():
+    for pkg, names in {
+        "preprocess": ["bin_nav", "beam_centres", "estimate_beam_radius", "centres_for_alignment",
+                       "resolve", "preprocess", "align"],
+        "peaks": ["find_peaks", "peaks_block", "peak_histogram", "unique_vectors", "VectorParams",
+                  "PeakParams", "resolve"],
+        "vdf": ["vdf_images", "annular_vdf", "VDFParams", "resolve"],
+        "decompose": ["poisson_statistics", "normalised_matrix", "scree", "choose_n_components",
+                      "nmf", "undo_normalisation", "beam_mask", "classify_components"],
+        "segment_": ["watershed_image", "watershed_stack", "segments_from_labels",
+                     "merge_vdf_segments", "virtual_patterns", "merge_components"],
+    }.items():
+        mod = getattr(spedflow, pkg)
+        for n in names:
+            assert callable(getattr(mod, n, None)), f"spedflow.{pkg}.{n}"
