@@ -127,7 +127,19 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
     validate(plan, cfg)
     from . import cluster
+    previous = cluster.progress_enabled()
     cluster.set_progress(progress)
+    try:
+        return _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,
+                    memory_limit, tls_ca_file, tls_cert, tls_key, progress)
+    finally:
+        cluster.set_progress(previous)
+
+
+def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,
+         memory_limit, tls_ca_file, tls_cert, tls_key, progress):
+    from . import cluster
+    from .workflows import run_workflow
     if client is not None or local or (local is None and scheduler is None
                                        and not os.environ.get("SPEDFLOW_SCHEDULER")
                                        and _small(plan)):
@@ -136,7 +148,9 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
         ctx = cluster.client_for(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
                                  memory_limit=memory_limit, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
                                  tls_key=tls_key, quiet=not progress)
-    with ctx:
+    # one BLAS thread per dask thread: the workers already use every core
+    from threadpoolctl import threadpool_limits
+    with ctx, threadpool_limits(limits=1):
         return run_workflow(method, plan, cfg, cache=cache)
 
 

@@ -141,6 +141,9 @@ def classify_components(factors: np.ndarray, loadings: np.ndarray, *,
             out.append((False, f"diffuse, circularly symmetric pattern: vacuum/glare/film ({what})"))
         elif s < strong_spot_fraction and c > max_coverage:
             out.append((False, f"weak spots spread over the whole scan: textured background ({what})"))
+        elif c > max_coverage:
+            out.append((False, f"present over more of the scan than one crystal: support (film, "
+                               f"vacuum) or a mixture dominated by it ({what})"))
         else:
             out.append((True, f"crystal: spots break circular symmetry ({what})"))
     return out

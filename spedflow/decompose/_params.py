@@ -74,6 +74,23 @@ class NMFParams:
         Gallopoulos 2008) from a randomised SVD, or seeded random values.
     seed : int, default 0
         Seed for the randomised SVD / random initialisation.
+    extra_components : float, default 1/3
+        With the automatic choice, NMF gets ``ceil(E_svd * (1 + extra_components))``
+        components, where ``E_svd`` is the number above the scree's noise floor: the
+        non-negative rank of a signal is at least its rank and in practice larger
+        (NMF splits a crystal whose intensity varies with thickness or bending, and
+        needs parts for overlaps); the correlation merging joins split parts again.
+        The paper used 11 components where its scree showed about 8.
+    min_spot_fraction : float, default 0.25
+        Components whose pattern has less than this share of its energy outside
+        circular symmetry about the beam are set aside as vacuum / glare / film
+        (see :func:`spedflow.decompose.classify_components`).
+    max_coverage : float, default 1/3
+        Components whose loading exceeds 10 % of its maximum over more than this
+        fraction of the scan are set aside as support (film, vacuum) or as a mixture
+        dominated by it: nanocrystal segmentation is asked of scans in which each
+        crystal occupies a minority of the positions, while the film and the vacuum
+        are everywhere else. A scan filled by one crystal needs a larger value.
     """
 
     n_components: int | None = None
@@ -85,6 +102,9 @@ class NMFParams:
     h_sweeps: int = 2
     init: str = "nndsvda"
     seed: int = 0
+    extra_components: float = 1.0 / 3.0
+    min_spot_fraction: float = 0.25
+    max_coverage: float = 1.0 / 3.0
 
     def __post_init__(self):
         check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
@@ -100,3 +120,6 @@ class NMFParams:
         if self.init not in _INITS:
             raise ParameterError(f"`init` must be one of {', '.join(_INITS)} (got {self.init!r})")
         check_range("seed", self.seed, low=0, integer=True)
+        check_range("extra_components", self.extra_components, low=0, high=4)
+        check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
+        check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)

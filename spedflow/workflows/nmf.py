@@ -105,8 +105,11 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     evr = st_scree.load("evr")
     if cfg.nmf.n_components is None:
         sa = st_scree.attrs()
-        n_comp, why = choose_n_components(evr, noise_edge=sa.get("noise_edge"), shape=tuple(sa["shape"]),
-                                          max_components=cfg.nmf.max_components)
+        n_svd, why = choose_n_components(evr, noise_edge=sa.get("noise_edge"), shape=tuple(sa["shape"]),
+                                         max_components=cfg.nmf.max_components)
+        n_comp = min(cfg.nmf.max_components, int(np.ceil(n_svd * (1 + cfg.nmf.extra_components))),
+                     min(matrix.shape))
+        why = f"{why}; NMF gets {n_comp} (extra_components = {cfg.nmf.extra_components:.2f})"
     else:
         n_comp, why = int(cfg.nmf.n_components), "set by the user"
     log.info("NMF with %d components (%s)", n_comp, why)
@@ -135,7 +138,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         except ImportError:  # not available yet: keep every component
             verdicts = [(True, "kept (no classifier)")] * len(factors)
         else:
-            verdicts = classify_components(factors, loadings, beam_radius=r)
+            verdicts = classify_components(factors, loadings, beam_radius=r, mask=mask,
+                                           min_spot_fraction=cfg.nmf.min_spot_fraction,
+                                           max_coverage=cfg.nmf.max_coverage)
         keep = np.array([v[0] for v in verdicts], bool)
         reasons = [v[1] for v in verdicts]
     set_aside = [{"component": int(i), "reason": reasons[i]} for i in np.flatnonzero(~keep)]
