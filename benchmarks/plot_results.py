@@ -98,14 +98,15 @@ def plot_stages(res: dict, out: Path) -> Path | None:
             left += v
         ax.barh(i, max(rec["overhead_s"], 0), left=left, color="0.85", edgecolor="w", hatch="//",
                 label="start-up, cluster, write" if i == 0 else None)
-        ax.text(rec["wall_s"], i, f" {rec['wall_s']:.1f} s, {rec['patterns_per_s']['end_to_end']:.0f} pat/s",
-                va="center", fontsize=8)
+        cpu = f", CPU {rec['cpu_s']:.0f} s" if rec.get("cpu_s") else ""
+        ax.text(rec["wall_s"], i, f" {rec['wall_s']:.1f} s{cpu}\n {rec['patterns_per_s']['end_to_end']:.0f} pat/s"
+                f" (load {rec.get('load_avg_before', ['?'])[0]})", va="center", fontsize=8)
     floor = res.get("io_floor", {}).get("seconds")
     if floor:
         ax.axvline(floor, color="k", ls="--", label=f"I/O floor {floor:.2f} s")
     ax.set_yticks(range(len(runs)), list(runs))
     ax.set_xlabel("wall time (s)")
-    ax.set_xlim(0, max(r["wall_s"] for r in runs.values()) * 1.35)
+    ax.set_xlim(0, max(r["wall_s"] for r in runs.values()) * 1.45)
     ax.set_title("Per-stage time on the main set")
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35 / len(runs) - 0.1))
     fig.tight_layout()
