@@ -36,11 +36,9 @@ __all__ = [
 _LAZY = {
     "ingest": ("spedflow.io", "ingest"),
     "verify_store": ("spedflow.io", "verify_store"),
-    "simulate": ("spedflow.simulate", "simulate"),
     "open_store": ("spedflow.api", "open_store"),
     "open_result": ("spedflow.api", "open_result"),
     "load_config": ("spedflow.api", "load_config"),
-    "evaluate": ("spedflow.evaluate", "evaluate"),
     "write_report": ("spedflow.report", "write_report"),
     "export_result": ("spedflow.export", "export_result"),
     "to_hyperspy": ("spedflow.interop", "to_hyperspy"),
@@ -58,6 +56,11 @@ _LAZY = {
 # through ``sys.modules["spedflow.segment"]`` (``from spedflow.segment import ...``).
 from . import segment as segment_  # noqa: E402
 from .api import segment  # noqa: E402,F811
+# the same holds for `simulate` and `evaluate` (subpackage/module and function)
+from . import simulate as _simulate_pkg  # noqa: E402
+from . import evaluate as _evaluate_mod  # noqa: E402
+simulate = _simulate_pkg.simulate  # noqa: F811
+evaluate = _evaluate_mod.evaluate  # noqa: F811
 
 
 def __getattr__(name):

@@ -51,38 +51,6 @@ def _peaks_block(block, offset, *, params, det_shape, oversample):
             "dog_sum": np.asarray(block, np.float64).sum(axis=(0, 1))}
 
 
-def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: float,
-                n_max: int = 30) -> tuple[float, float]:
-    """The size of the diffraction spots, measured on the mean background-subtracted pattern.
-
-    The half-width at half-maximum of the azimuthal profile around the strongest
-    vectors (their neighbours lie farther than the beam radius in any pattern we
-    can segment). Returns ``(hwhm, radius)``, where ``radius = 1.5 hwhm`` clipped to
-    [1, beam_radius]: a disc of 1.5 HWHM collects ~80 % of a Gaussian spot and all
-    of a flat disc-shaped one (HWHM = its radius), and no spot is larger than the
-    direct beam it is an image of.
-    """
-    from ..preprocess import kernels as pk
-    ky, kx = mean_pattern.shape
-    v = np.asarray(vectors, float)[:n_max] + [ky // 2, kx // 2]
-    if len(v) == 0:
-        return beam_radius, beam_radius
-    # each spot scaled to its own peak, so bright and faint spots weigh alike
-    iy = np.clip(np.rint(v[:, 0]).astype(int), 0, ky - 1)
-    ix = np.clip(np.rint(v[:, 1]).astype(int), 0, kx - 1)
-    peak = np.array([mean_pattern[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() for y, x in zip(iy, ix)])
-    ok = peak > 0
-    v, peak = v[ok], peak[ok]
-    if len(v) == 0:
-        return beam_radius, beam_radius
-    frames = mean_pattern.astype(np.float32)[None] / peak[:, None, None].astype(np.float32)
-    prof = pk.beam_profile(frames, v, max(2.0, 1.5 * beam_radius))
-    hwhm = pk.radius_from_profile(prof, default=np.nan)
-    if not np.isfinite(hwhm):
-        return beam_radius, beam_radius
-    return float(hwhm), float(np.clip(1.5 * hwhm, 1.0, beam_radius))
-
-
 def peaks_stage_of(cache, beam, prep, pk, vp):
     """The peaks stage's cache entry: keyed on the beam stage (which fixes the centres)."""
     return cache.stage("peaks", "v2", beam.key, dataclasses.asdict(prep), dataclasses.asdict(pk),
@@ -91,7 +59,7 @@ def peaks_stage_of(cache, beam, prep, pk, vp):
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks import resolve as resolve_peaks
-    from ..peaks import unique_vectors
+    from ..peaks import drop_ring_vectors, spot_radius, unique_vectors
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -133,7 +101,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         if cfg.vectors.beam_exclusion_radius is None:  # the beam keeps its own size
             vp = dataclasses.replace(vp, beam_exclusion_radius=2.0 * r)
         vectors = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
+        n_found = len(vectors)
+        vectors, _ = drop_ring_vectors(hist, vectors, oversample=vp.oversample,
+                                       radius=vp.cluster_radius, min_patterns=vp.min_patterns)
         vd = resolve_vdf(cfg.vdf, s_r)
+    if n_found > len(vectors):
+        log.info("%d vectors on circularly symmetric rings (film) dropped", n_found - len(vectors))
     log.info("spot HWHM %.2f px (beam radius %.2f px): VDF disc radius %.2f px", hwhm, r, vd.radius)
     if len(vectors) == 0:
         raise InputError("no diffraction vectors were found: the data may hold no crystals, or the "
