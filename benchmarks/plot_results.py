@@ -143,6 +143,16 @@ def plot_reference(res: dict, out: Path) -> Path | None:
     for x, s in zip(xs, speed):
         a2.text(x, s, f"{s:.1f}x", ha="center", va="bottom", fontsize=8)
     a2.set_xticks(list(xs), labels, fontsize=8)
+    lines = []
+    for m, c in cmp.items():
+        q = [c[t].get("quality", {}) for t in ("reference", "spedflow")]
+        if all("recall" in x for x in q):
+            lines.append(f"{m}: recall {q[0]['recall']:.2f} -> {q[1]['recall']:.2f}, "
+                         f"precision {q[0]['precision']:.2f} -> {q[1]['precision']:.2f}")
+    if lines:
+        a2.text(0.98, 0.97, "quality, reference -> spedflow\n" + "\n".join(lines),
+                transform=a2.transAxes, ha="right", va="top", fontsize=7,
+                bbox=dict(fc="w", ec="0.7"))
     a2.set_ylabel("speed-up (reference / spedflow)")
     a2.set_title("Speed-up vs reference")
     fig.tight_layout()
