@@ -15,6 +15,7 @@ import numpy as np
 from ._version import __version__
 from .errors import InputError, ParameterError
 from .io import DATA, atomic_store, create_array, nav_chunks
+from .io._store import check_4d
 
 __all__ = ["from_array", "to_hyperspy"]
 
@@ -64,12 +65,7 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
     else:
         raise ParameterError(f"`data` must be a numpy/dask array or a HyperSpy signal "
                              f"(got {type(data).__name__})")
-    if arr.ndim != 4:
-        raise InputError(f"`data` must be 4-D (scan_y, scan_x, ky, kx) (got shape {arr.shape})")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"`data` has non-numeric dtype {arr.dtype}")
-    if 0 in arr.shape:
-        raise InputError(f"`data` is empty (shape {arr.shape})")
+    check_4d(arr, "`data`")
     import zarr
     chunks = nav_chunks(arr.shape, arr.dtype)
     arr = arr.rechunk(chunks)

@@ -156,13 +156,18 @@ def open_input(path, *, array: str = DATA):
     arr = g[array]
     if not isinstance(arr, zarr.Array):
         raise InputError(f"{str(path)!r}/{array} is a group, not an array")
-    if arr.ndim != 4:
-        raise InputError(f"{str(path)!r}/{array} must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"{str(path)!r}/{array} has non-numeric dtype {arr.dtype}")
-    if 0 in arr.shape:
-        raise InputError(f"{str(path)!r}/{array} is empty (shape {arr.shape})")
+    check_4d(arr, f"{str(path)!r}/{array}")
     return arr, dict(g.attrs.get("spedflow", {}))
+
+
+def check_4d(arr, name: str) -> None:
+    """One-line InputError unless ``arr`` is a non-empty, numeric (Y, X, KY, KX) array."""
+    if arr.ndim != 4:
+        raise InputError(f"{name} must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{name} has non-numeric dtype {arr.dtype}")
+    if 0 in arr.shape:
+        raise InputError(f"{name} is empty (shape {arr.shape})")
 
 
 def verify_store(path, *, progress=None) -> list[str]:
