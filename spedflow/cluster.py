@@ -725,3 +725,25 @@ def _follow(client, futures, label, n_patterns) -> None:
             if comm is not None:
                 client.loop.add_callback(comm.abort)
         line.finish(ok=ok)  # no-op if the feed already drew the final line
+
+
+def memory_budget(fraction: float = 0.25) -> int:
+    """Bytes an intermediate may occupy in memory where the computation runs.
+
+    ``fraction`` of the summed worker memory limits of the current distributed
+    client, or of the memory available to this process when dask runs locally.
+    The workflows hold a product in memory (instead of re-reading it from disk on
+    every pass) only when it fits in this budget.
+    """
+    check_range("fraction", fraction, low=0, high=1, low_open=True)
+    client = _pick_client(None, {})
+    if client is not None:
+        try:
+            workers = client.scheduler_info()["workers"].values()
+            limit = sum(int(w.get("memory_limit") or 0) for w in workers)
+            if limit > 0:
+                return int(fraction * limit)
+        except Exception:  # pragma: no cover - scheduler went away
+            return 0
+    import psutil
+    return int(fraction * psutil.virtual_memory().available)

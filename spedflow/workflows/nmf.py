@@ -91,6 +91,14 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                             label="normalise", n_patterns=ny * nx)
             st_matrix.mark_complete()
     matrix, order = _block_major(target)
+    # Scree and NMF make many passes over the matrix: where it fits comfortably in the
+    # memory of the machine (or of the cluster's workers), hold it there, in large
+    # chunks, instead of re-reading it from disk on every pass.
+    if matrix.nbytes <= cluster.memory_budget(0.25):
+        rows = max(1, int(128 * 2**20 // (4 * matrix.shape[1])))
+        (matrix,) = cluster.persist_with_progress(matrix.rechunk({0: rows}), label="load matrix",
+                                                  n_patterns=ny * nx)
+        log.info("the normalised matrix (%.0f MB) is held in memory", matrix.nbytes / 2**20)
     st_scree = cache.stage("scree", st_matrix.key, dataclasses.asdict(cfg.scree))
     if not st_scree.complete:
         with timer("scree"):
