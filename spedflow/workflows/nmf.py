@@ -151,6 +151,14 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                                            max_coverage=cfg.nmf.max_coverage)
         keep = np.array([v[0] for v in verdicts], bool)
         reasons = [v[1] for v in verdicts]
+        # a component present at fewer positions than the smallest crystal the
+        # watershed keeps is noise fitted by a spare component, not a crystal
+        peak = loadings.reshape(len(loadings), -1).max(axis=1, keepdims=True)
+        support = (loadings.reshape(len(loadings), -1) > 0.1 * peak).sum(axis=1)
+        for i in np.flatnonzero(keep & (support < cfg.watershed.min_size)):
+            keep[i] = False
+            reasons[i] = (f"present (above 10 % of its maximum) at {int(support[i])} positions, fewer "
+                          f"than the smallest crystal (watershed.min_size = {cfg.watershed.min_size})")
     set_aside = [{"component": int(i), "reason": reasons[i]} for i in np.flatnonzero(~keep)]
     log.info("%d of %d components kept as crystals", int(keep.sum()), len(keep))
 
