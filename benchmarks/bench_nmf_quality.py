@@ -81,6 +81,10 @@ def main():
         t0 = time.perf_counter()
         stats = poisson_statistics(d, mask)
         m = normalised_matrix(d, stats, mask)
+        # as the NMF workflow does when the matrix fits in memory: hold it there, in
+        # large chunks, instead of re-reading and re-normalising it on every pass
+        rows = max(1, int(128 * 2**20 // (4 * m.shape[1])))
+        m = m.astype(np.float32).rechunk({0: rows}).persist()
         t_norm = time.perf_counter() - t0
         t0 = time.perf_counter()
         sc = scree(m, 30)
