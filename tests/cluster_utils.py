@@ -87,6 +87,18 @@ def _kill_group(pid: int, grace: float, reap=None) -> None:
             time.sleep(0.02)
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGKILL when the test process dies, however it dies (a
+    killed or timed-out pytest runs no teardown), so no scheduler or worker outlives
+    the run."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: teardown still kills the group
+        pass
+
+
 class DaskProcess:
     """One child process (own process group), its log file and its teardown."""
 
@@ -97,7 +109,7 @@ class DaskProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, close_fds=True)
+            env=env, start_new_session=True, close_fds=True, preexec_fn=_die_with_parent)
         self._finalizer = weakref.finalize(self, _kill_group, self.proc.pid, 0.5,
                                           self.proc.poll)
 
