@@ -50,7 +50,7 @@ CLUSTER = ["--workers", "2", "--threads", "1"]  # the 2-core machine, one proces
 # the same set, and its per-pattern times extrapolate); nmf_binned: scans whose NMF runs
 # with nav_binning=2 (full resolution impractical in the session).
 SIZES = {
-    "smoke": dict(detector=32, main=8, weak=[6, 8, 10, 12], strong=None, bounded=None,
+    "smoke": dict(detector=64, main=12, weak=[8, 10, 12, 16], strong=None, bounded=None,
                   peer=None, segment_args=["--no-cluster"], nmf_binned=[], timeout=300,
                   default_skip=("strong", "bounded", "reference", "nmf_quality", "components")),
     "small": dict(detector=128, main=32, weak=[16, 24, 32, 48], strong=48,

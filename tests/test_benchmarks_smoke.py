@@ -73,12 +73,12 @@ def test_suite_smoke(tmp_path):
     assert rc == 0
     out = results / "smoke"
     io = json.loads((out / "io_floor.json").read_text())
-    assert io["io_floor"]["patterns"] == 64 and io["io_floor"]["mb_per_s"] > 0
+    assert io["io_floor"]["patterns"] == 144 and io["io_floor"]["mb_per_s"] > 0
     assert io["machine"]["logical_cores"] >= 1 and len(io["load_avg_before"]) == 3
     wf = json.loads((out / "workflows.json").read_text())
     vdf = wf["runs"]["vdf"]
     assert vdf["returncode"] == 0, vdf.get("error")
-    assert vdf["patterns"] == 64 and vdf["peak_rss_mb"] > 0
+    assert vdf["patterns"] == 144 and vdf["peak_rss_mb"] > 0
     assert set(vdf["timings"]) <= set(vdf["patterns_per_s"])
     assert vdf["ratio_to_io_floor"]["end_to_end"] > 0
     assert 0 <= vdf["quality"]["recall"] <= 1
