@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="spedflow: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # libraries' own loggers (distributed's
+        handler.setLevel(level)                    # INFO) reach the root handler too
+    if verbose < 2:
+        logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
     import warnings
     if quiet:
         warnings.simplefilter("ignore")

@@ -727,23 +727,36 @@ def _follow(client, futures, label, n_patterns) -> None:
         line.finish(ok=ok)  # no-op if the feed already drew the final line
 
 
-def memory_budget(fraction: float = 0.25) -> int:
-    """Bytes an intermediate may occupy in memory where the computation runs.
+#: Resident memory of a worker process before it holds any data (the scientific stack
+#: imported); a budget for data only counts what is above it.
+WORKER_BASELINE = 400 * 2**20
 
-    ``fraction`` of the summed worker memory limits of the current distributed
-    client, or of the memory available to this process when dask runs locally.
-    The workflows hold a product in memory (instead of re-reading it from disk on
-    every pass) only when it fits in this budget.
+
+def worker_memory() -> tuple[int, int]:
+    """``(total, smallest)`` memory available for data on the workers, in bytes.
+
+    Summed and smallest per-worker memory limits above :data:`WORKER_BASELINE` for the
+    current distributed client; the memory available to this process (both) when dask
+    runs locally.
     """
-    check_range("fraction", fraction, low=0, high=1, low_open=True)
     client = _pick_client(None, {})
     if client is not None:
         try:
-            workers = client.scheduler_info()["workers"].values()
-            limit = sum(int(w.get("memory_limit") or 0) for w in workers)
-            if limit > 0:
-                return int(fraction * limit)
+            limits = [int(w.get("memory_limit") or 0)
+                      for w in client.scheduler_info()["workers"].values()]
         except Exception:  # pragma: no cover - scheduler went away
-            return 0
+            return 0, 0
+        limits = [max(0, lim - WORKER_BASELINE) for lim in limits if lim > 0]
+        if limits:
+            return sum(limits), min(limits)
     import psutil
-    return int(fraction * psutil.virtual_memory().available)
+    avail = int(psutil.virtual_memory().available)
+    return avail, avail
+
+
+def memory_budget(fraction: float = 0.25) -> int:
+    """Bytes an intermediate may occupy in memory where the computation runs:
+    ``fraction`` of :func:`worker_memory`'s total. The workflows hold a product in
+    memory (instead of re-reading it from disk on every pass) only when it fits."""
+    check_range("fraction", fraction, low=0, high=1, low_open=True)
+    return int(fraction * worker_memory()[0])

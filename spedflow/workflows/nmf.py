@@ -95,7 +95,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # memory of the machine (or of the cluster's workers), hold it there, in large
     # chunks, instead of re-reading it from disk on every pass.
     if matrix.nbytes <= cluster.memory_budget(0.25):
-        rows = max(1, int(128 * 2**20 // (4 * matrix.shape[1])))
+        # chunks small against one worker: the decompositions make float64 copies
+        chunk_bytes = min(128 * 2**20, cluster.worker_memory()[1] // 16)
+        rows = max(1, int(chunk_bytes // (4 * matrix.shape[1])))
         (matrix,) = cluster.persist_with_progress(matrix.rechunk({0: rows}), label="load matrix",
                                                   n_patterns=ny * nx)
         log.info("the normalised matrix (%.0f MB) is held in memory", matrix.nbytes / 2**20)
