@@ -10,6 +10,7 @@ never used and never left under its final name.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import time
@@ -127,7 +128,11 @@ def download(url: str, dest: Path, *, checksum: str | None, progress: bool = Tru
                 with open(part, "ab" if have else "wb") as fh:
                     done, t0 = have, time.monotonic()
                     while True:
-                        block = resp.read(2**20)
+                        try:
+                            block = resp.read(2**16)
+                        except http.client.IncompleteRead as exc:  # keep what arrived
+                            fh.write(exc.partial)
+                            raise
                         if not block:
                             break
                         fh.write(block)
@@ -139,7 +144,7 @@ def download(url: str, dest: Path, *, checksum: str | None, progress: bool = Tru
             if progress:
                 print(file=sys.stderr)
             break
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
             last_error = exc
             if progress:
                 print(file=sys.stderr)
