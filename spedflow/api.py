@@ -54,8 +54,6 @@ def open_result(path) -> dict:
     plus ``"attrs"`` (the run's parameters, timings, counts)."""
     import dask.array as da
     import xarray as xr
-    import zarr
-
     from .io._store import _open_group, _walk_arrays
     g = _open_group(path)
     out: dict[str, Any] = {"attrs": dict(g.attrs.get("spedflow", {}))}
@@ -122,7 +120,6 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     if method not in ("vdf", "nmf"):
         raise ParameterError(f"`method` must be 'vdf' or 'nmf' (got {method!r})")
     cfg = load_config(method, config, overrides)
-    from .workflows import run_workflow
     from .workflows._common import prepare_run, validate
     plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
     validate(plan, cfg)

@@ -160,6 +160,18 @@ def open_input(path, *, array: str = DATA):
     return arr, dict(g.attrs.get("spedflow", {}))
 
 
+def check_lazy_patterns(data, name: str = "`data`") -> None:
+    """One-line InputError unless ``data`` is a 4-D dask array with whole patterns per chunk."""
+    import dask.array as da
+    if not isinstance(data, da.Array):
+        raise InputError(f"{name} must be a dask array (got {type(data).__name__})")
+    if data.ndim != 4:
+        raise InputError(f"{name} must be 4-D (scan_y, scan_x, ky, kx); got shape {data.shape}")
+    if len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
+        raise InputError(f"{name} chunks must hold whole patterns; got detector chunks "
+                         f"{data.chunks[2]} x {data.chunks[3]}")
+
+
 def check_4d(arr, name: str) -> None:
     """One-line InputError unless ``arr`` is a non-empty, numeric (Y, X, KY, KX) array."""
     if arr.ndim != 4:

@@ -14,6 +14,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import InputError, ParameterError
+from ..io._store import check_lazy_patterns
 from ._params import PeakParams, resolve
 from .kernels import find_peaks_log, log_sigmas
 
@@ -89,13 +90,7 @@ def find_peaks(data: da.Array, params: PeakParams, *,
         (:func:`peaks_block`). ``np.concatenate`` of the computed list is the
         table of the whole scan.
     """
-    if not isinstance(data, da.Array):
-        raise InputError(f"`data` must be a dask array (got {type(data).__name__})")
-    if data.ndim != 4:
-        raise InputError(f"`data` must be 4-D (scan_y, scan_x, ky, kx); got shape {data.shape}")
-    if len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
-        raise InputError(f"`data` chunks must hold whole patterns; got detector chunks "
-                         f"{data.chunks[2]} x {data.chunks[3]}")
+    check_lazy_patterns(data)
     if not isinstance(params, PeakParams):
         raise ParameterError(f"`params` must be a PeakParams (got {type(params).__name__})")
     params = _check_params(resolve(params, spot_radius, detector_shape=data.shape[2:]))

@@ -63,13 +63,8 @@ def resolve(params: VDFParams, spot_radius: float | None = None) -> VDFParams:
 
 
 def _check_detector(detector_shape) -> tuple[int, int]:
-    try:
-        ky, kx = (int(s) for s in detector_shape)
-    except (TypeError, ValueError):
-        raise ParameterError(f"`detector_shape` must be (ky, kx) (got {detector_shape!r})") from None
-    if ky < 1 or kx < 1:
-        raise ParameterError(f"`detector_shape` must be positive (got {detector_shape!r})")
-    return ky, kx
+    from ..peaks.vectors import _check_shape
+    return _check_shape(detector_shape)
 
 
 def check_vectors(vectors) -> np.ndarray:

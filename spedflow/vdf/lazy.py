@@ -5,20 +5,14 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from ..errors import InputError
+from ..io._store import check_lazy_patterns
 from .kernels import annulus_mask, apply_masks, disc_masks
 
 __all__ = ["vdf_images", "annular_vdf"]
 
 
 def _check_data(data) -> None:
-    if not isinstance(data, da.Array):
-        raise InputError(f"`data` must be a dask array (got {type(data).__name__})")
-    if data.ndim != 4:
-        raise InputError(f"`data` must be 4-D (scan_y, scan_x, ky, kx); got shape {data.shape}")
-    if len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
-        raise InputError(f"`data` chunks must hold whole patterns; got detector chunks "
-                         f"{data.chunks[2]} x {data.chunks[3]}")
+    check_lazy_patterns(data)
 
 
 def _masked_sums(data: da.Array, masks) -> da.Array:

@@ -177,7 +177,6 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
     so an interrupted pass resumes block by block and nothing accumulates on the
     client. Returns the list of block paths in raster order.
     """
-    from ._cache import save_block
     blocks = data.to_delayed()
     offsets = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:2]]
     paths, todo = [], []
@@ -300,7 +299,6 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:
     """Mean binned pattern of up to five chunks spread over the scan."""
-    from ..preprocess import kernels as pk
     arr = plan.array
     cy, cx = arr.chunks[:2]
     gy, gx = -(-arr.shape[0] // cy), -(-arr.shape[1] // cx)

@@ -41,8 +41,7 @@ class NMFConfig:
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
-    from ..decompose import (beam_mask, choose_n_components, nmf, normalised_matrix,
-                             poisson_statistics, scree, undo_normalisation)
+    from ..decompose import beam_mask, choose_n_components, nmf, scree, undo_normalisation
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
