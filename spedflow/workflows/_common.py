@@ -58,10 +58,14 @@ def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
     arr, meta = open_input(store)
     check_destination(out, overwrite)
     _sample_check(arr, store)
-    ident = {"store": str(Path(str(store)).resolve()) if "://" not in str(store) else str(store),
-             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-             "source": meta.get("source"), "created": meta.get("created")}
-    return Plan(str(store), Path(out), arr, meta, overwrite, ident)
+    return Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
+
+
+def store_identity(store, arr, meta: dict) -> dict:
+    """What identifies an input store's data in the cache keys (stable while it is written)."""
+    return {"store": str(Path(str(store)).resolve()) if "://" not in str(store) else str(store),
+            "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "source": meta.get("source"), "created": meta.get("created")}
 
 
 def validate(plan: "Plan", cfg) -> None:

@@ -94,7 +94,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     """
     from ..api import load_config, segment
     from ..io import check_destination
-    from ._common import Plan
+    from ._common import Plan, store_identity
 
     check_destination(out, overwrite)
     cfg = load_config(method, config)
@@ -106,16 +106,14 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
         raise InputError(f"{str(store)!r}/data must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
     meta = dict(group.attrs.get("spedflow", {}))
     ny, nx, ky, kx = arr.shape
-    cy, cx = arr.chunks[:2]
+    cy, cx = (arr.shards or arr.chunks)[:2]  # the unit a writer completes at once
     grid = (math.ceil(ny / cy), math.ceil(nx / cx))
     per_block = cfg.preprocess.nav_binning == 1
     if not per_block:
         log.warning("live mode processes chunks as they land only without navigation binning; "
                     "everything is computed when the scan is complete")
     cache = StageCache(cache if cache is not None else Path(str(out) + ".cache"))
-    ident = {"store": str(Path(str(store)).resolve()), "shape": list(arr.shape), "dtype": str(arr.dtype),
-             "chunks": list(arr.chunks), "source": meta.get("source"), "created": meta.get("created")}
-    plan = Plan(str(store), Path(out), arr, meta, overwrite, ident)
+    plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
 
     done: set = set()
     state: dict = {}
