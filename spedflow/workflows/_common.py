@@ -130,10 +130,16 @@ class Timer:
 def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.ndarray:
     """Azimuthal sums of each pattern around its own centre, 1-px rings.
 
+    The centre is rounded to the nearest pixel (these profiles feed the annular
+    overview image, where half a pixel on a ring boundary does not matter), so every
+    pattern reads its ring indices from one precomputed distance map: one bincount
+    per pattern.
+
     Parameters
     ----------
     frames : (..., ky, kx) array
-    centres : (..., 2) array of (ky, kx) beam centres, detector pixels
+    centres : (..., 2) array of (ky, kx) beam centres, detector pixels (NaN: the
+        detector centre)
     n_bins : int
         Rings 0 .. n_bins-1 (pixels farther out are ignored).
 
@@ -143,15 +149,19 @@ def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.
     """
     lead = frames.shape[:-2]
     ky, kx = frames.shape[-2:]
-    f = frames.reshape(-1, ky * kx).astype(np.float32, copy=False)
-    c = centres.reshape(-1, 2)
-    yy, xx = np.mgrid[0:ky, 0:kx]
-    n = f.shape[0]
-    r = np.sqrt((yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2)
-    rb = np.minimum(r, n_bins).astype(np.int64).reshape(n, -1)
-    idx = rb + (np.arange(n) * (n_bins + 1))[:, None]
-    prof = np.bincount(idx.ravel(), weights=f.ravel(), minlength=n * (n_bins + 1))
-    return prof.reshape(n, n_bins + 1)[:, :n_bins].astype(np.float32).reshape(*lead, n_bins)
+    f = np.asarray(frames).reshape(-1, ky * kx)
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    c = np.where(np.isfinite(c), c, [ky // 2, kx // 2])
+    cy = np.clip(np.rint(c[:, 0]).astype(np.int64), 0, ky - 1)
+    cx = np.clip(np.rint(c[:, 1]).astype(np.int64), 0, kx - 1)
+    yy, xx = np.mgrid[-(ky - 1):ky, -(kx - 1):kx]
+    ring = np.minimum(np.hypot(yy, xx), n_bins).astype(np.int64)
+    out = np.empty((f.shape[0], n_bins), np.float32)
+    for k in range(f.shape[0]):
+        oy, ox = ky - 1 - cy[k], kx - 1 - cx[k]
+        idx = ring[oy:oy + ky, ox:ox + kx].ravel()
+        out[k] = np.bincount(idx, weights=f[k], minlength=n_bins + 1)[:n_bins]
+    return out.reshape(*lead, n_bins)
 
 
 @dataclass
