@@ -61,8 +61,9 @@ def landed_chunks(arr) -> set[tuple[int, int]]:
     return out
 
 
-def _wait_for_store(store, deadline):
+def _wait_for_store(store, deadline, progress=True):
     import zarr
+    told = False
     while True:
         try:
             g = zarr.open_group(str(store), mode="r")
@@ -72,6 +73,10 @@ def _wait_for_store(store, deadline):
             pass
         if time.monotonic() > deadline:
             raise InputError(f"store {str(store)!r} did not appear (no `data` array) before the timeout")
+        if progress and not told:
+            print(f"watch: waiting for {str(store)!r} to appear (Ctrl-C to stop; --timeout sets "
+                  "how long)", file=sys.stderr, flush=True)
+            told = True
         time.sleep(0.2)
 
 
@@ -100,7 +105,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     cfg = load_config(method, config)
     if config is None:
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
-    group = _wait_for_store(store, time.monotonic() + timeout)
+    group = _wait_for_store(store, time.monotonic() + timeout, progress)
     arr = group["data"]
     if arr.ndim != 4:
         raise InputError(f"{str(store)!r}/data must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
