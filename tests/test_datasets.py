@@ -83,8 +83,9 @@ def test_interrupted_download_resumes_with_range(server, tmp_path):
     sha = "sha256:" + hashlib.sha256(h.payload).hexdigest()
     out = datasets.download(_url(httpd), tmp_path / "f.bin", checksum=sha, progress=False)
     assert out.read_bytes() == h.payload
-    assert h.served[0] == (0, 100_000)
-    assert h.served[-1][0] == 100_000  # the rest came with a Range request
+    # (handler threads may record out of order)
+    assert (0, 100_000) in h.served
+    assert (100_000, 200_000) in h.served  # the rest came with a Range request
 
 
 def test_unreachable_server_is_one_line_error(tmp_path):
