@@ -649,14 +649,15 @@ def compute(*collections, label: str, n_patterns: int | None = None, client=None
         with _LocalProgress(_ProgressLine(label, n_patterns)):
             return dask.compute(*collections, **kwargs)
     kwargs.pop("scheduler", None)
-    if not _progress:
-        return dask.compute(*collections, scheduler=cl, **kwargs)
     idx = [i for i, c in enumerate(collections) if dask.is_dask_collection(c)]
     if not idx:
         return tuple(collections)
     futures = cl.compute([collections[i] for i in idx], **kwargs)
     try:
-        _follow(cl, futures, label, n_patterns)
+        if _progress:
+            _follow(cl, futures, label, n_patterns)
+        else:
+            wait_for(cl, futures)
         values = cl.gather(futures)
     finally:
         for f in futures:
@@ -681,18 +682,51 @@ def persist_with_progress(*collections, label: str, n_patterns: int | None = Non
             return dask.persist(*collections, **kwargs)
         with _LocalProgress(_ProgressLine(label, n_patterns)):
             return dask.persist(*collections, **kwargs)
-    from distributed import futures_of, wait
+    from distributed import futures_of
 
     kwargs.pop("scheduler", None)
     persisted = cl.persist(list(collections), **kwargs)
     futures = futures_of(persisted)
     if _progress and futures:
         _follow(cl, futures, label, n_patterns)
-    wait(futures)
+    wait_for(cl, futures)
     bad = [f for f in futures if f.status == "error"]
     if bad:
         bad[0].result()  # raises the task's exception
     return tuple(persisted)
+
+
+#: Seconds a run waits while its cluster has no worker at all before it gives up.
+NO_WORKERS_TIMEOUT = 120.0
+
+
+def wait_for(client, futures, *, no_workers_timeout: float | None = None) -> None:
+    """Wait for ``futures``; fail when the cluster has had no worker for a while.
+
+    A scheduler whose workers all died (killed, out of memory, lost nodes) and were not
+    replaced would otherwise leave the client waiting forever.
+    """
+    from distributed import wait
+
+    limit = NO_WORKERS_TIMEOUT if no_workers_timeout is None else no_workers_timeout
+    empty_since = None
+    while True:
+        try:
+            wait(futures, timeout=5.0)
+            return
+        except TimeoutError:
+            pass
+        try:
+            n = len(client.scheduler_info().get("workers", {}))
+        except Exception:  # pragma: no cover - scheduler unreachable: let gather raise
+            return
+        if n:
+            empty_since = None
+            continue
+        empty_since = empty_since or time.monotonic()
+        if time.monotonic() - empty_since > limit:
+            raise InputError(f"the dask cluster at {client.scheduler.address} has had no workers "
+                             f"for {limit:.0f} s; start workers or rerun (finished stages are kept)")
 
 
 def _follow(client, futures, label, n_patterns) -> None:
@@ -704,14 +738,12 @@ def _follow(client, futures, label, n_patterns) -> None:
     """
     import asyncio
 
-    from distributed import wait
-
     line = _ProgressLine(label, n_patterns)
     bar = _distributed_bar_class()(futures, line, client.scheduler.address)
     listener = asyncio.run_coroutine_threadsafe(bar.listen(), client.loop.asyncio_loop)
     ok = False
     try:
-        wait(futures)
+        wait_for(client, futures)
         ok = all(f.status == "finished" for f in futures)
         if ok:  # let the feed deliver its last (100 %) message
             try:

@@ -311,3 +311,17 @@ def test_progress_line_format_and_tty_redraw():
     line.finish(100, 100)
     lines = log.getvalue().splitlines()
     assert len(lines) == 11 and "100%" in lines[-1]
+
+
+def test_a_cluster_without_workers_fails_instead_of_hanging():
+    """All workers gone (killed, out of memory) and none replaced: the run stops with a
+    one-line error after the grace period instead of waiting forever."""
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from spedflow import cluster as cl
+    from spedflow.errors import InputError
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as lc, Client(lc) as client:
+        futures = client.compute([da.ones(10, chunks=5).sum()])
+        with pytest.raises(InputError, match="no workers"):
+            cl.wait_for(client, futures, no_workers_timeout=1.0)
