@@ -36,6 +36,7 @@ import numpy as np
 
 from ..config import check_range
 from ..errors import InputError, ParameterError
+from ..io._store import check_4d
 
 __all__ = ["beam_mask", "default_beam_mask_radius", "PoissonStats", "poisson_partial",
            "merge_poisson", "poisson_statistics", "scale_factors", "normalise_block",
@@ -103,12 +104,7 @@ def _check_mask(mask, det_shape) -> np.ndarray:
 
 
 def _check_data(data):
-    if data.ndim != 4:
-        raise InputError(f"`data` must be 4-D (scan_y, scan_x, ky, kx) (got shape {data.shape})")
-    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
-        raise InputError(f"`data` must be numeric (got dtype {data.dtype})")
-    if 0 in data.shape:
-        raise InputError(f"`data` is empty (shape {data.shape})")
+    check_4d(data, "`data`")
     if hasattr(data, "chunks") and (len(data.chunks[2]) > 1 or len(data.chunks[3]) > 1):
         raise InputError(f"`data` chunks must hold whole patterns (got chunks {data.chunksize})")
 
