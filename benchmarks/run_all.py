@@ -48,7 +48,9 @@ CLUSTER = ["--workers", "2", "--threads", "1"]  # the 2-core machine, one proces
 # >= 4x (2 workers x limit); peer: scan of the set both tools run on in full (the
 # reference is single-process and slow, so it gets its own smaller set; both tools see
 # the same set, and its per-pattern times extrapolate); nmf_binned: scans whose NMF runs
-# with nav_binning=2 (full resolution impractical in the session).
+# with nav_binning=2 (full resolution impractical in the session); weak_args: segment
+# arguments of the weak-scaling runs when they differ (large: 2 x 1 GB workers, so the
+# 8.6 GB set is > 4x the total worker memory and memory must stay flat).
 SIZES = {
     "smoke": dict(detector=64, main=12, weak=[8, 10, 12, 16], strong=None, bounded=None,
                   peer=None, segment_args=["--no-cluster"], nmf_binned=[], timeout=300,
@@ -62,6 +64,7 @@ SIZES = {
                    timeout=3600, default_skip=()),
     "large": dict(detector=128, main=128, weak=[64, 128, 256, 512], strong=256,
                   bounded=(512, "512MB"), peer=64, segment_args=CLUSTER, nmf_binned=[512],
+                  weak_args=CLUSTER + ["--memory-limit", "1GB"],
                   bounded_methods=("vdf", "nmf"), bounded_args=["--set", "preprocess.nav_binning=2"],
                   timeout=3 * 3600, default_skip=()),
 }
@@ -107,13 +110,14 @@ class Suite:
     def weak(self):
         stores = [self.store(s) for s in self.cfg["weak"]]
         margs = {("nmf", s): ["--set", "preprocess.nav_binning=2"] for s in self.cfg["nmf_binned"]}
+        seg_args = self.cfg.get("weak_args", self.cfg["segment_args"])
         rows = S.weak_scaling(stores, self.methods, work=self.work / "runs",
-                              segment_args=self.cfg["segment_args"], method_args=margs,
+                              segment_args=seg_args, method_args=margs,
                               timeout=self.cfg["timeout"])
         note = ("NMF on scans %s ran with preprocess.nav_binning=2 (full resolution impractical "
                 "in the session): 4x fewer patterns in the NMF stages" % self.cfg["nmf_binned"]
                 if self.cfg["nmf_binned"] else None)
-        return "weak_scaling", {"sets": stores, "segment_args": self.cfg["segment_args"],
+        return "weak_scaling", {"sets": stores, "segment_args": seg_args,
                                 "rows": rows, "summary": S.summarise_weak(rows), "note": note}
 
     def strong(self):
