@@ -8,8 +8,8 @@ from skimage.draw import disk as draw_disk
 
 from spedflow.errors import InputError, ParameterError
 from spedflow.segment import (NMFMergeParams, VDFMergeParams, correlation_matrix,
-                              merge_components, merge_vdf_segments, pattern_sigma,
-                              virtual_patterns)
+                              fold_fragments, merge_components, merge_vdf_segments,
+                              pattern_sigma, virtual_patterns)
 
 SHAPE = (40, 40)
 
@@ -274,6 +274,7 @@ def test_merge_components_pattern_mask_ignores_shared_beam(nmf_case):
     (VDFMergeParams, {"segment_threshold": 0}, "segment_threshold"),
     (VDFMergeParams, {"segment_threshold": 1.5}, "segment_threshold"),
     (VDFMergeParams, {"pattern_sigma": 0}, "pattern_sigma"),
+    (VDFMergeParams, {"fragment_containment": 0}, "fragment_containment"),
     (NMFMergeParams, {"pattern_threshold": 1.2}, "pattern_threshold"),
     (NMFMergeParams, {"loading_threshold": "high"}, "loading_threshold"),
 ])
@@ -327,3 +328,76 @@ def test_friedel_pair_keeps_a_two_vector_crystal_and_noise_pairs_are_dropped():
     assert len(merge_vdf_segments(segs, np.array([0, 1]), unrelated, p).summed) == 0
     off = VDFMergeParams(vector_threshold=4, friedel_tolerance=0.0)
     assert len(merge_vdf_segments(segs, np.array([0, 1]), friedel, off).summed) == 0
+
+
+# -- fragment folding -------------------------------------------------------------------
+
+def _fragment_case():
+    """A large crystal A (vectors 0-5) cut in half by the watershed in the images of
+    vectors 4 and 5, and a small crystal B (vectors 6-9) lying inside A.
+
+    VDF images: A's vectors light up all of A (thickness-like profile), B's vectors
+    only B. Segments: A whole in vectors 0-3, A's left half in 4 and 5, B in 6-9.
+    """
+    yy, xx = np.mgrid[:40, :40]
+    a = disc((20, 20), 12)
+    b = disc((24, 26), 4)
+    profile = np.clip(12 - np.hypot(yy - 20, xx - 20), 0, None)  # thicker in the middle
+    images = np.zeros((10, *SHAPE))
+    images[:6] = a * profile
+    images[6:] = b * 5.0
+    half = a & (xx < 20)
+    segs = [images[v] * a for v in range(4)] + [images[v] * half for v in (4, 5)]
+    segs += [images[v] * b for v in range(6, 10)]
+    vectors = np.array([[10, 0], [-10, 0], [0, 10], [0, -10], [7, 7], [-7, -7],
+                        [12, 5], [-12, -5], [5, -12], [-5, 12]], float)
+    src = np.arange(10)
+    return np.array(segs, np.float32), src, vectors, images, a, b
+
+
+def test_fold_fragments_folds_a_cut_crystal_and_keeps_a_crystal_inside_it():
+    segs, src, vectors, images, a, b = _fragment_case()
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    # without folding: A whole, A's half (its own group), B
+    assert sorted(tuple(m.tolist()) for m in merged.members) == [(0, 1, 2, 3), (4, 5),
+                                                                  (6, 7, 8, 9)]
+    folded = fold_fragments(merged, images, p)
+    assert sorted(tuple(m.tolist()) for m in folded.members) == [(0, 1, 2, 3, 4, 5),
+                                                                 (6, 7, 8, 9)]
+    big = next(i for i, m in enumerate(folded.members) if 0 in m)
+    small = 1 - big
+    np.testing.assert_array_equal(folded.summed[big] > 0, a)
+    np.testing.assert_array_equal(folded.summed[small] > 0, b)
+    # the folded-in half adds its intensity inside A; totals and memberships agree
+    half_total = segs[4].sum() + segs[5].sum()
+    np.testing.assert_allclose(folded.summed[big].sum(), merged.summed[
+        next(i for i, m in enumerate(merged.members) if 0 in m)].sum() + half_total, rtol=1e-5)
+    np.testing.assert_allclose(sum(folded.intensities[big]), folded.summed[big].sum(), rtol=1e-5)
+    assert sorted(folded.segment_members[big].tolist()) == [0, 1, 2, 3, 4, 5]
+    # decreasing total, as merge_vdf_segments orders
+    totals = folded.summed.reshape(len(folded.summed), -1).sum(axis=1)
+    assert np.all(np.diff(totals) <= 0)
+
+
+def test_fold_fragments_can_be_disabled_and_checks_images():
+    segs, src, vectors, images, a, b = _fragment_case()
+    p = VDFMergeParams(vector_threshold=2, fragment_containment=1.5)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    assert fold_fragments(merged, images, p) is merged
+    with pytest.raises(InputError, match="images"):
+        fold_fragments(merged, images[:, :20], p)
+    with pytest.raises(InputError, match="images"):
+        fold_fragments(merged, images[:5], p)
+
+
+def test_fold_fragments_keeps_a_fragment_whose_vectors_light_only_it():
+    """Containment alone is not enough: a half-crystal whose own vectors are dark on
+    the other half is a different crystal and stays."""
+    segs, src, vectors, images, a, b = _fragment_case()
+    yy, xx = np.mgrid[:40, :40]
+    images = images.copy()
+    images[4:6] = images[4:6] * (xx < 20)
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    assert len(fold_fragments(merged, images, p).summed) == 3

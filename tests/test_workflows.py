@@ -61,9 +61,9 @@ def test_result_contract(results, key):
 # same-orientation overlapping pair cannot be told apart by either method; the weak
 # off-axis crystal over a strong one is still lost in some sets).
 QUALITY = {
-    ("small", "vdf"): (0.75, 0.7),
+    ("small", "vdf"): (0.75, 0.9),
     ("small", "nmf"): (0.85, 0.9),
-    ("mgo", "vdf"): (0.85, 0.6),
+    ("mgo", "vdf"): (0.85, 0.85),
 }
 
 

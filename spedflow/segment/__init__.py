@@ -4,7 +4,8 @@ Kernels (NumPy) are in ``_watershed`` and ``_merge``; the dask wrapper is in
 ``lazy``.
 """
 
-from ._merge import (MergeResult, correlation_matrix, merge_components, merge_vdf_segments,
+from ._merge import (MergeResult, correlation_matrix, fold_fragments, merge_components,
+                     merge_vdf_segments,
                      virtual_patterns)
 from ._params import NMFMergeParams, VDFMergeParams, WatershedParams, pattern_sigma
 from ._watershed import segments_from_labels, watershed_image
@@ -12,5 +13,5 @@ from .lazy import watershed_stack
 
 __all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "pattern_sigma",
            "watershed_image", "segments_from_labels", "watershed_stack",
-           "MergeResult", "merge_vdf_segments", "virtual_patterns", "merge_components",
+           "MergeResult", "merge_vdf_segments", "fold_fragments", "virtual_patterns", "merge_components",
            "correlation_matrix"]

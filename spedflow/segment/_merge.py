@@ -32,8 +32,8 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
 
-__all__ = ["MergeResult", "merge_vdf_segments", "virtual_patterns", "merge_components",
-           "correlation_matrix"]
+__all__ = ["MergeResult", "merge_vdf_segments", "fold_fragments", "virtual_patterns",
+           "merge_components", "correlation_matrix"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,95 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
                        tuple(out_members[i] for i in order),
                        tuple(out_int[i] for i in order),
                        tuple(out_seg[i] for i in order), vectors, len(groups))
+
+
+def fold_fragments(result: MergeResult, images: np.ndarray,
+                   params: VDFMergeParams | None = None) -> MergeResult:
+    """Fold summed segments that are fragments of a larger crystal into it.
+
+    The watershed of some VDF images cuts a crystal into parts (uneven thickness,
+    noise in weak images); the parts of several such images correlate with each
+    other and form a group of their own, a second "crystal" inside the first. A
+    summed segment ``a`` is folded into a larger one ``b`` when
+
+    1. at least ``params.fragment_containment`` of ``a``'s mask lies in ``b``'s mask (``b``
+       at least as large), and
+    2. over ``b``'s mask, the sum of the whole VDF images of ``a``'s vectors correlates
+       (Pearson) with that of ``b``'s vectors above ``params.corr_threshold``:
+       ``a``'s vectors light up all of ``b``.
+
+    A different crystal inside ``b`` (a weak crystal over a strong one) lights up
+    its own part of ``b`` only, correlates weakly, and stays. Segments are visited
+    from the smallest mask up, each folded into the qualifying candidate of highest
+    correlation; what is folded into is itself still a candidate for a larger one.
+
+    Parameters
+    ----------
+    result : MergeResult
+        From :func:`merge_vdf_segments`.
+    images : (N, Y, X) array_like
+        The VDF images of all vectors (``result.vectors``), same scan shape.
+    params : VDFMergeParams, optional
+
+    Returns
+    -------
+    MergeResult
+        Folded segments: summed images added (inside the larger mask), vector
+        memberships united (intensities of shared vectors added), input segments
+        concatenated; ordered by decreasing total as before.
+    """
+    params = VDFMergeParams() if params is None else params
+    images = np.asarray(images, dtype=np.float64)
+    n = len(result.summed)
+    if images.ndim != 3 or images.shape[1:] != result.summed.shape[1:] \
+            or images.shape[0] != len(result.vectors):
+        raise InputError(f"`images` must have shape ({len(result.vectors)}, "
+                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
+    if n < 2 or params.fragment_containment > 1:
+        return result
+    masks = result.summed.reshape(n, -1) > 0
+    area = masks.sum(axis=1)
+    flat = images.reshape(images.shape[0], -1)
+    profile = np.stack([flat[m].sum(axis=0) for m in result.members])  # (n, P)
+    summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
+    members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
+    segs = [s for s in result.segment_members]
+    alive = np.ones(n, dtype=bool)
+    for a in sorted(range(n), key=lambda i: (area[i], i)):
+        best, best_corr = None, params.corr_threshold
+        for b in range(n):
+            if b == a or not alive[b] or area[b] < area[a]:
+                continue
+            if (masks[a] & masks[b]).sum() < params.fragment_containment * area[a]:
+                continue
+            r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
+            if r > best_corr:
+                best, best_corr = b, r
+        if best is None:
+            continue
+        summed[best] = summed[best] + summed[a] * masks[best]
+        for v, i in members[a].items():
+            members[best][v] = members[best].get(v, 0.0) + i
+        segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
+        profile[best] = flat[sorted(members[best])].sum(axis=0)
+        alive[a] = False
+    keep = [i for i in range(n) if alive[i]]
+    if len(keep) == n:
+        return result
+    order = sorted(keep, key=lambda i: (-summed[i].sum(), i))
+    shape = result.summed.shape[1:]
+    return MergeResult(
+        np.stack([summed[i] for i in order]).astype(np.float32).reshape((len(order),) + shape),
+        tuple(np.array(sorted(members[i]), np.int64) for i in order),
+        tuple(np.array([members[i][v] for v in sorted(members[i])], np.float64) for i in order),
+        tuple(segs[i] for i in order), result.vectors, result.n_groups)
+
+
+def _pearson_1d(x: np.ndarray, y: np.ndarray) -> float:
+    x = x - x.mean()
+    y = y - y.mean()
+    d = math.sqrt(float(x @ x) * float(y @ y))
+    return float(x @ y) / d if d > 0 else 0.0
 
 
 def virtual_patterns(vectors: np.ndarray, members: Sequence, intensities: Sequence,

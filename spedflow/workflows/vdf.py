@@ -63,7 +63,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (merge_vdf_segments, pattern_sigma, segments_from_labels,
+    from ..segment import (fold_fragments, merge_vdf_segments, pattern_sigma, segments_from_labels,
                            virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
@@ -132,10 +132,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     with timer("merge"):
         merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
+        n_merged = len(merged.summed)
+        merged = fold_fragments(merged, images, cfg.merge)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
-    log.info("%d crystals after correlation merging", len(merged.summed))
+    log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
+             len(merged.summed), n_merged - len(merged.summed))
 
     peaks_table = _gather_peaks(st_peaks)
     arrays = {
@@ -160,6 +163,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "peaks": int(len(peaks_table)), "vectors": int(len(vectors)),
                    "vdf_segments": int(len(segments)), "groups": int(merged.n_groups),
+                   "fragments_folded": int(n_merged - len(merged.summed)),
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
