@@ -279,3 +279,34 @@ def test_bad_params(kwargs, match):
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_min_snr_drops_noise_level_blobs_and_keeps_crystals():
+    """The loading map of a spare NMF component: non-negative noise with a few blobs a
+    few noise levels high, which Li's threshold lets through. With min_snr they are
+    dropped; a crystal on the same noise is kept."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:48, :48]
+    blobs = [(8, 38), (40, 8), (26, 42), (20, 20)]
+    noise_map = np.abs(rng.normal(0, 0.01, (48, 48)))
+    spare = noise_map.copy()
+    for y, x in blobs:
+        spare[np.hypot(yy - y, xx - x) < 3] += 0.03
+    loose = WatershedParams(min_size=5, marker_radius=1)
+    strict = WatershedParams(min_size=5, marker_radius=1, min_snr=10)
+    lab = watershed_image(spare, loose)
+    assert all(lab[y, x] > 0 for y, x in blobs)  # Li alone keeps them
+    mad_sigma = 1.4826 * np.median(np.abs(spare - np.median(spare)))
+    assert all(spare[lab == k].max() < 10 * mad_sigma for k in range(1, lab.max() + 1))
+    assert watershed_image(spare, strict).max() == 0
+    crystal = noise_map.copy()
+    disc = np.hypot(yy - 24, xx - 24) < 8
+    crystal[disc] += 0.5
+    np.testing.assert_array_equal(watershed_image(crystal, strict) > 0,
+                                  watershed_image(crystal, loose) > 0)
+    assert (watershed_image(crystal, strict) > 0)[disc].mean() > 0.9
+
+
+def test_min_snr_is_checked():
+    with pytest.raises(ParameterError, match="min_snr"):
+        WatershedParams(min_snr=-1)

@@ -3,7 +3,8 @@
 The recipe is the paper's (Bergh et al. 2020, Fig. 1B): an automatic threshold
 gives a mask, maxima of the mask's distance transform give markers, the Sobel
 gradient of the image is flooded from the markers inside the mask, and small or
-faint segments are dropped.
+faint segments (relative to the stack, or to the image's own background noise) are
+dropped.
 
 Where this differs from the reference (pyxem ``separate_watershed``): markers are
 the *regional* maxima of the distance transform (a plateau or ridge is one maximum,
@@ -33,6 +34,8 @@ from ._params import WatershedParams
 __all__ = ["watershed_image", "segments_from_labels"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+# Median absolute deviation -> standard deviation of Gaussian noise.
+_MAD_TO_SIGMA = 1.4826
 # Distance-transform dynamics below one pixel are discretisation, not shape.
 _MIN_NECK_DEPTH = 1.0
 
@@ -74,7 +77,8 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     if seeds.max() == 0:
         return labels
     flooded = watershed(sobel(image), markers=seeds, mask=mask)
-    return _filter_segments(image, flooded, excluded, params, intensity_scale)
+    noise = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+    return _filter_segments(image, flooded, excluded, params, intensity_scale, noise)
 
 
 def segments_from_labels(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,8 +247,8 @@ def _passes(basins: np.ndarray, dist: np.ndarray):
     return key[first] // stride, key[first] % stride, h[first]
 
 
-def _filter_segments(image, flooded, excluded, params, intensity_scale) -> np.ndarray:
-    """Drop border, small and faint segments; renumber the rest 1..K."""
+def _filter_segments(image, flooded, excluded, params, intensity_scale, noise) -> np.ndarray:
+    """Drop border, small, faint and noise-level segments; renumber the rest 1..K."""
     n = int(flooded.max())
     idx = np.arange(1, n + 1)
     size = np.bincount(flooded.ravel(), minlength=n + 1)[1:]
@@ -253,6 +257,8 @@ def _filter_segments(image, flooded, excluded, params, intensity_scale) -> np.nd
     keep = size >= params.min_size
     if params.min_intensity > 0:
         keep &= peak >= params.min_intensity * scale
+    if params.min_snr > 0:
+        keep &= peak >= params.min_snr * noise
     if excluded:
         keep &= ~np.isin(idx, list(excluded))
     lut = np.zeros(n + 1, dtype=np.int32)

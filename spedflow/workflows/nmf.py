@@ -37,7 +37,8 @@ class NMFConfig:
     scree: ScreeParams = field(default_factory=ScreeParams)
     nmf: NMFParams = field(default_factory=NMFParams)
     merge: NMFMergeParams = field(default_factory=NMFMergeParams)
-    watershed: WatershedParams = field(default_factory=WatershedParams)
+    # loading maps: segments must stand out of the map's noise (see WatershedParams.min_snr)
+    watershed: WatershedParams = field(default_factory=lambda: WatershedParams(min_snr=10.0))
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
