@@ -314,3 +314,24 @@ def test_classify_components_bad():
         classify_components(np.zeros((2, 8, 8)), np.zeros((2, 4, 4)), min_spot_fraction=2)
     with pytest.raises(ParameterError, match="mask"):
         classify_components(np.zeros((2, 8, 8)), np.zeros((2, 4, 4)), mask=np.zeros((4, 4), bool))
+
+
+def test_randomized_svds_share_passes_and_equal_separate_svds():
+    """The data and its sign-flipped null in one set of passes give exactly what two
+    separate randomised SVDs give."""
+    import dask.array as da
+    from spedflow.decompose import randomized_svd, randomized_svds
+    rng = np.random.default_rng(8)
+    x = (rng.random((300, 4)) @ rng.random((4, 120)) + rng.normal(0, 0.05, (300, 120)))
+    m = da.from_array(x.astype(np.float32), chunks=(70, 120))
+    mean = x.mean(axis=0)
+    both = randomized_svds(m, 6, [(0, None), (1, 0)], n_power_iter=2, mean=mean)
+    for (seed, flip), (u, s, vt) in zip([(0, None), (1, 0)], both):
+        u1, s1, vt1 = randomized_svd(m, 6, n_power_iter=2, seed=seed, mean=mean,
+                                     signflip_seed=flip)
+        np.testing.assert_array_equal(s, s1)
+        np.testing.assert_array_equal(u, u1)
+        np.testing.assert_array_equal(vt, vt1)
+    # and the data's spectrum is the exact one of the centred matrix
+    exact = np.linalg.svd(x - mean, compute_uv=False)[:4]
+    np.testing.assert_allclose(both[0][1][:4], exact, rtol=1e-4)

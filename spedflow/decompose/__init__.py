@@ -8,6 +8,7 @@ from ._background import classify_components, loading_coverage, spot_fraction
 from ._nmf import (hals_update_factors, merge_nmf_stats, nmf, nmf_block_update, nmf_minibatch,
                    nndsvda)
 from ._scree import (ScreeResult, choose_n_components, marchenko_pastur_count, randomized_svd,
+                     randomized_svds,
                      scree, signflip_block)
 
 __all__ = ["NMFParams", "ScreeParams", "PoissonStats", "beam_mask", "default_beam_mask_radius",
@@ -15,5 +16,5 @@ __all__ = ["NMFParams", "ScreeParams", "PoissonStats", "beam_mask", "default_bea
            "poisson_statistics", "scale_factors", "undo_normalisation", "ScreeResult",
            "choose_n_components", "marchenko_pastur_count", "scree", "signflip_block",
            "hals_update_factors", "merge_nmf_stats", "nmf", "nmf_block_update", "nmf_minibatch",
-           "nndsvda", "randomized_svd", "classify_components", "loading_coverage",
+           "nndsvda", "randomized_svd", "randomized_svds", "classify_components", "loading_coverage",
            "spot_fraction"]

@@ -10,7 +10,7 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["ScreeResult", "scree", "choose_n_components", "marchenko_pastur_count",
-           "signflip_block", "randomized_svd"]
+           "signflip_block", "randomized_svd", "randomized_svds"]
 
 
 @dataclass(frozen=True)
@@ -70,26 +70,32 @@ def _as_dask_matrix(matrix):
     return matrix
 
 
-def _project_block(x, row0, mean, flip_seed, mat, left):
-    """Kernel of one pass: ``x~ @ mat`` (right) or ``x~^T @ mat`` (left) for a row block.
+def _project_block(x, row0, mean, flip_seeds, mats, left):
+    """Kernel of one pass over a row block, for several variants of the matrix at once.
 
-    ``x~`` is the block minus ``mean`` (if given), sign-flipped if ``flip_seed`` is
-    not None; products in float32, results float64.
+    For each variant ``i``: ``x~ @ mats[i]`` (right) or ``x~^T @ mats[i]`` (left), where
+    ``x~`` is the block minus ``mean`` (if given), sign-flipped with ``flip_seeds[i]``
+    unless that is None. The block is read (and centred) once for all variants.
+    Products in float32, results float64; returns a tuple, one per variant.
     """
     x = np.asarray(x, np.float32)
     if mean is not None:
         x = x - mean.astype(np.float32)
-    if flip_seed is not None:
-        x = signflip_block(x, row0, x.shape[1], flip_seed)
-    mat = np.asarray(mat, np.float32)
-    return (x.T @ mat if left else x @ mat).astype(np.float64)
+    out = []
+    for flip_seed, mat in zip(flip_seeds, mats):
+        xi = x if flip_seed is None else signflip_block(x, row0, x.shape[1], flip_seed)
+        mat = np.asarray(mat, np.float32)
+        out.append((xi.T @ mat if left else xi @ mat).astype(np.float64))
+    return tuple(out)
 
 
 def _sum(*parts):
-    out = parts[0].copy()
+    """Element-wise sum of tuples of arrays."""
+    out = [a.copy() for a in parts[0]]
     for q in parts[1:]:
-        out += q
-    return out
+        for o, a in zip(out, q):
+            o += a
+    return tuple(out)
 
 
 def _tree_sum(items, fan_in=8):
@@ -120,6 +126,24 @@ def randomized_svd(matrix, k: int, *, n_power_iter: int = 4, n_oversamples: int 
     -------
     u : (N, k), s : (k,), vt : (k, P) float64 ndarrays.
     """
+    return randomized_svds(matrix, k, [(seed, signflip_seed)], n_power_iter=n_power_iter,
+                           n_oversamples=n_oversamples, mean=mean)[0]
+
+
+def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
+                    n_oversamples: int = 10, mean: np.ndarray | None = None) -> list:
+    """Several randomised SVDs of variants of one matrix, sharing every pass over it.
+
+    ``variants`` is a list of ``(seed, signflip_seed)``: the random start of each
+    and which sign flip (None: the matrix itself). Each pass reads every chunk once
+    and computes the products of all variants from it, so the data and its
+    sign-flipped null cost ``2 * n_power_iter + 2`` passes together, not twice that.
+    Each variant's result equals :func:`randomized_svd` with the same arguments.
+
+    Returns
+    -------
+    list of ``(u, s, vt)``, one per variant (see :func:`randomized_svd`).
+    """
     import dask
     from dask import delayed
 
@@ -129,27 +153,31 @@ def randomized_svd(matrix, k: int, *, n_power_iter: int = 4, n_oversamples: int 
     blocks = m.to_delayed().ravel().tolist()
     rows = np.cumsum((0,) + m.chunks[0])
     mean_d = delayed(mean, pure=True) if mean is not None else None
+    flips = tuple(f for _, f in variants)
 
-    def right(mat):
-        mat_d = delayed(mat, pure=True)
-        parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, signflip_seed, mat_d, False)
+    def right(mats):
+        mats_d = delayed(tuple(mats), pure=True)
+        parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, flips, mats_d, False)
                  for i, b in enumerate(blocks)]
-        return np.concatenate(dask.compute(parts)[0], axis=0)
+        done = dask.compute(parts)[0]
+        return [np.concatenate([d[v] for d in done], axis=0) for v in range(len(variants))]
 
-    def left(q):
-        parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, signflip_seed,
-                                                    q[rows[i]:rows[i + 1]], True)
-                 for i, b in enumerate(blocks)]
-        return dask.compute(_tree_sum(parts))[0]
+    def left(qs):
+        parts = [delayed(_project_block, pure=True)(
+            b, int(rows[i]), mean_d, flips, tuple(q[rows[i]:rows[i + 1]] for q in qs), True)
+            for i, b in enumerate(blocks)]
+        return list(dask.compute(_tree_sum(parts))[0])
 
-    omega = np.random.default_rng(seed).standard_normal((p, ell))
-    q, _ = np.linalg.qr(right(omega))
+    omegas = [np.random.default_rng(seed).standard_normal((p, ell)) for seed, _ in variants]
+    qs = [np.linalg.qr(y)[0] for y in right(omegas)]
     for _ in range(n_power_iter):
-        z, _ = np.linalg.qr(left(q))
-        q, _ = np.linalg.qr(right(z))
-    bt = left(q)                        # (P, l) = (Q^T X)^T
-    vb, s, ubt = np.linalg.svd(bt, full_matrices=False)
-    return (q @ ubt.T)[:, :k], s[:k], vb.T[:k]
+        zs = [np.linalg.qr(y)[0] for y in left(qs)]
+        qs = [np.linalg.qr(y)[0] for y in right(zs)]
+    out = []
+    for q, bt in zip(qs, left(qs)):  # bt: (P, l) = (Q^T X)^T
+        vb, s_, ubt = np.linalg.svd(bt, full_matrices=False)
+        out.append(((q @ ubt.T)[:, :k], s_[:k], vb.T[:k]))
+    return out
 
 
 def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversamples: int = 10,
@@ -158,7 +186,8 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
 
     The column mean and the total sum of squares are one mergeable pass; the
     randomised SVD (:func:`randomized_svd`, Halko et al. 2011) of the centred
-    matrix (centred on the fly) costs ``2 * (n_power_iter + 1)`` more passes. Nothing of size
+    matrix (centred on the fly) costs ``2 * (n_power_iter + 1)`` more passes, shared
+    with the noise floor's SVD (:func:`randomized_svds`). Nothing of size
     N x P is held in memory.
 
     With ``noise_edge`` the noise floor is measured by signflip parallel analysis
@@ -167,7 +196,8 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     so the top singular value of the flipped matrix is the edge of the noise
     spectrum *with the data's own* heteroscedasticity and heavy tails (sparse,
     low-count pixels make Poisson-normalised noise far from Gaussian, which moves
-    the edge well above the Marchenko-Pastur value). A few more passes.
+    the edge well above the Marchenko-Pastur value). No extra passes: the null's
+    products are computed from the same chunk reads.
 
     Parameters
     ----------
@@ -201,15 +231,14 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     if total <= 0:
         raise InputError("`matrix` has no variance (all patterns identical)")
     oversamples = int(max(min(n_oversamples, min(n, p) - k), 0))
-    _, s, _ = randomized_svd(m, k, n_power_iter=n_power_iter, n_oversamples=oversamples,
-                             seed=seed, mean=mean)
-    edge = None
-    if noise_edge:
-        # same subspace size as the scree itself: the randomised estimates of a flat
-        # (noise) spectrum are biased low, and equally so for data and null.
-        _, sn, _ = randomized_svd(m, k, n_power_iter=n_power_iter, n_oversamples=oversamples,
-                                  seed=seed + 1, mean=mean, signflip_seed=seed)
-        edge = float(sn[0] ** 2 / total)
+    # the data and (with noise_edge) its sign-flipped null share every pass; the null
+    # has the same subspace size as the scree itself: the randomised estimates of a
+    # flat (noise) spectrum are biased low, and equally so for data and null.
+    variants = [(seed, None)] + ([(seed + 1, seed)] if noise_edge else [])
+    svds = randomized_svds(m, k, variants, n_power_iter=n_power_iter,
+                           n_oversamples=oversamples, mean=mean)
+    s = svds[0][1]
+    edge = float(svds[1][1][0] ** 2 / total) if noise_edge else None
     return ScreeResult(s ** 2 / total, s, total, (int(n), int(p)), edge)
 
 
