@@ -401,3 +401,24 @@ def test_fold_fragments_keeps_a_fragment_whose_vectors_light_only_it():
     p = VDFMergeParams(vector_threshold=2)
     merged = merge_vdf_segments(segs, src, vectors, p)
     assert len(fold_fragments(merged, images, p).summed) == 3
+
+
+def test_fold_fragments_keeps_a_weak_crystal_whose_apertures_catch_the_strong_ones_spots():
+    """B's vectors sit close to A's spots, so their images carry A's intensity (a leak
+    following A's thickness) plus B's own on B: correlated with A over A's mask, but
+    brighter on B relative to A than elsewhere. B stays; with the contrast test
+    loosened it is folded."""
+    segs, src, vectors, images, a, b = _fragment_case()
+    images = images.copy()
+    images[6:] = 0.3 * images[0] + b * 2.0
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    in_a = a.ravel()
+    pa, pb = images[6:].sum(0).ravel()[in_a], images[:6].sum(0).ravel()[in_a]
+    r = pearson(pa, pb)
+    assert p.corr_threshold < r < 0.9  # correlation alone would fold it
+    folded = fold_fragments(merged, images, p)
+    assert any(tuple(m.tolist()) == (6, 7, 8, 9) for m in folded.members)
+    loose = VDFMergeParams(vector_threshold=2, fragment_contrast=1e6)
+    assert not any(tuple(m.tolist()) == (6, 7, 8, 9)
+                   for m in fold_fragments(merged, images, loose).members)

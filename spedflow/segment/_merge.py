@@ -225,14 +225,24 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
 
     1. at least ``params.fragment_containment`` of ``a``'s mask lies in ``b``'s mask (``b``
        at least as large), and
-    2. over ``b``'s mask, the sum of the whole VDF images of ``a``'s vectors correlates
-       (Pearson) with that of ``b``'s vectors above ``params.corr_threshold``:
-       ``a``'s vectors light up all of ``b``.
+    2. ``a``'s vectors light up all of ``b``. With ``P_a``, ``P_b`` the sums of the whole
+       VDF images of each one's vectors, over ``b``'s mask: ``P_a`` correlates with
+       ``P_b`` (Pearson) above ``params.corr_threshold``, and either at least 0.9, or
+       the ratio ``P_a / P_b`` (summed over the region) on ``a`` is at most
+       ``params.fragment_contrast`` times that on the rest of ``b``.
 
-    A different crystal inside ``b`` (a weak crystal over a strong one) lights up
-    its own part of ``b`` only, correlates weakly, and stays. Segments are visited
-    from the smallest mask up, each folded into the qualifying candidate of highest
-    correlation; what is folded into is itself still a candidate for a larger one.
+    A fragment's vectors belong to the same crystal, whose thickness scales every
+    reflection alike: their images follow ``b``'s everywhere. A different crystal
+    inside ``b`` (a weak crystal over a strong one) is bright in its own vectors on
+    its own part, whatever leaks into their apertures from ``b``'s spots elsewhere:
+    the correlation is moderate and the ratio higher on ``a``. (On small crystals the
+    background subtraction cuts weak reflections to zero on the thin edges, which
+    also raises a true fragment's ratio on the thick core; a correlation of 0.9 or
+    more is taken as one crystal whatever the ratio.)
+
+    Segments are visited from the smallest mask up, each folded into the qualifying
+    candidate whose profile correlates best with its own; what is folded into is
+    itself still a candidate for a larger one.
 
     Parameters
     ----------
@@ -250,7 +260,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         concatenated; ordered by decreasing total as before.
     """
     params = VDFMergeParams() if params is None else params
-    images = np.asarray(images, dtype=np.float64)
+    images = np.asarray(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        images = images.astype(np.float32)
     n = len(result.summed)
     if images.ndim != 3 or images.shape[1:] != result.summed.shape[1:] \
             or images.shape[0] != len(result.vectors):
@@ -261,20 +273,20 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     masks = result.summed.reshape(n, -1) > 0
     area = masks.sum(axis=1)
     flat = images.reshape(images.shape[0], -1)
-    profile = np.stack([flat[m].sum(axis=0) for m in result.members])  # (n, P)
+    profile = np.stack([flat[m].sum(axis=0, dtype=np.float64) for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     segs = [s for s in result.segment_members]
     alive = np.ones(n, dtype=bool)
     for a in sorted(range(n), key=lambda i: (area[i], i)):
-        best, best_corr = None, params.corr_threshold
+        best, best_corr = None, -np.inf
         for b in range(n):
             if b == a or not alive[b] or area[b] < area[a]:
                 continue
             if (masks[a] & masks[b]).sum() < params.fragment_containment * area[a]:
                 continue
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
-            if r > best_corr:
+            if _lights_up(profile[a], profile[b], masks[a], masks[b], r, params) and r > best_corr:
                 best, best_corr = b, r
         if best is None:
             continue
@@ -282,7 +294,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         for v, i in members[a].items():
             members[best][v] = members[best].get(v, 0.0) + i
         segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
-        profile[best] = flat[sorted(members[best])].sum(axis=0)
+        profile[best] = flat[sorted(members[best])].sum(axis=0, dtype=np.float64)
         alive[a] = False
     keep = [i for i in range(n) if alive[i]]
     if len(keep) == n:
@@ -294,6 +306,27 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         tuple(np.array(sorted(members[i]), np.int64) for i in order),
         tuple(np.array([members[i][v] for v in sorted(members[i])], np.float64) for i in order),
         tuple(segs[i] for i in order), result.vectors, result.n_groups)
+
+
+#: Fragment folding: the contrast test needs at least this fraction of b outside a.
+_MIN_REST = 0.1
+#: Fragment folding: profiles this correlated are one crystal whatever the contrast.
+_FOLD_CORR = 0.9
+
+
+def _lights_up(pa, pb, in_a, in_b, r, params) -> bool:
+    """Condition 2 of :func:`fold_fragments`: a's vectors light up all of b."""
+    if r <= params.corr_threshold:
+        return False
+    if r >= _FOLD_CORR:
+        return True
+    rest = in_b & ~in_a
+    inside = in_a & in_b
+    pb_in, pb_out = pb[inside].sum(), pb[rest].sum()
+    if rest.sum() < _MIN_REST * in_b.sum() or pb_in <= 0 or pb_out <= 0:
+        return False
+    r_in, r_out = pa[inside].sum() / pb_in, pa[rest].sum() / pb_out
+    return bool(r_out > 0 and r_in <= params.fragment_contrast * r_out)
 
 
 def _pearson_1d(x: np.ndarray, y: np.ndarray) -> float:

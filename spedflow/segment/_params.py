@@ -136,12 +136,15 @@ class VDFMergeParams:
     fragment_containment : float
         Fragment folding (:func:`~spedflow.segment.fold_fragments`): a summed segment
         lying at least this fraction inside a larger one is a candidate fragment of
-        it. Default 0.8. It is folded in when the *whole* VDF images of its vectors
-        correlate with the larger segment's above ``corr_threshold`` over the larger
-        segment's mask: its vectors light up all of that crystal, and the watershed
-        only cut part of it in their images. A second crystal inside the first (the
-        weak crystal over a strong one) lights up its own part only and stays.
-        1 disables only near-total containment; set above 1 to disable folding.
+        it. Default 0.8. Set above 1 to disable folding.
+    fragment_contrast : float
+        A candidate fragment is folded in when the *whole* VDF images of its vectors,
+        relative to the larger segment's, are at most this many times brighter on the
+        fragment than on the rest of the larger segment: its vectors light up all of
+        that crystal (thickness scales all of a crystal's reflections alike), and the
+        watershed only cut part of it in their images. A second crystal inside the
+        first (the weak crystal over a strong one) is bright in its own vectors on its
+        own part only and stays. Default 2.
     """
 
     corr_threshold: float = 0.7
@@ -150,10 +153,12 @@ class VDFMergeParams:
     segment_threshold: float = 0.5
     pattern_sigma: float | None = None
     fragment_containment: float = 0.8
+    fragment_contrast: float = 2.0
 
     def __post_init__(self):
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)
+        check_range("fragment_contrast", self.fragment_contrast, low=1)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
         check_range("friedel_tolerance", self.friedel_tolerance, low=0)
         check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)
