@@ -422,3 +422,24 @@ def test_fold_fragments_keeps_a_weak_crystal_whose_apertures_catch_the_strong_on
     loose = VDFMergeParams(vector_threshold=2, fragment_contrast=1e6)
     assert not any(tuple(m.tolist()) == (6, 7, 8, 9)
                    for m in fold_fragments(merged, images, loose).members)
+
+
+def test_sparse_segments_give_the_same_merge(vdf_case):
+    """The sparse form (what the workflow uses on large scans) merges exactly as dense."""
+    from scipy import sparse
+    from spedflow.segment import segments_from_labels
+    segs = vdf_case["segments"]
+    dense = merge_vdf_segments(segs, vdf_case["source"], vdf_case["vectors"])
+    sp = sparse.csr_matrix(segs.reshape(len(segs), -1))
+    res = merge_vdf_segments(sp, vdf_case["source"], vdf_case["vectors"], scan_shape=SHAPE)
+    np.testing.assert_array_equal(res.summed, dense.summed)
+    assert [m.tolist() for m in res.members] == [m.tolist() for m in dense.members]
+    with pytest.raises(InputError, match="scan_shape"):
+        merge_vdf_segments(sp, vdf_case["source"], vdf_case["vectors"])
+    np.testing.assert_allclose(correlation_matrix(sp), correlation_matrix(segs), atol=1e-12)
+    # segments_from_labels' sparse form holds the same values
+    labels = (segs > 0).astype(np.int32)
+    d, src_d = segments_from_labels(segs, labels)
+    s_, src_s = segments_from_labels(segs, labels, sparse=True)
+    np.testing.assert_array_equal(s_.toarray().reshape(d.shape), d)
+    np.testing.assert_array_equal(src_s, src_d)

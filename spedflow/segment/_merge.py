@@ -86,7 +86,7 @@ def correlation_matrix(images: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    images : (M, ...) array_like
+    images : (M, ...) array_like, or (M, P) scipy.sparse matrix
         M images of any (common) shape.
 
     Returns
@@ -101,13 +101,19 @@ def correlation_matrix(images: np.ndarray) -> np.ndarray:
     ``cov = S S^T - P m m^T``, so memory scales with the segment pixels, not M x P.
     Dense images are centred first (no cancellation).
     """
-    a = np.asarray(images)
-    m = a.shape[0]
-    a = a.reshape(m, -1)
-    p = a.shape[1]
+    if sparse.issparse(images):
+        a = sparse.csr_matrix(images)
+        m, p = a.shape
+        dense = False
+    else:
+        a = np.asarray(images)
+        m = a.shape[0]
+        a = a.reshape(m, -1)
+        p = a.shape[1]
+        dense = np.count_nonzero(a) >= 0.1 * a.size
     if m == 0:
         return np.zeros((0, 0))
-    if np.count_nonzero(a) < 0.1 * a.size:
+    if not dense:
         s = sparse.csr_matrix(a, dtype=np.float64)
         mean = np.asarray(s.sum(axis=1)).ravel() / p
         cov = (s @ s.T).toarray() - p * np.outer(mean, mean)
@@ -124,8 +130,9 @@ def correlation_matrix(images: np.ndarray) -> np.ndarray:
     return corr
 
 
-def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors: np.ndarray,
-                       params: VDFMergeParams | None = None) -> MergeResult:
+def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
+                       params: VDFMergeParams | None = None, *,
+                       scan_shape: tuple[int, int] | None = None) -> MergeResult:
     """Group VDF image segments of the same crystal and sum them (paper, Fig. 1C).
 
     Segments whose pairwise Pearson correlation exceeds ``corr_threshold`` for every
@@ -137,41 +144,57 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
 
     Parameters
     ----------
-    segments : (M, Y, X) array_like of float
-        VDF image segments, 0 outside each segment (``segments_from_labels``).
+    segments : (M, Y, X) array_like of float, or (M, Y * X) scipy.sparse matrix
+        VDF image segments, 0 outside each segment (``segments_from_labels``; with
+        ``sparse=True`` it gives the sparse form, which a large scan needs: thousands
+        of segments, each a whole scan-sized image, are gigabytes dense).
     source_vector : (M,) array_like of int
         Index into ``vectors`` of the VDF image each segment was cut from.
     vectors : (N, 2) array_like of float
         Unique diffraction vectors ``(gy, gx)`` relative to the beam, detector pixels.
     params : VDFMergeParams, optional
+    scan_shape : (Y, X), optional
+        Required with sparse ``segments``.
 
     Returns
     -------
     MergeResult
     """
     params = VDFMergeParams() if params is None else params
-    segments = np.asarray(segments)
+    if sparse.issparse(segments):
+        if scan_shape is None or len(scan_shape) != 2 \
+                or int(np.prod(scan_shape)) != segments.shape[1]:
+            raise InputError(f"sparse `segments` ({segments.shape[0]} x {segments.shape[1]}) "
+                             f"need `scan_shape` (Y, X) with Y * X = {segments.shape[1]} "
+                             f"(got {scan_shape!r})")
+        flat = sparse.csr_matrix(segments, dtype=np.float32)
+        values = flat.data
+        scan_shape = tuple(int(v) for v in scan_shape)
+    else:
+        segments = np.asarray(segments)
+        if segments.ndim != 3:
+            raise InputError(f"`segments` must be 3-D (M, Y, X); got shape {segments.shape}")
+        flat = segments.reshape(segments.shape[0], int(np.prod(segments.shape[1:])))
+        values = segments
+        scan_shape = segments.shape[1:]
     vectors = np.asarray(vectors, dtype=np.float64)
     source_vector = np.asarray(source_vector)
-    if segments.ndim != 3:
-        raise InputError(f"`segments` must be 3-D (M, Y, X); got shape {segments.shape}")
     if vectors.ndim != 2 or vectors.shape[1] != 2:
         raise InputError(f"`vectors` must have shape (N, 2); got {vectors.shape}")
-    if source_vector.shape != (segments.shape[0],):
+    if source_vector.shape != (flat.shape[0],):
         raise InputError(f"`source_vector` (shape {source_vector.shape}) must have shape "
-                         f"({segments.shape[0]},), one vector index per segment")
+                         f"({flat.shape[0]},), one vector index per segment")
     if source_vector.size and (not np.issubdtype(source_vector.dtype, np.integer)
                                or source_vector.min() < 0
                                or source_vector.max() >= vectors.shape[0]):
         raise InputError(f"`source_vector` must hold integer indices in [0, {vectors.shape[0]})")
-    if not np.isfinite(segments).all() or not np.isfinite(vectors).all():
+    if not np.isfinite(values).all() or not np.isfinite(vectors).all():
         raise InputError("`segments` and `vectors` must be finite (no NaN/inf)")
-    m = segments.shape[0]
-    empty = MergeResult(np.zeros((0,) + segments.shape[1:], np.float32), (), (), (), vectors, 0)
+    m = flat.shape[0]
+    empty = MergeResult(np.zeros((0,) + tuple(scan_shape), np.float32), (), (), (), vectors, 0)
     if m == 0:
         return empty
 
-    flat = segments.reshape(m, -1)
     canon = _canonical_order(flat, vectors[source_vector])
     corr = correlation_matrix(flat)[np.ix_(canon, canon)]
     groups = _complete_groups(1.0 - corr, 1.0 - params.corr_threshold)
@@ -182,7 +205,7 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
         vec, inv = np.unique(source_vector[g], return_inverse=True)
         if vec.size < params.vector_threshold and not _has_friedel_pair(vectors[vec], params):
             continue
-        seg = flat[g].astype(np.float64)
+        seg = (flat[g].toarray() if sparse.issparse(flat) else flat[g]).astype(np.float64)
         nonzero = seg != 0
         if vec.size < g.size:  # several segments of one vector count as one vote
             per_vec = np.zeros((vec.size, seg.shape[1]), dtype=bool)
@@ -208,7 +231,7 @@ def merge_vdf_segments(segments: np.ndarray, source_vector: np.ndarray, vectors:
     rank[canon] = np.arange(m)
     order = sorted(range(len(out_sum)), key=lambda i: (-totals[i], rank[out_seg[i]].min()))
     summed = np.stack([out_sum[i] for i in order]).astype(np.float32)
-    return MergeResult(summed.reshape((len(order),) + segments.shape[1:]),
+    return MergeResult(summed.reshape((len(order),) + tuple(scan_shape)),
                        tuple(out_members[i] for i in order),
                        tuple(out_int[i] for i in order),
                        tuple(out_seg[i] for i in order), vectors, len(groups))
@@ -273,7 +296,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     masks = result.summed.reshape(n, -1) > 0
     area = masks.sum(axis=1)
     flat = images.reshape(images.shape[0], -1)
-    profile = np.stack([flat[m].sum(axis=0, dtype=np.float64) for m in result.members])  # (n, P)
+    profile = np.stack([flat[m].sum(axis=0, dtype=np.float64).astype(np.float32)
+                        for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     segs = [s for s in result.segment_members]
@@ -330,8 +354,9 @@ def _lights_up(pa, pb, in_a, in_b, r, params) -> bool:
 
 
 def _pearson_1d(x: np.ndarray, y: np.ndarray) -> float:
-    x = x - x.mean()
-    y = y - y.mean()
+    x = x - x.mean(dtype=np.float64)
+    y = y - y.mean(dtype=np.float64)
+    x, y = x.astype(np.float64), y.astype(np.float64)
     d = math.sqrt(float(x @ x) * float(y @ y))
     return float(x @ y) / d if d > 0 else 0.0
 
@@ -487,15 +512,21 @@ def _complete_groups(dist: np.ndarray, cut: float) -> list[np.ndarray]:
     return [np.nonzero(labels == labels[i])[0] for i in np.sort(first)]
 
 
-def _canonical_order(rows: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+def _canonical_order(rows, extra: np.ndarray | None = None) -> np.ndarray:
     """A permutation that sorts items by content, so input order cannot matter."""
     w = np.linspace(1.0, 2.0, rows.shape[1])
-    keys = np.zeros((3, rows.shape[0]))
-    for start in range(0, rows.shape[0], 256):  # bounded float64 temporaries
-        block = rows[start:start + 256].astype(np.float64)
-        keys[:, start:start + 256] = [block.sum(axis=1), np.einsum("ij,ij->i", block, block),
-                                      block @ w]
-    keys = list(keys)
+    if sparse.issparse(rows):
+        r = sparse.csr_matrix(rows, dtype=np.float64)
+        keys = [np.asarray(r.sum(axis=1)).ravel(),
+                np.asarray(r.multiply(r).sum(axis=1)).ravel(), r @ w]
+    else:
+        keys = np.zeros((3, rows.shape[0]))
+        step = max(1, (32 << 20) // (8 * max(rows.shape[1], 1)))  # ~32 MB float64 temporaries
+        for start in range(0, rows.shape[0], step):
+            block = rows[start:start + step].astype(np.float64)
+            keys[:, start:start + step] = [block.sum(axis=1), np.einsum("ij,ij->i", block, block),
+                                           block @ w]
+        keys = list(keys)
     if extra is not None:
         keys += [extra[:, 1], extra[:, 0]]
     return np.lexsort(keys[::-1])

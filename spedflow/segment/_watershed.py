@@ -81,7 +81,7 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise)
 
 
-def segments_from_labels(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def segments_from_labels(images: np.ndarray, labels: np.ndarray, *, sparse: bool = False):
     """Cut every labelled region out of its image.
 
     Parameters
@@ -90,10 +90,13 @@ def segments_from_labels(images: np.ndarray, labels: np.ndarray) -> tuple[np.nda
         Source images.
     labels : (N, Y, X) array_like of int
         Labels per image (0 = background); need not be consecutive.
+    sparse : bool, default False
+        Return the segments as a ``scipy.sparse.csr_matrix`` of shape (M, Y * X): a
+        large scan has thousands of segments, each a scan-sized image mostly zero.
 
     Returns
     -------
-    segments : (M, Y, X) numpy.ndarray of float32
+    segments : (M, Y, X) numpy.ndarray of float32, or (M, Y * X) csr_matrix
         One image per labelled region: the source image's values inside the region,
         exactly 0 outside. Ordered by image, then by label value.
     source : (M,) numpy.ndarray of int64
@@ -114,6 +117,11 @@ def segments_from_labels(images: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     lab = flat_labels[img, pix]
     stride = int(lab.max()) + 1 if lab.size else 1
     keys, inverse = np.unique(img * stride + lab, return_inverse=True)
+    if sparse:
+        from scipy import sparse as sp
+        values = images.reshape(n, -1)[img, pix].astype(np.float32)
+        segments = sp.csr_matrix((values, (inverse.ravel(), pix)), shape=(keys.size, ny * nx))
+        return segments, (keys // stride).astype(np.int64)
     segments = np.zeros((keys.size, ny * nx), dtype=np.float32)
     segments[inverse, pix] = images.reshape(n, -1)[img, pix]
     return segments.reshape(keys.size, ny, nx), (keys // stride).astype(np.int64)

@@ -127,11 +127,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     with timer("watershed"):
         labels = watershed_stack(da.from_array(images, chunks=(1, ny, nx)), cfg.watershed)
         (labels,) = cluster.compute(labels, label="watershed")
-        segments, source = segments_from_labels(images, labels)
-    log.info("%d VDF image segments", len(segments))
+        segments, source = segments_from_labels(images, labels, sparse=True)
+    log.info("%d VDF image segments", segments.shape[0])
 
     with timer("merge"):
-        merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
+        merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
         n_merged = len(merged.summed)
         merged = fold_fragments(merged, images, cfg.merge)
         sigma = pattern_sigma(cfg.merge, s_r)
@@ -162,7 +162,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "peaks": int(len(peaks_table)), "vectors": int(len(vectors)),
-                   "vdf_segments": int(len(segments)), "groups": int(merged.n_groups),
+                   "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),
                    "fragments_folded": int(n_merged - len(merged.summed)),
                    "segments": int(len(merged.summed))},
     }
