@@ -196,7 +196,8 @@ def test_required_encryption_with_tcp_address():
 def _collections():
     a = np.random.default_rng(0).random((40, 30))
     x = da.from_array(a, chunks=(7, 11))
-    return x.sum(), (x * 2).mean(axis=0), x.T
+    cube = da.from_array(np.arange(2 * 5 * 7).reshape(2, 5, 7), chunks=(1, 2, 3))
+    return x.sum(), (x * 2).mean(axis=0), x.T, cube + 1
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
@@ -204,7 +205,7 @@ def test_compute_local_matches_dask(scheduler, capsys):
     cols = _collections()
     expected = dask.compute(*cols, scheduler="synchronous")
     got = compute(*cols, 5, label="stage", n_patterns=1200, scheduler=scheduler)
-    assert len(got) == 4 and got[3] == 5
+    assert len(got) == 5 and got[4] == 5
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
     err = capsys.readouterr().err
