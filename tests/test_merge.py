@@ -443,3 +443,25 @@ def test_sparse_segments_give_the_same_merge(vdf_case):
     s_, src_s = segments_from_labels(segs, labels, sparse=True)
     np.testing.assert_array_equal(s_.toarray().reshape(d.shape), d)
     np.testing.assert_array_equal(src_s, src_d)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_component_wise_complete_linkage_equals_full_matrix(seed):
+    """Grouping per connected component of the above-threshold graph (what scales to
+    10^4 segments) gives exactly the groups of complete linkage on the full matrix."""
+    from scipy import sparse
+    from spedflow.segment._merge import (_canonical_order, _complete_groups,
+                                         _complete_groups_sparse)
+    rng = np.random.default_rng(seed)
+    segs = []
+    for _ in range(60):  # overlapping blobs of a few sizes: chains, cliques and loners
+        m = disc(tuple(rng.integers(4, 36, 2)), rng.integers(3, 8))
+        segs.append(m * rng.uniform(0.5, 2.0, SHAPE))
+    flat = np.array(segs).reshape(60, -1)
+    canon = _canonical_order(flat)
+    for thr in (0.3, 0.7, 0.9):
+        corr = correlation_matrix(flat)[np.ix_(canon, canon)]
+        full = [np.sort(canon[g]) for g in _complete_groups(1.0 - corr, 1.0 - thr)]
+        for form in (flat, sparse.csr_matrix(flat)):
+            got = _complete_groups_sparse(form, canon, thr)
+            assert [g.tolist() for g in got] == [g.tolist() for g in full]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
 from ..config import check_range
@@ -196,9 +197,7 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
         return empty
 
     canon = _canonical_order(flat, vectors[source_vector])
-    corr = correlation_matrix(flat)[np.ix_(canon, canon)]
-    groups = _complete_groups(1.0 - corr, 1.0 - params.corr_threshold)
-    groups = [np.sort(canon[g]) for g in groups]
+    groups = _complete_groups_sparse(flat, canon, params.corr_threshold)
 
     out_sum, out_members, out_int, out_seg, totals = [], [], [], [], []
     for g in groups:
@@ -496,6 +495,69 @@ def _has_friedel_pair(v: np.ndarray, params: VDFMergeParams) -> bool:
     d[short, :] = np.inf
     d[:, short] = np.inf
     return bool((d <= params.friedel_tolerance).any())
+
+
+def _pairs_above(flat, threshold: float):
+    """Pairs ``i < j`` of rows whose Pearson correlation exceeds ``threshold`` (> 0).
+
+    Segments are zero outside their masks: two that do not overlap correlate
+    negatively, so only overlapping pairs (the non-zeros of the sparse Gram matrix)
+    can pass. Memory scales with the overlapping pairs, not with M^2 (a 512 x 512
+    scan has ~10^4 segments: a dense correlation matrix is 0.9 GB per copy).
+    """
+    m, p = flat.shape
+    if not sparse.issparse(flat) and np.count_nonzero(flat) >= 0.1 * flat.size:
+        c = correlation_matrix(flat)  # dense images: M is small
+        i, j = np.nonzero(np.triu(c > threshold, k=1))
+        return i, j, c[i, j]
+    s = sparse.csr_matrix(flat, dtype=np.float64)
+    mean = np.asarray(s.sum(axis=1)).ravel() / p
+    var = np.asarray(s.multiply(s).sum(axis=1)).ravel() - p * mean ** 2
+    gram = sparse.triu(s @ s.T, k=1).tocoo()
+    i, j = gram.row.astype(np.intp), gram.col.astype(np.intp)
+    denom = np.sqrt(np.clip(var[i], 0, None) * np.clip(var[j], 0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(denom > 0, (gram.data - p * mean[i] * mean[j]) / denom, 0.0)
+    keep = c > threshold
+    return i[keep], j[keep], np.clip(c[keep], -1.0, 1.0)
+
+
+def _complete_groups_sparse(flat, canon: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Complete-linkage groups (every pair correlating above ``threshold``) of the rows.
+
+    Same groups as :func:`_complete_groups` on the full matrix in canonical order
+    ``canon``: rows in different connected components of the "correlates above
+    threshold" graph can never share a group, so each component is clustered on its
+    own (distances of pairs below the threshold only need to be at least the cut).
+    Returns the groups as sorted row indices, ordered by their first member in
+    canonical order.
+    """
+    m = flat.shape[0]
+    if threshold <= 0:  # non-overlapping segments could pass: use the full matrix
+        corr = correlation_matrix(flat)[np.ix_(canon, canon)]
+        return [np.sort(canon[g]) for g in _complete_groups(1.0 - corr, 1.0 - threshold)]
+    rank = np.empty(m, dtype=np.intp)
+    rank[canon] = np.arange(m)
+    i, j, c = _pairs_above(flat, threshold)
+    i, j = rank[i], rank[j]  # canonical positions
+    graph = sparse.coo_matrix((np.ones(i.size), (i, j)), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    groups = []
+    order = np.argsort(comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(comp[order])) + 1
+    for members in np.split(order, bounds):  # canonical positions, ascending
+        if members.size == 1:
+            groups.append(members)
+            continue
+        local = np.full(m, -1, dtype=np.intp)
+        local[members] = np.arange(members.size)
+        sel = local[i] >= 0
+        dist = np.full((members.size, members.size), 2.0)
+        dist[local[i[sel]], local[j[sel]]] = 1.0 - c[sel]
+        dist[local[j[sel]], local[i[sel]]] = 1.0 - c[sel]
+        groups.extend(members[g] for g in _complete_groups(dist, 1.0 - threshold))
+    groups.sort(key=lambda g: g.min())
+    return [np.sort(canon[g]) for g in groups]
 
 
 def _complete_groups(dist: np.ndarray, cut: float) -> list[np.ndarray]:
