@@ -33,13 +33,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if cut and not rng:
             type(self).cut_first = 0
+            self.served.append((start, cut))  # before sending: the client may finish first
             self.wfile.write(body[:cut])
-            self.served.append((start, cut))
             self.wfile.flush()
             self.close_connection = True  # the connection ends mid-download (short body)
             return
+        self.served.append((start, len(body)))  # before sending (see above)
         self.wfile.write(body)
-        self.served.append((start, len(body)))
 
 
 @pytest.fixture
