@@ -113,9 +113,9 @@ def segments_from_labels(images: np.ndarray, labels: np.ndarray, *, sparse: bool
     if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"`labels` must be integers; got dtype {labels.dtype}")
     n, ny, nx = images.shape
-    flat_labels = labels.reshape(n, -1).astype(np.int64)
+    flat_labels = labels.reshape(n, -1)  # no copy: int64 only for the labelled pixels
     img, pix = np.nonzero(flat_labels > 0)
-    lab = flat_labels[img, pix]
+    lab = flat_labels[img, pix].astype(np.int64)
     stride = int(lab.max()) + 1 if lab.size else 1
     keys, inverse = np.unique(img * stride + lab, return_inverse=True)
     if sparse:

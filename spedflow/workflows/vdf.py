@@ -149,7 +149,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "segments/patterns": patterns.astype(np.float32),
         "vectors": vectors.astype(np.float32),
         "vdf/images": images,
-        "vdf/labels": labels.astype(np.int32),
+        "vdf/labels": labels.astype(np.int32, copy=False),
         "vdf/segment_vectors": table,
         "vdf/segment_intensities": inten,
         "peaks": peaks_table,
@@ -175,5 +175,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 def _gather_peaks(stage) -> np.ndarray:
     """Concatenate the per-block peak tables (they are small: ~20 B per peak)."""
     paths = sorted((stage.path / "blocks").glob("*.npz"))
-    tables = [load_block(p)["table"] for p in paths]
-    return np.concatenate(tables) if tables else np.zeros((0, 5), np.float32)
+    sizes = []
+    for p in paths:  # two reads of small files instead of a second copy of the table
+        with np.load(p, allow_pickle=False) as z:
+            sizes.append(z["table"].shape[0])
+    out = np.empty((sum(sizes), 5), np.float32)
+    start = 0
+    for p, n in zip(paths, sizes):
+        out[start:start + n] = load_block(p)["table"]
+        start += n
+    return out
