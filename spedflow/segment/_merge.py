@@ -301,12 +301,12 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     segs = [s for s in result.segment_members]
     alive = np.ones(n, dtype=bool)
+    m_sp = sparse.csr_matrix(masks, dtype=np.float64)
+    inter = (m_sp @ m_sp.T).toarray()  # pixel overlaps; masks do not change when folding
     for a in sorted(range(n), key=lambda i: (area[i], i)):
         best, best_corr = None, -np.inf
-        for b in range(n):
+        for b in np.flatnonzero(inter[a] >= params.fragment_containment * area[a]):
             if b == a or not alive[b] or area[b] < area[a]:
-                continue
-            if (masks[a] & masks[b]).sum() < params.fragment_containment * area[a]:
                 continue
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
             if _lights_up(profile[a], profile[b], masks[a], masks[b], r, params) and r > best_corr:
