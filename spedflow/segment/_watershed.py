@@ -78,7 +78,8 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     if seeds.max() == 0:
         return labels
     flooded = watershed(sobel(image), markers=seeds, mask=mask)
-    noise = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+    noise = (_MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+             if params.min_snr > 0 else 0.0)
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise)
 
 
