@@ -689,7 +689,6 @@ def _is_chunked_array(c) -> bool:
 
 def _assemble(arr, parts):
     """The numpy array of dask array ``arr`` from its computed chunks (C order)."""
-    import numpy as np
     grid = np.empty(arr.numblocks, dtype=object)
     for pos, part in zip(np.ndindex(*arr.numblocks), parts):
         grid[pos] = np.asarray(part)

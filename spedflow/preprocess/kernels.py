@@ -116,24 +116,6 @@ def _lowpass_inverse(spec: np.ndarray, shape, sigma: float) -> np.ndarray:
     return sfft.irfft(full, n=kx, axis=-1)
 
 
-def _shift_ramp(shape, shifts: np.ndarray):
-    """Per-pattern separable phase ramps moving content by ``shifts`` (N, 2) pixels.
-
-    The Nyquist bin gets ``cos(pi d)`` (real), so the result stays a real band-limited
-    interpolation and integer shifts are exact circular rolls.
-    """
-    ky, kx = shape
-    fy = sfft.fftfreq(ky)
-    fx = sfft.rfftfreq(kx)
-    ry = np.exp(-2j * np.pi * fy[None, :] * shifts[:, 0:1])
-    rx = np.exp(-2j * np.pi * fx[None, :] * shifts[:, 1:2])
-    if ky % 2 == 0:
-        ry[:, ky // 2] = np.cos(np.pi * shifts[:, 0])
-    if kx % 2 == 0:
-        rx[:, kx // 2] = np.cos(np.pi * shifts[:, 1])
-    return ry.astype(np.complex64)[:, :, None], rx.astype(np.complex64)[:, None, :]
-
-
 def _bilinear_shift(stack: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """``out[p] = in[p - shift]`` by bilinear interpolation, 0 where the source is off the detector.
 
@@ -197,21 +179,17 @@ def _fft_pipeline(frames, centres, sigma_low, sigma_high):
         h_low = _gauss_transfer(shape, sigma_low)
     for s in range(0, len(stack), _BATCH):
         z = stack[s:s + _BATCH].astype(np.float32, copy=False)
-        if shifts is None and not dog:
-            out[s:s + _BATCH] = z
-            continue
         if shifts is not None:
             z = _bilinear_shift(z, shifts[s:s + _BATCH])
         if not dog:
             out[s:s + _BATCH] = z
             continue
         spec = sfft.rfft2(z, axes=(-2, -1))
-        if dog:
-            g_low = sfft.irfft2(spec * h_low, s=shape, axes=(-2, -1))
-            g_high = _lowpass_inverse(spec, shape, sigma_high)
-            res = np.subtract(z, g_high, dtype=np.float32)
-            np.maximum(res, 0, out=res)
-            res *= g_low > g_high
+        g_low = sfft.irfft2(spec * h_low, s=shape, axes=(-2, -1))
+        g_high = _lowpass_inverse(spec, shape, sigma_high)
+        res = np.subtract(z, g_high, dtype=np.float32)
+        np.maximum(res, 0, out=res)
+        res *= g_low > g_high
         if shifts is not None:
             my, mx = _valid_mask(shape, shifts[s:s + _BATCH])
             res *= my

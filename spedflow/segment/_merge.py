@@ -299,7 +299,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
                         for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
-    segs = [s for s in result.segment_members]
+    segs = list(result.segment_members)
     alive = np.ones(n, dtype=bool)
     m_sp = sparse.csr_matrix(masks, dtype=np.float64)
     inter = (m_sp @ m_sp.T).toarray()  # pixel overlaps; masks do not change when folding

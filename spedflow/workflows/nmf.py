@@ -42,7 +42,8 @@ class NMFConfig:
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
-    from ..decompose import beam_mask, choose_n_components, nmf, scree, undo_normalisation
+    from ..decompose import (beam_mask, choose_n_components, loading_coverage, nmf, scree,
+                             undo_normalisation)
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -155,8 +156,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         reasons = [v[1] for v in verdicts]
         # a component present at fewer positions than the smallest crystal the
         # watershed keeps is noise fitted by a spare component, not a crystal
-        peak = loadings.reshape(len(loadings), -1).max(axis=1, keepdims=True)
-        support = (loadings.reshape(len(loadings), -1) > 0.1 * peak).sum(axis=1)
+        support = np.rint(loading_coverage(loadings, 0.1) * loadings[0].size).astype(int)
         for i in np.flatnonzero(keep & (support < cfg.watershed.min_size)):
             keep[i] = False
             reasons[i] = (f"present (above 10 % of its maximum) at {int(support[i])} positions, fewer "
