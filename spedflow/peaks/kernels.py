@@ -1,11 +1,14 @@
 """Multi-scale Laplacian-of-Gaussian peak finding on a whole chunk of patterns (NumPy).
 
-The chunk ``(n, ky, kx)`` is filtered as one array: per scale one separable
-Gaussian (two 1-D passes, both along the contiguous axis with a transposing copy
-in between), a 5-point discrete Laplacian, a robust per-pattern noise level, and
-candidate pixels from one ``np.nonzero`` of the thresholded response. Only the few
-candidates are then checked for being local maxima, pruned, refined to sub-pixel
-positions and integrated. There is no loop over patterns.
+The chunk ``(n, ky, kx)`` is filtered in batches of 16 patterns (1 MB, which stays
+in cache): per scale one separable Gaussian (two 1-D passes, both along the
+contiguous axis with a transposing copy in between), a 5-point discrete Laplacian
+and a robust per-pattern noise level; only the significance ``Z`` (the maximum over
+scales) and the winning scale are kept. Candidate pixels come from one
+``np.nonzero`` of the thresholded ``Z``; only the few candidates are then checked
+for being local maxima, pruned, refined to sub-pixel positions (the smoothed values
+they need are evaluated around each candidate) and integrated. There is no loop
+over patterns.
 
 Everything between the two Gaussian passes runs in the transposed ``(n, kx, ky)``
 layout; coordinates are swapped back at the end.
@@ -28,6 +31,8 @@ __all__ = ["find_peaks_log", "log_sigmas", "noise_level"]
 
 #: Gaussian kernels are cut at this many sigma (0.05 % of the weight lost).
 _TRUNCATE = 3.5
+#: Patterns filtered at a time (16 x 128 x 128 float32 = 1 MB: stays in cache).
+_BATCH = 16
 #: Noise estimated on every 4th pixel in each direction: ~1000 samples for 128 x 128
 #: patterns give the noise level to ~4 %, at 1/16 of the cost of a full median.
 _NOISE_STRIDE = 4
@@ -67,6 +72,34 @@ def _smooth_transposed(frames: np.ndarray, sigma: float) -> np.ndarray:
     g = np.ascontiguousarray(g.transpose(0, 2, 1))
     ndi.gaussian_filter1d(g, sigma, axis=2, mode="nearest", truncate=_TRUNCATE, output=g)
     return g
+
+
+def _smoothed_cross(frames: np.ndarray, p, y, x, sigma: float) -> np.ndarray:
+    """``G_sigma * frames[p]`` at ``(y + d, x)`` and ``(y, x + d)`` for ``d`` in (-1, 0, 1).
+
+    The values :func:`_smooth_transposed` gives there (same kernel, truncation and
+    "nearest" edges), computed from a window around each point only.
+
+    Returns
+    -------
+    (m, 2, 3) float64: ``[:, 0]`` along ky, ``[:, 1]`` along kx.
+    """
+    _, ky, kx = frames.shape
+    h = int(_TRUNCATE * sigma + 0.5)  # scipy's kernel radius
+    g = np.exp(-0.5 * (np.arange(-h, h + 1) / sigma) ** 2)
+    g /= g.sum()
+    span = np.arange(-h - 1, h + 2)
+    rows = np.clip(y[:, None] + span, 0, ky - 1)
+    cols = np.clip(x[:, None] + span, 0, kx - 1)
+    win = frames[p[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    w = 2 * h + 1
+    # along kx at columns x-1, x, x+1, for every row of the window: (m, 2h + 3, 3)
+    bx = np.stack([win[:, :, d:d + w] @ g for d in range(3)], -1)
+    out = np.empty((len(p), 2, 3))
+    for d in range(3):
+        out[:, 0, d] = bx[:, d:d + w, 1] @ g   # rows y-1, y, y+1 at column x
+    out[:, 1] = np.einsum("i,mid->md", g, bx[:, 1:w + 1, :])  # row y, columns x-1, x, x+1
+    return out
 
 
 def _neg_laplacian(g: np.ndarray) -> np.ndarray:
@@ -222,16 +255,21 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
         return empty
     f = frames.astype(np.float32, copy=False)
 
-    # 1. significance Z (n, kx-2, ky-2) of the interior, transposed layout
-    smoothed, responses = [], []
-    z = None
-    for s in sig:
-        g = _smooth_transposed(f, s)
-        r = _neg_laplacian(g)
-        r /= noise_level(r, threshold)[:, None, None]
-        smoothed.append(g)
-        responses.append(r)
-        z = r if z is None else np.maximum(z, r, out=z if z is not responses[0] else None)
+    # 1. significance Z (n, kx-2, ky-2) of the interior, transposed layout, and the
+    # scale of the strongest response; in batches that stay in cache
+    z = np.empty((n, kx - 2, ky - 2), np.float32)
+    best = np.zeros((n, kx - 2, ky - 2), np.int8)
+    for s0 in range(0, n, _BATCH):
+        part = f[s0:s0 + _BATCH]
+        zb, bb = z[s0:s0 + _BATCH], best[s0:s0 + _BATCH]
+        for i, s in enumerate(sig):
+            r = _neg_laplacian(_smooth_transposed(part, s))
+            r /= noise_level(r, threshold)[:, None, None]
+            if i == 0:
+                zb[...] = r
+            else:
+                bb[r > zb] = i
+                np.maximum(zb, r, out=zb)
 
     # 2. candidates above threshold, away from the border (interior index = pixel - 1)
     above = z > threshold
@@ -254,8 +292,8 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
             vv = np.clip(v + dv, 0, z.shape[2] - 1)
             is_max &= zc >= z[p, uu, vv]
     p, u, v, zc = p[is_max], u[is_max], v[is_max], zc[is_max]
-    scale_idx = np.argmax(np.stack([r[p, u, v] for r in responses]), axis=0)
-    del z, responses
+    scale_idx = best[p, u, v].astype(np.intp)
+    del z, best
 
     # 3. non-maximum suppression within min_separation (same pattern only)
     if len(p) > 1 and min_separation > 0:
@@ -270,20 +308,15 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
             p, u, v, scale_idx = p[keep], u[keep], v[keep], scale_idx[keep]
 
     # 4. sub-pixel refinement on the smoothed pattern of the peak's scale
-    gu, gv = u + 1, v + 1  # full-array indices (kx, ky)
-    du = np.zeros(len(p))
-    dv = np.zeros(len(p))
-    for i, g in enumerate(smoothed):
+    pos_y = (v + 1).astype(np.float64)  # full-array indices
+    pos_x = (u + 1).astype(np.float64)
+    for i, s in enumerate(sig):
         sel = np.nonzero(scale_idx == i)[0]
         if len(sel) == 0:
             continue
-        pp, a, c = p[sel], gu[sel], gv[sel]
-        f0 = g[pp, a, c].astype(np.float64)
-        du[sel] = _vertex(g[pp, a - 1, c], f0, g[pp, a + 1, c])
-        dv[sel] = _vertex(g[pp, a, c - 1], f0, g[pp, a, c + 1])
-    del smoothed
-    pos_y = gv + dv
-    pos_x = gu + du
+        c = _smoothed_cross(f, p[sel], v[sel] + 1, u[sel] + 1, float(s))
+        pos_y[sel] += _vertex(c[:, 0, 0], c[:, 0, 1], c[:, 0, 2])
+        pos_x[sel] += _vertex(c[:, 1, 0], c[:, 1, 1], c[:, 1, 2])
 
     # 5. intensity: sum over the spot disc around the refined position
     rho = math.sqrt(2.0) * float(sig.max())

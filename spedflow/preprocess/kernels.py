@@ -357,7 +357,9 @@ def beam_centres(frames: np.ndarray, beam_radius: float | None = None, *,
     1. Coarse: the maximum of each pattern blurred with a Gaussian of sigma = beam
        radius. At that scale the blurred peak height follows a blob's *integrated*
        intensity, so the direct beam wins over Bragg spots that are brighter per pixel
-       but smaller (thick crystals, saturated beams).
+       but smaller (thick crystals, saturated beams). Done on the pattern binned by
+       ``f = int(radius / 1.5)`` (blur ``radius / f``): a pixel's precision is all
+       the refinement needs.
     2. Refine: iterated centre of mass of the above-half-maximum part of the disc in a
        circular window of radius ``beam_radius + 1.5`` around the estimate.
 
@@ -383,11 +385,21 @@ def beam_centres(frames: np.ndarray, beam_radius: float | None = None, *,
         ref = stack.mean(0) if reference is None else reference
         beam_radius = _provisional_radius(ref)
     r = float(beam_radius)
+    # the coarse search needs a pixel or so only (the refinement window reaches
+    # r + 1.5 px): on patterns binned by f <= r / 1.5 the blur of width r / f >= 1.5
+    # bins still favours the largest integrated blob, at 1 / f^2 of the cost
+    ky, kx = stack.shape[-2:]
+    f = max(1, min(int(r / 1.5), ky // 16, kx // 16))
+    by, bx = ky // f, kx // f
     coarse = np.empty((len(stack), 2))
     for s in range(0, len(stack), _BATCH):
-        blur = gaussian_blur(stack[s:s + _BATCH], r)
+        part = stack[s:s + _BATCH, :by * f, :bx * f]
+        if f > 1:  # strided adds: far faster than a reduction over short axes
+            rows = sum(part[:, i::f] for i in range(f))
+            part = sum(rows[:, :, j::f] for j in range(f))
+        blur = gaussian_blur(part, r / f)
         flat = blur.reshape(len(blur), -1).argmax(1)
-        coarse[s:s + _BATCH] = np.stack(np.unravel_index(flat, blur.shape[-2:]), -1)
+        coarse[s:s + _BATCH] = np.stack(np.unravel_index(flat, (by, bx)), -1) * f + (f - 1) / 2
     return _refine_centres(stack, coarse, r).reshape(lead + (2,))
 
 

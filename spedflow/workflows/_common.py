@@ -242,13 +242,23 @@ def total(paths, name: str):
     return acc
 
 
-def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius):
+#: Patterns that go into the beam-radius profile: about this many, evenly spread.
+_PROFILE_PATTERNS = 1024
+
+
+def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, profile_stride=1):
     from ..preprocess import kernels as pk
     frames = np.asarray(block, dtype=np.float32)
     c = pk.beam_centres(frames, beam_radius, reference=reference)
+    # the radius needs an average profile only: every profile_stride-th position in
+    # each scan direction (global indices, so the result does not depend on chunking)
+    s = int(profile_stride)
+    ys = np.nonzero((offset[0] + np.arange(frames.shape[0])) % s == 0)[0]
+    xs = np.nonzero((offset[1] + np.arange(frames.shape[1])) % s == 0)[0]
+    sample = np.ix_(ys, xs)
     return {"centres": c.astype(np.float32),
             "profiles": radial_profiles(frames, c, n_bins),
-            "beam_profile": pk.beam_profile(frames, c, max_radius),
+            "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
             "sum": frames.sum(axis=(0, 1), dtype=np.float64)}
 
 
@@ -261,10 +271,13 @@ def beam_stage_of(plan: Plan, prep, cache: StageCache):
 
 def beam_block_kwargs(plan: Plan, prep) -> dict:
     """Keyword arguments of :func:`_beam_block` for this plan."""
-    ky, kx = plan.array.shape[2:]
+    ny, nx, ky, kx = plan.array.shape
+    b = prep.nav_binning
+    n = -(-ny // b) * -(-nx // b)
     return dict(beam_radius=prep.beam_radius,
                 reference=None if prep.beam_radius else _sample_mean(plan, prep),
-                n_bins=int(np.ceil(np.hypot(ky, kx) / 2)), max_radius=min(ky, kx) / 4)
+                n_bins=int(np.ceil(np.hypot(ky, kx) / 2)), max_radius=min(ky, kx) / 4,
+                profile_stride=max(1, int(np.sqrt(n / _PROFILE_PATTERNS))))
 
 
 def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
