@@ -171,8 +171,42 @@ def apply_masks(frames: np.ndarray, masks: sp.spmatrix) -> np.ndarray:
     if masks.shape[0] != p:
         raise InputError(f"masks are for {masks.shape[0]} detector pixels; patterns have {p}")
     flat = frames.reshape(-1, p).astype(np.float32, copy=False)
-    out = (masks.T.tocsr() @ flat.T).T  # (n, N); sparse @ dense is the fast direction
+    idx, w = _padded_columns(masks)
+    if idx.size == 0:
+        out = np.zeros((len(flat), masks.shape[1]), np.float32)
+    elif idx.size <= p:
+        # few pixels per mask (discs): gather them per pattern and weight; no
+        # transposed copy of the chunk, which is what a sparse product costs
+        out = np.empty((len(flat), idx.shape[0]), np.float32)
+        for s in range(0, len(flat), _GATHER_BATCH):
+            g = flat[s:s + _GATHER_BATCH, idx.ravel()].reshape(-1, *idx.shape)
+            out[s:s + _GATHER_BATCH] = np.einsum("nvk,vk->nv", g, w)
+    else:
+        out = (masks.T.tocsr() @ flat.T).T  # (n, N); sparse @ dense is the fast direction
     return np.ascontiguousarray(out, dtype=np.float32).reshape(lead + (masks.shape[1],))
+
+
+#: Patterns per gather in :func:`apply_masks` (bounds the gathered copy).
+_GATHER_BATCH = 256
+
+
+def _padded_columns(masks: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel indices and weights of each mask column, zero-padded to equal length.
+
+    Returns (N, K) intp indices and (N, K) float32 weights, K the most pixels of any
+    mask; padding points at pixel 0 with weight 0.
+    """
+    m = sp.csc_matrix(masks)
+    m.sum_duplicates()
+    counts = np.diff(m.indptr)
+    n, k = m.shape[1], int(counts.max()) if m.shape[1] else 0
+    idx = np.zeros((n, k), np.intp)
+    w = np.zeros((n, k), np.float32)
+    slot = np.arange(m.nnz) - np.repeat(m.indptr[:-1], counts)
+    col = np.repeat(np.arange(n), counts)
+    idx[col, slot] = m.indices
+    w[col, slot] = m.data
+    return idx, w
 
 
 def vdf_sums(frames: np.ndarray, vectors, radius: float, *, subpixel: bool = True) -> np.ndarray:
