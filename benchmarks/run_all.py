@@ -63,7 +63,7 @@ SIZES = {
                    bounded_methods=("vdf",), bounded_args=["--set", "preprocess.nav_binning=2"],
                    timeout=3600, default_skip=()),
     "large": dict(detector=128, main=128, weak=[64, 128, 256, 512], strong=256,
-                  bounded=(512, "512MB"), peer=64, segment_args=CLUSTER, nmf_binned=[512],
+                  bounded=(512, "512MB"), peer=128, segment_args=CLUSTER, nmf_binned=[512],
                   weak_args=CLUSTER + ["--memory-limit", "1GB"],
                   bounded_methods=("vdf", "nmf"), bounded_args=["--set", "preprocess.nav_binning=2"],
                   timeout=3 * 3600, default_skip=()),
