@@ -133,6 +133,25 @@ def test_weak_spot_beside_strong_beam():
     assert not np.any(np.hypot(ref[:, 0] - 20, ref[:, 1] - 45) < 1)
 
 
+def test_smoothed_values_for_refinement_equal_scipy():
+    """The windowed Gaussian at each candidate equals scipy's full filter, edges included."""
+    from scipy import ndimage as ndi
+
+    from spedflow.peaks.kernels import _smoothed_cross
+    rng = np.random.default_rng(8)
+    frames = rng.poisson(3.0, (3, 24, 30)).astype(np.float32)
+    p = np.array([0, 1, 2, 2, 0])
+    y = np.array([1, 5, 22, 12, 1])  # candidates are >= 1 px inside (exclude_border >= 1)
+    x = np.array([1, 28, 14, 1, 27])
+    for s in (0.85, 1.7, 2.6):
+        ref = np.stack([ndi.gaussian_filter(f.astype(np.float64), s, mode="nearest", truncate=3.5)
+                        for f in frames])
+        got = _smoothed_cross(frames, p, y, x, s)
+        for d in range(3):
+            np.testing.assert_allclose(got[:, 0, d], ref[p, y + d - 1, x], rtol=1e-5)
+            np.testing.assert_allclose(got[:, 1, d], ref[p, y, x + d - 1], rtol=1e-5)
+
+
 def test_border_exclusion_and_empty_patterns():
     k = 48
     lam = gaussian_spots((k, k), [(2.0, 24.0), (24.0, 24.0), (24.0, k - 3.0)], [3000.0] * 3)

@@ -53,6 +53,17 @@ def test_subpixel_discs_equal_brute_force(frames):
     np.testing.assert_allclose(area, np.pi * 2.5 ** 2, rtol=0.01)
 
 
+def test_gather_and_sparse_product_paths_agree(frames):
+    """Small discs are gathered; masks covering much of the detector use the sparse product."""
+    from spedflow.vdf.kernels import apply_masks
+    rng = np.random.default_rng(1)
+    for vectors, radius in ((VECTORS, 2.5), (rng.uniform(-15, 15, (40, 2)), 6.0)):
+        masks = disc_masks(vectors, radius, (40, 40))
+        expect = (frames.reshape(-1, 1600) @ masks.toarray()).reshape(7, 9, -1)
+        np.testing.assert_allclose(apply_masks(frames, masks), expect, rtol=1e-5, atol=1e-3)
+    assert 40 * np.diff(disc_masks(rng.uniform(-15, 15, (40, 2)), 6.0, (40, 40)).tocsc().indptr).max() > 1600
+
+
 def test_subpixel_sum_is_continuous_in_the_vector():
     """Moving a disc by 0.1 px changes the sum of a smooth image by little (no jumps)."""
     yy, xx = np.mgrid[:40, :40]
