@@ -88,3 +88,33 @@ def test_pure_noise_gives_rank_zero():
     rs = R.residual_rows_block(x, w, h, np.arange(0, 400, 40)).astype(np.float64)
     k, _, _ = R.shift_null_rank(rs, x.shape[:2], np.arange(10))
     assert k == 0
+
+
+def test_friedel_pair_keeps_a_crystal_and_rejects_one_sided_spots():
+    # four clusters of two pixels on a 33 x 33 detector, beam at (16, 16)
+    coords = np.array([[10, 12], [10, 13], [22, 20], [22, 19], [5, 30], [5, 29], [28, 8], [27, 8]], float)
+    clusters = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    v = np.full(8, 4.0)
+    pair = np.array([9, 9, 9, 9, 0, 0, 0, 0.0])           # g and -g, z = 18/sqrt(8) = 6.4
+    assert R.has_friedel_pair(pair, v, clusters, coords, (16, 16), 4.0, 1.0)
+    one_sided = np.array([9, 9, 0, 0, 9, 9, 9, 9.0])       # three spots, no two opposite
+    assert not R.has_friedel_pair(one_sided, v, clusters, coords, (16, 16), 4.0, 1.0)
+    weak_mate = np.array([9, 9, 2, 2, 0, 0, 0, 0.0])       # the mate is not significant
+    assert not R.has_friedel_pair(weak_mate, v, clusters, coords, (16, 16), 4.0, 1.0)
+    labels, z = R.cluster_z(pair, v, clusters)
+    assert labels.tolist() == [0, 1, 2, 3] and np.isclose(z[0], 18 / np.sqrt(8))
+
+
+def test_correction_of_a_crystal_versus_a_weak_crystal_inside_it():
+    host_load = np.zeros((20, 20))
+    host_load[2:18, 2:18] = 1.0
+    inside = np.zeros((20, 20))
+    inside[6:12, 6:12] = 0.3
+    host_pat = np.array([1.0, 0.8, 0.5, 0.0, 0.0, 0.01])  # host's spots: the first three kept pixels
+    fit, overlap, spots = R.is_correction(inside, np.array([0.5, 0.4, 0, 0, 0, 0.1]), host_load, host_pat)
+    assert fit and overlap == 1.0 and spots > 0.8        # on the host's spots: a misfit of it
+    fit, _, spots = R.is_correction(inside, np.array([0, 0, 0.1, 2.0, 2.0, 0]), host_load, host_pat)
+    assert not fit and spots < 0.1                       # its own spots: a weak crystal
+    outside = np.zeros((20, 20))
+    outside[0:2, :] = 1.0
+    assert not R.is_correction(outside, np.array([0.5, 0.4, 0, 0, 0, 0]), host_load, host_pat)[0]

@@ -26,11 +26,20 @@ search reduces the detector to the pixels where the residual is significant:
    pixel's scan image is shifted at random (:func:`shift_null_rank`): the pixels of
    a crystal vary together, noise selected by the screen does not; the new components come from a HALS NMF of the
    (signed) residual with non-negative factors, the global ones held fixed.
-4. **Full patterns** (one pass): the new components' patterns on every detector pixel
+4. **Friedel test of every piece** (no pass): each connected piece of a new
+   component's significant loading is a candidate crystal. Its summed residual on
+   each cluster of kept detector pixels is z-scored with the Poisson variance of the
+   model (the same statistic as the screen, over the piece's own positions), and the
+   piece is kept only when two significant clusters sit at ``g`` and ``-g`` about the
+   beam (Friedel's law, nearly exact under precession; the VDF workflow's
+   ``friedel_tolerance`` rule). Noise bumps picked by the screen, and misfits of the
+   direct beam or of the detector edge, have no reason to respect that symmetry.
+5. **Full patterns** (one pass): the new components' patterns on every detector pixel
    from ``W2^T (X - W H)`` by HALS, the loadings fixed.
 
 New components then go through the same classification, merging and watershed as
-the global ones. Kernels here are pure NumPy on one block.
+the global ones; the workflow sets aside one that corrects a crystal already found
+(:func:`is_correction`). Kernels here are pure NumPy on one block.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from ..errors import ParameterError
 
 __all__ = ["ResidualParams", "residual_screen_block", "merge_screens", "screen_threshold",
            "residual_rows_block", "shift_null_rank", "residual_nmf", "residual_patterns_block",
-           "fit_patterns", "significant_loadings"]
+           "fit_patterns", "significant_loadings", "cluster_z", "has_friedel_pair", "is_correction"]
 
 _TINY = 1e-12
 
@@ -69,6 +78,11 @@ class ResidualParams:
         At most this many pixels (the most significant) enter the sub-matrix.
     max_components : int, default 8
         Upper bound on the new components.
+    friedel_tolerance : float, default 1.0
+        Two significant clusters of kept pixels at ``g1``, ``g2`` (weighted
+        centroids, detector px from the beam centre) are a Friedel pair when
+        ``|g1 + g2|`` is at most this; a piece of a new component without one is
+        dropped (see the module docstring). 1.0 px as in the VDF workflow.
     """
 
     enabled: bool = True
@@ -77,6 +91,7 @@ class ResidualParams:
     min_counts: float = 10.0
     max_pixels: int = 512
     max_components: int = 8
+    friedel_tolerance: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -88,6 +103,7 @@ class ResidualParams:
         check_range("min_counts", self.min_counts, low=0)
         check_range("max_pixels", self.max_pixels, low=1, integer=True)
         check_range("max_components", self.max_components, low=1, integer=True)
+        check_range("friedel_tolerance", self.friedel_tolerance, low=0, low_open=True)
 
 
 def _box_sum(v: np.ndarray, k: int) -> np.ndarray:
@@ -275,3 +291,69 @@ def fit_patterns(a: np.ndarray, b: np.ndarray, h0: np.ndarray, sweeps: int = 50)
         for j in range(h.shape[0]):
             h[j] = np.maximum(h[j] + (a[j] - b[j] @ h) / max(b[j, j], _TINY), 0.0)
     return h
+
+
+def cluster_z(r_sum: np.ndarray, v_sum: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z-score of the residual summed over a piece's positions and each pixel cluster.
+
+    ``r_sum`` (P',) is ``X - W H`` summed over the piece's positions, ``v_sum`` (P',)
+    its Poisson variance (``c (W H) / (a b)`` summed likewise). Returns the cluster
+    labels and their z = sum r / sqrt(sum v): the pixel screen's statistic, on the
+    piece's own positions instead of a fixed window.
+    """
+    labels, inv = np.unique(np.asarray(clusters), return_inverse=True)
+    rs = np.bincount(inv, weights=np.asarray(r_sum, np.float64), minlength=len(labels))
+    vs = np.bincount(inv, weights=np.asarray(v_sum, np.float64), minlength=len(labels))
+    z = np.divide(rs, np.sqrt(np.maximum(vs, 0)), out=np.full(len(labels), -np.inf), where=vs > 0)
+    return labels, z
+
+
+def has_friedel_pair(r_sum: np.ndarray, v_sum: np.ndarray, clusters: np.ndarray,
+                     coords: np.ndarray, centre, z_threshold: float, tolerance: float) -> bool:
+    """Whether two clusters significant over a piece sit at ``g`` and ``-g`` about the beam.
+
+    ``coords`` (P', 2) are the kept pixels' detector positions, ``centre`` the beam
+    centre. A cluster is significant when :func:`cluster_z` exceeds ``z_threshold``;
+    its position is the centroid of its pixels weighted by the positive summed
+    residual (the spot's centre). A crystal's reflections come in Friedel pairs, so
+    its piece shows (at least) one; a noise bump or a one-sided misfit (beam tail,
+    detector edge) does not.
+    """
+    labels, z = cluster_z(r_sum, v_sum, clusters)
+    cl = np.asarray(clusters)
+    g = []
+    for lab in labels[z > z_threshold]:
+        on = cl == lab
+        wt = np.maximum(np.asarray(r_sum, np.float64)[on], 0) + _TINY
+        g.append(np.average(np.asarray(coords, np.float64)[on], axis=0, weights=wt) - np.asarray(centre))
+    g = np.array(g).reshape(-1, 2)
+    if len(g) < 2:
+        return False
+    d = np.linalg.norm(g[:, None] + g[None], axis=-1)
+    d[np.arange(len(g)), np.arange(len(g))] = np.inf   # a spot is not its own mate
+    return bool((d <= tolerance).any())
+
+
+def is_correction(load_new: np.ndarray, pat_new: np.ndarray, load_host: np.ndarray,
+                  pat_host: np.ndarray, level: float = 0.1) -> tuple[bool, float, float]:
+    """Whether a new component corrects a crystal already found rather than being one.
+
+    ``load_*`` are loading maps (any shape, same for both), ``pat_new`` the new
+    component's pattern on the kept pixels and ``pat_host`` the host's pattern on the
+    same pixels divided by the maximum of its *full* pattern. A misfit of a
+    crystal (thickness, shape, excitation across it) leaves a residual where the
+    crystal is and on the crystal's own spots; a weak crystal inside a strong one
+    sits where the host is too, but on other spots. The new component is a
+    correction when most (> 1/2) of its support lies where the host is present
+    (above ``level`` of its maximum, the coverage level of the classifier) *and*
+    most of its kept-pixel pattern lies on the host's spots (above ``level``).
+    Returns the verdict, the positional overlap and the spot overlap.
+    """
+    sup = np.asarray(load_new) > 0
+    lh = np.asarray(load_host, np.float64)
+    if not sup.any() or lh.max() <= 0:
+        return False, 0.0, 0.0
+    overlap = float((lh[sup] > level * lh.max()).mean())
+    p = np.maximum(np.asarray(pat_new, np.float64), 0)
+    spots = float(p[np.asarray(pat_host) > level].sum() / max(p.sum(), _TINY))
+    return (overlap > 0.5 and spots > 0.5), overlap, spots
