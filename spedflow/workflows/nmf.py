@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 
 from .. import cluster
-from ..decompose import NMFParams, ScreeParams
+from ..decompose import NMFParams, ResidualParams, ScreeParams
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
@@ -36,6 +36,8 @@ class NMFConfig:
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     scree: ScreeParams = field(default_factory=ScreeParams)
     nmf: NMFParams = field(default_factory=NMFParams)
+    # weak crystals below the global noise edge: a search of the NMF residual
+    residual: ResidualParams = field(default_factory=ResidualParams)
     merge: NMFMergeParams = field(default_factory=NMFMergeParams)
     # loading maps: segments must stand out of the map's noise (see WatershedParams.min_snr)
     watershed: WatershedParams = field(default_factory=lambda: WatershedParams(min_snr=10.0))
@@ -139,6 +141,28 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     w_raster = np.empty_like(w)
     w_raster[order] = w
     nmf_info = st_nmf.attrs().get("info", {})
+    n_global = len(h)
+    residual_info = {"enabled": cfg.residual.enabled}
+    if cfg.residual.enabled:
+        st_res = cache.stage("residual", st_nmf.key, dataclasses.asdict(cfg.residual))
+        if not st_res.complete:
+            with timer("residual"):
+                h2, w2, sel, h2s, residual_info = residual_search(target, h, w_raster, stats, mask,
+                                                                  cfg.residual, (ny, nx))
+                st_res.save("factors", np.asarray(h2, np.float32))
+                st_res.save("loadings", np.asarray(w2, np.float32))
+                st_res.save("pixels", np.asarray(sel, np.int64))
+                st_res.save("kept_factors", np.asarray(h2s, np.float32))
+                st_res.save_attrs(info=residual_info)
+                st_res.mark_complete()
+        h2, w2 = st_res.load("factors"), st_res.load("loadings")
+        res_sel, res_h2s = st_res.load("pixels"), st_res.load("kept_factors")
+        residual_info = st_res.attrs().get("info", {})
+        h_global = h
+        if len(h2):
+            h = np.concatenate([h, h2], axis=0)
+            w_raster = np.concatenate([w_raster, w2], axis=1)
+        log.info("residual search: %d new components (%s)", len(h2), residual_info.get("why", ""))
     factors, loadings = undo_normalisation(h, w_raster, stats, mask)
     factors = factors.reshape(-1, ky, kx)
     loadings = loadings.reshape(-1, ny, nx)
@@ -161,6 +185,23 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             keep[i] = False
             reasons[i] = (f"present (above 10 % of its maximum) at {int(support[i])} positions, fewer "
                           f"than the smallest crystal (watershed.min_size = {cfg.watershed.min_size})")
+        # a residual component lying where a kept global crystal is and on its spots, or
+        # whose pattern is that crystal's, is a correction of that crystal's model
+        # (shape, thickness), not another crystal: kept, it would duplicate its segment
+        if len(factors) > n_global and keep[:n_global].any():
+            _set_aside_corrections(keep, reasons, n_global, h_global, w_raster, res_sel, res_h2s)
+            from ..segment._merge import correlation_matrix
+            fp = factors.reshape(len(factors), -1)[:, ~mask.ravel()]
+            corr = correlation_matrix(fp)
+            glob_kept = np.flatnonzero(keep[:n_global])
+            for i in range(n_global, len(factors)):
+                if keep[i]:
+                    j = glob_kept[np.argmax(corr[i, glob_kept])]
+                    if corr[i, j] > cfg.merge.pattern_threshold:
+                        keep[i] = False
+                        reasons[i] = (f"residual component with the pattern of component {int(j)} "
+                                      f"(correlation {corr[i, j]:.2f} > merge.pattern_threshold): a "
+                                      f"correction of that crystal, not another one")
     set_aside = [{"component": int(i), "reason": reasons[i]} for i in np.flatnonzero(~keep)]
     log.info("%d of %d components kept as crystals", int(keep.sum()), len(keep))
 
@@ -207,7 +248,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "n_components": n_comp, "n_components_reason": why,
         "components_kept": [int(i) for i in kept_index],
         "components_set_aside": set_aside, "merge_groups": groups_orig,
-        "nmf_info": nmf_info,
+        "nmf_info": nmf_info, "residual_search": residual_info,
+        "residual_components": list(range(n_global, len(factors))),
         "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi))},
         "descan": beam.descan,
@@ -215,6 +257,179 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def _set_aside_corrections(keep, reasons, n_global, h, w_raster, sel, h2s):
+    """Set aside residual components that correct a kept global crystal (in place).
+
+    A residual component lying where a kept crystal is *and* on that crystal's spots
+    (:func:`spedflow.decompose._residual.is_correction`) is a misfit of its model, which
+    the crystal's own segment already covers; kept, it would duplicate the segment.
+    Normalised units throughout: ``w_raster`` (N, E + k) all loadings, ``h`` (E, P)
+    the global factors, ``sel`` the kept pixels, ``h2s`` (k, P') the new patterns on them.
+    """
+    from ..decompose import _residual as R
+    glob_kept = np.flatnonzero(keep[:n_global])
+    for i in range(n_global, len(keep)):
+        if not keep[i]:
+            continue
+        j = i - n_global
+        for e in glob_kept:
+            fit, overlap, spots = R.is_correction(w_raster[:, i], h2s[j], w_raster[:, e],
+                                                  h[e, sel] / max(float(h[e].max()), 1e-12))
+            if fit:
+                keep[i] = False
+                reasons[i] = (f"residual component lying where component {int(e)} is ({overlap:.0%} "
+                              f"of its positions) and on its spots ({spots:.0%} of its pattern): a "
+                              f"correction of that crystal, not another one")
+                break
+
+
+def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
+    """New components from the NMF residual (see :mod:`spedflow.decompose._residual`).
+
+    Three passes over the stored normalised matrix: the pixel screen, the residual on
+    the kept pixels, the new components' full patterns. Returns normalised factors
+    (k, P), raster loadings (N, k) and a dict describing the search.
+    """
+    import dask
+    import zarr
+    from ..decompose import scale_factors
+    from ..decompose import _residual as R
+
+    ny, nx = scan_shape
+    z = zarr.open_array(str(path), path="x", mode="r")
+    p = z.shape[-1]
+    a, b = scale_factors(stats)
+    b = b[~mask]
+    e = h.shape[0]
+    w3 = w_raster.reshape(ny, nx, e)
+    hw = params.window // 2
+    cy, cx = z.chunks[:2]
+    blocks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
+              for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+
+    def padded(arr, y0, y1, x0, x1, halo):
+        lo_y, lo_x = max(y0 - halo, 0), max(x0 - halo, 0)
+        hi_y, hi_x = min(y1 + halo, ny), min(x1 + halo, nx)
+        part = np.asarray(arr[lo_y:hi_y, lo_x:hi_x])
+        pad = ((lo_y - (y0 - halo), (y1 + halo) - hi_y), (lo_x - (x0 - halo), (x1 + halo) - hi_x))
+        return np.pad(part, pad + ((0, 0),) * (part.ndim - 2))
+
+    def screen(blk):
+        y0, y1, x0, x1 = blk
+        return R.residual_screen_block(padded(z, *blk, hw), padded(w3, *blk, hw), h,
+                                       padded(a, *blk, hw), b, window=params.window,
+                                       min_counts=params.min_counts)
+
+    parts = [dask.delayed(screen)(blk) for blk in blocks]
+    (scr,) = cluster.compute(dask.delayed(R.merge_screens)(*parts), label="residual screen",
+                             n_patterns=ny * nx)
+    c = scr["rr"] / scr["vv"] if scr["vv"] > 0 else 1.0
+    zmax = scr["score"] / np.sqrt(max(c, _TINY_C))
+    thr = R.screen_threshold(ny * nx * p, params.alpha)
+    sel = np.flatnonzero(zmax > thr)
+    if len(sel) > params.max_pixels:
+        sel = np.sort(sel[np.argsort(zmax[sel])[::-1][:params.max_pixels]])
+    info = {"noise_factor": float(c), "threshold": thr, "n_pixels": int(len(sel)),
+            "max_z": float(np.max(zmax)) if zmax.size else 0.0}
+    empty = (np.zeros((0, p), np.float32), np.zeros((ny * nx, 0), np.float32),
+             np.asarray(sel, np.int64), np.zeros((0, len(sel)), np.float32))
+    if len(sel) < 2:
+        info["why"] = f"{len(sel)} pixels above z = {thr:.2f}"
+        return (*empty, info)
+
+    def rows(blk):
+        y0, y1, x0, x1 = blk
+        return R.residual_rows_block(z[y0:y1, x0:x1], w3[y0:y1, x0:x1], h, sel)
+
+    parts = cluster.compute(*[dask.delayed(rows)(blk) for blk in blocks], label="residual rows",
+                            n_patterns=ny * nx)
+    # N x P' float32 held in memory (0.5 GB for a 512 x 512 scan and the default
+    # max_pixels 512): the rank test, the HALS and the loadings' noise need all of it
+    # at once. A scan much larger would need max_pixels lowered, or a streamed
+    # (randomised) SVD and block-wise HALS updates, which this code does not do.
+    rs = np.zeros((ny, nx, len(sel)), np.float32)
+    for (y0, y1, x0, x1), part in zip(blocks, parts):
+        rs[y0:y1, x0:x1] = part.reshape(y1 - y0, x1 - x0, -1)
+    rs = rs.reshape(ny * nx, len(sel))
+    from scipy import ndimage
+    pix = np.flatnonzero(~mask.ravel())[sel]
+    on = np.zeros(mask.size, bool)
+    on[pix] = True
+    clusters = ndimage.label(on.reshape(mask.shape), structure=np.ones((3, 3)))[0].ravel()[pix]
+    k, s, null = R.shift_null_rank(rs, (ny, nx), clusters, max_rank=params.max_components)
+    info.update(rank=k, singular_values=[float(v) for v in s[:k + 3]], null_edge=null)
+    if k == 0:
+        info["why"] = (f"{len(sel)} pixels above z = {thr:.2f}; no singular value of their residual "
+                       f"above the shifted-image null")
+        return (*empty, info)
+    w2, h2s = R.residual_nmf(rs, k)
+    w2 = R.significant_loadings(rs, h2s, (ny, nx), params.window, params.alpha)
+    w2, n_pieces, n_dropped = _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters,
+                                              mask, (ny, nx), params)
+    info.update(pieces=n_pieces, pieces_without_friedel_pair=n_dropped)
+    alive = w2.any(axis=0)          # a component all of whose pieces failed is dropped
+    k_rank, (w2, h2s, k) = k, (w2[:, alive], h2s[alive], int(alive.sum()))
+    if not k:
+        info["why"] = (f"{len(sel)} pixels above z = {thr:.2f}; {k_rank} residual components, none with "
+                       f"a significant loading showing a Friedel pair")
+        return (*empty, info)
+    w2_3 = w2.reshape(ny, nx, k)
+
+    def pats(blk):
+        y0, y1, x0, x1 = blk
+        return R.residual_patterns_block(z[y0:y1, x0:x1], w3[y0:y1, x0:x1], h, w2_3[y0:y1, x0:x1])
+
+    a2 = cluster.compute(dask.delayed(sum)([dask.delayed(pats)(blk) for blk in blocks]),
+                         label="residual patterns", n_patterns=ny * nx)[0]
+    h0 = np.zeros((k, p))
+    h0[:, sel] = h2s
+    h2 = R.fit_patterns(a2, w2.T @ w2, h0)
+    info["why"] = (f"{len(sel)} pixels above z = {thr:.2f}, {k_rank} residual components above the "
+                   f"shifted-image null, {k} with a piece showing a Friedel pair")
+    return (h2.astype(np.float32), w2.astype(np.float32), np.asarray(sel, np.int64),
+            h2s.astype(np.float32), info)
+
+
+def _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters, mask, scan_shape, params):
+    """Zero the pieces of the new loadings that show no Friedel pair of significant spots.
+
+    Every connected piece (8-connectivity) of a component's significant loading
+    would seed its own segment, so each must stand on its own: its residual summed
+    over its positions, per cluster of kept pixels, z-scored with the model's
+    Poisson variance ``c (W H) / (a b)`` (computed here from the factors, on the
+    piece's rows only), must hold a Friedel pair (:func:`has_friedel_pair`) at the
+    Bonferroni level over clusters x pieces. Returns the loadings, the number of
+    pieces and the number dropped.
+    """
+    from scipy import ndimage
+    from ..decompose import _residual as R
+    ny, nx = scan_shape
+    kx = mask.shape[1]
+    coords = np.stack(np.divmod(pix, kx), axis=1).astype(np.float64)
+    centre = np.argwhere(mask).mean(axis=0) if mask.any() else (np.array(mask.shape) - 1) / 2
+    pieces = []
+    for j in range(w2.shape[1]):
+        lab, n = ndimage.label(w2[:, j].reshape(ny, nx) > 0, structure=np.ones((3, 3), bool))
+        pieces += [(j, np.flatnonzero(lab.ravel() == q)) for q in range(1, n + 1)]
+    if not pieces:
+        return w2, 0, 0
+    zthr = R.screen_threshold(len(np.unique(clusters)) * len(pieces), params.alpha)
+    a_flat, hs = np.asarray(a, np.float64).ravel(), np.asarray(h, np.float64)[:, sel]
+    out, dropped = w2.copy(), 0
+    for j, rows in pieces:
+        model = np.maximum(np.asarray(w_raster, np.float64)[rows] @ hs, 0)
+        ab = a_flat[rows, None] * b[sel]
+        v = c * np.divide(model, ab, out=np.zeros_like(model), where=ab > 0)
+        if not R.has_friedel_pair(rs[rows].sum(axis=0, dtype=np.float64), v.sum(axis=0), clusters,
+                                  coords, centre, zthr, params.friedel_tolerance):
+            out[rows, j] = 0
+            dropped += 1
+    return out, len(pieces), dropped
+
+
+_TINY_C = 1e-12
 
 
 def poisson_stage_of(cache, beam, prep, mask):

@@ -1,0 +1,120 @@
+"""The NMF residual search for weak crystals (spedflow.decompose._residual)."""
+
+import numpy as np
+import pytest
+
+from spedflow.decompose import ResidualParams
+from spedflow.decompose import _residual as R
+from spedflow.errors import ParameterError
+
+
+def test_params_validated():
+    ResidualParams()
+    with pytest.raises(ParameterError):
+        ResidualParams(window=4)
+    with pytest.raises(ParameterError):
+        ResidualParams(alpha=0)
+
+
+def test_box_sum_matches_loop():
+    v = np.random.default_rng(0).random((7, 6, 2))
+    s = R._box_sum(v, 3)
+    assert s.shape == (5, 4, 2)
+    assert np.allclose(s[1, 2], v[1:4, 2:5].sum(axis=(0, 1)))
+
+
+def test_merge_screens_is_associative():
+    rng = np.random.default_rng(1)
+    parts = [{"score": rng.normal(size=5), "rr": np.array(rng.random()), "vv": np.array(rng.random())}
+             for _ in range(3)]
+    a = R.merge_screens(R.merge_screens(parts[0], parts[1]), parts[2])
+    b = R.merge_screens(parts[0], R.merge_screens(parts[1], parts[2]))
+    assert np.allclose(a["score"], b["score"]) and np.isclose(a["rr"], b["rr"]) and np.isclose(a["vv"], b["vv"])
+
+
+def _weak_scene(seed=0, amp=3.0):
+    """Poisson data: a flat background model, plus a weak 2-spot crystal on a 6x6 patch."""
+    rng = np.random.default_rng(seed)
+    ny, nx, p = 32, 32, 400
+    mean = np.full(p, 4.0)
+    signal = np.zeros((ny, nx, p))
+    spots = [50, 51, 250, 251]
+    signal[10:16, 12:18][..., spots] = amp
+    counts = rng.poisson(mean + signal).astype(np.float64)
+    # the "global model": background only, in normalised units (a = 1, b = sqrt(mean))
+    b = np.sqrt(mean)
+    x = counts / b
+    w = np.ones((ny, nx, 1))
+    h = (mean / b)[None]
+    return x, w, h, np.ones((ny, nx)), b, signal
+
+
+def test_screen_finds_weak_spots_and_nothing_in_noise():
+    x, w, h, a, b, signal = _weak_scene()
+    xp = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    out = R.residual_screen_block(xp, np.pad(w, ((1, 1), (1, 1), (0, 0))), h, np.pad(a, 1), b,
+                                  window=3, min_counts=10)
+    c = out["rr"] / out["vv"]
+    assert 0.8 < c < 1.2                         # Poisson counts: unit variance per count
+    z = out["score"] / np.sqrt(c)
+    thr = R.screen_threshold(x.shape[0] * x.shape[1] * x.shape[2], 0.01)
+    found = set(np.flatnonzero(z > thr).tolist())
+    assert {50, 51, 250, 251} <= found and len(found) <= 6   # normal approx. of a Poisson tail
+    x0, *_ = _weak_scene(seed=1, amp=0.0)
+    out0 = R.residual_screen_block(np.pad(x0, ((1, 1), (1, 1), (0, 0))),
+                                   np.pad(w, ((1, 1), (1, 1), (0, 0))), h, np.pad(a, 1), b,
+                                   window=3, min_counts=10)
+    assert not (out0["score"] / np.sqrt(out0["rr"] / out0["vv"]) > thr).any()
+
+
+def test_rank_nmf_and_loadings_recover_the_crystal():
+    x, w, h, a, b, signal = _weak_scene(amp=2.0)
+    ny, nx, p = x.shape
+    sel = np.array([50, 51, 250, 251, 7, 300])     # the spots and two noise pixels
+    rs = R.residual_rows_block(x, w, h, sel).astype(np.float64)
+    groups = np.array([0, 0, 1, 1, 2, 3])          # detector clusters: two spots, two singles
+    k, s, null = R.shift_null_rank(rs, (ny, nx), groups)
+    assert k == 1
+    w2, h2 = R.residual_nmf(rs, k)
+    assert h2[0, :4].min() > 2 * np.abs(h2[0, 4:]).max()
+    load = R.significant_loadings(rs, h2, (ny, nx), 3, 0.01).reshape(ny, nx)
+    truth = signal[..., 50] > 0
+    on = load > 0
+    assert (on & truth).sum() / (on | truth).sum() > 0.6
+
+
+def test_pure_noise_gives_rank_zero():
+    x, w, h, a, b, _ = _weak_scene(seed=3, amp=0.0)
+    rs = R.residual_rows_block(x, w, h, np.arange(0, 400, 40)).astype(np.float64)
+    k, _, _ = R.shift_null_rank(rs, x.shape[:2], np.arange(10))
+    assert k == 0
+
+
+def test_friedel_pair_keeps_a_crystal_and_rejects_one_sided_spots():
+    # four clusters of two pixels on a 33 x 33 detector, beam at (16, 16)
+    coords = np.array([[10, 12], [10, 13], [22, 20], [22, 19], [5, 30], [5, 29], [28, 8], [27, 8]], float)
+    clusters = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    v = np.full(8, 4.0)
+    pair = np.array([9, 9, 9, 9, 0, 0, 0, 0.0])           # g and -g, z = 18/sqrt(8) = 6.4
+    assert R.has_friedel_pair(pair, v, clusters, coords, (16, 16), 4.0, 1.0)
+    one_sided = np.array([9, 9, 0, 0, 9, 9, 9, 9.0])       # three spots, no two opposite
+    assert not R.has_friedel_pair(one_sided, v, clusters, coords, (16, 16), 4.0, 1.0)
+    weak_mate = np.array([9, 9, 2, 2, 0, 0, 0, 0.0])       # the mate is not significant
+    assert not R.has_friedel_pair(weak_mate, v, clusters, coords, (16, 16), 4.0, 1.0)
+    labels, z = R.cluster_z(pair, v, clusters)
+    assert labels.tolist() == [0, 1, 2, 3] and np.isclose(z[0], 18 / np.sqrt(8))
+
+
+def test_correction_of_a_crystal_versus_a_weak_crystal_inside_it():
+    host_load = np.zeros((20, 20))
+    host_load[2:18, 2:18] = 1.0
+    inside = np.zeros((20, 20))
+    inside[6:12, 6:12] = 0.3
+    host_pat = np.array([1.0, 0.8, 0.5, 0.0, 0.0, 0.01])  # host's spots: the first three kept pixels
+    fit, overlap, spots = R.is_correction(inside, np.array([0.5, 0.4, 0, 0, 0, 0.1]), host_load, host_pat)
+    assert fit and overlap == 1.0 and spots > 0.8        # on the host's spots: a misfit of it
+    fit, _, spots = R.is_correction(inside, np.array([0, 0, 0.1, 2.0, 2.0, 0]), host_load, host_pat)
+    assert not fit and spots < 0.1                       # its own spots: a weak crystal
+    outside = np.zeros((20, 20))
+    outside[0:2, :] = 1.0
+    assert not R.is_correction(outside, np.array([0.5, 0.4, 0, 0, 0, 0]), host_load, host_pat)[0]
