@@ -304,25 +304,18 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
     b = b[~mask]
     e = h.shape[0]
     w3 = w_raster.reshape(ny, nx, e)
+    a2d = np.asarray(a).reshape(ny, nx)
     hw = params.window // 2
     cy, cx = z.chunks[:2]
     blocks = [(y0, min(y0 + cy, ny), x0, min(x0 + cx, nx))
               for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
-
-    def padded(arr, y0, y1, x0, x1, halo):
-        lo_y, lo_x = max(y0 - halo, 0), max(x0 - halo, 0)
-        hi_y, hi_x = min(y1 + halo, ny), min(x1 + halo, nx)
-        part = np.asarray(arr[lo_y:hi_y, lo_x:hi_x])
-        pad = ((lo_y - (y0 - halo), (y1 + halo) - hi_y), (lo_x - (x0 - halo), (x1 + halo) - hi_x))
-        return np.pad(part, pad + ((0, 0),) * (part.ndim - 2))
-
-    def screen(blk):
-        y0, y1, x0, x1 = blk
-        return R.residual_screen_block(padded(z, *blk, hw), padded(w3, *blk, hw), h,
-                                       padded(a, *blk, hw), b, window=params.window,
-                                       min_counts=params.min_counts)
-
-    parts = [dask.delayed(screen)(blk) for blk in blocks]
+    # every task reads its own block of the matrix; it gets only its slice of the
+    # per-position maps, and the factors as one shared key (not a copy per task)
+    store = str(path)
+    h_d, b_d = dask.delayed(h, pure=True), dask.delayed(b, pure=True)
+    parts = [dask.delayed(_screen_task, pure=True)(
+        store, blk, hw, _padded(w3, *blk, hw), h_d, _padded(a2d, *blk, hw), b_d,
+        params.window, params.min_counts) for blk in blocks]
     (scr,) = cluster.compute(dask.delayed(R.merge_screens)(*parts), label="residual screen",
                              n_patterns=ny * nx)
     c = scr["rr"] / scr["vv"] if scr["vv"] > 0 else 1.0
@@ -339,12 +332,9 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
         info["why"] = f"{len(sel)} pixels above z = {thr:.2f}"
         return (*empty, info)
 
-    def rows(blk):
-        y0, y1, x0, x1 = blk
-        return R.residual_rows_block(z[y0:y1, x0:x1], w3[y0:y1, x0:x1], h, sel)
-
-    parts = cluster.compute(*[dask.delayed(rows)(blk) for blk in blocks], label="residual rows",
-                            n_patterns=ny * nx)
+    parts = cluster.compute(*[dask.delayed(_rows_task, pure=True)(
+        store, blk, w3[blk[0]:blk[1], blk[2]:blk[3]], h_d, sel) for blk in blocks],
+        label="residual rows", n_patterns=ny * nx)
     # N x P' float32 held in memory (0.5 GB for a 512 x 512 scan and the default
     # max_pixels 512): the rank test, the HALS and the loadings' noise need all of it
     # at once. A scan much larger would need max_pixels lowered, or a streamed
@@ -377,12 +367,9 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
         return (*empty, info)
     w2_3 = w2.reshape(ny, nx, k)
 
-    def pats(blk):
-        y0, y1, x0, x1 = blk
-        return R.residual_patterns_block(z[y0:y1, x0:x1], w3[y0:y1, x0:x1], h, w2_3[y0:y1, x0:x1])
-
-    a2 = cluster.compute(dask.delayed(sum)([dask.delayed(pats)(blk) for blk in blocks]),
-                         label="residual patterns", n_patterns=ny * nx)[0]
+    a2 = cluster.compute(dask.delayed(sum)([dask.delayed(_patterns_task, pure=True)(
+        store, blk, w3[blk[0]:blk[1], blk[2]:blk[3]], h_d, w2_3[blk[0]:blk[1], blk[2]:blk[3]])
+        for blk in blocks]), label="residual patterns", n_patterns=ny * nx)[0]
     h0 = np.zeros((k, p))
     h0[:, sel] = h2s
     h2 = R.fit_patterns(a2, w2.T @ w2, h0)
@@ -390,6 +377,39 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
                    f"shifted-image null, {k} with a piece showing a Friedel pair")
     return (h2.astype(np.float32), w2.astype(np.float32), np.asarray(sel, np.int64),
             h2s.astype(np.float32), info)
+
+
+def _padded(arr, y0, y1, x0, x1, halo):
+    """``arr[y0 - halo:y1 + halo, x0 - halo:x1 + halo]``, zero outside the scan."""
+    ny, nx = arr.shape[:2]
+    lo_y, lo_x = max(y0 - halo, 0), max(x0 - halo, 0)
+    hi_y, hi_x = min(y1 + halo, ny), min(x1 + halo, nx)
+    part = np.asarray(arr[lo_y:hi_y, lo_x:hi_x])
+    pad = ((lo_y - (y0 - halo), (y1 + halo) - hi_y), (lo_x - (x0 - halo), (x1 + halo) - hi_x))
+    return np.pad(part, pad + ((0, 0),) * (part.ndim - 2))
+
+
+def _matrix(store):
+    import zarr
+    return zarr.open_array(store, path="x", mode="r")
+
+
+def _screen_task(store, blk, halo, w_pad, h, a_pad, b, window, min_counts):
+    from ..decompose import _residual as R
+    return R.residual_screen_block(_padded(_matrix(store), *blk, halo), w_pad, h, a_pad, b,
+                                   window=window, min_counts=min_counts)
+
+
+def _rows_task(store, blk, w_blk, h, sel):
+    from ..decompose import _residual as R
+    y0, y1, x0, x1 = blk
+    return R.residual_rows_block(_matrix(store)[y0:y1, x0:x1], w_blk, h, sel)
+
+
+def _patterns_task(store, blk, w_blk, h, w2_blk):
+    from ..decompose import _residual as R
+    y0, y1, x0, x1 = blk
+    return R.residual_patterns_block(_matrix(store)[y0:y1, x0:x1], w_blk, h, w2_blk)
 
 
 def _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters, mask, scan_shape, params):
