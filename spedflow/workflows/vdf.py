@@ -48,7 +48,7 @@ def _peaks_block(block, offset, *, params, det_shape, oversample):
     table = peaks_block(block, offset, params)
     return {"table": table.astype(np.float32),
             "hist": peak_histogram(table, det_shape, oversample=oversample),
-            "dog_sum": np.asarray(block, np.float64).sum(axis=(0, 1))}
+            "dog_sum": np.asarray(block).sum(axis=(0, 1), dtype=np.float64)}
 
 
 def peaks_stage_of(cache, beam, prep, pk, vp):
