@@ -117,7 +117,8 @@ def test_segment_nmf_result_layout(tiny_store, tmp_path):
     _check_dims(res, NMF_DIMS, (16, 16), (32, 32))
     attrs = res["attrs"]
     assert attrs["method"] == "nmf" and attrs["n_components"] == 3
-    assert res["nmf/factors"].sizes["component"] == res["nmf/loadings"].sizes["component"] == 3
+    e = 3 + len(attrs["residual_components"])  # the global components, then the residual search's
+    assert res["nmf/factors"].sizes["component"] == res["nmf/loadings"].sizes["component"] == e
     assert attrs["params"]["nmf"]["n_components"] == 3
     assert (res["nmf/factors"].values >= 0).all() and (res["nmf/loadings"].values >= 0).all()
 
