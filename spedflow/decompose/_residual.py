@@ -75,7 +75,8 @@ class ResidualParams:
     min_counts : float, default 10
         Windows expecting fewer counts (sum over window of the model) are skipped.
     max_pixels : int, default 512
-        At most this many pixels (the most significant) enter the sub-matrix.
+        At most this many pixels (the most significant) enter the sub-matrix; fewer on
+        scans so large that positions x pixels x 4 B would exceed 256 MB.
     max_components : int, default 8
         Upper bound on the new components.
     friedel_tolerance : float, default 1.0

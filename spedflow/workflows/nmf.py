@@ -322,10 +322,13 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
     zmax = scr["score"] / np.sqrt(max(c, _TINY_C))
     thr = R.screen_threshold(ny * nx * p, params.alpha)
     sel = np.flatnonzero(zmax > thr)
-    if len(sel) > params.max_pixels:
-        sel = np.sort(sel[np.argsort(zmax[sel])[::-1][:params.max_pixels]])
+    # the sub-matrix (positions x kept pixels) is held on the client: keep the most
+    # significant pixels within a fixed budget (a weak crystal needs tens of them)
+    cap = int(min(params.max_pixels, max(2, _SUBMATRIX_BYTES // (4 * ny * nx))))
+    if len(sel) > cap:
+        sel = np.sort(sel[np.argsort(zmax[sel])[::-1][:cap]])
     info = {"noise_factor": float(c), "threshold": thr, "n_pixels": int(len(sel)),
-            "max_z": float(np.max(zmax)) if zmax.size else 0.0}
+            "pixel_cap": cap, "max_z": float(np.max(zmax)) if zmax.size else 0.0}
     empty = (np.zeros((0, p), np.float32), np.zeros((ny * nx, 0), np.float32),
              np.asarray(sel, np.int64), np.zeros((0, len(sel)), np.float32))
     if len(sel) < 2:
@@ -335,10 +338,10 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
     parts = cluster.compute(*[dask.delayed(_rows_task, pure=True)(
         store, blk, w3[blk[0]:blk[1], blk[2]:blk[3]], h_d, sel) for blk in blocks],
         label="residual rows", n_patterns=ny * nx)
-    # N x P' float32 held in memory (0.5 GB for a 512 x 512 scan and the default
-    # max_pixels 512): the rank test, the HALS and the loadings' noise need all of it
-    # at once. A scan much larger would need max_pixels lowered, or a streamed
-    # (randomised) SVD and block-wise HALS updates, which this code does not do.
+    # N x P' float32 held in memory, at most _SUBMATRIX_BYTES: the rank test, the HALS
+    # and the loadings' noise need all of it at once. Keeping more pixels on very large
+    # scans would need a streamed (randomised) SVD and block-wise HALS updates, which
+    # this code does not do.
     rs = np.zeros((ny, nx, len(sel)), np.float32)
     for (y0, y1, x0, x1), part in zip(blocks, parts):
         rs[y0:y1, x0:x1] = part.reshape(y1 - y0, x1 - x0, -1)
@@ -450,6 +453,9 @@ def _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters, mask, scan
 
 
 _TINY_C = 1e-12
+#: Client memory for the residual sub-matrix: 512 pixels up to 362 x 362 positions,
+#: 256 at 512 x 512, 64 at 1024 x 1024.
+_SUBMATRIX_BYTES = 256 * 2**20
 
 
 def poisson_stage_of(cache, beam, prep, mask):
