@@ -118,3 +118,9 @@ def test_correction_of_a_crystal_versus_a_weak_crystal_inside_it():
     outside = np.zeros((20, 20))
     outside[0:2, :] = 1.0
     assert not R.is_correction(outside, np.array([0.5, 0.4, 0, 0, 0, 0]), host_load, host_pat)[0]
+
+
+def test_singular_values_from_the_gram_matrix_equal_svd():
+    m = np.random.default_rng(3).normal(size=(700, 9)).astype(np.float32)
+    np.testing.assert_allclose(R._singular_values(m, rows=128),
+                               np.linalg.svd(m.astype(np.float64), compute_uv=False), rtol=1e-6)

@@ -57,6 +57,8 @@ __all__ = ["ResidualParams", "residual_screen_block", "merge_screens", "screen_t
            "fit_patterns", "significant_loadings", "cluster_z", "has_friedel_pair", "is_correction"]
 
 _TINY = 1e-12
+#: Detector pixels screened at a time (a 24 x 25-position block: ~10 MB per temporary).
+_SCREEN_PIXELS = 2048
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class ResidualParams:
         Windows expecting fewer counts (sum over window of the model) are skipped.
     max_pixels : int, default 512
         At most this many pixels (the most significant) enter the sub-matrix; fewer on
-        scans so large that positions x pixels x 4 B would exceed 256 MB.
+        scans so large that positions x pixels x 4 B would exceed 128 MB.
     max_components : int, default 8
         Upper bound on the new components.
     friedel_tolerance : float, default 1.0
@@ -129,20 +131,32 @@ def residual_screen_block(x, w, h, a, b, *, window: int, min_counts: float):
     (centres in the block's core), ``rr`` sum of R**2 and ``vv`` sum of V over the
     core positions (for the noise factor ``c``).
     """
-    x = np.asarray(x, np.float64)
-    model = np.asarray(w, np.float64) @ np.asarray(h, np.float64)
-    r = x - model
-    ab = np.asarray(a, np.float64)[..., None] * np.asarray(b, np.float64)
-    m = np.maximum(model, 0.0)
-    v = np.divide(m, ab, out=np.zeros_like(m), where=ab > 0)
-    counts = m * ab
+    x = np.asarray(x)
+    w = np.asarray(w, np.float64)
+    h = np.asarray(h, np.float64)
+    a = np.asarray(a, np.float64)[..., None]
+    b = np.asarray(b, np.float64)
     hw = window // 2
-    core = (slice(hw, r.shape[0] - hw), slice(hw, r.shape[1] - hw))
-    sr, sv, sc = (_box_sum(t, window) for t in (r, v, counts))
-    score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)), -np.inf)
+    core = (slice(hw, x.shape[0] - hw), slice(hw, x.shape[1] - hw))
     p = x.shape[-1]
-    best = score.reshape(-1, p).max(axis=0) if score.size else np.full(p, -np.inf)
-    return {"score": best, "rr": np.array(np.sum(r[core] ** 2)), "vv": np.array(np.sum(v[core]))}
+    best = np.full(p, -np.inf)
+    rr = vv = 0.0
+    # pixels are independent: a slice at a time bounds the float64 temporaries
+    for j0 in range(0, p, _SCREEN_PIXELS):
+        j = slice(j0, min(j0 + _SCREEN_PIXELS, p))
+        model = w @ h[:, j]
+        r = x[..., j].astype(np.float64) - model
+        ab = a * b[j]
+        m = np.maximum(model, 0.0)
+        v = np.divide(m, ab, out=np.zeros_like(m), where=ab > 0)
+        sr, sv, sc = (_box_sum(t, window) for t in (r, v, m * ab))
+        score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)),
+                         -np.inf)
+        if score.size:
+            best[j] = score.reshape(-1, score.shape[-1]).max(axis=0)
+        rr += float(np.sum(r[core] ** 2))
+        vv += float(np.sum(v[core]))
+    return {"score": best, "rr": np.array(rr), "vv": np.array(vv)}
 
 
 def merge_screens(*parts):
@@ -188,10 +202,10 @@ def shift_null_rank(r: np.ndarray, scan_shape: tuple[int, int], groups: np.ndarr
     each count over neighbours) stays correlated in the null. A crystal must then
     vary together over several spots (at least a Friedel pair), not inside one.
     """
-    r = np.asarray(r, np.float64)
+    r = np.asarray(r)
     ny, nx = scan_shape
     img = r.reshape(ny, nx, -1)
-    s = np.linalg.svd(r, compute_uv=False)
+    s = _singular_values(r)
     rng = np.random.default_rng(seed)
     null = 0.0
     for _ in range(n_draws):
@@ -201,11 +215,21 @@ def shift_null_rank(r: np.ndarray, scan_shape: tuple[int, int], groups: np.ndarr
         yy = (np.arange(ny)[:, None, None] + dy[None, None, :]) % ny
         xx = (np.arange(nx)[None, :, None] + dx[None, None, :]) % nx
         shifted = img[yy, xx, np.arange(img.shape[-1])[None, None, :]]
-        null = max(null, float(np.linalg.svd(shifted.reshape(ny * nx, -1), compute_uv=False)[0]))
+        null = max(null, float(_singular_values(shifted.reshape(ny * nx, -1))[0]))
     k = int((s > null).sum())
     if max_rank is not None:
         k = min(k, int(max_rank))
     return k, s, null
+
+
+def _singular_values(m: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """Singular values (descending) of a tall ``m`` from its float64 Gram matrix,
+    accumulated over row blocks: no float64 copy of ``m``, no ``U``."""
+    g = np.zeros((m.shape[1], m.shape[1]))
+    for i in range(0, m.shape[0], rows):
+        part = np.asarray(m[i:i + rows], np.float64)
+        g += part.T @ part
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(g)[::-1], 0.0))
 
 
 def residual_nmf(r: np.ndarray, k: int, *, max_iter: int = 500, tol: float = 1e-5, seed: int = 0):

@@ -453,9 +453,9 @@ def _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters, mask, scan
 
 
 _TINY_C = 1e-12
-#: Client memory for the residual sub-matrix: 512 pixels up to 362 x 362 positions,
-#: 256 at 512 x 512, 64 at 1024 x 1024.
-_SUBMATRIX_BYTES = 256 * 2**20
+#: Client memory for the residual sub-matrix (float32; the NMF of it makes float64
+#: copies): 512 pixels up to 256 x 256 positions, 128 at 512 x 512, 32 at 1024 x 1024.
+_SUBMATRIX_BYTES = 128 * 2**20
 
 
 def poisson_stage_of(cache, beam, prep, mask):
