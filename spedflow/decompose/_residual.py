@@ -57,8 +57,6 @@ __all__ = ["ResidualParams", "residual_screen_block", "merge_screens", "screen_t
            "fit_patterns", "significant_loadings", "cluster_z", "has_friedel_pair", "is_correction"]
 
 _TINY = 1e-12
-#: Detector pixels screened at a time (a 24 x 25-position block: ~10 MB per temporary).
-_SCREEN_PIXELS = 2048
 
 
 @dataclass(frozen=True)
@@ -131,32 +129,20 @@ def residual_screen_block(x, w, h, a, b, *, window: int, min_counts: float):
     (centres in the block's core), ``rr`` sum of R**2 and ``vv`` sum of V over the
     core positions (for the noise factor ``c``).
     """
-    x = np.asarray(x)
-    w = np.asarray(w, np.float64)
-    h = np.asarray(h, np.float64)
-    a = np.asarray(a, np.float64)[..., None]
-    b = np.asarray(b, np.float64)
+    x = np.asarray(x, np.float64)
+    model = np.asarray(w, np.float64) @ np.asarray(h, np.float64)
+    r = x - model
+    ab = np.asarray(a, np.float64)[..., None] * np.asarray(b, np.float64)
+    m = np.maximum(model, 0.0)
+    v = np.divide(m, ab, out=np.zeros_like(m), where=ab > 0)
+    counts = m * ab
     hw = window // 2
-    core = (slice(hw, x.shape[0] - hw), slice(hw, x.shape[1] - hw))
+    core = (slice(hw, r.shape[0] - hw), slice(hw, r.shape[1] - hw))
+    sr, sv, sc = (_box_sum(t, window) for t in (r, v, counts))
+    score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)), -np.inf)
     p = x.shape[-1]
-    best = np.full(p, -np.inf)
-    rr = vv = 0.0
-    # pixels are independent: a slice at a time bounds the float64 temporaries
-    for j0 in range(0, p, _SCREEN_PIXELS):
-        j = slice(j0, min(j0 + _SCREEN_PIXELS, p))
-        model = w @ h[:, j]
-        r = x[..., j].astype(np.float64) - model
-        ab = a * b[j]
-        m = np.maximum(model, 0.0)
-        v = np.divide(m, ab, out=np.zeros_like(m), where=ab > 0)
-        sr, sv, sc = (_box_sum(t, window) for t in (r, v, m * ab))
-        score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)),
-                         -np.inf)
-        if score.size:
-            best[j] = score.reshape(-1, score.shape[-1]).max(axis=0)
-        rr += float(np.sum(r[core] ** 2))
-        vv += float(np.sum(v[core]))
-    return {"score": best, "rr": np.array(rr), "vv": np.array(vv)}
+    best = score.reshape(-1, p).max(axis=0) if score.size else np.full(p, -np.inf)
+    return {"score": best, "rr": np.array(np.sum(r[core] ** 2)), "vv": np.array(np.sum(v[core]))}
 
 
 def merge_screens(*parts):
