@@ -123,6 +123,16 @@ def test_segment_nmf_result_layout(tiny_store, tmp_path):
     assert (res["nmf/factors"].values >= 0).all() and (res["nmf/loadings"].values >= 0).all()
 
 
+def test_segment_nmf_without_residual_search(tiny_store, tmp_path):
+    overrides = {"nmf": {"n_components": 3, "max_epochs": 30}, "scree": {"n_components": 8},
+                 "residual": {"enabled": False}}
+    res = spedflow.open_result(spedflow.segment(tiny_store, method="nmf", out=tmp_path / "n.zarr",
+                                                local=True, overrides=overrides, progress=False))
+    assert res["attrs"]["residual_search"] == {"enabled": False}
+    assert res["attrs"]["residual_components"] == []
+    assert res["nmf/factors"].sizes["component"] == 3
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(method="pca"), ParameterError, "method"),
     (dict(overrides={"peaks": {"treshold": 3}}), ParameterError, "treshold"),
