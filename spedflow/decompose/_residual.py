@@ -49,6 +49,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from .._friedel import has_friedel_pair as friedel_pair
 from ..config import check_range
 from ..errors import ParameterError
 
@@ -328,7 +329,7 @@ def has_friedel_pair(r_sum: np.ndarray, v_sum: np.ndarray, clusters: np.ndarray,
     its position is the centroid of its pixels weighted by the positive summed
     residual (the spot's centre). A crystal's reflections come in Friedel pairs, so
     its piece shows (at least) one; a noise bump or a one-sided misfit (beam tail,
-    detector edge) does not.
+    detector edge) does not (:func:`spedflow._friedel.has_friedel_pair`).
     """
     labels, z = cluster_z(r_sum, v_sum, clusters)
     cl = np.asarray(clusters)
@@ -337,12 +338,7 @@ def has_friedel_pair(r_sum: np.ndarray, v_sum: np.ndarray, clusters: np.ndarray,
         on = cl == lab
         wt = np.maximum(np.asarray(r_sum, np.float64)[on], 0) + _TINY
         g.append(np.average(np.asarray(coords, np.float64)[on], axis=0, weights=wt) - np.asarray(centre))
-    g = np.array(g).reshape(-1, 2)
-    if len(g) < 2:
-        return False
-    d = np.linalg.norm(g[:, None] + g[None], axis=-1)
-    d[np.arange(len(g)), np.arange(len(g))] = np.inf   # a spot is not its own mate
-    return bool((d <= tolerance).any())
+    return friedel_pair(np.array(g).reshape(-1, 2), tolerance)
 
 
 def is_correction(load_new: np.ndarray, pat_new: np.ndarray, load_host: np.ndarray,

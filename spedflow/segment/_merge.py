@@ -29,6 +29,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
+from .._friedel import has_friedel_pair
 from ..config import check_range
 from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
@@ -202,7 +203,8 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
     out_sum, out_members, out_int, out_seg, totals = [], [], [], [], []
     for g in groups:
         vec, inv = np.unique(source_vector[g], return_inverse=True)
-        if vec.size < params.vector_threshold and not _has_friedel_pair(vectors[vec], params):
+        if (vec.size < params.vector_threshold
+                and not has_friedel_pair(vectors[vec], params.friedel_tolerance)):
             continue
         seg = (flat[g].toarray() if sparse.issparse(flat) else flat[g]).astype(np.float64)
         nonzero = seg != 0
@@ -479,23 +481,6 @@ def merge_components(factors: np.ndarray, loadings: np.ndarray, *,
 
 
 # -- helpers --------------------------------------------------------------------------
-
-def _has_friedel_pair(v: np.ndarray, params: VDFMergeParams) -> bool:
-    """True if two of the vectors are (close to) each other's Friedel mate, g and -g.
-
-    Friedel's law (nearly exact in precession patterns) makes every reflection of a
-    crystal come with its mate at -g; two VDF images from opposite sides of the
-    beam that show the same segment are a crystal, not noise.
-    """
-    if params.friedel_tolerance <= 0 or len(v) < 2:
-        return False
-    d = np.linalg.norm(v[:, None, :] + v[None, :, :], axis=-1)
-    np.fill_diagonal(d, np.inf)
-    short = np.linalg.norm(v, axis=-1) <= params.friedel_tolerance  # g ~ 0 is no pair
-    d[short, :] = np.inf
-    d[:, short] = np.inf
-    return bool((d <= params.friedel_tolerance).any())
-
 
 def _pairs_above(flat, threshold: float):
     """Pairs ``i < j`` of rows whose Pearson correlation exceeds ``threshold`` (> 0).
