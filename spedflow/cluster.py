@@ -25,6 +25,19 @@ so dask's spill/pause thresholds act on what one task really uses, and it avoids
 oversubscription with BLAS threads (the nanny pins ``OMP/MKL/OPENBLAS_NUM_THREADS``
 to 1). The cost -- data moved between processes -- is small here: tasks read their
 chunks straight from the Zarr store and pass on reduced partials.
+
+Worker memory allocator
+-----------------------
+distributed's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed
+memory goes back to the OS at once. Setting it also freezes glibc's mmap threshold
+at 128 kB, so every array above that -- each 1 MB batch temporary of the kernels --
+is a fresh ``mmap`` that is page-faulted in and unmapped again: on the 128 x 128 scan
+the VDF workers spent 7 s of 27 s CPU each in the kernel doing that. Local clusters
+start their workers with :data:`WORKER_MALLOC_ENV` instead (arrays up to 16 MB reuse
+the heap, which is trimmed above 64 MB free): the VDF run is ~20 % faster (peaks stage
+16.0 -> 12.5 s) for ~150 MB more resident memory per worker. The deploy image
+(``deploy/Dockerfile``) and the SLURM script set the same for ``dask worker``
+through ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON``.
 """
 
 from __future__ import annotations
@@ -52,7 +65,7 @@ from .errors import InputError, ParameterError
 __all__ = [
     "client_for", "compute", "persist_with_progress", "local_scheduler", "set_progress",
     "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
-    "ENV_SCHEDULER", "MIN_WORKER_MEMORY",
+    "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "worker_environ",
 ]
 
 #: Environment variable naming a scheduler address (after the explicit argument).
@@ -77,7 +90,29 @@ _SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
 _DEFAULT_TIMEOUT = 5.0
 _DASHBOARD_PORT = 8787
 
+#: glibc allocator settings for worker processes (module docstring): arrays up to
+#: 16 MiB come from the heap and are reused, larger ones are mmapped and returned at
+#: once; free heap above 64 MiB is trimmed back to the OS.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 16 * 2**20, "MALLOC_TRIM_THRESHOLD_": 64 * 2**20}
+
 _progress = True
+
+
+def worker_environ() -> dict:
+    """The nanny's ``pre-spawn-environ`` for spedflow's local workers.
+
+    distributed's configured environment (thread pins ``OMP/MKL/OPENBLAS_NUM_THREADS``)
+    with :data:`WORKER_MALLOC_ENV` in place of its ``MALLOC_TRIM_THRESHOLD_`` -- unless
+    the user's dask config already sets ``MALLOC_MMAP_THRESHOLD_`` or a trim
+    threshold other than distributed's default, which is then kept.
+    """
+    import distributed  # noqa: F401  (registers distributed's config defaults)
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    if "MALLOC_MMAP_THRESHOLD_" in env or env.get("MALLOC_TRIM_THRESHOLD_", 65536) != 65536:
+        return env
+    env.update(WORKER_MALLOC_ENV)
+    return env
 
 
 # --------------------------------------------------------------------------- switches
@@ -361,10 +396,11 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
             sec = Security.temporary()
         kwargs.update(security=sec, protocol="tls://")
     dash = _dashboard_address() if dashboard else None
-    cluster = LocalCluster(
-        n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
-        host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
-        **kwargs)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
+            host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
+            **kwargs)
     try:
         client = Client(cluster, security=kwargs.get("security"), set_as_default=True)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import dask
@@ -49,6 +50,17 @@ def _listening(pids):
 
 # ------------------------------------------------------------------ local cluster
 
+def test_worker_environ_keeps_a_users_allocator_settings():
+    from spedflow.cluster import WORKER_MALLOC_ENV, worker_environ
+    env = worker_environ()
+    assert env["OMP_NUM_THREADS"] == 1 and env["MALLOC_MMAP_THRESHOLD_"] == 16 * 2**20
+    assert env["MALLOC_TRIM_THRESHOLD_"] == WORKER_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
+    mine = {"MALLOC_TRIM_THRESHOLD_": 0, "OMP_NUM_THREADS": 1}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": mine}):
+        assert worker_environ() == mine
+
+
+
 def test_local_cluster_listens_on_loopback_only(capsys):
     with client_for(n_workers=2, memory_limit="600MB") as client:
         local = client.cluster
@@ -70,6 +82,13 @@ def test_local_cluster_listens_on_loopback_only(capsys):
         assert addrs and all(a.ip == "127.0.0.1" for a in addrs), addrs
         x = da.arange(10_000, chunks=999)
         assert x.sum().compute() == np.arange(10_000).sum()
+        # the workers run with spedflow's allocator settings and distributed's thread pins
+        envs = client.run(lambda: {k: os.environ.get(k) for k in
+                                   ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                    "OMP_NUM_THREADS")})
+        for env in envs.values():
+            assert env == {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**20),
+                           "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "OMP_NUM_THREADS": "1"}
     err = capsys.readouterr().err
     assert re.search(r"dask scheduler tcp://127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:"
                      r"\d+/status.*2 workers x 1 thread", err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import py_compile
 import re
 import subprocess
@@ -50,6 +51,10 @@ def test_dockerfile(image):
     assert re.search(r"pip install \.", text)
     assert f"EXPOSE {SCHEDULER_PORT} {DASHBOARD_PORT}" in lines
     assert image.startswith("spedflow:")
+    # the image's workers get the environment spedflow's local workers get
+    m = re.search(r'DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="(\{[^"]*\})"', text)
+    from spedflow.cluster import worker_environ
+    assert m and ast.literal_eval(m.group(1)) == worker_environ()
 
 
 _VOLUME = re.compile(r"^(\$\{[^}]*\}|[^:]+):([^:]+)(?::(\w+))?$")  # SRC:DEST[:MODE]
@@ -140,6 +145,7 @@ def test_slurm_script_compiles(tmp_path):
     py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
     text = path.read_text()
     assert "SLURMCluster(" in text and "spedflow.segment(" in text and "client=client" in text
+    assert "worker_environ()" in text and "job_script_prologue" in text
 
 
 def test_make_certs_runs(tmp_path):

@@ -52,8 +52,11 @@ def main(argv=None) -> int:
     from distributed.security import Security
 
     import spedflow
+    from spedflow.cluster import worker_environ
 
-    kwargs = {}
+    # the workers' environment as spedflow's local clusters have it (allocator settings)
+    kwargs = {"job_script_prologue": [
+        f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{worker_environ()!r}"']}
     if args.tls:
         kwargs.update(security=Security.temporary(), protocol="tls://",
                       shared_temp_directory=args.shared_temp_directory)
