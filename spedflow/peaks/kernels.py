@@ -1,26 +1,25 @@
 """Multi-scale Laplacian-of-Gaussian peak finding on a whole chunk of patterns (NumPy).
 
 The chunk ``(n, ky, kx)`` is filtered in batches of 16 patterns (1 MB, which stays
-in cache): per scale one separable Gaussian (two 1-D passes, both along the
-contiguous axis with a transposing copy in between), a 5-point discrete Laplacian
-and a robust per-pattern noise level; only the significance ``Z`` (the maximum over
-scales) and the winning scale are kept. Candidate pixels come from one
-``np.nonzero`` of the thresholded ``Z``; only the few candidates are then checked
-for being local maxima, pruned, refined to sub-pixel positions (the smoothed values
-they need are evaluated around each candidate) and integrated. There is no loop
-over patterns.
+in cache): a separable Gaussian at every scale (each 1-D pass one BLAS matrix
+product over the batch), a 5-point discrete Laplacian and a robust per-pattern
+noise level give the significance ``Z`` (the maximum over scales) and the winning
+scale; the batch's candidates are the local maxima of ``Z`` above threshold (one
+``np.nonzero``). Only the few candidates are then pruned, refined to sub-pixel
+positions (the smoothed values they need are evaluated around each candidate) and
+integrated. There is no loop over patterns.
 
-Everything between the two Gaussian passes runs in the transposed ``(n, kx, ky)``
-layout; coordinates are swapped back at the end.
+Everything after the x pass runs in the transposed ``(n, kx, ky)`` layout;
+coordinates are swapped back at the end.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from scipy.stats import gamma, norm
 
@@ -66,12 +65,55 @@ def _check_frames(frames) -> np.ndarray:
     return frames
 
 
-def _smooth_transposed(frames: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian of width ``sigma`` of every pattern, returned as (n, kx, ky) float32."""
-    g = ndi.gaussian_filter1d(frames, sigma, axis=2, mode="nearest", truncate=_TRUNCATE)
-    g = np.ascontiguousarray(g.transpose(0, 2, 1))
-    ndi.gaussian_filter1d(g, sigma, axis=2, mode="nearest", truncate=_TRUNCATE, output=g)
-    return g
+@functools.lru_cache(maxsize=32)
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) float32 ``M`` with ``M @ v`` = scipy's ``gaussian_filter1d(v, sigma,
+    mode="nearest", truncate=3.5)``: the truncated, normalised kernel, with the weights
+    of taps beyond either end folded onto the edge sample."""
+    h = int(_TRUNCATE * sigma + 0.5)  # scipy's kernel radius
+    t = np.arange(-h, h + 1)
+    g = np.exp(-0.5 * (t / sigma) ** 2)
+    g /= g.sum()
+    m = np.zeros((n, n))
+    rows = np.repeat(np.arange(n), len(t))
+    cols = np.clip(np.arange(n)[:, None] + t[None, :], 0, n - 1).ravel()
+    np.add.at(m, (rows, cols), np.tile(g, n))
+    m.flags.writeable = False
+    return m.astype(np.float32)
+
+
+def _smoothing_operators(ky: int, kx: int, sigmas) -> tuple[np.ndarray, list]:
+    """The x-pass matrix of all scales side by side, (kx, S kx), and each scale's
+    transposed y-pass matrix (ky, ky), for :func:`_smooth_batch`."""
+    mx = np.ascontiguousarray(np.concatenate([_gauss_matrix(kx, float(s)).T for s in sigmas], 1))
+    my = [np.ascontiguousarray(_gauss_matrix(ky, float(s)).T) for s in sigmas]
+    return mx, my
+
+
+def _smooth_batch(part: np.ndarray, ops) -> list:
+    """Gaussian of every pattern at every scale, each (n, kx, ky) float32 (transposed).
+
+    Separable, each 1-D pass one BLAS matrix product over the whole batch (dense
+    banded matrices: ~10x the multiply-adds of a direct convolution, but at the
+    machine's vector speed, twice as fast as ``scipy.ndimage.gaussian_filter1d``).
+    """
+    n, ky, kx = part.shape
+    mx, my = ops
+    a = (part.reshape(n * ky, kx) @ mx).reshape(n, ky, -1)  # x pass, all scales
+    return [np.matmul(a[:, :, i * kx:(i + 1) * kx].transpose(0, 2, 1), m)  # y pass
+            for i, m in enumerate(my)]
+
+
+def _local_max(z: np.ndarray) -> np.ndarray:
+    """Pixels of each ``z[i]`` not exceeded by any of their 8 neighbours (edges
+    compared with the pixels that exist: ``maximum_filter(size=(1, 3, 3), mode="nearest")``)."""
+    m = z.copy()
+    np.maximum(m[:, 1:], z[:, :-1], out=m[:, 1:])
+    np.maximum(m[:, :-1], z[:, 1:], out=m[:, :-1])
+    r = m.copy()
+    np.maximum(r[:, :, 1:], m[:, :, :-1], out=r[:, :, 1:])
+    np.maximum(r[:, :, :-1], m[:, :, 1:], out=r[:, :, :-1])
+    return z >= r
 
 
 def _smoothed_cross(frames: np.ndarray, p, y, x, sigma: float) -> np.ndarray:
@@ -255,45 +297,34 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
         return empty
     f = frames.astype(np.float32, copy=False)
 
-    # 1. significance Z (n, kx-2, ky-2) of the interior, transposed layout, and the
-    # scale of the strongest response; in batches that stay in cache
-    z = np.empty((n, kx - 2, ky - 2), np.float32)
-    best = np.zeros((n, kx - 2, ky - 2), np.int8)
+    # 1. significance Z of the interior (transposed layout) per batch of patterns that
+    # stays in cache, the scale of the strongest response, and the candidates: local
+    # maxima of Z above threshold, away from the border (interior index = pixel - 1)
+    ops = _smoothing_operators(ky, kx, sig)
+    found = []
     for s0 in range(0, n, _BATCH):
-        part = f[s0:s0 + _BATCH]
-        zb, bb = z[s0:s0 + _BATCH], best[s0:s0 + _BATCH]
-        for i, s in enumerate(sig):
-            r = _neg_laplacian(_smooth_transposed(part, s))
+        zb = bb = None
+        for i, g in enumerate(_smooth_batch(f[s0:s0 + _BATCH], ops)):
+            r = _neg_laplacian(g)
             r /= noise_level(r, threshold)[:, None, None]
             if i == 0:
-                zb[...] = r
+                zb, bb = r, np.zeros(r.shape, np.int8)
             else:
                 bb[r > zb] = i
                 np.maximum(zb, r, out=zb)
-
-    # 2. candidates above threshold, away from the border (interior index = pixel - 1)
-    above = z > threshold
-    if b > 1:
-        above[:, :b - 1] = False
-        above[:, z.shape[1] - (b - 1):] = False
-        above[:, :, :b - 1] = False
-        above[:, :, z.shape[2] - (b - 1):] = False
-    p, u, v = np.nonzero(above)  # u: kx - 1, v: ky - 1
-    del above
+        cand = _local_max(zb)
+        cand &= zb > threshold
+        if b > 1:
+            cand[:, :b - 1] = False
+            cand[:, zb.shape[1] - (b - 1):] = False
+            cand[:, :, :b - 1] = False
+            cand[:, :, zb.shape[2] - (b - 1):] = False
+        pb, ub, vb = np.nonzero(cand)
+        found.append((pb + s0, ub, vb, zb[pb, ub, vb], bb[pb, ub, vb]))
+    p, u, v, zc, scale_idx = (np.concatenate(c) for c in zip(*found))  # u: kx - 1, v: ky - 1
     if len(p) == 0:
         return empty
-    zc = z[p, u, v]
-    is_max = np.ones(len(p), bool)
-    for du in (-1, 0, 1):
-        uu = np.clip(u + du, 0, z.shape[1] - 1)
-        for dv in (-1, 0, 1):
-            if du == 0 and dv == 0:
-                continue
-            vv = np.clip(v + dv, 0, z.shape[2] - 1)
-            is_max &= zc >= z[p, uu, vv]
-    p, u, v, zc = p[is_max], u[is_max], v[is_max], zc[is_max]
-    scale_idx = best[p, u, v].astype(np.intp)
-    del z, best
+    scale_idx = scale_idx.astype(np.intp)
 
     # 3. non-maximum suppression within min_separation (same pattern only)
     if len(p) > 1 and min_separation > 0:
