@@ -133,23 +133,25 @@ def test_weak_spot_beside_strong_beam():
     assert not np.any(np.hypot(ref[:, 0] - 20, ref[:, 1] - 45) < 1)
 
 
-def test_smoothed_values_for_refinement_equal_scipy():
-    """The windowed Gaussian at each candidate equals scipy's full filter, edges included."""
+def test_smoothing_by_matrix_products_equals_scipy():
+    """Each scale's Gaussian (two BLAS passes, transposed result) equals scipy's
+    ``gaussian_filter`` with "nearest" edges, on non-square patterns; and the local
+    maxima equal ``maximum_filter``'s."""
     from scipy import ndimage as ndi
 
-    from spedflow.peaks.kernels import _smoothed_cross
+    from spedflow.peaks.kernels import _local_max, _smooth_batch, _smoothing_operators
     rng = np.random.default_rng(8)
     frames = rng.poisson(3.0, (3, 24, 30)).astype(np.float32)
-    p = np.array([0, 1, 2, 2, 0])
-    y = np.array([1, 5, 22, 12, 1])  # candidates are >= 1 px inside (exclude_border >= 1)
-    x = np.array([1, 28, 14, 1, 27])
-    for s in (0.85, 1.7, 2.6):
+    sig = (0.85, 1.7, 2.6, 9.0)  # the last kernel is wider than the patterns
+    got = _smooth_batch(frames, _smoothing_operators(24, 30, sig))
+    for s, g in zip(sig, got):
         ref = np.stack([ndi.gaussian_filter(f.astype(np.float64), s, mode="nearest", truncate=3.5)
                         for f in frames])
-        got = _smoothed_cross(frames, p, y, x, s)
-        for d in range(3):
-            np.testing.assert_allclose(got[:, 0, d], ref[p, y + d - 1, x], rtol=1e-5)
-            np.testing.assert_allclose(got[:, 1, d], ref[p, y, x + d - 1], rtol=1e-5)
+        assert g.shape == (3, 30, 24)
+        np.testing.assert_allclose(g.transpose(0, 2, 1), ref, rtol=1e-5)
+    z = rng.poisson(2.0, (4, 9, 13)).astype(np.float32)  # ties included
+    np.testing.assert_array_equal(
+        _local_max(z), z >= ndi.maximum_filter(z, size=(1, 3, 3), mode="nearest"))
 
 
 def test_border_exclusion_and_empty_patterns():

@@ -6,8 +6,8 @@ product over the batch), a 5-point discrete Laplacian and a robust per-pattern
 noise level give the significance ``Z`` (the maximum over scales) and the winning
 scale; the batch's candidates are the local maxima of ``Z`` above threshold (one
 ``np.nonzero``). Only the few candidates are then pruned, refined to sub-pixel
-positions (the smoothed values they need are evaluated around each candidate) and
-integrated. There is no loop over patterns.
+positions (from the smoothed values of the peak's scale) and integrated, still
+batch by batch. There is no loop over patterns.
 
 Everything after the x pass runs in the transposed ``(n, kx, ky)`` layout;
 coordinates are swapped back at the end.
@@ -114,34 +114,6 @@ def _local_max(z: np.ndarray) -> np.ndarray:
     np.maximum(r[:, :, 1:], m[:, :, :-1], out=r[:, :, 1:])
     np.maximum(r[:, :, :-1], m[:, :, 1:], out=r[:, :, :-1])
     return z >= r
-
-
-def _smoothed_cross(frames: np.ndarray, p, y, x, sigma: float) -> np.ndarray:
-    """``G_sigma * frames[p]`` at ``(y + d, x)`` and ``(y, x + d)`` for ``d`` in (-1, 0, 1).
-
-    The values :func:`_smooth_transposed` gives there (same kernel, truncation and
-    "nearest" edges), computed from a window around each point only.
-
-    Returns
-    -------
-    (m, 2, 3) float64: ``[:, 0]`` along ky, ``[:, 1]`` along kx.
-    """
-    _, ky, kx = frames.shape
-    h = int(_TRUNCATE * sigma + 0.5)  # scipy's kernel radius
-    g = np.exp(-0.5 * (np.arange(-h, h + 1) / sigma) ** 2)
-    g /= g.sum()
-    span = np.arange(-h - 1, h + 2)
-    rows = np.clip(y[:, None] + span, 0, ky - 1)
-    cols = np.clip(x[:, None] + span, 0, kx - 1)
-    win = frames[p[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float64)
-    w = 2 * h + 1
-    # along kx at columns x-1, x, x+1, for every row of the window: (m, 2h + 3, 3)
-    bx = np.stack([win[:, :, d:d + w] @ g for d in range(3)], -1)
-    out = np.empty((len(p), 2, 3))
-    for d in range(3):
-        out[:, 0, d] = bx[:, d:d + w, 1] @ g   # rows y-1, y, y+1 at column x
-    out[:, 1] = np.einsum("i,mid->md", g, bx[:, 1:w + 1, :])  # row y, columns x-1, x, x+1
-    return out
 
 
 def _neg_laplacian(g: np.ndarray) -> np.ndarray:
@@ -301,34 +273,45 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
         return empty
     f = frames.astype(np.float32, copy=False)
 
-    # 1. significance Z of the interior (transposed layout) per batch of patterns that
-    # stays in cache, the scale of the strongest response, and the candidates: local
-    # maxima of Z above threshold, away from the border (interior index = pixel - 1)
     ops = _smoothing_operators(ky, kx, sig)
-    found = []
-    for s0 in range(0, n, _BATCH):
-        zb = bb = None
-        for i, g in enumerate(_smooth_batch(f[s0:s0 + _BATCH], ops)):
-            r = _neg_laplacian(g)
-            r /= noise_level(r, threshold)[:, None, None]
-            if i == 0:
-                zb, bb = r, np.zeros(r.shape, np.int8)
-            else:
-                bb[r > zb] = i
-                np.maximum(zb, r, out=zb)
-        cand = _local_max(zb)
-        cand &= zb > threshold
-        if b > 1:
-            cand[:, :b - 1] = False
-            cand[:, zb.shape[1] - (b - 1):] = False
-            cand[:, :, :b - 1] = False
-            cand[:, :, zb.shape[2] - (b - 1):] = False
-        pb, ub, vb = np.nonzero(cand)
-        found.append((pb + s0, ub, vb, zb[pb, ub, vb], bb[pb, ub, vb]))
-    p, u, v, zc, scale_idx = (np.concatenate(c) for c in zip(*found))  # u: kx - 1, v: ky - 1
+    rho = math.sqrt(2.0) * float(sig.max())
+    tables = [_batch_peaks(f[s0:s0 + _BATCH], s0, ops, sig, threshold, b, min_separation, rho)
+              for s0 in range(0, n, _BATCH)]
+    out = np.concatenate(tables).astype(np.float32)
+    order = np.lexsort((out[:, 2], out[:, 1], out[:, 0]))
+    return out[order]
+
+
+def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.ndarray:
+    """Peak table ``(m, 5)`` float64 of one batch of patterns (pattern index + ``s0``)."""
+    ky, kx = part.shape[1:]
+    # 1. significance Z of the interior (transposed layout: index (kx - 1, ky - 1)) and
+    # the scale of the strongest response
+    smooth = _smooth_batch(part, ops)
+    z = best = None
+    for i, g in enumerate(smooth):
+        r = _neg_laplacian(g)
+        r /= noise_level(r, threshold)[:, None, None]
+        if i == 0:
+            z, best = r, np.zeros(r.shape, np.int8)
+        else:
+            best[r > z] = i
+            np.maximum(z, r, out=z)
+
+    # 2. candidates: local maxima of Z (and hence over scales) above threshold, away
+    # from the border
+    cand = _local_max(z)
+    cand &= z > threshold
+    if b > 1:
+        cand[:, :b - 1] = False
+        cand[:, z.shape[1] - (b - 1):] = False
+        cand[:, :, :b - 1] = False
+        cand[:, :, z.shape[2] - (b - 1):] = False
+    p, u, v = np.nonzero(cand)
     if len(p) == 0:
-        return empty
-    scale_idx = scale_idx.astype(np.intp)
+        return np.zeros((0, 5))
+    zc = z[p, u, v]
+    scale_idx = best[p, u, v].astype(np.intp)
 
     # 3. non-maximum suppression within min_separation (same pattern only)
     if len(p) > 1 and min_separation > 0:
@@ -342,24 +325,20 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
             keep[weaker] = False
             p, u, v, scale_idx = p[keep], u[keep], v[keep], scale_idx[keep]
 
-    # 4. sub-pixel refinement on the smoothed pattern of the peak's scale
-    pos_y = (v + 1).astype(np.float64)  # full-array indices
-    pos_x = (u + 1).astype(np.float64)
-    for i, s in enumerate(sig):
-        sel = np.nonzero(scale_idx == i)[0]
-        if len(sel) == 0:
-            continue
-        c = _smoothed_cross(f, p[sel], v[sel] + 1, u[sel] + 1, float(s))
-        pos_y[sel] += _vertex(c[:, 0, 0], c[:, 0, 1], c[:, 0, 2])
-        pos_x[sel] += _vertex(c[:, 1, 0], c[:, 1, 1], c[:, 1, 2])
+    # 4. sub-pixel refinement on the smoothed pattern of the peak's scale (full-array
+    # indices x = u + 1, y = v + 1; the smoothed patterns are in the transposed layout)
+    x, y = u + 1, v + 1
+    pos_y, pos_x = y.astype(np.float64), x.astype(np.float64)
+    for i, g in enumerate(smooth):
+        k = np.nonzero(scale_idx == i)[0]
+        pk, xk, yk = p[k], x[k], y[k]
+        c = g[pk, xk, yk]
+        pos_y[k] += _vertex(g[pk, xk, yk - 1], c, g[pk, xk, yk + 1])
+        pos_x[k] += _vertex(g[pk, xk - 1, yk], c, g[pk, xk + 1, yk])
 
     # 5. intensity: sum over the spot disc around the refined position
-    rho = math.sqrt(2.0) * float(sig.max())
-    intensity = _disc_sums(f, p, pos_y, pos_x, rho)
-
-    out = np.column_stack([p, pos_y, pos_x, intensity, sig[scale_idx]]).astype(np.float32)
-    order = np.lexsort((out[:, 2], out[:, 1], out[:, 0]))
-    return out[order]
+    intensity = _disc_sums(part, p, pos_y, pos_x, rho)
+    return np.column_stack([p + s0, pos_y, pos_x, intensity, sig[scale_idx]])
 
 
 def _vertex(fm, f0, fp) -> np.ndarray:
