@@ -92,9 +92,29 @@ class Suite:
 
     def save(self, name: str, obj: dict, t0: float, load0) -> Path:
         obj = {"size": self.size, "step": name, "machine": self.machine,
-               "load_avg_before": load0, "load_avg_after": M.load_avg(),
+               "written": time.strftime("%Y-%m-%d %H:%M"), "load_avg_before": load0,
+               "load_avg_after": M.load_avg(),
                "step_wall_s": round(time.perf_counter() - t0, 1), **obj}
-        return M.write_json(self.results / f"{name}.json", obj)
+        path = self.results / f"{name}.json"
+        if name == "reference" and "methods" in obj and path.exists():
+            # a run of some methods only (--methods vdf) keeps the other methods' rows,
+            # marked with the date of the run that produced them
+            old = json.loads(path.read_text())
+            when = old.get("written", "an earlier session")
+            for m, row in (old.get("methods") or {}).items():
+                if m not in obj["methods"]:
+                    row.setdefault("carried_over_from", f"the run of {when}")
+                    obj["methods"][m] = row
+                else:  # the replaced row is kept, as earlier re-runs were
+                    obj.setdefault(f"superseded_{m}_rows", []).append(
+                        {"superseded": f"re-run on {obj['written']}", **row})
+            for k in ("superseded_vdf_rows", "superseded_nmf_rows"):
+                obj[k] = old.get(k, []) + obj.get(k, [])
+                if not obj[k]:
+                    del obj[k]
+            if old.get("notes"):
+                obj["earlier_notes"] = old["notes"]
+        return M.write_json(path, obj)
 
     # -- steps ------------------------------------------------------------------------------
     def io(self):
