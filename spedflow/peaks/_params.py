@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from ..config import check_range
 from ..errors import ParameterError
@@ -96,7 +96,8 @@ def default_threshold(ky: int, kx: int, num_sigma: int,
     Bonferroni over ``ky * kx * num_sigma`` candidate pixels of a Gaussian noise
     field: ``Phi^-1(1 - false_peaks / (ky kx num_sigma))``.
     """
-    return float(norm.isf(false_peaks / (int(ky) * int(kx) * int(num_sigma))))
+    # the Gaussian upper quantile norm.isf(q) = -ndtri(q) (scipy.stats costs 0.7 s to import)
+    return float(-ndtri(false_peaks / (int(ky) * int(kx) * int(num_sigma))))
 
 
 def resolve(params: PeakParams, spot_radius: float | None = None, *,
