@@ -114,6 +114,26 @@ class Suite:
                     del obj[k]
             if old.get("notes"):
                 obj["earlier_notes"] = old["notes"]
+        if name == "weak_scaling" and "rows" in obj and path.exists():
+            # the same for the weak-scaling rows of methods not run this time
+            old = json.loads(path.read_text())
+            when = old.get("written", "an earlier session")
+            for row in old.get("rows", []):
+                m = row.get("method")
+                if m in self.methods:
+                    obj.setdefault(f"superseded_{m}_rows", []).append(
+                        {"superseded": f"re-run on {obj['written']}", **row})
+                else:
+                    row.setdefault("carried_over_from", f"the run of {when}")
+                    obj["rows"].append(row)
+            for k in ("superseded_vdf_rows", "superseded_nmf_rows"):
+                obj[k] = old.get(k, []) + obj.get(k, [])
+                if not obj[k]:
+                    del obj[k]
+            obj["rows"].sort(key=lambda r: (r.get("scan", 0), r.get("method", "")))
+            obj["summary"] = S.summarise_weak(obj["rows"])
+            if old.get("note") and old.get("note") != obj.get("note"):
+                obj["earlier_note"] = old["note"]
         return M.write_json(path, obj)
 
     # -- steps ------------------------------------------------------------------------------
