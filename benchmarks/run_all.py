@@ -74,9 +74,11 @@ REFERENCE_SCRIPT = M.HERE / "reference" / "run_reference.py"
 
 
 class Suite:
-    def __init__(self, size: str, work: Path, results: Path, methods=("vdf", "nmf")):
+    def __init__(self, size: str, work: Path, results: Path, methods=("vdf", "nmf"),
+                 reuse_reference: bool = False):
         self.size = size
         self.methods = tuple(methods)
+        self.reuse_reference = reuse_reference
         self.cfg = SIZES[size]
         self.work = work / size
         self.results = results / size
@@ -112,8 +114,9 @@ class Suite:
                 obj[k] = old.get(k, []) + obj.get(k, [])
                 if not obj[k]:
                     del obj[k]
-            if old.get("notes"):
-                obj["earlier_notes"] = old["notes"]
+            earlier = old.get("earlier_notes", []) + ([old["notes"]] if old.get("notes") else [])
+            if earlier:
+                obj["earlier_notes"] = earlier
         if name == "weak_scaling" and "rows" in obj and path.exists():
             # the same for the weak-scaling rows of methods not run this time
             old = json.loads(path.read_text())
@@ -191,9 +194,19 @@ class Suite:
             return "reference", {"set": st, "skipped": f"no reference venv at {REFERENCE_PY}: "
                                                        "run benchmarks/reference/setup_env.py"}
         out = {"set": st, "reference_python": str(REFERENCE_PY), "methods": {}}
+        earlier = {}
+        path = self.results / "reference.json"
+        if self.reuse_reference and path.exists():
+            old = json.loads(path.read_text())
+            for m, row in (old.get("methods") or {}).items():
+                ref = row.get("reference", {})
+                if ref.get("returncode") == 0 and "algorithm_s" in ref:
+                    earlier[m] = {**ref, "reused_from": "the run of " + row.get(
+                        "written", old.get("written", "an earlier session"))}
         for m in self.methods:
             out["methods"][m] = compare_reference(st, m, self.work / "runs",
-                                                  self.cfg["segment_args"], self.cfg["timeout"])
+                                                  self.cfg["segment_args"], self.cfg["timeout"],
+                                                  reuse=earlier.get(m))
         return "reference", out
 
     def nmf_quality(self):
@@ -219,9 +232,16 @@ class Suite:
         return None, {"pngs": [str(p) for p in made]}
 
 
-def compare_reference(st: dict, method: str, work: Path, segment_args, timeout) -> dict:
-    """Reference harness and spedflow on the same store: times, speed-ups, memory, quality."""
+def compare_reference(st: dict, method: str, work: Path, segment_args, timeout, *,
+                      reuse: dict | None = None) -> dict:
+    """Reference harness and spedflow on the same store: times, speed-ups, memory, quality.
+
+    ``reuse``: an earlier reference row for this store (``--reuse-reference``); only
+    spedflow is run and the row says where the reference figures come from.
+    """
     work.mkdir(parents=True, exist_ok=True)
+    if reuse is not None:
+        return _with_spedflow(reuse, st, method, work, segment_args, timeout)
     ref_out, ref_json = work / f"ref_{method}.zarr", work / f"ref_{method}.json"
     for p in (ref_out, ref_json):
         if p.is_dir():
@@ -249,6 +269,11 @@ def compare_reference(st: dict, method: str, work: Path, segment_args, timeout) 
             ref["quality"] = W.quality(ref_out, st["path"])
         except Exception as exc:
             ref["quality"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return _with_spedflow(ref, st, method, work, segment_args, timeout)
+
+
+def _with_spedflow(ref: dict, st: dict, method: str, work: Path, segment_args, timeout) -> dict:
+    """Run spedflow on the peer set and put its figures next to the reference's."""
     sp = W.run_segment(st["path"], method, work / f"peer_{method}.zarr", segment_args=segment_args,
                        timeout=timeout)
     res = {"reference": ref, "spedflow": sp}
@@ -317,8 +342,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
     ap.add_argument("--work", type=Path, default=M.HERE / "work" / "suite")
     ap.add_argument("--results", type=Path, default=M.HERE / "results")
+    ap.add_argument("--reuse-reference", action="store_true",
+                    help="reference step: keep the reference's figures from the existing "
+                         "reference.json (marked as reused) and run spedflow only")
     args = ap.parse_args(argv)
-    suite = Suite(args.size, args.work, args.results, args.methods)
+    suite = Suite(args.size, args.work, args.results, args.methods,
+                  reuse_reference=args.reuse_reference)
     steps = args.only or [s for s in STEPS if s not in suite.cfg["default_skip"]]
     steps = [s for s in STEPS if s in steps and s not in args.skip]
     failed = []
