@@ -201,8 +201,9 @@ class Suite:
             for m, row in (old.get("methods") or {}).items():
                 ref = row.get("reference", {})
                 if ref.get("returncode") == 0 and "algorithm_s" in ref:
-                    earlier[m] = {**ref, "reused_from": "the run of " + row.get(
-                        "written", old.get("written", "an earlier session"))}
+                    src = (ref.get("reused_from") or row.get("carried_over_from")
+                           or "the run of " + old.get("written", "an earlier session"))
+                    earlier[m] = {**ref, "reused_from": src}
         for m in self.methods:
             out["methods"][m] = compare_reference(st, m, self.work / "runs",
                                                   self.cfg["segment_args"], self.cfg["timeout"],
