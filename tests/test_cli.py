@@ -155,3 +155,7 @@ def test_params_prints_toml_that_loads_back(tmp_path, capsys):
         assert "preprocess" in data
         cfg = load_config(method, tmp_path / f"{method}.toml")
         assert cfg == load_config(method)
+        # parameters derived from the data are named, commented out, in their section
+        watershed = text[text.index("[watershed]"):].split("\n\n")[0]
+        assert "# smooth = (derived from the data" in watershed
+        assert "# beam_radius = (derived" in text[text.index("[preprocess]"):].split("\n\n")[0]
