@@ -20,8 +20,8 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy.spatial import cKDTree
 from scipy import special
+from scipy.spatial import cKDTree
 
 from ..errors import InputError, ParameterError
 from ._params import default_threshold
@@ -78,8 +78,9 @@ def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
     rows = np.repeat(np.arange(n), len(t))
     cols = np.clip(np.arange(n)[:, None] + t[None, :], 0, n - 1).ravel()
     np.add.at(m, (rows, cols), np.tile(g, n))
-    m.flags.writeable = False
-    return m.astype(np.float32)
+    out = m.astype(np.float32)
+    out.flags.writeable = False  # shared by every caller (lru_cache)
+    return out
 
 
 def _smoothing_operators(ky: int, kx: int, sigmas) -> tuple[np.ndarray, list]:

@@ -170,11 +170,11 @@ def _smoothed_mask(image: np.ndarray, params: WatershedParams):
     """
     sigma = params.smooth
     if sigma is None:
-        core = ndi.binary_opening(ndi.binary_fill_holes(_threshold_mask(image, params.threshold)),
-                                  _EIGHT)
+        mask = _threshold_mask(image, params.threshold)
+        core = ndi.binary_opening(ndi.binary_fill_holes(mask), _EIGHT)
         sigma = float(ndi.distance_transform_edt(core).max()) / SMOOTH_FRACTION
         if sigma < 1.0:
-            sigma = 0.0
+            return image, mask
     if not sigma:
         return image, _threshold_mask(image, params.threshold)
     sm = ndi.gaussian_filter(image, sigma, mode="nearest")
