@@ -67,6 +67,20 @@ def test_screen_finds_weak_spots_and_nothing_in_noise():
     assert not (out0["score"] / np.sqrt(out0["rr"] / out0["vv"]) > thr).any()
 
 
+def test_screen_by_pixel_slices_equals_one_pass(monkeypatch):
+    """The screen works on slices of detector pixels to bound its temporaries; the
+    statistics do not depend on the slice size."""
+    x, w, h, a, b, _ = _weak_scene()
+    args = (np.pad(x, ((1, 1), (1, 1), (0, 0))), np.pad(w, ((1, 1), (1, 1), (0, 0))), h,
+            np.pad(a, 1), b)
+    monkeypatch.setattr(R, "_SCREEN_SLICE_BYTES", 2**40)
+    whole = R.residual_screen_block(*args, window=3, min_counts=10)
+    monkeypatch.setattr(R, "_SCREEN_SLICE_BYTES", 1)  # 64-pixel slices
+    sliced = R.residual_screen_block(*args, window=3, min_counts=10)
+    np.testing.assert_array_equal(sliced["score"], whole["score"])
+    np.testing.assert_allclose([sliced["rr"], sliced["vv"]], [whole["rr"], whole["vv"]], rtol=1e-12)
+
+
 def test_rank_nmf_and_loadings_recover_the_crystal():
     x, w, h, a, b, signal = _weak_scene(amp=2.0)
     ny, nx, p = x.shape

@@ -108,6 +108,10 @@ class ResidualParams:
         check_range("friedel_tolerance", self.friedel_tolerance, low=0, low_open=True)
 
 
+#: Target size of one float64 temporary of the pixel screen (one slice of detector pixels).
+_SCREEN_SLICE_BYTES = 8 * 2**20
+
+
 def _box_sum(v: np.ndarray, k: int) -> np.ndarray:
     """Sum over a k x k window of the first two axes ('valid' part: shrinks by k-1)."""
     c = np.cumsum(np.cumsum(v, axis=0), axis=1)
@@ -130,20 +134,36 @@ def residual_screen_block(x, w, h, a, b, *, window: int, min_counts: float):
     (centres in the block's core), ``rr`` sum of R**2 and ``vv`` sum of V over the
     core positions (for the noise factor ``c``).
     """
-    x = np.asarray(x, np.float64)
-    model = np.asarray(w, np.float64) @ np.asarray(h, np.float64)
-    r = x - model
-    ab = np.asarray(a, np.float64)[..., None] * np.asarray(b, np.float64)
-    m = np.maximum(model, 0.0)
-    v = np.divide(m, ab, out=np.zeros_like(m), where=ab > 0)
-    counts = m * ab
+    x = np.asarray(x)
+    ny, nx, p = x.shape
+    w2 = np.asarray(w, np.float64).reshape(ny * nx, -1)
+    h = np.asarray(h, np.float64)
+    a = np.asarray(a, np.float64)[..., None]
+    b = np.asarray(b, np.float64)
     hw = window // 2
-    core = (slice(hw, r.shape[0] - hw), slice(hw, r.shape[1] - hw))
-    sr, sv, sc = (_box_sum(t, window) for t in (r, v, counts))
-    score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)), -np.inf)
-    p = x.shape[-1]
-    best = score.reshape(-1, p).max(axis=0) if score.size else np.full(p, -np.inf)
-    return {"score": best, "rr": np.array(np.sum(r[core] ** 2)), "vv": np.array(np.sum(v[core]))}
+    core = (slice(hw, ny - hw), slice(hw, nx - hw))
+    best = np.full(p, -np.inf)
+    rr = vv = 0.0
+    # detector pixels in slices: ~20 float64 temporaries of (ny, nx, step) live at once
+    # (the residual, the variance, the counts, their window sums), so each is kept near
+    # _SCREEN_SLICE_BYTES; a whole 22 x 23 block of 16,384-pixel patterns at once was
+    # ~80 MB each and killed 1 GB workers
+    step = max(64, _SCREEN_SLICE_BYTES // (8 * max(ny * nx, 1)))
+    for j0 in range(0, p, step):
+        sl = slice(j0, min(p, j0 + step))
+        model = (w2 @ h[:, sl]).reshape(ny, nx, -1)
+        r = x[..., sl] - model
+        np.maximum(model, 0.0, out=model)
+        ab = a * b[sl]
+        v = np.divide(model, ab, out=np.zeros_like(model), where=ab > 0)
+        model *= ab  # expected counts
+        sr, sv, sc = (_box_sum(t, window) for t in (r, v, model))
+        score = np.where((sc >= min_counts) & (sv > 0), sr / np.sqrt(np.maximum(sv, _TINY)), -np.inf)
+        if score.size:
+            best[sl] = score.reshape(-1, score.shape[-1]).max(axis=0)
+        rr += float(np.sum(r[core] ** 2))
+        vv += float(np.sum(v[core]))
+    return {"score": best, "rr": np.array(rr), "vv": np.array(vv)}
 
 
 def merge_screens(*parts):
