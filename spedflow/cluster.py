@@ -35,7 +35,10 @@ is a fresh ``mmap`` that is page-faulted in and unmapped again: on the 128 x 128
 the VDF workers spent 7 s of 27 s CPU each in the kernel doing that. Local clusters
 start their workers with :data:`WORKER_MALLOC_ENV` instead (arrays up to 16 MB reuse
 the heap, which is trimmed above 64 MB free): the VDF run is ~20 % faster (peaks stage
-16.0 -> 12.5 s) for ~150 MB more resident memory per worker. The deploy image
+16.0 -> 12.5 s) for ~150 MB more resident memory per worker. Only workers with at least
+:data:`MALLOC_MIN_WORKER_MEMORY` (2 GiB) get it: dask pauses a worker at 80 % of its
+limit, and heap kept for reuse does not go away, so a tight limit (``--memory-limit
+1GB``) could leave a worker paused for good; those keep distributed's setting. The deploy image
 (``deploy/Dockerfile``) and the SLURM script set the same for ``dask worker``
 through ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON``.
 """
@@ -65,7 +68,8 @@ from .errors import InputError, ParameterError
 __all__ = [
     "client_for", "compute", "persist_with_progress", "local_scheduler", "set_progress",
     "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
-    "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "worker_environ",
+    "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "MALLOC_MIN_WORKER_MEMORY",
+    "worker_environ",
 ]
 
 #: Environment variable naming a scheduler address (after the explicit argument).
@@ -94,6 +98,10 @@ _DASHBOARD_PORT = 8787
 #: 16 MiB come from the heap and are reused, larger ones are mmapped and returned at
 #: once; free heap above 64 MiB is trimmed back to the OS.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 16 * 2**20, "MALLOC_TRIM_THRESHOLD_": 64 * 2**20}
+#: Smallest per-worker memory limit given :data:`WORKER_MALLOC_ENV`: the heap it keeps
+#: (~150-250 MB per worker) counts towards the limit, and a worker paused at 80 % of
+#: a 1 GB limit never came back (a 512 x 512 NMF run hung with one worker paused).
+MALLOC_MIN_WORKER_MEMORY = 2 * 2**30
 
 _progress = True
 
@@ -396,7 +404,15 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
             sec = Security.temporary()
         kwargs.update(security=sec, protocol="tls://")
     dash = _dashboard_address() if dashboard else None
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+    env = worker_environ() if mem >= MALLOC_MIN_WORKER_MEMORY else None
+    if env is None:
+        # the nanny writes its environment into this process's os.environ (which then
+        # overrides the dask config), so an earlier local cluster of this process may
+        # have left the allocator settings there
+        for key, value in WORKER_MALLOC_ENV.items():
+            if os.environ.get(key) == str(value):
+                del os.environ[key]
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env} if env else {}):
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
             host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,

@@ -50,6 +50,17 @@ def _listening(pids):
 
 # ------------------------------------------------------------------ local cluster
 
+def _allocator_env():
+    return tuple(os.environ.get(k) for k in
+                 ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"))
+
+
+def test_large_local_workers_get_the_allocator_settings():
+    with client_for(n_workers=1, memory_limit="3GB", quiet=True) as client:
+        assert set(client.run(_allocator_env).values()) == {
+            (str(16 * 2**20), str(64 * 2**20), "1")}
+
+
 def test_worker_environ_keeps_a_users_allocator_settings():
     from spedflow.cluster import WORKER_MALLOC_ENV, worker_environ
     env = worker_environ()
@@ -82,13 +93,9 @@ def test_local_cluster_listens_on_loopback_only(capsys):
         assert addrs and all(a.ip == "127.0.0.1" for a in addrs), addrs
         x = da.arange(10_000, chunks=999)
         assert x.sum().compute() == np.arange(10_000).sum()
-        # the workers run with spedflow's allocator settings and distributed's thread pins
-        envs = client.run(lambda: {k: os.environ.get(k) for k in
-                                   ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                    "OMP_NUM_THREADS")})
-        for env in envs.values():
-            assert env == {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**20),
-                           "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20), "OMP_NUM_THREADS": "1"}
+        # 600 MB workers keep distributed's allocator setting (a kept heap would count
+        # towards their tight limit) and its thread pins
+        assert set(client.run(_allocator_env).values()) == {(None, "65536", "1")}
     err = capsys.readouterr().err
     assert re.search(r"dask scheduler tcp://127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:"
                      r"\d+/status.*2 workers x 1 thread", err)
