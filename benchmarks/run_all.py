@@ -98,46 +98,41 @@ class Suite:
                "load_avg_after": M.load_avg(),
                "step_wall_s": round(time.perf_counter() - t0, 1), **obj}
         path = self.results / f"{name}.json"
+        # a run of some methods only (--methods vdf) keeps the other methods' rows of the
+        # existing file, marked with the run that produced them, and the replaced rows
         if name == "reference" and "methods" in obj and path.exists():
-            # a run of some methods only (--methods vdf) keeps the other methods' rows,
-            # marked with the date of the run that produced them
             old = json.loads(path.read_text())
-            when = old.get("written", "an earlier session")
-            for m, row in (old.get("methods") or {}).items():
-                if m not in obj["methods"]:
-                    row.setdefault("carried_over_from", f"the run of {when}")
-                    obj["methods"][m] = row
-                else:  # the replaced row is kept, as earlier re-runs were
-                    obj.setdefault(f"superseded_{m}_rows", []).append(
-                        {"superseded": f"re-run on {obj['written']}", **row})
-            for k in ("superseded_vdf_rows", "superseded_nmf_rows"):
-                obj[k] = old.get(k, []) + obj.get(k, [])
-                if not obj[k]:
-                    del obj[k]
+            self._merge_earlier(obj, old, (old.get("methods") or {}).items(),
+                                obj["methods"].__setitem__)
             earlier = old.get("earlier_notes", []) + ([old["notes"]] if old.get("notes") else [])
             if earlier:
                 obj["earlier_notes"] = earlier
         if name == "weak_scaling" and "rows" in obj and path.exists():
-            # the same for the weak-scaling rows of methods not run this time
             old = json.loads(path.read_text())
-            when = old.get("written", "an earlier session")
-            for row in old.get("rows", []):
-                m = row.get("method")
-                if m in self.methods:
-                    obj.setdefault(f"superseded_{m}_rows", []).append(
-                        {"superseded": f"re-run on {obj['written']}", **row})
-                else:
-                    row.setdefault("carried_over_from", f"the run of {when}")
-                    obj["rows"].append(row)
-            for k in ("superseded_vdf_rows", "superseded_nmf_rows"):
-                obj[k] = old.get(k, []) + obj.get(k, [])
-                if not obj[k]:
-                    del obj[k]
+            self._merge_earlier(obj, old, ((r.get("method"), r) for r in old.get("rows", [])),
+                                lambda m, row: obj["rows"].append(row))
             obj["rows"].sort(key=lambda r: (r.get("scan", 0), r.get("method", "")))
             obj["summary"] = S.summarise_weak(obj["rows"])
             if old.get("note") and old.get("note") != obj.get("note"):
                 obj["earlier_note"] = old["note"]
         return M.write_json(path, obj)
+
+    def _merge_earlier(self, obj: dict, old: dict, rows, keep) -> None:
+        """File the earlier ``(method, row)`` pairs: rows of the methods run now go to
+        ``superseded_<method>_rows``, the others are passed to ``keep`` (marked
+        ``carried_over_from``); earlier superseded rows stay in front."""
+        when = old.get("written", "an earlier session")
+        for m, row in rows:
+            if m in self.methods:
+                obj.setdefault(f"superseded_{m}_rows", []).append(
+                    {"superseded": f"re-run on {obj['written']}", **row})
+            else:
+                row.setdefault("carried_over_from", f"the run of {when}")
+                keep(m, row)
+        for k in ("superseded_vdf_rows", "superseded_nmf_rows"):
+            obj[k] = old.get(k, []) + obj.get(k, [])
+            if not obj[k]:
+                del obj[k]
 
     # -- steps ------------------------------------------------------------------------------
     def io(self):
