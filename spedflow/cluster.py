@@ -21,9 +21,12 @@ lose much on them; but the pipeline also runs Python-level code that holds it
 (scikit-image peak finding and watershed bookkeeping, zarr's codec pipeline,
 per-chunk label relabelling), and processes run those in parallel too. One task per
 process also makes the per-worker memory limit mean "the working set of one chunk",
-so dask's spill/pause thresholds act on what one task really uses, and it avoids
-oversubscription with BLAS threads (the nanny pins ``OMP/MKL/OPENBLAS_NUM_THREADS``
-to 1). The cost -- data moved between processes -- is small here: tasks read their
+so dask's spill/pause thresholds act on what one task really uses. BLAS runs one
+thread per task: the passes over the data pin it themselves
+(``workflows._common._block_task``), because the nanny's pins of
+``OMP/MKL/OPENBLAS_NUM_THREADS`` did not reach the workers of a bare ``dask worker``
+here (OpenBLAS ran with every core, oversubscribed and with different rounding from
+in-process runs). The cost -- data moved between processes -- is small here: tasks read their
 chunks straight from the Zarr store and pass on reduced partials.
 
 Worker memory allocator

@@ -228,20 +228,27 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     cfg = spedflow.load_config("vdf")
     data = spedflow.open_store(sim_store).data
     ny, nx, ky, kx = data.shape
-    centres = preprocess.beam_centres(data).compute()
-    r = float(preprocess.estimate_beam_radius(data, centres).compute())
+    provisional = preprocess.beam_centres(data).compute()
+    r = float(preprocess.estimate_beam_radius(data, provisional).compute())
+    # the workflow's pass 1: centres with the radius (stored as float32), and the peaks
+    # of the patterns aligned by them, moved to the fitted descan's frame afterwards
+    centres = preprocess.beam_centres(data, r).compute().astype(np.float32).astype(np.float64)
+    found_at = np.where(np.isfinite(centres), centres, [ky // 2, kx // 2])
     used, _ = preprocess.centres_for_alignment(centres, cfg.preprocess.descan)
+    used = used.astype(np.float32).astype(np.float64)
     prep = preprocess.resolve(cfg.preprocess, r)
-    processed = preprocess.preprocess(data, used, prep)
+    found = preprocess.preprocess(data, found_at, prep)
     pk = peaks.resolve(cfg.peaks, r, detector_shape=(ky, kx))
-    table = np.concatenate(dask.compute(*peaks.find_peaks(processed, pk)))
+    table = peaks.recentre_table(np.concatenate(dask.compute(*peaks.find_peaks(found, pk))), used,
+                                 (ky, kx), found_at=found_at, exclude_border=pk.exclude_border)
+    processed = preprocess.preprocess(data, used, prep)  # pass 2 (VDF images)
     vp = peaks.vectors.resolve(cfg.vectors, r)
     hist = peaks.peak_histogram(table, (ky, kx), oversample=vp.oversample)
     vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
     spot_r = r
     spot_radius = _spot_radius()
     if spot_radius is not None:  # second pass with the measured spot size
-        _, spot_r = spot_radius(processed.mean(axis=(0, 1)).compute(), vectors, r)
+        _, spot_r = spot_radius(found.mean(axis=(0, 1)).compute(), vectors, r)
         vp = dataclasses.replace(peaks.vectors.resolve(cfg.vectors, spot_r),
                                  beam_exclusion_radius=2.0 * r)
         vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)

@@ -24,3 +24,32 @@ def test_radial_profiles_equal_a_brute_force_loop(shape):
         np.testing.assert_allclose(g, ref, rtol=1e-6)
     # the annular image sums the rings it is asked for
     np.testing.assert_allclose(annular_image(got, 3, 9), got[..., 3:9].sum(-1), rtol=1e-6)
+
+
+def test_beam_radius_from_a_sample_of_chunks_equals_the_whole_scans(tmp_path):
+    """The radius pass 1 needs before it starts, from <= 5 chunks, is the whole scan's."""
+    from spedflow import preprocess
+    from spedflow.simulate import simulate
+    from spedflow.workflows._common import prepare_run, sample_beam_radius
+    store = simulate(tmp_path / "s.zarr", progress=False, scan=(40, 40), detector=64, crystals=6,
+                     seed=4, chunks=(8, 8))  # 25 chunks: the sample is a fifth of the scan
+    plan = prepare_run(store, tmp_path / "out.zarr")
+    data = plan.data()
+    c = preprocess.beam_centres(data).compute(scheduler="synchronous")
+    whole = float(preprocess.estimate_beam_radius(data, c).compute(scheduler="synchronous"))
+    assert sample_beam_radius(plan) == pytest.approx(whole, rel=0.02)
+
+
+@pytest.mark.parametrize("inner,outer", [(5.9, 20), (0, 7.5), (3, 3.2)])
+def test_annular_sums_equal_the_image_from_radial_profiles(inner, outer):
+    from spedflow.workflows._common import annular_sums
+    rng = np.random.default_rng(2)
+    frames = rng.poisson(2.0, (4, 6, 32, 40)).astype(np.float32)
+    centres = rng.normal([16, 20], 0.8, (4, 6, 2))  # a few distinct rounded centres
+    centres[1, 2] = [3.2, 37.9]                     # one far off, near a corner
+    centres[0, 0] = np.nan                          # none found: the detector centre
+    n = int(np.ceil(outer)) + 2
+    ref = annular_image(radial_profiles(frames, centres, n), inner, outer)
+    got = annular_sums(frames, centres, inner, outer)
+    assert got.shape == (4, 6)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)

@@ -198,12 +198,12 @@ def test_worker_killed_mid_run_recovers(store, reference, dask_cluster, tmp_path
                     tmp_path / "cli.log")
     try:
         def peak_blocks():
-            return list(cache.glob("peaks-*/blocks/*.npz"))
+            return list(cache.glob("beam_peaks-*/blocks/*.npz"))
         _wait_for(peak_blocks, run, "the first peak block was written")
         victim = pc.workers.pop(0)
         os.kill(victim.pid, signal.SIGKILL)
         done_at_kill = len(peak_blocks())
-        peaks_complete_at_kill = any(cache.glob("peaks-*/COMPLETE"))
+        peaks_complete_at_kill = any(cache.glob("beam_peaks-*/COMPLETE"))
         assert victim.proc.wait(timeout=10) == -signal.SIGKILL
         victim.stop(grace=1.0)
         assert run.alive(), "the run ended before the kill"
@@ -218,7 +218,7 @@ def test_worker_killed_mid_run_recovers(store, reference, dask_cluster, tmp_path
     assert not peaks_complete_at_kill and 1 <= done_at_kill < 16, done_at_kill
     assert "Remove worker" in pc.scheduler.log()  # the scheduler noticed the loss
     assert len(_worker_transitions(pc.address)) == 2  # survivor + replacement
-    assert len(list(cache.glob("peaks-*/blocks/*.npz"))) == 16
+    assert len(list(cache.glob("beam_peaks-*/blocks/*.npz"))) == 16
     _assert_same_result(out, reference["vdf"])
 
 
@@ -230,9 +230,8 @@ def test_interrupted_local_run_resumes(store, reference, tmp_path):
     args = _segment_args(store, "vdf", out, "--no-cluster", "-v")
     run = start_cli(args, tmp_path / "first.log")
     try:
-        _wait_for(lambda: any(cache.glob("beam-*/COMPLETE"))
-                  and any(cache.glob("peaks-*/blocks/*.npz")), run,
-                  "the beam stage completed and a peak block was written")
+        _wait_for(lambda: any(cache.glob("beam_peaks-*/blocks/*.npz")), run,
+                  "a block of pass 1 (beam centres and peaks) was written")
         run.proc.send_signal(signal.SIGINT)  # Ctrl-C
         code = wait_exit(run, 60.0)
     finally:
@@ -243,21 +242,20 @@ def test_interrupted_local_run_resumes(store, reference, tmp_path):
     assert not out.exists()
     assert set(p.name for p in tmp_path.iterdir()) <= {"vdf.zarr.cache", "vdf.zarr.partial",
                                                        "first.log"}
-    beam, peaks = _one_stage(cache, "beam"), _one_stage(cache, "peaks")
-    assert beam is not None and peaks is not None
-    assert not (peaks / "COMPLETE").exists(), "interrupted too late: the peak pass had finished"
-    blocks = sorted((peaks / "blocks").glob("*.npz"))
+    radius, scan = _one_stage(cache, "radius"), _one_stage(cache, "beam_peaks")
+    assert radius is not None and scan is not None
+    assert not (scan / "COMPLETE").exists(), "interrupted too late: pass 1 had finished"
+    blocks = sorted((scan / "blocks").glob("*.npz"))
     assert 1 <= len(blocks) < 16
-    before = _mtimes([beam / "COMPLETE", *blocks, *(beam / "blocks").glob("*.npz")])
+    before = _mtimes([radius / "COMPLETE", *blocks])
 
     text = _run_cli(args, tmp_path / "second.log")
-    # (a) the beam stage and the finished peak blocks were reused, not recomputed
+    # (a) the measured radius and the finished blocks were reused, not recomputed
     assert _mtimes(before) == before
-    assert "stage beam ..." not in text
-    m = re.search(r"peaks: reusing (\d+) of 16 finished blocks", text)
+    m = re.search(r"beam centres and peaks: reusing (\d+) of 16 finished blocks", text)
     assert m and int(m.group(1)) >= len(blocks), text[-2000:]
-    assert _one_stage(cache, "beam") == beam and _one_stage(cache, "peaks") == peaks
-    assert len(list((peaks / "blocks").glob("*.npz"))) == 16
+    assert _one_stage(cache, "radius") == radius and _one_stage(cache, "beam_peaks") == scan
+    assert len(list((scan / "blocks").glob("*.npz"))) == 16
     # (c) the resumed result equals a clean run's, bit for bit
     assert not Path(str(out) + ".partial").exists()
     _assert_same_result(out, reference["vdf"])
@@ -273,7 +271,7 @@ def test_late_parameter_change_reuses_earlier_stages(store, reference, tmp_path)
     cache = tmp_path / "cache"
     shutil.copytree(str(ref) + ".cache", cache)  # a private copy of the finished stages
     stages = _stage_dirs(cache)
-    assert {n.split("-")[0] for n in stages} == {"beam", "peaks", "vdf"}
+    assert {n.split("-")[0] for n in stages} == {"radius", "beam_peaks", "peaks", "vdf"}
     before = _mtimes(p for d in stages.values() for p in d.rglob("*"))
 
     out = tmp_path / "vdf.zarr"
@@ -282,7 +280,7 @@ def test_late_parameter_change_reuses_earlier_stages(store, reference, tmp_path)
     # no stage directory was added, nothing in the existing ones was rewritten
     assert _stage_dirs(cache) == stages
     assert _mtimes(before) == before
-    for name in ("beam", "peaks", "vdf"):
+    for name in ("beam_peaks", "vdf"):
         assert f"stage {name} ..." not in text
     assert "stage watershed ..." in text and "stage merge ..." in text
 

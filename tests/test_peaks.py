@@ -241,3 +241,50 @@ def test_bad_params(exc, kwargs, match):
 def test_bad_inputs(exc, call, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_recentre_table_equals_a_loop():
+    """Each peak moves by found_at - centres of its pattern; border peaks are dropped."""
+    from spedflow.peaks import recentre_table
+    rng = np.random.default_rng(3)
+    ny, nx, k, b = 4, 5, 32, 2
+    found_at = rng.uniform(12, 20, (ny, nx, 2))
+    centres = found_at + rng.normal(0, 0.7, (ny, nx, 2))
+    table = np.column_stack([rng.integers(0, ny, 300), rng.integers(0, nx, 300),
+                             rng.uniform(0, k - 1, (300, 2)), rng.uniform(1, 9, 300)]).astype(np.float32)
+    got = recentre_table(table, centres, (k, k), found_at=found_at, exclude_border=b)
+    ref = []
+    for sy, sx, y, x, inten in table:
+        dy, dx = found_at[int(sy), int(sx)] - centres[int(sy), int(sx)]
+        y2, x2 = np.float32(y) + np.float32(dy), np.float32(x) + np.float32(dx)
+        if b <= np.rint(y2) <= k - 1 - b and b <= np.rint(x2) <= k - 1 - b:
+            ref.append([sy, sx, y2, x2, inten])
+    np.testing.assert_allclose(got, np.array(ref, np.float32), rtol=0, atol=1e-5)
+    assert 0 < len(got) < len(table)  # some were dropped at the border
+    # default found_at: the peaks were found on raw patterns (detector centre)
+    raw = recentre_table(table, centres, (k, k), exclude_border=1)
+    flat = np.full((ny, nx, 2), k // 2, float)
+    np.testing.assert_allclose(raw, recentre_table(table, centres, (k, k), found_at=flat), atol=0)
+
+
+def test_peaks_found_before_the_final_alignment_land_where_it_puts_them():
+    """Peaks of patterns aligned by one set of centres, recentred to another, match
+    the peaks of the patterns aligned by the other set directly (the VDF workflow's
+    pass 1 aligns by the measured centres, the descan fit comes later)."""
+    from spedflow.peaks import recentre_table
+    from spedflow.preprocess import kernels as pre
+    frames, _ = make_patterns(12, seed=5)
+    k = frames.shape[-1]
+    rng = np.random.default_rng(6)
+    measured = rng.uniform(k // 2 - 3, k // 2 + 3, (3, 4, 2))
+    fitted = measured + rng.normal(0, 0.4, measured.shape)
+    raw = frames.reshape(3, 4, k, k)
+    pp = resolve(PeakParams(), SPOT_SIGMA * 1.4, detector_shape=(k, k))
+    first = peaks_block(pre.shift_patterns(raw, measured), (0, 0), pp)
+    moved = recentre_table(first, fitted, (k, k), found_at=measured, exclude_border=pp.exclude_border)
+    direct = peaks_block(pre.shift_patterns(raw, fitted), (0, 0), pp)
+    strong_m, strong_d = moved[moved[:, 4] > 100], direct[direct[:, 4] > 100]
+    assert abs(len(strong_m) - len(strong_d)) <= 0.02 * len(strong_d)
+    tree = cKDTree(np.column_stack([strong_d[:, 0] * 1e3 + strong_d[:, 1] * 1e2, strong_d[:, 2:4]]))
+    d, _ = tree.query(np.column_stack([strong_m[:, 0] * 1e3 + strong_m[:, 1] * 1e2, strong_m[:, 2:4]]))
+    assert np.median(d) < 0.05 and np.quantile(d, 0.98) < 0.3

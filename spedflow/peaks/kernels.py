@@ -296,7 +296,8 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.nd
         if i == 0:
             z, best = r, np.zeros(r.shape, np.int8)
         else:
-            best[r > z] = i
+            up = (r > z).view(np.int8)  # best = where(r > z, i, best), without a
+            best += up * (np.int8(i) - best)  # boolean-mask assignment (~20x slower)
             np.maximum(z, r, out=z)
 
     # 2. candidates: local maxima of Z (and hence over scales) above threshold, away
@@ -308,11 +309,13 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.nd
         cand[:, z.shape[1] - (b - 1):] = False
         cand[:, :, :b - 1] = False
         cand[:, :, z.shape[2] - (b - 1):] = False
-    p, u, v = np.nonzero(cand)
-    if len(p) == 0:
+    flat = np.flatnonzero(cand)  # one pass; 3-D np.nonzero is ~10x slower
+    if len(flat) == 0:
         return np.zeros((0, 5))
-    zc = z[p, u, v]
-    scale_idx = best[p, u, v].astype(np.intp)
+    p, rest = np.divmod(flat, z.shape[1] * z.shape[2])
+    u, v = np.divmod(rest, z.shape[2])
+    zc = z.ravel()[flat]
+    scale_idx = best.ravel()[flat].astype(np.intp)
 
     # 3. non-maximum suppression within min_separation (same pattern only)
     if len(p) > 1 and min_separation > 0:

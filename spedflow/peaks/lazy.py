@@ -68,6 +68,47 @@ def peaks_block(block: np.ndarray, scan_offset: tuple[int, int], params: PeakPar
     return out
 
 
+
+def recentre_table(table: np.ndarray, centres: np.ndarray, detector_shape, *,
+                   found_at: np.ndarray | None = None, exclude_border: int = 1) -> np.ndarray:
+    """Move a peak table to the frame of other alignment centres.
+
+    The VDF workflow finds the peaks in the pass that measures the beam centres,
+    on patterns aligned by their own measured centre ``found_at``; once the descan
+    is fitted, each peak moves by ``found_at - centres`` (a pattern shifted by
+    ``(ky // 2, kx // 2) - a`` holds at ``p`` what the raw pattern holds at
+    ``p - (ky // 2, kx // 2) + a``). Peaks that land within ``exclude_border`` px
+    of the detector's edge (rounded position) are dropped, as in the peak finder.
+
+    Parameters
+    ----------
+    table : (m, 5) array
+        ``[scan_y, scan_x, ky, kx, intensity]``, global scan indices.
+    centres : (scan_y, scan_x, 2) array
+        The new alignment centres of the whole scan (finite), indexed by the
+        table's scan columns.
+    detector_shape : (ky, kx)
+    found_at : (scan_y, scan_x, 2) array, optional
+        The centres the patterns were aligned by when the peaks were found.
+        Default: the detector centre (the peaks were found on raw patterns).
+    exclude_border : int
+
+    Returns
+    -------
+    (m', 5) float32 array, rows in the input's order.
+    """
+    t = np.array(table, dtype=np.float32, copy=True).reshape(-1, 5)
+    ky, kx = (int(v) for v in detector_shape)
+    sy, sx = t[:, 0].astype(np.intp), t[:, 1].astype(np.intp)
+    c = np.asarray(centres, dtype=np.float64)[sy, sx]
+    a = (np.array([ky // 2, kx // 2], np.float64) if found_at is None
+         else np.asarray(found_at, dtype=np.float64)[sy, sx])
+    t[:, 2:4] += (a - c).astype(np.float32)
+    b = int(exclude_border)
+    iy, ix = np.rint(t[:, 2]), np.rint(t[:, 3])
+    keep = (iy >= b) & (iy <= ky - 1 - b) & (ix >= b) & (ix <= kx - 1 - b)
+    return t[keep]
+
 def find_peaks(data: da.Array, params: PeakParams, *,
                spot_radius: float | None = None) -> list:
     """Lazy peak finding: one delayed peak table per block of ``data``.

@@ -187,15 +187,23 @@ def _fft_pipeline(frames, centres, sigma_low, sigma_high):
         spec = sfft.rfft2(z, axes=(-2, -1))
         g_low = sfft.irfft2(spec * h_low, s=shape, axes=(-2, -1))
         g_high = _lowpass_inverse(spec, shape, sigma_high)
-        res = np.subtract(z, g_high, dtype=np.float32)
+        res = out[s:s + _BATCH]  # written in place: no temporaries of the batch's size
+        np.subtract(z, g_high, out=res, dtype=np.float32)
         np.maximum(res, 0, out=res)
         res *= g_low > g_high
         if shifts is not None:
-            my, mx = _valid_mask(shape, shifts[s:s + _BATCH])
-            res *= my
-            res *= mx
-        out[s:s + _BATCH] = res
+            _zero_invalid(res, shifts[s:s + _BATCH])
     return out.reshape(lead + shape)
+
+
+def _zero_invalid(res: np.ndarray, shifts: np.ndarray) -> None:
+    """Set to 0 the rows and columns of each ``res[i]`` whose source is off the
+    detector (:func:`_valid_mask`): a few edge strips, so slices, not full passes."""
+    n, ky, kx = res.shape
+    my, mx = _valid_mask((ky, kx), shifts)
+    for i in np.nonzero(~(my.all(axis=(1, 2)) & mx.all(axis=(1, 2))))[0]:
+        res[i, ~my[i, :, 0]] = 0
+        res[i, :, ~mx[i, 0, :]] = 0
 
 
 def gaussian_blur(frames: np.ndarray, sigma: float) -> np.ndarray:
@@ -285,6 +293,7 @@ def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low
     return _fft_pipeline(frames, centres, sigma_low, sigma_high)
 
 
+
 # ------------------------------------------------------------------- beam centre
 
 def _gather_windows(stack: np.ndarray, base: np.ndarray, half: int):
@@ -358,7 +367,7 @@ def beam_centres(frames: np.ndarray, beam_radius: float | None = None, *,
        radius. At that scale the blurred peak height follows a blob's *integrated*
        intensity, so the direct beam wins over Bragg spots that are brighter per pixel
        but smaller (thick crystals, saturated beams). Done on the pattern binned by
-       ``f = int(radius / 1.5)`` (blur ``radius / f``): a pixel's precision is all
+       ``f = round(radius / 1.5)`` (blur ``radius / f``): a pixel's precision is all
        the refinement needs.
     2. Refine: iterated centre of mass of the above-half-maximum part of the disc in a
        circular window of radius ``beam_radius + 1.5`` around the estimate.
@@ -386,10 +395,10 @@ def beam_centres(frames: np.ndarray, beam_radius: float | None = None, *,
         beam_radius = _provisional_radius(ref)
     r = float(beam_radius)
     # the coarse search needs a pixel or so only (the refinement window reaches
-    # r + 1.5 px): on patterns binned by f <= r / 1.5 the blur of width r / f >= 1.5
-    # bins still favours the largest integrated blob, at 1 / f^2 of the cost
+    # r + 1.5 px): on patterns binned by f ~ r / 1.5 (rounded) the blur of width
+    # r / f >= 1.1 bins still favours the largest integrated blob, at 1 / f^2 of the cost
     ky, kx = stack.shape[-2:]
-    f = max(1, min(int(r / 1.5), ky // 16, kx // 16))
+    f = max(1, min(int(round(r / 1.5)), ky // 16, kx // 16))
     by, bx = ky // f, kx // f
     coarse = np.empty((len(stack), 2))
     for s in range(0, len(stack), _BATCH):

@@ -102,9 +102,10 @@ def save_block(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def load_block(path: Path) -> dict:
+def load_block(path: Path, names=None) -> dict:
+    """One block's products (only ``names``, if given: an npz reads arrays on demand)."""
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return {k: z[k] for k in (z.files if names is None else names)}
 
 
 class StageCache:

@@ -164,15 +164,57 @@ def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.
     return out.reshape(*lead, n_bins)
 
 
+
+def annular_sums(frames: np.ndarray, centres: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """Annular VDF intensity of each pattern around its own centre, in one step.
+
+    Equals ``annular_image(radial_profiles(frames, centres, n), inner, outer)`` for
+    ``n >= ceil(outer)``: the pixels whose ring (distance to the rounded centre,
+    floored) lies in ``floor(inner) <= ring < ceil(outer)``. Patterns with the same
+    rounded centre (the descan varies slowly) share one mask, so each group is one
+    matrix-vector product instead of a bincount per pattern.
+
+    Returns
+    -------
+    (...) float32
+    """
+    lead = frames.shape[:-2]
+    ky, kx = frames.shape[-2:]
+    f = np.asarray(frames, dtype=np.float32).reshape(-1, ky * kx)
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    c = np.where(np.isfinite(c), c, [ky // 2, kx // 2])
+    cy = np.clip(np.rint(c[:, 0]).astype(np.int64), 0, ky - 1)
+    cx = np.clip(np.rint(c[:, 1]).astype(np.int64), 0, kx - 1)
+    lo, hi = int(np.floor(inner)), int(np.ceil(outer))
+    yy, xx = np.mgrid[-(ky - 1):ky, -(kx - 1):kx]
+    ring = np.hypot(yy, xx).astype(np.int64)
+    inside = ((ring >= lo) & (ring < hi)).astype(np.float32)
+    out = np.empty(f.shape[0], np.float32)
+    keys, group = np.unique(cy * kx + cx, return_inverse=True)
+    group = group.ravel()
+    for g, key in enumerate(keys):
+        rows = np.nonzero(group == g)[0]
+        oy, ox = ky - 1 - key // kx, kx - 1 - key % kx
+        mask = np.ascontiguousarray(inside[oy:oy + ky, ox:ox + kx]).ravel()
+        out[rows] = (f if len(rows) == len(f) else f[rows]) @ mask
+    return out.reshape(lead)
+
 @dataclass
 class BeamInfo:
     measured: np.ndarray      # (Y', X', 2) beam centre found in each pattern
     used: np.ndarray          # (Y', X', 2) centres used for alignment (fitted descan)
     radius: float             # direct-beam disc radius, detector pixels
-    profiles: np.ndarray      # (Y', X', R) radial profiles around the measured centre
+    profiles: np.ndarray      # (Y', X', R) radial profiles around the measured centre, or None
     mean_pattern: np.ndarray  # (ky, kx) mean of the (binned, unaligned) patterns
     descan: dict              # fit statistics
     key: str = ""             # the beam stage's cache key: later stages depend on it
+    annular: np.ndarray | None = None  # (Y', X') annular VDF image (when no profiles)
+
+    def annular_image(self) -> np.ndarray:
+        """The annular VDF overview: rings from twice the beam radius outwards."""
+        if self.annular is not None:
+            return self.annular
+        return annular_image(self.profiles, 2 * self.radius, self.profiles.shape[-1])
 
 
 def binned(plan: Plan, prep) -> da.Array:
@@ -210,8 +252,14 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
 
 
 def _block_task(block, offset, fn, path, kwargs):
+    from threadpoolctl import threadpool_limits
+
     from ._cache import save_block
-    save_block(Path(path), **fn(block, offset, **kwargs))
+    # one BLAS thread per task, as in-process runs use: the peak finder's matrix products
+    # then give the same bits on any worker, and workers whose BLAS was not pinned (a
+    # bare `dask worker` here ran OpenBLAS with every core) do not oversubscribe the cores
+    with threadpool_limits(limits=1, user_api="blas"):
+        save_block(Path(path), **fn(block, offset, **kwargs))
     return 1
 
 
@@ -223,7 +271,7 @@ def assemble(paths, name: str, shape, grid_chunks) -> np.ndarray:
     k = 0
     for i in range(len(grid_chunks[0])):
         for j in range(len(grid_chunks[1])):
-            part = load_block(paths[k])[name]
+            part = load_block(paths[k], [name])[name]
             k += 1
             if out is None:
                 out = np.empty(tuple(shape) + part.shape[2:], part.dtype)
@@ -237,7 +285,7 @@ def total(paths, name: str):
     from ._cache import load_block
     acc = None
     for p in paths:
-        part = load_block(p)[name]
+        part = load_block(p, [name])[name]
         acc = part.astype(np.float64) if acc is None else acc + part
     return acc
 
@@ -246,7 +294,11 @@ def total(paths, name: str):
 _PROFILE_PATTERNS = 1024
 
 
-def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, profile_stride=1):
+def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, profile_stride=1,
+                annulus=None):
+    """The beam pass on one chunk: centres, the sampled beam profile, the pattern sum,
+    and the radial profiles (or, if ``annulus = (inner, outer)`` is known already,
+    just the annular VDF intensity they would give)."""
     from ..preprocess import kernels as pk
     frames = np.asarray(block, dtype=np.float32)
     c = pk.beam_centres(frames, beam_radius, reference=reference)
@@ -256,10 +308,22 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     ys = np.nonzero((offset[0] + np.arange(frames.shape[0])) % s == 0)[0]
     xs = np.nonzero((offset[1] + np.arange(frames.shape[1])) % s == 0)[0]
     sample = np.ix_(ys, xs)
-    return {"centres": c.astype(np.float32),
-            "profiles": radial_profiles(frames, c, n_bins),
-            "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
-            "sum": frames.sum(axis=(0, 1), dtype=np.float64)}
+    out = {"centres": c.astype(np.float32),
+           "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
+           "sum": pattern_sum(frames)}
+    if annulus is None:
+        out["profiles"] = radial_profiles(frames, c, n_bins)
+    else:
+        out["annular"] = annular_sums(frames, c, *annulus)
+    return out
+
+
+def pattern_sum(frames: np.ndarray) -> np.ndarray:
+    """(ky, kx) float64 sum of a block's patterns (one BLAS product; float32 partial
+    sums over one chunk, ~1e-6 relative, then float64 across chunks)."""
+    ky, kx = frames.shape[-2:]
+    f = np.asarray(frames, dtype=np.float32).reshape(-1, ky * kx)
+    return (np.ones(len(f), np.float32) @ f).astype(np.float64).reshape(ky, kx)
 
 
 def beam_stage_of(plan: Plan, prep, cache: StageCache):
@@ -269,15 +333,21 @@ def beam_stage_of(plan: Plan, prep, cache: StageCache):
                                                "beam_radius": prep.beam_radius})
 
 
-def beam_block_kwargs(plan: Plan, prep) -> dict:
-    """Keyword arguments of :func:`_beam_block` for this plan."""
+def beam_block_kwargs(plan: Plan, prep, *, annular: bool = False) -> dict:
+    """Keyword arguments of :func:`_beam_block` for this plan. ``annular``: with the
+    radius known (``prep.beam_radius`` set), the blocks hold the annular VDF image
+    (rings from twice the radius out) instead of whole radial profiles."""
     ny, nx, ky, kx = plan.array.shape
     b = prep.nav_binning
     n = -(-ny // b) * -(-nx // b)
+    n_bins = int(np.ceil(np.hypot(ky, kx) / 2))
+    if annular and not prep.beam_radius:
+        raise ParameterError("the annular image needs the beam radius first (prep.beam_radius)")
     return dict(beam_radius=prep.beam_radius,
                 reference=None if prep.beam_radius else _sample_mean(plan, prep),
-                n_bins=int(np.ceil(np.hypot(ky, kx) / 2)), max_radius=min(ky, kx) / 4,
-                profile_stride=max(1, int(np.sqrt(n / _PROFILE_PATTERNS))))
+                n_bins=n_bins, max_radius=min(ky, kx) / 4,
+                profile_stride=max(1, int(np.sqrt(n / _PROFILE_PATTERNS))),
+                annulus=(2 * float(prep.beam_radius), n_bins) if annular else None)
 
 
 def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
@@ -292,26 +362,11 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
             # provisional one (no extra pass over the data)
             paths = run_blocks(stage, data, _beam_block, label="beam centres",
                                n_patterns=ny * nx, **beam_block_kwargs(plan, prep))
-            measured = assemble(paths, "centres", (ny, nx), data.chunks[:2])
-            prof = assemble(paths, "profiles", (ny, nx), data.chunks[:2])
-            mean = total(paths, "sum") / (ny * nx)
-            beam_prof = total(paths, "beam_profile")
-            if not np.isfinite(measured).any():
-                raise InputError("no direct beam was found in any pattern; is this diffraction data?")
+            measured, used, prof, mean, descan = finish_beam(paths, data, prep)
             radius = (float(prep.beam_radius) if prep.beam_radius
-                      else pk.radius_from_profile(beam_prof, default=np.nan))
+                      else pk.radius_from_profile(total(paths, "beam_profile"), default=np.nan))
             if not np.isfinite(radius):
                 raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
-            if not prep.align:
-                used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
-                descan = {"model": "none (align = false)"}
-            else:
-                used, fit = pk.centres_for_alignment(measured, prep.descan)
-                descan = {"model": prep.descan}
-                if fit is not None:
-                    descan.update(order=fit.order, residual_rms=fit.residual_rms,
-                                  noise_scale=fit.scale, outliers=fit.n_outliers,
-                                  coefficients=fit.coefficients.tolist())
             stage.save("measured", measured.astype(np.float32))
             stage.save("used", np.asarray(used, np.float32))
             stage.save("profiles", prof)
@@ -324,18 +379,81 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
                     stage.key)
 
 
-def _sample_mean(plan: Plan, prep) -> np.ndarray:
-    """Mean binned pattern of up to five chunks spread over the scan."""
+
+def finish_beam(paths, data: da.Array, prep):
+    """Finalize of a beam pass: stitch the centres and profiles, fit the descan.
+
+    Returns ``(measured, used, profiles, mean_pattern, descan)``; ``used`` are the
+    centres the alignment uses (the fitted descan, or the detector centre when
+    ``prep.align`` is False); ``profiles`` are the annular VDF image instead if the
+    blocks hold that (``_beam_block(annulus=...)``).
+    """
+    from ..preprocess import kernels as pk
+    ny, nx, ky, kx = data.shape
+    measured = assemble(paths, "centres", (ny, nx), data.chunks[:2])
+    with np.load(paths[0]) as first:
+        name = "profiles" if "profiles" in first.files else "annular"
+    prof = assemble(paths, name, (ny, nx), data.chunks[:2])
+    mean = total(paths, "sum") / (ny * nx)
+    if not np.isfinite(measured).any():
+        raise InputError("no direct beam was found in any pattern; is this diffraction data?")
+    if not prep.align:
+        used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
+        descan = {"model": "none (align = false)"}
+    else:
+        used, fit = pk.centres_for_alignment(measured, prep.descan)
+        descan = {"model": prep.descan}
+        if fit is not None:
+            descan.update(order=fit.order, residual_rms=fit.residual_rms,
+                          noise_scale=fit.scale, outliers=fit.n_outliers,
+                          coefficients=fit.coefficients.tolist())
+    return measured, used, prof, mean, descan
+
+
+def _sample_chunks(plan: Plan):
+    """Up to five chunks spread over the scan (corners and centre), as float64 arrays."""
     arr = plan.array
     cy, cx = arr.chunks[:2]
     gy, gx = -(-arr.shape[0] // cy), -(-arr.shape[1] // cx)
     picks = sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)})
-    total, n = 0.0, 0
     for i, j in picks:
-        block = np.asarray(arr[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+        yield np.asarray(arr[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+
+
+def _sample_mean(plan: Plan, prep) -> np.ndarray:
+    """Mean pattern of up to five chunks spread over the scan."""
+    total, n = 0.0, 0
+    for block in _sample_chunks(plan):
         total = total + block.sum(axis=(0, 1))
         n += block.shape[0] * block.shape[1]
     return (total / n).astype(np.float32)
+
+
+def sample_beam_radius(plan: Plan) -> float:
+    """Direct-beam radius measured on up to five chunks spread over the scan.
+
+    The beam's size is set by the probe's convergence angle, the same at every scan
+    position, so a sample of a few thousand patterns measures it as well as the whole
+    scan does, and passes that need it (the DoG and LoG scales derive from it) can run
+    in the same pass as the beam centres. Same estimator as the beam pass: centres
+    found with a provisional radius from the sample's mean pattern, then the
+    half-maximum radius of the summed radial profile around them. Navigation binning
+    sums patterns and leaves the detector as it is, so the raw chunks are used.
+    """
+    from ..preprocess import kernels as pk
+    blocks = list(_sample_chunks(plan))
+    ky, kx = plan.array.shape[2:]
+    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in blocks]
+    mean = (sum(f.sum(0, dtype=np.float64) for f in frames) / sum(len(f) for f in frames)).astype(np.float32)
+    profile = 0.0
+    for f in frames:
+        c = pk.beam_centres(f, None, reference=mean)
+        profile = profile + pk.beam_profile(f, c, min(ky, kx) / 4)
+    radius = pk.radius_from_profile(profile, default=np.nan)
+    if not np.isfinite(radius):
+        raise InputError("could not measure the direct-beam radius on the chunks sampled; "
+                         "set preprocess.beam_radius")
+    return float(radius)
 
 
 def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarray:

@@ -9,12 +9,12 @@ the same keys, so when the scan is complete the final ``segment`` run finds them
 and only does what needs the whole scan (unique vectors, VDF images, scree, NMF,
 watershed, merging).
 
-Two things must be fixed before the scan is complete, so live mode fixes them: the
-direct-beam radius (measured on the first chunk that lands, unless the
-configuration gives it) and the alignment centres (each pattern's own measured
-centre: ``descan = "none"``, since a descan fit needs the whole scan). A
-configuration that asks for a descan fit is honoured; the peaks are then found
-again at the end with the fitted centres.
+The direct-beam radius must be fixed before the scan is complete, so live mode
+measures it on the first chunk that lands (unless the configuration gives it). The
+VDF workflow's pass 1 (beam centres and peaks) needs nothing else: its peaks move to
+the fitted descan's frame at the end. The NMF workflow's Poisson statistics need the
+alignment centres: live mode computes them when each pattern's own measured centre
+is used (``descan = "none"``); with a descan fit they are computed at the end.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
 
     check_destination(out, overwrite)
     cfg = load_config(method, config)
-    if config is None:
+    if config is None and method == "nmf":  # per-chunk alignment needs no descan fit
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
     group = _wait_for_store(store, time.monotonic() + timeout, progress)
     arr = group["data"]
@@ -162,8 +162,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
 def _process_block(block, index, offset, plan, cfg, cache, state, method):
     """The per-chunk stages of one landed chunk, written where the batch run looks."""
     from ..preprocess import kernels as pk
-    from ..preprocess import resolve as resolve_pre
-    from ._common import _beam_block, beam_block_kwargs, beam_stage_of
+    from ._cache import load_block
 
     frames = np.asarray(block, np.float32)
     if "beam_radius" not in state:
@@ -173,33 +172,27 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
             r0 = float(pk.radius_from_profile(pk.beam_profile(frames, c, min(frames.shape[-2:]) / 4)))
             if not np.isfinite(r0):
                 return  # an empty chunk: wait for one with a beam
-        state["beam_radius"] = float(r0)
-        prep = dataclasses.replace(cfg.preprocess, beam_radius=float(r0))
-        state["prep"] = prep
-        state["beam"] = beam_stage_of(plan, prep, cache)
-        state["beam_kwargs"] = beam_block_kwargs(plan, prep)
-        state["prep_resolved"] = resolve_pre(prep, float(r0))
-        if method == "vdf":
-            from ..peaks import resolve as resolve_peaks
-            from ..peaks.vectors import resolve as resolve_vectors
-            from .vdf import peaks_stage_of
-            pk_params = resolve_peaks(cfg.peaks, float(r0), detector_shape=frames.shape[-2:])
-            vp = resolve_vectors(cfg.vectors, float(r0))
-            state["peaks_params"], state["vp"] = pk_params, vp
-            state["peaks"] = peaks_stage_of(cache, _Key(state["beam"].key), state["prep_resolved"],
-                                            pk_params, vp)
-            state["hist"] = 0.0
-        else:
-            from ..decompose import beam_mask
-            from .nmf import poisson_stage_of
-            mask = beam_mask(frames.shape[-2:], cfg.nmf.beam_mask_radius, beam_radius=float(r0))
-            state["mask"] = mask
-            state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key), state["prep_resolved"], mask)
-    beam = state["beam"]
-    path = beam.block_path(index)
+        _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:])
+    if method == "vdf":
+        from .vdf import _beam_peaks_block
+        path = state["scan"].block_path(index)
+        if path.exists():
+            return
+        prod = _beam_peaks_block(frames, offset, **state["scan_kwargs"])
+        save_block(path, **prod)
+        # progress: the vectors seen so far (peaks in the frame of the measured centres)
+        from ..peaks import peak_histogram, unique_vectors
+        vp = state["vp"]
+        state["hist"] = state["hist"] + peak_histogram(prod["table"], frames.shape[-2:],
+                                                       oversample=vp.oversample)
+        state["n_vectors"] = len(unique_vectors(np.asarray(state["hist"], float),
+                                                detector_shape=frames.shape[-2:],
+                                                oversample=vp.oversample, params=vp))
+        return
+    from ._common import _beam_block
+    path = state["beam"].block_path(index)
     if path.exists():
-        from ._cache import load_block
-        centres = load_block(path)["centres"]
+        centres = load_block(path, ["centres"])["centres"]
     else:
         prod = _beam_block(frames, offset, **state["beam_kwargs"])
         save_block(path, **prod)
@@ -208,28 +201,41 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
         return  # the alignment centres are only known at the end
     used = np.where(np.isfinite(centres), centres,
                     np.array([frames.shape[-2] // 2, frames.shape[-1] // 2], np.float32))
-    prep = state["prep_resolved"]
+    from .nmf import poisson_block
+    aligned = np.maximum(pk.shift_patterns(frames, used.astype(np.float64)), 0)
+    stage = state["poisson"]
+    if not stage.block_path(index).exists():
+        save_block(stage.block_path(index), **poisson_block(aligned, offset, mask=state["mask"]))
+
+
+def _start(plan, cfg, cache, state, method, r0, detector_shape):
+    """Fix what every chunk's stages need, once the beam radius is known."""
+    from ..preprocess import resolve as resolve_pre
+    from ._common import beam_block_kwargs, beam_stage_of
+    state["beam_radius"] = r0
+    prep = dataclasses.replace(cfg.preprocess, beam_radius=r0)
+    state["prep"] = prep
+    resolved = resolve_pre(prep, r0)
     if method == "vdf":
-        from .vdf import _peaks_block
-        aligned = pk.shift_and_subtract(frames, used.astype(np.float64), prep.dog_sigma_low,
-                                        prep.dog_sigma_high)
-        stage = state["peaks"]
-        if not stage.block_path(index).exists():
-            prod = _peaks_block(aligned, offset, params=state["peaks_params"],
-                                det_shape=frames.shape[-2:], oversample=state["vp"].oversample)
-            save_block(stage.block_path(index), **prod)
-            state["hist"] = state["hist"] + prod["hist"]
-            from ..peaks import unique_vectors
-            state["n_vectors"] = len(unique_vectors(np.asarray(state["hist"], float),
-                                                    detector_shape=frames.shape[-2:],
-                                                    oversample=state["vp"].oversample,
-                                                    params=state["vp"]))
+        # the same cache entry and arguments as the batch run's pass 1
+        from ..peaks import resolve as resolve_peaks
+        from ..peaks.vectors import resolve as resolve_vectors
+        from .vdf import scan_stage_of
+        pk_params = resolve_peaks(cfg.peaks, r0, detector_shape=detector_shape)
+        state["vp"] = resolve_vectors(cfg.vectors, r0)
+        state["scan"] = scan_stage_of(cache, plan, resolved, pk_params)
+        state["scan_kwargs"] = dict(beam=beam_block_kwargs(plan, prep, annular=True),
+                                    sigmas=(resolved.dog_sigma_low, resolved.dog_sigma_high),
+                                    params=pk_params)
+        state["hist"] = 0.0
     else:
-        from .nmf import poisson_block
-        aligned = np.maximum(pk.shift_patterns(frames, used.astype(np.float64)), 0)
-        stage = state["poisson"]
-        if not stage.block_path(index).exists():
-            save_block(stage.block_path(index), **poisson_block(aligned, offset, mask=state["mask"]))
+        from ..decompose import beam_mask
+        from .nmf import poisson_stage_of
+        state["beam"] = beam_stage_of(plan, prep, cache)
+        state["beam_kwargs"] = beam_block_kwargs(plan, prep)
+        mask = beam_mask(detector_shape, cfg.nmf.beam_mask_radius, beam_radius=r0)
+        state["mask"] = mask
+        state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key), resolved, mask)
 
 
 class _Key:

@@ -1,7 +1,12 @@
 """The VDF-imaging segmentation workflow (Bergh et al. 2020, Fig. 1), stage by stage.
 
-Passes over the data: (1) beam centres, (2) peaks and their position histogram,
-(3) VDF images of all unique vectors at once. Everything after works on the small
+Two passes over the data: (1) the beam centre of every pattern and, in the same
+task, the peaks of the pattern aligned by that measured centre and background-
+subtracted; once the descan is fitted (it needs every centre), the peaks move by
+the difference between measured and fitted centre (a fraction of a pixel, except at
+outliers), the same as if they had been found on the finally aligned patterns;
+(2) VDF images of all unique vectors at once, on the aligned patterns. The beam radius, which sets the DoG and LoG scales, is
+measured on a few chunks before pass 1. Everything after pass 2 works on the small
 per-position images. Each stage is cached under a key of its inputs and parameters.
 """
 
@@ -22,8 +27,7 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block
-from ._common import (Plan, Timer, annular_image, beam_stage, binned, run_blocks, total,
-                      write_result)
+from ._common import Plan, Timer, binned, run_blocks, total, write_result
 
 log = logging.getLogger("spedflow")
 
@@ -42,19 +46,89 @@ class VDFConfig:
     merge: VDFMergeParams = field(default_factory=VDFMergeParams)
 
 
-def _peaks_block(block, offset, *, params, det_shape, oversample):
+def _beam_peaks_block(block, offset, *, beam, sigmas, params):
+    """Pass 1 on one chunk: beam centres and profiles (:func:`_common._beam_block`),
+    and the peaks of the patterns aligned by those centres and background-subtracted
+    (:func:`spedflow.peaks.recentre_table` moves them to the fitted descan's frame
+    later), with the sum of those patterns (the mean the spot size is measured on).
+
+    Peaks are found on aligned, not raw, patterns because the sub-pixel shift is part
+    of what the finder's noise model was set on: bilinear interpolation halves the
+    pixel variance of counting noise on average, and on raw low-dose patterns the
+    same threshold passes ~6x more noise peaks (measured on the 64 x 64 benchmark set).
+    """
     from ..peaks import peaks_block
-    from ..peaks.vectors import peak_histogram
-    table = peaks_block(block, offset, params)
-    return {"table": table.astype(np.float32),
-            "hist": peak_histogram(table, det_shape, oversample=oversample),
-            "dog_sum": np.asarray(block).sum(axis=(0, 1), dtype=np.float64)}
+    from ..preprocess import kernels as pk
+    from ._common import _beam_block, pattern_sum
+    frames = np.asarray(block, dtype=np.float32)
+    out = _beam_block(frames, offset, **beam)
+    clean = pk.shift_and_subtract(frames, _found_at(out["centres"], frames.shape[-2:]), *sigmas)
+    out["table"] = peaks_block(clean, offset, params).astype(np.float32)
+    out["dog_sum"] = pattern_sum(clean)
+    return out
 
 
-def peaks_stage_of(cache, beam, prep, pk, vp):
-    """The peaks stage's cache entry: keyed on the beam stage (which fixes the centres)."""
-    return cache.stage("peaks", "v2", beam.key, dataclasses.asdict(prep), dataclasses.asdict(pk),
+def _found_at(centres, detector_shape) -> np.ndarray:
+    """The centres pass 1 aligns by: the measured ones, the detector centre where none was found."""
+    ky, kx = detector_shape
+    return np.where(np.isfinite(centres), centres, np.array([ky // 2, kx // 2], np.float64))
+
+
+def beam_radius_of(plan, prep, cache) -> float:
+    """The direct-beam radius: given, or measured on a few chunks (cached)."""
+    from ._common import sample_beam_radius
+    if prep.beam_radius is not None:
+        return float(prep.beam_radius)
+    st = cache.stage("radius", plan.identity, {"nav_binning": prep.nav_binning})
+    if not st.complete:
+        st.save_attrs(radius=sample_beam_radius(plan))
+        st.mark_complete()
+    return float(st.attrs()["radius"])
+
+
+def scan_stage_of(cache, plan, prep, pk):
+    """Pass 1's cache entry. Its blocks depend on the radius, the DoG and the LoG
+    parameters, not on the descan model (the peaks are found before alignment)."""
+    return cache.stage("beam_peaks", plan.identity,
+                       {"nav_binning": prep.nav_binning, "beam_radius": prep.beam_radius,
+                        "dog": [prep.dog_sigma_low, prep.dog_sigma_high]}, dataclasses.asdict(pk))
+
+
+def peaks_stage_of(cache, scan, prep, vp):
+    """The finalize of pass 1: descan fit, peaks in the aligned frame, their histogram."""
+    return cache.stage("peaks", "v3", scan.key, {"descan": prep.descan, "align": prep.align},
                        vp.oversample)
+
+
+def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer):
+    """Pass 1 and its finalize; returns the beam information, the peak histogram (of
+    aligned positions), the mean background-subtracted pattern and the two stages."""
+    from ..peaks import peak_histogram
+    from ._common import BeamInfo, beam_block_kwargs, finish_beam
+    ny, nx, ky, kx = data.shape
+    scan = scan_stage_of(cache, plan, prep, pk)
+    st = peaks_stage_of(cache, scan, prep, vp)
+    if not st.complete:
+        with timer("beam_peaks"):
+            paths = run_blocks(scan, data, _beam_peaks_block, label="beam centres and peaks",
+                               n_patterns=ny * nx, beam=beam_block_kwargs(plan, prep, annular=True),
+                               sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk)
+            scan.mark_complete()
+            measured, used, prof, mean, descan = finish_beam(paths, data, prep)
+            hist = np.zeros((ky * vp.oversample, kx * vp.oversample))
+            for table in _aligned_tables(paths, measured, used, (ky, kx), pk.exclude_border):
+                hist += peak_histogram(table, (ky, kx), oversample=vp.oversample)
+            st.save("measured", measured.astype(np.float32))
+            st.save("used", np.asarray(used, np.float32))
+            st.save("annular", prof)
+            st.save("mean_pattern", mean.astype(np.float32))
+            st.save("hist", hist)
+            st.save("mean_dog", total(paths, "dog_sum") / (ny * nx))
+            st.save_attrs(descan=descan)
+            st.mark_complete()
+    beam = BeamInfo(st.load("measured"), st.load("used"), float(prep.beam_radius), None,
+                    st.load("mean_pattern"), st.attrs().get("descan", {}), st.key, annular=st.load("annular"))
+    return beam, st.load("hist"), st.load("mean_dog"), scan
 
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
@@ -69,27 +143,18 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..vdf import resolve as resolve_vdf
 
     timer = Timer()
-    beam = beam_stage(plan, cfg.preprocess, cache, timer)
-    r = beam.radius
+    r = beam_radius_of(plan, cfg.preprocess, cache)
     prep = resolve_pre(cfg.preprocess, r)
     pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
     vp = resolve_vectors(cfg.vectors, r)
     data = binned(plan, prep)
     ky, kx = data.shape[2:]
     ny, nx = data.shape[:2]
-    aligned = pre.preprocess(data, beam.used, prep)
 
-    # pass 2: peaks of every pattern, and the mergeable histogram of their positions
-    st_peaks = peaks_stage_of(cache, beam, prep, pk, vp)
-    if not st_peaks.complete:
-        with timer("peaks"):
-            paths = run_blocks(st_peaks, aligned, _peaks_block, label="peaks", n_patterns=ny * nx,
-                               params=pk, det_shape=(ky, kx), oversample=vp.oversample)
-            st_peaks.save("hist", total(paths, "hist"))
-            st_peaks.save("mean_pattern", total(paths, "dog_sum") / (ny * nx))
-            st_peaks.mark_complete()
-    hist = st_peaks.load("hist")
-    mean_dog = st_peaks.load("mean_pattern")
+    # pass 1: beam centres and the peaks of every pattern; the descan fit, and the
+    # mergeable histogram of the peaks' aligned positions
+    beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer)
+    aligned = pre.preprocess(data, beam.used, prep)
 
     # unique vectors (finalize of the histogram reduction): a first pass with the beam
     # radius as length scale, then the spots' own size is measured at those vectors
@@ -113,7 +178,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                          "peak threshold is too high (see `spedflow params vdf`, section [peaks])")
     log.info("found %d unique diffraction vectors", len(vectors))
 
-    # pass 3: VDF images of all vectors in one pass
+    # pass 2: VDF images of all vectors in one pass
     st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep), vectors, dataclasses.asdict(vd))
     if not st_vdf.complete:
         with timer("vdf"):
@@ -143,7 +208,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
 
-    peaks_table = _gather_peaks(st_peaks)
+    paths = sorted((st_scan.path / "blocks").glob("*.npz"))
+    parts = list(_aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border))
+    peaks_table = np.concatenate(parts) if parts else np.zeros((0, 5), np.float32)
     arrays = {
         "segments/maps": merged.summed.astype(np.float32),
         "segments/patterns": patterns.astype(np.float32),
@@ -155,7 +222,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "peaks": peaks_table,
         "beam/centres": beam.measured.astype(np.float32),
         "beam/fitted": beam.used.astype(np.float32),
-        "overview/annular_vdf": annular_image(beam.profiles, 2 * r, beam.profiles.shape[-1]),
+        "overview/annular_vdf": beam.annular_image(),
         "overview/mean_pattern": beam.mean_pattern,
         "overview/peak_histogram": hist.astype(np.float32),
     }
@@ -172,16 +239,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
 
 
-def _gather_peaks(stage) -> np.ndarray:
-    """Concatenate the per-block peak tables (they are small: ~20 B per peak)."""
-    paths = sorted((stage.path / "blocks").glob("*.npz"))
-    sizes = []
-    for p in paths:  # two reads of small files instead of a second copy of the table
-        with np.load(p, allow_pickle=False) as z:
-            sizes.append(z["table"].shape[0])
-    out = np.empty((sum(sizes), 5), np.float32)
-    start = 0
-    for p, n in zip(paths, sizes):
-        out[start:start + n] = load_block(p)["table"]
-        start += n
-    return out
+def _aligned_tables(paths, measured, used, detector_shape, border):
+    """Each block's peak table moved to the frame of the fitted descan, one block at a time."""
+    from ..peaks import recentre_table
+    found_at = _found_at(measured, detector_shape)
+    for p in paths:
+        yield recentre_table(load_block(p, ["table"])["table"], used, detector_shape,
+                             found_at=found_at, exclude_border=border)
