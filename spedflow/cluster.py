@@ -66,7 +66,7 @@ from dask.system import CPU_COUNT
 from dask.utils import parse_bytes
 
 from .config import check_range
-from .errors import InputError, ParameterError
+from .errors import ClusterError, InputError, ParameterError
 
 __all__ = [
     "client_for", "compute", "persist_with_progress", "local_scheduler", "set_progress",
@@ -804,35 +804,57 @@ def persist_with_progress(*collections, label: str, n_patterns: int | None = Non
 
 #: Seconds a run waits while its cluster has no worker at all before it gives up.
 NO_WORKERS_TIMEOUT = 120.0
+#: Seconds a cluster whose workers are all paused (at dask's pause threshold, 80 % of
+#: their memory limit) may go without finishing a task before the run fails. A worker
+#: that cannot get below the threshold (memory it does not manage: a leak, a heap kept
+#: by the allocator) stays paused for good, and the run would wait forever.
+PAUSED_TIMEOUT = 300.0
 
 
-def wait_for(client, futures, *, no_workers_timeout: float | None = None) -> None:
-    """Wait for ``futures``; fail when the cluster has had no worker for a while.
+def wait_for(client, futures, *, no_workers_timeout: float | None = None,
+             paused_timeout: float | None = None, poll: float = 5.0) -> None:
+    """Wait for ``futures``; fail when the cluster cannot make progress for a while.
 
     A scheduler whose workers all died (killed, out of memory, lost nodes) and were not
-    replaced would otherwise leave the client waiting forever.
+    replaced, or whose workers are all paused at their memory limit with no task
+    finishing, would otherwise leave the client waiting forever. Raises
+    :class:`~spedflow.errors.ClusterError` with what was seen and what to do.
     """
     from distributed import wait
 
     limit = NO_WORKERS_TIMEOUT if no_workers_timeout is None else no_workers_timeout
-    empty_since = None
+    plimit = PAUSED_TIMEOUT if paused_timeout is None else paused_timeout
+    empty_since = paused_since = None
+    done_before = -1
     while True:
         try:
-            wait(futures, timeout=5.0)
+            wait(futures, timeout=poll)
             return
         except TimeoutError:
             pass
         try:
-            n = len(client.scheduler_info().get("workers", {}))
+            workers = client.scheduler_info().get("workers", {})
         except Exception:  # pragma: no cover - scheduler unreachable: let gather raise
             return
-        if n:
+        now = time.monotonic()
+        if workers:
             empty_since = None
+            done = sum(f.done() for f in futures)
+            if done == done_before and all(w.get("status") == "paused" for w in workers.values()):
+                paused_since = paused_since or now
+                if now - paused_since > plimit:
+                    raise ClusterError(
+                        f"all {len(workers)} dask workers have been paused at their memory limit "
+                        f"for {plimit:.0f} s with no task finishing; give them more memory "
+                        "(--memory-limit) or fewer patterns per chunk (finished stages are kept)")
+            else:
+                paused_since = None
+            done_before = done
             continue
-        empty_since = empty_since or time.monotonic()
-        if time.monotonic() - empty_since > limit:
-            raise InputError(f"the dask cluster at {client.scheduler.address} has had no workers "
-                             f"for {limit:.0f} s; start workers or rerun (finished stages are kept)")
+        empty_since = empty_since or now
+        if now - empty_since > limit:
+            raise ClusterError(f"the dask cluster at {client.scheduler.address} has had no workers "
+                               f"for {limit:.0f} s; start workers or rerun (finished stages are kept)")
 
 
 def _follow(client, futures, label, n_patterns) -> None:

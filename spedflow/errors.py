@@ -9,7 +9,7 @@ catches the builtin types keeps working.
 
 from __future__ import annotations
 
-__all__ = ["SpedflowError", "InputError", "ParameterError", "StoreExistsError"]
+__all__ = ["SpedflowError", "InputError", "ParameterError", "StoreExistsError", "ClusterError"]
 
 
 class SpedflowError(Exception):
@@ -26,3 +26,7 @@ class ParameterError(SpedflowError, ValueError):
 
 class StoreExistsError(SpedflowError, FileExistsError):
     """The destination exists and ``overwrite`` was not given."""
+
+
+class ClusterError(SpedflowError, RuntimeError):
+    """The dask cluster cannot make progress (no workers, or all of them paused)."""

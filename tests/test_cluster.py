@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 
 import dask
 import dask.array as da
@@ -347,8 +348,41 @@ def test_a_cluster_without_workers_fails_instead_of_hanging():
     from distributed import Client, LocalCluster
 
     from spedflow import cluster as cl
-    from spedflow.errors import InputError
+    from spedflow.errors import ClusterError
     with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as lc, Client(lc) as client:
         futures = client.compute([da.ones(10, chunks=5).sum()])
-        with pytest.raises(InputError, match="no workers"):
+        with pytest.raises(ClusterError, match="no workers"):
             cl.wait_for(client, futures, no_workers_timeout=1.0)
+
+
+def _hold_memory(fraction, dask_worker):
+    """Allocate (and touch) memory the worker does not manage, up to ``fraction`` of its limit."""
+    import psutil
+    rss = psutil.Process().memory_info().rss
+    need = int(fraction * dask_worker.memory_manager.memory_limit) - rss
+    dask_worker._spedflow_test_hold = np.ones(max(need, 0), np.uint8)
+    return need
+
+
+def test_a_cluster_whose_workers_stay_paused_fails_instead_of_hanging():
+    """A worker held above dask's pause threshold (80 % of its limit) by memory it cannot
+    spill never runs another task: the run stops with a one-line error instead of waiting
+    forever (the same cluster runs the task once the memory is released)."""
+    import dask.array as da
+    from distributed import Client, LocalCluster
+
+    from spedflow import cluster as cl
+    from spedflow.errors import ClusterError
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                      memory_limit="700MB") as lc, Client(lc) as client:
+        assert list(client.run(_hold_memory, 0.87).values())[0] > 0
+        deadline = time.monotonic() + 30
+        while not all(w["status"] == "paused" for w in client.scheduler_info()["workers"].values()):
+            assert time.monotonic() < deadline, "the worker did not pause"
+            time.sleep(0.2)
+        futures = client.compute([da.ones(10, chunks=5).sum()])
+        with pytest.raises(ClusterError, match="paused at their memory limit"):
+            cl.wait_for(client, futures, paused_timeout=2.0, poll=0.5)
+        client.run(lambda dask_worker: delattr(dask_worker, "_spedflow_test_hold"))
+        cl.wait_for(client, futures, paused_timeout=30.0, poll=0.5)  # it resumes and finishes
+        assert client.gather(futures) == [10.0]

@@ -1,12 +1,12 @@
 """The VDF-imaging segmentation workflow (Bergh et al. 2020, Fig. 1), stage by stage.
 
-Two passes over the data: (1) the beam centre of every pattern and, in the same
-task, the peaks of the pattern aligned by that measured centre and background-
-subtracted; once the descan is fitted (it needs every centre), the peaks move by
-the difference between measured and fitted centre (a fraction of a pixel, except at
-outliers), the same as if they had been found on the finally aligned patterns;
-(2) VDF images of all unique vectors at once, on the aligned patterns. The beam radius, which sets the DoG and LoG scales, is
-measured on a few chunks before pass 1. Everything after pass 2 works on the small
+Two passes over the data. (1) The beam centre of every pattern and, in the same task,
+the peaks of the pattern aligned by that measured centre and background-subtracted;
+once the descan is fitted (it needs every centre), each peak moves by the difference
+between measured and fitted centre (a fraction of a pixel, except at outliers), which
+is where it lies in the finally aligned pattern. (2) VDF images of all unique vectors
+at once, on the aligned patterns. The beam radius, which sets the DoG and LoG scales,
+is measured on a few chunks before pass 1. Everything after pass 2 works on the small
 per-position images. Each stage is cached under a key of its inputs and parameters.
 """
 
@@ -47,7 +47,7 @@ class VDFConfig:
 
 
 def _beam_peaks_block(block, offset, *, beam, sigmas, params):
-    """Pass 1 on one chunk: beam centres and profiles (:func:`_common._beam_block`),
+    """Pass 1 on one chunk: beam centres and annular sums (:func:`_common._beam_block`),
     and the peaks of the patterns aligned by those centres and background-subtracted
     (:func:`spedflow.peaks.recentre_table` moves them to the fitted descan's frame
     later), with the sum of those patterns (the mean the spot size is measured on).
@@ -88,7 +88,7 @@ def beam_radius_of(plan, prep, cache) -> float:
 
 def scan_stage_of(cache, plan, prep, pk):
     """Pass 1's cache entry. Its blocks depend on the radius, the DoG and the LoG
-    parameters, not on the descan model (the peaks are found before alignment)."""
+    parameters, not on the descan model (the peaks are found before the descan fit)."""
     return cache.stage("beam_peaks", plan.identity,
                        {"nav_binning": prep.nav_binning, "beam_radius": prep.beam_radius,
                         "dog": [prep.dog_sigma_low, prep.dog_sigma_high]}, dataclasses.asdict(pk))
@@ -115,11 +115,14 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer):
                                sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk)
             scan.mark_complete()
             measured, used, prof, mean, descan = finish_beam(paths, data, prep)
+            # float32, as stored: the histogram and the result's peak table then
+            # move every peak by exactly the same amount
+            measured, used = measured.astype(np.float32), np.asarray(used, np.float32)
             hist = np.zeros((ky * vp.oversample, kx * vp.oversample))
             for table in _aligned_tables(paths, measured, used, (ky, kx), pk.exclude_border):
                 hist += peak_histogram(table, (ky, kx), oversample=vp.oversample)
-            st.save("measured", measured.astype(np.float32))
-            st.save("used", np.asarray(used, np.float32))
+            st.save("measured", measured)
+            st.save("used", used)
             st.save("annular", prof)
             st.save("mean_pattern", mean.astype(np.float32))
             st.save("hist", hist)
@@ -127,7 +130,8 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer):
             st.save_attrs(descan=descan)
             st.mark_complete()
     beam = BeamInfo(st.load("measured"), st.load("used"), float(prep.beam_radius), None,
-                    st.load("mean_pattern"), st.attrs().get("descan", {}), st.key, annular=st.load("annular"))
+                    st.load("mean_pattern"), st.attrs().get("descan", {}), st.key,
+                    annular=st.load("annular"))
     return beam, st.load("hist"), st.load("mean_dog"), scan
 
 
