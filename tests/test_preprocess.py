@@ -349,3 +349,31 @@ BAD = [
 def test_bad_input(exc, call, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("radius", [2.0, 3.0, 4.5])
+def test_spot_scale_measures_the_radius_of_disc_spots(radius):
+    """Scale-normalised LoG: a disc of radius R peaks at s = R / sqrt(2)."""
+    from spedflow.preprocess.kernels import spot_scale
+    rng = np.random.default_rng(int(radius * 10))
+    yy, xx = np.mgrid[:64, :64]
+    frames = np.zeros((20, 64, 64))
+    for i in range(20):
+        frames[i] += 250 * ((yy - 32) ** 2 + (xx - 32) ** 2 <= 16)  # the beam, excluded
+        for _ in range(6):
+            y, x = rng.uniform(8, 56, 2)
+            if np.hypot(y - 32, x - 32) > 10:
+                frames[i] += 100 * ((yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2)
+    frames = rng.poisson(frames + 2).astype(np.float32)
+    assert spot_scale(frames, np.full((20, 2), 32.0), exclude=8) == pytest.approx(radius, rel=0.1)
+
+
+def test_beam_saturated_only_for_a_clipped_beam():
+    from spedflow.preprocess.kernels import beam_saturated
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:48, :48]
+    beam = 400.0 * ((yy - 24) ** 2 + (xx - 24) ** 2 <= 9) + 3
+    frames = rng.poisson(np.broadcast_to(beam, (10, 48, 48))).astype(np.float32)
+    centres = np.full((10, 2), 24.0)
+    assert not beam_saturated(frames, centres)             # counting noise on the beam
+    assert beam_saturated(np.minimum(frames, 255), centres)  # an 8-bit camera's clip

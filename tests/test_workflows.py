@@ -117,3 +117,17 @@ def test_nmf_finds_the_weak_crystal(paper_like, tmp_path):
     assert weak["segment"] is not None, weak
     attrs = zarr.open_group(str(res), mode="r").attrs["spedflow"]
     assert attrs["residual_search"]["rank"] >= 1
+
+
+def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
+    """An 8-bit camera at high dose (~30 counts per pixel) clips the direct beam and its
+    glare: the half-maximum radius then measured the glare (8.5 px for a 1.5 px beam)
+    and the workflow found no vectors at all. The spots' own size is used instead."""
+    store = spedflow.simulate(tmp_path / "dense.zarr", scan=(32, 32), detector=64, crystals=6,
+                              seed=2, dose=1_000_000, saturate="8bit", progress=False)
+    out = spedflow.segment(store, method="vdf", out=tmp_path / "vdf.zarr", local=True,
+                           progress=False)
+    attrs = zarr.open_group(str(out), mode="r").attrs["spedflow"]
+    assert attrs["resolved"]["beam_radius"] < 3.0
+    score = evaluate(out, store)
+    assert score["recall"] >= 0.6 and score["precision"] >= 0.6, score

@@ -31,7 +31,7 @@ __all__ = [
     "bin_nav", "beam_centres", "beam_profile", "merge_profiles", "radius_from_profile",
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
-    "PROFILE_BIN",
+    "beam_saturated", "spot_scale", "PROFILE_BIN",
 ]
 
 #: Width of the radial bins of the beam profile, detector pixels.
@@ -499,6 +499,82 @@ def radius_from_profile(profile: np.ndarray, *, default: float = np.nan) -> floa
     frac = (p[j - 1] - level) / (p[j - 1] - p[j])
     return float(r[j - 1] + frac * (r[j] - r[j - 1]))
 
+
+
+def beam_saturated(frames: np.ndarray, centres: np.ndarray, *, core: float = 1.5,
+                   fraction: float = 0.9) -> bool:
+    """Whether the direct beam is clipped: at least ``fraction`` of the pixels within
+    ``core`` px of the beam centres hold exactly the largest value of ``frames``.
+
+    Counting noise never leaves the beam's core flat at one value unless the detector
+    (or its conversion) clipped it, e.g. an 8-bit camera at 255.
+    """
+    stack, _ = _as_stack(frames)
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    ok = np.isfinite(c).all(1)
+    if not ok.any():
+        return False
+    top = stack.max()
+    ky, kx = stack.shape[-2:]
+    yy, xx = np.mgrid[:ky, :kx]
+    hits = total = 0
+    for f, (cy, cx) in zip(stack[ok], c[ok]):
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= core * core
+        hits += int((f[inside] == top).sum())
+        total += int(inside.sum())
+    return total > 0 and hits >= fraction * total
+
+
+def spot_scale(frames: np.ndarray, centres: np.ndarray, exclude: float, *,
+               n_patterns: int = 128, per_pattern: int = 5) -> float:
+    """Radius of the diffraction spots, from their scale-normalised LoG (Lindeberg).
+
+    Every pattern's response ``-s^2 LoG_s`` at scales ``s = 1 .. 8`` px (steps of
+    sqrt(2)); its strongest local maxima farther than ``exclude`` px from the beam
+    centre are spots, each taking the scale where its response peaks (interpolated
+    on log s). A disc of radius R peaks at ``s = R / sqrt(2)``, so the result is
+    ``sqrt(2)`` times the median scale. Used where the direct beam's own size cannot
+    be measured (a clipped beam), since under precession the spots are discs of
+    about the beam's size.
+
+    Returns
+    -------
+    float
+        Spot radius, px; NaN if no spot was found.
+    """
+    from scipy import ndimage
+    stack, _ = _as_stack(frames)
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    take = np.linspace(0, len(stack) - 1, min(n_patterns, len(stack))).astype(int)
+    scales = 2.0 ** (np.arange(7) / 2.0)
+    ky, kx = stack.shape[-2:]
+    yy, xx = np.mgrid[:ky, :kx]
+    found = []
+    for i in take:
+        if not np.isfinite(c[i]).all():
+            continue
+        f = stack[i].astype(np.float32)
+        resp = np.stack([-(s * s) * ndimage.gaussian_laplace(f, s, mode="nearest") for s in scales])
+        best = resp.max(0)
+        peak = (best == ndimage.maximum_filter(best, size=3)) & (best > 0)
+        peak &= (yy - c[i, 0]) ** 2 + (xx - c[i, 1]) ** 2 > exclude * exclude
+        peak[:2], peak[-2:], peak[:, :2], peak[:, -2:] = False, False, False, False
+        py, px = np.nonzero(peak)
+        if len(py) == 0:
+            continue
+        strongest = np.argsort(best[py, px])[::-1][:per_pattern]
+        for y, x in zip(py[strongest], px[strongest]):
+            col = resp[:, y, x]
+            k = int(np.argmax(col))
+            t = float(k)
+            if 0 < k < len(scales) - 1:  # vertex of a parabola through three scales
+                den = col[k - 1] - 2 * col[k] + col[k + 1]
+                if den < 0:
+                    t += 0.5 * (col[k - 1] - col[k + 1]) / den
+            found.append(2.0 ** (t / 2.0))
+    if not found:
+        return float("nan")
+    return float(np.sqrt(2.0) * np.median(found))
 
 def estimate_beam_radius(frames: np.ndarray, centres: np.ndarray | None = None,
                          max_radius: float | None = None) -> float:

@@ -435,24 +435,50 @@ def sample_beam_radius(plan: Plan) -> float:
     The beam's size is set by the probe's convergence angle, the same at every scan
     position, so a sample of a few thousand patterns measures it as well as the whole
     scan does, and passes that need it (the DoG and LoG scales derive from it) can run
-    in the same pass as the beam centres. Same estimator as the beam pass: centres
-    found with a provisional radius from the sample's mean pattern, then the
-    half-maximum radius of the summed radial profile around them. Navigation binning
-    sums patterns and leaves the detector as it is, so the raw chunks are used.
+    in the same pass as the beam centres. Navigation binning sums patterns and leaves
+    the detector as it is, so the raw chunks are used. See :func:`radius_of_frames`.
     """
-    from ..preprocess import kernels as pk
-    blocks = list(_sample_chunks(plan))
     ky, kx = plan.array.shape[2:]
-    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in blocks]
-    mean = (sum(f.sum(0, dtype=np.float64) for f in frames) / sum(len(f) for f in frames)).astype(np.float32)
-    profile = 0.0
-    for f in frames:
-        c = pk.beam_centres(f, None, reference=mean)
-        profile = profile + pk.beam_profile(f, c, min(ky, kx) / 4)
-    radius = pk.radius_from_profile(profile, default=np.nan)
+    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in _sample_chunks(plan)]
+    radius = radius_of_frames(np.concatenate(frames))
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "
                          "set preprocess.beam_radius")
+    return radius
+
+
+#: A clipped beam's half-maximum radius this many times the spots' radius measures glare.
+_GLARE_FACTOR = 2.0
+
+
+def radius_of_frames(frames: np.ndarray) -> float:
+    """The length scale of a data set's spots, from a sample of its patterns (n, ky, kx).
+
+    The beam pass's estimator: centres found with a provisional radius from the
+    sample's mean pattern, then the half-maximum radius of the summed radial profile
+    around them. A clipped beam (an 8-bit camera at high dose: its core flat at the
+    largest value, :func:`~spedflow.preprocess.kernels.beam_saturated`) spreads the
+    half maximum out into the glare (18 px for a 3 px beam in a simulation at ~30
+    counts per pixel, where the VDF workflow then found no vectors at all). Under
+    precession the spots are discs of about the beam's size, so a half-maximum radius
+    more than twice the Bragg spots' own (:func:`~spedflow.preprocess.kernels.spot_scale`)
+    measures the glare, and the spots' radius is used instead. (At ~9 counts per pixel
+    the half maximum overstated the 3 px beam less, 4.8 px, and the workflow did better
+    with it, recall / precision 0.90 / 0.75, than with the spots' 2.7 px, 0.90 / 0.53.)
+    NaN if no beam was found.
+    """
+    from ..preprocess import kernels as pk
+    ky, kx = frames.shape[-2:]
+    mean = frames.mean(0, dtype=np.float64).astype(np.float32)
+    c = pk.beam_centres(frames, None, reference=mean)
+    radius = pk.radius_from_profile(pk.beam_profile(frames, c, min(ky, kx) / 4), default=np.nan)
+    if np.isfinite(radius) and pk.beam_saturated(frames, c):
+        spots = pk.spot_scale(frames, c, exclude=radius)
+        if np.isfinite(spots) and radius > _GLARE_FACTOR * spots:
+            log.warning("the direct beam is clipped (saturated): its half-maximum radius %.2f px "
+                        "overstates it; using the diffraction spots' radius %.2f px instead (set "
+                        "preprocess.beam_radius to choose)", radius, spots)
+            radius = spots
     return float(radius)
 
 

@@ -167,9 +167,9 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
     frames = np.asarray(block, np.float32)
     if "beam_radius" not in state:
         r0 = cfg.preprocess.beam_radius
-        if r0 is None:
-            c = pk.beam_centres(frames, None)
-            r0 = float(pk.radius_from_profile(pk.beam_profile(frames, c, min(frames.shape[-2:]) / 4)))
+        if r0 is None:  # the batch run's estimator, on this chunk
+            from ._common import radius_of_frames
+            r0 = radius_of_frames(frames.reshape((-1,) + frames.shape[-2:]))
             if not np.isfinite(r0):
                 return  # an empty chunk: wait for one with a beam
         _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:])
