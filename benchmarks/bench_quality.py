@@ -1,6 +1,6 @@
 """Segmentation quality of both workflows with default parameters on varied simulated sets.
 
-Seven sets vary the scan, detector size, number and shape of crystals, dose and 8-bit
+Eight sets vary the scan, detector size, number and shape of crystals, dose and 8-bit
 saturation (all with the paper-like layout: an overlapping same-orientation pair and a weak
 off-axis crystal over a strong one). Each set is simulated, segmented with defaults
 (in-process) and scored with ``spedflow.evaluate``; the JSON lists recall, precision, mean
@@ -31,6 +31,9 @@ SETS = {
                     saturate="8bit"),
     "rods": dict(scan=(32, 48), detector=128, crystals=5, seed=7, shape="rod"),
     "twelve": dict(scan=(56, 56), detector=80, crystals=12, seed=11),
+    # an 8-bit camera at high dose (~30 counts per pixel): beam and glare clipped at 255
+    "dense8bit": dict(scan=(64, 64), detector=128, crystals=10, seed=4, dose=4_000_000,
+                      saturate="8bit"),
 }
 
 
