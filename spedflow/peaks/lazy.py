@@ -68,7 +68,6 @@ def peaks_block(block: np.ndarray, scan_offset: tuple[int, int], params: PeakPar
     return out
 
 
-
 def recentre_table(table: np.ndarray, centres: np.ndarray, detector_shape, *,
                    found_at: np.ndarray | None = None, exclude_border: int = 1) -> np.ndarray:
     """Move a peak table to the frame of other alignment centres.

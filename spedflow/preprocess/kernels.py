@@ -293,7 +293,6 @@ def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low
     return _fft_pipeline(frames, centres, sigma_low, sigma_high)
 
 
-
 # ------------------------------------------------------------------- beam centre
 
 def _gather_windows(stack: np.ndarray, base: np.ndarray, half: int):
@@ -498,7 +497,6 @@ def radius_from_profile(profile: np.ndarray, *, default: float = np.nan) -> floa
     j = i0 + int(below[0])
     frac = (p[j - 1] - level) / (p[j - 1] - p[j])
     return float(r[j - 1] + frac * (r[j] - r[j - 1]))
-
 
 
 def beam_saturated(frames: np.ndarray, centres: np.ndarray, *, core: float = 1.5,

@@ -164,7 +164,6 @@ def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.
     return out.reshape(*lead, n_bins)
 
 
-
 def annular_sums(frames: np.ndarray, centres: np.ndarray, inner: float, outer: float) -> np.ndarray:
     """Annular VDF intensity of each pattern around its own centre, in one step.
 
@@ -198,6 +197,7 @@ def annular_sums(frames: np.ndarray, centres: np.ndarray, inner: float, outer: f
         mask = np.ascontiguousarray(inside[oy:oy + ky, ox:ox + kx]).ravel()
         out[rows] = (f if len(rows) == len(f) else f[rows]) @ mask
     return out.reshape(lead)
+
 
 @dataclass
 class BeamInfo:
@@ -377,7 +377,6 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
     return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
                     stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}),
                     stage.key)
-
 
 
 def finish_beam(paths, data: da.Array, prep):
