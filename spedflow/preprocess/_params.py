@@ -43,8 +43,11 @@ class PreprocessParams:
         thick crystals) that per-pattern centres carry; quadratic covers the
         usual pivot-point misalignment, a plane is safer on small scans.
     beam_radius : float or None, default None
-        Direct-beam radius, detector pixels. None: measured from the data
-        (:func:`spedflow.preprocess.estimate_beam_radius`).
+        Direct-beam radius, detector pixels. None: measured from the data, the
+        half-maximum radius of the beam's radial profile (the VDF workflow measures it
+        on up to five chunks before its first pass; for a clipped beam whose half
+        maximum lies in its glare, the diffraction spots' radius is used:
+        :func:`spedflow.workflows._common.radius_of_frames`).
     dog_sigma_low : float or None, default None
         Width of the small Gaussian of the difference of Gaussians, detector pixels.
         None: ``0.5 * R``. The small blur only decides where the pattern stands above
