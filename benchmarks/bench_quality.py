@@ -71,14 +71,33 @@ def main(argv=None) -> int:
             print(f"{name:8s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}  missed {[m['truth'] for m in row['missed']]}",
                   flush=True)
+    rows = merge_earlier(rows, args.out)
+    methods = sorted({r["method"] for r in rows}, key=["vdf", "nmf"].index)
     summary = {m: {"mean_recall": round(float(np.mean([r["recall"] for r in rows if r["method"] == m])), 3),
                    "mean_precision": round(float(np.mean([r["precision"] for r in rows if r["method"] == m])), 3)}
-               for m in args.methods}
+               for m in methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
                                     "summary": summary}, indent=1))
     print(json.dumps(summary))
     return 0
+
+
+def merge_earlier(rows: list, path: Path) -> list:
+    """``rows`` plus the rows of an earlier ``path`` for (set, method) pairs not re-run
+    (marked ``carried_over``), in the order of ``SETS`` then method: a run of some sets
+    or methods updates the file instead of dropping the others."""
+    done = {(r["set"], r["method"]) for r in rows}
+    earlier = []
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text()).get("rows", [])
+        except (OSError, ValueError):
+            earlier = []
+    kept = [{**r, "carried_over": True} for r in earlier
+            if (r.get("set"), r.get("method")) not in done and r.get("set") in SETS]
+    order = {name: i for i, name in enumerate(SETS)}
+    return sorted(rows + kept, key=lambda r: (order[r["set"]], ["vdf", "nmf"].index(r["method"])))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,16 @@ def test_plots_from_results(tmp_path):
                                             "weak_scaling.png"]
     for p in made:
         _valid_png(p)
+
+
+def test_quality_benchmark_keeps_the_rows_it_did_not_rerun(tmp_path):
+    """`bench_quality.py --methods vdf` updates quality.json instead of dropping the NMF rows."""
+    import bench_quality
+    out = tmp_path / "quality.json"
+    old = [{"set": s, "method": m, "recall": 0.5} for s in ("small", "mgo") for m in ("vdf", "nmf")]
+    out.write_text(json.dumps({"rows": old + [{"set": "gone", "method": "vdf", "recall": 1.0}]}))
+    merged = bench_quality.merge_earlier([{"set": "mgo", "method": "vdf", "recall": 0.9}], out)
+    assert [(r["set"], r["method"], r["recall"], r.get("carried_over", False)) for r in merged] == [
+        ("small", "vdf", 0.5, True), ("small", "nmf", 0.5, True),
+        ("mgo", "vdf", 0.9, False), ("mgo", "nmf", 0.5, True)]
+    assert bench_quality.merge_earlier([], tmp_path / "absent.json") == []
