@@ -127,6 +127,14 @@ class Timer:
 
 # --- the beam pass -----------------------------------------------------------------
 
+def _rounded_centres(centres, ky: int, kx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Beam centres rounded to whole pixels on the detector (NaN: the detector centre)."""
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    c = np.where(np.isfinite(c), c, [ky // 2, kx // 2])
+    return (np.clip(np.rint(c[:, 0]).astype(np.int64), 0, ky - 1),
+            np.clip(np.rint(c[:, 1]).astype(np.int64), 0, kx - 1))
+
+
 def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.ndarray:
     """Azimuthal sums of each pattern around its own centre, 1-px rings.
 
@@ -150,10 +158,7 @@ def radial_profiles(frames: np.ndarray, centres: np.ndarray, n_bins: int) -> np.
     lead = frames.shape[:-2]
     ky, kx = frames.shape[-2:]
     f = np.asarray(frames).reshape(-1, ky * kx)
-    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
-    c = np.where(np.isfinite(c), c, [ky // 2, kx // 2])
-    cy = np.clip(np.rint(c[:, 0]).astype(np.int64), 0, ky - 1)
-    cx = np.clip(np.rint(c[:, 1]).astype(np.int64), 0, kx - 1)
+    cy, cx = _rounded_centres(centres, ky, kx)
     yy, xx = np.mgrid[-(ky - 1):ky, -(kx - 1):kx]
     ring = np.minimum(np.hypot(yy, xx), n_bins).astype(np.int64)
     out = np.empty((f.shape[0], n_bins), np.float32)
@@ -180,10 +185,7 @@ def annular_sums(frames: np.ndarray, centres: np.ndarray, inner: float, outer: f
     lead = frames.shape[:-2]
     ky, kx = frames.shape[-2:]
     f = np.asarray(frames, dtype=np.float32).reshape(-1, ky * kx)
-    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
-    c = np.where(np.isfinite(c), c, [ky // 2, kx // 2])
-    cy = np.clip(np.rint(c[:, 0]).astype(np.int64), 0, ky - 1)
-    cx = np.clip(np.rint(c[:, 1]).astype(np.int64), 0, kx - 1)
+    cy, cx = _rounded_centres(centres, ky, kx)
     lo, hi = int(np.floor(inner)), int(np.ceil(outer))
     yy, xx = np.mgrid[-(ky - 1):ky, -(kx - 1):kx]
     ring = np.hypot(yy, xx).astype(np.int64)

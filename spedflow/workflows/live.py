@@ -220,13 +220,11 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape):
         # the same cache entry and arguments as the batch run's pass 1
         from ..peaks import resolve as resolve_peaks
         from ..peaks.vectors import resolve as resolve_vectors
-        from .vdf import scan_stage_of
+        from .vdf import pass1_kwargs, scan_stage_of
         pk_params = resolve_peaks(cfg.peaks, r0, detector_shape=detector_shape)
         state["vp"] = resolve_vectors(cfg.vectors, r0)
         state["scan"] = scan_stage_of(cache, plan, resolved, pk_params)
-        state["scan_kwargs"] = dict(beam=beam_block_kwargs(plan, prep, annular=True),
-                                    sigmas=(resolved.dog_sigma_low, resolved.dog_sigma_high),
-                                    params=pk_params)
+        state["scan_kwargs"] = pass1_kwargs(plan, resolved, pk_params)
         state["hist"] = 0.0
     else:
         from ..decompose import beam_mask

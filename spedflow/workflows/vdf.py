@@ -94,6 +94,14 @@ def scan_stage_of(cache, plan, prep, pk):
                         "dog": [prep.dog_sigma_low, prep.dog_sigma_high]}, dataclasses.asdict(pk))
 
 
+def pass1_kwargs(plan, prep, pk) -> dict:
+    """Keyword arguments of :func:`_beam_peaks_block` (the batch run and live mode must
+    use the same ones: live mode writes the blocks the batch run then reuses)."""
+    from ._common import beam_block_kwargs
+    return dict(beam=beam_block_kwargs(plan, prep, annular=True),
+                sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk)
+
+
 def peaks_stage_of(cache, scan, prep, vp):
     """The finalize of pass 1: descan fit, peaks in the aligned frame, their histogram."""
     return cache.stage("peaks", "v3", scan.key, {"descan": prep.descan, "align": prep.align},
@@ -102,17 +110,16 @@ def peaks_stage_of(cache, scan, prep, vp):
 
 def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer):
     """Pass 1 and its finalize; returns the beam information, the peak histogram (of
-    aligned positions), the mean background-subtracted pattern and the two stages."""
+    aligned positions), the mean background-subtracted pattern and pass 1's stage."""
     from ..peaks import peak_histogram
-    from ._common import BeamInfo, beam_block_kwargs, finish_beam
+    from ._common import BeamInfo, finish_beam
     ny, nx, ky, kx = data.shape
     scan = scan_stage_of(cache, plan, prep, pk)
     st = peaks_stage_of(cache, scan, prep, vp)
     if not st.complete:
         with timer("beam_peaks"):
             paths = run_blocks(scan, data, _beam_peaks_block, label="beam centres and peaks",
-                               n_patterns=ny * nx, beam=beam_block_kwargs(plan, prep, annular=True),
-                               sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk)
+                               n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk))
             scan.mark_complete()
             measured, used, prof, mean, descan = finish_beam(paths, data, prep)
             # float32, as stored: the histogram and the result's peak table then
