@@ -139,7 +139,7 @@ def test_smoothing_by_matrix_products_equals_scipy():
     maxima equal ``maximum_filter``'s."""
     from scipy import ndimage as ndi
 
-    from spedflow.peaks.kernels import _local_max, _smooth_batch, _smoothing_operators
+    from spedflow.peaks.kernels import _local_max_at, _smooth_batch, _smoothing_operators
     rng = np.random.default_rng(8)
     frames = rng.poisson(3.0, (3, 24, 30)).astype(np.float32)
     sig = (0.85, 1.7, 2.6, 9.0)  # the last kernel is wider than the patterns
@@ -150,8 +150,12 @@ def test_smoothing_by_matrix_products_equals_scipy():
         assert g.shape == (3, 30, 24)
         np.testing.assert_allclose(g.transpose(0, 2, 1), ref, rtol=1e-5)
     z = rng.poisson(2.0, (4, 9, 13)).astype(np.float32)  # ties included
+    every = np.arange(z.size)
     np.testing.assert_array_equal(
-        _local_max(z), z >= ndi.maximum_filter(z, size=(1, 3, 3), mode="nearest"))
+        _local_max_at(z, every),
+        (z >= ndi.maximum_filter(z, size=(1, 3, 3), mode="nearest")).ravel())
+    some = rng.choice(z.size, 50, replace=False)  # a subset, as the finder passes
+    np.testing.assert_array_equal(_local_max_at(z, some), _local_max_at(z, every)[some])
 
 
 def test_border_exclusion_and_empty_patterns():

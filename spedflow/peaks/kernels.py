@@ -4,10 +4,11 @@ The chunk ``(n, ky, kx)`` is filtered in batches of 16 patterns (1 MB, which sta
 in cache): a separable Gaussian at every scale (each 1-D pass one BLAS matrix
 product over the batch), a 5-point discrete Laplacian and a robust per-pattern
 noise level give the significance ``Z`` (the maximum over scales) and the winning
-scale; the batch's candidates are the local maxima of ``Z`` above threshold (one
-``np.nonzero``). Only the few candidates are then pruned, refined to sub-pixel
-positions (from the smoothed values of the peak's scale) and integrated, still
-batch by batch. There is no loop over patterns.
+scale; the batch's candidates are the pixels of ``Z`` above threshold (one
+``np.flatnonzero``) that are local maxima (their 8 neighbours gathered). Only the
+few candidates are then pruned, refined to sub-pixel positions (from the smoothed
+values of the peak's scale) and integrated, still batch by batch. There is no loop
+over patterns.
 
 Everything after the x pass runs in the transposed ``(n, kx, ky)`` layout;
 coordinates are swapped back at the end.
@@ -105,16 +106,26 @@ def _smooth_batch(part: np.ndarray, ops) -> list:
             for i, m in enumerate(my)]
 
 
-def _local_max(z: np.ndarray) -> np.ndarray:
-    """Pixels of each ``z[i]`` not exceeded by any of their 8 neighbours (edges
-    compared with the pixels that exist: ``maximum_filter(size=(1, 3, 3), mode="nearest")``)."""
-    m = z.copy()
-    np.maximum(m[:, 1:], z[:, :-1], out=m[:, 1:])
-    np.maximum(m[:, :-1], z[:, 1:], out=m[:, :-1])
-    r = m.copy()
-    np.maximum(r[:, :, 1:], m[:, :, :-1], out=r[:, :, 1:])
-    np.maximum(r[:, :, :-1], m[:, :, 1:], out=r[:, :, :-1])
-    return z >= r
+def _local_max_at(z: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Which of the pixels ``flat`` (indices into ``z.ravel()``) of each ``z[i]`` are not
+    exceeded by any of their 8 neighbours (edges compared with the pixels that exist:
+    ``z >= maximum_filter(z, size=(1, 3, 3), mode="nearest")`` at those pixels).
+
+    Only the few candidates above threshold are tested: eight gathers of their
+    neighbours instead of four passes over the whole batch.
+    """
+    _, a, b = z.shape
+    p, rest = np.divmod(flat, a * b)
+    u, v = np.divmod(rest, b)
+    zf = z.ravel()
+    centre = zf[flat]
+    ok = np.ones(len(flat), bool)
+    for du in (-1, 0, 1):
+        row = p * a + np.clip(u + du, 0, a - 1)
+        for dv in (-1, 0, 1):
+            if du or dv:
+                ok &= centre >= zf[row * b + np.clip(v + dv, 0, b - 1)]
+    return ok
 
 
 def _neg_laplacian(g: np.ndarray) -> np.ndarray:
@@ -302,14 +313,14 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.nd
 
     # 2. candidates: local maxima of Z (and hence over scales) above threshold, away
     # from the border
-    cand = _local_max(z)
-    cand &= z > threshold
+    cand = z > threshold
     if b > 1:
         cand[:, :b - 1] = False
         cand[:, z.shape[1] - (b - 1):] = False
         cand[:, :, :b - 1] = False
         cand[:, :, z.shape[2] - (b - 1):] = False
     flat = np.flatnonzero(cand)  # one pass; 3-D np.nonzero is ~10x slower
+    flat = flat[_local_max_at(z, flat)]
     if len(flat) == 0:
         return np.zeros((0, 5))
     p, rest = np.divmod(flat, z.shape[1] * z.shape[2])

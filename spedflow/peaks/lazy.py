@@ -18,7 +18,7 @@ from ..io._store import check_lazy_patterns
 from ._params import PeakParams, resolve
 from .kernels import find_peaks_log, log_sigmas
 
-__all__ = ["find_peaks", "peaks_block", "TABLE_COLUMNS"]
+__all__ = ["find_peaks", "peaks_block", "scan_table", "TABLE_COLUMNS"]
 
 #: Columns of a peak table (docs/DESIGN.md).
 TABLE_COLUMNS = ("scan_y", "scan_x", "ky", "kx", "intensity")
@@ -60,6 +60,18 @@ def peaks_block(block: np.ndarray, scan_offset: tuple[int, int], params: PeakPar
     sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
     peaks = find_peaks_log(block.reshape(cy * cx, ky, kx), sig, threshold=params.threshold,
                            exclude_border=params.exclude_border)
+    return scan_table(peaks, cx, scan_offset)
+
+
+def scan_table(peaks: np.ndarray, cx: int, scan_offset: tuple[int, int]) -> np.ndarray:
+    """The peak table of a block in global scan coordinates, from :func:`find_peaks_log`'s
+    table of its flattened patterns (row-major, ``cx`` patterns per scan row).
+
+    Returns
+    -------
+    (m, 5) float32 array
+        ``[scan_y, scan_x, ky, kx, intensity]`` (see :func:`peaks_block`).
+    """
     idx = peaks[:, 0].astype(np.int64)
     out = np.empty((len(peaks), 5), np.float32)
     out[:, 0] = idx // cx + int(scan_offset[0])

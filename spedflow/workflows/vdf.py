@@ -57,15 +57,32 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
     pixel variance of counting noise on average, and on raw low-dose patterns the
     same threshold passes ~6x more noise peaks (measured on the 64 x 64 benchmark set).
     """
-    from ..peaks import peaks_block
+    from ..peaks import find_peaks_log, log_sigmas, scan_table
     from ..preprocess import kernels as pk
     from ._common import _beam_block, pattern_sum
     frames = np.asarray(block, dtype=np.float32)
     out = _beam_block(frames, offset, **beam)
-    clean = pk.shift_and_subtract(frames, _found_at(out["centres"], frames.shape[-2:]), *sigmas)
-    out["table"] = peaks_block(clean, offset, params).astype(np.float32)
-    out["dog_sum"] = pattern_sum(clean)
+    cy, cx, ky, kx = frames.shape
+    flat = frames.reshape(-1, ky, kx)
+    found = _found_at(out["centres"], (ky, kx)).reshape(-1, 2)
+    sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
+    # slab by slab, so the background-subtracted patterns are never a chunk-sized array
+    # (a fresh 33 MB array per chunk costs its page faults and evicts the cache)
+    tables, dog_sum = [], np.zeros((ky, kx))
+    for s in range(0, len(flat), _SLAB):
+        clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
+        t = find_peaks_log(clean, sig, threshold=params.threshold,
+                           exclude_border=params.exclude_border)
+        t[:, 0] += s
+        tables.append(t)
+        dog_sum += pattern_sum(clean)
+    out["table"] = scan_table(np.concatenate(tables), cx, offset)
+    out["dog_sum"] = dog_sum
     return out
+
+
+#: Patterns shifted, background-subtracted and searched for peaks at a time in pass 1.
+_SLAB = 64
 
 
 def _found_at(centres, detector_shape) -> np.ndarray:
