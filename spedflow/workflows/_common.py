@@ -256,11 +256,13 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
 def _block_task(block, offset, fn, path, kwargs):
     from threadpoolctl import threadpool_limits
 
+    from .._heap import reusing_heap
     from ._cache import save_block
     # one BLAS thread per task, as in-process runs use: the peak finder's matrix products
     # then give the same bits on any worker, and workers whose BLAS was not pinned (a
-    # bare `dask worker` here ran OpenBLAS with every core) do not oversubscribe the cores
-    with threadpool_limits(limits=1, user_api="blas"):
+    # bare `dask worker` here ran OpenBLAS with every core) do not oversubscribe the cores;
+    # batch temporaries reused from the heap (spedflow._heap)
+    with threadpool_limits(limits=1, user_api="blas"), reusing_heap():
         save_block(Path(path), **fn(block, offset, **kwargs))
     return 1
 
