@@ -222,8 +222,8 @@ def _spot_radius():
 def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     """Every stage of the VDF workflow is reachable through the public functions."""
     from spedflow import peaks, preprocess, vdf
-    from spedflow.segment import (fold_fragments, merge_vdf_segments, segments_from_labels,
-                                  watershed_stack)
+    from spedflow.segment import (drop_radial_pairs, fold_fragments, merge_vdf_segments,
+                                  segments_from_labels, watershed_stack)
 
     cfg = spedflow.load_config("vdf")
     data = spedflow.open_store(sim_store).data
@@ -284,8 +284,9 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     labels = watershed_stack(da.from_array(stored, chunks=(1, ny, nx)), cfg.watershed).compute()
     np.testing.assert_array_equal(labels, res["vdf/labels"].values)
     segments, source = segments_from_labels(stored, labels)
-    merged = fold_fragments(merge_vdf_segments(segments, source, vectors, cfg.merge), stored,
-                            cfg.merge)
+    merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
+    merged = drop_radial_pairs(merged, stored, cfg.merge, radius=vd.radius)
+    merged = fold_fragments(merged, stored, cfg.merge)
     assert len(merged.summed) == attrs["counts"]["segments"]
     np.testing.assert_allclose(merged.summed, res["segments/maps"].values, rtol=1e-5,
                                atol=1e-6 * float(merged.summed.max()))
@@ -380,7 +381,7 @@ def test_stage_packages_exported():
         "decompose": ["poisson_statistics", "normalised_matrix", "scree", "choose_n_components",
                       "nmf", "undo_normalisation", "beam_mask", "classify_components"],
         "segment_": ["watershed_image", "watershed_stack", "segments_from_labels",
-                     "merge_vdf_segments", "fold_fragments", "virtual_patterns",
+                     "merge_vdf_segments", "drop_radial_pairs", "fold_fragments", "virtual_patterns",
                      "merge_components"],
     }.items():
         mod = getattr(spedflow, pkg)

@@ -53,3 +53,17 @@ def test_annular_sums_equal_the_image_from_radial_profiles(inner, outer):
     got = annular_sums(frames, centres, inner, outer)
     assert got.shape == (4, 6)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_few_measured_beam_centres_are_warned_about(caplog):
+    from spedflow.workflows._common import found_fraction
+    m = np.full((10, 10, 2), np.nan)
+    m[:3] = 64.0  # 30 % found, all in three scan rows: the fit extrapolates
+    with caplog.at_level("WARNING", logger="spedflow"):
+        assert found_fraction(m) == pytest.approx(0.3)
+    assert "found in only 30 %" in caplog.text
+    caplog.clear()
+    m[:8] = 64.0
+    with caplog.at_level("WARNING", logger="spedflow"):
+        assert found_fraction(m) == pytest.approx(0.8)
+    assert caplog.text == ""

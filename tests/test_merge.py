@@ -465,3 +465,52 @@ def test_component_wise_complete_linkage_equals_full_matrix(seed):
         for form in (flat, sparse.csr_matrix(flat)):
             got = _complete_groups_sparse(form, canon, thr)
             assert [g.tolist() for g in got] == [g.tolist() for g in full]
+
+
+# --------------------------------------------------------------- Friedel pairs on a ring
+
+def _ring_case():
+    """Eight vectors on one ring |g| = 20 (four Friedel pairs) plus a crystal's four
+    vectors elsewhere. Images: a radially symmetric background (film, glare) lights
+    every ring vector alike over the film region F; crystal C (a disc) is bright only
+    in the images of the pair (0, 4); crystal D in its own four vectors."""
+    yy, xx = np.mgrid[:40, :40]
+    film = (xx < 26).astype(np.float32)              # F: the film, holes to the right
+    c = disc((10, 32), 5)                            # C: a crystal over a hole
+    d = disc((30, 10), 6)                            # D: a four-vector crystal
+    ang = np.arange(8) * np.pi / 4
+    ring = np.column_stack([20 * np.sin(ang), 20 * np.cos(ang)])  # i and i+4 are -g
+    vectors = np.vstack([ring, [[7.0, 31.0], [-7.0, -31.0], [31.0, -7.0], [-31.0, 7.0]]])
+    images = np.full((12, 40, 40), 0.5, np.float32)  # counting noise everywhere
+    images[:8] += 5.0 * film
+    images[[0, 4]] += 40.0 * c
+    images[8:] += 30.0 * d
+    segs = [40.0 * c, 40.0 * c, 5.0 * film, 5.0 * film] + [30.0 * d] * 4
+    src = [0, 4, 2, 6] + [8, 9, 10, 11]
+    return np.array(segs, np.float32), np.array(src), vectors, images
+
+
+def test_friedel_pair_of_a_ring_background_is_dropped_and_a_crystal_pair_kept():
+    from spedflow.segment import drop_radial_pairs
+    segs, src, vectors, images = _ring_case()
+    p = VDFMergeParams()
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    # the Friedel rule keeps both two-vector groups: the crystal's (0, 4) and the
+    # film's (2, 6), which is centrosymmetric like any radial background
+    assert sorted(tuple(m.tolist()) for m in merged.members) == [(0, 4), (2, 6), (8, 9, 10, 11)]
+    kept = drop_radial_pairs(merged, images, p, radius=2.5)
+    assert sorted(tuple(m.tolist()) for m in kept.members) == [(0, 4), (8, 9, 10, 11)]
+    i = next(k for k, m in enumerate(kept.members) if 0 in m)
+    np.testing.assert_array_equal(kept.summed[i] > 0, disc((10, 32), 5))
+    # disabled: all three; a ring with no other vector on it: kept too
+    off = VDFMergeParams(friedel_ring_contrast=0)
+    assert drop_radial_pairs(merged, images, off, radius=2.5) is merged
+    # the film pair alone on its ring (the others moved out): nothing to compare with, kept
+    far = vectors.copy()
+    far[[0, 1, 3, 4, 5, 7]] *= 1.5
+    alone = merge_vdf_segments(segs, src, far, p)
+    assert len(drop_radial_pairs(alone, images, p, radius=2.5).summed) == 3
+    with pytest.raises(InputError, match="images"):
+        drop_radial_pairs(merged, images[:5], p, radius=2.5)
+    with pytest.raises(ParameterError, match="friedel_ring_contrast"):
+        VDFMergeParams(friedel_ring_contrast=-1)

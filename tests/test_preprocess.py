@@ -218,6 +218,26 @@ def test_beam_centre_saturated_and_bright_spot_nearby():
     assert np.abs(found - true).max() < 0.1
 
 
+@pytest.mark.parametrize("glare", [3.0, 6.0])  # clipped out to ~8 and ~17 px
+def test_beam_centre_inside_a_clipped_plateau_larger_than_the_window(glare):
+    """An 8-bit camera at high dose clips the beam *and its glare* to one flat plateau
+    several times the radius passed in (the spots' radius, ``radius_of_frames``):
+    the centre is still found (the window grows past the plateau), not NaN."""
+    rng = np.random.default_rng(21)
+    shape = (96, 96)
+    true = np.column_stack([rng.uniform(44, 52, 6), rng.uniform(44, 52, 6)])
+    yy, xx = np.mgrid[:96, :96]
+    frames = []
+    for c in true:
+        d = np.hypot(yy - c[0], xx - c[1])
+        halo = 4000 * np.exp(-d / glare)  # above 255 out to 2.75 glare lengths
+        frames.append(np.minimum(rng.poisson(halo + disc(shape, c, 2.0, 5000) + 20), 255))
+    z = np.array(frames, np.float32)
+    found = kernels.beam_centres(z, 2.0)
+    assert np.isfinite(found).all()
+    assert np.abs(found - true).max() < 0.15
+
+
 def test_beam_centre_empty_pattern_is_nan():
     z = np.zeros((2, 32, 32), np.float32)
     z[1] = disc((32, 32), (15.3, 16.6), 3, 10)

@@ -34,8 +34,8 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
 
-__all__ = ["MergeResult", "merge_vdf_segments", "fold_fragments", "virtual_patterns",
-           "merge_components", "correlation_matrix"]
+__all__ = ["MergeResult", "merge_vdf_segments", "drop_radial_pairs", "fold_fragments",
+           "virtual_patterns", "merge_components", "correlation_matrix"]
 
 
 @dataclass(frozen=True)
@@ -331,6 +331,81 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         tuple(np.array(sorted(members[i]), np.int64) for i in order),
         tuple(np.array([members[i][v] for v in sorted(members[i])], np.float64) for i in order),
         tuple(segs[i] for i in order), result.vectors, result.n_groups)
+
+
+def drop_radial_pairs(result: MergeResult, images: np.ndarray,
+                      params: VDFMergeParams | None = None, *, radius: float) -> MergeResult:
+    """Drop groups kept by the Friedel rule alone whose signal is not azimuthally local.
+
+    The Friedel rule (``VDFMergeParams.friedel_tolerance``) keeps a group of fewer than
+    ``vector_threshold`` vectors when it holds a pair ``g, -g``, because noise has no
+    reason to respect that symmetry. A radially symmetric background does: the glare
+    of a clipped beam, the film's diffuse scattering, the edge of a saturated
+    plateau whose radius follows the film thickness. It lights the VDF images of
+    every vector at that ``|g|`` alike, and the watershed cuts the film from the holes
+    in each. Bragg scattering is local in azimuth: on a crystal's mask the pair's
+    images stand out from those of the other vectors at the same ``|g|``.
+
+    A group with fewer than ``params.vector_threshold`` distinct vectors is kept when
+    the on/off-mask contrast (mean inside / mean outside its mask) of the weaker of
+    its vectors' *whole* VDF images is at least ``params.friedel_ring_contrast`` times
+    the median contrast, on the same mask, of the other vectors whose ``|g|`` is within
+    ``radius`` (the VDF disc radius) of the group's mean ``|g|``. Without such vectors,
+    or with a mask of all or no pixels, the group is kept.
+
+    Parameters
+    ----------
+    result : MergeResult
+        From :func:`merge_vdf_segments`.
+    images : (N, Y, X) array_like
+        The VDF images of all vectors (``result.vectors``).
+    params : VDFMergeParams, optional
+    radius : float
+        VDF disc radius, detector pixels.
+
+    Returns
+    -------
+    MergeResult
+        The same groups in the same order, less the dropped ones.
+    """
+    params = VDFMergeParams() if params is None else params
+    images = np.asarray(images)
+    n = len(result.summed)
+    if images.ndim != 3 or images.shape[0] != len(result.vectors) \
+            or images.shape[1:] != result.summed.shape[1:]:
+        raise InputError(f"`images` must have shape ({len(result.vectors)}, "
+                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
+    if params.friedel_ring_contrast == 0:
+        return result
+    g = np.hypot(result.vectors[:, 0], result.vectors[:, 1])
+    keep = []
+    for i, mem in enumerate(result.members):
+        mask = result.summed[i] > 0
+        if mem.size >= params.vector_threshold or mask.all() or not mask.any():
+            keep.append(i)
+            continue
+        mates = np.flatnonzero(np.abs(g - g[mem].mean()) <= radius)
+        mates = mates[~np.isin(mates, mem)]
+        if mates.size == 0:
+            keep.append(i)
+            continue
+        own = min(_contrast(images[v], mask) for v in mem)
+        ring = float(np.median([_contrast(images[v], mask) for v in mates]))
+        if own >= params.friedel_ring_contrast * ring:
+            keep.append(i)
+    if len(keep) == n:
+        return result
+    return MergeResult(result.summed[keep], tuple(result.members[i] for i in keep),
+                       tuple(result.intensities[i] for i in keep),
+                       tuple(result.segment_members[i] for i in keep), result.vectors,
+                       result.n_groups)
+
+
+def _contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of a (non-negative) VDF image inside ``mask`` over its mean outside."""
+    off = float(image[~mask].mean(dtype=np.float64))
+    on = float(image[mask].mean(dtype=np.float64))
+    return on / off if off > 0 else math.inf
 
 
 #: Fragment folding: the contrast test needs at least this fraction of b outside a.

@@ -158,6 +158,16 @@ class VDFMergeParams:
         watershed only cut part of it in their images. A second crystal inside the
         first (the weak crystal over a strong one) is bright in its own vectors on its
         own part only and stays. Default 2.
+    friedel_ring_contrast : float
+        A group kept by the Friedel rule alone (fewer than ``vector_threshold``
+        vectors) must stand out from the ring it lies on
+        (:func:`~spedflow.segment.drop_radial_pairs`): the on/off-mask contrast of the
+        pair's VDF images must be at least this many times the median contrast, on
+        the same mask, of the other vectors at the same ``|g|``. A radially symmetric
+        background (the glare of a clipped beam, the film's diffuse rings) is
+        centrosymmetric too and lights every vector on its ring alike (ratio ~1);
+        Bragg scattering is local in azimuth (ratios >= 10 on the simulated sets).
+        Default 2. 0 disables the test.
     """
 
     corr_threshold: float = 0.7
@@ -167,9 +177,11 @@ class VDFMergeParams:
     pattern_sigma: float | None = None
     fragment_containment: float = 0.8
     fragment_contrast: float = 2.0
+    friedel_ring_contrast: float = 2.0
 
     def __post_init__(self):
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
+        check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)
         check_range("fragment_contrast", self.fragment_contrast, low=1)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)

@@ -400,17 +400,35 @@ def finish_beam(paths, data: da.Array, prep):
     mean = total(paths, "sum") / (ny * nx)
     if not np.isfinite(measured).any():
         raise InputError("no direct beam was found in any pattern; is this diffraction data?")
+    found = found_fraction(measured)
     if not prep.align:
         used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
         descan = {"model": "none (align = false)"}
     else:
         used, fit = pk.centres_for_alignment(measured, prep.descan)
-        descan = {"model": prep.descan}
+        descan = {"model": prep.descan, "centres_found": round(found, 4)}
         if fit is not None:
             descan.update(order=fit.order, residual_rms=fit.residual_rms,
                           noise_scale=fit.scale, outliers=fit.n_outliers,
                           coefficients=fit.coefficients.tolist())
     return measured, used, prof, mean, descan
+
+
+#: Below this fraction of patterns with a measured beam centre, the descan fit is
+#: extrapolated over most of the scan and a warning says so.
+MIN_CENTRES_FOUND = 0.5
+
+
+def found_fraction(measured: np.ndarray) -> float:
+    """Fraction of patterns whose beam centre was measured; warns below
+    :data:`MIN_CENTRES_FOUND` (the descan fit then extrapolates from the rest, and a
+    wrong beam radius is the usual cause)."""
+    ok = np.isfinite(measured).all(axis=-1)
+    frac = float(ok.mean())
+    if frac < MIN_CENTRES_FOUND:
+        log.warning("the beam centre was found in only %.0f %% of the patterns: the descan is "
+                    "extrapolated over the rest (check preprocess.beam_radius)", 100 * frac)
+    return frac
 
 
 def _sample_chunks(plan: Plan):

@@ -165,8 +165,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (fold_fragments, merge_vdf_segments, pattern_sigma, segments_from_labels,
-                           virtual_patterns, watershed_stack)
+    from ..segment import (drop_radial_pairs, fold_fragments, merge_vdf_segments, pattern_sigma,
+                           segments_from_labels, virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -228,11 +228,17 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     with timer("merge"):
         merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
+        n_groups = len(merged.summed)
+        merged = drop_radial_pairs(merged, images, cfg.merge, radius=vd.radius)
+        n_ring = n_groups - len(merged.summed)
         n_merged = len(merged.summed)
         merged = fold_fragments(merged, images, cfg.merge)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
+    if n_ring:
+        log.info("%d Friedel-pair groups dropped: no brighter than the other vectors on their ring "
+                 "(merge.friedel_ring_contrast)", n_ring)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
 
@@ -262,6 +268,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "counts": {"patterns": int(ny * nx), "peaks": int(len(peaks_table)), "vectors": int(len(vectors)),
                    "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),
                    "fragments_folded": int(n_merged - len(merged.summed)),
+                   "friedel_ring_dropped": int(n_ring),
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
