@@ -18,12 +18,13 @@ limit for good).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["reusing_heap", "call_reusing_heap"]
+__all__ = ["reusing_heap", "call_reusing_heap", "task_reusing_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -97,3 +98,13 @@ def call_reusing_heap(fn, *args, **kwargs):
     ``functools.partial(call_reusing_heap, kernel)`` tokenizes like the kernel)."""
     with reusing_heap():
         return fn(*args, **kwargs)
+
+
+def task_reusing_heap(fn):
+    """Decorator of a function that dask runs as a task: each call runs within
+    :func:`reusing_heap` (the name and module stay ``fn``'s, so it pickles by reference)."""
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        with reusing_heap():
+            return fn(*args, **kwargs)
+    return task
