@@ -8,28 +8,35 @@ in and unmapped again: on 1 GB workers pass 1 of the VDF workflow ran at half th
 of larger ones (1,054 vs 2,200 patterns/s on the 128 x 128 benchmark set).
 
 :func:`reusing_heap` raises the mmap and trim thresholds while a task runs, so those
-temporaries come from the heap and are reused, and when the last running task leaves
-it restores the process's settings and hands the free heap back to the OS
-(``malloc_trim``). The heap a task used is therefore not kept between tasks, which is
-what made the permanent settings unsafe on small workers (a worker paused at 80 % of its
-limit for good).
+temporaries come from the heap and are reused; when the last running task leaves, it
+hands the free heap back to the OS (``malloc_trim``), so the heap a task used is not kept
+between tasks -- what made permanent settings unsafe on small workers (a worker paused at
+80 % of its limit for good).
+
+After the task the thresholds go back to the values the process was started with
+(``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, as distributed's nanny sets).
+A process started without them (an in-process run, a notebook) had glibc's *dynamic*
+thresholds, which rise as large blocks are freed; any ``mallopt`` call ends that
+adaptation for good, so such a process is left at the values of
+:data:`spedflow.cluster.WORKER_MALLOC_ENV` (16 MiB / 64 MiB), about where the adaptation takes a NumPy process anyway.
+Linux with glibc only; elsewhere everything here is a no-op.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["reusing_heap", "call_reusing_heap", "task_reusing_heap"]
+__all__ = ["reusing_heap", "task_reusing_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: glibc's defaults of both thresholds (when no environment variable sets them).
-_GLIBC_DEFAULT = 128 * 1024
 #: Arrays up to this size come from the heap while a task runs (chunk-sized arrays,
 #: ~16-64 MB, stay mmapped; glibc accepts at most 32 MiB here).
 _TASK_MMAP_THRESHOLD = 16 * 2**20
@@ -41,11 +48,13 @@ _active = 0
 
 
 def _load_glibc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl and macOS do not)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl does not)
         libc.gnu_get_libc_version  # noqa: B018
-    except (OSError, AttributeError):
+    except Exception:  # noqa: BLE001 (any failure: no allocator tuning)
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
@@ -55,12 +64,26 @@ def _load_glibc():
 _libc = _load_glibc()
 
 
+#: Thresholds left in a process started without allocator settings (module notes).
+_UNSET_AFTER = {"MALLOC_MMAP_THRESHOLD_": 16 * 2**20, "MALLOC_TRIM_THRESHOLD_": 64 * 2**20}
+#: glibc's largest accepted mmap threshold (64-bit), and the largest C int.
+_MAX_MMAP = 32 * 2**20
+_MAX_INT = 2**31 - 1
+
+
 def _process_setting(name: str) -> int:
-    """The threshold this process was started with (its environment), else glibc's default."""
+    """The threshold this process was started with (its environment, in C's integer
+    syntax as glibc reads it), else the value left after a task (:data:`_UNSET_AFTER`)."""
     try:
-        return int(os.environ.get(name, _GLIBC_DEFAULT))
-    except ValueError:
-        return _GLIBC_DEFAULT
+        value = int(os.environ[name], 0)
+    except (KeyError, ValueError):
+        value = _UNSET_AFTER[name]
+    return max(0, min(value, _MAX_MMAP if name == "MALLOC_MMAP_THRESHOLD_" else _MAX_INT))
+
+
+def _set(param: int, value: int) -> None:
+    if not _libc.mallopt(param, int(value)):
+        logging.getLogger("spedflow").debug("mallopt(%d, %d) was refused", param, value)
 
 
 @contextmanager
@@ -77,10 +100,10 @@ def reusing_heap() -> Iterator[None]:
         return
     with _lock:
         if _active == 0:
-            _libc.mallopt(_M_MMAP_THRESHOLD, max(_TASK_MMAP_THRESHOLD,
-                                                 _process_setting("MALLOC_MMAP_THRESHOLD_")))
-            _libc.mallopt(_M_TRIM_THRESHOLD, max(_TASK_TRIM_THRESHOLD,
-                                                 _process_setting("MALLOC_TRIM_THRESHOLD_")))
+            _set(_M_MMAP_THRESHOLD, max(_TASK_MMAP_THRESHOLD,
+                                        _process_setting("MALLOC_MMAP_THRESHOLD_")))
+            _set(_M_TRIM_THRESHOLD, max(_TASK_TRIM_THRESHOLD,
+                                        _process_setting("MALLOC_TRIM_THRESHOLD_")))
         _active += 1
     try:
         yield
@@ -88,21 +111,16 @@ def reusing_heap() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0:
-                _libc.mallopt(_M_MMAP_THRESHOLD, _process_setting("MALLOC_MMAP_THRESHOLD_"))
-                _libc.mallopt(_M_TRIM_THRESHOLD, _process_setting("MALLOC_TRIM_THRESHOLD_"))
+                _set(_M_MMAP_THRESHOLD, _process_setting("MALLOC_MMAP_THRESHOLD_"))
+                _set(_M_TRIM_THRESHOLD, _process_setting("MALLOC_TRIM_THRESHOLD_"))
                 _libc.malloc_trim(0)
-
-
-def call_reusing_heap(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` within :func:`reusing_heap` (for dask tasks:
-    ``functools.partial(call_reusing_heap, kernel)`` tokenizes like the kernel)."""
-    with reusing_heap():
-        return fn(*args, **kwargs)
 
 
 def task_reusing_heap(fn):
     """Decorator of a function that dask runs as a task: each call runs within
-    :func:`reusing_heap` (the name and module stay ``fn``'s, so it pickles by reference)."""
+    :func:`reusing_heap`. The wrapper keeps ``fn``'s name (task names in the dashboard).
+    Used as a decorator it replaces ``fn`` in its module and pickles by reference; a
+    wrapper stored under another name is pickled by value (cloudpickle does that)."""
     @functools.wraps(fn)
     def task(*args, **kwargs):
         with reusing_heap():

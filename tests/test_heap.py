@@ -41,16 +41,22 @@ _SCRIPT = textwrap.dedent("""
         out["rss_inside"] = rss()
         del keep
     out["rss_after"] = rss()
+    f0 = faults(); churn(); out["after_faults"] = faults() - f0
     out["active"] = _heap._active
     print(json.dumps(out))
 """)
 
 
-def test_task_temporaries_reuse_the_heap_and_it_is_returned_after():
-    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+def _run(**settings):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(settings)
     res = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_task_temporaries_reuse_the_heap_and_it_is_returned_after():
+    out = _run(MALLOC_TRIM_THRESHOLD_="0x10000")  # distributed's worker setting
     # every 1 MB temporary is a fresh mmap (256 pages) without; reused with
     assert out["plain_faults"] > 200 * 200
     assert out["reuse_faults"] < out["plain_faults"] / 20
@@ -58,6 +64,16 @@ def test_task_temporaries_reuse_the_heap_and_it_is_returned_after():
     assert out["rss_inside"] - out["rss_before"] > 190 * 2**20
     assert out["rss_after"] - out["rss_before"] < 20 * 2**20
     assert out["active"] == 0
+    # the worker's own setting is back after the task: fresh mmaps again
+    assert out["after_faults"] > out["plain_faults"] / 2
+
+
+def test_a_process_without_allocator_settings_keeps_reusing_its_heap():
+    """glibc's dynamic thresholds end with the first mallopt; such a process is left at
+    16 MiB / 64 MiB instead of glibc's static 128 kB (every 1 MB temporary a fresh mmap)."""
+    out = _run()
+    assert out["after_faults"] < out["plain_faults"] / 20 + 1000
+    assert out["rss_after"] - out["rss_before"] < 20 * 2**20
 
 
 def test_nested_and_failing_tasks_restore_the_count():
@@ -67,5 +83,6 @@ def test_nested_and_failing_tasks_restore_the_count():
                 assert _heap._active == 2
                 1 / 0
     assert _heap._active == 0
-    assert _heap.call_reusing_heap(sum, [1, 2, 3]) == 6
+    assert _heap.task_reusing_heap(sum)([1, 2, 3]) == 6
+    assert _heap.task_reusing_heap(sum).__name__ == "sum"
     assert _heap._active == 0

@@ -510,6 +510,15 @@ def test_friedel_pair_of_a_ring_background_is_dropped_and_a_crystal_pair_kept():
     far[[0, 1, 3, 4, 5, 7]] *= 1.5
     alone = merge_vdf_segments(segs, src, far, p)
     assert len(drop_radial_pairs(alone, images, p, radius=2.5).summed) == 3
+    # VDF images are exactly 0 off their spots after the DoG (no noise floor), and
+    # vectors of other crystals on the ring may show nothing at all: still decided
+    dark = images - 0.5
+    kept = drop_radial_pairs(merged, dark, p, radius=2.5)
+    assert sorted(tuple(m.tolist()) for m in kept.members) == [(0, 4), (8, 9, 10, 11)]
+    empty = images.copy()
+    empty[[1, 3, 5, 7]] = 0  # ring vectors that show nothing: contrast 0, not 0 / 0
+    kept = drop_radial_pairs(merged, empty, p, radius=2.5)
+    assert (0, 4) in [tuple(m.tolist()) for m in kept.members]
     with pytest.raises(InputError, match="images"):
         drop_radial_pairs(merged, images[:5], p, radius=2.5)
     with pytest.raises(ParameterError, match="friedel_ring_contrast"):

@@ -131,3 +131,33 @@ def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
     assert attrs["resolved"]["beam_radius"] < 3.0
     score = evaluate(out, store)
     assert score["recall"] >= 0.6 and score["precision"] >= 0.6, score
+
+
+def test_pass1_slabs_give_the_peaks_of_the_whole_chunk(tmp_path):
+    """Pass 1 shifts, subtracts and searches a chunk 64 patterns at a time: its table
+    (pattern indices offset per slab, then scan coordinates) equals the peaks of the
+    whole chunk's background-subtracted patterns, on a chunk of 132 patterns."""
+    from spedflow.peaks import PeakParams, peaks_block
+    from spedflow.peaks import resolve as resolve_peaks
+    from spedflow.preprocess import PreprocessParams, kernels
+    from spedflow.preprocess import resolve as resolve_pre
+    from spedflow.workflows import vdf as V
+    store = spedflow.simulate(tmp_path / "s.zarr", scan=(12, 11), detector=64, crystals=4,
+                              seed=3, progress=False)
+    block = np.asarray(spedflow.open_store(store).data, np.float32)
+    assert block.shape[0] * block.shape[1] > 2 * V._SLAB
+    r = 1.5
+    prep = resolve_pre(PreprocessParams(), r)
+    pk = resolve_peaks(PeakParams(), r, detector_shape=(64, 64))
+    n_bins = int(np.ceil(np.hypot(64, 64) / 2))
+    out = V._beam_peaks_block(block, (5, 7), params=pk,
+                              sigmas=(prep.dog_sigma_low, prep.dog_sigma_high),
+                              beam=dict(beam_radius=r, reference=None, n_bins=n_bins,
+                                        max_radius=16, annulus=(2 * r, n_bins)))
+    clean = kernels.shift_and_subtract(block, V._found_at(out["centres"], (64, 64)),
+                                       prep.dog_sigma_low, prep.dog_sigma_high)
+    ref = peaks_block(clean, (5, 7), pk)
+    assert len(ref) > 100
+    np.testing.assert_array_equal(out["table"], ref)
+    np.testing.assert_allclose(out["dog_sum"], clean.sum(axis=(0, 1), dtype=np.float64),
+                               rtol=1e-5)

@@ -18,7 +18,7 @@ from ..io._store import check_lazy_patterns
 from ._params import PeakParams, resolve
 from .kernels import find_peaks_log, log_sigmas
 
-__all__ = ["find_peaks", "peaks_block", "scan_table", "TABLE_COLUMNS"]
+__all__ = ["find_peaks", "peaks_block", "TABLE_COLUMNS"]
 
 #: Columns of a peak table (docs/DESIGN.md).
 TABLE_COLUMNS = ("scan_y", "scan_x", "ky", "kx", "intensity")
@@ -52,19 +52,25 @@ def peaks_block(block: np.ndarray, scan_offset: tuple[int, int], params: PeakPar
         ``[scan_y, scan_x, ky, kx, intensity]``: global scan pixel, sub-pixel
         absolute detector position (px), integrated spot intensity (data units).
     """
-    params = _check_params(params)
     block = np.asarray(block)
     if block.ndim != 4:
         raise InputError(f"`block` must be 4-D (scan_y, scan_x, ky, kx); got shape {block.shape}")
     cy, cx, ky, kx = block.shape
+    return scan_table(flat_peaks(block.reshape(cy * cx, ky, kx), params), cx, scan_offset)
+
+
+def flat_peaks(frames: np.ndarray, params: PeakParams) -> np.ndarray:
+    """:func:`find_peaks_log` of ``(n, ky, kx)`` patterns with the scales, threshold and
+    border of ``params`` (resolved): the table ``[pattern_index, ky, kx, intensity,
+    sigma]``. The VDF workflow's pass 1 calls it slab by slab."""
+    params = _check_params(params)
     sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
-    peaks = find_peaks_log(block.reshape(cy * cx, ky, kx), sig, threshold=params.threshold,
-                           exclude_border=params.exclude_border)
-    return scan_table(peaks, cx, scan_offset)
+    return find_peaks_log(frames, sig, threshold=params.threshold,
+                          exclude_border=params.exclude_border)
 
 
 def scan_table(peaks: np.ndarray, cx: int, scan_offset: tuple[int, int]) -> np.ndarray:
-    """The peak table of a block in global scan coordinates, from :func:`find_peaks_log`'s
+    """The peak table of a block in global scan coordinates, from :func:`flat_peaks`'
     table of its flattened patterns (row-major, ``cx`` patterns per scan row).
 
     Returns

@@ -16,7 +16,8 @@ Conventions
   (the circulant matrix of the periodised Gaussian, one BLAS product per axis over a
   batch of patterns; for the wide background Gaussian, which keeps only a few
   frequencies, its low-rank factors) on detectors up to ``_MATRIX_MAX_SIDE`` px, and
-  with FFTs on larger ones; both give the same numbers to float32 rounding.
+  with FFTs on larger ones; both give the same blurs to float32 rounding (the DoG's
+  ``G_low > G_high`` mask can then differ at pixels where the two tie).
 * Sub-pixel shifts are bilinear interpolation, equal to
   ``scipy.ndimage.shift(order=1, mode="constant")``: pixels whose source lies outside
   the detector are 0. Not Fourier shifts: a saturated direct beam is far from
@@ -41,7 +42,7 @@ __all__ = [
 
 #: Width of the radial bins of the beam profile, detector pixels.
 PROFILE_BIN = 0.25
-#: Patterns per batch in the FFT kernels (keeps the working set in cache).
+#: Patterns per batch of the FFT and beam kernels (keeps the working set in cache).
 _BATCH = 64
 #: Relative size below which a Gaussian transfer function counts as zero.
 _TRANSFER_EPS = 1e-7
@@ -179,7 +180,7 @@ def _shifts_to_centre(centres: np.ndarray, shape) -> np.ndarray:
     return np.array([ky // 2, kx // 2], dtype=np.float64) - c
 
 
-def _fft_pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None = None):
+def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None = None):
     """Shared body of the shift and DoG kernels: optional shift, optional DoG, one pass
     per batch. ``matrices``: blur by matrix products (None: on detectors up to
     ``_MATRIX_MAX_SIDE`` px), else by FFTs."""
@@ -332,7 +333,7 @@ def shift_patterns(frames: np.ndarray, centres: np.ndarray) -> np.ndarray:
         Bilinear sub-pixel shift (``scipy.ndimage.shift(order=1, mode="constant")``);
         pixels whose source lies outside the detector are 0. Integer shifts are exact.
     """
-    return _fft_pipeline(frames, centres, None, None)
+    return _pipeline(frames, centres, None, None)
 
 
 def subtract_background_dog(frames: np.ndarray, sigma_low: float,
@@ -352,12 +353,12 @@ def subtract_background_dog(frames: np.ndarray, sigma_low: float,
     -------
     (..., ky, kx) ndarray of float32
     """
-    return _fft_pipeline(frames, None, sigma_low, sigma_high)
+    return _pipeline(frames, None, sigma_low, sigma_high)
 
 
 def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low: float,
                        sigma_high: float) -> np.ndarray:
-    """Align and remove the background in one pass (one forward FFT per pattern).
+    """Align and remove the background in one pass over each batch.
 
     Equals :func:`subtract_background_dog` of the shifted patterns (:func:`shift_patterns`),
     with the pixels whose source lies outside the detector set to 0 afterwards.
@@ -374,7 +375,7 @@ def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low
     -------
     (..., ky, kx) ndarray of float32
     """
-    return _fft_pipeline(frames, centres, sigma_low, sigma_high)
+    return _pipeline(frames, centres, sigma_low, sigma_high)
 
 
 # ------------------------------------------------------------------- beam centre
@@ -422,7 +423,7 @@ def _refine_centres(stack: np.ndarray, centres: np.ndarray, radius: float,
     """
     c = _refine_window(stack, centres, radius, n_iter)
     ky, kx = stack.shape[-2:]
-    r = float(radius)
+    r = max(float(radius), 0.5)
     todo = np.flatnonzero(_window_clipped(stack, centres, r))
     while todo.size and 2 * r <= min(ky, kx) / 4:
         r *= 2
@@ -435,13 +436,16 @@ def _refine_centres(stack: np.ndarray, centres: np.ndarray, radius: float,
 
 
 def _window_clipped(stack: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
-    """Patterns whose refinement square around ``centres`` is flat (lower quartile =
-    maximum): the window lies inside a clipped plateau, every weight would be 0."""
+    """Patterns whose refinement square around ``centres`` is flat at the pattern's
+    maximum (lower quartile = maximum > 0): the window lies inside a clipped plateau and
+    every weight would be 0. Dark (all-zero) windows are not plateaus."""
     ok = np.isfinite(centres).all(1)
     base = np.where(ok[:, None], np.rint(np.nan_to_num(centres)), 0).astype(np.int64)
     win, _, _, _ = _gather_windows(stack, base, int(np.ceil(radius + 2.5)))
     flat = win.reshape(len(win), -1)
-    return ok & (np.percentile(flat, 25, axis=1) >= flat.max(axis=1))
+    top = flat.max(axis=1)
+    peak = stack.reshape(len(stack), -1).max(axis=1)
+    return ok & (top > 0) & (top >= peak) & (np.percentile(flat, 25, axis=1) >= top)
 
 
 def _refine_window(stack: np.ndarray, centres: np.ndarray, radius: float,

@@ -18,13 +18,11 @@ Typical sequence (the workflow layer computes the small intermediate results)::
 
 from __future__ import annotations
 
-import functools
-
 import dask
 import dask.array as da
 import numpy as np
 
-from .._heap import call_reusing_heap
+from .._heap import task_reusing_heap
 from ..errors import ParameterError
 from . import kernels
 from ._params import PreprocessParams
@@ -35,10 +33,11 @@ __all__ = ["bin_nav", "beam_centres", "estimate_beam_radius", "shift_patterns", 
 
 # ---------------------------------------------------------------------- validation
 
-def _task(kernel):
-    """The kernel as a dask task function that reuses the heap for its batch
-    temporaries (:mod:`spedflow._heap`)."""
-    return functools.partial(call_reusing_heap, kernel)
+# the kernels as dask task functions that reuse the heap for their batch temporaries
+# (spedflow._heap); they keep the kernels' names
+_shift_patterns = task_reusing_heap(kernels.shift_patterns)
+_subtract_background_dog = task_reusing_heap(kernels.subtract_background_dog)
+_shift_and_subtract = task_reusing_heap(kernels.shift_and_subtract)
 
 
 def _check_data(data, name: str = "data") -> da.Array:
@@ -215,7 +214,7 @@ def shift_patterns(data: da.Array, centres) -> da.Array:
     """
     data = _check_data(data)
     c = _check_centres(centres, data)
-    return da.blockwise(_task(kernels.shift_patterns), "ijkl", data, "ijkl",
+    return da.blockwise(_shift_patterns, "ijkl", data, "ijkl",
                         _centres_like(c, data), "ijm", concatenate=True,
                         dtype=np.float32, meta=_META4)
 
@@ -239,7 +238,7 @@ def subtract_background_dog(data: da.Array, sigma_low: float, sigma_high: float)
     """
     data = _check_data(data)
     _check_sigmas(sigma_low, sigma_high)
-    return data.map_blocks(_task(kernels.subtract_background_dog), dtype=np.float32, meta=_META4,
+    return data.map_blocks(_subtract_background_dog, dtype=np.float32, meta=_META4,
                            sigma_low=float(sigma_low), sigma_high=float(sigma_high))
 
 
@@ -270,9 +269,9 @@ def preprocess(data: da.Array, centres_used, params: PreprocessParams) -> da.Arr
     _check_sigmas(params.dog_sigma_low, params.dog_sigma_high)
     kw = dict(sigma_low=float(params.dog_sigma_low), sigma_high=float(params.dog_sigma_high))
     if not params.align:
-        return data.map_blocks(_task(kernels.subtract_background_dog), dtype=np.float32,
+        return data.map_blocks(_subtract_background_dog, dtype=np.float32,
                                meta=_META4, **kw)
     c = _check_centres(centres_used, data, "centres_used")
-    return da.blockwise(_task(kernels.shift_and_subtract), "ijkl", data, "ijkl",
+    return da.blockwise(_shift_and_subtract, "ijkl", data, "ijkl",
                         _centres_like(c, data), "ijm", concatenate=True,
                         dtype=np.float32, meta=_META4, **kw)

@@ -386,7 +386,7 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
             continue
         mates = np.flatnonzero(np.abs(g - g[mem].mean()) <= radius)
         mates = mates[~np.isin(mates, mem)]
-        if mates.size == 0:
+        if mates.size < _MIN_RING_MATES:  # too few to say what the ring looks like
             keep.append(i)
             continue
         own = min(_contrast(images[v], mask) for v in mem)
@@ -401,11 +401,22 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
                        result.n_groups)
 
 
+#: Fewer vectors than this on a Friedel pair's ring: :func:`drop_radial_pairs` keeps it.
+_MIN_RING_MATES = 3
+#: Floor of the off-mask mean in :func:`_contrast`, relative to the image's mean: DoG
+#: images are exactly 0 in the holes, and 0 / 0 or x / 0 must not decide anything.
+_CONTRAST_FLOOR = 1e-3
+
+
 def _contrast(image: np.ndarray, mask: np.ndarray) -> float:
-    """Mean of a (non-negative) VDF image inside ``mask`` over its mean outside."""
+    """Mean of a (non-negative) VDF image inside ``mask`` over its mean outside (the
+    latter floored at ``_CONTRAST_FLOOR`` times the image's mean); 0 for an empty image."""
+    level = float(image.mean(dtype=np.float64))
+    if level <= 0:
+        return 0.0
     off = float(image[~mask].mean(dtype=np.float64))
     on = float(image[mask].mean(dtype=np.float64))
-    return on / off if off > 0 else math.inf
+    return on / max(off, _CONTRAST_FLOOR * level)
 
 
 #: Fragment folding: the contrast test needs at least this fraction of b outside a.

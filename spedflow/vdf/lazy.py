@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-
 import dask.array as da
 import numpy as np
 
-from .._heap import call_reusing_heap
+from .._heap import task_reusing_heap
 from ..io._store import check_lazy_patterns
 from .kernels import annulus_mask, apply_masks, disc_masks
 
 __all__ = ["vdf_images", "annular_vdf"]
+
+#: apply_masks as a dask task function reusing the heap (spedflow._heap)
+_apply_masks = task_reusing_heap(apply_masks)
 
 
 def _check_data(data) -> None:
@@ -20,7 +21,7 @@ def _check_data(data) -> None:
 
 def _masked_sums(data: da.Array, masks) -> da.Array:
     n = masks.shape[1]
-    return data.map_blocks(functools.partial(call_reusing_heap, apply_masks), masks, drop_axis=(2, 3), new_axis=2,
+    return data.map_blocks(_apply_masks, masks, drop_axis=(2, 3), new_axis=2,
                            chunks=data.chunks[:2] + ((n,),), dtype=np.float32,
                            meta=np.empty((0, 0, 0), np.float32))
 

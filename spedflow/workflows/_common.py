@@ -324,7 +324,7 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
 
 def pattern_sum(frames: np.ndarray) -> np.ndarray:
     """(ky, kx) float64 sum of a block's patterns (one BLAS product; float32 partial
-    sums over one chunk, ~1e-6 relative, then float64 across chunks)."""
+    sums over the block, ~1e-6 relative, then float64 across blocks)."""
     ky, kx = frames.shape[-2:]
     f = np.asarray(frames, dtype=np.float32).reshape(-1, ky * kx)
     return (np.ones(len(f), np.float32) @ f).astype(np.float64).reshape(ky, kx)
@@ -400,11 +400,11 @@ def finish_beam(paths, data: da.Array, prep):
     mean = total(paths, "sum") / (ny * nx)
     if not np.isfinite(measured).any():
         raise InputError("no direct beam was found in any pattern; is this diffraction data?")
-    found = found_fraction(measured)
     if not prep.align:
         used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
         descan = {"model": "none (align = false)"}
     else:
+        found = found_fraction(measured)
         used, fit = pk.centres_for_alignment(measured, prep.descan)
         descan = {"model": prep.descan, "centres_found": round(found, 4)}
         if fit is not None:

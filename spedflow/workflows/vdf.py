@@ -57,7 +57,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
     pixel variance of counting noise on average, and on raw low-dose patterns the
     same threshold passes ~6x more noise peaks (measured on the 64 x 64 benchmark set).
     """
-    from ..peaks import find_peaks_log, log_sigmas, scan_table
+    from ..peaks.lazy import flat_peaks, scan_table
     from ..preprocess import kernels as pk
     from ._common import _beam_block, pattern_sum
     frames = np.asarray(block, dtype=np.float32)
@@ -65,14 +65,12 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
     cy, cx, ky, kx = frames.shape
     flat = frames.reshape(-1, ky, kx)
     found = _found_at(out["centres"], (ky, kx)).reshape(-1, 2)
-    sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
     # slab by slab, so the background-subtracted patterns are never a chunk-sized array
     # (a fresh 33 MB array per chunk costs its page faults and evicts the cache)
     tables, dog_sum = [], np.zeros((ky, kx))
     for s in range(0, len(flat), _SLAB):
         clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
-        t = find_peaks_log(clean, sig, threshold=params.threshold,
-                           exclude_border=params.exclude_border)
+        t = flat_peaks(clean, params)
         t[:, 0] += s
         tables.append(t)
         dog_sum += pattern_sum(clean)
