@@ -386,7 +386,7 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
             continue
         mates = np.flatnonzero(np.abs(g - g[mem].mean()) <= radius)
         mates = mates[~np.isin(mates, mem)]
-        if mates.size < _MIN_RING_MATES:  # too few to say what the ring looks like
+        if mates.size == 0:  # nothing to compare with
             keep.append(i)
             continue
         own = min(_contrast(images[v], mask) for v in mem)
@@ -401,8 +401,6 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
                        result.n_groups)
 
 
-#: Fewer vectors than this on a Friedel pair's ring: :func:`drop_radial_pairs` keeps it.
-_MIN_RING_MATES = 3
 #: Floor of the off-mask mean in :func:`_contrast`, relative to the image's mean: DoG
 #: images are exactly 0 in the holes, and 0 / 0 or x / 0 must not decide anything.
 _CONTRAST_FLOOR = 1e-3
