@@ -26,7 +26,6 @@ import uuid
 
 import numpy as np
 
-from .._heap import task_reusing_heap
 from ..errors import InputError, ParameterError
 from ._params import NMFParams
 from ._scree import randomized_svd
@@ -39,7 +38,6 @@ _FAN_IN = 8
 
 
 # ---------------------------------------------------------------- kernels (pure numpy)
-@task_reusing_heap
 def nmf_block_update(x: np.ndarray, w: np.ndarray, h: np.ndarray, hht: np.ndarray,
                      sweeps: int = 2):
     """Update the loadings of one row chunk and return its statistics.

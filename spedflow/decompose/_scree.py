@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._heap import task_reusing_heap
 from ..config import check_range
 from ..errors import InputError, ParameterError
 
@@ -71,7 +70,6 @@ def _as_dask_matrix(matrix):
     return matrix
 
 
-@task_reusing_heap
 def _project_block(x, row0, mean, flip_seeds, mats, left):
     """Kernel of one pass over a row block, for several variants of the matrix at once.
 

@@ -17,7 +17,6 @@ import dask.array as da
 import numpy as np
 
 from .. import cluster
-from .._heap import task_reusing_heap
 from ..decompose import NMFParams, ResidualParams, ScreeParams
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
@@ -398,21 +397,18 @@ def _matrix(store):
     return zarr.open_array(store, path="x", mode="r")
 
 
-@task_reusing_heap
 def _screen_task(store, blk, halo, w_pad, h, a_pad, b, window, min_counts):
     from ..decompose import _residual as R
     return R.residual_screen_block(_padded(_matrix(store), *blk, halo), w_pad, h, a_pad, b,
                                    window=window, min_counts=min_counts)
 
 
-@task_reusing_heap
 def _rows_task(store, blk, w_blk, h, sel):
     from ..decompose import _residual as R
     y0, y1, x0, x1 = blk
     return R.residual_rows_block(_matrix(store)[y0:y1, x0:x1], w_blk, h, sel)
 
 
-@task_reusing_heap
 def _patterns_task(store, blk, w_blk, h, w2_blk):
     from ..decompose import _residual as R
     y0, y1, x0, x1 = blk
