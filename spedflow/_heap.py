@@ -25,22 +25,15 @@ Linux with glibc only; elsewhere everything here is a no-op.
 from __future__ import annotations
 
 import ctypes
-<<<<<<< HEAD
 import functools
 import logging
-=======
->>>>>>> parent of 6e19a0f (NMF tasks (block updates, scree projections, residual screen/rows/patterns) run within reusing_heap too (spedflow._heap.task_reusing_heap))
 import os
 import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-<<<<<<< HEAD
 __all__ = ["reusing_heap", "task_reusing_heap"]
-=======
-__all__ = ["reusing_heap", "call_reusing_heap"]
->>>>>>> parent of 6e19a0f (NMF tasks (block updates, scree projections, residual screen/rows/patterns) run within reusing_heap too (spedflow._heap.task_reusing_heap))
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -123,7 +116,6 @@ def reusing_heap() -> Iterator[None]:
                 _libc.malloc_trim(0)
 
 
-<<<<<<< HEAD
 def task_reusing_heap(fn):
     """Decorator of a function that dask runs as a task: each call runs within
     :func:`reusing_heap`. The wrapper keeps ``fn``'s name (task names in the dashboard).
@@ -134,10 +126,3 @@ def task_reusing_heap(fn):
         with reusing_heap():
             return fn(*args, **kwargs)
     return task
-=======
-def call_reusing_heap(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` within :func:`reusing_heap` (for dask tasks:
-    ``functools.partial(call_reusing_heap, kernel)`` tokenizes like the kernel)."""
-    with reusing_heap():
-        return fn(*args, **kwargs)
->>>>>>> parent of 6e19a0f (NMF tasks (block updates, scree projections, residual screen/rows/patterns) run within reusing_heap too (spedflow._heap.task_reusing_heap))
