@@ -100,6 +100,7 @@ class Suite:
         path = self.results / f"{name}.json"
         # a run of some methods only (--methods vdf) keeps the other methods' rows of the
         # existing file, marked with the run that produced them, and the replaced rows
+        # (reference, weak and strong scaling)
         if name == "reference" and "methods" in obj and path.exists():
             old = json.loads(path.read_text())
             self._merge_earlier(obj, old, (old.get("methods") or {}).items(),
@@ -107,12 +108,14 @@ class Suite:
             earlier = old.get("earlier_notes", []) + ([old["notes"]] if old.get("notes") else [])
             if earlier:
                 obj["earlier_notes"] = earlier
-        if name == "weak_scaling" and "rows" in obj and path.exists():
+        if name in ("weak_scaling", "strong_scaling") and "rows" in obj and path.exists():
             old = json.loads(path.read_text())
             self._merge_earlier(obj, old, ((r.get("method"), r) for r in old.get("rows", [])),
                                 lambda m, row: obj["rows"].append(row))
-            obj["rows"].sort(key=lambda r: (r.get("scan", 0), r.get("method", "")))
-            obj["summary"] = S.summarise_weak(obj["rows"])
+            obj["rows"].sort(key=lambda r: (r.get("scan", 0), r.get("method", ""),
+                                            r.get("workers", 0)))
+            if name == "weak_scaling":
+                obj["summary"] = S.summarise_weak(obj["rows"])
             if old.get("note") and old.get("note") != obj.get("note"):
                 obj["earlier_note"] = old["note"]
         return M.write_json(path, obj)

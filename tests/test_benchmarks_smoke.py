@@ -126,3 +126,23 @@ def test_quality_benchmark_keeps_the_rows_it_did_not_rerun(tmp_path):
         ("small", "vdf", 0.5, True), ("small", "nmf", 0.5, True),
         ("mgo", "vdf", 0.9, False), ("mgo", "nmf", 0.5, True)]
     assert bench_quality.merge_earlier([], tmp_path / "absent.json") == []
+
+
+@pytest.mark.parametrize("step", ["strong_scaling", "weak_scaling"])
+def test_scaling_rerun_keeps_other_methods_and_files_the_replaced_rows(tmp_path, step):
+    """A re-run of one method keeps the other method's rows (marked carried over) and
+    files its own earlier rows under superseded_<method>_rows instead of dropping them."""
+    suite = run_all.Suite("smoke", tmp_path / "work", tmp_path / "results", methods=("vdf",))
+    path = suite.results / f"{step}.json"
+    path.write_text(json.dumps({"written": "earlier", "rows": [
+        {"method": "vdf", "workers": 2, "scan": 8, "gb": 0.1, "wall_s": 9.0, "cpu_s": 9.0,
+         "peak_rss_mb": 1.0},
+        {"method": "nmf", "workers": 2, "scan": 8, "gb": 0.1, "wall_s": 20.0, "cpu_s": 20.0,
+         "peak_rss_mb": 1.0}]}))
+    new = {"method": "vdf", "workers": 2, "scan": 8, "gb": 0.1, "wall_s": 5.0, "cpu_s": 5.0,
+           "peak_rss_mb": 1.0}
+    suite.save(step, {"rows": [new]}, time.perf_counter(), [0.0, 0.0, 0.0])
+    d = json.loads(path.read_text())
+    assert sorted((r["method"], r["wall_s"]) for r in d["rows"]) == [("nmf", 20.0), ("vdf", 5.0)]
+    assert next(r for r in d["rows"] if r["method"] == "nmf")["carried_over_from"]
+    assert [r["wall_s"] for r in d["superseded_vdf_rows"]] == [9.0]
