@@ -196,7 +196,7 @@ def test_beam_centre_of_discs(radius):
     # without a radius: provisional centres (radius from the mean pattern, which the
     # +-6 px spread of these beams smears), then radius, then final centres
     c0 = kernels.beam_centres(z)
-    assert np.abs(c0 - true).max() < 0.6
+    assert np.abs(c0 - true).max() < 0.65  # the converged centre of a window of that radius
     r = kernels.estimate_beam_radius(z, c0)
     assert abs(r - radius) < 0.1 * radius
     assert np.abs(kernels.beam_centres(z, r) - true).max() < 0.1
@@ -218,11 +218,12 @@ def test_beam_centre_saturated_and_bright_spot_nearby():
     assert np.abs(found - true).max() < 0.1
 
 
-@pytest.mark.parametrize("glare", [3.0, 6.0])  # clipped out to ~8 and ~17 px
+@pytest.mark.parametrize("glare", [1.0, 2.0, 3.0, 6.0])  # clipped out to ~3, 6, 8, 17 px
 def test_beam_centre_inside_a_clipped_plateau_larger_than_the_window(glare):
     """An 8-bit camera at high dose clips the beam *and its glare* to one flat plateau
-    several times the radius passed in (the spots' radius, ``radius_of_frames``):
-    the centre is still found (the window grows past the plateau), not NaN."""
+    up to several times the radius passed in (the spots' radius, ``radius_of_frames``):
+    the centre is still found to sub-pixel precision (the window grows past the
+    plateau), not NaN (plateau filling the window) nor ~1 px off (filling ~75 % of it)."""
     rng = np.random.default_rng(21)
     shape = (96, 96)
     true = np.column_stack([rng.uniform(44, 52, 6), rng.uniform(44, 52, 6)])
