@@ -382,19 +382,21 @@ def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low
 
 # ------------------------------------------------------------------- beam centre
 
-def _gather_windows(stack: np.ndarray, base: np.ndarray, half: int):
-    """(N, w, w) windows of ``stack`` around integer ``base`` (N, 2), w = 2 half + 1.
+def _gather_windows(stack: np.ndarray, base: np.ndarray, half: int, rows=None):
+    """(N, w, w) windows of ``stack`` around integer ``base`` (N, 2), w = 2 half + 1,
+    of the patterns ``rows`` (indices into ``stack``; default all of them, in order).
 
     Returns the windows, their row and column coordinates (N, w) and a (N, w, w) mask
     of the pixels that lie on the detector (outside ones read as 0).
     """
-    n, ky, kx = stack.shape
+    _, ky, kx = stack.shape
+    rows = np.arange(len(base)) if rows is None else np.asarray(rows)
     off = np.arange(-half, half + 1)
     iy = base[:, 0:1] + off[None, :]
     ix = base[:, 1:2] + off[None, :]
     vy = (iy >= 0) & (iy < ky)
     vx = (ix >= 0) & (ix < kx)
-    win = stack[np.arange(n)[:, None, None], np.clip(iy, 0, ky - 1)[:, :, None],
+    win = stack[rows[:, None, None], np.clip(iy, 0, ky - 1)[:, :, None],
                 np.clip(ix, 0, kx - 1)[:, None, :]]
     valid = vy[:, :, None] & vx[:, None, :]
     return np.where(valid, win, 0), iy, ix, valid
@@ -430,8 +432,8 @@ def _refine_centres(stack: np.ndarray, centres: np.ndarray, radius: float,
     todo = np.flatnonzero(_plateau_outgrows(stack, centres, r))
     while todo.size and 2 * r <= min(ky, kx) / 4:
         r *= 2  # the largest window reached is kept for what still outgrows it
-        c[todo] = _refine_window(stack[todo], centres[todo], r, n_iter)
-        todo = todo[_plateau_outgrows(stack[todo], centres[todo], r)]
+        c[todo] = _refine_window(stack, centres[todo], r, n_iter, rows=todo)
+        todo = todo[_plateau_outgrows(stack, centres[todo], r, rows=todo)]
     return c
 
 
@@ -439,29 +441,35 @@ def _refine_centres(stack: np.ndarray, centres: np.ndarray, radius: float,
 _MIN_PLATEAU = 5
 
 
-def _plateau_outgrows(stack: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
+def _plateau_outgrows(stack: np.ndarray, centres: np.ndarray, radius: float,
+                      rows=None) -> np.ndarray:
     """Patterns with a clipped plateau that the refinement window of ``radius`` does not
     reach past: at least ``_MIN_PLATEAU`` pixels of the square around ``centres`` are at
     the pattern's maximum (> 0), and the disc of their area comes within 1 px of the
-    window's edge (``radius + 1.5``). Dark (all-zero) patterns have no plateau."""
+    window's edge (``radius + 1.5``). Dark (all-zero) patterns have no plateau.
+    ``rows``: the patterns of ``stack`` that ``centres`` belong to (default all)."""
+    rows = np.arange(len(stack)) if rows is None else np.asarray(rows)
     ok = np.isfinite(centres).all(1)
     base = np.where(ok[:, None], np.rint(np.nan_to_num(centres)), 0).astype(np.int64)
-    win, _, _, _ = _gather_windows(stack, base, int(np.ceil(radius + 2.5)))
-    peak = stack.reshape(len(stack), -1).max(axis=1)
+    win, _, _, _ = _gather_windows(stack, base, int(np.ceil(radius + 2.5)), rows=rows)
+    peak = np.array([stack[i].max() for i in rows]) if len(rows) < len(stack) \
+        else stack.reshape(len(stack), -1).max(axis=1)
     n = np.count_nonzero(win >= peak[:, None, None], axis=(1, 2))
     return ok & (peak > 0) & (n >= _MIN_PLATEAU) & (np.sqrt(n / np.pi) > radius + 0.5)
 
 
 def _refine_window(stack: np.ndarray, centres: np.ndarray, radius: float,
-                   n_iter: int = _REFINE_MAX_ITER) -> np.ndarray:
+                   n_iter: int = _REFINE_MAX_ITER, rows=None) -> np.ndarray:
     """:func:`_refine_centres` with a window of fixed ``radius``.
 
     Each pattern is iterated until its centre moves by less than 1e-4 px (at most
     ``n_iter`` times); the ones that have converged drop out. Most converge in a few
     steps, but where the disc is larger than the window (a clipped beam whose glare
     the spots' radius does not cover) each step moves only ~5 % of the remaining way:
-    on the real ASTAR patterns 12 steps stopped 0.34 px short.
+    on the real ASTAR patterns 12 steps stopped 0.34 px short. ``rows``: the patterns
+    of ``stack`` that ``centres`` belong to (default all).
     """
+    rows = np.arange(len(stack)) if rows is None else np.asarray(rows)
     half = int(np.ceil(radius + 2.5))
     edge = radius + 1.5
     c = np.array(centres, dtype=np.float64, copy=True)
@@ -472,7 +480,7 @@ def _refine_window(stack: np.ndarray, centres: np.ndarray, radius: float,
             break
         cur = c[todo]
         base = np.rint(cur).astype(np.int64)
-        win, iy, ix, valid = _gather_windows(stack[todo], base, half)
+        win, iy, ix, valid = _gather_windows(stack, base, half, rows=rows[todo])
         d = np.sqrt((iy - cur[:, 0:1])[:, :, None] ** 2 + (ix - cur[:, 1:2])[:, None, :] ** 2)
         taper = np.clip(edge + 0.5 - d, 0, 1) * valid
         bg = np.percentile(win.reshape(len(win), -1), 25, axis=1)
