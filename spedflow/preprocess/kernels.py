@@ -197,12 +197,9 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
         matrices = max(shape) <= _MATRIX_MAX_SIDE
     if dog and matrices:
         blur = _DoGMatrices(shape, float(sigma_low), float(sigma_high))
-        batch = _MATRIX_BATCH
     elif dog:
         h_low = _gauss_transfer(shape, sigma_low)
-        batch = _BATCH
-    else:
-        batch = _BATCH
+    batch = _MATRIX_BATCH if dog and matrices else _BATCH
     for s in range(0, len(stack), batch):
         z = stack[s:s + batch].astype(np.float32, copy=False)
         if shifts is not None:
@@ -429,11 +426,12 @@ def _refine_centres(stack: np.ndarray, centres: np.ndarray, radius: float,
     c = _refine_window(stack, centres, radius, n_iter)
     ky, kx = stack.shape[-2:]
     r = max(float(radius), 0.5)
-    todo = np.flatnonzero(_plateau_outgrows(stack, centres, r))
+    peak = stack.reshape(len(stack), -1).max(axis=1)
+    todo = np.flatnonzero(_plateau_outgrows(stack, centres, r, peak))
     while todo.size and 2 * r <= min(ky, kx) / 4:
         r *= 2  # the largest window reached is kept for what still outgrows it
         c[todo] = _refine_window(stack, centres[todo], r, n_iter, rows=todo)
-        todo = todo[_plateau_outgrows(stack, centres[todo], r, rows=todo)]
+        todo = todo[_plateau_outgrows(stack, centres[todo], r, peak[todo], rows=todo)]
     return c
 
 
@@ -442,18 +440,16 @@ _MIN_PLATEAU = 5
 
 
 def _plateau_outgrows(stack: np.ndarray, centres: np.ndarray, radius: float,
-                      rows=None) -> np.ndarray:
+                      peak: np.ndarray, rows=None) -> np.ndarray:
     """Patterns with a clipped plateau that the refinement window of ``radius`` does not
     reach past: at least ``_MIN_PLATEAU`` pixels of the square around ``centres`` are at
-    the pattern's maximum (> 0), and the disc of their area comes within 1 px of the
-    window's edge (``radius + 1.5``). Dark (all-zero) patterns have no plateau.
-    ``rows``: the patterns of ``stack`` that ``centres`` belong to (default all)."""
-    rows = np.arange(len(stack)) if rows is None else np.asarray(rows)
+    the pattern's maximum ``peak`` (> 0), and the disc of their area comes within 1 px of
+    the window's edge (``radius + 1.5``). Dark (all-zero) patterns have no plateau.
+    ``rows``: the patterns of ``stack`` that ``centres`` and ``peak`` belong to (default
+    all)."""
     ok = np.isfinite(centres).all(1)
     base = np.where(ok[:, None], np.rint(np.nan_to_num(centres)), 0).astype(np.int64)
     win, _, _, _ = _gather_windows(stack, base, int(np.ceil(radius + 2.5)), rows=rows)
-    peak = np.array([stack[i].max() for i in rows]) if len(rows) < len(stack) \
-        else stack.reshape(len(stack), -1).max(axis=1)
     n = np.count_nonzero(win >= peak[:, None, None], axis=(1, 2))
     return ok & (peak > 0) & (n >= _MIN_PLATEAU) & (np.sqrt(n / np.pi) > radius + 0.5)
 

@@ -238,6 +238,16 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
                        tuple(out_seg[i] for i in order), vectors, len(groups))
 
 
+def _check_images(result: MergeResult, images) -> np.ndarray:
+    """The VDF images of all of ``result``'s vectors, (N, Y, X) like its segments."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[0] != len(result.vectors) \
+            or images.shape[1:] != result.summed.shape[1:]:
+        raise InputError(f"`images` must have shape ({len(result.vectors)}, "
+                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
+    return images
+
+
 def fold_fragments(result: MergeResult, images: np.ndarray,
                    params: VDFMergeParams | None = None) -> MergeResult:
     """Fold summed segments that are fragments of a larger crystal into it.
@@ -284,14 +294,10 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         concatenated; ordered by decreasing total as before.
     """
     params = VDFMergeParams() if params is None else params
-    images = np.asarray(images)
+    images = _check_images(result, images)
     if not np.issubdtype(images.dtype, np.floating):
         images = images.astype(np.float32)
     n = len(result.summed)
-    if images.ndim != 3 or images.shape[1:] != result.summed.shape[1:] \
-            or images.shape[0] != len(result.vectors):
-        raise InputError(f"`images` must have shape ({len(result.vectors)}, "
-                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
     if n < 2 or params.fragment_containment > 1:
         return result
     masks = result.summed.reshape(n, -1) > 0
@@ -369,12 +375,8 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
         The same groups in the same order, less the dropped ones.
     """
     params = VDFMergeParams() if params is None else params
-    images = np.asarray(images)
+    images = _check_images(result, images)
     n = len(result.summed)
-    if images.ndim != 3 or images.shape[0] != len(result.vectors) \
-            or images.shape[1:] != result.summed.shape[1:]:
-        raise InputError(f"`images` must have shape ({len(result.vectors)}, "
-                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
     if params.friedel_ring_contrast == 0:
         return result
     g = np.hypot(result.vectors[:, 0], result.vectors[:, 1])
