@@ -146,3 +146,18 @@ def test_scaling_rerun_keeps_other_methods_and_files_the_replaced_rows(tmp_path,
     assert sorted((r["method"], r["wall_s"]) for r in d["rows"]) == [("nmf", 20.0), ("vdf", 5.0)]
     assert next(r for r in d["rows"] if r["method"] == "nmf")["carried_over_from"]
     assert [r["wall_s"] for r in d["superseded_vdf_rows"]] == [9.0]
+
+
+@pytest.mark.cluster
+def test_worker_faults_benchmark_reports_every_process(tmp_path, capsys):
+    import bench_worker_faults
+    import spedflow
+    store = spedflow.simulate(tmp_path / "s.zarr", scan=(12, 12), detector=48, crystals=4,
+                              seed=1, progress=False)
+    assert bench_worker_faults.main([str(store), "--memory-limit", "600MB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["spedflow"].endswith("__init__.py")
+    roles = [p["role"] for p in out["processes"]]
+    assert roles.count("client") == 1 and len(roles) >= 2
+    assert all(p["minor_faults"] > 0 and p["max_rss_mb"] > 0 for p in out["processes"])
+    assert out["timings_s"]["beam_peaks"] > 0
