@@ -69,6 +69,7 @@ CASES = [
     ("simulate-bad-scan", ["simulate", "{d}/o8.zarr", "--scan", "0"], "positive"),
     ("info-missing", ["info", "{d}/nope.zarr"], "does not exist"),
     ("segment-missing-store", ["segment", "{d}/nope.zarr", "--out", "{d}/r1.zarr"], "does not exist"),
+    ("segment-raw-file", ["segment", "{d}/good.npy", "--out", "{d}/r0.zarr"], "spedflow ingest"),
     ("segment-no-data-array", ["segment", "{d}/nodata.zarr", "--out", "{d}/r2.zarr"], "no array"),
     ("segment-all-zero", ["segment", "{d}/zeros.zarr", "--out", "{d}/r3.zarr"], "only zeros"),
     ("segment-nan", ["segment", "{d}/nan.zarr", "--out", "{d}/r4.zarr"], "NaN"),

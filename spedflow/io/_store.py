@@ -129,8 +129,12 @@ def atomic_store(path, *, overwrite: bool = False, partial_suffix: str = ".parti
 
 
 def _open_group(path, mode="r"):
-    if is_local(path) and not Path(str(path).removeprefix("file://")).exists():
+    local = Path(str(path).removeprefix("file://")) if is_local(path) else None
+    if local is not None and not local.exists():
         raise InputError(f"store {str(path)!r} does not exist")
+    if local is not None and local.is_file():  # a Zarr store is a folder
+        raise InputError(f"{str(path)!r} is a file, not a Zarr store: convert it first with "
+                         f"`spedflow ingest {str(path)} STORE.zarr`")
     try:
         return zarr.open_group(str(path), mode=mode)
     except Exception as exc:  # zarr raises several types for a non-store
