@@ -7,7 +7,7 @@ import pytest
 
 from spedflow.config import params_from_dict
 from spedflow.decompose import (NMFParams, ScreeParams, beam_mask, choose_n_components,
-                                classify_components, default_beam_mask_radius,
+                                classify_components, default_beam_mask_radius, loading_coverage,
                                 marchenko_pastur_count, merge_poisson, normalised_matrix,
                                 poisson_partial, poisson_statistics, randomized_svd, scree,
                                 signflip_block, spot_fraction, undo_normalisation)
@@ -305,6 +305,43 @@ def test_classify_components():
                               np.array([everywhere, small, small]), beam_radius=1.5)
     assert [k for k, _ in out] == [False, True, False]
     assert "whole scan" in out[0][1] and "empty" in out[2][1]
+
+
+def _pedestal_loadings(sy=40, sx=40, seed=0):
+    """Loading maps: a crystal on a pedestal, the film under it, the film with a bright spot."""
+    rng = np.random.default_rng(seed)
+    Y, X = np.mgrid[:sy, :sx]
+    film = X < 0.7 * sx                                          # vacuum on the right
+    disc = np.hypot(Y - 12, X - 12) < 5                          # ~5 % of the scan
+    # NMF leaves a crystal component a pedestal (here 12 % of its peak) where the film is
+    crystal = np.where(disc, 1.0, 0.12 * film) + 0.01 * rng.random((sy, sx))
+    support = film * (0.5 + 0.1 * rng.random((sy, sx)))
+    # a region brighter than the film (here by half its level) leaves the film counted
+    spotted = support + np.where(np.hypot(Y - 30, X - 8) < 3, 0.3, 0.0)
+    return np.array([crystal, support, spotted]), disc.mean(), film.mean()
+
+
+def test_loading_coverage_above_pedestal():
+    loads, disc, film = _pedestal_loadings()
+    cov = loading_coverage(loads)
+    # the crystal counts, not its pedestal (above 10 % of its maximum: the whole film)
+    assert cov[0] == pytest.approx(disc, abs=0.01)
+    assert np.mean(loads[0] > 0.1 * loads[0].max()) > 0.6
+    # a component present over most of the scan still covers it, bright spot or not
+    assert cov[1] == pytest.approx(film, abs=0.01) and cov[2] == pytest.approx(film, abs=0.01)
+    assert loading_coverage(np.ones((1, 4, 4)))[0] == 1 and loading_coverage(np.zeros((1, 4, 4)))[0] == 0
+
+
+def test_classify_components_crystal_on_pedestal():
+    """A crystal with clear spots and a 12 % pedestal is kept; support is set aside."""
+    f = _factors()
+    loads, _, _ = _pedestal_loadings()
+    weak = 0.5 * f[0] / np.sqrt(np.sum(f[0] ** 2)) + 0.6 * f[2] / np.sqrt(np.sum(f[2] ** 2))
+    # crystal on a pedestal; spots (a mixture) spread over the film; textured film
+    out = classify_components(np.array([f[4], f[2], weak]), loads[[0, 1, 1]], beam_radius=1.5,
+                              max_coverage=NMFParams().max_coverage)
+    assert [k for k, _ in out] == [True, False, False]
+    assert "crystal" in out[0][1] and "support" in out[1][1] and "textured" in out[2][1]
 
 
 def test_classify_components_bad():

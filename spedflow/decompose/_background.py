@@ -14,13 +14,18 @@ Two measurable properties separate them from crystal components:
   mixes some film ring into a crystal component (spots + a ring at 0.3 of the spot
   height measure ~0.35), so a component is set aside only when at least three
   quarters of its energy is circularly symmetric.
-* **Coverage** of the loading map: the fraction of scan positions where it exceeds
-  ``level`` (10 %) of its maximum. Film and vacuum components are spread over most
-  of the scan; a nanocrystal covers a small part. Coverage alone does not reject a
-  component with clear spots (a large crystal is still a crystal), but a component
-  with weak spot contrast (fraction below ``strong_spot_fraction`` = 0.5, i.e.
-  mostly symmetric) spread over
-  more than ``max_coverage`` of the scan is set aside as textured background.
+* **Coverage** of the loading map: the fraction of scan positions where it stands
+  out from its pedestal (see :func:`loading_coverage`). Film and vacuum components
+  are spread over most of the scan; a nanocrystal covers a small part. NMF often
+  gives a crystal component a low pedestal (about a tenth of its maximum) wherever
+  the film is, with some film mixed into its pattern, so the coverage is measured
+  above that pedestal (the loading's median: a crystal is absent from most of the
+  scan) and not above a fixed fraction of the maximum, which the pedestal exceeds.
+  A component spread over more than ``max_coverage`` of the scan is set aside
+  whatever its spot fraction: with weak spot contrast (fraction below
+  ``strong_spot_fraction`` = 0.5, i.e. mostly symmetric) as textured background,
+  with clear spots as support (film, vacuum) or a mixture dominated by it. A
+  crystal that fills the scan therefore needs a larger ``max_coverage``.
 """
 
 from __future__ import annotations
@@ -68,12 +73,23 @@ def spot_fraction(factors: np.ndarray, mask: np.ndarray | None = None) -> np.nda
 
 
 def loading_coverage(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
-    """Fraction of scan positions where each loading exceeds ``level`` x its maximum.
+    """Fraction of scan positions where each loading stands out from its pedestal.
+
+    A position counts when the loading exceeds ``min(p + level * (max - p), max / 2)``,
+    with the pedestal ``p`` the loading's median. A crystal is absent from most of
+    the scan, so its median is the low level NMF leaves outside it (zero, or a
+    pedestal where the film is) and only the crystal counts. A component present
+    over most of the scan (film, vacuum) has its own level as median; capping the
+    threshold at half the maximum then counts every position where it is at least
+    at half its peak, so it still covers most of the scan. (A level below 4/9 of the
+    peak, where the two thresholds meet for ``level`` = 0.1, is read as a pedestal:
+    from the loading alone, such a film is not told from a crystal on a pedestal.)
 
     Parameters
     ----------
     loadings : (E, Y, X) ndarray.
-    level : float in (0, 1).
+    level : float in (0, 1)
+        Fraction of the way from the pedestal to the maximum.
 
     Returns
     -------
@@ -85,7 +101,9 @@ def loading_coverage(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
     check_range("level", level, low=0, high=1, low_open=True, high_open=True)
     flat = w.reshape(w.shape[0], -1)
     peak = flat.max(axis=1, keepdims=True)
-    cov = np.mean(flat > level * peak, axis=1)
+    pedestal = np.median(flat, axis=1, keepdims=True)
+    threshold = np.minimum(pedestal + level * (peak - pedestal), 0.5 * peak)
+    cov = np.mean(flat > threshold, axis=1)
     return np.where(peak[:, 0] > 0, cov, 0.0)
 
 
@@ -107,10 +125,13 @@ def classify_components(factors: np.ndarray, loadings: np.ndarray, *,
     min_spot_fraction : float, default 0.25
         Below it the pattern is circularly symmetric: vacuum/glare/film.
     strong_spot_fraction : float, default 0.5
-        Below it *and* covering more than ``max_coverage``: textured background.
+        Names the reason a component covering more than ``max_coverage`` is set
+        aside: below it textured background, above it support or a mixture with it.
     max_coverage : float, default 0.9
-        Coverage (fraction of the scan above ``level`` x max) of scan-filling components.
+        Coverage (:func:`loading_coverage`) above which a component is set aside,
+        whatever its spot fraction.
     level : float, default 0.1
+        Coverage level, fraction of the way from the pedestal to the maximum.
 
     Returns
     -------

@@ -88,11 +88,13 @@ class NMFParams:
         circular symmetry about the beam are set aside as vacuum / glare / film
         (see :func:`spedflow.decompose.classify_components`).
     max_coverage : float, default 1/3
-        Components whose loading exceeds 10 % of its maximum over more than this
-        fraction of the scan are set aside as support (film, vacuum) or as a mixture
-        dominated by it: nanocrystal segmentation is asked of scans in which each
-        crystal occupies a minority of the positions, while the film and the vacuum
-        are everywhere else. A scan filled by one crystal needs a larger value.
+        Components whose loading stands out from its pedestal (by 10 % of the way
+        to its maximum, :func:`spedflow.decompose.loading_coverage`) over more than
+        this fraction of the scan are set aside, whatever their spots, as support
+        (film, vacuum) or as a mixture dominated by it: nanocrystal segmentation is
+        asked of scans in which each crystal occupies a minority of the positions,
+        while the film and the vacuum are everywhere else. A scan filled by one
+        crystal needs a larger value.
     """
 
     n_components: int | None = None

@@ -183,7 +183,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         support = np.rint(loading_coverage(loadings, 0.1) * loadings[0].size).astype(int)
         for i in np.flatnonzero(keep & (support < cfg.watershed.min_size)):
             keep[i] = False
-            reasons[i] = (f"present (above 10 % of its maximum) at {int(support[i])} positions, fewer "
+            reasons[i] = (f"present (above its pedestal) at {int(support[i])} positions, fewer "
                           f"than the smallest crystal (watershed.min_size = {cfg.watershed.min_size})")
         # a residual component lying where a kept global crystal is and on its spots, or
         # whose pattern is that crystal's, is a correction of that crystal's model
