@@ -219,6 +219,18 @@ def _spot_radius():
     return None
 
 
+def _mean_residual(data, centres, counts):
+    """Mean over the scan of the patterns aligned by whole pixels minus their ring
+    background: what the workflow measures the spots' size on."""
+    from spedflow.peaks.noise import ring_model
+    from spedflow.preprocess.kernels import align_whole_pixels
+    ky, kx = data.shape[2:]
+    frames = np.asarray(data, np.float32).reshape(-1, ky, kx)
+    whole, _ = align_whole_pixels(frames, centres.reshape(-1, 2))
+    rings = ring_model((ky, kx))
+    return (whole - rings.image(rings.background(whole, *counts))).mean(0, dtype=np.float64)
+
+
 def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     """Every stage of the VDF workflow is reachable through the public functions."""
     from spedflow import peaks, preprocess, vdf
@@ -237,18 +249,20 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     used, _ = preprocess.centres_for_alignment(centres, cfg.preprocess.descan)
     used = used.astype(np.float32).astype(np.float64)
     prep = preprocess.resolve(cfg.preprocess, r)
-    found = preprocess.preprocess(data, found_at, prep)
     pk = peaks.resolve(cfg.peaks, r, detector_shape=(ky, kx))
-    table = peaks.recentre_table(np.concatenate(dask.compute(*peaks.find_peaks(found, pk))), used,
-                                 (ky, kx), found_at=found_at, exclude_border=pk.exclude_border)
-    processed = preprocess.preprocess(data, used, prep)  # pass 2 (VDF images)
+    assert pk.noise == "counting"
+    counts = peaks.measure_counts(data)  # the detector's gain and read-out noise
+    table = peaks.recentre_table(
+        np.concatenate(dask.compute(*peaks.find_peaks_counting(data, found_at, pk, counts))),
+        used, (ky, kx), found_at=found_at, exclude_border=pk.exclude_border)
+    processed = preprocess.preprocess(data, used, prep, counts=counts)  # pass 2 (VDF images)
     vp = peaks.vectors.resolve(cfg.vectors, r)
     hist = peaks.peak_histogram(table, (ky, kx), oversample=vp.oversample)
     vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
     spot_r = r
     spot_radius = _spot_radius()
     if spot_radius is not None:  # second pass with the measured spot size
-        _, spot_r = spot_radius(found.mean(axis=(0, 1)).compute(), vectors, r)
+        _, spot_r = spot_radius(_mean_residual(data, found_at, counts), vectors, r)
         vp = dataclasses.replace(peaks.vectors.resolve(cfg.vectors, spot_r),
                                  beam_exclusion_radius=2.0 * r)
         vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
@@ -260,16 +274,19 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     attrs = res["attrs"]
     assert attrs["resolved"]["beam_radius"] == pytest.approx(r, rel=1e-6)
     np.testing.assert_allclose(res["beam/fitted"].values, used, atol=1e-4)
-    assert len(table) == attrs["counts"]["peaks"]
+    # (the centres here differ from the workflow's by < 1e-4 px, see below: a pattern
+    # whose shift to the centre lies that close to a half pixel is aligned one pixel
+    # differently, which can move a marginal peak across the threshold)
+    assert abs(len(table) - attrs["counts"]["peaks"]) <= max(2, 1e-4 * len(table))
     ref = res["vectors"].values
     assert abs(len(vectors) - len(ref)) <= 1
-    if len(vectors) == len(ref):
-        np.testing.assert_allclose(vectors, ref, atol=1e-3)
+    if len(vectors) == len(ref):  # the same vectors (their order can swap on near ties)
+        order = lambda v: v[np.lexsort(np.round(v, 1).T[::-1])]  # noqa: E731
+        np.testing.assert_allclose(order(vectors), order(ref), atol=1e-3)
 
     # VDF images, watershed and merging on the same vectors give the same crystals
-    # (the stored vectors are float32: use the float64 ones the workflow computed)
-    if len(vectors) != len(ref):
-        vectors = ref.astype(np.float64)
+    # (the stored ones, in their order)
+    vectors = ref.astype(np.float64)
     vd = vdf.resolve(cfg.vdf, spot_r)
     images = vdf.vdf_images(processed, vectors, vd.radius, subpixel=vd.subpixel).compute()
     stored = res["vdf/images"].values

@@ -54,7 +54,9 @@ def test_watch_follows_a_store_being_written(tmp_path):
     from spedflow.api import segment
     attrs = res.attrs["spedflow"]
     again = segment(store, method="vdf", out=tmp_path / "batch.zarr", local=True, progress=False,
-                    overrides={"preprocess": {"beam_radius": attrs["resolved"]["beam_radius"]}},
+                    overrides={"preprocess": {"beam_radius": attrs["resolved"]["beam_radius"]},
+                               "peaks": {"gain": attrs["resolved"]["gain"],
+                                         "read_variance": attrs["resolved"]["read_variance"]}},
                     cache=tmp_path / "batch.cache")
     b = zarr.open_group(str(again), mode="r")
     np.testing.assert_allclose(b["vectors"][:], res["vectors"][:], atol=1e-4)

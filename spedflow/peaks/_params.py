@@ -19,6 +19,8 @@ from ..errors import ParameterError
 __all__ = ["PeakParams", "resolve", "default_threshold", "FALSE_PEAKS_PER_PATTERN",
            "MIN_SIGMA"]
 
+#: Noise models of the peak threshold (see :class:`PeakParams`).
+NOISE_MODELS = ("counting", "pattern")
 #: Expected number of pure-noise peaks per pattern that the default threshold allows.
 FALSE_PEAKS_PER_PATTERN = 0.01
 #: Smallest LoG scale (px) at which the discrete 5-point Laplacian still approximates
@@ -64,6 +66,25 @@ class PeakParams:
         Peaks closer than this to the detector edge (px) are dropped. ``None``:
         ``ceil(sqrt(2) * max_sigma)``, the spot radius: a spot cut by the edge has
         a distorted position and intensity. At least 1.
+    noise : {"counting", "pattern"}
+        What a noise unit is (the VDF workflow). "counting" (default): the LoG runs on
+        each pattern aligned by whole pixels minus its background about the beam
+        (ring means with the spots clipped), and the unit follows counting statistics
+        ring by ring (:mod:`spedflow.peaks.noise`): the same threshold is the same
+        false-alarm rate next to the beam, where the background is tens of counts,
+        and in the dark outer rings, where a lone count is no spot. "pattern": the
+        paper's DoG first, then one robust level per pattern and scale
+        (:func:`~spedflow.peaks.kernels.noise_level`); on sparse counts most of the
+        DoG output is exactly 0, and the level then follows the direct beam's response
+        rather than the noise.
+    gain : float or None
+        Data units per detected electron ("counting" only). ``None``: measured, with the
+        read-out variance, from neighbouring scan positions
+        (:func:`spedflow.peaks.noise.count_scale`); the result's attributes give both
+        (``resolved.gain``, ``resolved.read_variance``).
+    read_variance : float or None
+        Read-out noise variance, data units squared ("counting" only). ``None``: measured
+        with the gain, or 0 when the gain is given.
     """
 
     min_sigma: float | None = None
@@ -71,6 +92,9 @@ class PeakParams:
     num_sigma: int = 2
     threshold: float | None = None
     exclude_border: int | None = None
+    noise: str = "counting"
+    gain: float | None = None
+    read_variance: float | None = None
 
     def __post_init__(self):
         check_range("min_sigma", self.min_sigma, low=0.5, high=100, allow_none=True)
@@ -78,6 +102,11 @@ class PeakParams:
         check_range("num_sigma", self.num_sigma, low=1, high=20, integer=True)
         check_range("threshold", self.threshold, low=0, low_open=True, allow_none=True)
         check_range("exclude_border", self.exclude_border, low=1, integer=True, allow_none=True)
+        if self.noise not in NOISE_MODELS:
+            raise ParameterError(f"`noise` must be one of {', '.join(NOISE_MODELS)} "
+                                 f"(got {self.noise!r})")
+        check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
+        check_range("read_variance", self.read_variance, low=0, allow_none=True)
         if (self.min_sigma is not None and self.max_sigma is not None
                 and self.min_sigma > self.max_sigma):
             raise ParameterError(f"`min_sigma` ({self.min_sigma}) must be <= `max_sigma` "

@@ -218,7 +218,8 @@ def _skewed_quantile(z: float, skew: np.ndarray) -> np.ndarray:
 
 def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
                    threshold: float | None = None, exclude_border: int = 1,
-                   min_separation: float | None = None) -> np.ndarray:
+                   min_separation: float | None = None,
+                   units: np.ndarray | None = None) -> np.ndarray:
     """Find diffraction spots in a stack of patterns by multi-scale LoG.
 
     For each scale ``s`` the response is ``R_s = -Laplacian(G_s * I)``
@@ -256,6 +257,10 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
     min_separation : float, optional
         Non-maximum suppression distance, px. Default ``sqrt(2) * max(sigmas)``:
         two maxima within one spot radius are one spot.
+    units : (S, n, ky, kx) float array, optional
+        Noise unit of the response at every scale and pixel (a noise model of the
+        data, e.g. :func:`spedflow.peaks.noise.noise_units`), used instead of
+        :func:`noise_level`'s one value per pattern and scale.
 
     Returns
     -------
@@ -287,14 +292,17 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
 
     ops = _smoothing_operators(ky, kx, sig)
     rho = math.sqrt(2.0) * float(sig.max())
-    tables = [_batch_peaks(f[s0:s0 + _BATCH], s0, ops, sig, threshold, b, min_separation, rho)
+    if units is not None and np.shape(units) != (len(sig), n, ky, kx):
+        raise InputError(f"`units` must have shape {(len(sig), n, ky, kx)} (got {np.shape(units)})")
+    tables = [_batch_peaks(f[s0:s0 + _BATCH], s0, ops, sig, threshold, b, min_separation, rho,
+                           None if units is None else units[:, s0:s0 + _BATCH])
               for s0 in range(0, n, _BATCH)]
     out = np.concatenate(tables).astype(np.float32)
     order = np.lexsort((out[:, 2], out[:, 1], out[:, 0]))
     return out[order]
 
 
-def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.ndarray:
+def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=None) -> np.ndarray:
     """Peak table ``(m, 5)`` float64 of one batch of patterns (pattern index + ``s0``)."""
     ky, kx = part.shape[1:]
     # 1. significance Z of the interior (transposed layout: index (kx - 1, ky - 1)) and
@@ -303,7 +311,10 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho) -> np.nd
     z = best = None
     for i, g in enumerate(smooth):
         r = _neg_laplacian(g)
-        r /= noise_level(r, threshold)[:, None, None]
+        if units is None:
+            r /= noise_level(r, threshold)[:, None, None]
+        else:  # the interior, transposed like r
+            r /= units[i][:, 1:-1, 1:-1].transpose(0, 2, 1)
         if i == 0:
             z, best = r, np.zeros(r.shape, np.int8)
         else:

@@ -130,6 +130,11 @@ def find_peaks(data: da.Array, params: PeakParams, *,
                spot_radius: float | None = None) -> list:
     """Lazy peak finding: one delayed peak table per block of ``data``.
 
+    The threshold's noise unit is measured per pattern and scale on the given
+    background-subtracted patterns (:func:`~spedflow.peaks.kernels.noise_level`);
+    ``params.noise`` chooses the VDF workflow's model, whose counting statistics need
+    the raw counts (:func:`spedflow.peaks.noise.find_peaks_counting`).
+
     Parameters
     ----------
     data : (scan_y, scan_x, ky, kx) dask.array.Array
@@ -158,3 +163,75 @@ def find_peaks(data: da.Array, params: PeakParams, *,
     task = dask.delayed(peaks_block, pure=True)
     return [task(blocks[i, j, 0, 0], (int(oy[i]), int(ox[j])), params)
             for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
+
+
+def _counting_block(block, centres, scan_offset, params, counts):
+    """:func:`find_peaks_counting` of one block of raw patterns aligned by ``centres``:
+    the table in global scan coordinates, positions in the frame of the patterns
+    shifted to ``centres`` (the same task as the VDF workflow's pass 1)."""
+    from ..workflows.vdf import counting_peaks
+    cy, cx, ky, kx = block.shape
+    frames = np.asarray(block, np.float32).reshape(-1, ky, kx)
+    table, _ = counting_peaks(frames, np.asarray(centres, np.float64).reshape(-1, 2), params, counts)
+    return scan_table(table, cx, scan_offset)
+
+
+def find_peaks_counting(data: da.Array, centres, params: PeakParams, counts, *,
+                        spot_radius: float | None = None) -> list:
+    """Lazy peak finding with the counting-noise threshold (``params.noise = "counting"``,
+    the VDF workflow's default): one delayed peak table per block of ``data``.
+
+    Parameters
+    ----------
+    data : (scan_y, scan_x, ky, kx) dask.array.Array
+        Raw patterns (counts in data units), whole patterns in every chunk.
+    centres : (scan_y, scan_x, 2) array
+        Beam centre of every pattern; peak positions are in the frame of the patterns
+        shifted so it sits at ``(ky // 2, kx // 2)``.
+    params : PeakParams
+    counts : (gain, read_var)
+        :func:`measure_counts`.
+    spot_radius : float, optional
+        Needed only if ``params`` is not resolved.
+
+    Returns
+    -------
+    list of dask.delayed.Delayed
+        One ``(m, 5)`` table ``[scan_y, scan_x, ky, kx, intensity]`` per block.
+    """
+    check_lazy_patterns(data)
+    if not isinstance(params, PeakParams):
+        raise ParameterError(f"`params` must be a PeakParams (got {type(params).__name__})")
+    params = _check_params(resolve(params, spot_radius, detector_shape=data.shape[2:]))
+    centres = np.asarray(centres, np.float64)
+    if centres.shape != data.shape[:2] + (2,):
+        raise ParameterError(f"`centres` must have shape {data.shape[:2] + (2,)} (got {centres.shape})")
+    blocks = data.to_delayed()
+    oy = np.cumsum((0,) + data.chunks[0][:-1])
+    ox = np.cumsum((0,) + data.chunks[1][:-1])
+    task = dask.delayed(_counting_block, pure=True)
+    return [task(blocks[i, j, 0, 0],
+                 centres[oy[i]:oy[i] + data.chunks[0][i], ox[j]:ox[j] + data.chunks[1][j]],
+                 (int(oy[i]), int(ox[j])), params, tuple(counts))
+            for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
+
+
+def sample_blocks(data):
+    """Up to five blocks of ``data`` spread over the scan (corners and centre), as
+    float64 arrays: the sample the VDF workflow measures the beam radius and the
+    detector's counting noise on. ``data``: a dask or Zarr array (chunks of whole patterns)."""
+    if isinstance(data, da.Array):
+        cy, cx = data.chunksize[:2]
+    else:
+        cy, cx = data.chunks[:2]
+    gy, gx = -(-data.shape[0] // cy), -(-data.shape[1] // cx)
+    picks = sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)})
+    for i, j in picks:
+        yield np.asarray(data[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+
+
+def measure_counts(data) -> tuple[float, float]:
+    """Data units per count and read-out variance of the detector
+    (:func:`spedflow.peaks.noise.count_scale`) on :func:`sample_blocks` of ``data``."""
+    from .noise import count_scale
+    return count_scale(sample_blocks(data))

@@ -37,7 +37,7 @@ __all__ = [
     "bin_nav", "beam_centres", "beam_profile", "merge_profiles", "radius_from_profile",
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
-    "beam_saturated", "spot_scale", "PROFILE_BIN",
+    "beam_saturated", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
 ]
 
 #: Width of the radial bins of the beam profile, detector pixels.
@@ -182,10 +182,12 @@ def _shifts_to_centre(centres: np.ndarray, shape) -> np.ndarray:
     return np.array([ky // 2, kx // 2], dtype=np.float64) - c
 
 
-def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None = None):
+def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None = None,
+              counts=None):
     """Shared body of the shift and DoG kernels: optional shift, optional DoG, one pass
     per batch. ``matrices``: blur by matrix products (None: on detectors up to
-    ``_MATRIX_MAX_SIDE`` px), else by FFTs."""
+    ``_MATRIX_MAX_SIDE`` px), else by FFTs. ``counts = (gain, read_var)``: subtract each
+    pattern's ring background first (:meth:`spedflow.peaks.noise.RingModel.background`)."""
     stack, lead = _as_stack(frames)
     shape = stack.shape[-2:]
     out = np.empty(stack.shape, dtype=np.float32)
@@ -200,6 +202,9 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
     elif dog:
         h_low = _gauss_transfer(shape, sigma_low)
     batch = _MATRIX_BATCH if dog and matrices else _BATCH
+    if counts is not None:
+        from ..peaks.noise import ring_model
+        rings = ring_model(shape)
     for s in range(0, len(stack), batch):
         z = stack[s:s + batch].astype(np.float32, copy=False)
         if shifts is not None:
@@ -207,6 +212,8 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
         if not dog:
             out[s:s + batch] = z
             continue
+        if counts is not None:
+            z = z - rings.image(rings.background(z, *counts))
         if matrices:
             g_low, g_high = blur(z)
         else:
@@ -335,6 +342,40 @@ def shift_patterns(frames: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return _pipeline(frames, centres, None, None)
 
 
+def align_whole_pixels(frames: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shift every pattern by whole pixels so its beam centre is within half a pixel of
+    ``(ky // 2, kx // 2)``: no interpolation, so counting noise keeps its statistics.
+
+    Parameters
+    ----------
+    frames : (n, ky, kx) array
+    centres : (n, 2) array
+        Beam centres ``(ky, kx)``, detector pixels.
+
+    Returns
+    -------
+    aligned : (n, ky, kx) float32
+        ``aligned[i, y, x] = frames[i, y - sy, x - sx]`` with ``(sy, sx)`` the rounded
+        shift to the centre; 0 where that lies off the detector (``np.roll`` without
+        the wrap).
+    remainder : (n, 2) float64
+        The sub-pixel part of the shift still to apply: a feature at ``p`` in
+        ``aligned`` lies at ``p + remainder`` in :func:`shift_patterns`' output.
+    """
+    stack = np.asarray(frames)
+    n, ky, kx = stack.shape
+    shifts = _shifts_to_centre(centres, (ky, kx))
+    if len(shifts) != n:
+        raise ValueError(f"centres hold {len(shifts)} patterns, frames {n}")
+    whole = np.rint(shifts).astype(np.intp)
+    iy = np.arange(ky)[None, :] - whole[:, 0:1]
+    ix = np.arange(kx)[None, :] - whole[:, 1:2]
+    out = stack[np.arange(n)[:, None, None], np.clip(iy, 0, ky - 1)[:, :, None],
+                np.clip(ix, 0, kx - 1)[:, None, :]].astype(np.float32, copy=False)
+    out *= ((iy >= 0) & (iy < ky))[:, :, None] & ((ix >= 0) & (ix < kx))[:, None, :]
+    return out, shifts - whole
+
+
 def subtract_background_dog(frames: np.ndarray, sigma_low: float,
                             sigma_high: float) -> np.ndarray:
     """Difference-of-Gaussians background removal, as in the reference.
@@ -356,7 +397,7 @@ def subtract_background_dog(frames: np.ndarray, sigma_low: float,
 
 
 def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low: float,
-                       sigma_high: float) -> np.ndarray:
+                       sigma_high: float, counts=None) -> np.ndarray:
     """Align and remove the background in one pass over each batch.
 
     Equals :func:`subtract_background_dog` of the shifted patterns (:func:`shift_patterns`),
@@ -369,12 +410,18 @@ def shift_and_subtract(frames: np.ndarray, centres: np.ndarray | None, sigma_low
         Beam centres ``(ky, kx)``; None: no shift.
     sigma_low, sigma_high : float
         Gaussian widths, detector pixels.
+    counts : (gain, read_var), optional
+        Remove each aligned pattern's background about the beam first: the mean of
+        each 1-px ring with the spots clipped (:mod:`spedflow.peaks.noise`). The beam,
+        its glare and the film's rings are circular about the beam; without this the
+        DoG's wide Gaussian spreads the beam over ~2 ``sigma_high`` and zeroes the
+        weak spots near it.
 
     Returns
     -------
     (..., ky, kx) ndarray of float32
     """
-    return _pipeline(frames, centres, sigma_low, sigma_high)
+    return _pipeline(frames, centres, sigma_low, sigma_high, counts=counts)
 
 
 # ------------------------------------------------------------------- beam centre

@@ -242,7 +242,7 @@ def subtract_background_dog(data: da.Array, sigma_low: float, sigma_high: float)
                            sigma_low=float(sigma_low), sigma_high=float(sigma_high))
 
 
-def preprocess(data: da.Array, centres_used, params: PreprocessParams) -> da.Array:
+def preprocess(data: da.Array, centres_used, params: PreprocessParams, counts=None) -> da.Array:
     """Align and remove the background in one pass over the data.
 
     Navigation binning is *not* applied here (use :func:`bin_nav` first; the centres
@@ -255,6 +255,9 @@ def preprocess(data: da.Array, centres_used, params: PreprocessParams) -> da.Arr
         Centres the alignment uses (ignored when ``params.align`` is False).
     params : PreprocessParams
         Resolved (:func:`spedflow.preprocess.resolve`): DoG sigmas must be set.
+    counts : (gain, read_var), optional
+        Remove the ring background about the aligned beam before the DoG
+        (:func:`kernels.shift_and_subtract`; only with ``params.align``).
 
     Returns
     -------
@@ -274,4 +277,5 @@ def preprocess(data: da.Array, centres_used, params: PreprocessParams) -> da.Arr
     c = _check_centres(centres_used, data, "centres_used")
     return da.blockwise(_shift_and_subtract, "ijkl", data, "ijkl",
                         _centres_like(c, data), "ijm", concatenate=True,
-                        dtype=np.float32, meta=_META4, **kw)
+                        dtype=np.float32, meta=_META4,
+                        counts=None if counts is None else tuple(counts), **kw)

@@ -432,13 +432,10 @@ def found_fraction(measured: np.ndarray) -> float:
 
 
 def _sample_chunks(plan: Plan):
-    """Up to five chunks spread over the scan (corners and centre), as float64 arrays."""
-    arr = plan.array
-    cy, cx = arr.chunks[:2]
-    gy, gx = -(-arr.shape[0] // cy), -(-arr.shape[1] // cx)
-    picks = sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)})
-    for i, j in picks:
-        yield np.asarray(arr[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+    """Up to five chunks spread over the scan (corners and centre), as float64 arrays
+    (:func:`spedflow.peaks.lazy.sample_blocks`)."""
+    from ..peaks.lazy import sample_blocks
+    return sample_blocks(plan.array)
 
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:

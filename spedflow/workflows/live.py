@@ -172,7 +172,7 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
             r0 = radius_of_frames(frames.reshape((-1,) + frames.shape[-2:]))
             if not np.isfinite(r0):
                 return  # an empty chunk: wait for one with a beam
-        _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:])
+        _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:], sample=frames)
     if method == "vdf":
         from .vdf import _beam_peaks_block
         path = state["scan"].block_path(index)
@@ -208,7 +208,7 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
         save_block(stage.block_path(index), **poisson_block(aligned, offset, mask=state["mask"]))
 
 
-def _start(plan, cfg, cache, state, method, r0, detector_shape):
+def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
     """Fix what every chunk's stages need, once the beam radius is known."""
     from ..preprocess import resolve as resolve_pre
     from ._common import beam_block_kwargs, beam_stage_of
@@ -220,11 +220,12 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape):
         # the same cache entry and arguments as the batch run's pass 1
         from ..peaks import resolve as resolve_peaks
         from ..peaks.vectors import resolve as resolve_vectors
-        from .vdf import pass1_kwargs, scan_stage_of
+        from .vdf import counts_of, pass1_kwargs, scan_stage_of
         pk_params = resolve_peaks(cfg.peaks, r0, detector_shape=detector_shape)
         state["vp"] = resolve_vectors(cfg.vectors, r0)
-        state["scan"] = scan_stage_of(cache, plan, resolved, pk_params)
-        state["scan_kwargs"] = pass1_kwargs(plan, resolved, pk_params)
+        counts = counts_of(plan, resolved, pk_params, cache, sample=sample)
+        state["scan"] = scan_stage_of(cache, plan, resolved, pk_params, counts)
+        state["scan_kwargs"] = pass1_kwargs(plan, resolved, pk_params, counts)
         state["hist"] = 0.0
     else:
         from ..decompose import beam_mask

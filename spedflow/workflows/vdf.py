@@ -46,7 +46,7 @@ class VDFConfig:
     merge: VDFMergeParams = field(default_factory=VDFMergeParams)
 
 
-def _beam_peaks_block(block, offset, *, beam, sigmas, params):
+def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
     """Pass 1 on one chunk: beam centres and annular sums (:func:`_common._beam_block`),
     and the peaks of the patterns aligned by those centres and background-subtracted
     (:func:`spedflow.peaks.recentre_table` moves them to the fitted descan's frame
@@ -56,6 +56,12 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
     of what the finder's noise model was set on: bilinear interpolation halves the
     pixel variance of counting noise on average, and on raw low-dose patterns the
     same threshold passes ~6x more noise peaks (measured on the 64 x 64 benchmark set).
+
+    With ``counts = (gain, read_var)`` (``peaks.noise = "counting"``) the peaks are
+    found instead on the patterns aligned by whole pixels, minus their ring
+    background, against the counting-noise unit (:func:`spedflow.peaks.noise.find_peaks_counting`),
+    and their positions moved by the sub-pixel rest of the shift; ``dog_sum`` is then
+    the sum of those residuals.
     """
     from ..peaks.lazy import flat_peaks, scan_table
     from ..preprocess import kernels as pk
@@ -69,8 +75,11 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
     # (a fresh 33 MB array per chunk costs its page faults and evicts the cache)
     tables, dog_sum = [], np.zeros((ky, kx))
     for s in range(0, len(flat), _SLAB):
-        clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
-        t = flat_peaks(clean, params)
+        if counts is None:
+            clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
+            t = flat_peaks(clean, params)
+        else:
+            t, clean = counting_peaks(flat[s:s + _SLAB], found[s:s + _SLAB], params, counts)
         t[:, 0] += s
         tables.append(t)
         dog_sum += pattern_sum(clean)
@@ -81,6 +90,44 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params):
 
 #: Patterns shifted, background-subtracted and searched for peaks at a time in pass 1.
 _SLAB = 64
+
+
+def counting_peaks(frames, centres, params, counts):
+    """Pass 1's peaks of ``(n, ky, kx)`` patterns with the counting-noise threshold:
+    the table (positions in the frame of the patterns shifted to ``centres``
+    sub-pixel, as :func:`~spedflow.preprocess.kernels.shift_patterns` would) and
+    the residuals it was found in."""
+    from ..peaks import log_sigmas
+    from ..peaks.noise import find_peaks_counting
+    from ..preprocess import kernels as pk
+    whole, rest = pk.align_whole_pixels(frames, centres)
+    sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
+    t, residual = find_peaks_counting(whole, sig, threshold=params.threshold,
+                                      exclude_border=params.exclude_border,
+                                      gain=counts[0], read_var=counts[1])
+    t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
+    return t, residual
+
+
+def counts_of(plan, prep, pk, cache, sample=None):
+    """``(gain, read_var)`` of the counting-noise model (None for ``noise = "pattern"``):
+    given, or measured on a few chunks (cached; live mode measures it on the first
+    block, ``sample``). Binning sums ``nav_binning**2`` patterns: the gain stays, the
+    read-out variance adds up."""
+    from ..peaks.lazy import measure_counts
+    from ..peaks.noise import count_scale
+    if pk.noise != "counting":
+        return None
+    if pk.gain is not None:
+        return (float(pk.gain), float(pk.read_variance or 0.0) * prep.nav_binning ** 2)
+    st = cache.stage("counts", plan.identity, "v1")
+    if not st.complete:
+        gain, read_var = measure_counts(plan.array) if sample is None else count_scale([sample])
+        st.save_attrs(gain=gain, read_var=read_var)
+        st.mark_complete()
+    a = st.attrs()
+    read_var = a["read_var"] if pk.read_variance is None else pk.read_variance
+    return (float(a["gain"]), float(read_var) * prep.nav_binning ** 2)
 
 
 def _found_at(centres, detector_shape) -> np.ndarray:
@@ -101,20 +148,23 @@ def beam_radius_of(plan, prep, cache) -> float:
     return float(st.attrs()["radius"])
 
 
-def scan_stage_of(cache, plan, prep, pk):
+def scan_stage_of(cache, plan, prep, pk, counts):
     """Pass 1's cache entry. Its blocks depend on the radius, the DoG and the LoG
-    parameters, not on the descan model (the peaks are found before the descan fit)."""
+    parameters and the noise model, not on the descan model (the peaks are found
+    before the descan fit)."""
     return cache.stage("beam_peaks", plan.identity,
                        {"nav_binning": prep.nav_binning, "beam_radius": prep.beam_radius,
-                        "dog": [prep.dog_sigma_low, prep.dog_sigma_high]}, dataclasses.asdict(pk))
+                        "dog": [prep.dog_sigma_low, prep.dog_sigma_high], "counts": counts},
+                       dataclasses.asdict(pk))
 
 
-def pass1_kwargs(plan, prep, pk) -> dict:
+def pass1_kwargs(plan, prep, pk, counts) -> dict:
     """Keyword arguments of :func:`_beam_peaks_block` (the batch run and live mode must
     use the same ones: live mode writes the blocks the batch run then reuses)."""
     from ._common import beam_block_kwargs
     return dict(beam=beam_block_kwargs(plan, prep, annular=True),
-                sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk)
+                sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk,
+                counts=None if counts is None else tuple(counts))
 
 
 def peaks_stage_of(cache, scan, prep, vp):
@@ -123,18 +173,18 @@ def peaks_stage_of(cache, scan, prep, vp):
                        vp.oversample)
 
 
-def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer):
+def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
     """Pass 1 and its finalize; returns the beam information, the peak histogram (of
     aligned positions), the mean background-subtracted pattern and pass 1's stage."""
     from ..peaks import peak_histogram
     from ._common import BeamInfo, finish_beam
     ny, nx, ky, kx = data.shape
-    scan = scan_stage_of(cache, plan, prep, pk)
+    scan = scan_stage_of(cache, plan, prep, pk, counts)
     st = peaks_stage_of(cache, scan, prep, vp)
     if not st.complete:
         with timer("beam_peaks"):
             paths = run_blocks(scan, data, _beam_peaks_block, label="beam centres and peaks",
-                               n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk))
+                               n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk, counts))
             scan.mark_complete()
             measured, used, prof, mean, descan = finish_beam(paths, data, prep)
             # float32, as stored: the histogram and the result's peak table then
@@ -179,8 +229,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     # pass 1: beam centres and the peaks of every pattern; the descan fit, and the
     # mergeable histogram of the peaks' aligned positions
-    beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer)
-    aligned = pre.preprocess(data, beam.used, prep)
+    counts = counts_of(plan, prep, pk, cache)
+    beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer,
+                                                      counts)
+    aligned = pre.preprocess(data, beam.used, prep, counts=counts)
 
     # unique vectors (finalize of the histogram reduction): a first pass with the beam
     # radius as length scale, then the spots' own size is measured at those vectors
@@ -205,7 +257,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     log.info("found %d unique diffraction vectors", len(vectors))
 
     # pass 2: VDF images of all vectors in one pass
-    st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep), vectors, dataclasses.asdict(vd))
+    st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep), counts, vectors,
+                         dataclasses.asdict(vd))
     if not st_vdf.complete:
         with timer("vdf"):
             images = vdfl.vdf_images(aligned, vectors, vd.radius, subpixel=vd.subpixel)
@@ -261,7 +314,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     attrs = {
         "resolved": {"beam_radius": r, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
-                     "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma},
+                     "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
+                     "gain": None if counts is None else counts[0],
+                     # per raw pattern, as the parameter (binning adds it up)
+                     "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "peaks": int(len(peaks_table)), "vectors": int(len(vectors)),
                    "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),

@@ -1,0 +1,82 @@
+"""Segmentation quality with default parameters on data spedflow's simulator did not make.
+
+Ten sets from ``benchmarks/foreign_sim.py`` (an independent simulator: flat-top spots of
+radius 2-6 px, detectors of 64-256 px, one non-square, the beam 20-200x brighter than the
+spots and off the detector centre, halo and amorphous ring, polygon / ellipse / elongated
+grains, doses from 5 to 1000 counts per spot, 8-bit clipping, float data), both workflows,
+in-process, scored with ``spedflow.evaluate``:
+
+    python benchmarks/bench_foreign.py [--methods vdf nmf] [--sets s01_d64_poly ...]
+                                       [--work DIR] [--out benchmarks/results/foreign.json]
+
+The sets are simulated once into ``--work`` (~3 min for all ten) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    import spedflow
+    from spedflow.evaluate import evaluate
+    sys.path.insert(0, str(HERE))
+    import foreign_sim
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
+    ap.add_argument("--sets", nargs="+", choices=list(foreign_sim.SETS), default=list(foreign_sim.SETS))
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "foreign")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "foreign.json")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.sets:
+        store = args.work / f"{name}.zarr"
+        if not store.exists():
+            foreign_sim.simulate(name, out=args.work, **foreign_sim.SETS[name])
+            foreign_sim.build(name, args.work)
+        for method in args.methods:
+            out = args.work / f"{name}.{method}.zarr"
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(Path(str(out) + ".cache"), ignore_errors=True)
+            t0 = time.perf_counter()
+            row = {"set": name, "simulation": foreign_sim.SETS[name], "method": method}
+            try:
+                spedflow.segment(store, method=method, out=out, local=True, progress=False)
+            except Exception as exc:  # a failure is a result here, not a crash of the benchmark
+                row.update(error=f"{type(exc).__name__}: {exc}", recall=0.0, precision=0.0)
+                rows.append(row)
+                print(f"{name:28s} {method}  FAILED {row['error']}", flush=True)
+                continue
+            s = evaluate(out, store)
+            row.update({"seconds": round(time.perf_counter() - t0, 1),
+                        **{k: s[k] for k in ("n_truth", "n_segments", "n_matched", "recall",
+                                             "precision", "mean_iou")},
+                        "missed": [{"truth": d["truth"], "best_iou": round(d["best_iou"], 3)}
+                                   for d in s["per_crystal"] if d["segment"] is None]})
+            rows.append(row)
+            print(f"{name:28s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
+                  f"mean IoU {s['mean_iou']:.2f}", flush=True)
+    methods = sorted({r["method"] for r in rows}, key=["vdf", "nmf"].index)
+    summary = {m: {"mean_recall": round(float(np.mean([r["recall"] for r in rows if r["method"] == m])), 3),
+                   "mean_precision": round(float(np.mean([r["precision"] for r in rows if r["method"] == m])), 3)}
+               for m in methods}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
+                                    "summary": summary}, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Counting-noise model of aligned diffraction patterns: the peak finder's threshold.
+
+A pixel of a counting detector records ``z = g N`` with ``N`` Poisson counts and ``g``
+the detector's data units per count (1 for an electron-counting camera; a CCD adds
+a read-out variance ``v``). Away from the spots, the mean ``b`` of an aligned pattern
+is a function of the distance from the beam: the beam's tails, the glare, the
+amorphous film's rings and the thermal diffuse background are all circular about
+it. So per pattern, the background is the mean of each 1-px ring about
+``(ky // 2, kx // 2)``, the bright outliers (spots) clipped at a Poisson bound.
+
+The LoG response ``R = w * (z - b)`` of the residual then has, at a pixel where the
+background is ``b``, mean 0, variance ``S2 (g b + v)`` and third cumulant ``S3 g^2 b``
+(``S2``, ``S3``: the sums of the squared and cubed LoG weights). Its tail is that of
+a gamma distribution of this skewness (:func:`spedflow.peaks.kernels._skewed_quantile`),
+so each ring gets its own noise unit. This is what a single noise level per pattern
+cannot give: next to the beam, where the background is tens of counts, and in the
+dark outer rings, where it is a few hundredths of a count and a lone count is not a
+spot, the same threshold then means the same false-alarm rate.
+
+Nothing here imports dask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import InputError
+from . import kernels as _k
+
+__all__ = ["RingModel", "ring_model", "count_scale", "noise_units", "log_moments",
+           "find_peaks_counting"]
+
+#: Clipping of the ring means: pixels above ``b + CLIP * sqrt(g b + v) + g`` are spots.
+#: The ``+ g`` (one count) keeps lone counts in the mean where ``b`` is tiny, so the
+#: mean of a sparse ring is not driven to zero by clipping all its counts.
+_CLIP = 4.0
+_CLIP_ITER = 2
+#: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
+_DENSE_BYTES = 16 << 20
+#: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
+#: interpolated in between to < 1e-3 relative).
+_QUANTILE_GRID = 128
+
+
+class RingModel:
+    """The 1-px rings about ``(ky // 2, kx // 2)`` of a detector of ``shape``.
+
+    Ring ``j`` holds the pixels whose distance from the centre rounds to ``j``.
+    Profiles (one value per ring) become images by linear interpolation in radius.
+    """
+
+    def __init__(self, shape):
+        ky, kx = (int(s) for s in shape)
+        yy, xx = np.meshgrid(np.arange(ky) - ky // 2, np.arange(kx) - kx // 2, indexing="ij")
+        r = np.hypot(yy, xx).ravel()
+        self.shape = (ky, kx)
+        self.ring = np.rint(r).astype(np.intp)
+        self.n_rings = int(self.ring.max()) + 1
+        self.counts = np.bincount(self.ring, minlength=self.n_rings)
+        # ring sums of a (P, m) stack as one sparse product
+        self._sum = sp.csr_matrix((np.ones(r.size, np.float32), (self.ring, np.arange(r.size))),
+                                  shape=(self.n_rings, r.size))
+        # linear interpolation between rings as a sparse (pixels, rings) matrix, in the
+        # pixel order of the image and of its transpose
+        j0 = np.minimum(np.floor(r).astype(np.intp), max(self.n_rings - 2, 0))
+        j1 = np.minimum(j0 + 1, self.n_rings - 1)
+        f = np.clip(r - j0, 0, 1).astype(np.float32)
+        t = np.arange(r.size).reshape(ky, kx).T.ravel()  # transposed order
+        self._interp = [
+            sp.csr_matrix((np.concatenate([1 - f[o], f[o]]),
+                           (np.tile(np.arange(r.size), 2), np.concatenate([j0[o], j1[o]]))),
+                          shape=(r.size, self.n_rings))
+            for o in (slice(None), t)]
+        # up to ~160 x 160 px a dense (rings, pixels) product is the fastest (one BLAS
+        # call, output in place); larger detectors keep the sparse form
+        self._dense = None
+        if self.n_rings * r.size * 4 <= _DENSE_BYTES:
+            self._dense = [np.ascontiguousarray(m.T.toarray()) for m in self._interp]
+
+    def background(self, frames: np.ndarray, gain: float, read_var: float) -> np.ndarray:
+        """Per pattern and ring, the mean of the pixels below the Poisson clip.
+
+        Parameters
+        ----------
+        frames : (n, ky, kx) float array, aligned (beam at the centre).
+        gain, read_var : float
+            Data units per count and read-out variance (:func:`count_scale`).
+
+        Returns
+        -------
+        (n, n_rings) float32
+        """
+        n = len(frames)
+        x = np.ascontiguousarray(np.asarray(frames, np.float32).reshape(n, -1).T)  # (P, n)
+        mean = (self._sum @ x) / self.counts[:, None]
+        for _ in range(_CLIP_ITER):
+            bound = mean + _CLIP * np.sqrt(gain * np.maximum(mean, 0) + read_var) + gain
+            keep = (x <= bound[self.ring]).astype(np.float32)
+            mean = (self._sum @ (x * keep)) / np.maximum(self._sum @ keep, 1)
+        return mean.T.astype(np.float32)
+
+    def image(self, profile: np.ndarray, transposed: bool = False) -> np.ndarray:
+        """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the
+        rings; ``transposed``: as (n, kx, ky) arrays."""
+        p = np.asarray(profile, np.float32)
+        shape = self.shape[::-1] if transposed else self.shape
+        if self._dense is not None:
+            return (p @ self._dense[int(transposed)]).reshape((-1,) + shape)
+        out = (self._interp[int(transposed)] @ p.T).T
+        return np.ascontiguousarray(out).reshape((-1,) + shape)
+
+
+@functools.lru_cache(maxsize=8)
+def ring_model(shape) -> RingModel:
+    """The cached :class:`RingModel` of a detector shape."""
+    return RingModel(tuple(int(s) for s in shape))
+
+
+@functools.lru_cache(maxsize=32)
+def log_moments(ky: int, kx: int, sigma: float) -> tuple[float, float]:
+    """``(S2, S3)``: sums of the squared and cubed weights of the finder's LoG at
+    ``sigma`` (its Gaussian matrices and 5-point Laplacian, applied to a unit count)."""
+    delta = np.zeros((1, ky, kx), np.float32)
+    delta[0, ky // 2, kx // 2] = 1
+    w = _k._neg_laplacian(_k._smooth_batch(delta, _k._smoothing_operators(ky, kx, [sigma]))[0])
+    w = w.astype(np.float64)
+    return float((w ** 2).sum()), float((w ** 3).sum())
+
+
+def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, threshold: float,
+                shape) -> np.ndarray:
+    """Noise unit of the LoG response per scale, pattern and ring.
+
+    ``R / unit > threshold`` holds exactly when ``R`` exceeds the gamma quantile, with
+    the tail probability of ``threshold`` Gaussian sigmas, of counting noise on the
+    ring's background (see the module notes). The background is floored at one count
+    per ring (``g / pixels``): an empty ring's rate is not known to be lower.
+
+    Returns
+    -------
+    (S, n, n_rings) float32
+    """
+    rings = ring_model(shape)
+    b = np.maximum(np.asarray(background, np.float64), gain / rings.counts[None, :])
+    # the gamma quantile is a smooth function of log b: evaluated on a grid of
+    # backgrounds spanning this batch and interpolated (the exact one per ring and
+    # pattern costs as much as the LoG itself)
+    grid = np.geomspace(b.min(), max(b.max(), 1.0001 * b.min()), _QUANTILE_GRID)
+    out = np.empty((len(sigmas),) + b.shape, np.float32)
+    for i, s in enumerate(sigmas):
+        s2, s3 = log_moments(shape[0], shape[1], float(s))
+        var_grid = s2 * (gain * grid + read_var)
+        q = _k._skewed_quantile(threshold, s3 * gain * gain * grid / var_grid ** 1.5)
+        q_at = np.interp(np.log(b), np.log(grid), q)
+        out[i] = np.sqrt(s2 * (gain * b + read_var)) * q_at / threshold
+    return out
+
+
+def count_scale(blocks) -> tuple[float, float]:
+    """Data units per count ``g`` and read-out variance ``v`` of a detector, from blocks
+    of its raw patterns ``(sy, sx, ky, kx)``.
+
+    The same detector pixel at two neighbouring scan positions sees nearly the same
+    mean (crystals span many probe positions, the descan moves the beam by a small
+    fraction of a pixel per step), so half the squared difference of the two readings
+    estimates the pixel's variance ``g m + v`` at their mean ``m``. (With a read-out
+    variance the noise of ``m`` biases the line: on counts scaled by 7.5 plus a read-out
+    sigma of 3, ``g`` came out 3.6-7.3 and ``v`` 11-18 for 7.5 and 9, which overstates
+    the noise of the faintest pixels, i.e. errs towards fewer false peaks.) ``g`` and ``v`` are
+    the weighted least-squares line through those pairs, with pairs more than ~3 sigma
+    off the current line (crystal edges, the beam's jitter) left out and the line
+    refitted until it settles. Pixels at the data's largest value (a clipped camera)
+    are left out.
+
+    Returns
+    -------
+    (gain, read_var) floats; ``gain > 0``, ``read_var >= 0``.
+    """
+    m_all, d_all = [], []
+    for block in blocks:
+        a = np.asarray(block, np.float64)
+        if a.ndim != 4 or a.shape[1] < 2:
+            continue
+        top = a.max()
+        p, q = a[:, 1:], a[:, :-1]
+        ok = (p < top) & (q < top)
+        m_all.append(((p + q) / 2)[ok])
+        d_all.append(((p - q) ** 2 / 2)[ok])
+    if not m_all or sum(len(m) for m in m_all) < 100:
+        raise InputError("too few patterns to measure the detector's counting noise "
+                         "(need two neighbouring scan positions)")
+    m, d = np.concatenate(m_all), np.concatenate(d_all)
+    cap = np.quantile(m, 0.99)  # the beam's core: its jitter, not noise, dominates
+    low = m <= cap
+    # start from the untrimmed ratio, an overestimate (structure adds to every
+    # difference), so the first cuts are loose and the fit shrinks onto the noise
+    gain, read_var = max(float(d[low].sum() / max(m[low].sum(), 1e-12)), 1e-6), 0.0
+    for _ in range(50):
+        keep = (d <= 9.0 * (gain * m + read_var) + gain * gain) & (m <= cap)
+        mk, dk = m[keep], d[keep]
+        w = 1.0 / (gain * mk + read_var + gain * gain)
+        a = np.column_stack([mk, np.ones_like(mk)]) * w[:, None]
+        (g_new, v_new), *_ = np.linalg.lstsq(a, dk * w, rcond=None)
+        g_new, v_new = max(float(g_new), 1e-6), max(float(v_new), 0.0)
+        done = abs(g_new - gain) <= 1e-4 * gain and abs(v_new - read_var) <= 1e-4 * (read_var + gain)
+        gain, read_var = g_new, v_new
+        if done:
+            break
+    return gain, read_var
+
+
+def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude_border: int,
+                        gain: float, read_var: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~spedflow.peaks.kernels.find_peaks_log` with the counting-noise threshold.
+
+    Parameters
+    ----------
+    frames : (n, ky, kx) array
+        Patterns aligned by whole pixels (:func:`~spedflow.preprocess.kernels.align_whole_pixels`):
+        interpolation would correlate neighbouring pixels' noise.
+    sigmas, threshold, exclude_border
+        As for ``find_peaks_log``.
+    gain, read_var : float
+        :func:`count_scale`.
+
+    Returns
+    -------
+    table : (m, 5) float32
+        ``find_peaks_log``'s table, found in and measured on the residual.
+    residual : (n, ky, kx) float32
+        The patterns minus their ring background (:meth:`RingModel.background`).
+    """
+    frames = np.asarray(frames, np.float32)
+    shape = frames.shape[1:]
+    rings = ring_model(shape)
+    background = rings.background(frames, gain, read_var)
+    residual = frames - rings.image(background)
+    units = noise_units(background, gain, read_var, sigmas, threshold, shape)
+    # made transposed: the finder divides its (transposed) responses by them
+    unit_images = np.stack([rings.image(u, transposed=True) for u in units]).transpose(0, 1, 3, 2)
+    table = _k.find_peaks_log(residual, sigmas, threshold=threshold,
+                              exclude_border=exclude_border, units=unit_images)
+    return table, residual

@@ -1,0 +1,174 @@
+"""The counting-noise model of the peak finder (spedflow.peaks.noise) against brute force
+and against simulated counting noise."""
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from spedflow.errors import InputError, ParameterError
+from spedflow.peaks import PeakParams, log_sigmas
+from spedflow.peaks import kernels as K
+from spedflow.peaks import noise as N
+from spedflow.preprocess import kernels as pk
+
+
+def _radius(shape):
+    ky, kx = shape
+    yy, xx = np.mgrid[:ky, :kx]
+    return np.hypot(yy - ky // 2, xx - kx // 2)
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (21, 30)])
+def test_ring_background_equals_a_loop_over_rings(shape):
+    rng = np.random.default_rng(0)
+    r = _radius(shape)
+    frames = rng.poisson(5 * np.exp(-r / 6) + 0.3, (3,) + shape).astype(np.float32)
+    frames[0, 3, 4] += 200  # a spot: clipped from its ring's mean
+    gain, read_var = 1.3, 0.4
+    got = N.RingModel(shape).background(frames, gain, read_var)
+    ring = np.rint(r).astype(int)
+    for i, f in enumerate(frames):
+        for j in range(ring.max() + 1):
+            x = f[ring == j].astype(np.float64)
+            m = x.mean()
+            for _ in range(N._CLIP_ITER):
+                m = x[x <= m + N._CLIP * np.sqrt(gain * max(m, 0) + read_var) + gain].mean()
+            assert got[i, j] == pytest.approx(m, rel=1e-5, abs=1e-6)
+    assert got[0, ring[3, 4]] < 10  # the spot did not enter its ring's background
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (13, 20), (200, 180)])
+def test_ring_image_is_linear_in_radius(shape):
+    rings = N.RingModel(shape)
+    prof = np.random.default_rng(1).random((2, rings.n_rings)).astype(np.float32)
+    r = _radius(shape)
+    want = np.stack([np.interp(r, np.arange(rings.n_rings), p) for p in prof])
+    np.testing.assert_allclose(rings.image(prof), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rings.image(prof, transposed=True), want.transpose(0, 2, 1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_align_whole_pixels_is_an_integer_shift():
+    rng = np.random.default_rng(2)
+    frames = rng.random((4, 11, 14)).astype(np.float32)
+    centres = np.array([[3.2, 4.7], [5.0, 7.0], [9.6, 1.4], [5.5, 7.49]])
+    out, rest = pk.align_whole_pixels(frames, centres)
+    target = np.array([11 // 2, 14 // 2])
+    for f, o, c, rr in zip(frames, out, centres, rest):
+        shift = np.rint(target - c)
+        np.testing.assert_array_equal(o, ndi.shift(f, shift, order=0, mode="constant", cval=0))
+        np.testing.assert_allclose(rr, target - c - shift)
+        assert np.all(np.abs(rr) <= 0.5)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.5])
+def test_log_moments_equal_scipy_filters(sigma):
+    ky, kx = 41, 37
+    delta = np.zeros((ky, kx))
+    delta[ky // 2, kx // 2] = 1
+    g = ndi.gaussian_filter(delta, sigma, mode="nearest", truncate=3.5)
+    w = -ndi.laplace(g)[1:-1, 1:-1]
+    s2, s3 = N.log_moments(ky, kx, sigma)
+    assert s2 == pytest.approx((w ** 2).sum(), rel=1e-4)
+    assert s3 == pytest.approx((w ** 3).sum(), rel=1e-3)
+
+
+def _scene(rng, n, shape, gain, read_sd):
+    """Counts of a smooth, slowly varying mean (a beam tail and a film ring) at
+    neighbouring scan positions, scaled by ``gain``, plus read-out noise."""
+    r = _radius(shape)
+    mean = 40 * np.exp(-r / 3) + 2 * np.exp(-((r - 12) / 3) ** 2) + 0.05
+    scale = 1 + 0.1 * np.sin(np.arange(n) / 7)[:, None, None]
+    counts = rng.poisson(mean[None] * scale)
+    return gain * counts + rng.normal(0, read_sd, counts.shape)
+
+
+@pytest.mark.parametrize("gain,read_sd", [(1.0, 0.0), (0.25, 0.0), (4.0, 0.0)])
+def test_count_scale_recovers_the_gain(gain, read_sd):
+    rng = np.random.default_rng(3)
+    block = _scene(rng, 8 * 40, (48, 48), gain, read_sd).reshape(8, 40, 48, 48)
+    g, v = N.count_scale([block])
+    assert g == pytest.approx(gain, rel=0.05)
+    assert v <= 0.05 * gain ** 2
+
+
+def test_count_scale_with_read_noise_errs_towards_more_noise():
+    rng = np.random.default_rng(4)
+    block = _scene(rng, 8 * 40, (48, 48), 4.0, 3.0).reshape(8, 40, 48, 48)
+    g, v = N.count_scale([block])
+    # at the darkest pixels (mean ~0.05 counts) the fitted variance is not below the truth
+    assert g * 0.2 + v >= 0.9 * (4.0 * 0.2 + 9.0)
+    assert 1.0 < g < 6.0
+
+
+def test_count_scale_needs_neighbouring_positions():
+    with pytest.raises(InputError, match="neighbouring"):
+        N.count_scale([np.ones((5, 1, 8, 8))])
+
+
+@pytest.mark.parametrize("level", [0.02, 0.5, 20.0, "beam"])
+def test_counting_threshold_keeps_false_peaks_rare(level):
+    """Pure counting noise: the default threshold allows ~0.01 noise peaks per pattern
+    (Bonferroni, so fewer); here at most 0.05 for every background, a bright beam with
+    its tail included."""
+    rng = np.random.default_rng(5)
+    shape = (64, 64)
+    r = _radius(shape)
+    mean = (2000 * (r <= 3) + 30 * np.exp(-r / 4) + 0.02) if level == "beam" else np.full(shape, level)
+    frames = rng.poisson(mean, (400,) + shape).astype(np.float32)
+    p = PeakParams(min_sigma=0.7, max_sigma=1.4, exclude_border=2)
+    sig = log_sigmas(p.min_sigma, p.max_sigma, p.num_sigma)
+    from spedflow.peaks import default_threshold
+    t, residual = N.find_peaks_counting(frames, sig, threshold=default_threshold(64, 64, 2),
+                                        exclude_border=2, gain=1.0, read_var=0.0)
+    t = t[np.hypot(t[:, 1] - 32, t[:, 2] - 32) > 8]  # the beam itself is found, as it should
+    assert len(t) / len(frames) <= 0.05
+    assert residual.shape == frames.shape
+
+
+def test_counting_threshold_finds_a_weak_spot_next_to_the_beam():
+    """A 60-count spot 10 px from a beam of 2000 counts per pixel: the paper's DoG spreads
+    the beam over it and zeroes it; the counting model finds it in nine patterns of ten."""
+    rng = np.random.default_rng(6)
+    shape = (64, 64)
+    r = _radius(shape)
+    yy, xx = np.mgrid[:64, :64]
+    spot = 60 / (2 * np.pi * 1.2 ** 2) * np.exp(-((yy - 32) ** 2 + (xx - 42) ** 2) / (2 * 1.2 ** 2))
+    mean = 2000 * (r <= 3) + 30 * np.exp(-r / 4) + 0.05 + spot
+    frames = rng.poisson(mean, (50,) + shape).astype(np.float32)
+    sig = log_sigmas(0.85, 1.7, 2)
+    from spedflow.peaks import default_threshold
+    thr = default_threshold(64, 64, 2)
+    t, _ = N.find_peaks_counting(frames, sig, threshold=thr, exclude_border=2, gain=1.0,
+                                 read_var=0.0)
+    near = np.hypot(t[:, 1] - 32, t[:, 2] - 42) < 2
+    assert len(np.unique(t[near, 0])) >= 0.9 * len(frames)
+    dog = pk.subtract_background_dog(frames, 1.5, 12.0)
+    old = K.find_peaks_log(dog, sig, threshold=thr, exclude_border=2)
+    assert np.count_nonzero(np.hypot(old[:, 1] - 32, old[:, 2] - 42) < 2) <= 0.1 * len(frames)
+
+
+def test_find_peaks_log_units_equal_the_per_pattern_level():
+    """Given the noise levels the finder would measure, as unit images, the table is the same."""
+    rng = np.random.default_rng(7)
+    frames = rng.poisson(3, (20, 32, 40)).astype(np.float32)
+    frames[:, 10:13, 20:23] += 40
+    sig = log_sigmas(0.8, 1.6, 2)
+    thr = 4.0
+    ops = K._smoothing_operators(32, 40, sig)
+    units = np.empty((2, 20, 32, 40), np.float32)
+    for i, g in enumerate(K._smooth_batch(frames, ops)):
+        units[i] = K.noise_level(K._neg_laplacian(g), thr)[:, None, None]
+    want = K.find_peaks_log(frames, sig, threshold=thr, exclude_border=2)
+    got = K.find_peaks_log(frames, sig, threshold=thr, exclude_border=2, units=units)
+    assert len(want) >= 20
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(InputError, match="units"):
+        K.find_peaks_log(frames, sig, threshold=thr, units=units[:1])
+
+
+@pytest.mark.parametrize("kw,field", [(dict(noise="poisson"), "noise"), (dict(gain=0), "gain"),
+                                      (dict(gain=-2.0), "gain")])
+def test_noise_parameters_are_checked(kw, field):
+    with pytest.raises(ParameterError, match=field):
+        PeakParams(**kw)
