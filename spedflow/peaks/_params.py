@@ -49,10 +49,12 @@ class PeakParams:
         (each costs a full 2-D Gaussian filter of every pattern); two absorb a
         factor-2 error in ``r``.
     threshold : float or None
-        Detection threshold in units of the robust noise level of the LoG response
-        of *each pattern* (1.4826 x the median absolute response, measured per
-        scale), hence free of the intensity scale and adapted to each pattern's
-        dose. ``None``: the one-sided Gaussian quantile that lets on average
+        Detection threshold in noise units of the LoG response (see ``noise``: the
+        counting-noise unit of each ring about the beam, or the robust level of each
+        pattern, 1.4826 x the median absolute response, measured per scale), hence
+        free of the intensity scale and adapted to each pattern's dose; a skewed
+        (gamma) tail is converted to the same tail probability. ``None``: the
+        one-sided Gaussian quantile that lets on average
         ``FALSE_PEAKS_PER_PATTERN`` = 0.01 pure-noise pixels per pattern exceed
         it, counting every pixel at every scale as a candidate (a Bonferroni
         bound): ``default_threshold(ky, kx, num_sigma)``, ~5.0 for 128 x 128

@@ -38,6 +38,8 @@ __all__ = ["RingModel", "ring_model", "count_scale", "noise_units", "log_moments
 #: mean of a sparse ring is not driven to zero by clipping all its counts.
 _CLIP = 4.0
 _CLIP_ITER = 2
+#: Most pixel pairs :func:`count_scale` takes from one block (a strided sample).
+_PAIRS_PER_BLOCK = 1 << 21
 #: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
 _DENSE_BYTES = 16 << 20
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
@@ -185,7 +187,9 @@ def count_scale(blocks) -> tuple[float, float]:
         if a.ndim != 4 or a.shape[1] < 2:
             continue
         top = a.max()
-        p, q = a[:, 1:], a[:, :-1]
+        p, q = a[:, 1:].ravel(), a[:, :-1].ravel()
+        step = max(1, -(-p.size // _PAIRS_PER_BLOCK))  # a strided sample bounds the memory
+        p, q = p[::step], q[::step]
         ok = (p < top) & (q < top)
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
