@@ -161,3 +161,22 @@ def test_worker_faults_benchmark_reports_every_process(tmp_path, capsys):
     assert roles.count("client") == 1 and len(roles) >= 2
     assert all(p["minor_faults"] > 0 and p["max_rss_mb"] > 0 for p in out["processes"])
     assert out["timings_s"]["beam_peaks"] > 0
+
+
+def test_foreign_simulator_writes_a_store_evaluate_reads(tmp_path):
+    """benchmarks/foreign_sim.py makes a store with truth that spedflow segments and
+    ``spedflow.evaluate`` scores (a tiny set: the benchmark's ten take minutes)."""
+    import foreign_sim
+
+    import spedflow
+    from spedflow.evaluate import evaluate
+    meta = foreign_sim.simulate("tiny", out=tmp_path, scan=(16, 18), det=(48, 40), n_cryst=2,
+                                shapes="ellipse", spot_r=2, peak=200, beam_ratio=50,
+                                size=(0.5, 0.6), seed=3)
+    store = foreign_sim.build("tiny", tmp_path)
+    assert len(meta["n_spots"]) == 2 and not (tmp_path / "tiny.npy").exists()
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                           progress=False)
+    scores = evaluate(res, store)
+    assert scores["n_truth"] == 2
+    assert 0.0 <= scores["recall"] <= 1.0

@@ -38,8 +38,9 @@ __all__ = ["RingModel", "ring_model", "count_scale", "noise_units", "log_moments
 #: mean of a sparse ring is not driven to zero by clipping all its counts.
 _CLIP = 4.0
 _CLIP_ITER = 2
-#: Most pixel pairs :func:`count_scale` takes from one block (a strided sample).
-_PAIRS_PER_BLOCK = 1 << 21
+#: About the most pixel pairs :func:`count_scale` takes from one block (a strided
+#: sample of detector pixels).
+_PAIRS_PER_BLOCK = 1 << 19
 #: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
 _DENSE_BYTES = 16 << 20
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
@@ -187,9 +188,9 @@ def count_scale(blocks) -> tuple[float, float]:
         if a.ndim != 4 or a.shape[1] < 2:
             continue
         top = a.max()
-        p, q = a[:, 1:].ravel(), a[:, :-1].ravel()
-        step = max(1, -(-p.size // _PAIRS_PER_BLOCK))  # a strided sample bounds the memory
-        p, q = p[::step], q[::step]
+        # a strided sample of detector pixels bounds the time and memory
+        step = int(np.ceil(np.sqrt(a[:, 1:].size / _PAIRS_PER_BLOCK)))
+        p, q = a[:, 1:, ::step, ::step].ravel(), a[:, :-1, ::step, ::step].ravel()
         ok = (p < top) & (q < top)
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
