@@ -170,7 +170,7 @@ def test_foreign_simulator_writes_a_store_evaluate_reads(tmp_path):
 
     import spedflow
     from spedflow.evaluate import evaluate
-    meta = foreign_sim.simulate("tiny", out=tmp_path, scan=(16, 18), det=(48, 40), n_cryst=2,
+    meta = foreign_sim.simulate("tiny", out=tmp_path, scan=(16, 18), det=(64, 56), n_cryst=2,
                                 shapes="ellipse", spot_r=2, peak=200, beam_ratio=50,
                                 size=(0.5, 0.6), seed=3)
     store = foreign_sim.build("tiny", tmp_path)
