@@ -62,7 +62,7 @@ class RingModel:
         self.shape = (ky, kx)
         self.ring = np.rint(r).astype(np.intp)
         self.n_rings = int(self.ring.max()) + 1
-        self.counts = np.bincount(self.ring, minlength=self.n_rings)
+        self.counts = np.maximum(np.bincount(self.ring, minlength=self.n_rings), 1)
         # ring sums of a (P, m) stack as one sparse product
         self._sum = sp.csr_matrix((np.ones(r.size, np.float32), (self.ring, np.arange(r.size))),
                                   shape=(self.n_rings, r.size))
@@ -180,7 +180,8 @@ def count_scale(blocks) -> tuple[float, float]:
 
     Returns
     -------
-    (gain, read_var) floats; ``gain > 0``, ``read_var >= 0``.
+    (gain, read_var) floats; ``gain > 0``, ``read_var >= 0``. A sample with fewer
+    than 100 non-zero pixel pairs gives ``(1, 0)``: counts.
     """
     m_all, d_all = [], []
     for block in blocks:
@@ -198,6 +199,8 @@ def count_scale(blocks) -> tuple[float, float]:
         raise InputError("too few patterns to measure the detector's counting noise "
                          "(need two neighbouring scan positions)")
     m, d = np.concatenate(m_all), np.concatenate(d_all)
+    if np.count_nonzero(m > 0) < 100:  # (nearly) empty sample: no scale to measure
+        return 1.0, 0.0
     cap = np.quantile(m, 0.99)  # the beam's core: its jitter, not noise, dominates
     low = m <= cap
     # start from the untrimmed ratio, an overestimate (structure adds to every
