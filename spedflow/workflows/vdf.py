@@ -230,6 +230,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     # pass 1: beam centres and the peaks of every pattern; the descan fit, and the
     # mergeable histogram of the peaks' aligned positions
     counts = counts_of(plan, prep, pk, cache)
+    if counts is not None:
+        log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
     beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer,
                                                       counts)
     aligned = pre.preprocess(data, beam.used, prep, counts=counts)
