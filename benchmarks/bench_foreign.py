@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
     from spedflow.evaluate import evaluate
     sys.path.insert(0, str(HERE))
     import foreign_sim
+    from bench_quality import score_fields, summarise
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
@@ -59,18 +59,11 @@ def main(argv=None) -> int:
                 print(f"{name:28s} {method}  FAILED {row['error']}", flush=True)
                 continue
             s = evaluate(out, store)
-            row.update({"seconds": round(time.perf_counter() - t0, 1),
-                        **{k: s[k] for k in ("n_truth", "n_segments", "n_matched", "recall",
-                                             "precision", "mean_iou")},
-                        "missed": [{"truth": d["truth"], "best_iou": round(d["best_iou"], 3)}
-                                   for d in s["per_crystal"] if d["segment"] is None]})
+            row.update({"seconds": round(time.perf_counter() - t0, 1), **score_fields(s)})
             rows.append(row)
             print(f"{name:28s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}", flush=True)
-    methods = sorted({r["method"] for r in rows}, key=["vdf", "nmf"].index)
-    summary = {m: {"mean_recall": round(float(np.mean([r["recall"] for r in rows if r["method"] == m])), 3),
-                   "mean_precision": round(float(np.mean([r["precision"] for r in rows if r["method"] == m])), 3)}
-               for m in methods}
+    summary = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
                                     "summary": summary}, indent=1))

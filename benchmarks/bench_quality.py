@@ -62,25 +62,33 @@ def main(argv=None) -> int:
             spedflow.segment(store, method=method, out=out, local=True, progress=False)
             s = evaluate(out, store)
             row = {"set": name, "simulation": SETS[name], "method": method,
-                   "seconds": round(time.perf_counter() - t0, 1),
-                   **{k: s[k] for k in ("n_truth", "n_segments", "n_matched", "recall",
-                                        "precision", "mean_iou")},
-                   "missed": [{"truth": d["truth"], "best_iou": round(d["best_iou"], 3)}
-                              for d in s["per_crystal"] if d["segment"] is None]}
+                   "seconds": round(time.perf_counter() - t0, 1), **score_fields(s)}
             rows.append(row)
             print(f"{name:8s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}  missed {[m['truth'] for m in row['missed']]}",
                   flush=True)
     rows = merge_earlier(rows, args.out)
-    methods = sorted({r["method"] for r in rows}, key=["vdf", "nmf"].index)
-    summary = {m: {"mean_recall": round(float(np.mean([r["recall"] for r in rows if r["method"] == m])), 3),
-                   "mean_precision": round(float(np.mean([r["precision"] for r in rows if r["method"] == m])), 3)}
-               for m in methods}
+    summary = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
                                     "summary": summary}, indent=1))
     print(json.dumps(summary))
     return 0
+
+
+def score_fields(scores: dict) -> dict:
+    """The fields of a result row from ``spedflow.evaluate``'s scores."""
+    return {**{k: scores[k] for k in ("n_truth", "n_segments", "n_matched", "recall",
+                                      "precision", "mean_iou")},
+            "missed": [{"truth": d["truth"], "best_iou": round(d["best_iou"], 3)}
+                       for d in scores["per_crystal"] if d["segment"] is None]}
+
+
+def summarise(rows: list) -> dict:
+    """Mean recall and precision per method."""
+    methods = sorted({r["method"] for r in rows}, key=["vdf", "nmf"].index)
+    return {m: {f"mean_{k}": round(float(np.mean([r[k] for r in rows if r["method"] == m])), 3)
+                for k in ("recall", "precision")} for m in methods}
 
 
 def merge_earlier(rows: list, path: Path) -> list:

@@ -169,10 +169,11 @@ def _counting_block(block, centres, scan_offset, params, counts):
     """:func:`find_peaks_counting` of one block of raw patterns aligned by ``centres``:
     the table in global scan coordinates, positions in the frame of the patterns
     shifted to ``centres`` (the same task as the VDF workflow's pass 1)."""
-    from ..workflows.vdf import counting_peaks
+    from .noise import aligned_counting_peaks
     cy, cx, ky, kx = block.shape
     frames = np.asarray(block, np.float32).reshape(-1, ky, kx)
-    table, _ = counting_peaks(frames, np.asarray(centres, np.float64).reshape(-1, 2), params, counts)
+    table, _ = aligned_counting_peaks(frames, np.asarray(centres, np.float64).reshape(-1, 2),
+                                      params, counts)
     return scan_table(table, cx, scan_offset)
 
 

@@ -31,7 +31,7 @@ from ..errors import InputError
 from . import kernels as _k
 
 __all__ = ["RingModel", "ring_model", "count_scale", "noise_units", "log_moments",
-           "find_peaks_counting"]
+           "find_peaks_counting", "aligned_counting_peaks"]
 
 #: Clipping of the ring means: pixels above ``b + CLIP * sqrt(g b + v) + g`` are spots.
 #: The ``+ g`` (one count) keeps lone counts in the mean where ``b`` is tiny, so the
@@ -252,3 +252,19 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     table = _k.find_peaks_log(residual, sigmas, threshold=threshold,
                               exclude_border=exclude_border, units=unit_images)
     return table, residual
+
+
+def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`find_peaks_counting` of raw ``(n, ky, kx)`` patterns aligned by ``centres``
+    (the VDF workflow's pass 1): the table, with positions in the frame of the patterns
+    shifted to ``centres`` sub-pixel (as :func:`~spedflow.preprocess.kernels.shift_patterns`
+    would), and the residuals it was found in. ``params``: resolved
+    :class:`~spedflow.peaks.PeakParams`; ``counts``: ``(gain, read_var)``."""
+    from ..preprocess.kernels import align_whole_pixels
+    whole, rest = align_whole_pixels(frames, centres)
+    sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
+    t, residual = find_peaks_counting(whole, sig, threshold=params.threshold,
+                                      exclude_border=params.exclude_border,
+                                      gain=counts[0], read_var=counts[1])
+    t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
+    return t, residual

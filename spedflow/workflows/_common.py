@@ -431,17 +431,11 @@ def found_fraction(measured: np.ndarray) -> float:
     return frac
 
 
-def _sample_chunks(plan: Plan):
-    """Up to five chunks spread over the scan (corners and centre), as float64 arrays
-    (:func:`spedflow.peaks.lazy.sample_blocks`)."""
-    from ..peaks.lazy import sample_blocks
-    return sample_blocks(plan.array)
-
-
 def _sample_mean(plan: Plan, prep) -> np.ndarray:
     """Mean pattern of up to five chunks spread over the scan."""
+    from ..peaks.lazy import sample_blocks
     total, n = 0.0, 0
-    for block in _sample_chunks(plan):
+    for block in sample_blocks(plan.array):
         total = total + block.sum(axis=(0, 1))
         n += block.shape[0] * block.shape[1]
     return (total / n).astype(np.float32)
@@ -456,8 +450,9 @@ def sample_beam_radius(plan: Plan) -> float:
     in the same pass as the beam centres. Navigation binning sums patterns and leaves
     the detector as it is, so the raw chunks are used. See :func:`radius_of_frames`.
     """
+    from ..peaks.lazy import sample_blocks
     ky, kx = plan.array.shape[2:]
-    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in _sample_chunks(plan)]
+    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in sample_blocks(plan.array)]
     radius = radius_of_frames(np.concatenate(frames))
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "

@@ -64,6 +64,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
     the sum of those residuals.
     """
     from ..peaks.lazy import flat_peaks, scan_table
+    from ..peaks.noise import aligned_counting_peaks
     from ..preprocess import kernels as pk
     from ._common import _beam_block, pattern_sum
     frames = np.asarray(block, dtype=np.float32)
@@ -79,7 +80,8 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
             clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
             t = flat_peaks(clean, params)
         else:
-            t, clean = counting_peaks(flat[s:s + _SLAB], found[s:s + _SLAB], params, counts)
+            t, clean = aligned_counting_peaks(flat[s:s + _SLAB], found[s:s + _SLAB], params,
+                                              counts)
         t[:, 0] += s
         tables.append(t)
         dog_sum += pattern_sum(clean)
@@ -90,23 +92,6 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
 
 #: Patterns shifted, background-subtracted and searched for peaks at a time in pass 1.
 _SLAB = 64
-
-
-def counting_peaks(frames, centres, params, counts):
-    """Pass 1's peaks of ``(n, ky, kx)`` patterns with the counting-noise threshold:
-    the table (positions in the frame of the patterns shifted to ``centres``
-    sub-pixel, as :func:`~spedflow.preprocess.kernels.shift_patterns` would) and
-    the residuals it was found in."""
-    from ..peaks import log_sigmas
-    from ..peaks.noise import find_peaks_counting
-    from ..preprocess import kernels as pk
-    whole, rest = pk.align_whole_pixels(frames, centres)
-    sig = log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
-    t, residual = find_peaks_counting(whole, sig, threshold=params.threshold,
-                                      exclude_border=params.exclude_border,
-                                      gain=counts[0], read_var=counts[1])
-    t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
-    return t, residual
 
 
 def counts_of(plan, prep, pk, cache, sample=None):
