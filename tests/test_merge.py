@@ -523,3 +523,75 @@ def test_friedel_pair_of_a_ring_background_is_dropped_and_a_crystal_pair_kept():
         drop_radial_pairs(merged, images[:5], p, radius=2.5)
     with pytest.raises(ParameterError, match="friedel_ring_contrast"):
         VDFMergeParams(friedel_ring_contrast=-1)
+
+
+def _shared_case():
+    """Crystals A and B (six vectors each) side by side; vectors 12, 13 a Friedel pair
+    both of them excite (one phase: a shared reflection); W a weak two-vector crystal
+    over a small part of A; D a four-vector crystal half over A, half over B's side."""
+    from spedflow.segment import MergeResult
+    a, b = disc((20, 11), 8), disc((20, 29), 8)
+    w = disc((20, 8), 3)
+    d = disc((8, 20), 5)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 0.1, (20, 40, 40)).astype(np.float32)
+    images[0:6] += 10 * a
+    images[6:12] += 10 * b
+    images[12:14] += 4 * a + 7 * b
+    images[14:16] += 3 * w
+    images[16:20] += 5 * d
+    vectors = np.array([[np.sin(t) * 20, np.cos(t) * 20] for t in np.linspace(0, 6, 20)])
+    groups = [(a, range(0, 6)), (b, range(6, 12)), (a | b, range(12, 14)), (w, range(14, 16)),
+              (d, range(16, 20))]
+    summed = np.stack([images[list(v)].sum(0) * m for m, v in groups])
+    members = tuple(np.array(list(v)) for _, v in groups)
+    inten = tuple(np.array([images[i][m].sum() for i in v], float) for m, v in groups)
+    return MergeResult(summed, members, inten, tuple(np.array([k]) for k in range(5)), vectors,
+                       5), images, a, b
+
+
+def test_shared_reflection_group_is_dropped_and_joins_its_crystals():
+    from spedflow.segment import drop_shared_reflections
+    merged, images, a, b = _shared_case()
+    out = drop_shared_reflections(merged, images, VDFMergeParams())
+    # the union of A and B goes; the weak crystal over A and the crystal D stay
+    assert [tuple(m.tolist()) for m in out.members] == [
+        tuple(range(0, 6)) + (12, 13), tuple(range(6, 14)), (14, 15), (16, 17, 18, 19)]
+    np.testing.assert_array_equal(out.summed, merged.summed[[0, 1, 3, 4]])
+    # the shared vectors join each crystal with their image total over its mask
+    np.testing.assert_allclose(out.intensities[0][-2:], [images[12][a].sum(), images[13][a].sum()],
+                               rtol=1e-6)
+    np.testing.assert_allclose(out.intensities[1][-2:], [images[12][b].sum(), images[13][b].sum()],
+                               rtol=1e-6)
+    # the same answer whatever the order of the groups
+    order = [4, 2, 0, 3, 1]
+    from spedflow.segment import MergeResult
+    shuffled = MergeResult(merged.summed[order], tuple(merged.members[i] for i in order),
+                           tuple(merged.intensities[i] for i in order),
+                           tuple(merged.segment_members[i] for i in order), merged.vectors, 5)
+    out2 = drop_shared_reflections(shuffled, images, VDFMergeParams())
+    assert sorted(tuple(m.tolist()) for m in out2.members) == sorted(
+        tuple(m.tolist()) for m in out.members)
+    # disabled
+    assert drop_shared_reflections(merged, images, VDFMergeParams(shared_coverage=1.5)) is merged
+    with pytest.raises(ParameterError, match="shared_coverage"):
+        VDFMergeParams(shared_coverage=0)
+
+
+def test_friedel_pair_inside_most_of_one_crystal_is_dropped_a_weak_crystal_kept():
+    from spedflow.segment import MergeResult, drop_shared_reflections
+    merged, images, a, b = _shared_case()
+    # the pair's segment covers 90 % of A and little else (its watershed cut only A):
+    # A's reflection; the same with four vectors is a crystal over A and stays
+    part = a & ~disc((20, 4), 3)
+    summed = merged.summed.copy()
+    summed[2] = images[12:14].sum(0) * part
+    one = MergeResult(summed, merged.members, merged.intensities, merged.segment_members,
+                      merged.vectors, 5)
+    out = drop_shared_reflections(one, images, VDFMergeParams())
+    assert [tuple(m.tolist()) for m in out.members] == [
+        tuple(range(0, 6)) + (12, 13), tuple(range(6, 12)), (14, 15), (16, 17, 18, 19)]
+    four = MergeResult(summed, merged.members[:2] + (np.array([12, 13, 14, 15]),) + merged.members[3:],
+                       merged.intensities[:2] + (np.ones(4),) + merged.intensities[3:],
+                       merged.segment_members, merged.vectors, 5)
+    assert len(drop_shared_reflections(four, images, VDFMergeParams()).summed) == 5

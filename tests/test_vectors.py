@@ -152,3 +152,58 @@ def test_defaults():
 def test_bad_inputs(exc, call, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def _ring_hist(rng, k=96, o=2, spots=(), amorphous=0.0, radius=30.0):
+    """A merged peak histogram: discrete clusters of peaks at ``spots`` ((gy, gx, n)),
+    plus, with ``amorphous`` peaks per pixel of arc, a smooth ring of radius ``radius``."""
+    table = []
+    for gy, gx, n in spots:
+        table.append(np.column_stack([np.zeros((n, 2)),
+                                      rng.normal([k // 2 + gy, k // 2 + gx], 0.3, (n, 2)),
+                                      np.ones(n)]))
+    if amorphous:
+        n = rng.poisson(amorphous * 2 * np.pi * radius)
+        a = rng.uniform(0, 2 * np.pi, n)
+        r = radius + rng.normal(0, 0.7, n)
+        table.append(np.column_stack([np.zeros((n, 2)), k // 2 + r * np.sin(a),
+                                      k // 2 + r * np.cos(a), np.ones(n)]))
+    return peak_histogram(np.concatenate(table), (k, k), o)
+
+
+def test_ring_contrast_counts_match_brute_force():
+    from spedflow.peaks import ring_contrast
+    rng = np.random.default_rng(3)
+    h = _ring_hist(rng, spots=[(0, 30, 50), (30, 0, 40)], amorphous=3.0)
+    v = np.array([[0.0, 30.0], [21.2, 21.2]])
+    support, ring = ring_contrast(h, v, oversample=2, radius=2.0, n_angles=90)
+    def count(gy, gx):
+        # brute force: the bin nearest the point, and every bin within 2 px (4 bins) of it
+        by, bx = np.rint((gy + 48) * 2 + 0.5), np.rint((gx + 48) * 2 + 0.5)
+        return h[((np.arange(h.shape[0])[:, None] - by) ** 2
+                  + (np.arange(h.shape[1])[None] - bx) ** 2) <= 16].sum()
+
+    assert support[0] == count(0.0, 30.0)
+    ang = np.arctan2(21.2, 21.2) + np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    g = np.hypot(21.2, 21.2)
+    q = np.quantile([count(g * np.sin(a), g * np.cos(a)) for a in ang], 0.2)
+    assert ring[1] == pytest.approx(q + 0.8416 * np.sqrt(q))
+
+
+def test_ring_vectors_dropped_on_a_smooth_ring_kept_on_a_ring_of_spots():
+    from spedflow.peaks import drop_ring_vectors
+    rng = np.random.default_rng(4)
+    # an amorphous ring: a small cluster of noise peaks on it is not a vector
+    h = _ring_hist(rng, spots=[(30.0, 0.0, 12), (-20.0, -12.0, 40)], amorphous=4.0)
+    v = np.array([[30.0, 0.0], [-20.0, -12.0]])
+    kept, keep = drop_ring_vectors(h, v, oversample=2, radius=2.0, min_patterns=10)
+    assert keep.tolist() == [False, True]
+    # a polycrystalline ring: the strong spots of many crystals of one phase cover most
+    # of the |g| = 30 ring (the median of the ring is a spot's count); a weak crystal's
+    # 25-peak vector on it is kept, as it is where the ring has gaps
+    ang = np.linspace(0, 2 * np.pi, 28, endpoint=False)[1:]
+    strong = [(30 * np.sin(a), 30 * np.cos(a), 200) for a in ang]
+    h = _ring_hist(rng, spots=strong + [(0.0, 30.0, 25)])
+    kept, keep = drop_ring_vectors(h, np.array([[0.0, 30.0]]), oversample=2, radius=2.0,
+                                   min_patterns=10)
+    assert keep.tolist() == [True]

@@ -39,20 +39,33 @@ def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: floa
     return float(hwhm), float(np.clip(1.5 * hwhm, 1.0, beam_radius))
 
 
+#: Quantile of the disc counts around a vector's ring taken as the ring's level, and the
+#: standard-normal deviate of that quantile (for the Poisson correction back to the mean).
+_RING_QUANTILE, _RING_Z = 0.2, 0.8416
+
+
 def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, radius: float,
-                  n_angles: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Peaks supporting each vector, and the same count elsewhere on its ring.
+                  n_angles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks supporting each vector, and the level of the same count along its ring.
 
     A diffraction vector of a crystal is a local cluster of peak positions. A
     circularly symmetric feature (the amorphous film's ring, a polycrystalline
     ring) scatters peaks all along its radius, and noise clusters on it can pass a
     local test. This counts the peaks within ``radius`` of each vector (``support``)
-    and the median of the same count at ``n_angles`` positions on the circle of the
-    same ``|g|`` (``ring``).
+    and the same count at ``n_angles`` positions on the circle of the same ``|g|``.
+
+    The ring's level is the 20 % quantile ``q`` of those counts, corrected for counting
+    noise to ``q + 0.84 sqrt(q)`` (the mean of a Poisson count whose 20 % quantile is
+    ``q``). Not the median: in a polycrystal of one phase, the spots of many crystals
+    share each ``|g|`` and can cover more than half of the ring; the ring of a smooth
+    (amorphous) background is populated at every angle, the gaps between spots are
+    not. A ring is taken as smooth only where at least 80 % of it carries peaks.
 
     Parameters
     ----------
     hist : (ky * o, kx * o) merged peak histogram; vectors : (N, 2) relative to the beam.
+    n_angles : int, optional
+        Positions on each ring; default one per histogram bin of arc (at least 64).
 
     Returns
     -------
@@ -62,6 +75,8 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     o = int(oversample)
     ky, kx = hist.shape[0] // o, hist.shape[1] // o
     v = np.asarray(vectors, float).reshape(-1, 2)
+    if len(v) == 0:
+        return np.zeros(0), np.zeros(0)
     rr = int(np.ceil(radius * o))
     dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
     disc = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
@@ -77,9 +92,11 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
 
     support = counts(v)
     g = np.hypot(v[:, 0], v[:, 1])
-    ang = np.arctan2(v[:, 0], v[:, 1])[:, None] + np.linspace(0, 2 * np.pi, n_angles, endpoint=False)[None]
+    n = n_angles if n_angles is not None else max(64, int(np.ceil(2 * np.pi * g.max() * o)))
+    ang = np.arctan2(v[:, 0], v[:, 1])[:, None] + np.linspace(0, 2 * np.pi, n, endpoint=False)[None]
     ring_pts = np.stack([g[:, None] * np.sin(ang), g[:, None] * np.cos(ang)], -1)
-    ring = np.median(counts(ring_pts), axis=1)
+    q = np.quantile(counts(ring_pts), _RING_QUANTILE, axis=1)
+    ring = q + _RING_Z * np.sqrt(q)
     return support.astype(float), ring.astype(float)
 
 

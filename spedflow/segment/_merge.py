@@ -34,7 +34,8 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
 
-__all__ = ["MergeResult", "merge_vdf_segments", "drop_radial_pairs", "fold_fragments",
+__all__ = ["MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_shared_reflections",
+           "fold_fragments",
            "virtual_patterns", "merge_components", "correlation_matrix"]
 
 
@@ -337,6 +338,80 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         tuple(np.array(sorted(members[i]), np.int64) for i in order),
         tuple(np.array([members[i][v] for v in sorted(members[i])], np.float64) for i in order),
         tuple(segs[i] for i in order), result.vectors, result.n_groups)
+
+
+def drop_shared_reflections(result: MergeResult, images: np.ndarray,
+                            params: VDFMergeParams | None = None) -> MergeResult:
+    """Drop groups whose mask is the union of two or more better-supported crystals.
+
+    Crystals of one phase share reflections: where the spots of two crystals fall on
+    the same vector (the same ``|g|`` at nearly the same azimuth), that vector's VDF
+    image shows both crystals, and its segments (with its Friedel mate's) form a
+    group of their own whose mask covers both. It is not a crystal; its vectors
+    belong to each of the crystals it covers.
+
+    A group ``a`` is such a union when at least ``params.fragment_containment`` of its
+    mask lies inside the masks of other groups that each have more distinct vectors
+    than ``a`` and each lie at least ``params.shared_coverage`` inside ``a``'s mask, and
+    there are two or more of those. A group kept by the Friedel rule alone (fewer
+    than ``params.vector_threshold`` vectors) needs only one: a reflection pair whose
+    segment lies inside a better-supported crystal and covers most of it is that
+    crystal's (the watershed of its image, lit by a second crystal too, did not cut
+    the same mask). A weak crystal over a strong one covers only a small part of it
+    and stays. The dropped group's vectors join each covering crystal, with that
+    vector's image total over the crystal's mask as intensity, so the crystals'
+    virtual patterns keep their shared spots.
+
+    Parameters
+    ----------
+    result : MergeResult
+        From :func:`merge_vdf_segments` (or :func:`drop_radial_pairs`).
+    images : (N, Y, X) array_like
+        The VDF images of all vectors (``result.vectors``).
+    params : VDFMergeParams, optional
+
+    Returns
+    -------
+    MergeResult
+        The remaining groups in the same order.
+    """
+    params = VDFMergeParams() if params is None else params
+    images = _check_images(result, images)
+    n = len(result.summed)
+    if n < 2 or params.shared_coverage > 1:
+        return result
+    masks = result.summed.reshape(n, -1) > 0
+    area = masks.sum(axis=1)
+    m_sp = sparse.csr_matrix(masks, dtype=np.float64)
+    inter = (m_sp @ m_sp.T).toarray()
+    n_vec = np.array([m.size for m in result.members])
+    covers = {}
+    for a in range(n):
+        bs = np.flatnonzero((n_vec > n_vec[a]) & (area > 0)
+                            & (inter[a] >= params.shared_coverage * np.maximum(area, 1)))
+        if area[a] == 0 or len(bs) == 0 or (len(bs) < 2 and n_vec[a] >= params.vector_threshold):
+            continue
+        union = masks[bs].any(axis=0)
+        if (union & masks[a]).sum() >= params.fragment_containment * area[a]:
+            covers[a] = bs
+    if not covers:
+        return result
+    flat = images.reshape(images.shape[0], -1)
+    members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
+    for a, bs in covers.items():
+        for b in bs:
+            if b in covers:
+                continue
+            for v in result.members[a].tolist():
+                if v not in members[b]:
+                    members[b][v] = float(flat[v][masks[b]].sum(dtype=np.float64))
+    keep = [i for i in range(n) if i not in covers]
+    mem = tuple(np.array(sorted(members[i]), dtype=np.int64) for i in keep)
+    inten = tuple(np.array([members[i][v] for v in sorted(members[i])], dtype=np.float64)
+                  for i in keep)
+    return MergeResult(result.summed[keep], mem, inten,
+                       tuple(result.segment_members[i] for i in keep), result.vectors,
+                       result.n_groups)
 
 
 def drop_radial_pairs(result: MergeResult, images: np.ndarray,

@@ -168,6 +168,12 @@ class VDFMergeParams:
         centrosymmetric too and lights every vector on its ring alike (ratio ~1);
         Bragg scattering is local in azimuth (ratios >= 10 on the simulated sets).
         Default 2. 0 disables the test.
+    shared_coverage : float
+        A group whose mask is the union of two or more crystals with more vectors, each
+        lying at least this fraction inside it (and together covering
+        ``fragment_containment`` of it), is their shared reflections, not a crystal
+        (:func:`~spedflow.segment.drop_shared_reflections`). Default 0.5: most of each
+        crystal. Set above 1 to disable.
     """
 
     corr_threshold: float = 0.7
@@ -178,12 +184,14 @@ class VDFMergeParams:
     fragment_containment: float = 0.8
     fragment_contrast: float = 2.0
     friedel_ring_contrast: float = 2.0
+    shared_coverage: float = 0.5
 
     def __post_init__(self):
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)
         check_range("fragment_contrast", self.fragment_contrast, low=1)
+        check_range("shared_coverage", self.shared_coverage, low=0, low_open=True)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
         check_range("friedel_tolerance", self.friedel_tolerance, low=0)
         check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)

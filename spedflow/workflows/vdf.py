@@ -198,8 +198,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (drop_radial_pairs, fold_fragments, merge_vdf_segments, pattern_sigma,
-                           segments_from_labels, virtual_patterns, watershed_stack)
+    from ..segment import (drop_radial_pairs, drop_shared_reflections, fold_fragments,
+                           merge_vdf_segments, pattern_sigma, segments_from_labels,
+                           virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -269,6 +270,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         n_groups = len(merged.summed)
         merged = drop_radial_pairs(merged, images, cfg.merge, radius=vd.radius)
         n_ring = n_groups - len(merged.summed)
+        merged = drop_shared_reflections(merged, images, cfg.merge)
+        n_shared = n_groups - n_ring - len(merged.summed)
         n_merged = len(merged.summed)
         merged = fold_fragments(merged, images, cfg.merge)
         sigma = pattern_sigma(cfg.merge, s_r)
@@ -277,6 +280,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_ring:
         log.info("%d Friedel-pair groups dropped: no brighter than the other vectors on their ring "
                  "(merge.friedel_ring_contrast)", n_ring)
+    if n_shared:
+        log.info("%d groups dropped as the shared reflections of two or more crystals "
+                 "(merge.shared_coverage)", n_shared)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
 
@@ -310,6 +316,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                    "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),
                    "fragments_folded": int(n_merged - len(merged.summed)),
                    "friedel_ring_dropped": int(n_ring),
+                   "shared_dropped": int(n_shared),
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
