@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from spedflow.evaluate import evaluate
     sys.path.insert(0, str(HERE))
     import foreign_sim
-    from bench_quality import score_fields, summarise
+    from bench_quality import merge_earlier, score_fields, summarise
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:28s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}", flush=True)
+    rows = merge_earlier(rows, args.out, foreign_sim.SETS)
     summary = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,

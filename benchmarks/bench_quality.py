@@ -91,10 +91,11 @@ def summarise(rows: list) -> dict:
                 for k in ("recall", "precision")} for m in methods}
 
 
-def merge_earlier(rows: list, path: Path) -> list:
+def merge_earlier(rows: list, path: Path, sets=None) -> list:
     """``rows`` plus the rows of an earlier ``path`` for (set, method) pairs not re-run
-    (marked ``carried_over``), in the order of ``SETS`` then method: a run of some sets
-    or methods updates the file instead of dropping the others."""
+    (marked ``carried_over``), in the order of ``sets`` (default ``SETS``) then method:
+    a run of some sets or methods updates the file instead of dropping the others."""
+    sets = SETS if sets is None else sets
     done = {(r["set"], r["method"]) for r in rows}
     earlier = []
     if path.exists():
@@ -103,8 +104,8 @@ def merge_earlier(rows: list, path: Path) -> list:
         except (OSError, ValueError):
             earlier = []
     kept = [{**r, "carried_over": True} for r in earlier
-            if (r.get("set"), r.get("method")) not in done and r.get("set") in SETS]
-    order = {name: i for i, name in enumerate(SETS)}
+            if (r.get("set"), r.get("method")) not in done and r.get("set") in sets]
+    order = {name: i for i, name in enumerate(sets)}
     return sorted(rows + kept, key=lambda r: (order[r["set"]], ["vdf", "nmf"].index(r["method"])))
 
 
