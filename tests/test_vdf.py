@@ -135,3 +135,26 @@ def test_params():
 def test_bad_inputs(exc, call, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("counts", [None, (1.0, 0.0)])
+@pytest.mark.parametrize("chunks", [(7, 9), (4, 5), (1, 9)])
+def test_preprocessed_images_equal_preprocess_then_vdf(frames, chunks, counts, monkeypatch):
+    """The fused pass 2 (slab by slab) equals preprocess followed by vdf_images, also with
+    slabs that do not divide the chunks."""
+    from spedflow.preprocess import PreprocessParams
+    from spedflow.preprocess import lazy as pre
+    from spedflow.preprocess import resolve as resolve_pre
+    from spedflow.vdf import kernels, preprocessed_vdf_images
+    monkeypatch.setattr(kernels, "_SLAB", 10)
+    rng = np.random.default_rng(1)
+    centres = np.array([20.0, 20.0]) + rng.normal(0, 1.5, (7, 9, 2))
+    prep = resolve_pre(PreprocessParams(), 2.0)
+    d = da.from_array(frames, chunks=chunks + (40, 40))
+    want = vdf_images(pre.preprocess(d, centres, prep, counts=counts), VECTORS, 2.5).compute()
+    got = preprocessed_vdf_images(d, centres, prep, VECTORS, 2.5, counts=counts)
+    assert got.shape == (len(VECTORS), 7, 9) and got.dtype == np.float32
+    np.testing.assert_allclose(got.compute(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ParameterError, match="align"):
+        preprocessed_vdf_images(d, centres, PreprocessParams(align=False, dog_sigma_low=1.0,
+                                                             dog_sigma_high=8.0), VECTORS, 2.5)

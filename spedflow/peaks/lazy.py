@@ -218,9 +218,9 @@ def find_peaks_counting(data: da.Array, centres, params: PeakParams, counts, *,
 
 
 def sample_blocks(data):
-    """Up to five blocks of ``data`` spread over the scan (corners and centre), as
-    float64 arrays: the sample the VDF workflow measures the beam radius and the
-    detector's counting noise on. ``data``: a dask or Zarr array (chunks of whole patterns)."""
+    """Up to five blocks of ``data`` spread over the scan (corners and centre), as NumPy
+    arrays of the data's dtype: the sample the VDF workflow measures the beam radius and
+    the detector's counting noise on. ``data``: a dask or Zarr array (chunks of whole patterns)."""
     if isinstance(data, da.Array):
         cy, cx = data.chunksize[:2]
     else:
@@ -228,7 +228,7 @@ def sample_blocks(data):
     gy, gx = -(-data.shape[0] // cy), -(-data.shape[1] // cx)
     picks = sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)})
     for i, j in picks:
-        yield np.asarray(data[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx], dtype=np.float64)
+        yield np.asarray(data[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx])
 
 
 def measure_counts(data) -> tuple[float, float]:

@@ -185,13 +185,14 @@ def count_scale(blocks) -> tuple[float, float]:
     """
     m_all, d_all = [], []
     for block in blocks:
-        a = np.asarray(block, np.float64)
+        a = np.asarray(block)
         if a.ndim != 4 or a.shape[1] < 2:
             continue
-        top = a.max()
+        top = float(a.max())
         # a strided sample of detector pixels bounds the time and memory
         step = int(np.ceil(np.sqrt(a[:, 1:].size / _PAIRS_PER_BLOCK)))
-        p, q = a[:, 1:, ::step, ::step].ravel(), a[:, :-1, ::step, ::step].ravel()
+        a = a[:, :, ::step, ::step].astype(np.float64)
+        p, q = a[:, 1:].ravel(), a[:, :-1].ravel()
         ok = (p < top) & (q < top)
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
@@ -209,9 +210,15 @@ def count_scale(blocks) -> tuple[float, float]:
     for _ in range(50):
         keep = (d <= 9.0 * (gain * m + read_var) + gain * gain) & (m <= cap)
         mk, dk = m[keep], d[keep]
-        w = 1.0 / (gain * mk + read_var + gain * gain)
-        a = np.column_stack([mk, np.ones_like(mk)]) * w[:, None]
-        (g_new, v_new), *_ = np.linalg.lstsq(a, dk * w, rcond=None)
+        # weighted least squares of d = g m + v with weights w**2, by its normal equations
+        w2 = (1.0 / (gain * mk + read_var + gain * gain)) ** 2
+        s0, s1, s2 = w2.sum(), (w2 * mk).sum(), (w2 * mk * mk).sum()
+        t0, t1 = (w2 * dk).sum(), (w2 * mk * dk).sum()
+        det = s0 * s2 - s1 * s1
+        if not det > 0:  # a single mean level: no slope to fit
+            break
+        g_new = (s0 * t1 - s1 * t0) / det
+        v_new = (s2 * t0 - s1 * t1) / det
         g_new, v_new = max(float(g_new), 1e-6), max(float(v_new), 0.0)
         done = abs(g_new - gain) <= 1e-4 * gain and abs(v_new - read_var) <= 1e-4 * (read_var + gain)
         gain, read_var = g_new, v_new

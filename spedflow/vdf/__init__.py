@@ -3,9 +3,10 @@
 Kernels (NumPy/SciPy, one chunk) are in ``kernels``; dask wrappers in ``lazy``.
 """
 
-from .kernels import (VDFParams, annular_sums, annulus_mask, apply_masks, disc_masks, resolve,
-                      vdf_sums)
-from .lazy import annular_vdf, vdf_images
+from .kernels import (VDFParams, annular_sums, annulus_mask, apply_masks, disc_masks,
+                      preprocessed_sums, resolve, vdf_sums)
+from .lazy import annular_vdf, preprocessed_vdf_images, vdf_images
 
 __all__ = ["VDFParams", "resolve", "vdf_sums", "annular_sums", "disc_masks", "annulus_mask",
-           "apply_masks", "vdf_images", "annular_vdf"]
+           "apply_masks", "preprocessed_sums", "vdf_images", "preprocessed_vdf_images",
+           "annular_vdf"]

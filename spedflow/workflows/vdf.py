@@ -220,7 +220,6 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
     beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer,
                                                       counts)
-    aligned = pre.preprocess(data, beam.used, prep, counts=counts)
 
     # unique vectors (finalize of the histogram reduction): a first pass with the beam
     # radius as length scale, then the spots' own size is measured at those vectors
@@ -249,7 +248,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                          dataclasses.asdict(vd))
     if not st_vdf.complete:
         with timer("vdf"):
-            images = vdfl.vdf_images(aligned, vectors, vd.radius, subpixel=vd.subpixel)
+            if prep.align:  # one task per chunk: preprocess a slab, integrate its discs
+                images = vdfl.preprocessed_vdf_images(data, beam.used, prep, vectors, vd.radius,
+                                                      counts=counts, subpixel=vd.subpixel)
+            else:
+                images = vdfl.vdf_images(pre.preprocess(data, beam.used, prep), vectors,
+                                         vd.radius, subpixel=vd.subpixel)
             (images,) = cluster.compute(images, label="VDF images", n_patterns=ny * nx)
             st_vdf.save("images", images.astype(np.float32))
             st_vdf.mark_complete()
