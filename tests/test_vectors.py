@@ -184,6 +184,14 @@ def test_ring_contrast_counts_match_brute_force():
                   + (np.arange(h.shape[1])[None] - bx) ** 2) <= 16].sum()
 
     assert support[0] == count(0.0, 30.0)
+    # a disc partly off the histogram counts what it reaches
+    edge = _ring_hist(rng, spots=[(-47.0, 10.0, 30), (46.5, -47.5, 20)])
+    s_edge, _ = ring_contrast(edge, np.array([[-47.6, 10.0], [47.4, -48.2]]), oversample=2,
+                              radius=2.0)
+    brute = [edge[((np.arange(192)[:, None] - np.rint((gy + 48) * 2 + 0.5)) ** 2
+                   + (np.arange(192)[None] - np.rint((gx + 48) * 2 + 0.5)) ** 2) <= 16].sum()
+             for gy, gx in [(-47.6, 10.0), (47.4, -48.2)]]
+    assert s_edge[0] > 0 and s_edge.tolist() == brute
     ang = np.arctan2(21.2, 21.2) + np.linspace(0, 2 * np.pi, 90, endpoint=False)
     g = np.hypot(21.2, 21.2)
     q = np.quantile([count(g * np.sin(a), g * np.cos(a)) for a in ang], 0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = ["spot_radius", "ring_contrast", "drop_ring_vectors"]
 
@@ -79,16 +80,18 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
         return np.zeros(0), np.zeros(0)
     rr = int(np.ceil(radius * o))
     dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
-    disc = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
-    dy, dx = dy[disc], dx[disc]
+    disc = ((dy ** 2 + dx ** 2) <= (radius * o) ** 2).astype(float)
+    # the count in the disc about every bin, once (zeros beyond the histogram; a margin
+    # of rr bins, so that discs centred off the histogram still count what they reach)
+    sums = ndimage.correlate(np.pad(hist, rr), disc, mode="constant", cval=0.0)
 
     def counts(points):  # points (..., 2) relative to the beam, px
         c = (points + [ky // 2, kx // 2]) * o + (o - 1) / 2
-        iy = np.rint(c[..., 0])[..., None].astype(int) + dy
-        ix = np.rint(c[..., 1])[..., None].astype(int) + dx
-        ok = (iy >= 0) & (iy < hist.shape[0]) & (ix >= 0) & (ix < hist.shape[1])
-        return np.where(ok, hist[np.clip(iy, 0, hist.shape[0] - 1), np.clip(ix, 0, hist.shape[1] - 1)],
-                        0).sum(-1)
+        iy = np.rint(c[..., 0]).astype(int) + rr
+        ix = np.rint(c[..., 1]).astype(int) + rr
+        ok = (iy >= 0) & (iy < sums.shape[0]) & (ix >= 0) & (ix < sums.shape[1])
+        return np.where(ok, sums[np.clip(iy, 0, sums.shape[0] - 1), np.clip(ix, 0, sums.shape[1] - 1)],
+                        0.0)
 
     support = counts(v)
     g = np.hypot(v[:, 0], v[:, 1])
