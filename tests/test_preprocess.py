@@ -435,3 +435,22 @@ def test_beam_saturated_only_for_a_clipped_beam():
     centres = np.full((10, 2), 24.0)
     assert not beam_saturated(frames, centres)             # counting noise on the beam
     assert beam_saturated(np.minimum(frames, 255), centres)  # an 8-bit camera's clip
+
+
+@pytest.mark.parametrize("radius", [2.0, 3.0])
+def test_spot_scale_is_not_set_by_the_noise_of_empty_patterns(radius):
+    """Most patterns of a scan can hold no crystal (holes, film): their strongest LoG
+    maxima are single counts at the smallest scale, and outnumber the spots."""
+    from spedflow.preprocess.kernels import spot_scale
+    rng = np.random.default_rng(int(radius * 7))
+    yy, xx = np.mgrid[:96, :96]
+    frames = np.zeros((120, 96, 96))
+    for i in range(120):
+        frames[i] += 200 * ((yy - 48) ** 2 + (xx - 48) ** 2 <= 9)
+        if i % 5 == 0:  # one pattern in five on a crystal
+            for _ in range(4):
+                y, x = rng.uniform(10, 86, 2)
+                if np.hypot(y - 48, x - 48) > 12:
+                    frames[i] += 15 * ((yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2)
+    frames = 8 * rng.poisson(frames + 0.05).astype(np.float32)  # sparse counts, 8 units each
+    assert spot_scale(frames, np.full((120, 2), 48.0), exclude=8) == pytest.approx(radius, rel=0.15)

@@ -719,11 +719,17 @@ def spot_scale(frames: np.ndarray, centres: np.ndarray, exclude: float, *,
 
     Every pattern's response ``-s^2 LoG_s`` at scales ``s = 1 .. 8`` px (steps of
     sqrt(2)); its strongest local maxima farther than ``exclude`` px from the beam
-    centre are spots, each taking the scale where its response peaks (interpolated
-    on log s). A disc of radius R peaks at ``s = R / sqrt(2)``, so the result is
-    ``sqrt(2)`` times the median scale. Used where the direct beam's own size cannot
-    be measured (a clipped beam), since under precession the spots are discs of
-    about the beam's size.
+    centre are candidates, each taking the scale where its response peaks
+    (interpolated on log s). A disc of radius R peaks at ``s = R / sqrt(2)``, so the
+    result is ``sqrt(2)`` times the median scale of the spots. Used where the direct
+    beam's own size cannot be measured (a clipped beam), since under precession the
+    spots are discs of about the beam's size.
+
+    The spots are the candidates whose response is at least half the 90th percentile
+    of all candidates' responses. Patterns on no crystal (holes, film) have maxima
+    too: single counts at the smallest scale, weak but many; without that cut they
+    outnumber the spots and the median is the smallest scale. (Spots must make at
+    least a tenth of the candidates: about one pattern in ten on a crystal.)
 
     Returns
     -------
@@ -759,10 +765,12 @@ def spot_scale(frames: np.ndarray, centres: np.ndarray, exclude: float, *,
                 den = col[k - 1] - 2 * col[k] + col[k + 1]
                 if den < 0:
                     t += 0.5 * (col[k - 1] - col[k + 1]) / den
-            found.append(2.0 ** (t / 2.0))
+            found.append((float(col[k]), 2.0 ** (t / 2.0)))
     if not found:
         return float("nan")
-    return float(np.sqrt(2.0) * np.median(found))
+    strength, scale = np.array(found).T
+    spots = strength >= 0.5 * np.percentile(strength, 90)
+    return float(np.sqrt(2.0) * np.median(scale[spots]))
 
 def estimate_beam_radius(frames: np.ndarray, centres: np.ndarray | None = None,
                          max_radius: float | None = None) -> float:
