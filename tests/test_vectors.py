@@ -215,3 +215,39 @@ def test_ring_vectors_dropped_on_a_smooth_ring_kept_on_a_ring_of_spots():
     kept, keep = drop_ring_vectors(h, np.array([[0.0, 30.0]]), oversample=2, radius=2.0,
                                    min_patterns=10)
     assert keep.tolist() == [True]
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.6, 1.0])
+def test_position_scatter_recovers_the_spread_of_peak_positions(sigma):
+    from spedflow.peaks import position_scatter
+    rng = np.random.default_rng(int(sigma * 10))
+    k = 96
+    centres = rng.uniform(-35, 35, (12, 2))
+    table = np.concatenate([np.column_stack([np.zeros((400, 2)),
+                                             rng.normal(c + k // 2, sigma, (400, 2)), np.ones(400)])
+                            for c in centres])
+    h = peak_histogram(table, (k, k), 2)
+    got = position_scatter(h, centres, oversample=2, radius=4 * sigma)
+    # the disc of 4 sigma holds nearly all of each cluster; bins of 0.5 px add (0.5^2 / 12)
+    assert got == pytest.approx(np.sqrt(sigma ** 2 + 0.25 / 12), rel=0.12)
+    assert np.isnan(position_scatter(h, np.zeros((0, 2)), oversample=2, radius=2.0))
+
+
+def test_measured_scatter_keeps_two_reflections_one_spot_radius_apart():
+    """Two crystals' reflections 4 px apart, spots of radius 3 px, positions scattered by
+    0.5 px: smoothed by the spot size (r / 2) they make one maximum; by the measured
+    scatter, two vectors."""
+    from spedflow.peaks import position_scatter
+    rng = np.random.default_rng(5)
+    k = 100
+    where = {(10.0, 15.0): 60, (6.0, 15.5): 85, (-10.0, -15.0): 60, (-6.0, -15.5): 85}
+    table = np.concatenate([np.column_stack([np.zeros((n, 2)), rng.normal(np.add(g, k // 2), 0.5, (n, 2)),
+                                             np.ones(n)]) for g, n in where.items()])
+    h = peak_histogram(table, (k, k), 2)
+    kw = dict(detector_shape=(k, k), oversample=2, cluster_radius=3.0, min_patterns=10,
+              beam_exclusion_radius=6.0, edge_margin=3.0)
+    assert len(unique_vectors(h, scatter=1.5, **kw)) == 2
+    s = position_scatter(h, unique_vectors(h, scatter=1.5, **kw), oversample=2, radius=3.0)
+    found = unique_vectors(h, scatter=s, **kw)
+    assert len(found) == 4
+    assert np.abs(np.sort(found, axis=0) - np.sort(np.array(list(where)), axis=0)).max() < 0.3

@@ -53,9 +53,11 @@ class VectorParams:
         refinement error, residual descan, small tilts).
     scatter : float or None
         Gaussian width (px) used to smooth the histogram before its local maxima
-        are taken. None: ``cluster_radius / 2``, so the cluster radius is ~2
-        standard deviations of the position scatter and holds ~86 % of a
-        cluster's peaks.
+        are taken. None: in the VDF workflow, measured on the histogram around the
+        strongest vectors (:func:`~spedflow.peaks.position_scatter`; 0.3-0.8 px on the
+        benchmark sets); elsewhere ``cluster_radius / 2``. Smoothing by more than
+        the positions scatter merges the clusters of neighbouring reflections of
+        different crystals into one maximum.
     min_patterns : int
         A vector needs at least this many peaks (scan positions) within
         ``cluster_radius``. 10: the smallest crystal worth finding, the same as

@@ -194,7 +194,7 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks import resolve as resolve_peaks
-    from ..peaks import drop_ring_vectors, spot_radius, unique_vectors
+    from ..peaks import drop_ring_vectors, position_scatter, spot_radius, unique_vectors
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -230,6 +230,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         vp = resolve_vectors(cfg.vectors, s_r)
         if cfg.vectors.beam_exclusion_radius is None:  # the beam keeps its own size
             vp = dataclasses.replace(vp, beam_exclusion_radius=2.0 * r)
+        if cfg.vectors.scatter is None:  # how far the peaks of one reflection scatter
+            scatter = position_scatter(hist, first, oversample=vp.oversample,
+                                       radius=vp.cluster_radius)
+            if np.isfinite(scatter):
+                vp = dataclasses.replace(vp, scatter=scatter)
         vectors = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
         n_found = len(vectors)
         vectors, _ = drop_ring_vectors(hist, vectors, oversample=vp.oversample,
