@@ -234,8 +234,8 @@ def _mean_residual(data, centres, counts):
 def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     """Every stage of the VDF workflow is reachable through the public functions."""
     from spedflow import peaks, preprocess, vdf
-    from spedflow.segment import (drop_radial_pairs, fold_fragments, merge_vdf_segments,
-                                  segments_from_labels, watershed_stack)
+    from spedflow.segment import (drop_radial_pairs, drop_shared_reflections, fold_fragments,
+                                  merge_vdf_segments, segments_from_labels, watershed_stack)
 
     cfg = spedflow.load_config("vdf")
     data = spedflow.open_store(sim_store).data
@@ -265,6 +265,10 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
         _, spot_r = spot_radius(_mean_residual(data, found_at, counts), vectors, r)
         vp = dataclasses.replace(peaks.vectors.resolve(cfg.vectors, spot_r),
                                  beam_exclusion_radius=2.0 * r)
+        # smoothed by how far the peaks of one reflection scatter, measured
+        scatter = peaks.position_scatter(hist, vectors, oversample=vp.oversample,
+                                         radius=vp.cluster_radius)
+        vp = dataclasses.replace(vp, scatter=scatter)
         vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
     # vectors that do not stand out of their ring (film) are dropped
     vectors, _ = peaks.drop_ring_vectors(hist, vectors, oversample=vp.oversample,
@@ -303,6 +307,7 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     segments, source = segments_from_labels(stored, labels)
     merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
     merged = drop_radial_pairs(merged, stored, cfg.merge, radius=vd.radius)
+    merged = drop_shared_reflections(merged, stored, cfg.merge)
     merged = fold_fragments(merged, stored, cfg.merge)
     assert len(merged.summed) == attrs["counts"]["segments"]
     np.testing.assert_allclose(merged.summed, res["segments/maps"].values, rtol=1e-5,
@@ -393,12 +398,13 @@ def test_stage_packages_exported():
         "preprocess": ["bin_nav", "beam_centres", "estimate_beam_radius", "centres_for_alignment",
                        "resolve", "preprocess", "align"],
         "peaks": ["find_peaks", "peaks_block", "peak_histogram", "unique_vectors", "VectorParams",
-                  "PeakParams", "resolve"],
-        "vdf": ["vdf_images", "annular_vdf", "VDFParams", "resolve"],
+                  "PeakParams", "resolve", "position_scatter"],
+        "vdf": ["vdf_images", "preprocessed_vdf_images", "annular_vdf", "VDFParams", "resolve"],
         "decompose": ["poisson_statistics", "normalised_matrix", "scree", "choose_n_components",
                       "nmf", "undo_normalisation", "beam_mask", "classify_components"],
         "segment_": ["watershed_image", "watershed_stack", "segments_from_labels",
-                     "merge_vdf_segments", "drop_radial_pairs", "fold_fragments", "virtual_patterns",
+                     "merge_vdf_segments", "drop_radial_pairs", "drop_shared_reflections",
+                     "fold_fragments", "virtual_patterns",
                      "merge_components"],
     }.items():
         mod = getattr(spedflow, pkg)
