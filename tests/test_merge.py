@@ -534,10 +534,13 @@ def _shared_case():
     w = disc((20, 8), 3)
     d = disc((8, 20), 5)
     rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:40, :40]
+    ta = a * (1.5 - np.hypot(yy - 20, xx - 11) / 8)  # thicker in the middle, like a crystal
+    tb = b * (1.5 - np.hypot(yy - 20, xx - 29) / 8)
     images = rng.uniform(0, 0.1, (20, 40, 40)).astype(np.float32)
-    images[0:6] += 10 * a
-    images[6:12] += 10 * b
-    images[12:14] += 4 * a + 7 * b
+    images[0:6] += 10 * ta
+    images[6:12] += 10 * tb
+    images[12:14] += 4 * ta + 7 * tb
     images[14:16] += 3 * w
     images[16:20] += 5 * d
     vectors = np.array([[np.sin(t) * 20, np.cos(t) * 20] for t in np.linspace(0, 6, 20)])
@@ -595,3 +598,31 @@ def test_friedel_pair_inside_most_of_one_crystal_is_dropped_a_weak_crystal_kept(
                        merged.intensities[:2] + (np.ones(4),) + merged.intensities[3:],
                        merged.segment_members, merged.vectors, 5)
     assert len(drop_shared_reflections(four, images, VDFMergeParams()).summed) == 5
+
+
+def test_weak_friedel_crystal_over_most_of_a_stronger_one_is_kept():
+    """The paper's P2 case over most of its host: a two-vector crystal covering 60 % of a
+    better-supported one is bright in its vectors on its own part only; it stays."""
+    from spedflow.segment import MergeResult, drop_shared_reflections
+    rng = np.random.default_rng(2)
+    host = disc((20, 20), 10)
+    yy, xx = np.mgrid[:40, :40]
+    thick = host * (1.5 - np.hypot(yy - 20, xx - 20) / 10)
+    weak = host & (np.arange(40)[None, :] < 23)  # the left 60 % of the host
+    images = rng.uniform(0, 0.1, (8, 40, 40)).astype(np.float32)
+    images[:6] += 10 * thick
+    images[6:] += 2 * weak
+    vectors = np.array([[np.sin(t) * 20, np.cos(t) * 20] for t in np.linspace(0, 6, 8)])
+    groups = [(host, range(0, 6)), (weak, range(6, 8))]
+    summed = np.stack([images[list(v)].sum(0) * m for m, v in groups])
+    merged = MergeResult(summed, tuple(np.array(list(v)) for _, v in groups),
+                         tuple(np.ones(len(v)) for _, v in groups), (np.array([0]), np.array([1])),
+                         vectors, 2)
+    assert (weak.sum() / host.sum()) > 0.5
+    assert len(drop_shared_reflections(merged, images, VDFMergeParams()).summed) == 2
+    # the same pair lighting all of the host (its own reflection, cut short by the watershed)
+    images[6:] = images[6:] - 2 * weak + 3 * thick
+    summed[1] = images[6:].sum(0) * weak
+    own = MergeResult(summed, merged.members, merged.intensities, merged.segment_members,
+                      vectors, 2)
+    assert len(drop_shared_reflections(own, images, VDFMergeParams()).summed) == 1

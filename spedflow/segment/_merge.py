@@ -354,11 +354,12 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     mask lies inside the masks of other groups that each have more distinct vectors
     than ``a`` and each lie at least ``params.shared_coverage`` inside ``a``'s mask, and
     there are two or more of those. A group kept by the Friedel rule alone (fewer
-    than ``params.vector_threshold`` vectors) needs only one: a reflection pair whose
-    segment lies inside a better-supported crystal and covers most of it is that
-    crystal's (the watershed of its image, lit by a second crystal too, did not cut
-    the same mask). A weak crystal over a strong one covers only a small part of it
-    and stays. The dropped group's vectors join each covering crystal, with that
+    than ``params.vector_threshold`` vectors) needs only one, if its vectors also light
+    up all of that crystal (the test of :func:`fold_fragments`): a reflection pair
+    whose segment lies inside a better-supported crystal, covers most of it and
+    follows its thickness everywhere is that crystal's (the watershed of its image,
+    lit by a second crystal too, did not cut the same mask). A weak crystal over a
+    strong one is bright in its own vectors on its own part only, and stays. The dropped group's vectors join each covering crystal, with that
     vector's image total over the crystal's mask as intensity, so the crystals'
     virtual patterns keep their shared spots.
 
@@ -385,6 +386,7 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     m_sp = sparse.csr_matrix(masks, dtype=np.float64)
     inter = (m_sp @ m_sp.T).toarray()
     n_vec = np.array([m.size for m in result.members])
+    flat = images.reshape(images.shape[0], -1)
     covers = {}
     for a in range(n):
         bs = np.flatnonzero((n_vec > n_vec[a]) & (area > 0)
@@ -392,11 +394,18 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
         if area[a] == 0 or len(bs) == 0 or (len(bs) < 2 and n_vec[a] >= params.vector_threshold):
             continue
         union = masks[bs].any(axis=0)
-        if (union & masks[a]).sum() >= params.fragment_containment * area[a]:
-            covers[a] = bs
+        if (union & masks[a]).sum() < params.fragment_containment * area[a]:
+            continue
+        if len(bs) == 1:  # its vectors must light up all of that crystal, as its own do
+            b = bs[0]
+            pa = flat[result.members[a]].sum(axis=0, dtype=np.float64)
+            pb = flat[result.members[b]].sum(axis=0, dtype=np.float64)
+            r = _pearson_1d(pa[masks[b]], pb[masks[b]])
+            if not _lights_up(pa, pb, masks[a], masks[b], r, params):
+                continue
+        covers[a] = bs
     if not covers:
         return result
-    flat = images.reshape(images.shape[0], -1)
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     for a, bs in covers.items():
         for b in bs:
