@@ -594,7 +594,8 @@ def test_friedel_pair_inside_most_of_one_crystal_is_dropped_a_weak_crystal_kept(
     out = drop_shared_reflections(one, images, VDFMergeParams())
     assert [tuple(m.tolist()) for m in out.members] == [
         tuple(range(0, 6)) + (12, 13), tuple(range(6, 12)), (14, 15), (16, 17, 18, 19)]
-    four = MergeResult(summed, merged.members[:2] + (np.array([12, 13, 14, 15]),) + merged.members[3:],
+    four = MergeResult(summed,
+                       merged.members[:2] + (np.array([12, 13, 14, 15]),) + merged.members[3:],
                        merged.intensities[:2] + (np.ones(4),) + merged.intensities[3:],
                        merged.segment_members, merged.vectors, 5)
     assert len(drop_shared_reflections(four, images, VDFMergeParams()).summed) == 5

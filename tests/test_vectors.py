@@ -241,8 +241,9 @@ def test_measured_scatter_keeps_two_reflections_one_spot_radius_apart():
     rng = np.random.default_rng(5)
     k = 100
     where = {(10.0, 15.0): 60, (6.0, 15.5): 85, (-10.0, -15.0): 60, (-6.0, -15.5): 85}
-    table = np.concatenate([np.column_stack([np.zeros((n, 2)), rng.normal(np.add(g, k // 2), 0.5, (n, 2)),
-                                             np.ones(n)]) for g, n in where.items()])
+    table = np.concatenate([np.column_stack([np.zeros((n, 2)),
+                                             rng.normal(np.add(g, k // 2), 0.5, (n, 2)), np.ones(n)])
+                            for g, n in where.items()])
     h = peak_histogram(table, (k, k), 2)
     kw = dict(detector_shape=(k, k), oversample=2, cluster_radius=3.0, min_patterns=10,
               beam_exclusion_radius=6.0, edge_margin=3.0)

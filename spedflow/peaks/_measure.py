@@ -89,9 +89,9 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
         c = (points + [ky // 2, kx // 2]) * o + (o - 1) / 2
         iy = np.rint(c[..., 0]).astype(int) + rr
         ix = np.rint(c[..., 1]).astype(int) + rr
-        ok = (iy >= 0) & (iy < sums.shape[0]) & (ix >= 0) & (ix < sums.shape[1])
-        return np.where(ok, sums[np.clip(iy, 0, sums.shape[0] - 1), np.clip(ix, 0, sums.shape[1] - 1)],
-                        0.0)
+        ny, nx = sums.shape
+        ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+        return np.where(ok, sums[np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)], 0.0)
 
     support = counts(v)
     g = np.hypot(v[:, 0], v[:, 1])
@@ -117,9 +117,9 @@ def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, 
     """Standard deviation (px, per axis) of the peak positions that make up a vector.
 
     Measured on the merged peak histogram around the ``n_max`` first (strongest)
-    ``vectors``: the second moment of the histogram within ``radius`` of each
-    cluster's weighted centre, ``E[r^2] = 2 sigma^2`` for a 2-D Gaussian; the median
-    over the vectors, clipped to [half a bin, ``radius / 2``]. The positions of one
+    ``vectors``: the second moment, about their weighted centre, of the histogram's
+    bins within ``radius`` of each vector (``E[r^2] = 2 sigma^2`` for a 2-D Gaussian);
+    the median over the vectors, clipped to [half a bin, ``radius / 2``]. The positions of one
     reflection scatter by the finder's error and the residual descan, far less than
     the spot's size on well-exposed data; smoothing the histogram by the spot's
     size instead merges the clusters of neighbouring reflections of different

@@ -35,8 +35,7 @@ from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
 
 __all__ = ["MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_shared_reflections",
-           "fold_fragments",
-           "virtual_patterns", "merge_components", "correlation_matrix"]
+           "fold_fragments", "virtual_patterns", "merge_components", "correlation_matrix"]
 
 
 @dataclass(frozen=True)
@@ -342,7 +341,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
 
 def drop_shared_reflections(result: MergeResult, images: np.ndarray,
                             params: VDFMergeParams | None = None) -> MergeResult:
-    """Drop groups whose mask is the union of two or more better-supported crystals.
+    """Drop groups that are the shared reflections of better-supported crystals.
 
     Crystals of one phase share reflections: where the spots of two crystals fall on
     the same vector (the same ``|g|`` at nearly the same azimuth), that vector's VDF
@@ -359,9 +358,13 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     whose segment lies inside a better-supported crystal, covers most of it and
     follows its thickness everywhere is that crystal's (the watershed of its image,
     lit by a second crystal too, did not cut the same mask). A weak crystal over a
-    strong one is bright in its own vectors on its own part only, and stays. The dropped group's vectors join each covering crystal, with that
-    vector's image total over the crystal's mask as intensity, so the crystals'
-    virtual patterns keep their shared spots.
+    strong one is bright in its own vectors on its own part only, and stays.
+
+    The dropped group's vectors join each covering crystal (that is not dropped
+    itself), with the total of the vector's whole VDF image over the crystal's mask
+    as intensity, so the crystals' virtual patterns keep their shared spots. The
+    groups are tested against the input groups, so the result does not depend on
+    their order.
 
     Parameters
     ----------
