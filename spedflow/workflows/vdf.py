@@ -290,8 +290,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         log.info("%d Friedel-pair groups dropped: no brighter than the other vectors on their ring "
                  "(merge.friedel_ring_contrast)", n_ring)
     if n_shared:
-        log.info("%d groups dropped as the shared reflections of two or more crystals "
-                 "(merge.shared_coverage)", n_shared)
+        log.info("%d groups dropped as reflections shared with better-supported crystals, "
+                 "their vectors given to those crystals (merge.shared_coverage)", n_shared)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
 
