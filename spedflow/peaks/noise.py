@@ -82,10 +82,6 @@ class RingModel:
         self._dense = None
         if self.n_rings * r.size * 4 <= _DENSE_BYTES:
             self._dense = [np.ascontiguousarray(m.T.toarray()) for m in self._interp]
-        # unit vectors from the centre (0 at the centre), for off-centre backgrounds
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self._unit = np.stack([np.where(r > 0, yy.ravel() / r, 0.0),
-                                   np.where(r > 0, xx.ravel() / r, 0.0)]).astype(np.float32)
 
     def background(self, frames: np.ndarray, gain: float, read_var: float) -> np.ndarray:
         """Per pattern and ring, the mean of the pixels below the Poisson clip.
@@ -108,30 +104,6 @@ class RingModel:
             keep = (x <= bound[self.ring]).astype(np.float32)
             mean = (self._sum @ (x * keep)) / np.maximum(self._sum @ keep, 1)
         return mean.T.astype(np.float32)
-
-    def offset_image(self, profile: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """(n, ky, kx) images of the profiles about centres ``offsets`` (n, 2) px away
-        from the rings' centre, less their images about that centre (:meth:`image`):
-        the first-order term ``-b'(r) (u . offset)``, ``u`` the unit vector from the
-        centre. A pattern aligned by whole pixels keeps its beam up to half a pixel off
-        the centre; on the steep flank of the beam and its glare the ring background
-        about the centre then leaves a dipole of residual that the peak finder takes
-        for spots (1.3 per pattern at the edge of a 2000-count beam, 0.9 in its glare,
-        measured on simulated counts)."""
-        out = self.image(self.slope(profile)).reshape(len(profile), -1)
-        out *= self.along(offsets)
-        return (-out).reshape((-1,) + self.shape)
-
-    @staticmethod
-    def slope(profile: np.ndarray) -> np.ndarray:
-        """d profile / d r per ring (central differences), (n, n_rings) float32."""
-        p = np.asarray(profile, np.float32)
-        return np.gradient(p, axis=1) if p.shape[1] > 1 else np.zeros_like(p)
-
-    def along(self, offsets: np.ndarray) -> np.ndarray:
-        """(n, P): ``u . offset`` at every pixel; about a centre ``c + o`` a pixel at ``d``
-        from ``c`` lies at ``|d - o| ~ r - u . o``."""
-        return np.asarray(offsets, np.float32).reshape(-1, 2) @ self._unit
 
     def image(self, profile: np.ndarray, transposed: bool = False) -> np.ndarray:
         """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the
@@ -256,8 +228,7 @@ def count_scale(blocks) -> tuple[float, float]:
 
 
 def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude_border: int,
-                        gain: float, read_var: float,
-                        offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        gain: float, read_var: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`~spedflow.peaks.kernels.find_peaks_log` with the counting-noise threshold.
 
     Parameters
@@ -269,10 +240,6 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
         As for ``find_peaks_log``.
     gain, read_var : float
         :func:`count_scale`.
-    offsets : (n, 2) array, optional
-        Where each pattern's beam lies relative to ``(ky // 2, kx // 2)``, px (minus
-        the remainder of :func:`~spedflow.preprocess.kernels.align_whole_pixels`): the
-        background is then modelled about the beam (:meth:`RingModel.offset_image`).
 
     Returns
     -------
@@ -285,15 +252,7 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     shape = frames.shape[1:]
     rings = ring_model(shape)
     background = rings.background(frames, gain, read_var)
-    n = len(frames)
-    if offsets is None:
-        residual = frames - rings.image(background)
-    else:  # the background about each beam: rings.image + rings.offset_image, in one product
-        both = rings.image(np.concatenate([background, rings.slope(background)]))
-        residual = frames - both[:n]
-        slope = both[n:].reshape(n, -1)
-        slope *= rings.along(offsets)
-        residual.reshape(n, -1)[:] += slope
+    residual = frames - rings.image(background)
     units = noise_units(background, gain, read_var, sigmas, threshold, shape)
     # made transposed: the finder divides its (transposed) responses by them
     unit_images = np.stack([rings.image(u, transposed=True) for u in units]).transpose(0, 1, 3, 2)
@@ -313,6 +272,6 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
     sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
     t, residual = find_peaks_counting(whole, sig, threshold=params.threshold,
                                       exclude_border=params.exclude_border,
-                                      gain=counts[0], read_var=counts[1], offsets=-rest)
+                                      gain=counts[0], read_var=counts[1])
     t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
     return t, residual
