@@ -155,6 +155,8 @@ def test_preprocessed_images_equal_preprocess_then_vdf(frames, chunks, counts, m
     got = preprocessed_vdf_images(d, centres, prep, VECTORS, 2.5, counts=counts)
     assert got.shape == (len(VECTORS), 7, 9) and got.dtype == np.float32
     np.testing.assert_allclose(got.compute(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ParameterError, match="resolved"):
+        preprocessed_vdf_images(d, centres, PreprocessParams(), VECTORS, 2.5)
     with pytest.raises(ParameterError, match="align"):
         preprocessed_vdf_images(d, centres, PreprocessParams(align=False, dog_sigma_low=1.0,
                                                              dog_sigma_high=8.0), VECTORS, 2.5)

@@ -172,8 +172,9 @@ class VDFMergeParams:
         A group whose mask is the union of two or more crystals with more vectors, each
         lying at least this fraction inside it (and together covering
         ``fragment_containment`` of it), is their shared reflections, not a crystal
-        (:func:`~spedflow.segment.drop_shared_reflections`). Default 0.5: most of each
-        crystal. Set above 1 to disable.
+        (:func:`~spedflow.segment.drop_shared_reflections`); a Friedel-only group needs
+        one such crystal, if its images also follow that crystal's everywhere.
+        Default 0.5: most of each crystal. Set above 1 to disable.
     """
 
     corr_threshold: float = 0.7

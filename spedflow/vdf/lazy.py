@@ -80,8 +80,14 @@ def preprocessed_vdf_images(data: da.Array, centres_used, params, vectors, radiu
     (N, scan_y, scan_x) dask.array.Array of float32
     """
     from ..errors import ParameterError
+    from ..preprocess import PreprocessParams
     from ..preprocess import lazy as pre
     _check_data(data)
+    if not isinstance(params, PreprocessParams):
+        raise ParameterError(f"`params` must be PreprocessParams (got {type(params).__name__})")
+    if params.dog_sigma_low is None or params.dog_sigma_high is None:
+        raise ParameterError("`params` must be resolved (dog_sigma_low/high set); "
+                             "call spedflow.preprocess.resolve(params, beam_radius) first")
     if not params.align:
         raise ParameterError("preprocessed_vdf_images aligns the patterns: `params.align` must "
                              "be True (use vdf_images(preprocess(...)) otherwise)")
