@@ -15,8 +15,6 @@ The sets are simulated once into ``--work`` (~3 min for all ten) and reused.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,11 +24,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
-    import spedflow
     from spedflow.evaluate import evaluate
     sys.path.insert(0, str(HERE))
     import foreign_sim
-    from bench_quality import merge_earlier, score_fields, summarise
+    from bench_quality import score_fields, segment_fresh, write_rows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
@@ -47,12 +44,10 @@ def main(argv=None) -> int:
             foreign_sim.build(name, args.work)
         for method in args.methods:
             out = args.work / f"{name}.{method}.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(Path(str(out) + ".cache"), ignore_errors=True)
             t0 = time.perf_counter()
             row = {"set": name, "simulation": foreign_sim.SETS[name], "method": method}
             try:
-                spedflow.segment(store, method=method, out=out, local=True, progress=False)
+                segment_fresh(store, out, method)
             except Exception as exc:  # a failure is a result here, not a crash of the benchmark
                 row.update(error=f"{type(exc).__name__}: {exc}", recall=0.0, precision=0.0)
                 rows.append(row)
@@ -63,12 +58,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:28s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}", flush=True)
-    rows = merge_earlier(rows, args.out, foreign_sim.SETS)
-    summary = summarise(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
-                                    "summary": summary}, indent=1))
-    print(json.dumps(summary))
+    write_rows(rows, args.out, foreign_sim.SETS)
     return 0
 
 

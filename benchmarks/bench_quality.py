@@ -38,7 +38,6 @@ SETS = {
 
 
 def main(argv=None) -> int:
-    import spedflow
     from spedflow.evaluate import evaluate
     from spedflow.simulate import simulate
 
@@ -56,10 +55,8 @@ def main(argv=None) -> int:
             simulate(store, progress=False, **SETS[name])
         for method in args.methods:
             out = args.work / f"{name}.{method}.zarr"
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(Path(str(out) + ".cache"), ignore_errors=True)
             t0 = time.perf_counter()
-            spedflow.segment(store, method=method, out=out, local=True, progress=False)
+            segment_fresh(store, out, method)
             s = evaluate(out, store)
             row = {"set": name, "simulation": SETS[name], "method": method,
                    "seconds": round(time.perf_counter() - t0, 1), **score_fields(s)}
@@ -67,13 +64,30 @@ def main(argv=None) -> int:
             print(f"{name:8s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}  missed {[m['truth'] for m in row['missed']]}",
                   flush=True)
-    rows = merge_earlier(rows, args.out)
-    summary = summarise(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
-                                    "summary": summary}, indent=1))
-    print(json.dumps(summary))
+    write_rows(rows, args.out, SETS)
     return 0
+
+
+def segment_fresh(store: Path, out: Path, method: str) -> None:
+    """Segment ``store`` with defaults, in-process, into ``out`` after removing any
+    earlier result and its stage cache (so nothing is reused)."""
+    import spedflow
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(Path(str(out) + ".cache"), ignore_errors=True)
+    spedflow.segment(store, method=method, out=out, local=True, progress=False)
+
+
+def write_rows(rows: list, path: Path, sets) -> dict:
+    """Merge ``rows`` with the earlier rows of ``path`` (:func:`merge_earlier`), write
+    them with their summary and print the summary; returns it."""
+    import spedflow
+    rows = merge_earlier(rows, path, sets)
+    summary = summarise(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"spedflow": spedflow.__version__, "rows": rows,
+                                "summary": summary}, indent=1))
+    print(json.dumps(summary))
+    return summary
 
 
 def score_fields(scores: dict) -> dict:

@@ -40,6 +40,15 @@ def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: floa
     return float(hwhm), float(np.clip(1.5 * hwhm, 1.0, beam_radius))
 
 
+def _nearest_bin(points, detector_shape, o: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (row, column) of the histogram bin nearest each point (..., 2) given
+    relative to the beam at ``(ky // 2, kx // 2)``, px, with ``o`` bins per pixel
+    (the inverse of :func:`~spedflow.peaks.unique_vectors`' bin-to-position map)."""
+    ky, kx = detector_shape
+    c = (np.asarray(points, float) + [ky // 2, kx // 2]) * o + (o - 1) / 2
+    return np.rint(c[..., 0]).astype(int), np.rint(c[..., 1]).astype(int)
+
+
 #: Quantile of the disc counts around a vector's ring taken as the ring's level, and the
 #: standard-normal deviate of that quantile (for the Poisson correction back to the mean).
 _RING_QUANTILE, _RING_Z = 0.2, 0.8416
@@ -86,9 +95,8 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     sums = ndimage.correlate(np.pad(hist, rr), disc, mode="constant", cval=0.0)
 
     def counts(points):  # points (..., 2) relative to the beam, px
-        c = (points + [ky // 2, kx // 2]) * o + (o - 1) / 2
-        iy = np.rint(c[..., 0]).astype(int) + rr
-        ix = np.rint(c[..., 1]).astype(int) + rr
+        iy, ix = _nearest_bin(points, (ky, kx), o)
+        iy, ix = iy + rr, ix + rr
         ny, nx = sums.shape
         ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
         return np.where(ok, sums[np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)], 0.0)
@@ -135,9 +143,7 @@ def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, 
     dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
     inside = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
     var = []
-    for gy, gx in v:
-        cy = int(np.rint((gy + ky // 2) * o + (o - 1) / 2))
-        cx = int(np.rint((gx + kx // 2) * o + (o - 1) / 2))
+    for cy, cx in zip(*_nearest_bin(v, (ky, kx), o)):
         y, x = cy + dy, cx + dx
         ok = inside & (y >= 0) & (y < hist.shape[0]) & (x >= 0) & (x < hist.shape[1])
         w = hist[y[ok], x[ok]]

@@ -238,6 +238,13 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
                        tuple(out_seg[i] for i in order), vectors, len(groups))
 
 
+def _mask_overlaps(result: MergeResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of the summed segments (L, P) bool, their areas (L,) and pixel overlaps (L, L)."""
+    masks = result.summed.reshape(len(result.summed), -1) > 0
+    m_sp = sparse.csr_matrix(masks, dtype=np.float64)
+    return masks, masks.sum(axis=1), (m_sp @ m_sp.T).toarray()
+
+
 def _check_images(result: MergeResult, images) -> np.ndarray:
     """The VDF images of all of ``result``'s vectors, (N, Y, X) like its segments."""
     images = np.asarray(images)
@@ -300,8 +307,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     n = len(result.summed)
     if n < 2 or params.fragment_containment > 1:
         return result
-    masks = result.summed.reshape(n, -1) > 0
-    area = masks.sum(axis=1)
+    masks, area, inter = _mask_overlaps(result)  # masks do not change when folding
     flat = images.reshape(images.shape[0], -1)
     profile = np.stack([flat[m].sum(axis=0, dtype=np.float64).astype(np.float32)
                         for m in result.members])  # (n, P)
@@ -309,8 +315,6 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     segs = list(result.segment_members)
     alive = np.ones(n, dtype=bool)
-    m_sp = sparse.csr_matrix(masks, dtype=np.float64)
-    inter = (m_sp @ m_sp.T).toarray()  # pixel overlaps; masks do not change when folding
     for a in sorted(range(n), key=lambda i: (area[i], i)):
         best, best_corr = None, -np.inf
         for b in np.flatnonzero(inter[a] >= params.fragment_containment * area[a]):
@@ -384,10 +388,7 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     n = len(result.summed)
     if n < 2 or params.shared_coverage > 1:
         return result
-    masks = result.summed.reshape(n, -1) > 0
-    area = masks.sum(axis=1)
-    m_sp = sparse.csr_matrix(masks, dtype=np.float64)
-    inter = (m_sp @ m_sp.T).toarray()
+    masks, area, inter = _mask_overlaps(result)
     n_vec = np.array([m.size for m in result.members])
     flat = images.reshape(images.shape[0], -1)
     covers = {}

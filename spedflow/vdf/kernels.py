@@ -151,6 +151,17 @@ def annulus_mask(detector_shape: tuple[int, int], inner: float, outer: float, *,
     return sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(ky * kx, 1))
 
 
+def _check_frames(frames, masks: sp.spmatrix) -> np.ndarray:
+    """``frames`` as an array of patterns (..., ky, kx) with as many pixels as ``masks`` rows."""
+    frames = np.asarray(frames)
+    if frames.ndim < 2:
+        raise InputError(f"`frames` must be (..., ky, kx); got shape {frames.shape}")
+    p = frames.shape[-2] * frames.shape[-1]
+    if masks.shape[0] != p:
+        raise InputError(f"masks are for {masks.shape[0]} detector pixels; patterns have {p}")
+    return frames
+
+
 def apply_masks(frames: np.ndarray, masks: sp.spmatrix) -> np.ndarray:
     """Weighted sums of every pattern under every mask: one sparse product.
 
@@ -163,13 +174,9 @@ def apply_masks(frames: np.ndarray, masks: sp.spmatrix) -> np.ndarray:
     -------
     (..., N) float32 array
     """
-    frames = np.asarray(frames)
-    if frames.ndim < 2:
-        raise InputError(f"`frames` must be (..., ky, kx); got shape {frames.shape}")
+    frames = _check_frames(frames, masks)
     lead = frames.shape[:-2]
     p = frames.shape[-2] * frames.shape[-1]
-    if masks.shape[0] != p:
-        raise InputError(f"masks are for {masks.shape[0]} detector pixels; patterns have {p}")
     flat = frames.reshape(-1, p).astype(np.float32, copy=False)
     idx, w = _padded_columns(masks)
     if idx.size == 0:
@@ -220,9 +227,7 @@ def preprocessed_sums(frames: np.ndarray, centres: np.ndarray, masks: sp.spmatri
     (..., N) float32 array
     """
     from ..preprocess.kernels import shift_and_subtract
-    frames = np.asarray(frames)
-    if frames.ndim < 2:
-        raise InputError(f"`frames` must be (..., ky, kx); got shape {frames.shape}")
+    frames = _check_frames(frames, masks)
     lead, (ky, kx) = frames.shape[:-2], frames.shape[-2:]
     flat = frames.reshape(-1, ky, kx)
     c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
