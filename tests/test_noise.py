@@ -50,8 +50,10 @@ def test_ring_image_is_linear_in_radius(shape):
 
 def test_align_whole_pixels_is_an_integer_shift():
     rng = np.random.default_rng(2)
-    frames = rng.random((4, 11, 14)).astype(np.float32)
-    centres = np.array([[3.2, 4.7], [5.0, 7.0], [9.6, 1.4], [5.5, 7.49]])
+    frames = rng.random((6, 11, 14)).astype(np.float32)
+    # the last two: shifted off the detector entirely, and by exactly its height
+    centres = np.array([[3.2, 4.7], [5.0, 7.0], [9.6, 1.4], [5.5, 7.49], [30.2, -20.1],
+                        [-6.0, 7.0]])
     out, rest = pk.align_whole_pixels(frames, centres)
     target = np.array([11 // 2, 14 // 2])
     for f, o, c, rr in zip(frames, out, centres, rest):
