@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug); tracebacks on error")
-    g.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    g.add_argument("-q", "--quiet", action="count", default=0,
+                   help="no progress bars or progress messages, only warnings about the data "
+                        "and errors (-qq: errors only)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     def add(name, help_):
@@ -173,15 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+def _setup_logging(verbose: int, quiet: int) -> None:
+    """Log level: -qq errors; -q and the default warnings (a clipped beam, a short scree:
+    things about the data a scripted run must still show); -v progress; -vv debug."""
+    if quiet:
+        level = logging.ERROR if quiet > 1 else logging.WARNING
+    else:
+        level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="spedflow: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # also where the root logger had handlers already
     for handler in logging.getLogger().handlers:  # libraries' own loggers (distributed's
         handler.setLevel(level)                    # INFO) reach the root handler too
     if verbose < 2:
         logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
     import warnings
-    if quiet:
+    if quiet > 1:
         warnings.simplefilter("ignore")
     else:
         warnings.formatwarning = lambda m, c, f, l, line=None: f"spedflow: warning: {m}\n"

@@ -4,6 +4,7 @@ traceback, and nothing that existed before is modified."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spedflow.cli import main
+from spedflow.cli import build_parser, main
 from spedflow.interop import from_array
 
 
@@ -160,3 +161,24 @@ def test_params_prints_toml_that_loads_back(tmp_path, capsys):
         watershed = text[text.index("[watershed]"):].split("\n\n")[0]
         assert "# smooth = (derived from the data" in watershed
         assert "# beam_radius = (derived" in text[text.index("[preprocess]"):].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("verbose, quiet, level", [(0, 0, logging.WARNING), (1, 0, logging.INFO),
+                                                   (2, 0, logging.DEBUG), (0, 1, logging.WARNING),
+                                                   (0, 2, logging.ERROR)])
+def test_quiet_keeps_warnings_about_the_data(verbose, quiet, level):
+    """-q drops progress, not warnings (a clipped beam must show in a scripted run);
+    -qq drops the warnings too."""
+    from spedflow.cli import _setup_logging
+    root = logging.getLogger()
+    saved = root.level, [h.level for h in root.handlers]
+    try:
+        _setup_logging(verbose, quiet)
+        assert logging.getLogger("spedflow").getEffectiveLevel() == level
+        assert all(h.level == level for h in root.handlers)
+    finally:
+        root.setLevel(saved[0])
+        for h, lv in zip(root.handlers, saved[1]):
+            h.setLevel(lv)
+    args = build_parser().parse_args(["info", "x.zarr"] + (["-" + "q" * quiet] if quiet else []))
+    assert args.quiet == quiet

@@ -3,6 +3,9 @@ segmentation quality with default parameters, and robustness to other data."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import zarr
@@ -126,8 +129,14 @@ def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
     and the workflow found no vectors at all. The spots' own size is used instead."""
     store = spedflow.simulate(tmp_path / "dense.zarr", scan=(32, 32), detector=64, crystals=6,
                               seed=2, dose=1_000_000, saturate="8bit", progress=False)
-    out = spedflow.segment(store, method="vdf", out=tmp_path / "vdf.zarr", local=True,
-                           progress=False)
+    out = tmp_path / "vdf.zarr"
+    # from the command line with -q (a scripted run): the warning about the data still shows
+    argv = [sys.executable, "-m", "spedflow", "segment", str(store), "--method", "vdf", "--out",
+            str(out), "-q", "--workers", "1", "--threads", "1"]
+    for extra in ([], ["--overwrite"]):  # the rerun takes the radius from the stage cache
+        run = subprocess.run(argv + extra, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        assert "the direct beam is clipped" in run.stderr, run.stderr
     attrs = zarr.open_group(str(out), mode="r").attrs["spedflow"]
     assert attrs["resolved"]["beam_radius"] < 3.0
     score = evaluate(out, store)

@@ -6,6 +6,7 @@ modules it calls only build lazy graphs or run NumPy kernels.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -366,7 +367,8 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
             # provisional one (no extra pass over the data)
             paths = run_blocks(stage, data, _beam_block, label="beam centres",
                                n_patterns=ny * nx, **beam_block_kwargs(plan, prep))
-            measured, used, prof, mean, descan = finish_beam(paths, data, prep)
+            with collected_warnings() as notes:
+                measured, used, prof, mean, descan = finish_beam(paths, data, prep)
             radius = (float(prep.beam_radius) if prep.beam_radius
                       else pk.radius_from_profile(total(paths, "beam_profile"), default=np.nan))
             if not np.isfinite(radius):
@@ -375,8 +377,10 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
             stage.save("used", np.asarray(used, np.float32))
             stage.save("profiles", prof)
             stage.save("mean_pattern", mean.astype(np.float32))
-            stage.save_attrs(radius=radius, descan=descan)
+            stage.save_attrs(radius=radius, descan=descan, warnings=notes)
             stage.mark_complete()
+    else:
+        replay_warnings(stage)
     a = stage.attrs()
     return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
                     stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}),
@@ -439,6 +443,31 @@ def _sample_mean(plan: Plan, prep) -> np.ndarray:
         total = total + block.sum(axis=(0, 1))
         n += block.shape[0] * block.shape[1]
     return (total / n).astype(np.float32)
+
+
+@contextlib.contextmanager
+def collected_warnings():
+    """The messages of the warnings logged (``spedflow`` logger) inside the block, as a
+    list filled as they come: a stage that caches its result keeps them with it, so a
+    rerun from the cache still shows them."""
+    notes: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            notes.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield notes
+    finally:
+        log.removeHandler(handler)
+
+
+def replay_warnings(stage) -> None:
+    """Log again the warnings a cached stage recorded (:func:`collected_warnings`)."""
+    for note in stage.attrs().get("warnings", []):
+        log.warning("%s", note)
 
 
 def sample_beam_radius(plan: Plan) -> float:

@@ -123,13 +123,17 @@ def _found_at(centres, detector_shape) -> np.ndarray:
 
 def beam_radius_of(plan, prep, cache) -> float:
     """The direct-beam radius: given, or measured on a few chunks (cached)."""
-    from ._common import sample_beam_radius
+    from ._common import collected_warnings, replay_warnings, sample_beam_radius
     if prep.beam_radius is not None:
         return float(prep.beam_radius)
     st = cache.stage("radius", plan.identity, {"nav_binning": prep.nav_binning})
     if not st.complete:
-        st.save_attrs(radius=sample_beam_radius(plan))
+        with collected_warnings() as notes:
+            radius = sample_beam_radius(plan)
+        st.save_attrs(radius=radius, warnings=notes)
         st.mark_complete()
+    else:  # a rerun from the cache still says what was measured about the data
+        replay_warnings(st)
     return float(st.attrs()["radius"])
 
 
@@ -162,7 +166,7 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
     """Pass 1 and its finalize; returns the beam information, the peak histogram (of
     aligned positions), the mean background-subtracted pattern and pass 1's stage."""
     from ..peaks import peak_histogram
-    from ._common import BeamInfo, finish_beam
+    from ._common import BeamInfo, collected_warnings, finish_beam, replay_warnings
     ny, nx, ky, kx = data.shape
     scan = scan_stage_of(cache, plan, prep, pk, counts)
     st = peaks_stage_of(cache, scan, prep, vp)
@@ -171,7 +175,8 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
             paths = run_blocks(scan, data, _beam_peaks_block, label="beam centres and peaks",
                                n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk, counts))
             scan.mark_complete()
-            measured, used, prof, mean, descan = finish_beam(paths, data, prep)
+            with collected_warnings() as notes:
+                measured, used, prof, mean, descan = finish_beam(paths, data, prep)
             # float32, as stored: the histogram and the result's peak table then
             # move every peak by exactly the same amount
             measured, used = measured.astype(np.float32), np.asarray(used, np.float32)
@@ -184,8 +189,10 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
             st.save("mean_pattern", mean.astype(np.float32))
             st.save("hist", hist)
             st.save("mean_dog", total(paths, "dog_sum") / (ny * nx))
-            st.save_attrs(descan=descan)
+            st.save_attrs(descan=descan, warnings=notes)
             st.mark_complete()
+    else:
+        replay_warnings(st)
     beam = BeamInfo(st.load("measured"), st.load("used"), float(prep.beam_radius), None,
                     st.load("mean_pattern"), st.attrs().get("descan", {}), st.key,
                     annular=st.load("annular"))
