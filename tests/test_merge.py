@@ -627,3 +627,33 @@ def test_weak_friedel_crystal_over_most_of_a_stronger_one_is_kept():
     own = MergeResult(summed, merged.members, merged.intensities, merged.segment_members,
                       vectors, 2)
     assert len(drop_shared_reflections(own, images, VDFMergeParams()).summed) == 1
+
+
+def test_shared_group_over_parts_of_large_crystals_is_dropped_a_crystal_there_kept():
+    """On large scans a shared reflection's segment can be a band across two crystals
+    (its watershed cut the union), less than half of either: its vectors still light
+    both of them all over, beyond the band as inside it, so they are theirs. A
+    four-vector crystal on the same band, bright in its own vectors only, stays."""
+    from spedflow.segment import MergeResult, drop_shared_reflections
+    _, images, a, b = _shared_case()
+    yy, xx = np.mgrid[:40, :40]
+    ta = a * (1.5 - np.hypot(yy - 20, xx - 11) / 8)
+    tb = b * (1.5 - np.hypot(yy - 20, xx - 29) / 8)
+    band = (a | b) & (np.abs(yy - 20) <= 2)
+    assert (band & a).sum() < 0.5 * a.sum() and (band & b).sum() < 0.5 * b.sum()
+
+    def merged_with(imgs):
+        groups = [(a, range(0, 6)), (b, range(6, 12)), (band, range(12, 16))]
+        summed = np.stack([imgs[list(v)].sum(0) * m for m, v in groups])
+        return MergeResult(summed, tuple(np.array(list(v)) for _, v in groups),
+                           tuple(np.array([imgs[i][m].sum() for i in v], float) for m, v in groups),
+                           tuple(np.array([k]) for k in range(3)), np.zeros((20, 2)), 3)
+
+    shared = images.copy()
+    shared[12:16] = images[12:16] - images[12:16].min() + 4 * ta + 7 * tb
+    out = drop_shared_reflections(merged_with(shared), shared, VDFMergeParams())
+    assert [tuple(m.tolist()) for m in out.members] == [
+        tuple(range(0, 6)) + (12, 13, 14, 15), tuple(range(6, 16))]
+    own = images.copy()
+    own[12:16] = images[12:16] - images[12:16].min() + 5 * band
+    assert len(drop_shared_reflections(merged_with(own), own, VDFMergeParams()).summed) == 3

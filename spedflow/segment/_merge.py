@@ -355,8 +355,13 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
 
     A group ``a`` is such a union when at least ``params.fragment_containment`` of its
     mask lies inside the masks of other groups that each have more distinct vectors
-    than ``a`` and each lie at least ``params.shared_coverage`` inside ``a``'s mask, and
-    there are two or more of those. A group kept by the Friedel rule alone (fewer
+    than ``a`` and each either lie at least ``params.shared_coverage`` inside ``a``'s
+    mask or are lit up by ``a``'s vectors all over, beyond ``a``'s mask as inside it
+    (the test of :func:`fold_fragments`), and there are two or more of those. The
+    second kind is the shared reflection of large crystals (hundreds of positions
+    across): the watershed cuts its image into bands across them, each band less than
+    half of any of them. A crystal there is bright in its own vectors on its own mask
+    only, and stays. A group kept by the Friedel rule alone (fewer
     than ``params.vector_threshold`` vectors) needs only one, if its vectors also light
     up all of that crystal (the test of :func:`fold_fragments`): a reflection pair
     whose segment lies inside a better-supported crystal, covers most of it and
@@ -391,23 +396,34 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     masks, area, inter = _mask_overlaps(result)
     n_vec = np.array([m.size for m in result.members])
     flat = images.reshape(images.shape[0], -1)
+    summed = [None] * n  # each group's vectors' images, summed (when first needed)
+
+    def image_of(g):
+        if summed[g] is None:
+            summed[g] = flat[result.members[g]].sum(axis=0, dtype=np.float64)
+        return summed[g]
+
     covers = {}
     for a in range(n):
-        bs = np.flatnonzero((n_vec > n_vec[a]) & (area > 0)
-                            & (inter[a] >= params.shared_coverage * np.maximum(area, 1)))
-        if area[a] == 0 or len(bs) == 0 or (len(bs) < 2 and n_vec[a] >= params.vector_threshold):
+        if area[a] == 0:
             continue
+        # better-supported crystals covering part of a: lying mostly inside it, or lit up
+        # by its vectors all over, beyond a's mask as well (those vectors are theirs)
+        bs, lit = [], []
+        for b in np.flatnonzero((n_vec > n_vec[a]) & (area > 0) & (inter[a] > 0)):
+            r = _pearson_1d(image_of(a)[masks[b]], image_of(b)[masks[b]])
+            lights = _lights_up(image_of(a), image_of(b), masks[a], masks[b], r, params)
+            if lights or inter[a, b] >= params.shared_coverage * area[b]:
+                bs.append(b)
+                lit.append(lights)
+        if len(bs) == 0 or (len(bs) < 2 and n_vec[a] >= params.vector_threshold):
+            continue
+        if len(bs) == 1 and not (lit[0] and inter[a, bs[0]] >= params.shared_coverage * area[bs[0]]):
+            continue  # one crystal: it must lie mostly inside a and be lit up by a's vectors
         union = masks[bs].any(axis=0)
         if (union & masks[a]).sum() < params.fragment_containment * area[a]:
             continue
-        if len(bs) == 1:  # its vectors must light up all of that crystal, as its own do
-            b = bs[0]
-            pa = flat[result.members[a]].sum(axis=0, dtype=np.float64)
-            pb = flat[result.members[b]].sum(axis=0, dtype=np.float64)
-            r = _pearson_1d(pa[masks[b]], pb[masks[b]])
-            if not _lights_up(pa, pb, masks[a], masks[b], r, params):
-                continue
-        covers[a] = bs
+        covers[a] = np.array(bs)
     if not covers:
         return result
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]

@@ -170,8 +170,8 @@ class VDFMergeParams:
         Default 2. 0 disables the test.
     shared_coverage : float
         A group whose mask is the union of two or more crystals with more vectors, each
-        lying at least this fraction inside it (and together covering
-        ``fragment_containment`` of it), is their shared reflections, not a crystal
+        lying at least this fraction inside it or lit up all over by its vectors (and
+        together covering ``fragment_containment`` of it), is their shared reflections, not a crystal
         (:func:`~spedflow.segment.drop_shared_reflections`); a Friedel-only group needs
         one such crystal, if its images also follow that crystal's everywhere.
         Default 0.5: most of each crystal. Set above 1 to disable.
