@@ -437,6 +437,40 @@ def test_beam_saturated_only_for_a_clipped_beam():
     assert beam_saturated(np.minimum(frames, 255), centres)  # an 8-bit camera's clip
 
 
+def test_saturated_radius_equals_a_ring_by_ring_count():
+    """The clipped plateau about each beam: rings walked outwards while at least half of
+    a ring is at the clipped value; a saturated Bragg spot elsewhere does not count."""
+    from spedflow.preprocess.kernels import saturated_radius
+    rng = np.random.default_rng(3)
+    ky, kx = 40, 52
+    yy, xx = np.mgrid[:ky, :kx]
+    frames = rng.integers(0, 250, (5, ky, kx)).astype(np.uint8)
+    centres = np.array([[20.3, 25.6], [12.0, 40.0], [30.5, 10.2], [20.0, 26.0], [np.nan, np.nan]])
+    for f, (cy, cx), r in zip(frames, centres, [7.2, 4.0, 2.6, 0.3, 5.0]):
+        if np.isfinite(cy):
+            f[np.hypot(yy - cy, xx - cx) <= r] = 255
+    frames[0][np.hypot(yy - 4, xx - 6) <= 3] = 255  # a saturated spot, far out
+    frames[2][np.hypot(yy - 30.5, xx - 10.2) >= 4.6] = 255  # clipped beyond a dark ring
+    got = saturated_radius(frames, centres)
+    for f, (cy, cx), g in zip(frames, centres, got):
+        if not np.isfinite(cy):
+            assert g == 0
+            continue
+        ring = np.rint(np.hypot(yy - cy, xx - cx)).astype(int)
+        last = -1  # brute force: walk the rings with pixels until one is mostly unsaturated
+        for k in range(ring.max() + 1):
+            if not (ring == k).any():
+                continue
+            if 2 * (f[ring == k] == 255).sum() < (ring == k).sum():
+                break
+            last = k
+        assert g == (last + 0.5 if last >= 0 else 0.0)
+    assert got[0] == pytest.approx(7.2, abs=0.5) and got[1] == pytest.approx(4.0, abs=0.5)
+    assert got[2] == pytest.approx(2.6, abs=0.5) and got[3] == 0.5  # one clipped pixel
+    # the clipped value given explicitly: nothing at 254
+    assert not saturated_radius(frames, centres, top=254).any()
+
+
 @pytest.mark.parametrize("radius", [2.0, 3.0])
 def test_spot_scale_is_not_set_by_the_noise_of_empty_patterns(radius):
     """Most patterns of a scan can hold no crystal (holes, film): their strongest LoG

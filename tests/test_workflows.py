@@ -42,6 +42,7 @@ def test_result_contract(results, key):
         assert v.ndim == 2 and v.shape[1] == 2
         assert g["vdf/images"].shape == (len(v), ny, nx)
         assert g["peaks"].shape[1] == 5
+        assert attrs["resolved"]["glare_radius"] == 0  # no clipped beam: no glare
         # virtual patterns: spots at the member vectors, relative to the centre
         table = g["vdf/segment_vectors"][:]
         for s in range(len(maps)):
@@ -139,6 +140,12 @@ def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
         assert "the direct beam is clipped" in run.stderr, run.stderr
     attrs = zarr.open_group(str(out), mode="r").attrs["spedflow"]
     assert attrs["resolved"]["beam_radius"] < 3.0
+    # the clipped glare is measured in every pattern, and no vector lies on it
+    res = attrs["resolved"]
+    assert res["glare_radius"] > 2 * res["beam_radius"]
+    assert res["vectors"]["beam_exclusion_radius"] >= res["glare_radius"] + 2 * res["spot_radius"]
+    g = np.hypot(*zarr.open_group(str(out), mode="r")["vectors"][:].T)
+    assert g.min() >= res["vectors"]["beam_exclusion_radius"]
     score = evaluate(out, store)
     assert score["recall"] >= 0.6 and score["precision"] >= 0.6, score
 

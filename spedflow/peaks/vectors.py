@@ -66,7 +66,9 @@ class VectorParams:
     beam_exclusion_radius : float or None
         Vectors shorter than this (px) are the direct beam and dropped. None:
         ``2 r``: a spot disc whose centre is closer than ``2 r`` to the beam
-        overlaps the beam disc and its VDF image would be the bright field.
+        overlaps the beam disc and its VDF image would be the bright field. (The
+        VDF workflow widens it past a clipped glare about the beam: its radius plus
+        two spot radii, see :func:`spedflow.workflows._common.beam_scales`.)
     edge_margin : float or None
         Vectors whose absolute position is closer than this to the detector edge
         (px, from the outermost pixel centre) are dropped. None: ``r``, the VDF

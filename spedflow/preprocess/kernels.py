@@ -37,7 +37,7 @@ __all__ = [
     "bin_nav", "beam_centres", "beam_profile", "merge_profiles", "radius_from_profile",
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
-    "beam_saturated", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
+    "beam_saturated", "saturated_radius", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
 ]
 
 #: Width of the radial bins of the beam profile, detector pixels.
@@ -713,6 +713,59 @@ def beam_saturated(frames: np.ndarray, centres: np.ndarray, *, core: float = 1.5
         hits += int((f[inside] == top).sum())
         total += int(inside.sum())
     return total > 0 and hits >= fraction * total
+
+
+def saturated_radius(frames: np.ndarray, centres: np.ndarray, *, top: float | None = None
+                     ) -> np.ndarray:
+    """Radius of the clipped plateau about the beam in every pattern.
+
+    The 1-px rings about each centre (pixels whose distance rounds to ``j``) are
+    walked outwards while at least half of a ring's pixels hold ``top`` (rings with
+    no pixel are passed over); the plateau ends half a pixel beyond the last such
+    ring. A saturated Bragg spot elsewhere fills a small part of its ring and does
+    not extend it.
+
+    Parameters
+    ----------
+    frames : (n, ky, kx) array
+    centres : (n, 2) array
+        Beam centres ``(ky, kx)``; NaN: no beam (radius 0).
+    top : float, optional
+        The clipped value; default the largest value of ``frames``.
+
+    Returns
+    -------
+    (n,) float64
+        ``k + 0.5``, ``k`` the last of the leading saturated rings (ring 0: the
+        pixel at the centre); 0 where the first ring is not saturated.
+    """
+    stack, _ = _as_stack(frames)
+    c = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    if len(c) != len(stack):
+        raise ValueError(f"centres hold {len(c)} patterns, frames {len(stack)}")
+    top = stack.max() if top is None else top
+    n, ky, kx = stack.shape
+    out = np.zeros(n)
+    ok = np.flatnonzero(np.isfinite(c).all(1))
+    if ok.size == 0:
+        return out
+    n_rings = int(np.ceil(np.hypot(ky, kx))) + 1
+    yy, xx = np.mgrid[:ky, :kx]
+    for s in range(0, ok.size, _BATCH):
+        i = ok[s:s + _BATCH]
+        ring = np.rint(np.hypot(yy[None] - c[i, 0, None, None], xx[None] - c[i, 1, None, None]))
+        idx = (np.arange(len(i))[:, None, None] * n_rings + ring.astype(np.intp)).ravel()
+        total = np.bincount(idx, minlength=len(i) * n_rings).reshape(len(i), n_rings)
+        hot = np.bincount(idx, weights=(stack[i] == top).ravel(),
+                          minlength=len(i) * n_rings).reshape(len(i), n_rings)
+        bad = (total > 0) & (2 * hot < total)
+        stop = np.where(bad.any(1), np.argmax(bad, axis=1), n_rings)  # first unsaturated ring
+        # the plateau ends half a pixel beyond the last ring with pixels before that one
+        # (a centre between pixels leaves ring 0 empty)
+        before = (total > 0) & (np.arange(n_rings)[None, :] < stop[:, None])
+        last = n_rings - 1 - np.argmax(before[:, ::-1], axis=1)
+        out[i] = np.where(before.any(1), last + 0.5, 0.0)
+    return out
 
 
 def spot_scale(frames: np.ndarray, centres: np.ndarray, exclude: float, *,

@@ -479,14 +479,19 @@ def sample_beam_radius(plan: Plan) -> float:
     in the same pass as the beam centres. Navigation binning sums patterns and leaves
     the detector as it is, so the raw chunks are used. See :func:`radius_of_frames`.
     """
+    return sample_beam_scales(plan)[0]
+
+
+def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
+    """:func:`sample_beam_radius`, and the clipped value of :func:`beam_scales`."""
     from ..peaks.lazy import sample_blocks
     ky, kx = plan.array.shape[2:]
     frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in sample_blocks(plan.array)]
-    radius = radius_of_frames(np.concatenate(frames))
+    radius, clip = beam_scales(np.concatenate(frames))
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "
                          "set preprocess.beam_radius")
-    return radius
+    return radius, clip
 
 
 #: A clipped beam's half-maximum radius this many times the spots' radius measures glare.
@@ -494,7 +499,14 @@ _GLARE_FACTOR = 2.0
 
 
 def radius_of_frames(frames: np.ndarray) -> float:
-    """The length scale of a data set's spots, from a sample of its patterns (n, ky, kx).
+    """The length scale of a data set's spots, from a sample of its patterns (n, ky, kx):
+    the first of :func:`beam_scales`."""
+    return beam_scales(frames)[0]
+
+
+def beam_scales(frames: np.ndarray) -> tuple[float, float | None]:
+    """The length scale of a data set's spots, and the value at which a glare about the
+    beam is clipped, from a sample of its patterns (n, ky, kx).
 
     The beam pass's estimator: centres found with a provisional radius from the
     sample's mean pattern, then the half-maximum radius of the summed radial profile
@@ -507,7 +519,17 @@ def radius_of_frames(frames: np.ndarray) -> float:
     measures the glare, and the spots' radius is used instead. (At ~9 counts per pixel
     the half maximum overstated the 3 px beam less, 4.8 px, and the workflow did better
     with it, recall / precision 0.90 / 0.75, than with the spots' 2.7 px, 0.90 / 0.53.)
-    NaN if no beam was found.
+
+    The clipped value (the sample's largest) is returned in that case, None otherwise:
+    the VDF workflow measures the plateau at that value about the beam in every
+    pattern (:func:`~spedflow.preprocess.kernels.saturated_radius`). The plateau holds
+    no diffraction information, and its edge, which moves with the thickness of the
+    film and crystals, is a ring of steps the peak finder takes for spots (on the 8-bit
+    set at ~30 counts per pixel, plateaus of 7-24 px made a third of the segments).
+
+    Returns
+    -------
+    (radius, clip): radius NaN if no beam was found; clip a float or None.
     """
     from ..preprocess import kernels as pk
     ky, kx = frames.shape[-2:]
@@ -520,8 +542,8 @@ def radius_of_frames(frames: np.ndarray) -> float:
             log.warning("the direct beam is clipped (saturated): its half-maximum radius %.2f px "
                         "overstates it; using the diffraction spots' radius %.2f px instead (set "
                         "preprocess.beam_radius to choose)", radius, spots)
-            radius = spots
-    return float(radius)
+            return float(spots), float(frames.max())
+    return float(radius), None
 
 
 def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarray:

@@ -46,7 +46,7 @@ class VDFConfig:
     merge: VDFMergeParams = field(default_factory=VDFMergeParams)
 
 
-def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
+def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=None):
     """Pass 1 on one chunk: beam centres and annular sums (:func:`_common._beam_block`),
     and the peaks of the patterns aligned by those centres and background-subtracted
     (:func:`spedflow.peaks.recentre_table` moves them to the fitted descan's frame
@@ -62,6 +62,10 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
     background, against the counting-noise unit (:func:`spedflow.peaks.noise.find_peaks_counting`),
     and their positions moved by the sub-pixel rest of the shift; ``dog_sum`` is then
     the sum of those residuals.
+
+    With ``clip`` (the value at which the glare about the beam is clipped) the radius
+    of that plateau in every pattern is measured too (``glare``,
+    :func:`spedflow.preprocess.kernels.saturated_radius`).
     """
     from ..peaks.lazy import flat_peaks, scan_table
     from ..peaks.noise import aligned_counting_peaks
@@ -87,6 +91,8 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None):
         dog_sum += pattern_sum(clean)
     out["table"] = scan_table(np.concatenate(tables), cx, offset)
     out["dog_sum"] = dog_sum
+    if clip is not None:
+        out["glare"] = pk.saturated_radius(flat, found, top=clip).reshape(cy, cx).astype(np.float32)
     return out
 
 
@@ -121,39 +127,43 @@ def _found_at(centres, detector_shape) -> np.ndarray:
     return np.where(np.isfinite(centres), centres, np.array([ky // 2, kx // 2], np.float64))
 
 
-def beam_radius_of(plan, prep, cache) -> float:
-    """The direct-beam radius: given, or measured on a few chunks (cached)."""
-    from ._common import collected_warnings, replay_warnings, sample_beam_radius
+def beam_radius_of(plan, prep, cache) -> tuple[float, float | None]:
+    """The direct-beam radius, given or measured on a few chunks, and the value at which
+    a glare about the beam is clipped (None if none, or if the radius is given; see
+    :func:`spedflow.workflows._common.beam_scales`). Cached."""
+    from ._common import collected_warnings, replay_warnings, sample_beam_scales
     if prep.beam_radius is not None:
-        return float(prep.beam_radius)
-    st = cache.stage("radius", plan.identity, {"nav_binning": prep.nav_binning})
+        return float(prep.beam_radius), None
+    st = cache.stage("radius", plan.identity, {"nav_binning": prep.nav_binning}, "v2")
     if not st.complete:
         with collected_warnings() as notes:
-            radius = sample_beam_radius(plan)
-        st.save_attrs(radius=radius, warnings=notes)
+            radius, clip = sample_beam_scales(plan)
+        st.save_attrs(radius=radius, clip=clip, warnings=notes)
         st.mark_complete()
     else:  # a rerun from the cache still says what was measured about the data
         replay_warnings(st)
-    return float(st.attrs()["radius"])
+    a = st.attrs()
+    return float(a["radius"]), a["clip"]
 
 
-def scan_stage_of(cache, plan, prep, pk, counts):
+def scan_stage_of(cache, plan, prep, pk, counts, clip=None):
     """Pass 1's cache entry. Its blocks depend on the radius, the DoG and the LoG
-    parameters and the noise model, not on the descan model (the peaks are found
-    before the descan fit)."""
+    parameters, the noise model and the clipped value, not on the descan model (the
+    peaks are found before the descan fit)."""
     return cache.stage("beam_peaks", plan.identity,
                        {"nav_binning": prep.nav_binning, "beam_radius": prep.beam_radius,
-                        "dog": [prep.dog_sigma_low, prep.dog_sigma_high], "counts": counts},
+                        "dog": [prep.dog_sigma_low, prep.dog_sigma_high], "counts": counts,
+                        "clip": clip},
                        dataclasses.asdict(pk))
 
 
-def pass1_kwargs(plan, prep, pk, counts) -> dict:
+def pass1_kwargs(plan, prep, pk, counts, clip=None) -> dict:
     """Keyword arguments of :func:`_beam_peaks_block` (the batch run and live mode must
     use the same ones: live mode writes the blocks the batch run then reuses)."""
     from ._common import beam_block_kwargs
     return dict(beam=beam_block_kwargs(plan, prep, annular=True),
                 sigmas=(prep.dog_sigma_low, prep.dog_sigma_high), params=pk,
-                counts=None if counts is None else tuple(counts))
+                counts=None if counts is None else tuple(counts), clip=clip)
 
 
 def peaks_stage_of(cache, scan, prep, vp):
@@ -162,18 +172,19 @@ def peaks_stage_of(cache, scan, prep, vp):
                        vp.oversample)
 
 
-def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
+def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts, clip=None):
     """Pass 1 and its finalize; returns the beam information, the peak histogram (of
-    aligned positions), the mean background-subtracted pattern and pass 1's stage."""
+    aligned positions), the mean background-subtracted pattern, pass 1's stage and the
+    largest radius of a clipped glare (0 without ``clip``)."""
     from ..peaks import peak_histogram
     from ._common import BeamInfo, collected_warnings, finish_beam, replay_warnings
     ny, nx, ky, kx = data.shape
-    scan = scan_stage_of(cache, plan, prep, pk, counts)
+    scan = scan_stage_of(cache, plan, prep, pk, counts, clip)
     st = peaks_stage_of(cache, scan, prep, vp)
     if not st.complete:
         with timer("beam_peaks"):
             paths = run_blocks(scan, data, _beam_peaks_block, label="beam centres and peaks",
-                               n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk, counts))
+                               n_patterns=ny * nx, **pass1_kwargs(plan, prep, pk, counts, clip))
             scan.mark_complete()
             with collected_warnings() as notes:
                 measured, used, prof, mean, descan = finish_beam(paths, data, prep)
@@ -189,14 +200,16 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts):
             st.save("mean_pattern", mean.astype(np.float32))
             st.save("hist", hist)
             st.save("mean_dog", total(paths, "dog_sum") / (ny * nx))
-            st.save_attrs(descan=descan, warnings=notes)
+            glare = 0.0 if clip is None else max(
+                float(load_block(p, ["glare"])["glare"].max(initial=0)) for p in paths)
+            st.save_attrs(descan=descan, warnings=notes, glare=glare)
             st.mark_complete()
     else:
         replay_warnings(st)
     beam = BeamInfo(st.load("measured"), st.load("used"), float(prep.beam_radius), None,
                     st.load("mean_pattern"), st.attrs().get("descan", {}), st.key,
                     annular=st.load("annular"))
-    return beam, st.load("hist"), st.load("mean_dog"), scan
+    return beam, st.load("hist"), st.load("mean_dog"), scan, float(st.attrs().get("glare", 0.0))
 
 
 def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
@@ -212,7 +225,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..vdf import resolve as resolve_vdf
 
     timer = Timer()
-    r = beam_radius_of(plan, cfg.preprocess, cache)
+    r, clip = beam_radius_of(plan, cfg.preprocess, cache)
     prep = resolve_pre(cfg.preprocess, r)
     pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
     vp = resolve_vectors(cfg.vectors, r)
@@ -225,8 +238,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     counts = counts_of(plan, prep, pk, cache)
     if counts is not None:
         log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
-    beam, hist, mean_dog, st_scan = _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer,
-                                                      counts)
+    beam, hist, mean_dog, st_scan, glare = _beam_peaks_stage(plan, data, prep, pk, vp, cache,
+                                                             timer, counts, clip)
+    if cfg.vectors.beam_exclusion_radius is None and glare > 0:  # see the vectors stage
+        vp = dataclasses.replace(vp, beam_exclusion_radius=max(2.0 * r, glare + 2.0 * r))
 
     # unique vectors (finalize of the histogram reduction): a first pass with the beam
     # radius as length scale, then the spots' own size is measured at those vectors
@@ -235,8 +250,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         first = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
         hwhm, s_r = spot_radius(mean_dog, first, r)
         vp = resolve_vectors(cfg.vectors, s_r)
-        if cfg.vectors.beam_exclusion_radius is None:  # the beam keeps its own size
-            vp = dataclasses.replace(vp, beam_exclusion_radius=2.0 * r)
+        if cfg.vectors.beam_exclusion_radius is None:
+            # the beam keeps its own size; a clipped glare holds no diffraction, and the
+            # peak finder takes the steps of its moving edge for spots out to about two
+            # spot radii beyond it
+            vp = dataclasses.replace(vp, beam_exclusion_radius=max(2.0 * r, glare + 2.0 * s_r))
         if cfg.vectors.scatter is None:  # how far the peaks of one reflection scatter
             scatter = position_scatter(hist, first, oversample=vp.oversample,
                                        radius=vp.cluster_radius)
@@ -250,6 +268,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_found > len(vectors):
         log.info("%d vectors on circularly symmetric rings (film) dropped", n_found - len(vectors))
     log.info("spot HWHM %.2f px (beam radius %.2f px): VDF disc radius %.2f px", hwhm, r, vd.radius)
+    if glare > 0:
+        log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
+                 "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
     if len(vectors) == 0:
         raise InputError("no diffraction vectors were found: the data may hold no crystals, or the "
                          "peak threshold is too high (see `spedflow params vdf`, section [peaks])")
@@ -321,7 +342,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "overview/peak_histogram": hist.astype(np.float32),
     }
     attrs = {
-        "resolved": {"beam_radius": r, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
+        "resolved": {"beam_radius": r, "glare_radius": glare, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "gain": None if counts is None else counts[0],
