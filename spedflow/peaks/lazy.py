@@ -169,11 +169,13 @@ def _counting_block(block, centres, scan_offset, params, counts):
     """:func:`find_peaks_counting` of one block of raw patterns aligned by ``centres``:
     the table in global scan coordinates, positions in the frame of the patterns
     shifted to ``centres`` (the same task as the VDF workflow's pass 1)."""
-    from .noise import aligned_counting_peaks
+    from .noise import counting_peaks_by_slab
     cy, cx, ky, kx = block.shape
     frames = np.asarray(block, np.float32).reshape(-1, ky, kx)
-    table, _ = aligned_counting_peaks(frames, np.asarray(centres, np.float64).reshape(-1, 2),
-                                      params, counts)
+    parts = [t for _, t, _ in counting_peaks_by_slab(
+        frames, np.asarray(centres, np.float64).reshape(-1, 2), params, counts)]
+    table = np.concatenate(parts) if parts else np.zeros((0, 5), np.float32)
+    table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
     return scan_table(table, cx, scan_offset)
 
 

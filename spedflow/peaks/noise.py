@@ -31,7 +31,8 @@ from ..errors import InputError
 from . import kernels as _k
 
 __all__ = ["RingModel", "ring_model", "count_scale", "noise_units", "log_moments",
-           "find_peaks_counting", "aligned_counting_peaks"]
+           "find_peaks_counting", "aligned_counting_peaks", "ring_offset_bins",
+           "counting_peaks_by_slab"]
 
 #: Clipping of the ring means: pixels above ``b + CLIP * sqrt(g b + v) + g`` are spots.
 #: The ``+ g`` (one count) keeps lone counts in the mean where ``b`` is tiny, so the
@@ -43,21 +44,26 @@ _CLIP_ITER = 2
 _PAIRS_PER_BLOCK = 1 << 19
 #: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
 _DENSE_BYTES = 16 << 20
+#: Sub-pixel positions of the ring centre per pixel in pass 1 (:func:`aligned_counting_peaks`).
+_RING_OFFSETS = 3
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
 #: interpolated in between to < 1e-3 relative).
 _QUANTILE_GRID = 128
 
 
 class RingModel:
-    """The 1-px rings about ``(ky // 2, kx // 2)`` of a detector of ``shape``.
+    """The 1-px rings about ``(ky // 2, kx // 2)``, moved by ``offset`` (px), of a
+    detector of ``shape``.
 
     Ring ``j`` holds the pixels whose distance from the centre rounds to ``j``.
     Profiles (one value per ring) become images by linear interpolation in radius.
     """
 
-    def __init__(self, shape):
+    def __init__(self, shape, offset=(0.0, 0.0)):
         ky, kx = (int(s) for s in shape)
-        yy, xx = np.meshgrid(np.arange(ky) - ky // 2, np.arange(kx) - kx // 2, indexing="ij")
+        oy, ox = (float(o) for o in offset)
+        yy, xx = np.meshgrid(np.arange(ky) - ky // 2 - oy, np.arange(kx) - kx // 2 - ox,
+                             indexing="ij")
         r = np.hypot(yy, xx).ravel()
         self.shape = (ky, kx)
         self.ring = np.rint(r).astype(np.intp)
@@ -116,10 +122,11 @@ class RingModel:
         return np.ascontiguousarray(out).reshape((-1,) + shape)
 
 
-@functools.lru_cache(maxsize=8)
-def ring_model(shape) -> RingModel:
-    """The cached :class:`RingModel` of a detector shape."""
-    return RingModel(tuple(int(s) for s in shape))
+@functools.lru_cache(maxsize=32)
+def ring_model(shape, offset=(0.0, 0.0)) -> RingModel:
+    """The cached :class:`RingModel` of a detector shape, about the centre moved by
+    ``offset`` (px)."""
+    return RingModel(tuple(int(s) for s in shape), tuple(float(o) for o in offset))
 
 
 @functools.lru_cache(maxsize=32)
@@ -134,7 +141,7 @@ def log_moments(ky: int, kx: int, sigma: float) -> tuple[float, float]:
 
 
 def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, threshold: float,
-                shape) -> np.ndarray:
+                shape, rings=None) -> np.ndarray:
     """Noise unit of the LoG response per scale, pattern and ring.
 
     ``R / unit > threshold`` holds exactly when ``R`` exceeds the gamma quantile, with
@@ -146,7 +153,7 @@ def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, th
     -------
     (S, n, n_rings) float32
     """
-    rings = ring_model(shape)
+    rings = ring_model(shape) if rings is None else rings
     b = np.maximum(np.asarray(background, np.float64), gain / rings.counts[None, :])
     # the gamma quantile is a smooth function of log b: evaluated on a grid of
     # backgrounds spanning this batch and interpolated (the exact one per ring and
@@ -228,7 +235,8 @@ def count_scale(blocks) -> tuple[float, float]:
 
 
 def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude_border: int,
-                        gain: float, read_var: float) -> tuple[np.ndarray, np.ndarray]:
+                        gain: float, read_var: float, offset=(0.0, 0.0)
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`~spedflow.peaks.kernels.find_peaks_log` with the counting-noise threshold.
 
     Parameters
@@ -250,10 +258,10 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     """
     frames = np.asarray(frames, np.float32)
     shape = frames.shape[1:]
-    rings = ring_model(shape)
+    rings = ring_model(shape, offset)
     background = rings.background(frames, gain, read_var)
     residual = frames - rings.image(background)
-    units = noise_units(background, gain, read_var, sigmas, threshold, shape)
+    units = noise_units(background, gain, read_var, sigmas, threshold, shape, rings)
     # made transposed: the finder divides its (transposed) responses by them
     unit_images = np.stack([rings.image(u, transposed=True) for u in units]).transpose(0, 1, 3, 2)
     table = _k.find_peaks_log(residual, sigmas, threshold=threshold,
@@ -261,17 +269,65 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     return table, residual
 
 
+def _offset_bins(rest) -> np.ndarray:
+    """Which of the 3 x 3 ring centres (offsets of -1/3, 0, 1/3 px) lies nearest the beam
+    of each pattern aligned by whole pixels (the beam at the centre minus ``rest``)."""
+    step = np.clip(np.rint(-np.asarray(rest) * _RING_OFFSETS), -1, 1).astype(np.intp)
+    return (step[:, 0] + 1) * 3 + step[:, 1] + 1
+
+
+def ring_offset_bins(centres, shape) -> np.ndarray:
+    """:func:`_offset_bins` of patterns with beam centres ``centres`` (n, 2): patterns
+    of one bin share their ring model (batch them together)."""
+    from ..preprocess.kernels import _shifts_to_centre
+    shifts = _shifts_to_centre(centres, shape)
+    return _offset_bins(shifts - np.rint(shifts))
+
+
+def counting_peaks_by_slab(frames, centres, params, counts, slab: int = 64):
+    """:func:`aligned_counting_peaks` of ``(n, ky, kx)`` patterns, ``slab`` at a time,
+    the patterns of one ring model (:func:`ring_offset_bins`) together: yields
+    ``(idx, table, residual)`` with ``table[:, 0]`` indices into ``frames`` and
+    ``residual`` the residuals of ``frames[idx]``. The VDF workflow's pass 1 and
+    :func:`spedflow.peaks.lazy.find_peaks_counting` both go through here, so their
+    batches, and hence their tables, are the same."""
+    frames = np.asarray(frames)
+    centres = np.asarray(centres, np.float64).reshape(-1, 2)
+    key = ring_offset_bins(centres, frames.shape[-2:])
+    for k in np.unique(key):
+        same = np.flatnonzero(key == k)
+        for s in range(0, len(same), slab):
+            idx = same[s:s + slab]
+            t, residual = aligned_counting_peaks(frames[idx], centres[idx], params, counts)
+            t[:, 0] = idx[t[:, 0].astype(np.intp)]
+            yield idx, t, residual
+
+
 def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray, np.ndarray]:
     """:func:`find_peaks_counting` of raw ``(n, ky, kx)`` patterns aligned by ``centres``
-    (the VDF workflow's pass 1): the table, with positions in the frame of the patterns
+    by whole pixels, the rings drawn about each beam's remaining sub-pixel offset to a
+    third of a pixel (:func:`ring_offset_bins`; the VDF workflow's pass 1, through
+    :func:`counting_peaks_by_slab`): the table, with positions in the frame of the patterns
     shifted to ``centres`` sub-pixel (as :func:`~spedflow.preprocess.kernels.shift_patterns`
     would), and the residuals it was found in. ``params``: resolved
     :class:`~spedflow.peaks.PeakParams`; ``counts``: ``(gain, read_var)``."""
     from ..preprocess.kernels import align_whole_pixels
     whole, rest = align_whole_pixels(frames, centres)
     sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
-    t, residual = find_peaks_counting(whole, sig, threshold=params.threshold,
-                                      exclude_border=params.exclude_border,
-                                      gain=counts[0], read_var=counts[1])
+    # the beam lies at the centre minus ``rest``: the rings are drawn about it, to a
+    # third of a pixel (whole-pixel rings leave a dipole on the glare's steep flank
+    # that the finder takes for spots)
+    key = _offset_bins(rest)
+    tables, residual = [], np.empty_like(whole)
+    for k in np.unique(key):
+        idx = np.flatnonzero(key == k)
+        off = ((k // 3 - 1) / _RING_OFFSETS, (k % 3 - 1) / _RING_OFFSETS)
+        t, residual[idx] = find_peaks_counting(whole[idx], sig, threshold=params.threshold,
+                                               exclude_border=params.exclude_border,
+                                               gain=counts[0], read_var=counts[1], offset=off)
+        t[:, 0] = idx[t[:, 0].astype(np.intp)]
+        tables.append(t)
+    t = np.concatenate(tables) if tables else np.zeros((0, 5), np.float32)
+    t = t[np.lexsort((t[:, 2], t[:, 1], t[:, 0]))]
     t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
     return t, residual

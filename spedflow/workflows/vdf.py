@@ -68,7 +68,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
     :func:`spedflow.preprocess.kernels.saturated_radius`).
     """
     from ..peaks.lazy import flat_peaks, scan_table
-    from ..peaks.noise import aligned_counting_peaks
+    from ..peaks.noise import counting_peaks_by_slab
     from ..preprocess import kernels as pk
     from ._common import _beam_block, pattern_sum
     frames = np.asarray(block, dtype=np.float32)
@@ -79,17 +79,20 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
     # slab by slab, so the background-subtracted patterns are never a chunk-sized array
     # (a fresh 33 MB array per chunk costs its page faults and evicts the cache)
     tables, dog_sum = [], np.zeros((ky, kx))
-    for s in range(0, len(flat), _SLAB):
-        if counts is None:
+    if counts is None:
+        for s in range(0, len(flat), _SLAB):
             clean = pk.shift_and_subtract(flat[s:s + _SLAB], found[s:s + _SLAB], *sigmas)
             t = flat_peaks(clean, params)
-        else:
-            t, clean = aligned_counting_peaks(flat[s:s + _SLAB], found[s:s + _SLAB], params,
-                                              counts)
-        t[:, 0] += s
-        tables.append(t)
-        dog_sum += pattern_sum(clean)
-    out["table"] = scan_table(np.concatenate(tables), cx, offset)
+            t[:, 0] += s
+            tables.append(t)
+            dog_sum += pattern_sum(clean)
+    else:  # the patterns of one ring model together (ring_offset_bins)
+        for _, t, clean in counting_peaks_by_slab(flat, found, params, counts, _SLAB):
+            tables.append(t)
+            dog_sum += pattern_sum(clean)
+    table = np.concatenate(tables)
+    table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
+    out["table"] = scan_table(table, cx, offset)
     out["dog_sum"] = dog_sum
     if clip is not None:
         out["glare"] = pk.saturated_radius(flat, found, top=clip).reshape(cy, cx).astype(np.float32)
