@@ -1,6 +1,8 @@
 """The counting-noise model of the peak finder (spedflow.peaks.noise) against brute force
 and against simulated counting noise."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -203,25 +205,30 @@ def test_ring_model_about_an_offset_centre_equals_a_loop_over_rings(shape):
     np.testing.assert_allclose(rings.image(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_rings_follow_the_sub_pixel_beam_no_false_peaks_on_its_flank():
+def test_rings_about_the_sub_pixel_beam_leave_no_false_peaks_on_its_flank():
     """Whole-pixel alignment leaves the beam up to half a pixel off the rings' centre;
     on the steep flank of the beam and its glare, ring means about the wrong point leave
     a dipole the finder takes for spots (1.5 per pattern at |g| = 4-14 px on these
     simulated patterns, the spots' own reflections being ~3.5 per pattern further out).
-    Rings about the beam to a third of a pixel (counting_peaks_by_slab, pass 1 of the VDF
-    workflow) remove most of them and keep the rest."""
+    Rings about the beam to a third of a pixel (``peaks.ring_centres = 3``, through
+    counting_peaks_by_slab as in pass 1 of the VDF workflow) remove most of them and
+    keep the rest."""
     from spedflow.peaks import resolve
     from spedflow.simulate import simulate_array
     data, _ = simulate_array(scan=(12, 12), detector=128, crystals=2, seed=3)
     frames = data.reshape(-1, 128, 128).astype(np.float32)
     centres = pk.beam_centres(frames, 3.0)
     p = resolve(PeakParams(), 3.0, detector_shape=(128, 128))
+    assert p.ring_centres == 1  # the default: about the centre pixel
     counts = N.count_scale([data])
     whole, _ = pk.align_whole_pixels(frames, centres)
     t0, _ = N.find_peaks_counting(whole, log_sigmas(p.min_sigma, p.max_sigma, p.num_sigma),
                                   threshold=p.threshold, exclude_border=p.exclude_border,
                                   gain=counts[0], read_var=counts[1])
-    parts = list(N.counting_peaks_by_slab(frames, centres, p, counts, slab=16))
+    one = np.concatenate([t for _, t, _ in N.counting_peaks_by_slab(frames, centres, p, counts)])
+    assert len(one) == pytest.approx(len(t0), rel=0.01)
+    p3 = dataclasses.replace(p, ring_centres=3)
+    parts = list(N.counting_peaks_by_slab(frames, centres, p3, counts, slab=16))
     t1 = np.concatenate([t for _, t, _ in parts])
 
     def per_pattern(t, lo, hi):
@@ -233,4 +240,7 @@ def test_rings_follow_the_sub_pixel_beam_no_false_peaks_on_its_flank():
     # every pattern once, in slabs of one ring model each
     idx = np.concatenate([i for i, _, _ in parts])
     assert sorted(idx.tolist()) == list(range(len(frames)))
-    assert all(len(np.unique(N.ring_offset_bins(centres[i], (128, 128)))) == 1 for i, _, _ in parts)
+    assert all(len(np.unique(N.ring_offset_bins(centres[i], (128, 128), 3))) == 1
+               for i, _, _ in parts)
+    with pytest.raises(ParameterError, match="ring_centres"):
+        PeakParams(ring_centres=2)

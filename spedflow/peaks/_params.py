@@ -87,6 +87,17 @@ class PeakParams:
     read_variance : float or None
         Read-out noise variance, data units squared ("counting" only). ``None``: measured
         with the gain, or 0 when the gain is given.
+    ring_centres : int
+        ("counting" only) Where the ring background is drawn about in patterns aligned
+        by whole pixels, which leaves the beam up to half a pixel off the pixel grid:
+        1 (default), the centre pixel; 3, the nearest of 3 x 3 points a third of a pixel
+        apart (:func:`spedflow.peaks.noise.ring_offset_bins`). 3 removes most false
+        peaks on the steep flank of the beam and its glare (1.5 -> 0.25 per pattern at
+        4-14 px on simulated patterns) and finds reflections next to the beam. On the
+        small benchmark sets it gained seed3's weak crystal and precision (foreign sets
+        0.977 -> 1.000), but on the 256 x 256 and 512 x 512 scans it lost the weak
+        crystal and added fragments, and pass 1 took 7 % longer; see
+        ``benchmarks/README.md`` (session 9).
     """
 
     min_sigma: float | None = None
@@ -97,6 +108,7 @@ class PeakParams:
     noise: str = "counting"
     gain: float | None = None
     read_variance: float | None = None
+    ring_centres: int = 1
 
     def __post_init__(self):
         check_range("min_sigma", self.min_sigma, low=0.5, high=100, allow_none=True)
@@ -109,6 +121,8 @@ class PeakParams:
                                  f"(got {self.noise!r})")
         check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
         check_range("read_variance", self.read_variance, low=0, allow_none=True)
+        if self.ring_centres not in (1, 3) or isinstance(self.ring_centres, bool):
+            raise ParameterError(f"`ring_centres` must be 1 or 3 (got {self.ring_centres!r})")
         if (self.min_sigma is not None and self.max_sigma is not None
                 and self.min_sigma > self.max_sigma):
             raise ParameterError(f"`min_sigma` ({self.min_sigma}) must be <= `max_sigma` "

@@ -44,8 +44,6 @@ _CLIP_ITER = 2
 _PAIRS_PER_BLOCK = 1 << 19
 #: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
 _DENSE_BYTES = 16 << 20
-#: Sub-pixel positions of the ring centre per pixel in pass 1 (:func:`aligned_counting_peaks`).
-_RING_OFFSETS = 3
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
 #: interpolated in between to < 1e-3 relative).
 _QUANTILE_GRID = 128
@@ -269,19 +267,22 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     return table, residual
 
 
-def _offset_bins(rest) -> np.ndarray:
-    """Which of the 3 x 3 ring centres (offsets of -1/3, 0, 1/3 px) lies nearest the beam
-    of each pattern aligned by whole pixels (the beam at the centre minus ``rest``)."""
-    step = np.clip(np.rint(-np.asarray(rest) * _RING_OFFSETS), -1, 1).astype(np.intp)
-    return (step[:, 0] + 1) * 3 + step[:, 1] + 1
+def _offset_bins(rest, m: int) -> np.ndarray:
+    """Which of the m x m ring centres (offsets of j / m px, |j| <= m // 2) lies nearest
+    the beam of each pattern aligned by whole pixels (the beam at the centre minus
+    ``rest``); m = 1: the centre pixel for all."""
+    h = m // 2
+    step = np.clip(np.rint(-np.asarray(rest) * m), -h, h).astype(np.intp)
+    return (step[:, 0] + h) * m + step[:, 1] + h
 
 
-def ring_offset_bins(centres, shape) -> np.ndarray:
-    """:func:`_offset_bins` of patterns with beam centres ``centres`` (n, 2): patterns
-    of one bin share their ring model (batch them together)."""
+def ring_offset_bins(centres, shape, m: int = 3) -> np.ndarray:
+    """:func:`_offset_bins` of patterns with beam centres ``centres`` (n, 2)
+    (``PeakParams.ring_centres`` = m): patterns of one bin share their ring model
+    (batch them together)."""
     from ..preprocess.kernels import _shifts_to_centre
     shifts = _shifts_to_centre(centres, shape)
-    return _offset_bins(shifts - np.rint(shifts))
+    return _offset_bins(shifts - np.rint(shifts), int(m))
 
 
 def counting_peaks_by_slab(frames, centres, params, counts, slab: int = 64):
@@ -293,7 +294,7 @@ def counting_peaks_by_slab(frames, centres, params, counts, slab: int = 64):
     batches, and hence their tables, are the same."""
     frames = np.asarray(frames)
     centres = np.asarray(centres, np.float64).reshape(-1, 2)
-    key = ring_offset_bins(centres, frames.shape[-2:])
+    key = ring_offset_bins(centres, frames.shape[-2:], params.ring_centres)
     for k in np.unique(key):
         same = np.flatnonzero(key == k)
         for s in range(0, len(same), slab):
@@ -305,8 +306,9 @@ def counting_peaks_by_slab(frames, centres, params, counts, slab: int = 64):
 
 def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray, np.ndarray]:
     """:func:`find_peaks_counting` of raw ``(n, ky, kx)`` patterns aligned by ``centres``
-    by whole pixels, the rings drawn about each beam's remaining sub-pixel offset to a
-    third of a pixel (:func:`ring_offset_bins`; the VDF workflow's pass 1, through
+    by whole pixels, the rings drawn about the centre pixel or (``params.ring_centres``
+    = 3) about each beam's sub-pixel offset to a third of a pixel
+    (:func:`ring_offset_bins`; the VDF workflow's pass 1, through
     :func:`counting_peaks_by_slab`): the table, with positions in the frame of the patterns
     shifted to ``centres`` sub-pixel (as :func:`~spedflow.preprocess.kernels.shift_patterns`
     would), and the residuals it was found in. ``params``: resolved
@@ -314,14 +316,15 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
     from ..preprocess.kernels import align_whole_pixels
     whole, rest = align_whole_pixels(frames, centres)
     sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
-    # the beam lies at the centre minus ``rest``: the rings are drawn about it, to a
-    # third of a pixel (whole-pixel rings leave a dipole on the glare's steep flank
-    # that the finder takes for spots)
-    key = _offset_bins(rest)
+    # the beam lies at the centre minus ``rest``: with params.ring_centres = 3 the rings
+    # are drawn about it to a third of a pixel (rings about the centre pixel leave a
+    # dipole on the glare's steep flank that the finder takes for spots)
+    m = int(params.ring_centres)
+    key = _offset_bins(rest, m)
     tables, residual = [], np.empty_like(whole)
     for k in np.unique(key):
         idx = np.flatnonzero(key == k)
-        off = ((k // 3 - 1) / _RING_OFFSETS, (k % 3 - 1) / _RING_OFFSETS)
+        off = ((k // m - m // 2) / m, (k % m - m // 2) / m)
         t, residual[idx] = find_peaks_counting(whole[idx], sig, threshold=params.threshold,
                                                exclude_border=params.exclude_border,
                                                gain=counts[0], read_var=counts[1], offset=off)
