@@ -67,3 +67,27 @@ def test_few_measured_beam_centres_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="spedflow"):
         assert found_fraction(m) == pytest.approx(0.8)
     assert caplog.text == ""
+
+
+def test_collected_warnings_are_kept_and_replayed(tmp_path, caplog):
+    """A stage records the warnings it logged, even with the logger at ERROR (-qq), and
+    a rerun from the cache logs them again."""
+    import logging
+
+    from spedflow.workflows._cache import StageCache
+    from spedflow.workflows._common import collected_warnings, log, replay_warnings
+    st = StageCache(tmp_path).stage("x", "key")
+    saved = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with collected_warnings() as notes:
+            log.warning("the beam is %s", "clipped")
+            log.info("not a warning")
+    finally:
+        log.setLevel(saved)
+    assert notes == ["the beam is clipped"] and log.level == saved
+    st.save_attrs(warnings=notes)
+    st.mark_complete()
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        replay_warnings(st)
+    assert {r.getMessage() for r in caplog.records} == {"the beam is clipped"}

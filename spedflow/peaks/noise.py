@@ -276,7 +276,7 @@ def _offset_bins(rest, m: int) -> np.ndarray:
     return (step[:, 0] + h) * m + step[:, 1] + h
 
 
-def ring_offset_bins(centres, shape, m: int = 3) -> np.ndarray:
+def ring_offset_bins(centres, shape, m: int = 1) -> np.ndarray:
     """:func:`_offset_bins` of patterns with beam centres ``centres`` (n, 2)
     (``PeakParams.ring_centres`` = m): patterns of one bin share their ring model
     (batch them together)."""

@@ -457,11 +457,15 @@ def collected_warnings():
             notes.append(record.getMessage())
 
     handler = _Collect(logging.WARNING)
+    level = log.level
     log.addHandler(handler)
+    # collected under -qq too (the handlers that print keep their own level)
+    log.setLevel(min(log.getEffectiveLevel(), logging.WARNING))
     try:
         yield notes
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def replay_warnings(stage) -> None:
