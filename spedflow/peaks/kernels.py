@@ -297,9 +297,16 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
     tables = [_batch_peaks(f[s0:s0 + _BATCH], s0, ops, sig, threshold, b, min_separation, rho,
                            None if units is None else units[:, s0:s0 + _BATCH])
               for s0 in range(0, n, _BATCH)]
-    out = np.concatenate(tables).astype(np.float32)
-    order = np.lexsort((out[:, 2], out[:, 1], out[:, 0]))
-    return out[order]
+    return sorted_table(tables)
+
+
+def sorted_table(tables) -> np.ndarray:
+    """Peak tables ``(m, 5)`` as one float32 table sorted by pattern, then ``ky``, then
+    ``kx`` (the order :func:`find_peaks_log` returns); ``(0, 5)`` for none."""
+    if not len(tables):
+        return np.zeros((0, 5), np.float32)
+    out = np.concatenate(tables).astype(np.float32, copy=False)
+    return out[np.lexsort((out[:, 2], out[:, 1], out[:, 0]))]
 
 
 def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=None) -> np.ndarray:

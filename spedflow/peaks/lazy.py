@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError, ParameterError
 from ..io._store import check_lazy_patterns
 from ._params import PeakParams, resolve
-from .kernels import find_peaks_log, log_sigmas
+from .kernels import find_peaks_log, log_sigmas, sorted_table
 
 __all__ = ["find_peaks", "peaks_block", "TABLE_COLUMNS"]
 
@@ -174,9 +174,7 @@ def _counting_block(block, centres, scan_offset, params, counts):
     frames = np.asarray(block, np.float32).reshape(-1, ky, kx)
     parts = [t for _, t, _ in counting_peaks_by_slab(
         frames, np.asarray(centres, np.float64).reshape(-1, 2), params, counts)]
-    table = np.concatenate(parts) if parts else np.zeros((0, 5), np.float32)
-    table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
-    return scan_table(table, cx, scan_offset)
+    return scan_table(sorted_table(parts), cx, scan_offset)
 
 
 def find_peaks_counting(data: da.Array, centres, params: PeakParams, counts, *,

@@ -330,7 +330,6 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
                                                gain=counts[0], read_var=counts[1], offset=off)
         t[:, 0] = idx[t[:, 0].astype(np.intp)]
         tables.append(t)
-    t = np.concatenate(tables) if tables else np.zeros((0, 5), np.float32)
-    t = t[np.lexsort((t[:, 2], t[:, 1], t[:, 0]))]
+    t = _k.sorted_table(tables)
     t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
     return t, residual

@@ -67,6 +67,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
     of that plateau in every pattern is measured too (``glare``,
     :func:`spedflow.preprocess.kernels.saturated_radius`).
     """
+    from ..peaks.kernels import sorted_table
     from ..peaks.lazy import flat_peaks, scan_table
     from ..peaks.noise import counting_peaks_by_slab
     from ..preprocess import kernels as pk
@@ -90,9 +91,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
         for _, t, clean in counting_peaks_by_slab(flat, found, params, counts, _SLAB):
             tables.append(t)
             dog_sum += pattern_sum(clean)
-    table = np.concatenate(tables)
-    table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
-    out["table"] = scan_table(table, cx, offset)
+    out["table"] = scan_table(sorted_table(tables), cx, offset)
     out["dog_sum"] = dog_sum
     if clip is not None:
         out["glare"] = pk.saturated_radius(flat, found, top=clip).reshape(cy, cx).astype(np.float32)
@@ -243,8 +242,16 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
     beam, hist, mean_dog, st_scan, glare = _beam_peaks_stage(plan, data, prep, pk, vp, cache,
                                                              timer, counts, clip)
-    if cfg.vectors.beam_exclusion_radius is None and glare > 0:  # see the vectors stage
-        vp = dataclasses.replace(vp, beam_exclusion_radius=max(2.0 * r, glare + 2.0 * r))
+
+    def past_the_beam(vp, spot):
+        """``vp`` with the default beam exclusion: the beam keeps its own size; a clipped
+        glare holds no diffraction, and the peak finder takes the steps of its moving
+        edge for spots out to about two spot radii beyond it."""
+        if cfg.vectors.beam_exclusion_radius is not None:
+            return vp
+        return dataclasses.replace(vp, beam_exclusion_radius=max(2.0 * r, glare + 2.0 * spot))
+
+    vp = past_the_beam(vp, r)
 
     # unique vectors (finalize of the histogram reduction): a first pass with the beam
     # radius as length scale, then the spots' own size is measured at those vectors
@@ -252,12 +259,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     with timer("vectors"):
         first = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
         hwhm, s_r = spot_radius(mean_dog, first, r)
-        vp = resolve_vectors(cfg.vectors, s_r)
-        if cfg.vectors.beam_exclusion_radius is None:
-            # the beam keeps its own size; a clipped glare holds no diffraction, and the
-            # peak finder takes the steps of its moving edge for spots out to about two
-            # spot radii beyond it
-            vp = dataclasses.replace(vp, beam_exclusion_radius=max(2.0 * r, glare + 2.0 * s_r))
+        vp = past_the_beam(resolve_vectors(cfg.vectors, s_r), s_r)
         if cfg.vectors.scatter is None:  # how far the peaks of one reflection scatter
             scatter = position_scatter(hist, first, oversample=vp.oversample,
                                        radius=vp.cluster_radius)
