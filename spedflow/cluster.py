@@ -746,18 +746,24 @@ def compute(*collections, label: str, n_patterns: int | None = None, client=None
             spans.append((i, len(targets), None))
             targets.append(c)
     futures = cl.compute(targets, **kwargs)
+    out = list(collections)
     try:
         if _progress:
             _follow(cl, futures, label, n_patterns)
         else:
             wait_for(cl, futures)
-        values = cl.gather(futures)
+        # chunk by chunk into one preallocated array, each chunk's future released once
+        # copied: the client then holds the result once (np.block of the gathered
+        # chunks held it three times), and the workers drop their chunks as it fills
+        for i, start, n in spans:
+            if n is None:
+                out[i] = futures[start].result()
+                futures[start].release()
+            else:
+                out[i] = _assemble(collections[i], futures[start:start + n])
     finally:
         for f in futures:
             f.release()
-    out = list(collections)
-    for i, start, n in spans:
-        out[i] = values[start] if n is None else _assemble(collections[i], values[start:start + n])
     return tuple(out)
 
 
@@ -766,12 +772,28 @@ def _is_chunked_array(c) -> bool:
     return isinstance(c, da.Array) and c.ndim > 0 and c.npartitions > 1
 
 
-def _assemble(arr, parts):
-    """The numpy array of dask array ``arr`` from its computed chunks (C order)."""
-    grid = np.empty(arr.numblocks, dtype=object)
-    for pos, part in zip(np.ndindex(*arr.numblocks), parts):
-        grid[pos] = np.asarray(part)
-    return np.block(grid.tolist())
+def _assemble(arr, futures, batch_bytes: int = 32 * 2**20):
+    """The numpy array of dask array ``arr`` from the futures of its chunks (C order),
+    gathered ~``batch_bytes`` at a time into one preallocated array."""
+    client = futures[0].client
+    offsets = [np.cumsum((0,) + tuple(c[:-1])) for c in arr.chunks]
+    where = [tuple(slice(int(o[p]), int(o[p]) + int(c[p])) for o, c, p in zip(offsets, arr.chunks, pos))
+             for pos in np.ndindex(*arr.numblocks)]
+    per_chunk = max(1, arr.nbytes // max(1, len(futures)))
+    step = max(1, batch_bytes // per_chunk)
+    out = None
+    for s in range(0, len(futures), step):
+        batch = futures[s:s + step]
+        parts = client.gather(batch)
+        for f in batch:
+            f.release()
+        for k, part in enumerate(parts):
+            part = np.asarray(part)
+            if out is None:
+                out = np.empty(arr.shape, dtype=part.dtype)
+            out[where[s + k]] = part
+        del parts
+    return out
 
 
 def persist_with_progress(*collections, label: str, n_patterns: int | None = None,

@@ -281,6 +281,7 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     # whose shift to the centre lies that close to a half pixel is aligned one pixel
     # differently, which can move a marginal peak across the threshold)
     assert abs(len(table) - attrs["counts"]["peaks"]) <= max(2, 1e-4 * len(table))
+    assert res["peaks"].values.shape == (attrs["counts"]["peaks"], 5)  # streamed, all of it
     ref = res["vectors"].values
     assert abs(len(vectors) - len(ref)) <= 1
     if len(vectors) == len(ref):  # the same vectors (their order can swap on near ties)

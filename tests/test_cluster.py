@@ -239,6 +239,19 @@ def test_compute_local_matches_dask(scheduler, capsys):
     assert re.search(BAR.format(label="stage", unit="patterns"), err), err
 
 
+def test_assemble_gathers_in_batches(processes):
+    """A chunked result is gathered a few chunks at a time into one array: the same
+    array for any batch size, and no chunk is left on the workers."""
+    from spedflow.cluster import _assemble
+    a = np.random.default_rng(2).random((23, 17, 5))
+    x = da.from_array(a, chunks=(4, 6, 5)) * 3  # uneven edge chunks, 6 x 3 grid
+    with client_for(processes.address, quiet=True) as client:
+        for batch_bytes in (1, 4 * 6 * 5 * 8 * 4, 2**30):
+            futures = client.compute(x.to_delayed().ravel().tolist())
+            np.testing.assert_array_equal(_assemble(x, futures, batch_bytes=batch_bytes), a * 3)
+            assert all(f._cleared for f in futures)  # released as copied
+
+
 def test_compute_distributed_matches_dask(processes, capsys):
     cols = _collections()
     expected = dask.compute(*cols, scheduler="synchronous")

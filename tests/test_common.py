@@ -91,3 +91,21 @@ def test_collected_warnings_are_kept_and_replayed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="spedflow"):
         replay_warnings(st)
     assert {r.getMessage() for r in caplog.records} == {"the beam is clipped"}
+
+
+@pytest.mark.parametrize("sizes", [[], [0, 0], [3], [5, 0, 7, 2, 11, 1], [20]])
+def test_rows_are_written_part_by_part_as_their_concatenation(tmp_path, sizes):
+    """A table streamed into the result in whole chunks (parts that end inside a chunk
+    wait for the next) reads back as the concatenation of its parts."""
+    import zarr
+
+    from spedflow.workflows._common import Rows, _write_rows
+    rng = np.random.default_rng(len(sizes))
+    parts = [rng.random((n, 5)).astype(np.float32) for n in sizes]
+    g = zarr.open_group(str(tmp_path / "r.zarr"), mode="w")
+    # chunks of 4 rows: parts cross chunk boundaries and fill several chunks at once
+    _write_rows(g, "peaks", Rows(iter(parts), 5), chunk_bytes=4 * 5 * 4)
+    got = g["peaks"][...]
+    want = np.concatenate(parts) if parts else np.zeros((0, 5), np.float32)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

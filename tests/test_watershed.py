@@ -213,6 +213,29 @@ def test_segments_from_labels_brute_force():
     assert np.all((segs != 0) <= (labels[source] > 0))
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_segments_from_labels_reads_zarr_stacks_in_batches(tmp_path, sparse):
+    """Stacks too large for memory come as zarr arrays, read a few images at a time:
+    the same segments, in the same order, as from the NumPy arrays in one go."""
+    import zarr
+    rng = np.random.default_rng(1)
+    images = rng.random((7, 9, 11)).astype(np.float32) + 0.1
+    labels = rng.choice([0, 0, 2, 3, 9], size=images.shape).astype(np.int32)
+    labels[4] = 0
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    zi = g.create_array("images", shape=images.shape, chunks=(1, 9, 11), dtype=images.dtype)
+    zl = g.create_array("labels", shape=labels.shape, chunks=(2, 9, 11), dtype=labels.dtype)
+    zi[...] = images
+    zl[...] = labels
+    want, want_src = segments_from_labels(images, labels, sparse=sparse)
+    # 3 images of labels per batch: batches 0-2, 3-5, 6
+    got, got_src = segments_from_labels(zi, zl, sparse=sparse, batch_bytes=3 * 9 * 11 * 4)
+    np.testing.assert_array_equal(got_src, want_src)
+    dense = (lambda a: a.toarray()) if sparse else np.asarray
+    np.testing.assert_array_equal(dense(got), dense(want))
+    assert want_src.size == sum(np.unique(lab[lab > 0]).size for lab in labels)
+
+
 def test_segments_from_labels_empty():
     segs, source = segments_from_labels(np.ones((2, 4, 5)), np.zeros((2, 4, 5), int))
     assert segs.shape == (0, 4, 5) and source.shape == (0,)

@@ -88,18 +88,22 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise)
 
 
-def segments_from_labels(images: np.ndarray, labels: np.ndarray, *, sparse: bool = False):
+def segments_from_labels(images, labels, *, sparse: bool = False, batch_bytes: int = 32 * 2**20):
     """Cut every labelled region out of its image.
 
     Parameters
     ----------
     images : (N, Y, X) array_like
-        Source images.
+        Source images: a NumPy array, or any array read by slicing along the first axis
+        (a zarr array: the stacks are then read ~``batch_bytes`` at a time and are never
+        whole in memory).
     labels : (N, Y, X) array_like of int
-        Labels per image (0 = background); need not be consecutive.
+        Labels per image (0 = background); need not be consecutive. Same kinds as ``images``.
     sparse : bool, default False
         Return the segments as a ``scipy.sparse.csr_matrix`` of shape (M, Y * X): a
         large scan has thousands of segments, each a scan-sized image mostly zero.
+    batch_bytes : int
+        Labels read per batch of images.
 
     Returns
     -------
@@ -109,29 +113,55 @@ def segments_from_labels(images: np.ndarray, labels: np.ndarray, *, sparse: bool
     source : (M,) numpy.ndarray of int64
         Index of the image each segment came from.
     """
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim != 3:
-        raise InputError(f"`images` must be 3-D (N, Y, X); got shape {images.shape}")
-    if labels.shape != images.shape:
-        raise InputError(f"`labels` (shape {labels.shape}) must have the shape of "
-                         f"`images` (shape {images.shape})")
+    images, labels = _stack(images), _stack(labels)
+    if len(images.shape) != 3:
+        raise InputError(f"`images` must be 3-D (N, Y, X); got shape {tuple(images.shape)}")
+    if tuple(labels.shape) != tuple(images.shape):
+        raise InputError(f"`labels` (shape {tuple(labels.shape)}) must have the shape of "
+                         f"`images` (shape {tuple(images.shape)})")
     if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"`labels` must be integers; got dtype {labels.dtype}")
-    n, ny, nx = images.shape
-    flat_labels = labels.reshape(n, -1)  # no copy: int64 only for the labelled pixels
-    img, pix = np.nonzero(flat_labels > 0)
-    lab = flat_labels[img, pix].astype(np.int64)
-    stride = int(lab.max()) + 1 if lab.size else 1
-    keys, inverse = np.unique(img * stride + lab, return_inverse=True)
+    n, ny, nx = (int(v) for v in images.shape)
+    step = max(1, batch_bytes // max(1, ny * nx * np.dtype(labels.dtype).itemsize))
+    # the segments' pixels as CSR rows, built batch by batch: per pixel a float32 value
+    # and an int32 column, never a whole (M, Y * X) or (N, Y, X) temporary
+    data, columns, lengths, source = [], [], [], []
+    for s in range(0, n, step):
+        flat_labels = np.asarray(labels[s:s + step]).reshape(-1, ny * nx)
+        inside = flat_labels > 0
+        img, pix = np.nonzero(inside)  # raster order, like the boolean selections below
+        lab = flat_labels[inside].astype(np.int64)
+        del flat_labels
+        stride = int(lab.max()) + 1 if lab.size else 1
+        key = img * stride + lab  # (image, label) of each pixel
+        present = np.zeros(inside.shape[0] * stride, dtype=bool)
+        present[key] = True
+        keys = np.flatnonzero(present)  # ordered by image, then label
+        row = (np.cumsum(present) - 1)[key]
+        order = np.argsort(row, kind="stable")  # pixels row by row, raster order within
+        values = np.asarray(images[s:s + step]).reshape(-1, ny * nx)[inside]
+        data.append(values[order].astype(np.float32))
+        columns.append(pix[order].astype(np.int32))
+        lengths.append(np.bincount(row, minlength=keys.size))
+        source.append(keys // stride + s)
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt, copy=False) if parts
+           else np.zeros(0, dt))
+    data, columns = cat(data, np.float32), cat(columns, np.int32)
+    lengths, source = cat(lengths, np.int64), cat(source, np.int64)
+    m = source.size
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    from scipy import sparse as sp
+    segments = sp.csr_matrix((data, columns, indptr), shape=(m, ny * nx))
     if sparse:
-        from scipy import sparse as sp
-        values = images.reshape(n, -1)[img, pix].astype(np.float32)
-        segments = sp.csr_matrix((values, (inverse.ravel(), pix)), shape=(keys.size, ny * nx))
-        return segments, (keys // stride).astype(np.int64)
-    segments = np.zeros((keys.size, ny * nx), dtype=np.float32)
-    segments[inverse, pix] = images.reshape(n, -1)[img, pix]
-    return segments.reshape(keys.size, ny, nx), (keys // stride).astype(np.int64)
+        return segments, source
+    return segments.toarray().reshape(m, ny, nx), source
+
+
+def _stack(x):
+    """``x`` itself if it is an array read by slicing (NumPy, zarr, dask), else as NumPy."""
+    if all(hasattr(x, a) for a in ("shape", "dtype", "__getitem__")):
+        return x
+    return np.asarray(x)
 
 
 # -- steps ----------------------------------------------------------------------------

@@ -59,11 +59,11 @@ class Stage:
         return zarr.open_group(str(self.path / "products.zarr"), mode=mode)
 
     # small numpy products, stored as checksummed zarr arrays
-    def save(self, name: str, array) -> None:
+    def save(self, name: str, array, chunks=None) -> None:
         array = np.asarray(array)
         g = self.group()
         arr = create_array(g, name, array.shape, array.dtype,
-                           chunks=_chunks_for(array), overwrite=True)
+                           chunks=_chunks_for(array) if chunks is None else chunks, overwrite=True)
         arr[...] = array
 
     def load(self, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import dask
 import dask.array as da
@@ -561,8 +562,8 @@ def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarra
 def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer: Timer) -> Path:
     """Write the result store atomically: ``OUT.partial`` then rename.
 
-    ``arrays`` maps paths (``"segments/maps"``) to NumPy arrays or dask arrays
-    (streamed chunk by chunk).
+    ``arrays`` maps paths (``"segments/maps"``) to NumPy arrays, dask arrays
+    (streamed chunk by chunk) or :class:`Rows` (a table streamed part by part).
     """
     import zarr
     with atomic_store(plan.out, overwrite=plan.overwrite) as tmp:
@@ -570,16 +571,22 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
         for name, value in arrays.items():
             parent, _, leaf = name.rpartition("/")
             grp = root.require_group(parent) if parent else root
-            if isinstance(value, da.Array):
+            if isinstance(value, Rows):
+                _write_rows(grp, leaf, value)
+            elif isinstance(value, da.Array):
                 arr = create_array(grp, leaf, value.shape, value.dtype,
                                    chunks=tuple(c[0] for c in value.chunks) if value.size else None)
                 da.store(value, arr, lock=False, compute=True)
             else:
                 value = np.asarray(value)
-                arr = create_array(grp, leaf, value.shape, value.dtype,
-                                   chunks=_result_chunks(value))
-                if value.size:
+                chunks = _result_chunks(value)
+                arr = create_array(grp, leaf, value.shape, value.dtype, chunks=chunks)
+                if value.ndim == 0:
                     arr[...] = value
+                elif value.size:  # ~32 MB at a time: zarr holds what it encodes at once
+                    rows = chunks[0] * max(1, (32 * 2**20) // max(1, value[:chunks[0]].nbytes))
+                    for s in range(0, value.shape[0], rows):
+                        arr[s:s + rows] = value[s:s + rows]
         meta = {
             "kind": "result", "method": method, "version": __version__,
             "input": plan.store, "input_meta": plan.meta,
@@ -590,6 +597,42 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
         }
         root.attrs["spedflow"] = json.loads(json.dumps(meta, default=_jsonable))
     return plan.out
+
+
+@dataclass
+class Rows:
+    """A table of ``ncols`` columns given as an iterable of (n_i, ncols) parts, written
+    to the result part by part (a large scan's peak table is never whole in memory)."""
+
+    parts: Iterable
+    ncols: int
+    dtype: object = np.float32
+
+
+def _write_rows(group, name: str, rows: Rows, chunk_bytes: int = 16 * 2**20) -> None:
+    """Write ``rows`` in whole chunks of ~``chunk_bytes`` (a part that ends inside a
+    chunk waits in a buffer for the next: appending to a chunk would rewrite it)."""
+    dtype = np.dtype(rows.dtype)
+    chunk = max(1, chunk_bytes // (rows.ncols * dtype.itemsize))
+    arr = create_array(group, name, (0, rows.ncols), dtype, chunks=(chunk, rows.ncols))
+    buf, held = [], 0
+
+    def flush(table):
+        n = arr.shape[0]
+        arr.resize((n + len(table), rows.ncols))
+        arr[n:n + len(table)] = table
+
+    for part in rows.parts:
+        part = np.asarray(part, dtype=dtype).reshape(-1, rows.ncols)
+        buf.append(part)
+        held += len(part)
+        if held >= chunk:
+            table = np.concatenate(buf)
+            whole = (held // chunk) * chunk
+            flush(table[:whole])
+            buf, held = [table[whole:]], held - whole
+    if held:
+        flush(np.concatenate(buf))
 
 
 def _jsonable(o):
