@@ -35,7 +35,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["reusing_heap", "task_reusing_heap"]
+__all__ = ["reusing_heap", "task_reusing_heap", "return_free_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -115,6 +115,18 @@ def reusing_heap() -> Iterator[None]:
             if _active == 0:
                 _set(_M_MMAP_THRESHOLD, _process_setting("MALLOC_MMAP_THRESHOLD_"))
                 _set(_M_TRIM_THRESHOLD, _process_setting("MALLOC_TRIM_THRESHOLD_"))
+                _libc.malloc_trim(0)
+
+
+def return_free_heap() -> None:
+    """Hand the free heap back to the OS (``malloc_trim``), between the stages of a
+    workflow in the client. The client's glibc runs with dynamic thresholds: once a
+    large array is freed, arrays up to 32 MB come from the heap, and the holes the
+    gathered chunks and the merging's temporaries leave would otherwise stay resident
+    (a 512 x 512 scan's client: ~700 MB more at the end of the run)."""
+    if _libc is not None:
+        with _lock:
+            if _active == 0:
                 _libc.malloc_trim(0)
 
 

@@ -69,7 +69,7 @@ from .config import check_range
 from .errors import ClusterError, InputError, ParameterError
 
 __all__ = [
-    "client_for", "compute", "persist_with_progress", "local_scheduler", "set_progress",
+    "client_for", "compute", "store", "persist_with_progress", "local_scheduler", "set_progress",
     "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
     "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "MALLOC_MIN_WORKER_MEMORY",
     "worker_environ",
@@ -765,6 +765,37 @@ def compute(*collections, label: str, n_patterns: int | None = None, client=None
         for f in futures:
             f.release()
     return tuple(out)
+
+
+def store(source, target, *, label: str, n_patterns: int | None = None, client=None) -> None:
+    """Write dask array ``source`` into ``target`` (a zarr array of the same shape), one
+    task per chunk, with a progress bar; nothing comes back to the client.
+
+    ``da.store(..., compute=False)`` returns an array whose chunks, computed one by one
+    (as :func:`compute` does), carry the stored data back: a whole data set in the client.
+
+    ``target``'s chunks must tile ``source``'s (every chunk boundary of ``source`` on a
+    chunk boundary of ``target``), so that no two tasks write into one stored chunk.
+    """
+    _check_label(label, n_patterns)
+    if tuple(source.shape) != tuple(target.shape):
+        raise InputError(f"cannot store an array of shape {tuple(source.shape)} into one of "
+                         f"shape {tuple(target.shape)}")
+    offsets = [np.cumsum((0,) + tuple(c)) for c in source.chunks]
+    for d, (o, step) in enumerate(zip(offsets, target.chunks)):
+        if np.any(o[1:-1] % step):
+            raise InputError(f"chunks {source.chunks[d]} along axis {d} do not tile the target's "
+                             f"chunks of {step}: tasks would write into one stored chunk")
+    tasks = []
+    for pos, block in zip(np.ndindex(*source.numblocks), source.to_delayed().ravel()):
+        region = tuple(slice(int(o[p]), int(o[p + 1])) for o, p in zip(offsets, pos))
+        tasks.append(dask.delayed(_store_chunk, pure=False)(block, target, region))
+    if tasks:
+        compute(*tasks, label=label, n_patterns=n_patterns, client=client)
+
+
+def _store_chunk(block, target, region) -> None:
+    target[region] = block
 
 
 def _is_chunked_array(c) -> bool:

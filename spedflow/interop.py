@@ -77,8 +77,7 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         root = zarr.open_group(str(tmp), mode="w")
         z = create_array(root, DATA, arr.shape, arr.dtype, chunks=chunks)
         from . import cluster
-        cluster.compute(da.store(arr, z, lock=False, compute=False), label="write store",
-                        n_patterns=int(arr.shape[0] * arr.shape[1]))
+        cluster.store(arr, z, label="write store", n_patterns=int(arr.shape[0] * arr.shape[1]))
         root.attrs["spedflow"] = {**meta, "complete": True}
     return Path(dest)
 

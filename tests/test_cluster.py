@@ -252,6 +252,43 @@ def test_assemble_gathers_in_batches(processes):
             assert all(f._cleared for f in futures)  # released as copied
 
 
+def _store_target(tmp_path, shape, chunks):
+    import zarr
+    g = zarr.open_group(str(tmp_path / "t.zarr"), mode="w")
+    return g.create_array("x", shape=shape, chunks=chunks, dtype="f8")
+
+
+def test_store_writes_every_chunk_and_brings_nothing_back(processes, tmp_path):
+    """cluster.store on real workers: the target holds the source, and the client's
+    memory does not hold it (da.store(compute=False), computed chunk by chunk, did)."""
+    import psutil
+
+    from spedflow.cluster import store
+    a = np.random.default_rng(3).random((64, 48, 128))  # 3 MB
+    x = da.from_array(a, chunks=(16, 24, 128)) + 1
+    target = _store_target(tmp_path, a.shape, (16, 24, 128))
+    with client_for(processes.address, quiet=True):
+        rss = psutil.Process().memory_info().rss
+        big = da.zeros((2048, 4096), chunks=(256, 4096), dtype="f8") + 1  # 64 MB
+        store(big, _store_target(tmp_path / "big", big.shape, (256, 4096)), label="big")
+        assert psutil.Process().memory_info().rss - rss < 48 * 2**20
+        store(x, target, label="small")
+    np.testing.assert_array_equal(target[...], a + 1)
+
+
+def test_store_local_and_its_errors(tmp_path):
+    from spedflow.cluster import store
+    a = np.arange(6 * 10, dtype="f8").reshape(6, 10)
+    x = da.from_array(a, chunks=(2, 5))
+    target = _store_target(tmp_path, a.shape, (2, 5))
+    store(x, target, label="local")
+    np.testing.assert_array_equal(target[...], a)
+    with pytest.raises(InputError, match="shape"):
+        store(x, _store_target(tmp_path / "s", (6, 9), (2, 5)), label="s")
+    with pytest.raises(InputError, match="do not tile"):  # two tasks would share chunks
+        store(x, _store_target(tmp_path / "c", a.shape, (4, 5)), label="c")
+
+
 def test_compute_distributed_matches_dask(processes, capsys):
     cols = _collections()
     expected = dask.compute(*cols, scheduler="synchronous")

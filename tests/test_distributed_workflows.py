@@ -264,21 +264,25 @@ def test_interrupted_local_run_resumes(store, reference, tmp_path):
 # ----------------------------------------------------------------------- 4. late parameter
 
 def test_late_parameter_change_reuses_earlier_stages(store, reference, tmp_path):
-    """``--set watershed.min_size=12`` reruns only watershed and merge."""
+    """``--set watershed.min_size=12`` reruns only watershed and merge: one new
+    watershed stage (the labels of the new parameter), nothing earlier rewritten."""
     from spedflow.segment import WatershedParams, watershed_stack
 
     ref = Path(reference["vdf"])
     cache = tmp_path / "cache"
     shutil.copytree(str(ref) + ".cache", cache)  # a private copy of the finished stages
     stages = _stage_dirs(cache)
-    assert {n.split("-")[0] for n in stages} == {"radius", "counts", "beam_peaks", "peaks", "vdf"}
+    assert {n.split("-")[0] for n in stages} == {"radius", "counts", "beam_peaks", "peaks", "vdf",
+                                                "watershed"}
     before = _mtimes(p for d in stages.values() for p in d.rglob("*"))
 
     out = tmp_path / "vdf.zarr"
     text = _run_cli(_segment_args(store, "vdf", out, "--no-cluster", "-v", "--cache", cache,
                                   "--set", "watershed.min_size=12"), tmp_path / "cli.log")
-    # no stage directory was added, nothing in the existing ones was rewritten
-    assert _stage_dirs(cache) == stages
+    # one watershed stage was added, nothing in the existing ones was rewritten
+    added = set(_stage_dirs(cache)) - set(stages)
+    assert len(added) == 1 and added.pop().startswith("watershed-")
+    assert set(stages) <= set(_stage_dirs(cache))
     assert _mtimes(before) == before
     for name in ("beam_peaks", "vdf"):
         assert f"stage {name} ..." not in text

@@ -86,3 +86,40 @@ def test_nested_and_failing_tasks_restore_the_count():
     assert _heap.task_reusing_heap(sum)([1, 2, 3]) == 6
     assert _heap.task_reusing_heap(sum).__name__ == "sum"
     assert _heap._active == 0
+
+
+_FRAGMENTED = textwrap.dedent("""
+    import json
+    import numpy as np
+    from spedflow import _heap
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    a = np.ones(2**22, np.float32)  # a freed 16 MB array: glibc's dynamic threshold rises
+    del a
+    out = {"rss_before": rss()}
+    big, pins = [], []
+    for _ in range(200):  # 1 MB arrays from the heap, each pinned in place by a small one
+        big.append(np.ones(2**18, np.float32))
+        pins.append(np.ones(100))
+    out["rss_full"] = rss()
+    del big
+    out["rss_freed"] = rss()
+    _heap.return_free_heap()
+    out["rss_returned"] = rss()
+    print(json.dumps(out))
+""")
+
+
+def test_free_heap_between_stages_is_returned_to_the_os():
+    """The client between stages: freed arrays between live small ones stay resident
+    until :func:`spedflow._heap.return_free_heap`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    res = subprocess.run([sys.executable, "-c", _FRAGMENTED], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rss_full"] - out["rss_before"] > 190 * 2**20
+    assert out["rss_freed"] - out["rss_before"] > 150 * 2**20  # kept by the allocator
+    assert out["rss_returned"] - out["rss_before"] < 20 * 2**20

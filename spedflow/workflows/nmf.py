@@ -90,8 +90,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             from ..io import create_array
             z = create_array(zarr.open_group(str(target), mode="w"), "x", blocks3.shape,
                              np.float32, chunks=tuple(c[0] for c in blocks3.chunks))
-            cluster.compute(da.store(blocks3, z, lock=False, compute=False),
-                            label="normalise", n_patterns=ny * nx)
+            cluster.store(blocks3, z, label="normalise", n_patterns=ny * nx)
             st_matrix.mark_complete()
     matrix, order = _block_major(target)
     # Scree and NMF make many passes over the matrix: where it fits comfortably in the

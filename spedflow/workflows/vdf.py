@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 
 from .. import cluster
+from .._heap import return_free_heap
 from ..errors import InputError
 from ..peaks import PeakParams, VectorParams
 from ..preprocess import PreprocessParams
@@ -249,6 +250,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     beam, hist, mean_dog, st_scan, glare, n_peaks = _beam_peaks_stage(
         plan, data, prep, pk, vp, cache, timer, counts, clip)
 
+    return_free_heap()  # what pass 1's finalize freed
+
     def past_the_beam(vp, spot):
         """``vp`` with the default beam exclusion: the beam keeps its own size; a clipped
         glare holds no diffraction, and the peak finder takes the steps of its moving
@@ -305,6 +308,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     else:
         images = st_vdf.load("images")
     # from here on the client holds the image stack once; the labels stay on disk
+    return_free_heap()
 
     # watershed of every VDF image, each image a task that reads its image from the
     # stage cache and writes its labels there: shipping the stack inside the graph puts
@@ -316,11 +320,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             stack = da.from_zarr(st_vdf.group("r")["images"]).rechunk((1, ny, nx))
             target = create_array(st_ws.group(), "labels", stack.shape, np.int32,
                                   chunks=(1, ny, nx), overwrite=True)
-            cluster.compute(da.store(watershed_stack(stack, cfg.watershed), target, lock=False,
-                                     compute=False), label="watershed")
+            cluster.store(watershed_stack(stack, cfg.watershed), target, label="watershed")
             st_ws.mark_complete()
         labels = st_ws.group("r")["labels"]
         segments, source = segments_from_labels(images, labels, sparse=True)
+        return_free_heap()
     log.info("%d VDF image segments", segments.shape[0])
 
     with timer("merge"):
@@ -344,6 +348,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
 
+    return_free_heap()
     paths = sorted((st_scan.path / "blocks").glob("*.npz"))
     # streamed block by block into the result (5.96 M peaks, 119 MB, on a 512 x 512 scan)
     peaks_table = Rows(_aligned_tables(paths, beam.measured, beam.used, (ky, kx),
