@@ -755,11 +755,11 @@ def compute(*collections, label: str, n_patterns: int | None = None, client=None
         # chunk by chunk into one preallocated array, each chunk's future released once
         # copied: the client then holds the result once (np.block of the gathered
         # chunks held it three times), and the workers drop their chunks as it fills
+        whole = [(i, start) for i, start, n in spans if n is None]
+        for (i, _), value in zip(whole, cl.gather([futures[start] for _, start in whole])):
+            out[i] = value
         for i, start, n in spans:
-            if n is None:
-                out[i] = futures[start].result()
-                futures[start].release()
-            else:
+            if n is not None:
                 out[i] = _assemble(collections[i], futures[start:start + n])
     finally:
         for f in futures:

@@ -576,7 +576,8 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
             elif isinstance(value, da.Array):
                 arr = create_array(grp, leaf, value.shape, value.dtype,
                                    chunks=tuple(c[0] for c in value.chunks) if value.size else None)
-                da.store(value, arr, lock=False, compute=True)
+                if value.size:  # from the workers, chunk by chunk
+                    cluster.store(value, arr, label=f"write {name}")
             else:
                 value = np.asarray(value)
                 chunks = _result_chunks(value)

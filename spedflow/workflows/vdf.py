@@ -23,12 +23,12 @@ import numpy as np
 from .. import cluster
 from .._heap import return_free_heap
 from ..errors import InputError
+from ..io import create_array
 from ..peaks import PeakParams, VectorParams
 from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block
-from ..io import create_array
 from ._common import Plan, Rows, Timer, binned, run_blocks, total, write_result
 
 log = logging.getLogger("spedflow")
