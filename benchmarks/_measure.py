@@ -70,6 +70,7 @@ class TreeSampler:
         self.proc = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
+        self.peak_root = 0  # the process started itself (the client of a workflow run)
         self.samples = 0
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
@@ -78,6 +79,10 @@ class TreeSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss(self.proc, self.cpu))
+            try:
+                self.peak_root = max(self.peak_root, self.proc.memory_info().rss)
+            except psutil.Error:
+                pass
             self.samples += 1
             self._stop.wait(self.interval)
 
@@ -101,7 +106,7 @@ def run_tree(cmd: list[str], *, interval: float = 0.2, timeout: float | None = N
     Returns
     -------
     dict with ``wall_s`` (s), ``cpu_s`` (user + system CPU seconds of the tree; on a
-    shared, loaded machine this is the load-robust measure of work), ``peak_rss_bytes``, ``rss_samples``, ``returncode``,
+    shared, loaded machine this is the load-robust measure of work), ``peak_rss_bytes``, ``peak_root_rss_bytes`` (of the process started alone), ``rss_samples``, ``returncode``,
     ``stdout``, ``stderr`` (text) and ``cmd`` (the command as one shell-quoted string).
     """
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -124,7 +129,8 @@ def run_tree(cmd: list[str], *, interval: float = 0.2, timeout: float | None = N
     reaped_cpu = ru.ru_utime + ru.ru_stime - ru0
     return {"cmd": " ".join(_quote(c) for c in cmd), "wall_s": round(wall, 3),
             "cpu_s": round(max(reaped_cpu, sampler.cpu_seconds), 2),
-            "peak_rss_bytes": int(sampler.peak), "rss_samples": sampler.samples,
+            "peak_rss_bytes": int(sampler.peak), "peak_root_rss_bytes": int(sampler.peak_root),
+            "rss_samples": sampler.samples,
             "returncode": proc.returncode, "stdout": out, "stderr": err}
 
 

@@ -69,7 +69,7 @@ def ensure_store(path: str | Path, scan: int, detector: int, *, seed: int = 0,
 
 def _slim(rec: dict) -> dict:
     """A run record without the bulky fields (for scaling tables)."""
-    keep = ("method", "returncode", "wall_s", "cpu_s", "peak_rss_mb", "rss_samples", "patterns",
+    keep = ("method", "returncode", "wall_s", "cpu_s", "peak_rss_mb", "peak_client_rss_mb", "rss_samples", "patterns",
             "nav_binning", "timings", "stage_sum_s", "overhead_s", "patterns_per_s", "quality",
             "cmd", "segment_args", "load_avg_before", "load_avg_after", "error", "counts")
     return {k: rec[k] for k in keep if k in rec}
@@ -98,7 +98,8 @@ def weak_scaling(stores: list[dict], methods, *, work: Path, segment_args=(),
                 row["ratio_to_io_floor"] = round(rec["wall_s"] / fl["seconds"], 2)
             rows.append(row)
             print(f"[weak] {m} scan {row['scan']} ({row['gb']:.3f} GB): {row['wall_s']:.1f} s, "
-                  f"{row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                  f"{row['peak_rss_mb']:.0f} MB (client {row.get('peak_client_rss_mb', 0):.0f} MB)",
+                  file=sys.stderr, flush=True)
     return rows
 
 

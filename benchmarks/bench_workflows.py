@@ -59,7 +59,8 @@ def run_segment(store: str | Path, method: str, out: str | Path, *,
     Returns
     -------
     dict: ``wall_s``, ``cpu_s`` (CPU seconds of the process tree: robust to other work
-    on a shared machine, unlike wall time), ``peak_rss_mb``, ``timings`` (s per stage), ``stage_sum_s``,
+    on a shared machine, unlike wall time), ``peak_rss_mb`` (whole process tree), ``peak_client_rss_mb`` (the spedflow process
+    alone: with a local cluster, the client), ``timings`` (s per stage), ``stage_sum_s``,
     ``overhead_s`` (wall minus the stages: interpreter start, imports, cluster start and
     writing the result), ``patterns_per_s`` per stage and ``end_to_end``, ``counts``,
     ``quality`` and the exact command.
@@ -77,6 +78,7 @@ def run_segment(store: str | Path, method: str, out: str | Path, *,
            "segment_args": list(segment_args), "returncode": run["returncode"],
            "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
            "peak_rss_mb": round(run["peak_rss_bytes"] / 1e6, 1),
+           "peak_client_rss_mb": round(run["peak_root_rss_bytes"] / 1e6, 1),
            "rss_samples": run["rss_samples"], "load_avg_before": load0,
            "load_avg_after": M.load_avg()}
     if run["returncode"] != 0:

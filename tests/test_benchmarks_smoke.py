@@ -38,6 +38,8 @@ def test_run_tree_sees_children_memory():
     assert run["returncode"] == 0
     assert run["peak_rss_bytes"] > 200e6
     assert run["rss_samples"] >= 3
+    # the process started itself holds none of it
+    assert 0 < run["peak_root_rss_bytes"] < 150e6
 
 
 def test_io_floor_reads_everything(tmp_path):
@@ -79,6 +81,7 @@ def test_suite_smoke(tmp_path):
     vdf = wf["runs"]["vdf"]
     assert vdf["returncode"] == 0, vdf.get("error")
     assert vdf["patterns"] == 144 and vdf["peak_rss_mb"] > 0
+    assert 0 < vdf["peak_client_rss_mb"] <= vdf["peak_rss_mb"]
     assert set(vdf["timings"]) <= set(vdf["patterns_per_s"])
     assert vdf["ratio_to_io_floor"]["end_to_end"] > 0
     assert 0 <= vdf["quality"]["recall"] <= 1
