@@ -768,8 +768,9 @@ def compute(*collections, label: str, n_patterns: int | None = None, client=None
 
 
 def store(source, target, *, label: str, n_patterns: int | None = None, client=None) -> None:
-    """Write dask array ``source`` into ``target`` (a zarr array of the same shape), one
-    task per chunk, with a progress bar; nothing comes back to the client.
+    """Write dask array ``source`` into ``target`` (a zarr array of the same shape), each
+    chunk by the task that computes it, with a progress bar; nothing comes back to the
+    client.
 
     ``da.store(..., compute=False)`` returns an array whose chunks, computed one by one
     (as :func:`compute` does), carry the stored data back: a whole data set in the client.
@@ -781,21 +782,24 @@ def store(source, target, *, label: str, n_patterns: int | None = None, client=N
     if tuple(source.shape) != tuple(target.shape):
         raise InputError(f"cannot store an array of shape {tuple(source.shape)} into one of "
                          f"shape {tuple(target.shape)}")
-    offsets = [np.cumsum((0,) + tuple(c)) for c in source.chunks]
-    for d, (o, step) in enumerate(zip(offsets, target.chunks)):
-        if np.any(o[1:-1] % step):
-            raise InputError(f"chunks {source.chunks[d]} along axis {d} do not tile the target's "
-                             f"chunks of {step}: tasks would write into one stored chunk")
-    tasks = []
-    for pos, block in zip(np.ndindex(*source.numblocks), source.to_delayed().ravel()):
-        region = tuple(slice(int(o[p]), int(o[p + 1])) for o, p in zip(offsets, pos))
-        tasks.append(dask.delayed(_store_chunk, pure=False)(block, target, region))
-    if tasks:
-        compute(*tasks, label=label, n_patterns=n_patterns, client=client)
+    for d, (c, step) in enumerate(zip(source.chunks, target.chunks)):
+        if np.any(np.cumsum(c)[:-1] % step):
+            raise InputError(f"chunks {c} along axis {d} do not tile the target's chunks of "
+                             f"{step}: tasks would write into one stored chunk")
+    if source.size == 0:
+        return
+    # one 1-element mark per chunk: the write is part of the task that makes the chunk
+    # (dask fuses it with the chunk's blockwise producers), so no chunk waits in a
+    # worker's memory for a separate store task
+    marks = source.map_blocks(_store_chunk, target=target, dtype=np.int8,
+                              chunks=tuple((1,) * len(c) for c in source.chunks),
+                              meta=np.empty((0,) * source.ndim, np.int8))
+    compute(marks, label=label, n_patterns=n_patterns, client=client)
 
 
-def _store_chunk(block, target, region) -> None:
-    target[region] = block
+def _store_chunk(block, target=None, block_info=None):
+    target[tuple(slice(a, b) for a, b in block_info[0]["array-location"])] = block
+    return np.ones((1,) * block.ndim, np.int8)
 
 
 def _is_chunked_array(c) -> bool:

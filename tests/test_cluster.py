@@ -283,6 +283,9 @@ def test_store_local_and_its_errors(tmp_path):
     target = _store_target(tmp_path, a.shape, (2, 5))
     store(x, target, label="local")
     np.testing.assert_array_equal(target[...], a)
+    one = _store_target(tmp_path / "one", a.shape, a.shape)
+    store(da.from_array(a, chunks=-1) * 2, one, label="one chunk")
+    np.testing.assert_array_equal(one[...], a * 2)
     with pytest.raises(InputError, match="shape"):
         store(x, _store_target(tmp_path / "s", (6, 9), (2, 5)), label="s")
     with pytest.raises(InputError, match="do not tile"):  # two tasks would share chunks

@@ -574,10 +574,11 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
             if isinstance(value, Rows):
                 _write_rows(grp, leaf, value)
             elif isinstance(value, da.Array):
-                arr = create_array(grp, leaf, value.shape, value.dtype,
-                                   chunks=tuple(c[0] for c in value.chunks) if value.size else None)
-                if value.size:  # from the workers, chunk by chunk
-                    cluster.store(value, arr, label=f"write {name}")
+                chunks = tuple(c[0] for c in value.chunks) if value.size else None
+                arr = create_array(grp, leaf, value.shape, value.dtype, chunks=chunks)
+                if value.size:  # from the workers, chunk by chunk (regular chunks: one
+                    # task per stored chunk)
+                    cluster.store(value.rechunk(chunks), arr, label=f"write {name}")
             else:
                 value = np.asarray(value)
                 chunks = _result_chunks(value)
