@@ -23,7 +23,7 @@ from .._version import __version__
 from ..config import params_to_dict
 from ..errors import InputError, ParameterError
 from ..io import atomic_store, check_destination, create_array, open_input
-from ._cache import StageCache
+from ._cache import StageCache, write_slabs
 
 log = logging.getLogger("spedflow")
 
@@ -581,14 +581,9 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
                     cluster.store(value.rechunk(chunks), arr, label=f"write {name}")
             else:
                 value = np.asarray(value)
-                chunks = _result_chunks(value)
-                arr = create_array(grp, leaf, value.shape, value.dtype, chunks=chunks)
-                if value.ndim == 0:
-                    arr[...] = value
-                elif value.size:  # ~32 MB at a time: zarr holds what it encodes at once
-                    rows = chunks[0] * max(1, (32 * 2**20) // max(1, value[:chunks[0]].nbytes))
-                    for s in range(0, value.shape[0], rows):
-                        arr[s:s + rows] = value[s:s + rows]
+                arr = create_array(grp, leaf, value.shape, value.dtype,
+                                   chunks=_result_chunks(value))
+                write_slabs(arr, value)
         meta = {
             "kind": "result", "method": method, "version": __version__,
             "input": plan.store, "input_meta": plan.meta,
