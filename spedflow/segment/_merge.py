@@ -247,14 +247,55 @@ def _mask_overlaps(result: MergeResult) -> tuple[np.ndarray, np.ndarray, np.ndar
     return masks, masks.sum(axis=1), (m_sp @ m_sp.T).toarray()
 
 
-def _check_images(result: MergeResult, images) -> np.ndarray:
+class _Images:
+    """The VDF images of all vectors, (N, Y, X): a NumPy array, or an array read one
+    image at a time (a zarr array chunked an image per chunk, as the workflow's stage
+    cache holds them), so the merging steps never need the whole stack in memory.
+    Images read are kept up to ``cache_bytes``, the most recently used first."""
+
+    def __init__(self, images, cache_bytes: int = 64 * 2**20):
+        self._arr = images
+        self.shape = tuple(int(s) for s in images.shape)
+        self._in_memory = isinstance(images, np.ndarray)
+        self._cache: dict[int, np.ndarray] = {}
+        self._keep = max(1, cache_bytes // max(1, 4 * math.prod(self.shape[1:])))
+
+    def image(self, v) -> np.ndarray:
+        """Image ``v`` (Y, X), floating point."""
+        v = int(v)
+        if self._in_memory:
+            im = self._arr[v]
+        else:
+            im = self._cache.pop(v, None)
+            if im is None:
+                im = np.asarray(self._arr[v])
+            self._cache[v] = im  # most recent last
+            if len(self._cache) > self._keep:
+                del self._cache[next(iter(self._cache))]
+        return im if np.issubdtype(im.dtype, np.floating) else im.astype(np.float32)
+
+    def flat(self, v) -> np.ndarray:
+        """Image ``v`` as a row (Y * X,)."""
+        return self.image(v).reshape(-1)
+
+    def sum_of(self, vs) -> np.ndarray:
+        """The images ``vs`` summed in float64, as a row (Y * X,) (added in the order
+        given, as ``stack[vs].sum(axis=0, dtype=np.float64)`` adds them)."""
+        acc = np.zeros(math.prod(self.shape[1:]))
+        for v in vs:
+            acc += self.flat(v)
+        return acc
+
+
+def _check_images(result: MergeResult, images) -> _Images:
     """The VDF images of all of ``result``'s vectors, (N, Y, X) like its segments."""
-    images = np.asarray(images)
-    if images.ndim != 3 or images.shape[0] != len(result.vectors) \
-            or images.shape[1:] != result.summed.shape[1:]:
+    if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+        images = np.asarray(images)
+    if len(images.shape) != 3 or images.shape[0] != len(result.vectors) \
+            or tuple(images.shape[1:]) != result.summed.shape[1:]:
         raise InputError(f"`images` must have shape ({len(result.vectors)}, "
-                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {images.shape}")
-    return images
+                         f"{', '.join(map(str, result.summed.shape[1:]))}); got {tuple(images.shape)}")
+    return _Images(images)
 
 
 def fold_fragments(result: MergeResult, images: np.ndarray,
@@ -291,7 +332,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     ----------
     result : MergeResult
         From :func:`merge_vdf_segments`.
-    images : (N, Y, X) array_like
+    images : (N, Y, X) array, or zarr array (read an image at a time)
         The VDF images of all vectors (``result.vectors``), same scan shape.
     params : VDFMergeParams, optional
 
@@ -304,15 +345,11 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     """
     params = VDFMergeParams() if params is None else params
     images = _check_images(result, images)
-    if not np.issubdtype(images.dtype, np.floating):
-        images = images.astype(np.float32)
     n = len(result.summed)
     if n < 2 or params.fragment_containment > 1:
         return result
     masks, area, inter = _mask_overlaps(result)  # masks do not change when folding
-    flat = images.reshape(images.shape[0], -1)
-    profile = np.stack([flat[m].sum(axis=0, dtype=np.float64).astype(np.float32)
-                        for m in result.members])  # (n, P)
+    profile = np.stack([images.sum_of(m).astype(np.float32) for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
     segs = list(result.segment_members)
@@ -331,7 +368,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         for v, i in members[a].items():
             members[best][v] = members[best].get(v, 0.0) + i
         segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
-        profile[best] = flat[sorted(members[best])].sum(axis=0, dtype=np.float64)
+        profile[best] = images.sum_of(sorted(members[best]))
         alive[a] = False
     keep = [i for i in range(n) if alive[i]]
     if len(keep) == n:
@@ -381,7 +418,7 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
     ----------
     result : MergeResult
         From :func:`merge_vdf_segments` (or :func:`drop_radial_pairs`).
-    images : (N, Y, X) array_like
+    images : (N, Y, X) array, or zarr array (read an image at a time)
         The VDF images of all vectors (``result.vectors``).
     params : VDFMergeParams, optional
 
@@ -397,12 +434,11 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
         return result
     masks, area, inter = _mask_overlaps(result)
     n_vec = np.array([m.size for m in result.members])
-    flat = images.reshape(images.shape[0], -1)
     summed = [None] * n  # each group's vectors' images, summed (when first needed)
 
     def image_of(g):
         if summed[g] is None:
-            summed[g] = flat[result.members[g]].sum(axis=0, dtype=np.float64)
+            summed[g] = images.sum_of(result.members[g])
         return summed[g]
 
     covers = {}
@@ -435,7 +471,7 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
                 continue
             for v in result.members[a].tolist():
                 if v not in members[b]:
-                    members[b][v] = float(flat[v][masks[b]].sum(dtype=np.float64))
+                    members[b][v] = float(images.flat(v)[masks[b]].sum(dtype=np.float64))
     keep = [i for i in range(n) if i not in covers]
     mem = tuple(np.array(sorted(members[i]), dtype=np.int64) for i in keep)
     inten = tuple(np.array([members[i][v] for v in sorted(members[i])], dtype=np.float64)
@@ -469,7 +505,7 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
     ----------
     result : MergeResult
         From :func:`merge_vdf_segments`.
-    images : (N, Y, X) array_like
+    images : (N, Y, X) array, or zarr array (read an image at a time)
         The VDF images of all vectors (``result.vectors``).
     params : VDFMergeParams, optional
     radius : float
@@ -497,8 +533,8 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
         if mates.size == 0:  # nothing to compare with
             keep.append(i)
             continue
-        own = min(_contrast(images[v], mask) for v in mem)
-        ring = float(np.median([_contrast(images[v], mask) for v in mates]))
+        own = min(_contrast(images.image(v), mask) for v in mem)
+        ring = float(np.median([_contrast(images.image(v), mask) for v in mates]))
         if own >= params.friedel_ring_contrast * ring:
             keep.append(i)
     if len(keep) == n:

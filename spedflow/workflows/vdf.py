@@ -301,14 +301,17 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             else:
                 images = vdfl.vdf_images(pre.preprocess(data, beam.used, prep), vectors,
                                          vd.radius, subpixel=vd.subpixel)
-            (images,) = cluster.compute(images, label="VDF images", n_patterns=ny * nx)
-            images = images.astype(np.float32, copy=False)
-            st_vdf.save("images", images, chunks=(1, ny, nx))  # one image per chunk
+            # the workers write the stack, one image per stored chunk (what the watershed
+            # and the merging read); the pass's blocks hold all vectors of a patch of the
+            # scan, so they are regrouped in the workers' memory into slabs of whole
+            # images first. Nothing of the stack comes to the client.
+            target = create_array(st_vdf.group(), "images", images.shape, np.float32,
+                                  chunks=(1, ny, nx), overwrite=True)
+            cluster.store(images.astype(np.float32).rechunk((_slab(ny * nx * 4), ny, nx)),
+                          target, label="VDF images", n_patterns=ny * nx)
             st_vdf.mark_complete()
-    else:
-        images = st_vdf.load("images")
-    # from here on the client holds the image stack once; the labels stay on disk
-    return_free_heap()
+    # from here on the image stack stays on disk: the client reads an image when it needs it
+    images = st_vdf.group("r")["images"]
 
     # watershed of every VDF image, each image a task that reads its image from the
     # stage cache and writes its labels there: shipping the stack inside the graph puts
@@ -357,9 +360,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "segments/maps": merged.summed.astype(np.float32),
         "segments/patterns": patterns.astype(np.float32),
         "vectors": vectors.astype(np.float32),
-        "vdf/images": images,
+        "vdf/images": da.from_zarr(images).rechunk((_slab(ny * nx * 4), ny, nx)),
         # streamed from the stage cache, ~16 MB per chunk like the result's other stacks
-        "vdf/labels": da.from_zarr(labels).rechunk((max(1, 2**22 // (ny * nx)), ny, nx)),
+        "vdf/labels": da.from_zarr(labels).rechunk((_slab(ny * nx * 4), ny, nx)),
         "vdf/segment_vectors": table,
         "vdf/segment_intensities": inten,
         "peaks": peaks_table,
@@ -385,6 +388,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
+
+
+def _slab(image_bytes: int) -> int:
+    """Images per ~16 MB slab of an image stack."""
+    return max(1, 2**24 // image_bytes)
 
 
 def _aligned_tables(paths, measured, used, detector_shape, border):
