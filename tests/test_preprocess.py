@@ -426,6 +426,24 @@ def test_spot_scale_measures_the_radius_of_disc_spots(radius):
     assert spot_scale(frames, np.full((20, 2), 32.0), exclude=8) == pytest.approx(radius, rel=0.1)
 
 
+def test_profile_and_clip_test_skip_patterns_without_a_centre():
+    """Patterns whose beam was not found count for nothing: the same answers as on the
+    others alone (both work on the stack in place, a batch at a time)."""
+    from spedflow.preprocess.kernels import beam_saturated
+    rng = np.random.default_rng(12)
+    shape = (48, 48)
+    c = 24 + rng.uniform(-2, 2, (150, 2))  # more than one batch
+    z = rng.poisson(np.stack([disc(shape, cc, 3, 50) for cc in c]) + 1).astype(np.float32)
+    lost = rng.random(150) < 0.3
+    c_lost = c.copy()
+    c_lost[lost] = np.nan
+    np.testing.assert_array_equal(kernels.beam_profile(z, c_lost), kernels.beam_profile(z[~lost], c[~lost]))
+    z8 = np.minimum(z, 40)  # clipped where the centres were found; unclipped elsewhere
+    z8[lost] = np.minimum(z[lost], 1)
+    assert beam_saturated(z8, c_lost)
+    assert not beam_saturated(z8, c)
+
+
 def test_beam_saturated_only_for_a_clipped_beam():
     from spedflow.preprocess.kernels import beam_saturated
     rng = np.random.default_rng(1)

@@ -630,16 +630,16 @@ def beam_profile(frames: np.ndarray, centres: np.ndarray,
     if max_radius is None:
         max_radius = min(ky, kx) / 4
     nbins = int(np.ceil(max_radius / PROFILE_BIN))
-    ok = np.isfinite(c).all(1)
-    stack, c = stack[ok], c[ok]
+    use = np.flatnonzero(np.isfinite(c).all(1))  # indexed a batch at a time: no copy of the stack
     out = np.zeros((3, nbins))
-    if len(stack) == 0:
+    if len(use) == 0:
         return out
     half = int(np.ceil(max_radius)) + 1
-    for s in range(0, len(stack), _BATCH):
-        cc = c[s:s + _BATCH]
+    for s in range(0, len(use), _BATCH):
+        sel = use[s:s + _BATCH]
+        cc = c[sel]
         base = np.rint(cc).astype(np.int64)
-        win, iy, ix, valid = _gather_windows(stack[s:s + _BATCH], base, half)
+        win, iy, ix, valid = _gather_windows(stack[sel], base, half)
         d = np.sqrt((iy - cc[:, 0:1])[:, :, None] ** 2 + (ix - cc[:, 1:2])[:, None, :] ** 2)
         b = (d / PROFILE_BIN).astype(np.int64)
         keep = valid & (b < nbins)
@@ -708,7 +708,8 @@ def beam_saturated(frames: np.ndarray, centres: np.ndarray, *, core: float = 1.5
     ky, kx = stack.shape[-2:]
     yy, xx = np.mgrid[:ky, :kx]
     hits = total = 0
-    for f, (cy, cx) in zip(stack[ok], c[ok]):
+    for i in np.flatnonzero(ok):  # not stack[ok]: a copy of the stack
+        f, (cy, cx) = stack[i], c[i]
         inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= core * core
         hits += int((f[inside] == top).sum())
         total += int(inside.sum())

@@ -491,8 +491,14 @@ def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
     """:func:`sample_beam_radius`, and the clipped value of :func:`beam_scales`."""
     from ..peaks.lazy import sample_blocks
     ky, kx = plan.array.shape[2:]
-    frames = [b.reshape(-1, ky, kx).astype(np.float32) for b in sample_blocks(plan.array)]
-    radius, clip = beam_scales(np.concatenate(frames))
+    blocks = [b.reshape(-1, ky, kx) for b in sample_blocks(plan.array)]  # the data's dtype
+    frames = np.empty((sum(len(b) for b in blocks), ky, kx), np.float32)
+    n = 0
+    while blocks:  # converted into one array, each block released once copied
+        b = blocks.pop(0)
+        frames[n:n + len(b)] = b
+        n += len(b)
+    radius, clip = beam_scales(frames)
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "
                          "set preprocess.beam_radius")
