@@ -30,6 +30,26 @@ def _valid_png(path: Path) -> None:
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
+def test_mem_timeline_attributes_memory_to_the_process_that_holds_it(tmp_path):
+    import mem_timeline
+    # the command itself holds ~200 MB, a child of it ~120 MB, at different times
+    code = ("import subprocess, sys, time, numpy as np; a = np.ones(25_000_000); time.sleep(1.0); "
+            "del a; subprocess.run([sys.executable, '-c', "
+            "'import numpy as np, time; b = np.ones(15_000_000); time.sleep(1.0)'])")
+    out = tmp_path / "t.json"
+    assert mem_timeline.main(["--json", str(out), "--every", "0.1", "--",
+                              sys.executable, "-c", code]) == 0
+    rec = json.loads(out.read_text())
+    peaks = {}
+    for _, snap in rec["rows"]:
+        for k, v in snap.items():
+            kind = k.split(":")[0]
+            peaks[kind] = max(peaks.get(kind, 0), v)
+    assert peaks["client"] > 200 and 120 < peaks["other"] < 200
+    with pytest.raises(SystemExit):
+        mem_timeline.main(["--json", str(out)])  # no command
+
+
 def test_run_tree_sees_children_memory():
     # a child that allocates ~200 MB in a grandchild: the tree sampler must see it
     code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
