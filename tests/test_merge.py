@@ -719,3 +719,25 @@ def test_image_reader_sums_like_numpy_and_keeps_a_bounded_cache(tmp_path):
     np.testing.assert_array_equal(im.image(3), images[3])
     # integer stacks come back as floating point
     assert _Images(np.arange(8).reshape(2, 2, 2)).image(1).dtype == np.float32
+
+
+def test_merging_computes_a_dask_stack_once():
+    """A dask stack (e.g. ``vdf.vdf_images`` not yet computed) is computed once, not once
+    per image read: each of its chunks may hold every image."""
+    import dask
+    import dask.array as da
+
+    segs, src, vectors, images, _, _ = _fragment_case()
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    calls = []
+
+    def counted(block):
+        calls.append(1)
+        return block
+
+    lazy = da.from_array(images, chunks=(10, 20, 20)).map_blocks(counted)
+    calls.clear()  # map_blocks tried the function on an empty block
+    with dask.config.set(scheduler="synchronous"):
+        _same_result(fold_fragments(merged, lazy, p), fold_fragments(merged, images, p))
+    assert len(calls) == 4  # the four chunks, each computed once

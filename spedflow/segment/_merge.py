@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import dask
 import numpy as np
 from scipy import sparse
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -251,14 +252,15 @@ class _Images:
     """The VDF images of all vectors, (N, Y, X): a NumPy array, or an array read one
     image at a time (a zarr array chunked an image per chunk, as the workflow's stage
     cache holds them), so the merging steps never need the whole stack in memory.
-    Images read are kept up to ``cache_bytes``, the most recently used first."""
+    Images read are kept up to ``cache_bytes``; the least recently used goes first."""
 
     def __init__(self, images, cache_bytes: int = 64 * 2**20):
         self._arr = images
         self.shape = tuple(int(s) for s in images.shape)
         self._in_memory = isinstance(images, np.ndarray)
         self._cache: dict[int, np.ndarray] = {}
-        self._keep = max(1, cache_bytes // max(1, 4 * math.prod(self.shape[1:])))
+        itemsize = np.dtype(getattr(images, "dtype", np.float64)).itemsize
+        self._keep = max(1, cache_bytes // max(1, itemsize * math.prod(self.shape[1:])))
 
     def image(self, v) -> np.ndarray:
         """Image ``v`` (Y, X), floating point."""
@@ -289,7 +291,9 @@ class _Images:
 
 def _check_images(result: MergeResult, images) -> _Images:
     """The VDF images of all of ``result``'s vectors, (N, Y, X) like its segments."""
-    if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+    if not hasattr(images, "shape") or not hasattr(images, "__getitem__") \
+            or dask.is_dask_collection(images):
+        # a dask stack is computed once: each of its chunks may hold every image
         images = np.asarray(images)
     if len(images.shape) != 3 or images.shape[0] != len(result.vectors) \
             or tuple(images.shape[1:]) != result.summed.shape[1:]:
