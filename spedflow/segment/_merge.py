@@ -34,6 +34,7 @@ from .._friedel import has_friedel_pair
 from ..config import check_range
 from ..errors import InputError, ParameterError
 from ._params import NMFMergeParams, VDFMergeParams
+from ._watershed import _stack
 
 __all__ = ["MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_shared_reflections",
            "fold_fragments", "virtual_patterns", "merge_components", "correlation_matrix"]
@@ -291,9 +292,9 @@ class _Images:
 
 def _check_images(result: MergeResult, images) -> _Images:
     """The VDF images of all of ``result``'s vectors, (N, Y, X) like its segments."""
-    if not hasattr(images, "shape") or not hasattr(images, "__getitem__") \
-            or dask.is_dask_collection(images):
-        # a dask stack is computed once: each of its chunks may hold every image
+    images = _stack(images)
+    if dask.is_dask_collection(images):
+        # computed once: each of a dask stack's chunks may hold every image
         images = np.asarray(images)
     if len(images.shape) != 3 or images.shape[0] != len(result.vectors) \
             or tuple(images.shape[1:]) != result.summed.shape[1:]:

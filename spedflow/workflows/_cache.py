@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -63,7 +64,7 @@ class Stage:
         array = np.asarray(array)
         g = self.group()
         arr = create_array(g, name, array.shape, array.dtype,
-                           chunks=_chunks_for(array) if chunks is None else chunks, overwrite=True)
+                           chunks=slab_chunks(array) if chunks is None else chunks, overwrite=True)
         write_slabs(arr, array)
 
     def load(self, name: str) -> np.ndarray:
@@ -96,13 +97,15 @@ def write_slabs(arr, array: np.ndarray, slab_bytes: int = 32 * 2**20) -> None:
         arr[s:s + rows] = array[s:s + rows]
 
 
-def _chunks_for(array: np.ndarray):
-    """At most ~16 MB per chunk, split along the first axis."""
-    if array.ndim == 0 or array.size == 0:
-        return tuple(max(1, s) for s in array.shape) or None
-    per_row = max(1, array[0].nbytes)
-    rows = max(1, min(array.shape[0], (16 * 2**20) // per_row))
-    return (rows, *array.shape[1:])
+def slab_chunks(array, chunk_bytes: int = 16 * 2**20):
+    """Chunks of at most ~``chunk_bytes``, split along the first axis, for ``array``
+    (anything with ``shape`` and ``dtype``: NumPy, zarr, dask; nothing is read)."""
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) == 0 or 0 in shape:
+        return tuple(max(1, s) for s in shape) or None
+    per_row = max(1, math.prod(shape[1:]) * np.dtype(array.dtype).itemsize)
+    rows = max(1, min(shape[0], chunk_bytes // per_row))
+    return (rows, *shape[1:])
 
 
 def save_block(path: Path, **arrays) -> None:

@@ -23,7 +23,7 @@ from .._version import __version__
 from ..config import params_to_dict
 from ..errors import InputError, ParameterError
 from ..io import atomic_store, check_destination, create_array, open_input
-from ._cache import StageCache, write_slabs
+from ._cache import StageCache, slab_chunks, write_slabs
 
 log = logging.getLogger("spedflow")
 
@@ -588,7 +588,7 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
             else:
                 value = np.asarray(value)
                 arr = create_array(grp, leaf, value.shape, value.dtype,
-                                   chunks=_result_chunks(value))
+                                   chunks=slab_chunks(value))
                 write_slabs(arr, value)
         meta = {
             "kind": "result", "method": method, "version": __version__,
@@ -648,11 +648,3 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-able: {type(o).__name__}")
-
-
-def _result_chunks(value: np.ndarray):
-    if value.ndim == 0 or value.size == 0:
-        return None
-    per = max(1, value[0].nbytes)
-    rows = max(1, min(value.shape[0], (16 * 2**20) // per))
-    return (rows, *value.shape[1:])

@@ -28,7 +28,7 @@ from ..peaks import PeakParams, VectorParams
 from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
-from ._cache import StageCache, load_block
+from ._cache import StageCache, load_block, slab_chunks
 from ._common import Plan, Rows, Timer, binned, run_blocks, total, write_result
 
 log = logging.getLogger("spedflow")
@@ -307,8 +307,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             # images first. Nothing of the stack comes to the client.
             target = create_array(st_vdf.group(), "images", images.shape, np.float32,
                                   chunks=(1, ny, nx), overwrite=True)
-            cluster.store(images.astype(np.float32).rechunk((_slab(ny * nx * 4), ny, nx)),
-                          target, label="VDF images", n_patterns=ny * nx)
+            images = images.astype(np.float32)
+            cluster.store(images.rechunk(slab_chunks(images)), target, label="VDF images",
+                          n_patterns=ny * nx)
             st_vdf.mark_complete()
     # from here on the image stack stays on disk: the client reads an image when it needs it
     images = st_vdf.group("r")["images"]
@@ -320,7 +321,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     st_ws = cache.stage("watershed", st_vdf.key, dataclasses.asdict(cfg.watershed))
     with timer("watershed"):
         if not st_ws.complete:
-            stack = da.from_zarr(st_vdf.group("r")["images"]).rechunk((1, ny, nx))
+            stack = da.from_zarr(images).rechunk((1, ny, nx))
             target = create_array(st_ws.group(), "labels", stack.shape, np.int32,
                                   chunks=(1, ny, nx), overwrite=True)
             cluster.store(watershed_stack(stack, cfg.watershed), target, label="watershed")
@@ -360,9 +361,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "segments/maps": merged.summed.astype(np.float32),
         "segments/patterns": patterns.astype(np.float32),
         "vectors": vectors.astype(np.float32),
-        "vdf/images": da.from_zarr(images).rechunk((_slab(ny * nx * 4), ny, nx)),
+        "vdf/images": da.from_zarr(images).rechunk(slab_chunks(images)),
         # streamed from the stage cache, ~16 MB per chunk like the result's other stacks
-        "vdf/labels": da.from_zarr(labels).rechunk((_slab(ny * nx * 4), ny, nx)),
+        "vdf/labels": da.from_zarr(labels).rechunk(slab_chunks(labels)),
         "vdf/segment_vectors": table,
         "vdf/segment_intensities": inten,
         "peaks": peaks_table,
@@ -388,11 +389,6 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
-
-
-def _slab(image_bytes: int) -> int:
-    """Images per ~16 MB slab of an image stack."""
-    return max(1, 2**24 // image_bytes)
 
 
 def _aligned_tables(paths, measured, used, detector_shape, border):
