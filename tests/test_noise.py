@@ -53,8 +53,13 @@ def test_ring_image_is_linear_in_radius(shape):
     r = _radius(shape)
     want = np.stack([np.interp(r, np.arange(rings.n_rings), p) for p in prof])
     np.testing.assert_allclose(rings.image(prof), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rings.image(prof, transposed=True), want.transpose(0, 2, 1),
-                               rtol=1e-5, atol=1e-6)
+    # the same profiles as the finder's radial units: looked up pixel by pixel
+    units = K.RadialUnits(prof[None], rings.j0, rings.j1, rings.f, shape)
+    assert units.shape == (1, 2) + shape
+    np.testing.assert_allclose(units.images()[0], want, rtol=1e-5, atol=1e-6)
+    p, y, x = (np.random.default_rng(2).integers(0, k, 50) for k in (2,) + shape)
+    np.testing.assert_allclose(units.at(0, p, y, x), want[p, y, x], rtol=1e-5, atol=1e-6)
+    assert np.all(units.floor(0)[:, None, None] <= want)
 
 
 def test_align_whole_pixels_is_an_integer_shift():
@@ -160,6 +165,26 @@ def test_counting_threshold_finds_a_weak_spot_next_to_the_beam():
     dog = pk.subtract_background_dog(frames, 1.5, 12.0)
     old = K.find_peaks_log(dog, sig, threshold=thr, exclude_border=2)
     assert np.count_nonzero(np.hypot(old[:, 1] - 32, old[:, 2] - 42) < 2) <= 0.1 * len(frames)
+
+
+def test_radial_units_give_the_table_of_their_unit_images():
+    """The counting finder looks its radial units up at its candidates only: the same
+    table as with the whole unit images, and as the per-pattern level given as units."""
+    rng = np.random.default_rng(9)
+    shape = (48, 56)
+    r = _radius(shape)
+    frames = rng.poisson(40 * np.exp(-r / 5) + 0.2, (30,) + shape).astype(np.float32)
+    frames[:, 12:15, 30:33] += rng.integers(5, 40, (30, 1, 1))
+    sig = log_sigmas(0.8, 1.6, 2)
+    rings = N.ring_model(shape)
+    bg = rings.background(frames, 1.0, 0.0)
+    units = K.RadialUnits(N.noise_units(bg, 1.0, 0.0, sig, 4.0, shape, rings),
+                          rings.j0, rings.j1, rings.f, shape)
+    residual = frames - rings.image(bg)
+    got = K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2, units=units)
+    want = K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2, units=units.images())
+    assert len(want) >= 25
+    np.testing.assert_array_equal(got, want)
 
 
 def test_find_peaks_log_units_equal_the_per_pattern_level():

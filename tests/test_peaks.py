@@ -133,6 +133,27 @@ def test_weak_spot_beside_strong_beam():
     assert not np.any(np.hypot(ref[:, 0] - 20, ref[:, 1] - 45) < 1)
 
 
+@pytest.mark.parametrize("shape,sig", [((70, 90), (0.85, 2.1)), ((128, 61), (1.05, 2.1, 3.0))])
+def test_banded_smoothing_equals_scipy_and_the_dense_product(shape, sig):
+    """On patterns several kernel widths across the Gaussians run block by block over the
+    band (last blocks ragged here): the same as scipy's ``gaussian_filter``, and the
+    same bits as the product with the whole matrix."""
+    from scipy import ndimage as ndi
+
+    from spedflow.peaks.kernels import _banded_blocks, _gauss_matrix, _smooth_batch, _smoothing_operators
+    ops = _smoothing_operators(*shape, sig)
+    assert len(ops[0][1]) > 1 and all(len(b) > 1 for _, b in ops[1])  # banded, not dense
+    frames = np.random.default_rng(3).poisson(4.0, (5,) + shape).astype(np.float32)
+    got = _smooth_batch(frames, ops)
+    for s, g in zip(sig, got):
+        ref = np.stack([ndi.gaussian_filter(f.astype(np.float64), s, mode="nearest", truncate=3.5)
+                        for f in frames])
+        np.testing.assert_allclose(g.transpose(0, 2, 1), ref, rtol=1e-5, atol=1e-6)
+        dense = np.matmul(_gauss_matrix(shape[0], s), frames @ _gauss_matrix(shape[1], s).T)
+        np.testing.assert_allclose(g.transpose(0, 2, 1), dense, rtol=1e-6, atol=1e-6)
+    assert _banded_blocks(20, (3.0,))[0] == 20  # a band as wide as the pattern: one block
+
+
 def test_smoothing_by_matrix_products_equals_scipy():
     """Each scale's Gaussian (two BLAS passes, transposed result) equals scipy's
     ``gaussian_filter`` with "nearest" edges, on non-square patterns; and the local
@@ -151,11 +172,15 @@ def test_smoothing_by_matrix_products_equals_scipy():
         np.testing.assert_allclose(g.transpose(0, 2, 1), ref, rtol=1e-5)
     z = rng.poisson(2.0, (4, 9, 13)).astype(np.float32)  # ties included
     every = np.arange(z.size)
+    def value_at(k):
+        return z.ravel()[k]
+
     np.testing.assert_array_equal(
-        _local_max_at(z, every),
+        _local_max_at(value_at, z.shape, every),
         (z >= ndi.maximum_filter(z, size=(1, 3, 3), mode="nearest")).ravel())
     some = rng.choice(z.size, 50, replace=False)  # a subset, as the finder passes
-    np.testing.assert_array_equal(_local_max_at(z, some), _local_max_at(z, every)[some])
+    np.testing.assert_array_equal(_local_max_at(value_at, z.shape, some),
+                                  _local_max_at(value_at, z.shape, every)[some])
 
 
 def test_border_exclusion_and_empty_patterns():

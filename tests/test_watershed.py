@@ -363,3 +363,21 @@ def test_small_crystals_are_not_smoothed():
     assert not np.array_equal(watershed_image(img, WatershedParams(smooth=2.0)), watershed_image(img))
     with pytest.raises(ParameterError):
         WatershedParams(smooth=-1)
+
+
+def test_label_maxima_equal_scipy():
+    """Heights equal ``ndi.maximum``; each position holds its label's maximum, the first
+    such pixel in raster order (scipy picks among ties in its sort's order)."""
+    from spedflow.segment._watershed import _label_maxima
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 6, (40, 50)).astype(np.float64)  # many ties
+    labels, n = ndi.label(rng.random((40, 50)) < 0.5)
+    height, where = _label_maxima(values, labels, n)
+    idx = np.arange(1, n + 1)
+    np.testing.assert_array_equal(height, ndi.maximum(values, labels, idx))
+    assert where.shape == (n, 2)
+    np.testing.assert_array_equal(labels[where[:, 0], where[:, 1]], idx)
+    np.testing.assert_array_equal(values[where[:, 0], where[:, 1]], height)
+    for i in rng.choice(idx, 20, replace=False):  # the first maximal pixel in raster order
+        first = np.flatnonzero((labels == i) & (values == height[i - 1]))[0]
+        assert tuple(where[i - 1]) == np.unravel_index(first, values.shape)

@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from ..errors import InputError, ParameterError
 from ._params import default_threshold
 
-__all__ = ["find_peaks_log", "log_sigmas", "noise_level"]
+__all__ = ["find_peaks_log", "log_sigmas", "noise_level", "RadialUnits"]
 
 #: Gaussian kernels are cut at this many sigma (0.05 % of the weight lost).
 _TRUNCATE = 3.5
@@ -84,48 +84,95 @@ def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
     return out
 
 
-def _smoothing_operators(ky: int, kx: int, sigmas) -> tuple[np.ndarray, list]:
-    """The x-pass matrix of all scales side by side, (kx, S kx), and each scale's
-    transposed y-pass matrix (ky, ky), for :func:`_smooth_batch`."""
-    mx = np.ascontiguousarray(np.concatenate([_gauss_matrix(kx, float(s)).T for s in sigmas], 1))
-    my = [np.ascontiguousarray(_gauss_matrix(ky, float(s)).T) for s in sigmas]
-    return mx, my
+#: Output samples per block of the banded Gaussian products (at least twice the
+#: kernel radius): see :func:`_banded_blocks`.
+_BAND_BLOCK = 16
+
+
+def _banded_blocks(n: int, sigmas) -> tuple[int, list]:
+    """The Gaussian matrices of ``sigmas`` on ``n`` samples cut into blocks of output
+    samples: ``(width, [(i0, i1, o0, o1, B), ...])``, ``B`` the (i1 - i0, S w) float32
+    block of every scale's transposed matrix, side by side (scale ``s`` in columns
+    ``s w : s w + (o1 - o0)``), that maps input samples ``i0:i1`` to output samples
+    ``o0:o1``; ``i0:i1`` is ``o0:o1`` widened by the largest kernel radius, so the
+    blocks hold every non-zero weight. Each pass then costs ~``w + 2 h`` multiply-adds
+    per sample instead of ``n`` (a dense product over all samples)."""
+    h = max(int(_TRUNCATE * float(s) + 0.5) for s in sigmas)  # scipy's kernel radius
+    w = max(_BAND_BLOCK, 2 * h)
+    if w + 2 * h >= n:  # no band to exploit: one dense block
+        w = n
+    ms = [_gauss_matrix(n, float(s)) for s in sigmas]
+    blocks = []
+    for o0 in range(0, n, w):
+        o1 = min(n, o0 + w)
+        i0, i1 = max(0, o0 - h), min(n, o1 + h)
+        m = np.zeros((i1 - i0, len(ms) * w), np.float32)
+        for k, g in enumerate(ms):
+            m[:, k * w:k * w + o1 - o0] = g[o0:o1, i0:i1].T
+        m.flags.writeable = False
+        blocks.append((i0, i1, o0, o1, m))
+    return w, blocks
+
+
+def _smoothing_operators(ky: int, kx: int, sigmas) -> tuple:
+    """The banded blocks (:func:`_banded_blocks`) of the x pass, all scales together,
+    and of each scale's y pass, for :func:`_smooth_batch` (cached)."""
+    return _operators(int(ky), int(kx), tuple(float(s) for s in sigmas))
+
+
+@functools.lru_cache(maxsize=32)
+def _operators(ky: int, kx: int, sigmas: tuple) -> tuple:
+    return _banded_blocks(kx, sigmas), [_banded_blocks(ky, (s,)) for s in sigmas]
 
 
 def _smooth_batch(part: np.ndarray, ops) -> list:
     """Gaussian of every pattern at every scale, each (n, kx, ky) float32 (transposed).
 
-    Separable, each 1-D pass one BLAS matrix product over the whole batch (dense
-    banded matrices: ~10x the multiply-adds of a direct convolution, but at the
-    machine's vector speed, twice as fast as ``scipy.ndimage.gaussian_filter1d``).
+    Separable, each 1-D pass a few BLAS matrix products over the whole batch, one per
+    block of output samples (:func:`_banded_blocks`): the banded matrix's zeros away
+    from the band are skipped, the rest runs at the machine's vector speed (~4x the
+    multiply-adds of a direct convolution, but ~4x as fast as
+    ``scipy.ndimage.gaussian_filter1d``). The same values, bit for bit, as the product
+    with the whole matrix: the skipped terms are exact zeros.
     """
     n, ky, kx = part.shape
-    mx, my = ops
-    a = (part.reshape(n * ky, kx) @ mx).reshape(n, ky, -1)  # x pass, all scales
-    return [np.matmul(a[:, :, i * kx:(i + 1) * kx].transpose(0, 2, 1), m)  # y pass
-            for i, m in enumerate(my)]
+    (wx, bx), by = ops
+    x = part.reshape(n * ky, kx)
+    s = len(by)
+    # x pass, all scales: block b of every scale at a[:, b, :]
+    a = np.empty((n * ky, len(bx), s * wx), np.float32)
+    for b, (i0, i1, o0, o1, m) in enumerate(bx):
+        np.matmul(x[:, i0:i1], m, out=a[:, b, :])
+    a = a.reshape(n, ky, len(bx), s, wx)
+    out = []
+    for k, (wy, blocks) in enumerate(by):
+        # scale k's x-smoothed patterns, transposed (one copy), then the y pass
+        t = np.empty((n, len(bx), wx, ky), np.float32)
+        np.copyto(t, a[:, :, :, k, :].transpose(0, 2, 3, 1))
+        t = t.reshape(n, len(bx) * wx, ky)[:, :kx].reshape(n * kx, ky)
+        g = np.empty((n * kx, ky), np.float32)
+        for i0, i1, o0, o1, m in blocks:
+            np.matmul(t[:, i0:i1], m[:, :o1 - o0], out=g[:, o0:o1])
+        out.append(g.reshape(n, kx, ky))
+    return out
 
 
-def _local_max_at(z: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """Which of the pixels ``flat`` (indices into ``z.ravel()``) of each ``z[i]`` are not
-    exceeded by any of their 8 neighbours (edges compared with the pixels that exist:
-    ``z >= maximum_filter(z, size=(1, 3, 3), mode="nearest")`` at those pixels).
+def _local_max_at(value_at, shape, flat: np.ndarray) -> np.ndarray:
+    """Which of the pixels ``flat`` (indices into an (n, a, b) array ``z`` flattened) are
+    not exceeded by any of their 8 neighbours (edges compared with the pixels that
+    exist: ``z >= maximum_filter(z, size=(1, 3, 3), mode="nearest")`` at those pixels).
+    ``value_at(idx)`` gives ``z.ravel()[idx]``: ``z`` itself need not exist.
 
-    Only the few candidates above threshold are tested: eight gathers of their
-    neighbours instead of four passes over the whole batch.
+    Only the few candidates above threshold are tested: their 8 neighbours' values,
+    instead of four passes over the whole batch.
     """
-    _, a, b = z.shape
+    _, a, b = shape
     p, rest = np.divmod(flat, a * b)
     u, v = np.divmod(rest, b)
-    zf = z.ravel()
-    centre = zf[flat]
-    ok = np.ones(len(flat), bool)
-    for du in (-1, 0, 1):
-        row = p * a + np.clip(u + du, 0, a - 1)
-        for dv in (-1, 0, 1):
-            if du or dv:
-                ok &= centre >= zf[row * b + np.clip(v + dv, 0, b - 1)]
-    return ok
+    nb = [(p * a + np.clip(u + du, 0, a - 1)) * b + np.clip(v + dv, 0, b - 1)
+          for du in (-1, 0, 1) for dv in (-1, 0, 1) if du or dv]
+    vals = value_at(np.concatenate([flat] + nb)).reshape(9, -1)
+    return (vals[0] >= vals[1:]).all(axis=0)
 
 
 def _neg_laplacian(g: np.ndarray) -> np.ndarray:
@@ -257,7 +304,7 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
     min_separation : float, optional
         Non-maximum suppression distance, px. Default ``sqrt(2) * max(sigmas)``:
         two maxima within one spot radius are one spot.
-    units : (S, n, ky, kx) float array, optional
+    units : (S, n, ky, kx) float array or :class:`RadialUnits`, optional
         Noise unit of the response at every scale and pixel (a noise model of the
         data, e.g. :func:`spedflow.peaks.noise.noise_units`), used instead of
         :func:`noise_level`'s one value per pattern and scale.
@@ -295,9 +342,17 @@ def find_peaks_log(frames: np.ndarray, sigmas: Sequence[float], *,
     if units is not None and np.shape(units) != (len(sig), n, ky, kx):
         raise InputError(f"`units` must have shape {(len(sig), n, ky, kx)} (got {np.shape(units)})")
     tables = [_batch_peaks(f[s0:s0 + _BATCH], s0, ops, sig, threshold, b, min_separation, rho,
-                           None if units is None else units[:, s0:s0 + _BATCH])
+                           _units_of_batch(units, s0, s0 + _BATCH))
               for s0 in range(0, n, _BATCH)]
     return sorted_table(tables)
+
+
+def _units_of_batch(units, s0: int, s1: int):
+    if units is None:
+        return None
+    if isinstance(units, RadialUnits):
+        return units.batch(s0, s1)
+    return units[:, s0:s1]
 
 
 def sorted_table(tables) -> np.ndarray:
@@ -309,42 +364,138 @@ def sorted_table(tables) -> np.ndarray:
     return out[np.lexsort((out[:, 2], out[:, 1], out[:, 0]))]
 
 
+class RadialUnits:
+    """Noise units of the LoG response that depend on the distance from the beam only:
+    per scale and pattern a profile over rings, made a value per pixel by linear
+    interpolation between two rings (the counting-noise model,
+    :mod:`spedflow.peaks.noise`). Passed to :func:`find_peaks_log` as ``units``
+    instead of full unit images: the finder looks them up at its candidates only.
+
+    Parameters
+    ----------
+    profiles : (S, n, R) float array
+        Unit per scale, pattern and ring.
+    j0, j1 : (ky * kx,) int arrays
+        The two rings each pixel (row-major) interpolates between.
+    f : (ky * kx,) float array in [0, 1]
+        Weight of ring ``j1``.
+    shape : (ky, kx)
+    """
+
+    def __init__(self, profiles, j0, j1, f, shape):
+        self.profiles = np.asarray(profiles, np.float32)
+        self.j0, self.j1 = np.asarray(j0, np.intp), np.asarray(j1, np.intp)
+        self.f = np.asarray(f, np.float32)
+        self.detector = tuple(int(k) for k in shape)
+
+    @property
+    def shape(self) -> tuple:
+        """``(S, n, ky, kx)``, the shape of the unit images this stands for."""
+        return self.profiles.shape[:2] + self.detector
+
+    def images(self) -> np.ndarray:
+        """The (S, n, ky, kx) unit images (for checks; the finder never makes them)."""
+        pix = np.arange(self.detector[0] * self.detector[1])
+        return self._values(slice(None), pix).reshape(self.shape)
+
+    def _values(self, rows, pix) -> np.ndarray:
+        lo = self.profiles[:, rows, self.j0[pix]]
+        return lo + self.f[pix] * (self.profiles[:, rows, self.j1[pix]] - lo)
+
+    def batch(self, s0: int, s1: int) -> "RadialUnits":
+        return RadialUnits(self.profiles[:, s0:s1], self.j0, self.j1, self.f, self.detector)
+
+    def floor(self, i: int) -> np.ndarray:
+        """(n,) lower bound of scale ``i``'s unit over each pattern."""
+        return self.profiles[i].min(axis=1)
+
+    def at(self, i: int, p, y, x) -> np.ndarray:
+        pix = y * self.detector[1] + x
+        prof = self.profiles[i]
+        row = p * prof.shape[1]
+        prof = prof.ravel()  # flat gathers: ~3x faster than 2-D fancy indexing
+        lo = prof.take(row + self.j0.take(pix))
+        return lo + self.f.take(pix) * (prof.take(row + self.j1.take(pix)) - lo)
+
+
+class _PatternUnits:
+    """One noise unit per scale and pattern (:func:`noise_level`)."""
+
+    def __init__(self, levels):
+        self.levels = levels
+
+    def floor(self, i):
+        return self.levels[i]
+
+    def at(self, i, p, y, x):
+        return self.levels[i][p]
+
+
+class _ImageUnits:
+    """Unit images ``(S, n, ky, kx)`` given by the caller."""
+
+    def __init__(self, units):
+        self.units = np.asarray(units, np.float32)
+
+    def floor(self, i):
+        return self.units[i][:, 1:-1, 1:-1].min(axis=(1, 2))
+
+    def at(self, i, p, y, x):
+        return self.units[i][p, y, x]
+
+
 def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=None) -> np.ndarray:
     """Peak table ``(m, 5)`` float64 of one batch of patterns (pattern index + ``s0``)."""
     ky, kx = part.shape[1:]
-    # 1. significance Z of the interior (transposed layout: index (kx - 1, ky - 1)) and
-    # the scale of the strongest response
+    # 1. the LoG response of the interior at every scale (transposed layout: index
+    # (kx - 2, ky - 2), full-array pixel (v + 1, u + 1) at index (u, v)) and its noise
+    # unit; the significance Z = max_s R_s / unit_s is only ever evaluated at the
+    # candidates and their neighbours, never as a whole array
     smooth = _smooth_batch(part, ops)
-    z = best = None
-    for i, g in enumerate(smooth):
-        r = _neg_laplacian(g)
-        if units is None:
-            r /= noise_level(r, threshold)[:, None, None]
-        else:  # the interior, transposed like r
-            r /= units[i][:, 1:-1, 1:-1].transpose(0, 2, 1)
-        if i == 0:
-            z, best = r, np.zeros(r.shape, np.int8)
-        else:
-            up = (r > z).view(np.int8)  # best = where(r > z, i, best), without a
-            best += up * (np.int8(i) - best)  # boolean-mask assignment (~20x slower)
-            np.maximum(z, r, out=z)
+    resp = [_neg_laplacian(g) for g in smooth]
+    if units is None:
+        units = _PatternUnits([noise_level(r, threshold) for r in resp])
+    elif not isinstance(units, RadialUnits):
+        units = _ImageUnits(units)
+    n, nu, nv = resp[0].shape
 
-    # 2. candidates: local maxima of Z (and hence over scales) above threshold, away
-    # from the border
-    cand = z > threshold
+    def significance(flat):
+        """Z and the index of the scale that gives it at ``flat`` (indices into R_s)."""
+        p, rest = np.divmod(flat, nu * nv)
+        u, v = np.divmod(rest, nv)
+        z = best = None
+        for i, r in enumerate(resp):
+            zi = r.ravel()[flat] / units.at(i, p, v + 1, u + 1)
+            if i == 0:
+                z, best = zi, np.zeros(len(flat), np.intp)
+            else:
+                best = np.where(zi > z, i, best)
+                z = np.maximum(z, zi)
+        return z, best
+
+    # 2. candidates: pixels above threshold at some scale (R_s above threshold times the
+    # lowest unit of the pattern is necessary for that, and a cheap pass), away from the
+    # border, then the local maxima of Z (and hence over scales) among them
+    cand = None
+    for i, r in enumerate(resp):
+        bound = (threshold * (1 - 1e-5)) * units.floor(i).astype(np.float32)
+        above = r > bound[:, None, None]
+        cand = above if cand is None else np.logical_or(cand, above, out=cand)
     if b > 1:
         cand[:, :b - 1] = False
-        cand[:, z.shape[1] - (b - 1):] = False
+        cand[:, nu - (b - 1):] = False
         cand[:, :, :b - 1] = False
-        cand[:, :, z.shape[2] - (b - 1):] = False
+        cand[:, :, nv - (b - 1):] = False
     flat = np.flatnonzero(cand)  # one pass; 3-D np.nonzero is ~10x slower
-    flat = flat[_local_max_at(z, flat)]
+    zc, scale_idx = significance(flat)
+    keep = zc > threshold
+    flat, zc, scale_idx = flat[keep], zc[keep], scale_idx[keep]
+    peak = _local_max_at(lambda k: significance(k)[0], (n, nu, nv), flat)
+    flat, zc, scale_idx = flat[peak], zc[peak], scale_idx[peak]
     if len(flat) == 0:
         return np.zeros((0, 5))
-    p, rest = np.divmod(flat, z.shape[1] * z.shape[2])
-    u, v = np.divmod(rest, z.shape[2])
-    zc = z.ravel()[flat]
-    scale_idx = best.ravel()[flat].astype(np.intp)
+    p, rest = np.divmod(flat, nu * nv)
+    u, v = np.divmod(rest, nv)
 
     # 3. non-maximum suppression within min_separation (same pattern only)
     if len(p) > 1 and min_separation > 0:

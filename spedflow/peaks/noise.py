@@ -70,22 +70,21 @@ class RingModel:
         # ring sums of a (P, m) stack as one sparse product
         self._sum = sp.csr_matrix((np.ones(r.size, np.float32), (self.ring, np.arange(r.size))),
                                   shape=(self.n_rings, r.size))
-        # linear interpolation between rings as a sparse (pixels, rings) matrix, in the
-        # pixel order of the image and of its transpose
+        # linear interpolation between rings: each pixel between rings j0 and j1, with
+        # weight f on j1 (:class:`~spedflow.peaks.kernels.RadialUnits` looks units up
+        # through these), and the same as a sparse (pixels, rings) matrix
         j0 = np.minimum(np.floor(r).astype(np.intp), max(self.n_rings - 2, 0))
         j1 = np.minimum(j0 + 1, self.n_rings - 1)
         f = np.clip(r - j0, 0, 1).astype(np.float32)
-        t = np.arange(r.size).reshape(ky, kx).T.ravel()  # transposed order
-        self._interp = [
-            sp.csr_matrix((np.concatenate([1 - f[o], f[o]]),
-                           (np.tile(np.arange(r.size), 2), np.concatenate([j0[o], j1[o]]))),
-                          shape=(r.size, self.n_rings))
-            for o in (slice(None), t)]
+        self.j0, self.j1, self.f = j0, j1, f
+        self._interp = sp.csr_matrix((np.concatenate([1 - f, f]),
+                                      (np.tile(np.arange(r.size), 2), np.concatenate([j0, j1]))),
+                                     shape=(r.size, self.n_rings))
         # up to ~160 x 160 px a dense (rings, pixels) product is the fastest (one BLAS
         # call, output in place); larger detectors keep the sparse form
         self._dense = None
         if self.n_rings * r.size * 4 <= _DENSE_BYTES:
-            self._dense = [np.ascontiguousarray(m.T.toarray()) for m in self._interp]
+            self._dense = np.ascontiguousarray(self._interp.T.toarray())
 
     def background(self, frames: np.ndarray, gain: float, read_var: float) -> np.ndarray:
         """Per pattern and ring, the mean of the pixels below the Poisson clip.
@@ -109,15 +108,13 @@ class RingModel:
             mean = (self._sum @ (x * keep)) / np.maximum(self._sum @ keep, 1)
         return mean.T.astype(np.float32)
 
-    def image(self, profile: np.ndarray, transposed: bool = False) -> np.ndarray:
-        """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the
-        rings; ``transposed``: as (n, kx, ky) arrays."""
+    def image(self, profile: np.ndarray) -> np.ndarray:
+        """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the rings."""
         p = np.asarray(profile, np.float32)
-        shape = self.shape[::-1] if transposed else self.shape
         if self._dense is not None:
-            return (p @ self._dense[int(transposed)]).reshape((-1,) + shape)
-        out = (self._interp[int(transposed)] @ p.T).T
-        return np.ascontiguousarray(out).reshape((-1,) + shape)
+            return (p @ self._dense).reshape((-1,) + self.shape)
+        out = (self._interp @ p.T).T
+        return np.ascontiguousarray(out).reshape((-1,) + self.shape)
 
 
 @functools.lru_cache(maxsize=32)
@@ -259,11 +256,11 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     rings = ring_model(shape, offset)
     background = rings.background(frames, gain, read_var)
     residual = frames - rings.image(background)
-    units = noise_units(background, gain, read_var, sigmas, threshold, shape, rings)
-    # made transposed: the finder divides its (transposed) responses by them
-    unit_images = np.stack([rings.image(u, transposed=True) for u in units]).transpose(0, 1, 3, 2)
+    # the finder looks the units up at its candidates only: no unit images
+    units = _k.RadialUnits(noise_units(background, gain, read_var, sigmas, threshold, shape, rings),
+                           rings.j0, rings.j1, rings.f, shape)
     table = _k.find_peaks_log(residual, sigmas, threshold=threshold,
-                              exclude_border=exclude_border, units=unit_images)
+                              exclude_border=exclude_border, units=units)
     return table, residual
 
 

@@ -230,8 +230,7 @@ def _markers(mask: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, set
     if n == 0:
         return seeds.astype(np.int32), set()
     idx = np.arange(1, n + 1)
-    height = np.asarray(ndi.maximum(dist, seeds, idx), dtype=np.float64)
-    where = np.asarray(ndi.maximum_position(dist, seeds, idx), dtype=np.int64).reshape(n, 2)
+    height, where = _label_maxima(dist, seeds, n)
 
     parent = np.arange(n + 1)
 
@@ -296,6 +295,21 @@ def _markers(mask: np.ndarray, params: WatershedParams) -> tuple[np.ndarray, set
     return point, excluded
 
 
+def _label_maxima(values: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ndi.maximum`` and ``ndi.maximum_position`` of labels 1..n (each present), from
+    the labelled pixels alone: scipy's sort every pixel of the image (half the time of
+    a 256 x 256 watershed), and pick among equal maxima in that sort's arbitrary order;
+    here the first in raster order. Returns (n,) float64 heights and (n, 2) int64
+    positions."""
+    flat = np.flatnonzero(labels)  # raster order
+    lab = labels.ravel()[flat]
+    val = values.ravel()[flat].astype(np.float64)
+    order = np.lexsort((-val, lab))  # by label, highest first; stable: raster order in ties
+    first = order[np.r_[0, np.flatnonzero(np.diff(lab[order])) + 1]]
+    where = np.column_stack(np.unravel_index(flat[first], labels.shape)).astype(np.int64)
+    return val[first], where.reshape(n, 2)
+
+
 def _union(parent, top, top_at, ri, rj):
     """Merge group rj into ri (or the reverse): the higher maximum represents both."""
     if top[rj] > top[ri] or (top[rj] == top[ri] and tuple(top_at[rj]) < tuple(top_at[ri])):
@@ -337,9 +351,13 @@ def _filter_segments(image, flooded, excluded, params, intensity_scale, noise) -
     n = int(flooded.max())
     idx = np.arange(1, n + 1)
     size = np.bincount(flooded.ravel(), minlength=n + 1)[1:]
-    peak = np.asarray(ndi.maximum(image, flooded, idx), dtype=np.float64).reshape(n)
-    scale = float(image.max()) if intensity_scale is None else float(intensity_scale)
     keep = size >= params.min_size
+    if params.min_intensity > 0 or params.min_snr > 0:
+        # ndi.maximum(image, flooded, idx) without its sort of the whole image
+        peak = np.full(n + 1, -np.inf)
+        np.maximum.at(peak, flooded.ravel(), image.ravel().astype(np.float64))
+        peak = np.where(size > 0, peak[1:], 0.0)
+    scale = float(image.max()) if intensity_scale is None else float(intensity_scale)
     if params.min_intensity > 0:
         keep &= peak >= params.min_intensity * scale
     if params.min_snr > 0:
