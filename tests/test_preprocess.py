@@ -94,6 +94,10 @@ def test_wide_blur_is_low_rank():
     assert b is not None and a.shape == b.shape and a.shape[1] < 32
     m, none = kernels._wrap_blur_factors(128, 1.5)
     assert none is None and m.shape == (128, 128)
+    # the narrow one runs over its band (test_matrix_blur_matches_scipy_wrap checks the
+    # values), unless the band is as wide as the detector
+    assert kernels._DoGMatrices((128, 128), 1.5, 11.88).band is not None
+    assert kernels._DoGMatrices((9, 150), 1.5, 11.88).band is None
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (40, 56)])

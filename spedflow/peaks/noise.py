@@ -42,8 +42,6 @@ _CLIP_ITER = 2
 #: About the most pixel pairs :func:`count_scale` takes from one block (a strided
 #: sample of detector pixels).
 _PAIRS_PER_BLOCK = 1 << 19
-#: Largest dense ring-to-pixel interpolation matrix kept (bytes; see :class:`RingModel`).
-_DENSE_BYTES = 16 << 20
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
 #: interpolated in between to < 1e-3 relative).
 _QUANTILE_GRID = 128
@@ -71,20 +69,13 @@ class RingModel:
         self._sum = sp.csr_matrix((np.ones(r.size, np.float32), (self.ring, np.arange(r.size))),
                                   shape=(self.n_rings, r.size))
         # linear interpolation between rings: each pixel between rings j0 and j1, with
-        # weight f on j1 (:class:`~spedflow.peaks.kernels.RadialUnits` looks units up
-        # through these), and the same as a sparse (pixels, rings) matrix
+        # weight f on j1 (:meth:`image`; :class:`~spedflow.peaks.kernels.RadialUnits`
+        # looks units up through these)
         j0 = np.minimum(np.floor(r).astype(np.intp), max(self.n_rings - 2, 0))
         j1 = np.minimum(j0 + 1, self.n_rings - 1)
         f = np.clip(r - j0, 0, 1).astype(np.float32)
         self.j0, self.j1, self.f = j0, j1, f
-        self._interp = sp.csr_matrix((np.concatenate([1 - f, f]),
-                                      (np.tile(np.arange(r.size), 2), np.concatenate([j0, j1]))),
-                                     shape=(r.size, self.n_rings))
-        # up to ~160 x 160 px a dense (rings, pixels) product is the fastest (one BLAS
-        # call, output in place); larger detectors keep the sparse form
-        self._dense = None
-        if self.n_rings * r.size * 4 <= _DENSE_BYTES:
-            self._dense = np.ascontiguousarray(self._interp.T.toarray())
+        self._g = 1 - f  # weight of ring j0
 
     def background(self, frames: np.ndarray, gain: float, read_var: float) -> np.ndarray:
         """Per pattern and ring, the mean of the pixels below the Poisson clip.
@@ -109,12 +100,15 @@ class RingModel:
         return mean.T.astype(np.float32)
 
     def image(self, profile: np.ndarray) -> np.ndarray:
-        """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the rings."""
-        p = np.asarray(profile, np.float32)
-        if self._dense is not None:
-            return (p @ self._dense).reshape((-1,) + self.shape)
-        out = (self._interp @ p.T).T
-        return np.ascontiguousarray(out).reshape((-1,) + self.shape)
+        """(n, n_rings) profiles -> (n, ky, kx) images, linear in radius between the rings
+        (two gathers per pixel: half the time of a dense (rings, pixels) product)."""
+        p = np.asarray(profile, np.float32).reshape(-1, self.n_rings)
+        out = p.take(self.j0, axis=1)
+        out *= self._g
+        hi = p.take(self.j1, axis=1)
+        hi *= self.f
+        out += hi
+        return out.reshape((-1,) + self.shape)
 
 
 @functools.lru_cache(maxsize=32)
