@@ -167,7 +167,7 @@ def test_counting_threshold_finds_a_weak_spot_next_to_the_beam():
     assert np.count_nonzero(np.hypot(old[:, 1] - 32, old[:, 2] - 42) < 2) <= 0.1 * len(frames)
 
 
-def test_radial_units_give_the_table_of_their_unit_images():
+def test_radial_units_give_the_table_of_their_unit_images(monkeypatch):
     """The counting finder looks its radial units up at its candidates only: the same
     table as with the whole unit images, and as the per-pattern level given as units."""
     rng = np.random.default_rng(9)
@@ -185,6 +185,17 @@ def test_radial_units_give_the_table_of_their_unit_images():
     want = K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2, units=units.images())
     assert len(want) >= 25
     np.testing.assert_array_equal(got, want)
+    # Z looked up candidate by candidate, or made for every pixel: the same table
+    for frac in (0.0, 1.0):
+        monkeypatch.setattr(K, "_SPARSE_CANDIDATES", frac)
+        for u in (units, units.images()):
+            np.testing.assert_array_equal(
+                K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2, units=u), want)
+    monkeypatch.setattr(K, "_SPARSE_CANDIDATES", 0.0)  # and with the per-pattern level
+    dense_none = K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2)
+    monkeypatch.setattr(K, "_SPARSE_CANDIDATES", 1.0)
+    np.testing.assert_array_equal(
+        K.find_peaks_log(residual, sig, threshold=4.0, exclude_border=2), dense_none)
 
 
 def test_find_peaks_log_units_equal_the_per_pattern_level():

@@ -31,6 +31,10 @@ __all__ = ["find_peaks_log", "log_sigmas", "noise_level", "RadialUnits"]
 
 #: Gaussian kernels are cut at this many sigma (0.05 % of the weight lost).
 _TRUNCATE = 3.5
+#: Fraction of the pixels above which the candidates' significance is computed for
+#: every pixel at once rather than looked up candidate by candidate (each candidate
+#: above threshold costs 9 look-ups; measured break-even ~2 %).
+_SPARSE_CANDIDATES = 0.02
 #: Patterns filtered at a time (16 x 128 x 128 float32 = 1 MB: stays in cache).
 _BATCH = 16
 #: Noise estimated on every 4th pixel in each direction: ~1000 samples for 128 x 128
@@ -387,6 +391,7 @@ class RadialUnits:
         self.j0, self.j1 = np.asarray(j0, np.intp), np.asarray(j1, np.intp)
         self.f = np.asarray(f, np.float32)
         self.detector = tuple(int(k) for k in shape)
+        self._interior = None  # (j0, j1, f) of the interior in the finder's layout
 
     @property
     def shape(self) -> tuple:
@@ -403,7 +408,9 @@ class RadialUnits:
         return lo + self.f[pix] * (self.profiles[:, rows, self.j1[pix]] - lo)
 
     def batch(self, s0: int, s1: int) -> "RadialUnits":
-        return RadialUnits(self.profiles[:, s0:s1], self.j0, self.j1, self.f, self.detector)
+        out = RadialUnits(self.profiles[:, s0:s1], self.j0, self.j1, self.f, self.detector)
+        out._interior = self._interior
+        return out
 
     def floor(self, i: int) -> np.ndarray:
         """(n,) lower bound of scale ``i``'s unit over each pattern."""
@@ -416,6 +423,22 @@ class RadialUnits:
         prof = prof.ravel()  # flat gathers: ~3x faster than 2-D fancy indexing
         lo = prof.take(row + self.j0.take(pix))
         return lo + self.f.take(pix) * (prof.take(row + self.j1.take(pix)) - lo)
+
+    def interior(self, i: int) -> np.ndarray:
+        """Scale ``i``'s units at every interior pixel, in the finder's transposed layout
+        (n, kx - 2, ky - 2): the values :meth:`at` gives there."""
+        if self._interior is None:
+            ky, kx = self.detector
+            pix = ((np.arange(1, ky - 1)[None, :] * kx) + np.arange(1, kx - 1)[:, None]).ravel()
+            self._interior = (self.j0[pix], self.j1[pix], self.f[pix])
+        j0, j1, f = self._interior
+        prof = self.profiles[i]
+        lo = prof.take(j0, axis=1)
+        out = prof.take(j1, axis=1)
+        out -= lo
+        out *= f
+        out += lo
+        return out.reshape(len(prof), self.detector[1] - 2, self.detector[0] - 2)
 
 
 class _PatternUnits:
@@ -430,6 +453,9 @@ class _PatternUnits:
     def at(self, i, p, y, x):
         return self.levels[i][p]
 
+    def interior(self, i):
+        return self.levels[i][:, None, None]
+
 
 class _ImageUnits:
     """Unit images ``(S, n, ky, kx)`` given by the caller."""
@@ -443,14 +469,17 @@ class _ImageUnits:
     def at(self, i, p, y, x):
         return self.units[i][p, y, x]
 
+    def interior(self, i):
+        return self.units[i][:, 1:-1, 1:-1].transpose(0, 2, 1)
+
 
 def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=None) -> np.ndarray:
     """Peak table ``(m, 5)`` float64 of one batch of patterns (pattern index + ``s0``)."""
     ky, kx = part.shape[1:]
     # 1. the LoG response of the interior at every scale (transposed layout: index
     # (kx - 2, ky - 2), full-array pixel (v + 1, u + 1) at index (u, v)) and its noise
-    # unit; the significance Z = max_s R_s / unit_s is only ever evaluated at the
-    # candidates and their neighbours, never as a whole array
+    # unit; the significance Z = max_s R_s / unit_s is evaluated at the candidates and
+    # their neighbours only, or as whole arrays where candidates are many
     smooth = _smooth_batch(part, ops)
     resp = [_neg_laplacian(g) for g in smooth]
     if units is None:
@@ -487,10 +516,28 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
         cand[:, :, :b - 1] = False
         cand[:, :, nv - (b - 1):] = False
     flat = np.flatnonzero(cand)  # one pass; 3-D np.nonzero is ~10x slower
-    zc, scale_idx = significance(flat)
+    if len(flat) > _SPARSE_CANDIDATES * cand.size:
+        # patterns full of spots: Z of every pixel (the same values, as whole arrays)
+        # costs less than looking up candidates and their neighbours one by one
+        z = best = None
+        for i, r in enumerate(resp):
+            zi = r / units.interior(i)
+            if i == 0:
+                z, best = zi, np.zeros(zi.shape, np.int8)
+            else:
+                up = (zi > z).view(np.int8)  # best = where(zi > z, i, best), without a
+                best += up * (np.int8(i) - best)  # boolean-mask assignment (~20x slower)
+                np.maximum(z, zi, out=z)
+        zc, scale_idx = z.ravel()[flat], best.ravel()[flat].astype(np.intp)
+        value_at = z.ravel().take
+    else:
+        zc, scale_idx = significance(flat)
+
+        def value_at(k):
+            return significance(k)[0]
     keep = zc > threshold
     flat, zc, scale_idx = flat[keep], zc[keep], scale_idx[keep]
-    peak = _local_max_at(lambda k: significance(k)[0], (n, nu, nv), flat)
+    peak = _local_max_at(value_at, (n, nu, nv), flat)
     flat, zc, scale_idx = flat[peak], zc[peak], scale_idx[peak]
     if len(flat) == 0:
         return np.zeros((0, 5))
