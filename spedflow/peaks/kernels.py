@@ -1,14 +1,17 @@
 """Multi-scale Laplacian-of-Gaussian peak finding on a whole chunk of patterns (NumPy).
 
 The chunk ``(n, ky, kx)`` is filtered in batches of 16 patterns (1 MB, which stays
-in cache): a separable Gaussian at every scale (each 1-D pass one BLAS matrix
-product over the batch), a 5-point discrete Laplacian and a robust per-pattern
-noise level give the significance ``Z`` (the maximum over scales) and the winning
-scale; the batch's candidates are the pixels of ``Z`` above threshold (one
-``np.flatnonzero``) that are local maxima (their 8 neighbours gathered). Only the
-few candidates are then pruned, refined to sub-pixel positions (from the smoothed
-values of the peak's scale) and integrated, still batch by batch. There is no loop
-over patterns.
+in cache): a separable Gaussian at every scale (each 1-D pass a few BLAS matrix
+products over the batch, one per block of the Gaussian's band), a 5-point discrete
+Laplacian and a noise unit (one per pattern, or a model of the data's noise) give the
+significance ``Z`` (the maximum over scales of response / unit) and the winning
+scale. The batch's candidates are the pixels that can exceed the threshold (a
+response above threshold times the pattern's lowest unit; one ``np.flatnonzero``)
+whose ``Z`` does and that are local maxima of ``Z`` (their 8 neighbours' values).
+``Z`` is looked up at those pixels only, or made for every pixel where candidates are
+many. Only the few candidates are then pruned, refined to sub-pixel positions (from
+the smoothed values of the peak's scale) and integrated, still batch by batch. There
+is no loop over patterns.
 
 Everything after the x pass runs in the transposed ``(n, kx, ky)`` layout;
 coordinates are swapped back at the end.
@@ -373,7 +376,8 @@ class RadialUnits:
     per scale and pattern a profile over rings, made a value per pixel by linear
     interpolation between two rings (the counting-noise model,
     :mod:`spedflow.peaks.noise`). Passed to :func:`find_peaks_log` as ``units``
-    instead of full unit images: the finder looks them up at its candidates only.
+    instead of full unit images: the finder looks them up at its candidates, or (many
+    candidates) makes them for the interior of a batch, never for a whole chunk.
 
     Parameters
     ----------
