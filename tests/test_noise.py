@@ -46,6 +46,18 @@ def test_ring_background_equals_a_loop_over_rings(shape):
     assert got[0, ring[3, 4]] < 10  # the spot did not enter its ring's background
 
 
+def test_ring_background_in_batches_equals_one_pattern_at_a_time():
+    """More patterns than one batch of the background: each pattern's means are its own."""
+    shape = (24, 30)
+    rng = np.random.default_rng(5)
+    frames = rng.poisson(3 * np.exp(-_radius(shape) / 5) + 0.2, (N._BACKGROUND_BATCH * 2 + 5,) + shape)
+    rings = N.RingModel(shape)
+    got = rings.background(frames.astype(np.float32), 1.0, 0.0)
+    want = np.concatenate([rings.background(f[None].astype(np.float32), 1.0, 0.0) for f in frames])
+    assert got.shape == (len(frames), rings.n_rings) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("shape", [(16, 16), (13, 20), (200, 180)])
 def test_ring_image_is_linear_in_radius(shape):
     rings = N.RingModel(shape)
