@@ -203,3 +203,33 @@ def test_foreign_simulator_writes_a_store_evaluate_reads(tmp_path):
     scores = evaluate(res, store)
     assert scores["n_truth"] == 2
     assert 0.0 <= scores["recall"] <= 1.0
+
+
+def test_paired_benchmark_runs_both_versions_alternately(tmp_path):
+    """Both trees run (the base from a git worktree), alternating, each with a fresh
+    stage cache; the JSON holds every run and the medians."""
+    import shutil
+
+    import bench_paired
+    from spedflow.simulate import simulate
+    repo = BENCH.parent
+    if subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    store = tmp_path / "s.zarr"
+    simulate(store, scan=12, detector=64, seed=0, progress=False)  # the suite's smoke set
+    work = tmp_path / "work"
+    try:
+        out = bench_paired.main([str(store), "--base", "HEAD", "--pairs", "1", "--work", str(work),
+                                 "--json", str(tmp_path / "p.json"), "--", "--no-cluster"])
+    finally:
+        for tree in work.glob("tree-*"):
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    assert [r["version_of"] for r in out["rows"]] == ["base", "this"]
+    assert out["rows"][0]["tree"] != out["rows"][1]["tree"]
+    assert out["rows"][1]["tree"] == str(repo)
+    for r in out["rows"]:
+        assert r["wall_s"] > 0 and r["timings"]["beam_peaks"] > 0 and r["peak_rss_mb"] > 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert set(saved["median"]) == {"base", "this"} and len(saved["rows"]) == 2
