@@ -259,7 +259,8 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     rings = ring_model(shape, offset)
     background = rings.background(frames, gain, read_var)
     residual = frames - rings.image(background)
-    # the finder looks the units up at its candidates only: no unit images
+    # radial units: the finder looks them up at its candidates (or, where candidates are
+    # many, makes them for one batch at a time), never as unit images of the whole slab
     units = _k.RadialUnits(noise_units(background, gain, read_var, sigmas, threshold, shape, rings),
                            rings.j0, rings.j1, rings.f, shape)
     table = _k.find_peaks_log(residual, sigmas, threshold=threshold,
