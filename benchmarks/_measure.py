@@ -41,21 +41,29 @@ def tree_rss(proc: psutil.Process, cpu: dict | None = None) -> int:
     If ``cpu`` is given, it is updated in place with ``pid -> user + system CPU seconds``
     of every process seen (the last value seen is kept: a process's CPU time only grows).
     """
-    total = 0
+    return _tree_rss_parts(proc, cpu)[0]
+
+
+def _tree_rss_parts(proc: psutil.Process, cpu: dict | None = None) -> tuple[int, int]:
+    """:func:`tree_rss` and, from the same reading, the resident bytes of ``proc`` alone."""
+    total = root = 0
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return 0, 0
     for p in procs:
         try:
             with p.oneshot():
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                if p.pid == proc.pid:
+                    root = rss
                 if cpu is not None:
                     t = p.cpu_times()
                     cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
         except psutil.Error:
             pass
-    return total
+    return total, root
 
 
 class TreeSampler:
@@ -78,11 +86,11 @@ class TreeSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.proc, self.cpu))
-            try:
-                self.peak_root = max(self.peak_root, self.proc.memory_info().rss)
-            except psutil.Error:
-                pass
+            # the process's own RSS from the same reading as the tree's, so that
+            # peak_root <= peak (read apart, a growing process could exceed its tree)
+            total, root = _tree_rss_parts(self.proc, self.cpu)
+            self.peak = max(self.peak, total)
+            self.peak_root = max(self.peak_root, root)
             self.samples += 1
             self._stop.wait(self.interval)
 
