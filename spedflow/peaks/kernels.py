@@ -164,11 +164,12 @@ def _smooth_batch(part: np.ndarray, ops) -> list:
     return out
 
 
-def _local_max_at(value_at, shape, flat: np.ndarray) -> np.ndarray:
+def _local_max_at(value_at, shape, flat: np.ndarray, centre=None) -> np.ndarray:
     """Which of the pixels ``flat`` (indices into an (n, a, b) array ``z`` flattened) are
     not exceeded by any of their 8 neighbours (edges compared with the pixels that
     exist: ``z >= maximum_filter(z, size=(1, 3, 3), mode="nearest")`` at those pixels).
-    ``value_at(idx)`` gives ``z.ravel()[idx]``: ``z`` itself need not exist.
+    ``value_at(idx)`` gives ``z.ravel()[idx]``: ``z`` itself need not exist;
+    ``centre``: ``z`` at ``flat``, if known already (not looked up again).
 
     Only the few candidates above threshold are tested: their 8 neighbours' values,
     instead of four passes over the whole batch.
@@ -178,8 +179,8 @@ def _local_max_at(value_at, shape, flat: np.ndarray) -> np.ndarray:
     u, v = np.divmod(rest, b)
     nb = [(p * a + np.clip(u + du, 0, a - 1)) * b + np.clip(v + dv, 0, b - 1)
           for du in (-1, 0, 1) for dv in (-1, 0, 1) if du or dv]
-    vals = value_at(np.concatenate([flat] + nb)).reshape(9, -1)
-    return (vals[0] >= vals[1:]).all(axis=0)
+    centre = value_at(flat) if centre is None else centre
+    return (centre >= value_at(np.concatenate(nb)).reshape(8, -1)).all(axis=0)
 
 
 def _neg_laplacian(g: np.ndarray) -> np.ndarray:
@@ -404,12 +405,19 @@ class RadialUnits:
 
     def images(self) -> np.ndarray:
         """The (S, n, ky, kx) unit images (for checks; the finder never makes them)."""
-        pix = np.arange(self.detector[0] * self.detector[1])
-        return self._values(slice(None), pix).reshape(self.shape)
+        return np.stack([self._over(i, self.j0, self.j1, self.f)
+                         for i in range(len(self.profiles))]).reshape(self.shape)
 
-    def _values(self, rows, pix) -> np.ndarray:
-        lo = self.profiles[:, rows, self.j0[pix]]
-        return lo + self.f[pix] * (self.profiles[:, rows, self.j1[pix]] - lo)
+    def _over(self, i: int, j0, j1, f) -> np.ndarray:
+        """Scale ``i``'s units of every pattern at the pixels whose rings and weights
+        are ``j0``, ``j1``, ``f``: (n, pixels), as :meth:`at` gives them."""
+        prof = self.profiles[i]
+        lo = prof.take(j0, axis=1)
+        out = prof.take(j1, axis=1)
+        out -= lo
+        out *= f
+        out += lo
+        return out
 
     def batch(self, s0: int, s1: int) -> "RadialUnits":
         out = RadialUnits(self.profiles[:, s0:s1], self.j0, self.j1, self.f, self.detector)
@@ -435,14 +443,8 @@ class RadialUnits:
             ky, kx = self.detector
             pix = ((np.arange(1, ky - 1)[None, :] * kx) + np.arange(1, kx - 1)[:, None]).ravel()
             self._interior = (self.j0[pix], self.j1[pix], self.f[pix])
-        j0, j1, f = self._interior
-        prof = self.profiles[i]
-        lo = prof.take(j0, axis=1)
-        out = prof.take(j1, axis=1)
-        out -= lo
-        out *= f
-        out += lo
-        return out.reshape(len(prof), self.detector[1] - 2, self.detector[0] - 2)
+        out = self._over(i, *self._interior)
+        return out.reshape(len(out), self.detector[1] - 2, self.detector[0] - 2)
 
 
 class _PatternUnits:
@@ -541,7 +543,7 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
             return significance(k)[0]
     keep = zc > threshold
     flat, zc, scale_idx = flat[keep], zc[keep], scale_idx[keep]
-    peak = _local_max_at(value_at, (n, nu, nv), flat)
+    peak = _local_max_at(value_at, (n, nu, nv), flat, centre=zc)
     flat, zc, scale_idx = flat[peak], zc[peak], scale_idx[peak]
     if len(flat) == 0:
         return np.zeros((0, 5))
