@@ -109,3 +109,26 @@ def test_rows_are_written_part_by_part_as_their_concatenation(tmp_path, sizes):
     want = np.concatenate(parts) if parts else np.zeros((0, 5), np.float32)
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_stored_stacks_are_copied_into_the_result_as_they_are(tmp_path, local):
+    """A stage's zarr stack goes into the result with its values, dtype and chunks; the
+    local copy is of files (checksummed chunks as stored) and stays apart from its
+    source, which a later run may rewrite in place."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from spedflow.io import create_array
+    from spedflow.workflows._common import _copy_stored
+    rng = np.random.default_rng(3)
+    stack = rng.random((5, 6, 7)).astype(np.float32)
+    src_group = zarr.open_group(str(tmp_path / "cache.zarr") if local else MemoryStore(), mode="w")
+    source = create_array(src_group, "images", stack.shape, stack.dtype, chunks=(1, 6, 7))
+    source[...] = stack
+    result = zarr.open_group(str(tmp_path / "r.zarr"), mode="w")
+    _copy_stored(source, result.require_group("vdf"), "images")
+    source[0] = -1  # the cache rewritten after the result was made
+    got = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["vdf/images"]
+    assert got.dtype == np.float32 and got.chunks == (1, 6, 7)
+    np.testing.assert_array_equal(got[...], stack)

@@ -361,9 +361,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "segments/maps": merged.summed.astype(np.float32),
         "segments/patterns": patterns.astype(np.float32),
         "vectors": vectors.astype(np.float32),
-        "vdf/images": da.from_zarr(images).rechunk(slab_chunks(images)),
-        # streamed from the stage cache, ~16 MB per chunk like the result's other stacks
-        "vdf/labels": da.from_zarr(labels).rechunk(slab_chunks(labels)),
+        # copied from the stage cache as they are stored there: one image per chunk
+        "vdf/images": images,
+        "vdf/labels": labels,
         "vdf/segment_vectors": table,
         "vdf/segment_intensities": inten,
         "peaks": peaks_table,
