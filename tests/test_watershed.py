@@ -352,8 +352,9 @@ def test_noisy_large_crystal_is_one_segment():
 
 
 def test_small_crystals_are_not_smoothed():
-    """Crystals under ~40 px across (inscribed radius / 20 < 1 px): identical labels
-    with and without the automatic smoothing; an explicit width is applied."""
+    """Crystals ~20 px across (inscribed radius ~10 px, where the automatic width has
+    ramped down to none): identical labels with and without the automatic smoothing;
+    an explicit width is applied."""
     rng = np.random.default_rng(4)
     truth = np.zeros((64, 64), bool)
     truth[10:30, 12:32] = True
@@ -381,3 +382,32 @@ def test_label_maxima_equal_scipy():
     for i in rng.choice(idx, 20, replace=False):  # the first maximal pixel in raster order
         first = np.flatnonzero((labels == i) & (values == height[i - 1]))[0]
         assert tuple(where[i - 1]) == np.unravel_index(first, values.shape)
+
+
+def test_automatic_smoothing_width_has_no_step():
+    """None up to an inscribed radius of 10 px, one pixel at 20 px, a twentieth of the
+    radius beyond; continuous and non-decreasing in between (no radius at which two
+    images of one crystal, measured a pixel apart, are treated very differently)."""
+    from spedflow.segment._watershed import auto_smooth_width
+    r = np.linspace(0, 60, 60001)
+    w = np.array([auto_smooth_width(v) for v in r])
+    assert (w[r <= 10] == 0).all()
+    assert auto_smooth_width(20.0) == pytest.approx(1.0)
+    np.testing.assert_allclose(w[r >= 20], r[r >= 20] / 20)
+    assert (np.diff(w) >= 0).all()
+    assert np.abs(np.diff(w)).max() <= 0.1 * (r[1] - r[0]) + 1e-12  # Lipschitz: no jumps
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noisy_crystal_just_under_forty_pixels_is_one_segment(seed):
+    """A 39 px crystal at ~2 counts per scan pixel over 0.2: its noisy mask measures an
+    inscribed radius of 18-19 px, under the 20 px where the width reaches one pixel.
+    Unsmoothed its holes and bridges cut it into pieces; the ramped width keeps it whole."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((120, 120), bool)
+    truth[30:69, 40:79] = True
+    img = rng.poisson(np.where(truth, 2.0, 0.2)).astype(float)
+    auto = watershed_image(img)
+    assert auto.max() == 1
+    assert (truth & (auto == 1)).sum() / (truth | (auto == 1)).sum() > 0.85
+    assert watershed_image(img, WatershedParams(smooth=0)).max() > 5

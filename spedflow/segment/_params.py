@@ -32,8 +32,10 @@ class WatershedParams:
     smooth : float or None
         Width (scan pixels) of a Gaussian applied to the image before the threshold
         mask and the Sobel elevation; 0: none (the paper). ``None`` (default): a
-        twentieth of the largest inscribed radius of the image's mask, and none when
-        that is under one pixel (crystals under ~40 scan pixels across). Counting
+        twentieth of the largest inscribed radius of the image's mask for crystals over
+        ~40 scan pixels across, ramping down to none at ~20 px across and below
+        (``segment._watershed.auto_smooth_width``: no step at which two images of one
+        crystal could be treated differently). Counting
         noise punches holes and one-pixel bridges into a crystal's mask wherever its
         signal is within a few noise levels of the threshold; each makes necks that
         cut the crystal apart, and their number grows with the crystal's area in scan

@@ -14,7 +14,8 @@ what distinguishes two touching crystals from one crystal with a rough outline.
 Nearby markers are merged with a size-relative distance instead of a fixed 5.5 px.
 Images of crystals over ~40 scan pixels across are smoothed by a twentieth of the
 crystal's size first (``WatershedParams.smooth``): counting noise riddles the mask of a
-large crystal with holes and bridges that would cut it into hundreds of pieces.
+large crystal with holes and bridges that would cut it into hundreds of pieces. Between
+~20 and ~40 px across the width grows from zero to one pixel (:func:`auto_smooth_width`).
 
 Limitation (shared with the paper): the split uses the shape of the mask only. Two
 crystals that overlap so much that the mask has no neck (for equal discs, centre
@@ -35,11 +36,13 @@ from skimage.segmentation import watershed
 from ..errors import InputError
 from ._params import WatershedParams
 
-__all__ = ["watershed_image", "segments_from_labels"]
+__all__ = ["watershed_image", "segments_from_labels", "auto_smooth_width"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 #: Automatic smoothing width = largest inscribed radius of the mask / this.
 SMOOTH_FRACTION = 20.0
+#: ... from this inscribed radius (px) on; below it the width ramps down to none at half of it.
+SMOOTH_FULL_RADIUS = SMOOTH_FRACTION
 # Median absolute deviation -> standard deviation of Gaussian noise.
 _MAD_TO_SIGMA = 1.4826
 # Distance-transform dynamics below one pixel are discretisation, not shape.
@@ -183,27 +186,45 @@ def _threshold_mask(image: np.ndarray, method: str) -> np.ndarray:
     return image > t
 
 
+def auto_smooth_width(radius: float) -> float:
+    """The automatic smoothing width (px) for a mask whose largest inscribed radius is
+    ``radius`` px: ``radius / SMOOTH_FRACTION`` from ``SMOOTH_FULL_RADIUS`` on (one
+    pixel there), falling linearly to none at half that radius, none below.
+
+    Continuous in ``radius``: the radius measured on a noisy mask scatters by a few
+    pixels, and with a step from none to one pixel at a threshold two images of one
+    crystal (a Friedel pair's) could fall on either side of it, one left in pieces by
+    its noise and the other whole (a 57 px crystal on a 512 x 512 scan, measured
+    radii 19.85 and 20.25 px: ten pieces and one).
+    """
+    full = SMOOTH_FULL_RADIUS
+    if radius >= full:
+        return radius / SMOOTH_FRACTION
+    start = full / 2
+    return max(0.0, (radius - start) / (full - start)) * (full / SMOOTH_FRACTION)
+
+
 def _smoothed_mask(image: np.ndarray, params: WatershedParams):
     """The image the watershed floods (Gaussian-smoothed) and its threshold mask.
 
-    ``params.smooth`` None: a width of ``R / SMOOTH_FRACTION``, where ``R`` is the
-    largest inscribed radius of the unsmoothed mask (holes filled, features under
-    3 px removed), and none below one scan pixel. Counting noise punches holes and
+    ``params.smooth`` None: :func:`auto_smooth_width` of ``R``, the largest inscribed
+    radius of the unsmoothed mask (holes filled, features under 3 px removed): a
+    twentieth of it, ramping down to none for crystals under ~20 px across. Counting noise punches holes and
     leaves one-pixel bridges in a crystal's mask wherever its signal is within a few
     noise levels of the threshold (about 5 % of the mask in the simulated VDF images,
     at any scan size); each seeds distance-transform maxima and necks, so the number
     of pieces a crystal is cut into grows with its area in scan pixels: a 512 x 512
     scan of the ten-crystal simulation gave hundreds per VDF image. Blurring by a
     twentieth of the crystal's size removes them and moves its outline by far less
-    than the watershed's neck criterion can see; crystals under ~40 px across are
+    than the watershed's neck criterion can see; crystals under ~20 px across are
     left as they are.
     """
     sigma = params.smooth
     if sigma is None:
         mask = _threshold_mask(image, params.threshold)
         core = ndi.binary_opening(ndi.binary_fill_holes(mask), _EIGHT)
-        sigma = float(ndi.distance_transform_edt(core).max()) / SMOOTH_FRACTION
-        if sigma < 1.0:
+        sigma = auto_smooth_width(float(ndi.distance_transform_edt(core).max()))
+        if sigma == 0:
             return image, mask
     if not sigma:
         return image, _threshold_mask(image, params.threshold)
