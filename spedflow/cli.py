@@ -222,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"spedflow: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER
+    except ValueError as exc:
+        if args.verbose:
+            raise
+        if "checksum" in str(exc).lower():  # zarr's CRC32C codec: a damaged chunk file
+            print(f"spedflow: error: a chunk of a store is damaged ({_one_line(exc)}); "
+                  f"`spedflow info --verify STORE` names it", file=sys.stderr)
+            return EXIT_USER
+        print(f"spedflow: internal error: ValueError: {_one_line(exc)} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     except Exception as exc:  # a bug: still one line unless -v
         if args.verbose:
             raise
@@ -296,13 +306,24 @@ def _parse_set(items):
     return out
 
 
+def _local(args):
+    """``local`` for :func:`spedflow.segment`: True with --no-cluster; False when a local
+    cluster's shape is given (--workers, --threads, --memory-limit); else None, the
+    API's rule (in this process under 1 GB of data, else a local cluster)."""
+    if args.no_cluster:
+        return True
+    if any(v is not None for v in (args.workers, args.threads, args.memory_limit)):
+        return False
+    return None
+
+
 def cmd_segment(args) -> int:
     from . import api
     overrides = _parse_set(args.set)
     result = api.segment(
         args.store, method=args.method, out=args.out, config=args.config, overrides=overrides,
         cache=args.cache, overwrite=args.overwrite, scheduler=args.scheduler, n_workers=args.workers,
-        threads_per_worker=args.threads, memory_limit=args.memory_limit, local=args.no_cluster,
+        threads_per_worker=args.threads, memory_limit=args.memory_limit, local=_local(args),
         tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         progress=_progress(args))
     print(f"wrote {result}")

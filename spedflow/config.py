@@ -9,6 +9,7 @@ the key, so a typo cannot silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +35,8 @@ def check_range(name: str, value, *, low=None, high=None, low_open=False,
         raise ParameterError(f"`{name}` must be a whole number (got {value!r})")
     if value != value:  # NaN
         raise ParameterError(f"`{name}` must be a number (got NaN)")
+    if value in (math.inf, -math.inf):
+        raise ParameterError(f"`{name}` must be finite (got {value!r})")
     if low is not None and (value < low or (low_open and value == low)):
         rel = ">" if low_open else ">="
         raise ParameterError(f"`{name}` must be {rel} {low} (got {value!r})")
@@ -104,6 +107,8 @@ def read_toml(path: str | Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ParameterError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ParameterError(f"config file {str(p)!r} is not a text (TOML) file") from None
 
 
 def to_toml(data: Mapping[str, Any]) -> str:

@@ -24,7 +24,11 @@ def run_demo(out="spedflow-demo", *, scan=(64, 64), detector: int = 128, seed: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "simulated.zarr"
-    if not store.exists() or overwrite:
+    wanted = {"scan": [int(s) for s in scan], "detector": [int(detector)] * 2, "seed": int(seed)}
+    made = _simulated_with(store)
+    if made != wanted or overwrite:
+        if made is not None and made != wanted:  # another --seed/--scan/--detector than last time
+            _say(f"{store} was simulated with {made}; simulating it again with {wanted}", progress)
         _say(f"simulating {scan[0]}x{scan[1]} patterns of {detector}x{detector} px -> {store}", progress)
         simulate(store, scan=scan, detector=detector, seed=seed, overwrite=True, progress=progress)
     rows = []
@@ -48,6 +52,19 @@ def run_demo(out="spedflow-demo", *, scan=(64, 64), detector: int = 128, seed: i
         "<table border=1 cellpadding=4><tr><th>report</th><th>recall</th><th>precision</th>"
         f"<th>mean IoU</th></tr>{body}</table>")
     return index
+
+
+def _simulated_with(store: Path) -> dict | None:
+    """The scan, detector and seed an earlier demo simulated ``store`` with (None: no
+    readable demo store there)."""
+    if not store.exists():
+        return None
+    try:
+        import zarr
+        sim = zarr.open_group(str(store), mode="r").attrs["spedflow"]["simulation"]
+        return {"scan": list(sim["scan"]), "detector": list(sim["detector"]), "seed": int(sim["seed"])}
+    except Exception:  # not a finished demo store: simulate it again
+        return {}
 
 
 def _say(text: str, enabled: bool) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import InputError, ParameterError
-from .io import DATA, atomic_store, create_array, nav_chunks
+from .io import DATA, atomic_store, create_array, creation_stamp, nav_chunks
 from .io._store import check_4d
 
 __all__ = ["from_array", "to_hyperspy"]
@@ -72,8 +72,8 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
     meta = {"kind": "input", "version": __version__, "source": source, "format": "array",
             "original_shape": list(arr.shape), "original_dtype": str(arr.dtype),
             "scan_step": _calib(scan_step, "nm"), "reciprocal_scale": _calib(reciprocal_scale, "1/nm"),
-            "complete": False}
-    with atomic_store(dest, overwrite=overwrite) as tmp:
+            "created": creation_stamp(), "complete": False}
+    with atomic_store(dest, overwrite=overwrite, replaces="input") as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         z = create_array(root, DATA, arr.shape, arr.dtype, chunks=chunks)
         from . import cluster

@@ -52,6 +52,13 @@ def files(tmp_path_factory, sim_store):
     (d / "bad.toml").write_text("[peaks]\nthreshold = \n")
     (d / "unknown.toml").write_text("[peaks]\nthreshhold = 3\n")
     (d / "unknown_section.toml").write_text("[peak]\nthreshold = 3\n")
+    (d / "binary.toml").write_bytes(bytes(range(256)))
+    from_array(good, d / "damaged.zarr", progress=False)
+    chunk = next(p for p in sorted((d / "damaged.zarr" / "data").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: the chunk's CRC32C no longer matches
+    chunk.write_bytes(bytes(raw))
     return d, Path(sim_store)
 
 
@@ -95,6 +102,28 @@ CASES = [
     ("segment-nmf-too-many-components", ["segment", "{s}", "--method", "nmf", "--out", "{d}/r14.zarr",
                                          "--set", "nmf.n_components=100000", "--no-cluster"],
      "n_components"),
+    ("segment-result-is-the-input", ["segment", "{s}", "--out", "{s}", "--overwrite"], "must not be"),
+    ("segment-result-inside-the-input", ["segment", "{s}", "--out", "{s}/r.zarr"], "must not be"),
+    ("segment-overwrite-a-folder", ["segment", "{s}", "--out", "{d}/exists.zarr", "--overwrite"],
+     "not a spedflow result store"),
+    ("segment-overwrite-the-working-folder", ["segment", "{s}", "--out", ".", "--overwrite"],
+     "not a spedflow result store"),
+    ("segment-overwrite-an-input-store", ["segment", "{s}", "--out", "{d}/zeros.zarr", "--overwrite"],
+     "not a spedflow result store"),
+    ("segment-disc-wider-than-detector", ["segment", "{s}", "--out", "{d}/r15.zarr", "--set",
+                                          "vdf.radius=500", "--no-cluster"], "vdf.radius"),
+    ("segment-infinite-radius", ["segment", "{s}", "--out", "{d}/r16.zarr", "--set", "vdf.radius=inf",
+                                 "--no-cluster"], "finite"),
+    ("segment-marker-wider-than-scan", ["segment", "{s}", "--out", "{d}/r17.zarr", "--set",
+                                        "watershed.marker_radius=1000", "--no-cluster"], "marker_radius"),
+    ("segment-min-patterns-above-scan", ["segment", "{s}", "--out", "{d}/r18.zarr", "--set",
+                                         "vectors.min_patterns=100000", "--no-cluster"], "min_patterns"),
+    ("segment-config-binary", ["segment", "{s}", "--out", "{d}/r19.zarr", "--config", "{d}/binary.toml"],
+     "not a text"),
+    ("simulate-overwrite-a-folder", ["simulate", "{d}/exists.zarr", "--scan", "8", "--overwrite"],
+     "not a spedflow input store"),
+    ("segment-damaged-chunk", ["segment", "{d}/damaged.zarr", "--out", "{d}/r20.zarr", "--no-cluster"],
+     "damaged"),
     ("evaluate-no-truth", ["evaluate", "{d}/r-none.zarr", "{d}/zeros.zarr"], "does not exist"),
     ("params-bad-method", ["params", "kmeans"], "invalid choice"),
     ("report-missing", ["report", "{d}/nope.zarr", "--out", "{d}/rep"], "does not exist"),
@@ -182,3 +211,19 @@ def test_quiet_keeps_warnings_about_the_data(verbose, quiet, level):
             h.setLevel(lv)
     args = build_parser().parse_args(["info", "x.zarr"] + (["-" + "q" * quiet] if quiet else []))
     assert args.quiet == quiet
+
+
+@pytest.mark.parametrize("argv, local", [
+    ([], None),                                   # the API's rule: in-process under 1 GB
+    (["--no-cluster"], True),
+    (["--workers", "2"], False),                  # a local cluster's shape: start one
+    (["--threads", "1"], False),
+    (["--memory-limit", "1GB"], False),
+])
+def test_segment_runs_in_process_unless_a_cluster_is_asked_for(argv, local):
+    """Without options the CLI leaves the choice to the API (in this process for data
+    under 1 GB, as the README says); --workers/--threads/--memory-limit ask for a local
+    cluster whatever the size; --no-cluster never starts one."""
+    from spedflow.cli import _local, build_parser
+    args = build_parser().parse_args(["segment", "s.zarr", "--out", "r.zarr", *argv])
+    assert _local(args) is local

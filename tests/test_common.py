@@ -132,3 +132,27 @@ def test_stored_stacks_are_copied_into_the_result_as_they_are(tmp_path, local):
     got = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["vdf/images"]
     assert got.dtype == np.float32 and got.chunks == (1, 6, 7)
     np.testing.assert_array_equal(got[...], stack)
+
+
+@pytest.mark.parametrize("clip", [None, 400.0])
+def test_a_clipped_beam_is_warned_about(caplog, clip):
+    """A direct beam clipped flat (an 8-bit camera at high dose) is reported even when its
+    half-maximum radius still measures the beam; an unclipped one is not."""
+    import logging
+
+    from spedflow.workflows._common import beam_scales
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:48, :48]
+    frames = []
+    for _ in range(40):
+        cy, cx = 24 + rng.uniform(-1, 1, 2)
+        beam = 1000.0 * (np.hypot(yy - cy, xx - cx) <= 3.0)
+        for gy, gx in ((-12, 5), (12, -5), (4, 14), (-4, -14)):  # precession discs, beam-sized
+            beam += 150.0 * (np.hypot(yy - cy - gy, xx - cx - gx) <= 3.0)
+        f = rng.poisson(beam + 2.0).astype(np.float32)
+        frames.append(f if clip is None else np.minimum(f, clip))
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        radius, glare = beam_scales(np.stack(frames))
+    warned = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    assert radius == pytest.approx(3.0, abs=0.6) and glare is None
+    assert bool(warned) == (clip is not None), warned

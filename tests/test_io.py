@@ -367,14 +367,20 @@ def test_destination_exists_is_untouched(tmp_path):
     with pytest.raises(StoreExistsError, match="exists; pass --overwrite"):
         ingest(tmp_path / "x.npy", dest, progress=False)
     assert _tree_digest(dest) == before
-    # overwrite with a source that fails: still untouched, no partial left behind
+    # --overwrite replaces only a spedflow input store, never another folder
+    with pytest.raises(StoreExistsError, match="not a spedflow store"):
+        ingest(tmp_path / "x.npy", dest, overwrite=True, progress=False)
+    assert _tree_digest(dest) == before
+    # overwriting an input store with a source that fails: untouched, no partial left behind
+    store = ingest(tmp_path / "x.npy", tmp_path / "y.zarr", progress=False)
+    before = _tree_digest(store)
     (tmp_path / "bad.npy").write_bytes(b"garbage")
     with pytest.raises(InputError):
-        ingest(tmp_path / "bad.npy", dest, overwrite=True, progress=False)
-    assert _tree_digest(dest) == before
+        ingest(tmp_path / "bad.npy", store, overwrite=True, progress=False)
+    assert _tree_digest(store) == before
+    assert not (tmp_path / "y.zarr.partial").exists()
     # a real overwrite replaces it
-    _check_store(ingest(tmp_path / "x.npy", dest, overwrite=True, progress=False), x)
-    assert not (dest / "precious.txt").exists()
+    _check_store(ingest(tmp_path / "x.npy", store, overwrite=True, progress=False), x)
 
 
 def test_source_equals_destination_refused(tmp_path):

@@ -32,7 +32,8 @@ from ..config import check_range
 from ..errors import ParameterError
 from ._progress import ProgressBar
 from ._readers import open_source
-from ._store import DATA, TARGET_CHUNK_BYTES, atomic_store, check_destination, create_array, nav_chunks
+from ._store import (DATA, TARGET_CHUNK_BYTES, atomic_store, check_destination, create_array,
+                     creation_stamp, nav_chunks)
 
 __all__ = ["ingest"]
 
@@ -95,7 +96,7 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     if srcp.resolve() == dest.resolve() or dest.resolve() in srcp.resolve().parents \
             or srcp.resolve() in dest.resolve().parents:
         raise ParameterError(f"destination {str(dest)!r} must not be (or contain, or lie inside) the source")
-    check_destination(dest, overwrite)
+    check_destination(dest, overwrite, replaces="input")
     cal = {"scan_step": _parse_calibration("scan_step", scan_step, "nm"),
            "reciprocal_scale": _parse_calibration("reciprocal_scale", reciprocal_scale, "1/nm")}
 
@@ -115,14 +116,15 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     attrs = {"kind": "input", "version": __version__, "source": meta["source"],
              "format": meta["format"], "original_shape": meta["original_shape"],
              "original_dtype": meta["original_dtype"], "scan_step": meta["scan_step"],
-             "reciprocal_scale": meta["reciprocal_scale"], "complete": False}
+             "reciprocal_scale": meta["reciprocal_scale"], "created": creation_stamp(),
+             "complete": False}
     for k in ("dataset", "original_source"):
         if k in meta:
             attrs[k] = meta[k]
 
     grid = tuple(math.ceil(s / u) for s, u in zip(data.shape[:2], unit[:2]))
     unit_bytes = math.prod(unit) * native.itemsize
-    with atomic_store(dest, overwrite=overwrite, keep_partial=True) as tmp:
+    with atomic_store(dest, overwrite=overwrite, keep_partial=True, replaces="input") as tmp:
         done = _prepare_partial(tmp, signature, data.shape, native, chunks, shards, attrs)
         todo = [idx for idx in np.ndindex(*grid) if idx not in done]
         bar = ProgressBar(math.prod(grid), unit_bytes, label=f"ingest {dest.name} ",

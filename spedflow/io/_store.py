@@ -26,11 +26,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from ..errors import InputError, StoreExistsError
+from ..errors import InputError, ParameterError, StoreExistsError
 
 __all__ = [
     "DATA", "TARGET_CHUNK_BYTES", "compressors", "nav_chunks", "create_array",
-    "open_input", "read_meta", "atomic_store", "check_destination", "verify_store",
+    "open_input", "read_meta", "atomic_store", "check_destination", "creation_stamp", "verify_store",
     "is_local", "path_exists",
 ]
 
@@ -90,24 +90,76 @@ def path_exists(path) -> bool:
     return fs.exists(p)
 
 
-def check_destination(path, overwrite: bool) -> None:
-    """Refuse an existing destination unless ``overwrite``; never delete here."""
-    if path_exists(path) and not overwrite:
+def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None = None) -> None:
+    """Refuse a destination that would lose data; never delete here.
+
+    Parameters
+    ----------
+    path : the store to be written.
+    overwrite : an existing ``path`` may be replaced (else it is refused).
+    sources : paths being read (the input store): ``path`` must not be one of them,
+        contain one or lie inside one (replacing it would delete the data being read).
+    replaces : ``"result"`` or ``"input"``: with ``overwrite``, an existing ``path`` is
+        replaced only if it is a spedflow store of that kind, never another folder or
+        file that happens to be there (a project directory, a raw scan).
+    """
+    if is_local(path):
+        dest = Path(str(path).removeprefix("file://")).expanduser().absolute().resolve()
+        for src in sources:
+            if not is_local(src):
+                continue
+            s = Path(str(src).removeprefix("file://")).expanduser().absolute().resolve()
+            if dest == s or dest in s.parents or s in dest.parents:
+                raise ParameterError(f"destination {str(path)!r} must not be (or contain, or "
+                                     f"lie inside) the input {str(src)!r}")
+    if not path_exists(path):
+        return
+    if not overwrite:
         raise StoreExistsError(f"destination {str(path)!r} exists; pass --overwrite to replace it")
+    if replaces is not None and is_local(path):
+        kind = _spedflow_kind(Path(str(path).removeprefix("file://")))
+        if kind != replaces:
+            what = "a file" if Path(str(path).removeprefix("file://")).is_file() else \
+                ("a spedflow " + kind + " store" if kind else "not a spedflow store")
+            raise StoreExistsError(f"destination {str(path)!r} exists and is {what}, not a spedflow "
+                                   f"{replaces} store: not replacing it (choose another destination "
+                                   f"or remove it yourself)")
+
+
+def _spedflow_kind(path: Path) -> str | None:
+    """``attrs["spedflow"]["kind"]`` of the Zarr group at ``path`` (None: not one)."""
+    if not (path / "zarr.json").is_file():
+        return None
+    try:
+        meta = zarr.open_group(str(path), mode="r").attrs.get("spedflow", {})
+    except Exception:  # unreadable metadata: not something spedflow wrote
+        return None
+    return meta.get("kind") if isinstance(meta, dict) else None
+
+
+def creation_stamp() -> str:
+    """A unique mark for a newly written input store (UTC time and a random id): the
+    stage cache keys on it, so a store written again at the same path, with other
+    data, never reuses the stages of the old one."""
+    import datetime
+    import uuid
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{now}-{uuid.uuid4().hex[:12]}"
 
 
 @contextmanager
 def atomic_store(path, *, overwrite: bool = False, partial_suffix: str = ".partial",
-                 keep_partial: bool = False):
+                 keep_partial: bool = False, sources=(), replaces: str | None = None):
     """Write a store under a temporary name and rename it into place when done.
 
     Yields the temporary path. On success an existing ``path`` (allowed only with
-    ``overwrite``) is replaced. On failure the temporary store is removed unless
-    ``keep_partial`` (used by resumable ingest), so a crash never leaves something
-    at ``path`` that looks finished.
+    ``overwrite``, and with ``sources`` and ``replaces`` as for
+    :func:`check_destination`) is replaced. On failure the temporary store is removed
+    unless ``keep_partial`` (used by resumable ingest), so a crash never leaves
+    something at ``path`` that looks finished.
     """
     path = Path(path)
-    check_destination(path, overwrite)
+    check_destination(path, overwrite, sources=sources, replaces=replaces)
     tmp = path.with_name(path.name + partial_suffix)
     if tmp.exists() and not keep_partial:
         shutil.rmtree(tmp)

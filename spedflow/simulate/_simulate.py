@@ -19,7 +19,7 @@ import zarr
 from .._version import __version__
 from ..config import check_range, params_from_dict, params_to_dict
 from ..errors import ParameterError
-from ..io import DATA, atomic_store, create_array, nav_chunks
+from ..io import DATA, atomic_store, create_array, creation_stamp, nav_chunks
 from ..io._progress import ProgressBar
 from . import _kernels as K
 from ._scene import SimParams, make_scene, scene_attrs
@@ -102,7 +102,7 @@ def _meta(scene: dict, params: SimParams, shape, dtype, crystals: int) -> dict:
             "simulation": {"scan": list(scene["scan"]), "detector": [Ky, Kx],
                            "crystals": crystals, "seed": scene["seed"],
                            "params": params_to_dict(params)},
-            "complete": True}
+            "created": creation_stamp(), "complete": True}
 
 
 # --------------------------------------------------------------------------- public
@@ -184,7 +184,7 @@ def simulate(dest: str | os.PathLike, *, scan: int | tuple[int, int] = (64, 64),
     cy, cx = chunks if chunks is not None else nav_chunks(shape, dtype)[:2]
     cy, cx = min(cy, scan[0]), min(cx, scan[1])
     dest = Path(dest)
-    with atomic_store(dest, overwrite=overwrite) as tmp:
+    with atomic_store(dest, overwrite=overwrite, replaces="input") as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         data = create_array(root, DATA, shape, dtype, chunks=(cy, cx, *detector))
         _write_truth(root, scene)

@@ -60,16 +60,26 @@ class Plan:
 def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
     """Open and check the input, refuse an existing result; compute nothing big."""
     arr, meta = open_input(store)
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, sources=[store], replaces="result")
     _sample_check(arr, store)
     return Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
 
 
 def store_identity(store, arr, meta: dict) -> dict:
-    """What identifies an input store's data in the cache keys (stable while it is written)."""
-    return {"store": str(Path(str(store)).resolve()) if "://" not in str(store) else str(store),
+    """What identifies an input store's data in the cache keys (stable while it is written).
+
+    Besides the path, shape, dtype and chunks: the mark spedflow writes into every new
+    input store (``created``, :func:`spedflow.io.creation_stamp`) and, for a local store,
+    the modification time of its ``data`` array's metadata, so that a store written
+    again at the same path (another simulation, a re-ingest with another byte order)
+    never reuses the stages of the old data. Chunks landing in a store being written
+    touch neither."""
+    local = "://" not in str(store) or str(store).startswith("file://")
+    meta_file = Path(str(store).removeprefix("file://")) / "data" / "zarr.json" if local else None
+    return {"store": str(Path(str(store)).resolve()) if local else str(store),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-            "source": meta.get("source"), "created": meta.get("created")}
+            "source": meta.get("source"), "created": meta.get("created"),
+            "data_written": meta_file.stat().st_mtime_ns if meta_file and meta_file.is_file() else None}
 
 
 def validate(plan: "Plan", cfg) -> None:
@@ -79,6 +89,27 @@ def validate(plan: "Plan", cfg) -> None:
     if ny % b or nx % b:
         raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
                              f"({ny}, {nx}); choose a divisor or crop the scan")
+    # lengths on the detector must fit inside it (a disc wider than the detector makes
+    # masks of every pixel for every vector: gigabytes, and no image), lengths on the
+    # scan inside the scan
+    half_k, scan_side = min(ky, kx) / 2, max(ny // b, nx // b)
+    for section, name, limit, where in (
+            ("preprocess", "beam_radius", half_k, "detector"), ("peaks", "min_sigma", half_k, "detector"),
+            ("peaks", "max_sigma", half_k, "detector"), ("vectors", "cluster_radius", half_k, "detector"),
+            ("vectors", "beam_exclusion_radius", half_k, "detector"),
+            ("vectors", "edge_margin", half_k, "detector"), ("vdf", "radius", half_k, "detector"),
+            ("watershed", "marker_radius", scan_side, "scan")):
+        value = getattr(getattr(cfg, section, None), name, None)
+        if value is not None and value >= limit:
+            shape = f"{ky} x {kx} px detector" if where == "detector" else \
+                f"{ny // b} x {nx // b} scan" + (f" (binned by {b})" if b > 1 else "")
+            bound = "half its smaller side" if where == "detector" else "its larger side"
+            raise ParameterError(f"`{section}.{name}` = {value:g} px does not fit the {shape}: "
+                                 f"it must be < {limit:g} ({bound})")
+    min_patterns = getattr(getattr(cfg, "vectors", None), "min_patterns", None)
+    if min_patterns is not None and min_patterns > (ny // b) * (nx // b):
+        raise ParameterError(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
+                             f"patterns ({(ny // b) * (nx // b)}): no vector could be found")
     n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)
     if n_comp is not None and n_comp > min((ny // b) * (nx // b), ky * kx):
         raise ParameterError(f"`nmf.n_components` = {n_comp} exceeds what the data allows: "
@@ -556,6 +587,9 @@ def beam_scales(frames: np.ndarray) -> tuple[float, float | None]:
                         "overstates it; using the diffraction spots' radius %.2f px instead (set "
                         "preprocess.beam_radius to choose)", radius, spots)
             return float(spots), float(frames.max())
+        log.warning("the direct beam is clipped (saturated at %g) in the patterns sampled: its "
+                    "centre comes from the plateau's edge, and intensities at the beam are not "
+                    "measured", float(frames.max()))
     return float(radius), None
 
 
@@ -574,7 +608,7 @@ def write_result(plan: Plan, method: str, cfg, arrays: dict, attrs: dict, timer:
     (streamed chunk by chunk), :class:`Rows` (a table streamed part by part) or zarr
     arrays (a stage's stack, copied as stored: :func:`_copy_stored`).
     """
-    with atomic_store(plan.out, overwrite=plan.overwrite) as tmp:
+    with atomic_store(plan.out, overwrite=plan.overwrite, sources=[plan.store], replaces="result") as tmp:
         root = zarr.open_group(str(tmp), mode="w")
         for name, value in arrays.items():
             parent, _, leaf = name.rpartition("/")

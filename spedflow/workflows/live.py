@@ -101,7 +101,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     from ..io import check_destination
     from ._common import Plan, store_identity
 
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, sources=[store], replaces="result")
     cfg = load_config(method, config)
     if config is None and method == "nmf":  # per-chunk alignment needs no descan fit
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))

@@ -1,0 +1,26 @@
+"""``spedflow demo`` simulates again when asked for another data set than last time."""
+
+from __future__ import annotations
+
+import zarr
+
+from spedflow.demo import run_demo
+
+
+def _made(store):
+    meta = zarr.open_group(str(store), mode="r").attrs["spedflow"]
+    return meta["simulation"]["seed"], meta["created"]
+
+
+def test_demo_follows_its_options_in_an_existing_folder(tmp_path):
+    """A second demo in the same folder with another --seed simulates that seed (it used to
+    reuse the old store silently); the same options again reuse the store."""
+    kw = dict(scan=(24, 24), detector=32, progress=False)
+    run_demo(tmp_path, seed=0, **kw)
+    seed0 = _made(tmp_path / "simulated.zarr")
+    run_demo(tmp_path, seed=1, **kw)
+    seed1 = _made(tmp_path / "simulated.zarr")
+    assert seed0[0] == 0 and seed1[0] == 1 and seed1[1] != seed0[1]
+    run_demo(tmp_path, seed=1, **kw)
+    assert _made(tmp_path / "simulated.zarr") == seed1
+    assert (tmp_path / "index.html").is_file()

@@ -1,0 +1,93 @@
+"""Writing a result or a store never deletes what it should not: not the input, not a
+folder or file that is not a spedflow store of the kind being written; and a store
+written again at the same path never reuses the old data's cached stages."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+import spedflow
+from spedflow.errors import ParameterError, StoreExistsError
+from spedflow.simulate import simulate
+from spedflow.workflows._common import prepare_run, store_identity
+
+
+def _digest(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture()
+def project(tmp_path, sim_store):
+    """A project folder holding a copy of the input store and a notes file."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copytree(sim_store, proj / "in.zarr")
+    (proj / "notes.txt").write_text("beam time 2026-12-05")
+    return proj
+
+
+@pytest.mark.parametrize("out", ["in.zarr", ".", "in.zarr/res.zarr"])
+def test_result_never_replaces_or_lands_in_the_input(project, out):
+    """The result is refused where it would be, contain or lie inside the input, even with
+    --overwrite; nothing is touched."""
+    before = _digest(project)
+    with pytest.raises(ParameterError, match="must not be"):
+        prepare_run(project / "in.zarr", project / out, overwrite=True)
+    assert _digest(project) == before
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "input store"])
+def test_overwrite_replaces_only_a_result(tmp_path, sim_store, kind):
+    """--overwrite replaces an earlier result, but not a folder, a file or another input
+    store found at the destination."""
+    dest = tmp_path / "out.zarr"
+    if kind == "folder":
+        dest.mkdir()
+        (dest / "precious.txt").write_text("keep me")
+    elif kind == "file":
+        dest.write_bytes(b"raw scan")
+    else:
+        simulate(dest, scan=(8, 8), detector=16, crystals=1, progress=False)
+    before = _digest(tmp_path) if dest.is_dir() else dest.read_bytes()
+    with pytest.raises(StoreExistsError, match="not a spedflow result store"):
+        prepare_run(sim_store, dest, overwrite=True)
+    assert (_digest(tmp_path) if dest.is_dir() else dest.read_bytes()) == before
+
+
+def test_overwrite_replaces_an_earlier_result(tmp_path, sim_store):
+    out = tmp_path / "r.zarr"
+    spedflow.segment(sim_store, method="vdf", out=out, local=True, progress=False)
+    prepare_run(sim_store, out, overwrite=True)  # allowed: an earlier result
+
+
+def test_simulate_overwrites_only_an_input_store(tmp_path):
+    dest = tmp_path / "sim.zarr"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreExistsError, match="not a spedflow input store"):
+        simulate(dest, scan=(8, 8), detector=16, crystals=1, progress=False, overwrite=True)
+    assert (dest / "precious.txt").read_text() == "keep me"
+
+
+def test_a_store_written_again_does_not_reuse_the_old_stages(tmp_path):
+    """Simulated again at the same path with another seed (same shape and chunks), the
+    store gets a new identity, and a run with the same cache gives what a fresh run on
+    the new data gives, not the old data's segments."""
+    store = tmp_path / "s.zarr"
+    kw = dict(scan=(32, 32), detector=48, crystals=4, progress=False)
+    simulate(store, seed=3, **kw)
+    first = store_identity(store, *spedflow.io.open_input(store))
+    out = tmp_path / "r.zarr"
+    spedflow.segment(store, method="vdf", out=out, local=True, progress=False)
+    simulate(store, seed=77, overwrite=True, **kw)
+    assert store_identity(store, *spedflow.io.open_input(store)) != first
+    spedflow.segment(store, method="vdf", out=out, local=True, progress=False, overwrite=True)
+    fresh = tmp_path / "fresh.zarr"
+    spedflow.segment(store, method="vdf", out=fresh, local=True, progress=False)
+    got = zarr.open_group(str(out), mode="r")["segments/maps"][...]
+    want = zarr.open_group(str(fresh), mode="r")["segments/maps"][...]
+    np.testing.assert_array_equal(got, want)
