@@ -104,6 +104,10 @@ def _write_tiff(path: Path, data: np.ndarray, kind: str, cal: Calibration):
     tifffile.imwrite(path, data, imagej=True, metadata=md, **kwargs)
 
 
+#: File extension of each format.
+_EXT = {"npy": "npy", "tiff": "tif", "hspy": "hspy"}
+
+
 def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write the segment maps and patterns of a result in the requested formats.
 
@@ -134,6 +138,12 @@ def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> lis
     if out.exists() and not out.is_dir():
         raise InputError(f"`out_dir` {str(out)!r} exists and is not a directory")
     v = load_result(result_path, segments_only=True)
+    # the report draws what it can of a damaged result; an export of half of one would
+    # pass for the whole (or sit next to an earlier export's other half)
+    damaged = [n for n in v.notes if n.startswith(("segments/maps", "segments/patterns"))]
+    if damaged:
+        raise InputError(f"result {str(result_path)!r}: {damaged[0]}; nothing exported "
+                         f"(`spedflow info --verify` names damaged chunks)")
     stacks = {"maps": v.maps, "patterns": v.patterns}
     if all(a is None for a in stacks.values()):
         raise InputError(f"result {str(result_path)!r} has no segments/maps or segments/patterns to export")
@@ -141,7 +151,9 @@ def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> lis
     meta = {**v.meta, "_result_name": Path(str(result_path)).name}
     written: list[Path] = []
     for kind, arr in stacks.items():
-        if arr is None:
+        if arr is None:  # an earlier export's files of a kind this result lacks would pass as its
+            for fmt in fmts:
+                (out / f"segment_{kind}.{_EXT[fmt]}").unlink(missing_ok=True)
             continue
         data = np.ascontiguousarray(arr, dtype=np.float32)
         stem = out / f"segment_{kind}"

@@ -111,3 +111,28 @@ def test_export_bad_inputs(tmp_path, setup, formats, exc, match):
         out.write_text("x")
     with pytest.raises(exc, match=match):
         export_result(path, out, formats=formats)
+
+
+def test_a_damaged_result_is_not_half_exported(tmp_path):
+    """A result whose patterns cannot be read (a flipped byte in a chunk) is an error, and
+    nothing is written; the report may draw what it can, an export may not."""
+    res = make_fake_result(tmp_path / "r.zarr", "vdf")
+    chunk = next(p for p in sorted((res / "segments" / "patterns").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="segments/patterns could not be read"):
+        export_result(res, tmp_path / "out", formats=("npy",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_export_of_a_kind_this_result_lacks_is_removed(tmp_path):
+    """Exporting into a folder that holds another result's export: no file of the other
+    result is left to pass for this one's."""
+    full = make_fake_result(tmp_path / "full.zarr", "vdf")
+    maps_only = make_fake_result(tmp_path / "maps.zarr", "vdf", drop=("segments/patterns",))
+    export_result(full, tmp_path / "out", formats=("npy",))
+    assert (tmp_path / "out" / "segment_patterns.npy").exists()
+    export_result(maps_only, tmp_path / "out", formats=("npy",))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segment_maps.npy"]
