@@ -37,7 +37,7 @@ def _scan(text: str) -> tuple[int, int]:
     if len(s) == 1:
         return (s[0], s[0])
     if len(s) != 2:
-        raise argparse.ArgumentTypeError(f"--scan takes N or NY,NX, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N or NY,NX, got {text!r}")
     return s  # type: ignore[return-value]
 
 
@@ -66,8 +66,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"spedflow: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, unless the help already says its default, or
+    there is none to say (None, False, a count of 0)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or action.default == [] or \
+                (isinstance(action, argparse._CountAction) and not action.default):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     p = _Parser(
         prog="spedflow", formatter_class=fmt,
         description="Out-of-core nanocrystal segmentation of scanning (precession) electron "
@@ -101,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("simulate", "Write a simulated SPED data set of overlapping nanocrystals with ground truth.")
     c.add_argument("dest", help="destination .zarr store")
     c.add_argument("--scan", type=_scan, default=(64, 64), help="scan size N or NY,NX")
-    c.add_argument("--detector", type=_positive_int, default=128, help="detector size in pixels (square)")
+    c.add_argument("--detector", type=_scan, default=(128, 128), help="detector size in pixels: N or NY,NX")
     c.add_argument("--crystals", type=_positive_int, default=10, help="number of crystals")
+    c.add_argument("--shape", choices=("cube", "sphere", "rod", "mixed"), default="cube",
+                   help="crystal shape (mixed: drawn per orientation)")
     c.add_argument("--seed", type=int, default=0, help="random seed")
     c.add_argument("--saturate-8bit", action="store_true", help="clip to 8 bits as on the ASTAR camera")
     c.add_argument("--dose", type=float, help="mean counts per pattern (default: the simulator's)")
@@ -270,6 +284,8 @@ def cmd_simulate(args) -> int:
         kw["saturate"] = "8bit"
     if args.dose is not None:
         kw["dose"] = args.dose
+    if args.shape != "cube":
+        kw["shape"] = args.shape
     simulate(args.dest, scan=args.scan, detector=args.detector, crystals=args.crystals, seed=args.seed,
              overwrite=args.overwrite, progress=_progress(args), **kw)
     print(f"wrote {args.dest}")

@@ -227,3 +227,14 @@ def test_segment_runs_in_process_unless_a_cluster_is_asked_for(argv, local):
     from spedflow.cli import _local, build_parser
     args = build_parser().parse_args(["segment", "s.zarr", "--out", "r.zarr", *argv])
     assert _local(args) is local
+
+
+def test_simulate_takes_a_rectangular_detector_and_a_crystal_shape(tmp_path, capsys):
+    """The CLI offers what the Python API does: a non-square detector and rod/sphere crystals."""
+    import zarr
+    store = tmp_path / "s.zarr"
+    assert main(["simulate", str(store), "--scan", "8,12", "--detector", "16,24", "--crystals", "2",
+                 "--shape", "rod", "-q"]) == 0
+    g = zarr.open_group(str(store), mode="r")
+    assert g["data"].shape == (8, 12, 16, 24)
+    assert g.attrs["spedflow"]["simulation"]["params"]["shape"] == "rod"
