@@ -12,6 +12,8 @@ patterns hold no direct beam).
 
 from __future__ import annotations
 
+import logging
+
 import math
 from pathlib import Path
 
@@ -276,6 +278,12 @@ def evaluate(result_path, store_path, *, iou_threshold: float = 0.5) -> dict:
     tpat = _array(truth, "patterns", twhere, "the truth is incomplete")
     groups = _array(truth, "groups", twhere, "the truth is incomplete") if "groups" in truth else None
     meta = dict(res.attrs.get("spedflow", {}))
+    made = (meta.get("input_meta") or {}).get("created")
+    have = dict(store.attrs.get("spedflow", {})).get("created")
+    if made and have and made != have:
+        logging.getLogger("spedflow").warning(
+            "result %s was made from another store than %s (created %s, not %s): the scores "
+            "compare it with data it was not made from", rwhere, store_path, made, have)
     nav = meta.get("nav_binning", 1)
     if nav is None:
         nav = 1

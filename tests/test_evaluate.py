@@ -198,3 +198,21 @@ def test_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         score_segmentation(args.pop("maps"), args.pop("patterns"), args.pop("truth_masks"),
                            args.pop("truth_patterns"), **args)
+
+
+def test_a_result_scored_against_another_store_is_warned_about(tmp_path, caplog):
+    """The result records the creation mark of the store it was made from; scoring it
+    against another store (here one simulated with another seed) warns, against its own
+    does not."""
+    import logging
+
+    import spedflow
+    from spedflow.simulate import simulate
+    kw = dict(scan=(24, 24), detector=32, crystals=3, progress=False)
+    own, other = simulate(tmp_path / "a.zarr", seed=0, **kw), simulate(tmp_path / "b.zarr", seed=5, **kw)
+    result = spedflow.segment(own, method="vdf", out=tmp_path / "r.zarr", local=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        evaluate(result, own)
+        assert not [r for r in caplog.records if "another store" in r.getMessage()]
+        evaluate(result, other)
+    assert [r for r in caplog.records if "another store" in r.getMessage()]

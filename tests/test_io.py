@@ -346,6 +346,8 @@ def test_bad_inputs_are_one_line(tmp_path):
     (dict(scan_step="fast"), "`scan_step` must look like"),
     (dict(reciprocal_scale=(1.0,)), "`reciprocal_scale` must be \\(value, units\\)"),
     (dict(reciprocal_scale={"value": 1.0}), "keys value and units"),
+    (dict(scan_step="3.03 furlongs"), "are not a length"),
+    (dict(reciprocal_scale=(0.03, "nm")), "are not an inverse length"),
     (dict(bogus=1), "unknown ingest option 'bogus'"),
 ])
 def test_bad_ingest_arguments(tmp_path, kwargs, match):

@@ -246,7 +246,31 @@ def _parse_calibration(name: str, value, default_units: str) -> dict | None:
         raise ParameterError(f"`{name}` must be finite (got {value!r})")
     if not isinstance(units, str) or not units:
         raise ParameterError(f"`{name}` units must be a non-empty string (got {units!r})")
+    if not _known_units(units, reciprocal=name == "reciprocal_scale"):
+        kind = "an inverse length or an angle (1/nm, 1/A, mrad)" if name == "reciprocal_scale" \
+            else "a length (nm, A, pm, um)"
+        raise ParameterError(f"`{name}` units {units!r} are not {kind}")
     return {"value": float(value), "units": units}
+
+
+_LENGTHS = {"m", "cm", "mm", "um", "µm", "μm", "nm", "a", "å", "pm", "px", "pixel", "pixels"}
+
+
+def _known_units(units: str, *, reciprocal: bool) -> bool:
+    """Whether ``units`` name a length (or, ``reciprocal``, an inverse length, an angle,
+    or pixels) in one of the usual spellings: ``nm``, ``1/nm``, ``nm^-1``, ``nm-1``, ``Å⁻¹``."""
+    u = units.strip().lower().replace(" ", "")
+    if not reciprocal:
+        return u in _LENGTHS
+    if u in ("mrad", "rad", "px", "pixel", "pixels"):
+        return True
+    for prefix in ("1/",):
+        if u.startswith(prefix) and u[len(prefix):] in _LENGTHS:
+            return True
+    for suffix in ("^-1", "-1", "⁻¹", "**-1"):
+        if u.endswith(suffix) and u[:-len(suffix)] in _LENGTHS:
+            return True
+    return False
 
 
 def _jsonable(d: dict) -> dict:
