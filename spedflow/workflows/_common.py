@@ -645,7 +645,8 @@ def _copy_stored(source, group, name: str) -> None:
 
     Both on local disk (a stage's stack going into the result): its files are copied,
     metadata and encoded chunks as they are, nothing decoded or re-encoded (a 256 x 256
-    scan's 237 VDF images and labels: 0.05 s instead of 1.4 s through the workers).
+    scan's 237 VDF images and labels are 47 MB of files; decoded, rechunked and encoded
+    again by the workers they took 1.4 s).
     Copies, not links: the result stays whole when the cache is cleared or rewritten.
     Otherwise the workers stream it chunk by chunk.
     """
