@@ -146,20 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing result")
 
     c = add("evaluate", "Score a result against the simulated truth stored in the input store.")
-    c.add_argument("result")
-    c.add_argument("store")
+    c.add_argument("result", help="result store (from segment)")
+    c.add_argument("store", help="the simulated input store it was made from (holds truth/)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     c = add("params", "Print the default parameter file of a workflow (TOML).")
-    c.add_argument("method", choices=("vdf", "nmf"))
+    c.add_argument("method", choices=("vdf", "nmf"), help="workflow")
 
     c = add("report", "Write PNG figures and one self-contained HTML page for a result.")
-    c.add_argument("result")
+    c.add_argument("result", help="result store (from segment)")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--store", help="input store, for difference patterns and truth (default: the result's input)")
 
     c = add("export", "Export segment maps and patterns to npy, tiff and HyperSpy (.hspy) files.")
-    c.add_argument("result")
+    c.add_argument("result", help="result store (from segment)")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--format", action="append", choices=("npy", "tiff", "hspy"),
                    help="formats to write (repeatable; default all)")
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dest", help="destination .zarr store (default NAME.zarr)")
     c.add_argument("--cache-dir", help="download directory (default: pooch's cache)")
     c.add_argument("--url", help="override the download URL (e.g. a mirror)")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing destination store")
 
     c = add("demo", "Simulate a paper-like data set, run both workflows, score them and write the report.")
     c.add_argument("--out", default="spedflow-demo", help="output directory")
@@ -179,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing demo directory's results")
 
     c = add("watch", "Process a store that is still being written by an acquisition; finalise when complete.")
-    c.add_argument("store")
-    c.add_argument("--method", choices=("vdf", "nmf"), default="vdf")
-    c.add_argument("--out", required=True)
-    c.add_argument("--config")
+    c.add_argument("store", help="input store being written (data array created with its full shape)")
+    c.add_argument("--method", choices=("vdf", "nmf"), default="vdf", help="workflow of Bergh et al. 2020")
+    c.add_argument("--out", required=True, help="result store (.zarr)")
+    c.add_argument("--config", help="TOML parameter file (see `spedflow params`)")
     c.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the store")
     c.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds without new data")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing result")
     return p
 
 
