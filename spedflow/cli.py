@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     c = add("info", "Describe a store: shape, dtype, chunks, compression, calibration.")
-    c.add_argument("path")
+    c.add_argument("path", help="input or result store")
     c.add_argument("--verify", action="store_true", help="re-read every chunk and check its checksum")
 
     c = add("segment", "Run a segmentation workflow on a store and write a result store.")
