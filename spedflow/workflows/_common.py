@@ -109,7 +109,8 @@ def validate(plan: "Plan", cfg) -> None:
     min_patterns = getattr(getattr(cfg, "vectors", None), "min_patterns", None)
     if min_patterns is not None and min_patterns > (ny // b) * (nx // b):
         raise ParameterError(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
-                             f"patterns ({(ny // b) * (nx // b)}): no vector could be found")
+                             f"patterns ({(ny // b) * (nx // b)}): no vector could be found; lower it "
+                             f"(e.g. --set vectors.min_patterns=2)")
     n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)
     if n_comp is not None and n_comp > min((ny // b) * (nx // b), ky * kx):
         raise ParameterError(f"`nmf.n_components` = {n_comp} exceeds what the data allows: "
