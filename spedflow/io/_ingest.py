@@ -264,9 +264,8 @@ def _known_units(units: str, *, reciprocal: bool) -> bool:
         return u in _LENGTHS
     if u in ("mrad", "rad", "px", "pixel", "pixels"):
         return True
-    for prefix in ("1/",):
-        if u.startswith(prefix) and u[len(prefix):] in _LENGTHS:
-            return True
+    if u.startswith("1/") and u[2:] in _LENGTHS:
+        return True
     for suffix in ("^-1", "-1", "⁻¹", "**-1"):
         if u.endswith(suffix) and u[:-len(suffix)] in _LENGTHS:
             return True
