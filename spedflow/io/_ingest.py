@@ -93,10 +93,7 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     check_range("chunk_bytes", chunk_bytes, low=1, integer=True)
     dest = Path(dest).expanduser().absolute()
     srcp = Path(src).expanduser().absolute()
-    if srcp.resolve() == dest.resolve() or dest.resolve() in srcp.resolve().parents \
-            or srcp.resolve() in dest.resolve().parents:
-        raise ParameterError(f"destination {str(dest)!r} must not be (or contain, or lie inside) the source")
-    check_destination(dest, overwrite, replaces="input")
+    check_destination(dest, overwrite, sources=[srcp], replaces="input")
     cal = {"scan_step": _parse_calibration("scan_step", scan_step, "nm"),
            "reciprocal_scale": _parse_calibration("reciprocal_scale", reciprocal_scale, "1/nm")}
 
@@ -241,9 +238,7 @@ def _parse_calibration(name: str, value, default_units: str) -> dict | None:
         if len(value) != 2:
             raise ParameterError(f"`{name}` must be (value, units) (got {value!r})")
         value, units = value
-    check_range(name, value, low=0, low_open=True)
-    if not math.isfinite(value):
-        raise ParameterError(f"`{name}` must be finite (got {value!r})")
+    check_range(name, value, low=0, low_open=True)  # finite, > 0
     if not isinstance(units, str) or not units:
         raise ParameterError(f"`{name}` units must be a non-empty string (got {units!r})")
     if not _known_units(units, reciprocal=name == "reciprocal_scale"):

@@ -82,9 +82,14 @@ def is_local(path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+def local_path(path) -> Path | None:
+    """The file-system path of a local ``path`` (``file://`` stripped); None for a URL."""
+    return Path(str(path).removeprefix("file://")) if is_local(path) else None
+
+
 def path_exists(path) -> bool:
     if is_local(path):
-        return Path(str(path).removeprefix("file://")).exists()
+        return local_path(path).exists()
     import fsspec
     fs, p = fsspec.core.url_to_fs(str(path))
     return fs.exists(p)
@@ -103,12 +108,13 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
         replaced only if it is a spedflow store of that kind, never another folder or
         file that happens to be there (a project directory, a raw scan).
     """
-    if is_local(path):
-        dest = Path(str(path).removeprefix("file://")).expanduser().absolute().resolve()
+    local = local_path(path)
+    if local is not None:
+        dest = local.expanduser().absolute().resolve()
         for src in sources:
-            if not is_local(src):
+            if local_path(src) is None:
                 continue
-            s = Path(str(src).removeprefix("file://")).expanduser().absolute().resolve()
+            s = local_path(src).expanduser().absolute().resolve()
             if dest == s or dest in s.parents or s in dest.parents:
                 raise ParameterError(f"destination {str(path)!r} must not be (or contain, or "
                                      f"lie inside) the input {str(src)!r}")
@@ -116,10 +122,10 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
         return
     if not overwrite:
         raise StoreExistsError(f"destination {str(path)!r} exists; pass --overwrite to replace it")
-    if replaces is not None and is_local(path):
-        kind = _spedflow_kind(Path(str(path).removeprefix("file://")))
+    if replaces is not None and local is not None:
+        kind = _spedflow_kind(local)
         if kind != replaces:
-            what = "a file" if Path(str(path).removeprefix("file://")).is_file() else \
+            what = "a file" if local.is_file() else \
                 ("a spedflow " + kind + " store" if kind else "not a spedflow store")
             raise StoreExistsError(f"destination {str(path)!r} exists and is {what}, not a spedflow "
                                    f"{replaces} store: not replacing it (choose another destination "
@@ -181,7 +187,7 @@ def atomic_store(path, *, overwrite: bool = False, partial_suffix: str = ".parti
 
 
 def _open_group(path, mode="r"):
-    local = Path(str(path).removeprefix("file://")) if is_local(path) else None
+    local = local_path(path)
     if local is not None and not local.exists():
         raise InputError(f"store {str(path)!r} does not exist")
     if local is not None and local.is_file():  # a Zarr store is a folder

@@ -25,6 +25,7 @@ from .._version import __version__
 from ..config import params_to_dict
 from ..errors import InputError, ParameterError
 from ..io import atomic_store, check_destination, create_array, open_input
+from ..io._store import local_path
 from ._cache import StageCache, slab_chunks, write_slabs
 
 log = logging.getLogger("spedflow")
@@ -74,9 +75,9 @@ def store_identity(store, arr, meta: dict) -> dict:
     again at the same path (another simulation, a re-ingest with another byte order)
     never reuses the stages of the old data. Chunks landing in a store being written
     touch neither."""
-    local = "://" not in str(store) or str(store).startswith("file://")
-    meta_file = Path(str(store).removeprefix("file://")) / "data" / "zarr.json" if local else None
-    return {"store": str(Path(str(store)).resolve()) if local else str(store),
+    local = local_path(store)
+    meta_file = local / "data" / "zarr.json" if local is not None else None
+    return {"store": str(Path(str(store)).resolve()) if local is not None else str(store),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "source": meta.get("source"), "created": meta.get("created"),
             "data_written": meta_file.stat().st_mtime_ns if meta_file and meta_file.is_file() else None}
