@@ -370,7 +370,7 @@ def test_destination_exists_is_untouched(tmp_path):
         ingest(tmp_path / "x.npy", dest, progress=False)
     assert _tree_digest(dest) == before
     # --overwrite replaces only a spedflow input store, never another folder
-    with pytest.raises(StoreExistsError, match="not a spedflow store"):
+    with pytest.raises(StoreExistsError, match="not a spedflow input store \\(it is a folder\\)"):
         ingest(tmp_path / "x.npy", dest, overwrite=True, progress=False)
     assert _tree_digest(dest) == before
     # overwriting an input store with a source that fails: untouched, no partial left behind

@@ -126,10 +126,10 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
         kind = _spedflow_kind(local)
         if kind != replaces:
             what = "a file" if local.is_file() else \
-                ("a spedflow " + kind + " store" if kind else "not a spedflow store")
-            raise StoreExistsError(f"destination {str(path)!r} exists and is {what}, not a spedflow "
-                                   f"{replaces} store: not replacing it (choose another destination "
-                                   f"or remove it yourself)")
+                (f"a spedflow {kind} store" if kind else "a folder")
+            raise StoreExistsError(f"destination {str(path)!r} exists and is not a spedflow {replaces} "
+                                   f"store (it is {what}): not replacing it (choose another "
+                                   f"destination or remove it yourself)")
 
 
 def _spedflow_kind(path: Path) -> str | None:
