@@ -1,0 +1,71 @@
+"""Compiled kernels (numba) == their NumPy references, and the switch that turns them off."""
+
+import numpy as np
+import pytest
+
+from spedflow import _jit
+from spedflow.vdf import disc_masks
+from spedflow.vdf import kernels as vk
+
+pytest.importorskip("numba")
+
+
+def _patterns(shape, n, rng, dtype):
+    """Counting-noise patterns: a bright beam disc at a jittered centre, a few spots, a
+    radial background; the beam centres returned with them."""
+    ky, kx = shape
+    centres = np.array([ky // 2, kx // 2], float) + rng.normal(0, 1.2, (n, 2))
+    yy, xx = np.mgrid[:ky, :kx]
+    out = np.empty((n, ky, kx))
+    spots = rng.uniform(-0.35, 0.35, (6, 2)) * np.array([ky, kx])
+    for i, (cy, cx) in enumerate(centres):
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        mean = 400.0 * (r2 <= 9) + 20.0 * np.exp(-np.sqrt(r2) / 6) + 0.3
+        for gy, gx in spots[: 2 + i % 5]:
+            mean += 30.0 * np.exp(-((yy - cy - gy) ** 2 + (xx - cx - gx) ** 2) / 4.5)
+        out[i] = rng.poisson(mean)
+    return out.astype(dtype), centres
+
+
+def _both(frames, centres, masks, **kw):
+    fast = vk._compiled_pass2(frames.reshape(-1, *frames.shape[-2:]), centres.reshape(-1, 2),
+                              masks, kw["sigma_low"], kw["sigma_high"], kw["counts"])
+    assert fast is not None, "the compiled path should apply here"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_jit.ENV, "0")
+        ref = vk.preprocessed_sums(frames, centres, masks, **kw)
+    return fast, ref
+
+
+@pytest.mark.parametrize("shape, dtype", [((64, 64), np.uint16), ((48, 80), np.float64),
+                                          ((192, 192), np.uint16)])
+def test_compiled_pass2_equals_numpy(shape, dtype):
+    """Shift, ring background, DoG and disc sums: equal to float32 rounding, also on a
+    non-square detector and one where NumPy blurs by FFTs (> 160 px)."""
+    rng = np.random.default_rng(3)
+    frames, centres = _patterns(shape, 40, rng, dtype)
+    # whole-pixel shifts, a beam near the edge, one off the detector altogether
+    centres[0] = np.rint(centres[0])
+    centres[1] = (3.3, shape[1] - 4.6)
+    centres[2] = (-2.0 * shape[0], 5.0)
+    vectors = rng.uniform(-0.45, 0.45, (25, 2)) * np.array(shape)
+    masks = disc_masks(vectors, 2.7, shape)
+    kw = dict(sigma_low=1.2, sigma_high=9.0, counts=(1.3, 0.4))
+    fast, ref = _both(frames, centres, masks, **kw)
+    assert fast.shape == ref.shape == (40, 25) and fast.dtype == np.float32
+    scale = np.abs(ref).max()
+    assert scale > 0 and np.count_nonzero(ref) > ref.size // 4  # a test with something in it
+    np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5 * scale)
+    assert not ref[2].any() and not fast[2].any()  # nothing left of a pattern shifted away
+
+
+def test_compiled_pass2_is_used_only_where_it_applies(monkeypatch):
+    frames, centres = _patterns((40, 40), 3, np.random.default_rng(0), np.uint16)
+    masks = disc_masks([[5.0, 3.0]], 2.0, (40, 40))
+    args = (frames, centres, masks, 1.0, 8.0)
+    assert vk._compiled_pass2(*args, (1.0, 0.0)) is not None
+    assert vk._compiled_pass2(*args, None) is None  # no ring background: NumPy
+    monkeypatch.setenv(_jit.ENV, "0")
+    assert not _jit.enabled() and vk._compiled_pass2(*args, (1.0, 0.0)) is None
+    monkeypatch.setenv(_jit.ENV, "1")
+    assert _jit.enabled()
