@@ -69,3 +69,28 @@ def test_compiled_pass2_is_used_only_where_it_applies(monkeypatch):
     assert not _jit.enabled() and vk._compiled_pass2(*args, (1.0, 0.0)) is None
     monkeypatch.setenv(_jit.ENV, "1")
     assert _jit.enabled()
+
+
+@pytest.mark.parametrize("shape, num_sigma, border, threshold", [
+    ((64, 64), 2, 3, None), ((48, 80), 1, 1, None), ((72, 72), 3, 5, 4.0),
+    ((40, 40), 2, 1, 0.5)])  # a threshold this low: thousands of maxima (the retry)
+def test_compiled_candidates_equal_numpy(shape, num_sigma, border, threshold):
+    """The peak finder's compiled candidate search gives the NumPy finder's table bit
+    for bit (the same float32 operations in the same order)."""
+    from spedflow.peaks import _params
+    from spedflow.peaks.noise import find_peaks_counting
+    from spedflow.peaks.kernels import log_sigmas
+    rng = np.random.default_rng(7)
+    frames, _ = _patterns(shape, 37, rng, np.float32)
+    frames[3] = 0  # an empty pattern
+    sig = log_sigmas(1.0, 2.0, num_sigma)
+    thr = _params.default_threshold(*shape, num_sigma) if threshold is None else threshold
+    kw = dict(threshold=thr, exclude_border=border, gain=1.0, read_var=0.0)
+    fast, res_fast = find_peaks_counting(frames, sig, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_jit.ENV, "0")
+        ref, res_ref = find_peaks_counting(frames, sig, **kw)
+    assert len(ref) > 37  # spots found (and, at threshold 0.5, noise by the thousand)
+    if threshold == 0.5:
+        assert len(ref) > 2000
+    np.testing.assert_array_equal(fast, ref)

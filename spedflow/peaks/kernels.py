@@ -28,6 +28,7 @@ from scipy import special
 from scipy.spatial import cKDTree
 
 from ..errors import InputError, ParameterError
+from .. import _jit
 from ._params import default_threshold
 
 __all__ = ["find_peaks_log", "log_sigmas", "noise_level", "RadialUnits"]
@@ -132,8 +133,8 @@ def _operators(ky: int, kx: int, sigmas: tuple) -> tuple:
     return _banded_blocks(kx, sigmas), [_banded_blocks(ky, (s,)) for s in sigmas]
 
 
-def _smooth_batch(part: np.ndarray, ops) -> list:
-    """Gaussian of every pattern at every scale, each (n, kx, ky) float32 (transposed).
+def _smooth_batch(part: np.ndarray, ops) -> np.ndarray:
+    """Gaussian of every pattern at every scale: (S, n, kx, ky) float32 (transposed).
 
     Separable, each 1-D pass a few BLAS matrix products over the whole batch, one per
     block of output samples (:func:`_banded_blocks`): the banded matrix's zeros away
@@ -151,17 +152,16 @@ def _smooth_batch(part: np.ndarray, ops) -> list:
     for b, (i0, i1, o0, o1, m) in enumerate(bx):
         np.matmul(x[:, i0:i1], m, out=a[:, b, :])
     a = a.reshape(n, ky, len(bx), s, wx)
-    out = []
+    out = np.empty((s, n * kx, ky), np.float32)
     for k, (wy, blocks) in enumerate(by):
         # scale k's x-smoothed patterns, transposed (one copy), then the y pass
         t = np.empty((n, len(bx), wx, ky), np.float32)
         np.copyto(t, a[:, :, :, k, :].transpose(0, 2, 3, 1))
         t = t.reshape(n, len(bx) * wx, ky)[:, :kx].reshape(n * kx, ky)
-        g = np.empty((n * kx, ky), np.float32)
+        g = out[k]
         for i0, i1, o0, o1, m in blocks:
             np.matmul(t[:, i0:i1], m[:, :o1 - o0], out=g[:, o0:o1])
-        out.append(g.reshape(n, kx, ky))
-    return out
+    return out.reshape(s, n, kx, ky)
 
 
 def _local_max_at(value_at, shape, flat: np.ndarray, centre=None) -> np.ndarray:
@@ -482,11 +482,61 @@ class _ImageUnits:
 def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=None) -> np.ndarray:
     """Peak table ``(m, 5)`` float64 of one batch of patterns (pattern index + ``s0``)."""
     ky, kx = part.shape[1:]
-    # 1. the LoG response of the interior at every scale (transposed layout: index
-    # (kx - 2, ky - 2), full-array pixel (v + 1, u + 1) at index (u, v)) and its noise
-    # unit; the significance Z = max_s R_s / unit_s is evaluated at the candidates and
-    # their neighbours only, or as whole arrays where candidates are many
+    # 1. the Gaussian of every scale; the LoG response of the interior (transposed
+    # layout: index (kx - 2, ky - 2), full-array pixel (v + 1, u + 1) at index (u, v))
     smooth = _smooth_batch(part, ops)
+    nu, nv = kx - 2, ky - 2
+    # 2. candidates: local maxima of the significance above threshold
+    if isinstance(units, RadialUnits) and _jit.enabled():
+        # compiled, one pattern at a time: the same candidates (peaks._compiled)
+        from ._compiled import local_maxima
+        flat, zc, scale_idx = local_maxima(smooth, units.profiles, units.j0, units.j1,
+                                           units.f, threshold, b)
+    else:
+        flat, zc, scale_idx = _candidates(smooth, units, threshold, b)
+    if len(flat) == 0:
+        return np.zeros((0, 5))
+    p, rest = np.divmod(flat, nu * nv)
+    u, v = np.divmod(rest, nv)
+
+    # 3. non-maximum suppression within min_separation (same pattern only)
+    if len(p) > 1 and min_separation > 0:
+        gap = 4.0 * (ky + kx + min_separation)
+        pts = np.column_stack([p * gap, u, v]).astype(np.float64)
+        pairs = cKDTree(pts).query_pairs(min_separation, output_type="ndarray")
+        if len(pairs):
+            i, j = pairs[:, 0], pairs[:, 1]
+            weaker = np.where((zc[i] < zc[j]) | ((zc[i] == zc[j]) & (i > j)), i, j)
+            keep = np.ones(len(p), bool)
+            keep[weaker] = False
+            p, u, v, scale_idx = p[keep], u[keep], v[keep], scale_idx[keep]
+
+    # 4. sub-pixel refinement on the smoothed pattern of the peak's scale (full-array
+    # indices x = u + 1, y = v + 1; the smoothed patterns are in the transposed layout)
+    x, y = u + 1, v + 1
+    pos_y, pos_x = y.astype(np.float64), x.astype(np.float64)
+    for i, g in enumerate(smooth):
+        k = np.nonzero(scale_idx == i)[0]
+        pk, xk, yk = p[k], x[k], y[k]
+        c = g[pk, xk, yk]
+        pos_y[k] += _vertex(g[pk, xk, yk - 1], c, g[pk, xk, yk + 1])
+        pos_x[k] += _vertex(g[pk, xk - 1, yk], c, g[pk, xk + 1, yk])
+
+    # 5. intensity: sum over the spot disc around the refined position
+    intensity = _disc_sums(part, p, pos_y, pos_x, rho)
+    return np.column_stack([p + s0, pos_y, pos_x, intensity, sig[scale_idx]])
+
+
+def _candidates(smooth, units, threshold, b):
+    """Step 2 of :func:`_batch_peaks`: the pixels of the interior (flat indices into
+    (n, kx - 2, ky - 2), ascending) whose significance ``Z = max_s R_s / unit_s`` exceeds
+    ``threshold`` and is not exceeded by any of its 8 neighbours, away from the border
+    ``b``; returns ``(flat, Z there, index of the scale that gives it)``.
+
+    ``Z`` is evaluated at the candidates and their neighbours only, or as whole arrays
+    where candidates are many. ``units``: None (one per pattern, :func:`noise_level`),
+    :class:`RadialUnits`, or (S, n, ky, kx) unit images.
+    """
     resp = [_neg_laplacian(g) for g in smooth]
     if units is None:
         units = _PatternUnits([noise_level(r, threshold) for r in resp])
@@ -508,7 +558,7 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
                 z = np.maximum(z, zi)
         return z, best
 
-    # 2. candidates: pixels above threshold at some scale (R_s above threshold times the
+    # pixels above threshold at some scale (R_s above threshold times the
     # lowest unit of the pattern is necessary for that, and a cheap pass), away from the
     # border, then the local maxima of Z (and hence over scales) among them
     cand = None
@@ -544,38 +594,7 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
     keep = zc > threshold
     flat, zc, scale_idx = flat[keep], zc[keep], scale_idx[keep]
     peak = _local_max_at(value_at, (n, nu, nv), flat, centre=zc)
-    flat, zc, scale_idx = flat[peak], zc[peak], scale_idx[peak]
-    if len(flat) == 0:
-        return np.zeros((0, 5))
-    p, rest = np.divmod(flat, nu * nv)
-    u, v = np.divmod(rest, nv)
-
-    # 3. non-maximum suppression within min_separation (same pattern only)
-    if len(p) > 1 and min_separation > 0:
-        gap = 4.0 * (ky + kx + min_separation)
-        pts = np.column_stack([p * gap, u, v]).astype(np.float64)
-        pairs = cKDTree(pts).query_pairs(min_separation, output_type="ndarray")
-        if len(pairs):
-            i, j = pairs[:, 0], pairs[:, 1]
-            weaker = np.where((zc[i] < zc[j]) | ((zc[i] == zc[j]) & (i > j)), i, j)
-            keep = np.ones(len(p), bool)
-            keep[weaker] = False
-            p, u, v, scale_idx = p[keep], u[keep], v[keep], scale_idx[keep]
-
-    # 4. sub-pixel refinement on the smoothed pattern of the peak's scale (full-array
-    # indices x = u + 1, y = v + 1; the smoothed patterns are in the transposed layout)
-    x, y = u + 1, v + 1
-    pos_y, pos_x = y.astype(np.float64), x.astype(np.float64)
-    for i, g in enumerate(smooth):
-        k = np.nonzero(scale_idx == i)[0]
-        pk, xk, yk = p[k], x[k], y[k]
-        c = g[pk, xk, yk]
-        pos_y[k] += _vertex(g[pk, xk, yk - 1], c, g[pk, xk, yk + 1])
-        pos_x[k] += _vertex(g[pk, xk - 1, yk], c, g[pk, xk + 1, yk])
-
-    # 5. intensity: sum over the spot disc around the refined position
-    intensity = _disc_sums(part, p, pos_y, pos_x, rho)
-    return np.column_stack([p + s0, pos_y, pos_x, intensity, sig[scale_idx]])
+    return flat[peak], zc[peak], scale_idx[peak]
 
 
 def _vertex(fm, f0, fp) -> np.ndarray:
