@@ -94,3 +94,26 @@ def test_compiled_candidates_equal_numpy(shape, num_sigma, border, threshold):
     if threshold == 0.5:
         assert len(ref) > 2000
     np.testing.assert_array_equal(fast, ref)
+
+
+@pytest.mark.parametrize("offset", [(0.0, 0.0), (1 / 3, -1 / 3)])
+def test_compiled_ring_background_equals_numpy(offset):
+    """Ring background and residual: exact on counts (integer sums in float32 do not
+    depend on their order), to float32 rounding on a CCD's scaled counts plus read noise."""
+    from spedflow.peaks._compiled import ring_residual
+    from spedflow.peaks.noise import ring_model
+    rng = np.random.default_rng(11)
+    counts, _ = _patterns((56, 64), 20, rng, np.float32)
+    ccd = (7.5 * counts + rng.normal(0, 3.0, counts.shape)).astype(np.float32)
+    rings = ring_model((56, 64), offset)
+    for frames, (gain, read_var), exact in ((counts, (1.0, 0.0), True), (ccd, (7.5, 9.0), False)):
+        background, residual = ring_residual(frames, gain, read_var, offset)
+        want = rings.background(frames, gain, read_var)
+        want_res = frames - rings.image(want)
+        if exact:
+            np.testing.assert_array_equal(background, want)
+            np.testing.assert_array_equal(residual, want_res)
+        else:
+            np.testing.assert_allclose(background, want, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(residual, want_res, rtol=1e-5, atol=1e-3)
+        assert np.ptp(want) > 1  # a background with structure

@@ -17,10 +17,16 @@ Only imported when :func:`spedflow._jit.enabled`.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 from numba import njit
 
-__all__ = ["local_maxima"]
+__all__ = ["local_maxima", "ring_tables", "ring_residual"]
+
+#: fastmath flags where only a sum's order may change (no FMA contraction elsewhere)
+_REASSOC = {"reassoc", "nsz"}
 
 
 def local_maxima(smooth: np.ndarray, profiles: np.ndarray, j0, j1, f, threshold, border: int):
@@ -176,3 +182,112 @@ def _maxima(sm, prof, j0, j1, f, thr, b, out_flat, out_z, out_s):
             out_s[m] = sbuf[e]
             m += 1
     return m
+
+
+# ----------------------------------------------------------- ring background
+@functools.lru_cache(maxsize=32)
+def ring_tables(shape, offset=(0.0, 0.0)) -> tuple:
+    """The ring model of :func:`spedflow.peaks.noise.ring_model` as the compiled kernels
+    take it: ``(order, starts, counts, j0, j1, f, g)``, with ``order`` the pixels sorted
+    by ring (stably: each ring's pixels in row-major order) and ring ``j`` at
+    ``order[starts[j]:starts[j + 1]]``."""
+    from .noise import ring_model
+    rings = ring_model(tuple(int(s) for s in shape), tuple(float(o) for o in offset))
+    ring = rings.ring.ravel()
+    order = np.argsort(ring, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(ring, minlength=rings.n_rings))])
+    out = (order, starts.astype(np.int64), np.ascontiguousarray(rings.counts, np.int64),
+           np.ascontiguousarray(rings.j0, np.int64), np.ascontiguousarray(rings.j1, np.int64),
+           np.ascontiguousarray(rings.f, np.float32), np.ascontiguousarray(rings._g, np.float32))
+    for a in out:
+        a.flags.writeable = False  # shared by every caller (lru_cache)
+    return out
+
+
+def ring_residual(frames: np.ndarray, gain: float, read_var: float, offset=(0.0, 0.0)):
+    """``(background, residual)`` of ``(n, ky, kx)`` aligned patterns, as
+    :meth:`RingModel.background <spedflow.peaks.noise.RingModel.background>` and
+    ``frames - RingModel.image(background)`` give them (the ring sums in another
+    order: equal to float32 rounding)."""
+    frames = np.ascontiguousarray(frames, np.float32)
+    order, starts, counts, j0, j1, f, g = ring_tables(frames.shape[1:], offset)
+    residual = frames.copy()
+    background = np.empty((len(frames), len(counts)), np.float32)
+    if len(frames):
+        _ring_chunk(residual, order, starts, counts, j0, j1, f, g, float(gain),
+                    float(read_var), background)
+    return background, residual
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _ring_chunk(x, order, starts, counts, j0, j1, f, g, gain, read_var, background):
+    """In place per pattern: the ring background into ``background``, subtracted."""
+    n, ky, kx = x.shape
+    xs = np.empty(ky * kx, np.float32)
+    for i in range(n):
+        xf = x[i].ravel()
+        _ring_profile(xf, order, starts, counts, gain, read_var, xs, background[i])
+        _subtract_rings(xf, background[i], j0, j1, f, g)
+
+
+# ----------------------------------------------------------- ring background
+@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
+def _seg_sum(v):
+    acc = np.float32(0)
+    for k in range(v.shape[0]):
+        acc += v[k]
+    return acc
+
+
+@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
+def _seg_clip_sum(v, bound):
+    """(sum, count) of the ``v[k] <= bound`` (branch-free, so it vectorises)."""
+    acc = np.float32(0)
+    cnt = np.float32(0)
+    for k in range(v.shape[0]):
+        t = v[k]
+        kf = np.float32(t <= bound)
+        acc += t * kf
+        cnt += kf
+    return acc, cnt
+
+
+@njit(cache=True)
+def _f32_floor(b):
+    """The largest float32 <= ``b`` (float64): ``v <= b`` in float64 equals
+    ``v <= it`` in float32 for every float32 ``v`` (NumPy's first clip compares the
+    float32 pixels with a float64 bound)."""
+    c = np.float32(b)
+    if np.float64(c) > b:
+        c = np.nextafter(c, np.float32(-np.inf))
+    return c
+
+
+@njit(cache=True, error_model="numpy")
+def _ring_profile(xflat, order, starts, counts, gain, read_var, xs, prof):
+    """``RingModel.background`` of one aligned pattern into ``prof``: the mean of each
+    ring, then twice the mean of its pixels below the Poisson clip (the first bound
+    in float64, the second in float32, as NumPy's promotion has them)."""
+    for k in range(order.shape[0]):
+        xs[k] = xflat[order[k]]
+    g32 = np.float32(gain)
+    rv32 = np.float32(read_var)
+    c32 = np.float32(4.0)
+    for j in range(counts.shape[0]):
+        seg = xs[starts[j]:starts[j + 1]]
+        m64 = np.float64(_seg_sum(seg)) / np.float64(counts[j])
+        b64 = m64 + 4.0 * math.sqrt(gain * max(m64, 0.0) + read_var) + gain
+        s, c = _seg_clip_sum(seg, _f32_floor(b64))
+        m = s / max(c, np.float32(1))
+        b32 = m + c32 * np.sqrt(g32 * max(m, np.float32(0)) + rv32) + g32
+        s, c = _seg_clip_sum(seg, b32)
+        prof[j] = s / max(c, np.float32(1))
+
+
+@njit(cache=True, error_model="numpy")
+def _subtract_rings(xflat, prof, j0, j1, f, g):
+    """In place: minus ``RingModel.image(prof)`` (linear in radius between rings)."""
+    for p in range(xflat.shape[0]):
+        xflat[p] = xflat[p] - (prof[j0[p]] * g[p] + prof[j1[p]] * f[p])
+
+

@@ -27,6 +27,7 @@ import functools
 import numpy as np
 import scipy.sparse as sp
 
+from .. import _jit
 from ..errors import InputError
 from . import kernels as _k
 
@@ -257,8 +258,12 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     frames = np.asarray(frames, np.float32)
     shape = frames.shape[1:]
     rings = ring_model(shape, offset)
-    background = rings.background(frames, gain, read_var)
-    residual = frames - rings.image(background)
+    if _jit.enabled():  # one compiled loop per pattern (peaks._compiled)
+        from ._compiled import ring_residual
+        background, residual = ring_residual(frames, gain, read_var, offset)
+    else:
+        background = rings.background(frames, gain, read_var)
+        residual = frames - rings.image(background)
     # radial units: the finder looks them up at its candidates (or, where candidates are
     # many, makes them for one batch at a time), never as unit images of the whole slab
     units = _k.RadialUnits(noise_units(background, gain, read_var, sigmas, threshold, shape, rings),

@@ -31,10 +31,10 @@ import math
 import numpy as np
 from numba import njit
 
+from ..peaks._compiled import _REASSOC, _ring_profile, _subtract_rings, ring_tables
+
 __all__ = ["Operators", "operators", "pass2_sums"]
 
-#: fastmath flags where only a sum's order may change (no FMA contraction elsewhere)
-_REASSOC = {"reassoc", "nsz"}
 #: Input dtypes compiled for as they are; any other is converted to float32 first
 #: (each dtype is one more specialisation to compile).
 _NATIVE = (np.uint8, np.uint16, np.float32)
@@ -44,20 +44,11 @@ class Operators:
     """Detector- and parameter-dependent constants of the compiled pass 2."""
 
     def __init__(self, shape, sigma_low: float, sigma_high: float):
-        from ..peaks.noise import ring_model
         from ..preprocess.kernels import _wrap_blur_factors
         ky, kx = shape
         self.shape = (ky, kx)
-        rings = ring_model((ky, kx))
-        ring = rings.ring.ravel()
-        self.order = np.argsort(ring, kind="stable").astype(np.int64)
-        self.starts = np.concatenate(
-            [[0], np.cumsum(np.bincount(ring, minlength=rings.n_rings))]).astype(np.int64)
-        self.counts = np.ascontiguousarray(rings.counts, np.int64)
-        self.j0 = np.ascontiguousarray(rings.j0, np.int64)
-        self.j1 = np.ascontiguousarray(rings.j1, np.int64)
-        self.f = np.ascontiguousarray(rings.f, np.float32)
-        self.g = np.ascontiguousarray(rings._g, np.float32)
+        self.order, self.starts, self.counts, self.j0, self.j1, self.f, self.g = \
+            ring_tables((ky, kx))
         self.klow_y = _half_kernel(_wrap_blur_factors(ky, sigma_low), ky)
         self.klow_x = _half_kernel(_wrap_blur_factors(kx, sigma_low), kx)
         ay, by = _wrap_blur_factors(ky, sigma_high)
@@ -160,67 +151,6 @@ def _shift_one(src, sy, sx, out, row):
             sr = row[a1 - ix - 1:b1 - ix - 1]
             for x in range(b1 - a1):
                 dst[x] += fx * sr[x]
-
-
-# ----------------------------------------------------------- ring background
-@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
-def _seg_sum(v):
-    acc = np.float32(0)
-    for k in range(v.shape[0]):
-        acc += v[k]
-    return acc
-
-
-@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
-def _seg_clip_sum(v, bound):
-    """(sum, count) of the ``v[k] <= bound`` (branch-free, so it vectorises)."""
-    acc = np.float32(0)
-    cnt = np.float32(0)
-    for k in range(v.shape[0]):
-        t = v[k]
-        kf = np.float32(t <= bound)
-        acc += t * kf
-        cnt += kf
-    return acc, cnt
-
-
-@njit(cache=True)
-def _f32_floor(b):
-    """The largest float32 <= ``b`` (float64): ``v <= b`` in float64 equals
-    ``v <= it`` in float32 for every float32 ``v`` (NumPy's first clip compares the
-    float32 pixels with a float64 bound)."""
-    c = np.float32(b)
-    if np.float64(c) > b:
-        c = np.nextafter(c, np.float32(-np.inf))
-    return c
-
-
-@njit(cache=True, error_model="numpy")
-def _ring_profile(xflat, order, starts, counts, gain, read_var, xs, prof):
-    """``RingModel.background`` of one aligned pattern into ``prof``: the mean of each
-    ring, then twice the mean of its pixels below the Poisson clip (the first bound
-    in float64, the second in float32, as NumPy's promotion has them)."""
-    for k in range(order.shape[0]):
-        xs[k] = xflat[order[k]]
-    g32 = np.float32(gain)
-    rv32 = np.float32(read_var)
-    c32 = np.float32(4.0)
-    for j in range(counts.shape[0]):
-        seg = xs[starts[j]:starts[j + 1]]
-        m64 = np.float64(_seg_sum(seg)) / np.float64(counts[j])
-        b64 = m64 + 4.0 * math.sqrt(gain * max(m64, 0.0) + read_var) + gain
-        s, c = _seg_clip_sum(seg, _f32_floor(b64))
-        m = s / max(c, np.float32(1))
-        b32 = m + c32 * np.sqrt(g32 * max(m, np.float32(0)) + rv32) + g32
-        s, c = _seg_clip_sum(seg, b32)
-        prof[j] = s / max(c, np.float32(1))
-
-
-@njit(cache=True, error_model="numpy")
-def _subtract_rings(xflat, prof, j0, j1, f, g):
-    """In place: minus ``RingModel.image(prof)`` (linear in radius between rings)."""
-    for p in range(xflat.shape[0]):
-        xflat[p] = xflat[p] - (prof[j0[p]] * g[p] + prof[j1[p]] * f[p])
 
 
 # ------------------------------------------------------------------------ DoG
