@@ -13,9 +13,13 @@ compiles for a few seconds, later processes load it in a fraction of a second.
 from __future__ import annotations
 
 import functools
+import importlib
+import logging
 import os
 
-__all__ = ["enabled", "ENV"]
+__all__ = ["enabled", "compiled", "ENV"]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable: ``0`` turns the compiled kernels off (the NumPy ones run).
 ENV = "SPEDFLOW_JIT"
@@ -35,3 +39,20 @@ def enabled() -> bool:
     if os.environ.get(ENV, "1").strip() in ("0", "false", "no", "off"):
         return False
     return _numba_imports()
+
+
+def compiled(module: str):
+    """The compiled kernels of ``module`` (e.g. ``"spedflow.peaks._compiled"``), or None
+    where they are off or cannot load (then the NumPy kernels run, with a warning once:
+    a numba that does not work, or no writable place for its cache, must not stop a run)."""
+    return _load(module) if enabled() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as e:
+        log.warning("compiled kernels unavailable, running the NumPy ones (%s: %s)",
+                    type(e).__name__, e)
+        return None

@@ -117,3 +117,17 @@ def test_compiled_ring_background_equals_numpy(offset):
             np.testing.assert_allclose(background, want, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(residual, want_res, rtol=1e-5, atol=1e-3)
         assert np.ptp(want) > 1  # a background with structure
+
+
+def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
+    """A compiled module that fails to import (a broken numba, no writable cache) gives
+    None with one warning, and the NumPy kernels run."""
+    _jit._load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="spedflow._jit"):
+            assert _jit.compiled("spedflow._no_such_compiled_module") is None
+            assert _jit.compiled("spedflow._no_such_compiled_module") is None
+        assert len([r for r in caplog.records if "NumPy" in r.getMessage()]) == 1
+        assert _jit.compiled("spedflow.peaks._compiled") is not None
+    finally:
+        _jit._load.cache_clear()

@@ -487,10 +487,10 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
     smooth = _smooth_batch(part, ops)
     nu, nv = kx - 2, ky - 2
     # 2. candidates: local maxima of the significance above threshold
-    if isinstance(units, RadialUnits) and _jit.enabled():
+    fast = _jit.compiled("spedflow.peaks._compiled") if isinstance(units, RadialUnits) else None
+    if fast is not None:
         # compiled, one pattern at a time: the same candidates (peaks._compiled)
-        from ._compiled import local_maxima
-        flat, zc, scale_idx = local_maxima(smooth, units.profiles, units.j0, units.j1,
+        flat, zc, scale_idx = fast.local_maxima(smooth, units.profiles, units.j0, units.j1,
                                            units.f, threshold, b)
     else:
         flat, zc, scale_idx = _candidates(smooth, units, threshold, b)

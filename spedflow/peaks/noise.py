@@ -258,9 +258,9 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     frames = np.asarray(frames, np.float32)
     shape = frames.shape[1:]
     rings = ring_model(shape, offset)
-    if _jit.enabled():  # one compiled loop per pattern (peaks._compiled)
-        from ._compiled import ring_residual
-        background, residual = ring_residual(frames, gain, read_var, offset)
+    fast = _jit.compiled("spedflow.peaks._compiled")
+    if fast is not None:  # one compiled loop per pattern
+        background, residual = fast.ring_residual(frames, gain, read_var, offset)
     else:
         background = rings.background(frames, gain, read_var)
         residual = frames - rings.image(background)

@@ -251,10 +251,12 @@ def _compiled_pass2(flat, centres, masks, sigma_low, sigma_high, counts):
     where it does not apply: numba missing or off (:func:`spedflow._jit.enabled`), no
     ring background (``counts``), a DoG whose Gaussians are not one narrow and one
     wide (low-rank) on this detector, or masks with no pixels."""
-    from .._jit import enabled
-    if counts is None or not enabled() or masks.nnz == 0:
+    from .._jit import compiled
+    if counts is None or masks.nnz == 0:
         return None
-    from . import _compiled
+    _compiled = compiled("spedflow.vdf._compiled")
+    if _compiled is None:
+        return None
     ops = _compiled.operators(flat.shape[-2:], sigma_low, sigma_high)
     if not ops.ok:
         return None
