@@ -56,3 +56,25 @@ def _load(module: str):
         log.warning("compiled kernels unavailable, running the NumPy ones (%s: %s)",
                     type(e).__name__, e)
         return None
+
+
+def warm_up() -> None:
+    """Load the compiled kernels into this process (compile them if no cache has them
+    yet) by running each on a tiny input of the types the workflows give it: a fresh
+    dask worker does this while the client plans the run, not in its first task."""
+    import numpy as np
+    peaks = compiled("spedflow.peaks._compiled")
+    vdf = compiled("spedflow.vdf._compiled")
+    if peaks is None or vdf is None:
+        return
+    shape = (24, 24)
+    frames = np.zeros((1,) + shape, np.float32)
+    background, residual = peaks.ring_residual(frames, 1.0, 0.0)
+    smooth = np.zeros((1, 1) + shape, np.float32)
+    rings = peaks.ring_tables(shape)
+    peaks.local_maxima(smooth, background[None], rings[3], rings[4], rings[5], 5.0, 1)
+    ops = vdf.operators((48, 48), 1.0, 8.0)  # a wide Gaussian of low rank, as in use
+    if ops.ok:
+        idx, w = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)
+        for dtype in (np.uint16, np.uint8, np.float32):  # what detectors write
+            vdf.pass2_sums(np.zeros((1, 48, 48), dtype), np.zeros((1, 2)), ops, idx, w, 1.0, 0.0)

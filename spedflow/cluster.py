@@ -451,12 +451,17 @@ def _import_modules(names) -> None:
 
 
 def _warm_up(client) -> None:
-    """One import task per worker, not waited for."""
+    """One import task per worker, not waited for; then each loads the compiled kernels
+    (:func:`spedflow._jit.warm_up`: ~0.5 s per process from numba's cache, ~10 s of
+    compiling on a machine's first run)."""
     from distributed import fire_and_forget
 
+    from ._jit import warm_up
     for addr in client.scheduler_info()["workers"]:
         fire_and_forget(client.submit(_import_modules, _WORKER_MODULES, workers=[addr],
                                       allow_other_workers=False, pure=False))
+        fire_and_forget(client.submit(warm_up, workers=[addr], allow_other_workers=False,
+                                      pure=False))
 
 
 def _connect(Client, address: str, sec, timeout: float):

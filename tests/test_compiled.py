@@ -131,3 +131,22 @@ def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
         assert _jit.compiled("spedflow.peaks._compiled") is not None
     finally:
         _jit._load.cache_clear()
+
+
+def test_warm_up_loads_what_the_kernels_then_use():
+    """warm_up runs each compiled kernel with the argument types of real calls, so a
+    worker's first task neither compiles nor loads anything more."""
+    from spedflow.peaks import _compiled as pc
+    from spedflow.peaks.noise import find_peaks_counting
+    from spedflow.vdf import _compiled as vc
+    _jit.warm_up()
+    kernels = (pc._ring_chunk, pc._maxima, vc._pass2_chunk)
+    before = [len(k.signatures) for k in kernels]
+    assert all(before)
+    rng = np.random.default_rng(5)
+    frames, centres = _patterns((64, 64), 8, rng, np.uint16)
+    masks = disc_masks([[10.0, 4.0], [-7.0, 12.0]], 2.5, (64, 64))
+    _both(frames, centres, masks, sigma_low=1.0, sigma_high=8.0, counts=(1.0, 0.0))
+    find_peaks_counting(frames.astype(np.float32), [1.0, 2.0], threshold=5.0, exclude_border=2,
+                        gain=1.0, read_var=0.0)
+    assert [len(k.signatures) for k in kernels] == before
