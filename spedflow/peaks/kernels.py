@@ -491,7 +491,7 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
     if fast is not None:
         # compiled, one pattern at a time: the same candidates (peaks._compiled)
         flat, zc, scale_idx = fast.local_maxima(smooth, units.profiles, units.j0, units.j1,
-                                           units.f, threshold, b)
+                                                units.f, threshold, b)
     else:
         flat, zc, scale_idx = _candidates(smooth, units, threshold, b)
     if len(flat) == 0:
