@@ -172,3 +172,18 @@ def test_workflow_gives_the_same_result_without_the_compiled_kernels(tmp_path, s
         a, b = fast[name][:], ref[name][:]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
     assert ref["segments/maps"].shape[0] >= 5
+
+
+def test_small_workers_run_the_numpy_kernels():
+    """numba adds ~150 MB to a process: a worker under MIN_WORKER_MEMORY would sit at
+    distributed's pause threshold, so it runs the NumPy kernels; larger ones, and a
+    process that is not a worker, the compiled ones."""
+    from distributed import Client, LocalCluster
+    assert _jit.enabled()  # not in a worker
+    for limit, want in (("512MB", False), ("2GB", True), (0, True)):  # 0: no limit
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit=limit,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            assert client.submit(_jit.enabled, pure=False).result() is want, limit
+            loads = client.submit(lambda: _jit.compiled("spedflow.peaks._compiled") is not None,
+                                  pure=False)
+            assert loads.result() is want
