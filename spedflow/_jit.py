@@ -81,21 +81,20 @@ def _load(module: str):
 
 def warm_up() -> None:
     """Load the compiled kernels into this process (compile them if no cache has them
-    yet) by running each on a tiny input of the types the workflows give it: a fresh
-    dask worker does this while the client plans the run, not in its first task."""
+    yet) by running the peak finder and pass 2 on a few tiny patterns, through the
+    same calls as the workflows (so with the same argument types): a fresh dask worker
+    does this while the client plans the run, not in its first task."""
     import numpy as np
-    peaks = compiled("spedflow.peaks._compiled")
-    vdf = compiled("spedflow.vdf._compiled")
-    if peaks is None or vdf is None:
+    if compiled("spedflow.peaks._compiled") is None or compiled("spedflow.vdf._compiled") is None:
         return
-    shape = (24, 24)
-    frames = np.zeros((1,) + shape, np.float32)
-    background, residual = peaks.ring_residual(frames, 1.0, 0.0)
-    smooth = np.zeros((1, 1) + shape, np.float32)
-    rings = peaks.ring_tables(shape)
-    peaks.local_maxima(smooth, background[None], rings[3], rings[4], rings[5], 5.0, 1)
-    ops = vdf.operators((48, 48), 1.0, 8.0)  # a wide Gaussian of low rank, as in use
-    if ops.ok:
-        idx, w = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)
-        for dtype in (np.uint16, np.uint8, np.float32):  # what detectors write
-            vdf.pass2_sums(np.zeros((1, 48, 48), dtype), np.zeros((1, 2)), ops, idx, w, 1.0, 0.0)
+    from .peaks.noise import find_peaks_counting
+    from .vdf.kernels import disc_masks, preprocessed_sums
+    shape = (48, 48)
+    frames = np.zeros((2,) + shape, np.float32)
+    find_peaks_counting(frames, [1.0, 2.0], threshold=5.0, exclude_border=1, gain=1.0,
+                        read_var=0.0)
+    masks = disc_masks([[8.0, 5.0]], 2.0, shape)
+    centres = np.full((2, 2), 24.0)
+    for dtype in (np.uint16, np.uint8, np.float32):  # what detectors write
+        preprocessed_sums(frames.astype(dtype), centres, masks, sigma_low=1.0, sigma_high=8.0,
+                          counts=(1.0, 0.0))

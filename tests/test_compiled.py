@@ -135,21 +135,34 @@ def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
 
 def test_warm_up_loads_what_the_kernels_then_use():
     """warm_up runs each compiled kernel with the argument types of real calls, so a
-    worker's first task neither compiles nor loads anything more."""
-    from spedflow.peaks import _compiled as pc
-    from spedflow.peaks.noise import find_peaks_counting
-    from spedflow.vdf import _compiled as vc
-    _jit.warm_up()
-    kernels = (pc._ring_chunk, pc._maxima, vc._pass2_chunk)
-    before = [len(k.signatures) for k in kernels]
-    assert all(before)
-    rng = np.random.default_rng(5)
-    frames, centres = _patterns((64, 64), 8, rng, np.uint16)
-    masks = disc_masks([[10.0, 4.0], [-7.0, 12.0]], 2.5, (64, 64))
-    _both(frames, centres, masks, sigma_low=1.0, sigma_high=8.0, counts=(1.0, 0.0))
-    find_peaks_counting(frames.astype(np.float32), [1.0, 2.0], threshold=5.0, exclude_border=2,
-                        gain=1.0, read_var=0.0)
-    assert [len(k.signatures) for k in kernels] == before
+    worker's first task neither compiles nor loads anything more (in a fresh process:
+    here earlier tests have loaded every type already)."""
+    import subprocess
+    import sys
+    code = """
+import numpy as np
+from spedflow import _jit
+from spedflow.peaks import _compiled as pc
+from spedflow.vdf import _compiled as vc
+from spedflow.peaks.noise import find_peaks_counting
+from spedflow.vdf import disc_masks
+from spedflow.vdf.kernels import preprocessed_sums
+_jit.warm_up()
+kernels = (pc._ring_chunk, pc._maxima, vc._pass2_chunk)
+before = [list(k.signatures) for k in kernels]
+rng = np.random.default_rng(5)
+frames = rng.poisson(3.0, (8, 64, 64)).astype(np.uint16)
+centres = np.full((8, 2), 32.0) + rng.normal(0, 1, (8, 2))
+preprocessed_sums(frames, centres, disc_masks([[10.0, 4.0]], 2.5, (64, 64)), sigma_low=1.0,
+                  sigma_high=8.0, counts=(1.0, 0.0))
+find_peaks_counting(frames.astype(np.float32), [1.0, 2.0], threshold=5.0, exclude_border=2,
+                    gain=1.0, read_var=0.0)
+after = [list(k.signatures) for k in kernels]
+assert all(before), before
+assert after == before, (before, after)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_workflow_gives_the_same_result_without_the_compiled_kernels(tmp_path, sim_mgo_like,

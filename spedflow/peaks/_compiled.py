@@ -1,5 +1,8 @@
-"""The peak finder's candidate search as one compiled loop per pattern (numba).
+"""Pass 1's heaviest steps as compiled loops per pattern (numba): the peak finder's
+candidate search, and the ring background of the counting-noise model (which pass 2,
+:mod:`spedflow.vdf._compiled`, uses too).
 
+Candidate search.
 Step 2 of :func:`spedflow.peaks.kernels._batch_peaks` with radial noise units (the
 counting-noise model, the VDF workflow's default): from the Gaussian-smoothed patterns
 of every scale, the LoG response (5-point Laplacian), its significance ``Z = max_s
@@ -11,6 +14,10 @@ scanned.
 The same float32 operations in the same order as the NumPy code (the Laplacian's
 terms, ``lo + f (hi - lo)`` for the units, the first scale winning ties), so the
 candidates are the same, bit for bit.
+
+Ring background (:func:`ring_residual`): each ring's mean, clipped twice at the Poisson
+bound, subtracted as :class:`~spedflow.peaks.noise.RingModel` does; the ring sums in
+another order (vectorised), so equal to float32 rounding, and exactly on counts.
 
 Only imported when :func:`spedflow._jit.enabled`.
 """
@@ -185,52 +192,6 @@ def _maxima(sm, prof, j0, j1, f, thr, b, out_flat, out_z, out_s):
 
 
 # ----------------------------------------------------------- ring background
-@functools.lru_cache(maxsize=32)
-def ring_tables(shape, offset=(0.0, 0.0)) -> tuple:
-    """The ring model of :func:`spedflow.peaks.noise.ring_model` as the compiled kernels
-    take it: ``(order, starts, counts, j0, j1, f, g)``, with ``order`` the pixels sorted
-    by ring (stably: each ring's pixels in row-major order) and ring ``j`` at
-    ``order[starts[j]:starts[j + 1]]``."""
-    from .noise import ring_model
-    rings = ring_model(tuple(int(s) for s in shape), tuple(float(o) for o in offset))
-    ring = rings.ring.ravel()
-    order = np.argsort(ring, kind="stable").astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(np.bincount(ring, minlength=rings.n_rings))])
-    out = (order, starts.astype(np.int64), np.ascontiguousarray(rings.counts, np.int64),
-           np.ascontiguousarray(rings.j0, np.int64), np.ascontiguousarray(rings.j1, np.int64),
-           np.ascontiguousarray(rings.f, np.float32), np.ascontiguousarray(rings._g, np.float32))
-    for a in out:
-        a.flags.writeable = False  # shared by every caller (lru_cache)
-    return out
-
-
-def ring_residual(frames: np.ndarray, gain: float, read_var: float, offset=(0.0, 0.0)):
-    """``(background, residual)`` of ``(n, ky, kx)`` aligned patterns, as
-    :meth:`RingModel.background <spedflow.peaks.noise.RingModel.background>` and
-    ``frames - RingModel.image(background)`` give them (the ring sums in another
-    order: equal to float32 rounding)."""
-    frames = np.ascontiguousarray(frames, np.float32)
-    order, starts, counts, j0, j1, f, g = ring_tables(frames.shape[1:], offset)
-    residual = frames.copy()
-    background = np.empty((len(frames), len(counts)), np.float32)
-    if len(frames):
-        _ring_chunk(residual, order, starts, counts, j0, j1, f, g, float(gain),
-                    float(read_var), background)
-    return background, residual
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _ring_chunk(x, order, starts, counts, j0, j1, f, g, gain, read_var, background):
-    """In place per pattern: the ring background into ``background``, subtracted."""
-    n, ky, kx = x.shape
-    xs = np.empty(ky * kx, np.float32)
-    for i in range(n):
-        xf = x[i].ravel()
-        _ring_profile(xf, order, starts, counts, gain, read_var, xs, background[i])
-        _subtract_rings(xf, background[i], j0, j1, f, g)
-
-
-# ----------------------------------------------------------- ring background
 @njit(cache=True, fastmath=_REASSOC, error_model="numpy")
 def _seg_sum(v):
     acc = np.float32(0)
@@ -291,3 +252,46 @@ def _subtract_rings(xflat, prof, j0, j1, f, g):
         xflat[p] = xflat[p] - (prof[j0[p]] * g[p] + prof[j1[p]] * f[p])
 
 
+@functools.lru_cache(maxsize=32)
+def ring_tables(shape, offset=(0.0, 0.0)) -> tuple:
+    """The ring model of :func:`spedflow.peaks.noise.ring_model` as the compiled kernels
+    take it: ``(order, starts, counts, j0, j1, f, g)``, with ``order`` the pixels sorted
+    by ring (stably: each ring's pixels in row-major order) and ring ``j`` at
+    ``order[starts[j]:starts[j + 1]]``."""
+    from .noise import ring_model
+    rings = ring_model(tuple(int(s) for s in shape), tuple(float(o) for o in offset))
+    ring = rings.ring.ravel()
+    order = np.argsort(ring, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(ring, minlength=rings.n_rings))])
+    out = (order, starts.astype(np.int64), np.array(rings.counts, np.int64),
+           np.array(rings.j0, np.int64), np.array(rings.j1, np.int64),
+           np.array(rings.f, np.float32), np.array(rings._g, np.float32))  # copies
+    for a in out:
+        a.flags.writeable = False  # shared by every caller (lru_cache)
+    return out
+
+
+def ring_residual(frames: np.ndarray, gain: float, read_var: float, offset=(0.0, 0.0)):
+    """``(background, residual)`` of ``(n, ky, kx)`` aligned patterns, as
+    :meth:`RingModel.background <spedflow.peaks.noise.RingModel.background>` and
+    ``frames - RingModel.image(background)`` give them (the ring sums in another
+    order: equal to float32 rounding)."""
+    frames = np.ascontiguousarray(frames, np.float32)
+    order, starts, counts, j0, j1, f, g = ring_tables(frames.shape[1:], offset)
+    residual = frames.copy()
+    background = np.empty((len(frames), len(counts)), np.float32)
+    if len(frames):
+        _ring_chunk(residual, order, starts, counts, j0, j1, f, g, float(gain),
+                    float(read_var), background)
+    return background, residual
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _ring_chunk(x, order, starts, counts, j0, j1, f, g, gain, read_var, background):
+    """In place per pattern: the ring background into ``background``, subtracted."""
+    n, ky, kx = x.shape
+    xs = np.empty(ky * kx, np.float32)
+    for i in range(n):
+        xf = x[i].ravel()
+        _ring_profile(xf, order, starts, counts, gain, read_var, xs, background[i])
+        _subtract_rings(xf, background[i], j0, j1, f, g)
