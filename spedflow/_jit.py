@@ -2,9 +2,10 @@
 
 The NumPy/SciPy kernels are the reference and run everywhere. Where a pass over the
 data is one fused per-pattern loop (align, remove the background, integrate), a numba
-version keeps each pattern in cache through every step and runs 3-4x faster (see
-``benchmarks/spikes/numba_pass2``). Those versions are used when numba imports and
-``SPEDFLOW_JIT`` is not ``0``; the tests compare each with its NumPy reference.
+version (:mod:`spedflow._compiled`) keeps each pattern in cache through every step and
+runs 2-3x faster. Those versions are used when numba imports, ``SPEDFLOW_JIT`` is not
+``0`` and the process is not a small dask worker; the tests compare each with its
+NumPy reference.
 
 Compiled code is cached on disk (numba's ``cache=True``): the first run on a machine
 compiles for a few seconds, later processes load it in a fraction of a second.
@@ -43,7 +44,7 @@ def _numba_imports() -> bool:
 def enabled() -> bool:
     """True if the compiled kernels run: numba imports, ``SPEDFLOW_JIT`` is not 0, and
     this is not a dask worker with a memory limit under :data:`MIN_WORKER_MEMORY`."""
-    if os.environ.get(ENV, "1").strip() in ("0", "false", "no", "off"):
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     limit = _worker_memory_limit()
     if limit is not None and limit < MIN_WORKER_MEMORY:
@@ -63,7 +64,7 @@ def _worker_memory_limit():
 
 
 def compiled(module: str):
-    """The compiled kernels of ``module`` (e.g. ``"spedflow.peaks._compiled"``), or None
+    """The compiled kernels of ``module`` (e.g. ``"spedflow._compiled"``), or None
     where they are off or cannot load (then the NumPy kernels run, with a warning once:
     a numba that does not work, or no writable place for its cache, must not stop a run)."""
     return _load(module) if enabled() else None
@@ -85,7 +86,7 @@ def warm_up() -> None:
     same calls as the workflows (so with the same argument types): a fresh dask worker
     does this while the client plans the run, not in its first task."""
     import numpy as np
-    if compiled("spedflow.peaks._compiled") is None or compiled("spedflow.vdf._compiled") is None:
+    if compiled("spedflow._compiled") is None:
         return
     from .peaks.noise import find_peaks_counting
     from .vdf.kernels import disc_masks, preprocessed_sums

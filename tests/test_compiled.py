@@ -10,6 +10,12 @@ from spedflow.vdf import kernels as vk
 pytest.importorskip("numba")
 
 
+@pytest.fixture(autouse=True)
+def _compiled_on(monkeypatch):
+    """These tests compare the compiled path with NumPy: on, whatever the environment says."""
+    monkeypatch.delenv(_jit.ENV, raising=False)
+
+
 def _patterns(shape, n, rng, dtype):
     """Counting-noise patterns: a bright beam disc at a jittered centre, a few spots, a
     radial background; the beam centres returned with them."""
@@ -38,12 +44,16 @@ def _both(frames, centres, masks, **kw):
 
 
 @pytest.mark.parametrize("shape, dtype", [((64, 64), np.uint16), ((48, 80), np.float64),
-                                          ((192, 192), np.uint16)])
+                                          ((192, 192), np.uint16), ((56, 56), ">u2"),
+                                          ((64, 64), np.uint8), ((40, 40), "nan")])
 def test_compiled_pass2_equals_numpy(shape, dtype):
     """Shift, ring background, DoG and disc sums: equal to float32 rounding, also on a
-    non-square detector and one where NumPy blurs by FFTs (> 160 px)."""
+    non-square detector, one where NumPy blurs by FFTs (> 160 px), big-endian and 8-bit
+    data, and NaN pixels (NaN where NumPy gives NaN)."""
     rng = np.random.default_rng(3)
-    frames, centres = _patterns(shape, 40, rng, dtype)
+    frames, centres = _patterns(shape, 40, rng, np.float32 if dtype == "nan" else dtype)
+    if dtype == "nan":
+        frames[5:9, 17, 22] = np.nan
     # whole-pixel shifts, a beam near the edge, one off the detector altogether
     centres[0] = np.rint(centres[0])
     centres[1] = (3.3, shape[1] - 4.6)
@@ -53,9 +63,10 @@ def test_compiled_pass2_equals_numpy(shape, dtype):
     kw = dict(sigma_low=1.2, sigma_high=9.0, counts=(1.3, 0.4))
     fast, ref = _both(frames, centres, masks, **kw)
     assert fast.shape == ref.shape == (40, 25) and fast.dtype == np.float32
-    scale = np.abs(ref).max()
+    scale = np.nanmax(np.abs(ref))
     assert scale > 0 and np.count_nonzero(ref) > ref.size // 4  # a test with something in it
-    np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5 * scale)  # NaN where NaN
+    assert np.isnan(ref).any() == (dtype == "nan")
     assert not ref[2].any() and not fast[2].any()  # nothing left of a pattern shifted away
 
 
@@ -100,7 +111,7 @@ def test_compiled_candidates_equal_numpy(shape, num_sigma, border, threshold):
 def test_compiled_ring_background_equals_numpy(offset):
     """Ring background and residual: exact on counts (integer sums in float32 do not
     depend on their order), to float32 rounding on a CCD's scaled counts plus read noise."""
-    from spedflow.peaks._compiled import ring_residual
+    from spedflow._compiled import ring_residual
     from spedflow.peaks.noise import ring_model
     rng = np.random.default_rng(11)
     counts, _ = _patterns((56, 64), 20, rng, np.float32)
@@ -128,7 +139,7 @@ def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
             assert _jit.compiled("spedflow._no_such_compiled_module") is None
             assert _jit.compiled("spedflow._no_such_compiled_module") is None
         assert len([r for r in caplog.records if "NumPy" in r.getMessage()]) == 1
-        assert _jit.compiled("spedflow.peaks._compiled") is not None
+        assert _jit.compiled("spedflow._compiled") is not None
     finally:
         _jit._load.cache_clear()
 
@@ -142,13 +153,12 @@ def test_warm_up_loads_what_the_kernels_then_use():
     code = """
 import numpy as np
 from spedflow import _jit
-from spedflow.peaks import _compiled as pc
-from spedflow.vdf import _compiled as vc
+from spedflow import _compiled as C
 from spedflow.peaks.noise import find_peaks_counting
 from spedflow.vdf import disc_masks
 from spedflow.vdf.kernels import preprocessed_sums
 _jit.warm_up()
-kernels = (pc._ring_chunk, pc._maxima, vc._pass2_chunk)
+kernels = (C._ring_chunk, C._maxima, C._pass2_chunk)
 before = [list(k.signatures) for k in kernels]
 rng = np.random.default_rng(5)
 frames = rng.poisson(3.0, (8, 64, 64)).astype(np.uint16)
@@ -189,14 +199,20 @@ def test_workflow_gives_the_same_result_without_the_compiled_kernels(tmp_path, s
 
 def test_small_workers_run_the_numpy_kernels():
     """numba adds ~150 MB to a process: a worker under MIN_WORKER_MEMORY would sit at
-    distributed's pause threshold, so it runs the NumPy kernels; larger ones, and a
-    process that is not a worker, the compiled ones."""
+    distributed's pause threshold, so it runs the NumPy kernels and never imports numba
+    (not even in the warm-up); a larger worker, and a process that is not a worker, run
+    the compiled ones."""
+    import sys
+
     from distributed import Client, LocalCluster
+
+    def probe():
+        _jit.warm_up()
+        return _jit.enabled(), _jit.compiled("spedflow._compiled") is not None, "numba" in sys.modules
+
     assert _jit.enabled()  # not in a worker
-    for limit, want in (("512MB", False), ("2GB", True), (0, True)):  # 0: no limit
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit=limit,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            assert client.submit(_jit.enabled, pure=False).result() is want, limit
-            loads = client.submit(lambda: _jit.compiled("spedflow.peaks._compiled") is not None,
-                                  pure=False)
-            assert loads.result() is want
+    for limit, want in (("512MB", False), ("2GB", True)):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit=limit,
+                          host="127.0.0.1", dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            assert client.submit(probe, pure=False).result(timeout=120) == (want, want, want), limit

@@ -487,9 +487,9 @@ def _batch_peaks(part, s0, ops, sig, threshold, b, min_separation, rho, units=No
     smooth = _smooth_batch(part, ops)
     nu, nv = kx - 2, ky - 2
     # 2. candidates: local maxima of the significance above threshold
-    fast = _jit.compiled("spedflow.peaks._compiled") if isinstance(units, RadialUnits) else None
+    fast = _jit.compiled("spedflow._compiled") if isinstance(units, RadialUnits) else None
     if fast is not None:
-        # compiled, one pattern at a time: the same candidates (peaks._compiled)
+        # compiled, one pattern at a time: the same candidates (spedflow._compiled)
         flat, zc, scale_idx = fast.local_maxima(smooth, units.profiles, units.j0, units.j1,
                                                 units.f, threshold, b)
     else:

@@ -258,7 +258,7 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     frames = np.asarray(frames, np.float32)
     shape = frames.shape[1:]
     rings = ring_model(shape, offset)
-    fast = _jit.compiled("spedflow.peaks._compiled")
+    fast = _jit.compiled("spedflow._compiled")
     if fast is not None:  # one compiled loop per pattern
         background, residual = fast.ring_residual(frames, gain, read_var, offset)
     else:

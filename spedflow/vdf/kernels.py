@@ -209,7 +209,7 @@ def preprocessed_sums(frames: np.ndarray, centres: np.ndarray, masks: sp.spmatri
     but the preprocessed patterns only ever exist ``_SLAB`` at a time: no chunk-sized
     float32 array is written and read back (that round trip through memory cost ~30 %
     of pass 2 of the VDF workflow). With ``counts`` and numba, the whole of it runs as
-    one compiled loop per pattern instead (:mod:`spedflow.vdf._compiled`; equal to
+    one compiled loop per pattern instead (:mod:`spedflow._compiled`; equal to
     float32 rounding).
 
     Parameters
@@ -247,14 +247,14 @@ def preprocessed_sums(frames: np.ndarray, centres: np.ndarray, masks: sp.spmatri
 
 
 def _compiled_pass2(flat, centres, masks, sigma_low, sigma_high, counts):
-    """:func:`preprocessed_sums` by the compiled kernel (:mod:`._compiled`), or None
+    """:func:`preprocessed_sums` by the compiled kernel (:mod:`spedflow._compiled`), or None
     where it does not apply: numba missing or off (:func:`spedflow._jit.enabled`), no
     ring background (``counts``), a DoG whose Gaussians are not one narrow and one
     wide (low-rank) on this detector, or masks with no pixels."""
     from .._jit import compiled
     if counts is None or masks.nnz == 0:
         return None
-    _compiled = compiled("spedflow.vdf._compiled")
+    _compiled = compiled("spedflow._compiled")
     if _compiled is None:
         return None
     ops = _compiled.operators(flat.shape[-2:], sigma_low, sigma_high)
