@@ -17,6 +17,7 @@ import functools
 import importlib
 import logging
 import os
+import threading
 
 __all__ = ["enabled", "compiled", "ENV"]
 
@@ -70,14 +71,37 @@ def compiled(module: str):
     return _load(module) if enabled() else None
 
 
-@functools.lru_cache(maxsize=None)
 def _load(module: str):
+    with _LOAD_LOCK:  # one import (and one message) when the tasks' threads ask at once
+        return _load_once(module)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once(module: str):
     try:
-        return importlib.import_module(module)
+        mod = importlib.import_module(module)
     except Exception as e:
         log.warning("compiled kernels unavailable, running the NumPy ones (%s: %s)",
                     type(e).__name__, e)
         return None
+    if _cache_missing(mod):
+        log.warning("compiling spedflow's kernels for this machine (once, ~10 s; numba "
+                    "keeps them on disk)")
+    return mod
+
+
+def _cache_missing(mod) -> bool:
+    """True if numba's disk cache has no index for one of ``mod``'s kernels, i.e. the
+    first call compiles (a guess from numba's internals: False when it cannot tell)."""
+    try:
+        kernels = [getattr(mod, name) for name in ("_pass2_chunk", "_maxima", "_ring_chunk")
+                   if hasattr(mod, name)]
+        return any(not os.path.exists(k._cache._cache_file._index_path) for k in kernels)
+    except Exception:
+        return False
 
 
 def warm_up() -> None:

@@ -133,7 +133,7 @@ def test_compiled_ring_background_equals_numpy(offset):
 def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
     """A compiled module that fails to import (a broken numba, no writable cache) gives
     None with one warning, and the NumPy kernels run."""
-    _jit._load.cache_clear()
+    _jit._load_once.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="spedflow._jit"):
             assert _jit.compiled("spedflow._no_such_compiled_module") is None
@@ -141,7 +141,7 @@ def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
         assert len([r for r in caplog.records if "NumPy" in r.getMessage()]) == 1
         assert _jit.compiled("spedflow._compiled") is not None
     finally:
-        _jit._load.cache_clear()
+        _jit._load_once.cache_clear()
 
 
 def test_warm_up_loads_what_the_kernels_then_use():
@@ -216,3 +216,20 @@ def test_small_workers_run_the_numpy_kernels():
                           host="127.0.0.1", dashboard_address=None) as cluster, \
                 Client(cluster) as client:
             assert client.submit(probe, pure=False).result(timeout=120) == (want, want, want), limit
+
+
+def test_first_compile_is_announced(tmp_path):
+    """With no numba cache yet, loading the kernels says they are being compiled (the
+    first run stalls ~10 s otherwise without a word); with the cache, nothing is said."""
+    import subprocess
+    import sys
+    code = ("from spedflow import _jit; m = _jit.compiled('spedflow._compiled'); "
+            "print(m is not None, _jit._cache_missing(m))")
+    env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop(_jit.ENV, None)
+    cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert cold.stdout.split() == ["True", "True"], cold.stderr[-2000:]
+    assert "compiling spedflow's kernels" in cold.stderr
+    from spedflow import _compiled
+    _jit.warm_up()  # this process: compiled or loaded by now, so in a cache
+    assert not _jit._cache_missing(_compiled)
