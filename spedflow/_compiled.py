@@ -324,7 +324,6 @@ class Operators:
     def __init__(self, shape, sigma_low: float, sigma_high: float):
         from .preprocess.kernels import _wrap_blur_factors
         ky, kx = shape
-        self.shape = (ky, kx)
         self.order, self.starts, self.counts, self.j0, self.j1, self.f, self.g = \
             ring_tables((ky, kx))
         self.klow_y = _half_kernel(_wrap_blur_factors(ky, sigma_low), ky)
@@ -344,12 +343,11 @@ def _half_kernel(factors, n: int):
     """Taps ``k[0..h]`` of a narrow periodic Gaussian (its circulant matrix's first
     column, taps below 2**-24 of the largest left out), or None if it is low rank
     (a wide one) or its band does not fit the detector."""
+    from .preprocess.kernels import _band_halfwidth
     m, low_rank = factors
     if low_rank is not None:
         return None
-    k = np.abs(m[:, 0].astype(np.float64))
-    d = np.minimum(np.arange(n), n - np.arange(n))
-    h = int(d[k > 2.0 ** -24 * k.max()].max())
+    h = _band_halfwidth(m)  # the taps NumPy's band products keep
     if 2 * h + 1 > n:
         return None
     return np.ascontiguousarray(m[:h + 1, 0], np.float32)

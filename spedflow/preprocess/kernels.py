@@ -257,6 +257,16 @@ def _wrap_blur_factors(n: int, sigma: float) -> tuple[np.ndarray, np.ndarray | N
     return out, None
 
 
+def _band_halfwidth(m: np.ndarray) -> int:
+    """Half-width of the band of the circulant matrix ``m`` of a narrow periodic
+    Gaussian: the farthest distance at which its weight is at least 2**-24 of the
+    largest (float32 resolution; the weights beyond are left out of its products)."""
+    n = len(m)
+    k = np.abs(m[:, 0])  # k[d]: the weight d samples away (circulant)
+    d = np.minimum(np.arange(n), n - np.arange(n))
+    return int(d[k > 2.0 ** -24 * k.max()].max())
+
+
 def _circulant_band(n: int, sigma: float):
     """The periodic Gaussian's matrix (:func:`_wrap_blur_factors`) cut into blocks of
     output samples, for a narrow Gaussian: ``(h, [(o0, o1, L), ...])`` with ``L`` the
@@ -267,9 +277,7 @@ def _circulant_band(n: int, sigma: float):
     m, factor = _wrap_blur_factors(n, sigma)
     if factor is not None:
         return None
-    k = np.abs(m[:, 0])  # k[d]: the weight d samples away (circulant)
-    d = np.minimum(np.arange(n), n - np.arange(n))
-    h = int(d[k > 2.0 ** -24 * k.max()].max())
+    h = _band_halfwidth(m)
     w = max(_DOG_BAND_BLOCK, 2 * h)
     if w + 2 * h >= n:
         return None
