@@ -137,6 +137,15 @@ def test_distinct_vectors_counted_once():
     assert res.members[0].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("n, high", [(0, 5), (1, 5), (1000, 30), (50_000, 2**40)])
+def test_distinct_equals_numpy_unique(n, high):
+    from spedflow.segment._merge import _distinct
+    keys = np.random.default_rng(n).integers(0, high, n, dtype=np.int64)
+    got = _distinct(keys)
+    np.testing.assert_array_equal(got, np.unique(keys))
+    assert got.dtype == keys.dtype
+
+
 def test_segment_threshold_is_a_fraction():
     base = disc((20, 20), 8)
     segs = np.array([base | disc((20, 30), 4)] + [base] * 3, float)   # one member has a tail

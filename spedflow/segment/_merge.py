@@ -216,7 +216,7 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
         vec_of = np.repeat(inv.ravel(), np.diff(sub.indptr))  # the vector of each pixel
         # votes per pixel: the vectors with a segment there (several segments of one
         # vector count as one vote)
-        votes = np.bincount(np.unique(vec_of * p + sub.indices) % p, minlength=p)
+        votes = np.bincount(_distinct(vec_of * p + sub.indices) % p, minlength=p)
         need = max(1, math.ceil(params.segment_threshold * vec.size - 1e-9))
         mask = votes >= need
         if not mask.any():
@@ -240,6 +240,20 @@ def merge_vdf_segments(segments, source_vector: np.ndarray, vectors: np.ndarray,
                        tuple(out_members[i] for i in order),
                        tuple(out_int[i] for i in order),
                        tuple(out_seg[i] for i in order), vectors, len(groups))
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer array, sorted: ``np.unique(keys)``, by a sort.
+    NumPy >= 2.3 finds the distinct values of a plain ``np.unique`` by hashing, which on
+    millions of mostly distinct int64 keys is ~14x slower than sorting them (2.5 s
+    against 0.18 s for 3 million; the 512 x 512 benchmark's merge spent 3.3 s there)."""
+    s = np.sort(np.asarray(keys).ravel())
+    if s.size == 0:
+        return s
+    keep = np.empty(s.size, bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 def _mask_overlaps(result: MergeResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
