@@ -148,6 +148,28 @@ def test_empty_and_constant_images(image):
     assert labels.shape == image.shape and labels.max() == 0
 
 
+def _li_cases():
+    rng = np.random.default_rng(3)
+    masks, levels = CASES["two touching discs"]
+    blobs = render(masks, levels)
+    return {"crystals and noise": blobs + rng.normal(0, 0.05, blobs.shape),
+            "crystals, blurred": ndi.gaussian_filter(blobs, 2.0),
+            "normal": rng.normal(size=(50, 60)), "counts": rng.poisson(3, (40, 40)) * 1.0,
+            "exponential": rng.exponential(size=(64, 64)),
+            "two values": np.r_[np.zeros(10), np.ones(5)].reshape(3, 5),
+            "float32 steps": (rng.integers(0, 7, (30, 30)) * 0.1).astype(np.float32),
+            "negative": -rng.gamma(2.0, size=(25, 25)), "constant": np.full((4, 4), 2.5)}
+
+
+@pytest.mark.parametrize("name", list(_li_cases()))
+def test_li_threshold_equals_skimage(name):
+    from spedflow.segment._watershed import _threshold_li
+    image = _li_cases()[name].astype(np.float64)  # as watershed_image passes it
+    ours, ref = _threshold_li(image), threshold_li(image)
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(image > ours, image > ref)
+
+
 def test_otsu_threshold():
     masks, levels = CASES["two touching discs"]
     labels = watershed_image(render(masks, levels), WatershedParams(threshold="otsu"))
