@@ -369,7 +369,7 @@ def cmd_params(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import write_report
-    html = write_report(args.result, args.out, store_path=args.store)
+    html = write_report(args.result, args.out, store_path=args.store, strict=True)
     print(f"report: {Path(html).resolve()}")
     return 0
 

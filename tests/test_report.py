@@ -342,6 +342,52 @@ def test_malformed_array_is_a_note_not_an_error(tmp_path, fast_png):
     assert "beam/centres has shape (4,)" in text
 
 
+def _corrupt_first_chunk(array_dir):
+    chunk = next(p for p in sorted(array_dir.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("drop_patterns", "segments/patterns is missing"),
+    ("corrupt_maps", "segments/maps could not be read"),
+    ("malformed_optional", "beam/centres has shape"),
+])
+def test_strict_report_of_a_damaged_result_raises_after_writing(tmp_path, fast_png, damage, match):
+    from spedflow.report import write_report
+    drop = {"drop_patterns": ("segments/patterns",), "malformed_optional": ("beam/centres",)}
+    res = make_fake_result(tmp_path / "r.zarr", "vdf", drop=drop.get(damage, ()))
+    if damage == "corrupt_maps":
+        _corrupt_first_chunk(res / "segments" / "maps")
+    if damage == "malformed_optional":
+        create_array(zarr.open_group(str(res), mode="a"), "beam/centres", (4,), np.float32)
+    # not strict (the API's default): a note in the page, no error
+    assert "report.html" in str(write_report(res, tmp_path / "lenient"))
+    with pytest.raises(InputError, match=match) as info:
+        write_report(res, tmp_path / "rep", strict=True)
+    assert (tmp_path / "rep" / "report.html").exists()  # written first: what could be read
+    assert "report.html" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_strict_report_of_a_result_without_optional_arrays_passes(tmp_path, fast_png):
+    from spedflow.report import write_report
+    res = make_fake_result(tmp_path / "r.zarr", "vdf",
+                           drop=("beam/centres", "vectors", "peaks", "overview/peak_histogram"))
+    assert write_report(res, tmp_path / "rep", strict=True).exists()
+
+
+def test_cli_report_of_a_damaged_result_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    res = make_fake_result(tmp_path / "r.zarr", "nmf")
+    _corrupt_first_chunk(res / "segments" / "patterns")
+    run = subprocess.run([sys.executable, "-m", "spedflow", "report", str(res), "--out",
+                          str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "segments/patterns could not be read" in lines[0], run.stderr
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
 @pytest.mark.parametrize("setup,kwargs,exc,match", [
     ("none", {}, InputError, "does not exist"),
     ("input", {}, InputError, "not a spedflow result"),

@@ -352,7 +352,7 @@ def _segment_header(v: ResultView) -> list[str]:
     return h
 
 
-def write_report(result_path, out_dir, *, store_path=None) -> Path:
+def write_report(result_path, out_dir, *, store_path=None, strict: bool = False) -> Path:
     """Write PNG figures and one self-contained HTML page describing a result.
 
     Parameters
@@ -366,6 +366,11 @@ def write_report(result_path, out_dir, *, store_path=None) -> Path:
         The input store. Used for the difference patterns (a few patterns are read) and,
         when it holds ``truth/``, for the evaluation. Default: the input path recorded in
         the result attrs, if it exists.
+    strict : bool
+        Raise :class:`InputError` (after writing the report) if the result is damaged:
+        an array present but unreadable or of the wrong shape, or ``segments/maps`` or
+        ``segments/patterns`` missing. ``spedflow report`` sets it, so a damaged result
+        does not pass for a whole one.
 
     Returns
     -------
@@ -375,7 +380,8 @@ def write_report(result_path, out_dir, *, store_path=None) -> Path:
     Raises
     ------
     InputError
-        ``result_path`` is not a spedflow result store, or ``out_dir`` is a file.
+        ``result_path`` is not a spedflow result store, or ``out_dir`` is a file; with
+        ``strict``, the result is damaged (the report is written first).
 
     Notes
     -----
@@ -401,6 +407,13 @@ def write_report(result_path, out_dir, *, store_path=None) -> Path:
     tmp = out / ".report.html.partial"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, target)
+    damage = v.damage
+    if strict and damage:
+        more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+        first = damage[0].removesuffix(": ignored")
+        raise InputError(f"result {str(result_path)!r} is damaged: {first}{more}; the report "
+                         f"{str(target)!r} shows what could be read (`spedflow info --verify` "
+                         f"names damaged chunks)")
     return target
 
 

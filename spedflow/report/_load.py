@@ -44,6 +44,19 @@ class Calibration:
         return self.k_units if self.k_scale else "px"
 
 
+class _Notes(list):
+    """The notes of a read: what the report says it left out, and (``damaged``) which of
+    them are damage to the store rather than something absent."""
+
+    def __init__(self):
+        super().__init__()
+        self.damaged: list[str] = []
+
+    def damage(self, text: str) -> None:
+        self.append(text)
+        self.damaged.append(text)
+
+
 @dataclass
 class ResultView:
     """What a result store holds, as NumPy arrays (``None`` when absent)."""
@@ -72,6 +85,17 @@ class ResultView:
     evaluation: dict | None = None
     calibration: Calibration = field(default_factory=Calibration)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def damage(self) -> list[str]:
+        """What is wrong with the store, as opposed to merely absent: arrays present but
+        unreadable or of the wrong shape, and a missing ``segments/maps`` or
+        ``segments/patterns`` (every result has them, empty when nothing was found)."""
+        out = list(getattr(self.notes, "damaged", []))
+        for name, arr in (("segments/maps", self.maps), ("segments/patterns", self.patterns)):
+            if arr is None and not any(n.startswith(name + " ") for n in out):
+                out.append(f"{name} is missing")
+        return out
 
     @property
     def n_segments(self) -> int:
@@ -103,25 +127,25 @@ def _open(path) -> tuple[zarr.Group, dict]:
     return zarr.open_group(str(path), mode="r"), meta
 
 
-def _array(group: zarr.Group, name: str, ndim: int | tuple[int, ...], notes: list[str]):
+def _array(group: zarr.Group, name: str, ndim: int | tuple[int, ...], notes: _Notes):
     """``group[name]`` as NumPy if present with the expected ndim, else None (+ note)."""
     try:
         node = group[name]
     except KeyError:
         return None
     if not isinstance(node, zarr.Array):
-        notes.append(f"{name} is a group, not an array: ignored")
+        notes.damage(f"{name} is a group, not an array: ignored")
         return None
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     if node.ndim not in ndims:
-        notes.append(f"{name} has shape {node.shape}, expected {ndims[0]} dimensions: ignored")
+        notes.damage(f"{name} has shape {node.shape}, expected {ndims[0]} dimensions: ignored")
         return None
     if 0 in node.shape:
         return np.zeros(node.shape, node.dtype)
     try:
         return np.asarray(node[...])
     except Exception as exc:  # a corrupted chunk must not stop the whole report
-        notes.append(f"{name} could not be read ({type(exc).__name__}: {exc}): ignored")
+        notes.damage(f"{name} could not be read ({type(exc).__name__}: {exc}): ignored")
         return None
 
 
@@ -206,14 +230,14 @@ def input_store_path(meta: dict, result_path) -> str | None:
     return str(p) if p.exists() else None
 
 
-def _peak_histogram(group: zarr.Group, shape, notes) -> tuple[int | None, np.ndarray | None]:
+def _peak_histogram(group: zarr.Group, shape, notes: _Notes) -> tuple[int | None, np.ndarray | None]:
     """Count peak positions per detector pixel, reading the table in slabs."""
     try:
         peaks = group["peaks"]
     except KeyError:
         return None, None
     if not isinstance(peaks, zarr.Array) or peaks.ndim != 2 or peaks.shape[1] < 5:
-        notes.append(f"peaks has shape {getattr(peaks, 'shape', '?')}, expected (M, 5): ignored")
+        notes.damage(f"peaks has shape {getattr(peaks, 'shape', '?')}, expected (M, 5): ignored")
         return None, None
     m = int(peaks.shape[0])
     if shape is None:
@@ -248,7 +272,7 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
         ``path`` is missing or not a spedflow result store.
     """
     g, meta = _open(path)
-    notes: list[str] = []
+    notes = _Notes()
     method = str(meta.get("method", "unknown"))
     v = ResultView(path=Path(path), meta=meta, method=method, notes=notes)
     v.maps = _array(g, "segments/maps", 3, notes)
@@ -273,16 +297,16 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
             v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
 
         if v.maps is not None and v.patterns is not None and v.maps.shape[0] != v.patterns.shape[0]:
-            notes.append(f"segments/maps has {v.maps.shape[0]} segments but segments/patterns "
+            notes.damage(f"segments/maps has {v.maps.shape[0]} segments but segments/patterns "
                          f"{v.patterns.shape[0]}: per-segment figures use the first "
                          f"{min(v.maps.shape[0], v.patterns.shape[0])}")
         if v.vectors is not None and v.vectors.shape[-1] != 2:
-            notes.append(f"vectors has shape {v.vectors.shape}, expected (N, 2): ignored")
+            notes.damage(f"vectors has shape {v.vectors.shape}, expected (N, 2): ignored")
             v.vectors = None
         for name in ("beam_centres", "beam_fitted"):
             a = getattr(v, name)
             if a is not None and a.shape[-1] != 2:
-                notes.append(f"beam/{name[5:]} has shape {a.shape}, expected (Y, X, 2): ignored")
+                notes.damage(f"beam/{name[5:]} has shape {a.shape}, expected (Y, X, 2): ignored")
                 setattr(v, name, None)
 
         # NMF bookkeeping may sit in the top-level attrs, a nested "nmf" dict or the group attrs
