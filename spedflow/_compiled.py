@@ -366,6 +366,10 @@ def pass2_sums(frames: np.ndarray, shifts: np.ndarray, ops: Operators, idx: np.n
     if frames.dtype not in _NATIVE:  # e.g. '>u2' (a Merlin file), int32, float64
         frames = frames.astype(np.float32)
     frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:
+        # a chunk dask moved from another worker is read-only, a type numba compiles
+        # separately (~4 s on a worker, in the middle of the pass); a copy is ~3 ms
+        frames = frames.copy()
     out = np.empty((len(frames), len(idx)), np.float32)
     if len(frames) == 0:
         return out

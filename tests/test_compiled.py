@@ -146,8 +146,8 @@ def test_kernels_that_cannot_load_fall_back_to_numpy(caplog):
 
 def test_warm_up_loads_what_the_kernels_then_use():
     """warm_up runs each compiled kernel with the argument types of real calls, so a
-    worker's first task neither compiles nor loads anything more (in a fresh process:
-    here earlier tests have loaded every type already)."""
+    worker's first task neither compiles nor loads anything more, read-only chunks
+    included (in a fresh process: here earlier tests have loaded every type already)."""
     import subprocess
     import sys
     code = """
@@ -167,6 +167,12 @@ preprocessed_sums(frames, centres, disc_masks([[10.0, 4.0]], 2.5, (64, 64)), sig
                   sigma_high=8.0, counts=(1.0, 0.0))
 find_peaks_counting(frames.astype(np.float32), [1.0, 2.0], threshold=5.0, exclude_border=2,
                     gain=1.0, read_var=0.0)
+# a chunk dask moved between workers is read-only: no new type (numba compiles those apart)
+for ro in (frames.copy(), frames.astype(np.float32)):
+    ro.setflags(write=False)
+    preprocessed_sums(ro, centres, disc_masks([[10.0, 4.0]], 2.5, (64, 64)), sigma_low=1.0,
+                      sigma_high=8.0, counts=(1.0, 0.0))
+    find_peaks_counting(ro, [1.0, 2.0], threshold=5.0, exclude_border=2, gain=1.0, read_var=0.0)
 after = [list(k.signatures) for k in kernels]
 assert all(before), before
 assert after == before, (before, after)
