@@ -106,6 +106,29 @@ def test_raw_other_extension_with_shape(tmp_path):
     assert meta["format"] == "raw"
 
 
+@pytest.mark.parametrize("data, stored, given, warns", [
+    ("counts", ">u2", "<u2", True),    # a Merlin-like big-endian file read as little-endian
+    ("counts", ">u2", ">u2", False),
+    ("counts", "<u2", "<u2", False),
+    ("counts", "<u2", ">u2", True),
+    ("counts", ">i4", "<i4", True),
+    ("ccd", "<u2", "<u2", False),      # an offset of ~1000 and read-out noise: no pattern
+    ("counts", "u1", "u1", False),     # one byte has no order
+])
+def test_raw_in_the_wrong_byte_order_is_warned_about(tmp_path, data, stored, given, warns):
+    rng = np.random.default_rng(1)
+    shape = (6, 8, 24, 24)
+    x = rng.poisson(2.0, shape) if data == "counts" else rng.normal(1000, 30, shape)
+    x.astype(stored).tofile(tmp_path / "x.raw")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        open_source(tmp_path / "x.raw", shape=shape, dtype=given)
+    said = [str(w.message) for w in seen if "byte order" in str(w.message)]
+    assert bool(said) == warns, said
+    if warns:  # names the byte order to give instead
+        assert repr(np.dtype(given).newbyteorder("S").str) in said[0]
+
+
 @pytest.mark.parametrize("zarr_format", [2, 3])
 def test_zarr_source_round_trip(tmp_path, zarr_format):
     x = _data(dtype=">u2" if zarr_format == 2 else "<u2")

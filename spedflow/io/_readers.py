@@ -221,7 +221,45 @@ def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_ax
         raise InputError(f"{where}: shape {shape} of {dtype.str} after a {offset}-byte header needs "
                          f"{expected} bytes, but the file has {size} bytes")
     arr = _memmap_array(path, shape, dtype, int(offset), "C", signal_axes, chunks, where)
+    _warn_if_byte_swapped(path, shape, dtype, int(offset), where)
     return arr, {"original_shape": list(shape), "original_dtype": dtype.str}
+
+
+#: Share of a raw file's nonzero sample values with a zero low byte above which the
+#: byte order given is probably the wrong one (a right one gives ~1/256 of them).
+_SWAPPED_SHARE = 0.5
+
+
+def _warn_if_byte_swapped(path: Path, shape, dtype: np.dtype, offset: int, where: str) -> None:
+    """Warn if multi-byte integer data look read in the wrong byte order.
+
+    A counting detector's values are mostly small. Read with the bytes swapped, a
+    value v < 256 becomes 256 v: the nonzero values are then nearly all multiples of
+    256, where in the right order about 1 in 256 of them are (any camera, offsets and
+    gains included). Judged on up to 2**19 values from the middle of the file (the
+    first patterns of a scan can be dark or the beam blanked).
+    """
+    if dtype.kind not in "iu" or dtype.itemsize < 2:
+        return
+    n = math.prod(shape)
+    take = min(n, 2 ** 19)
+    start = (n - take) // 2
+    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset + start * dtype.itemsize, shape=(take,))
+    try:
+        values = np.array(mm)
+    finally:
+        del mm
+    nonzero = values[values != 0]
+    if nonzero.size < 1000:
+        return
+    native = nonzero.astype(nonzero.dtype.newbyteorder("="))  # the values as given
+    share = float(np.mean(native % 256 == 0))
+    if share > _SWAPPED_SHARE:
+        other = dtype.newbyteorder("S").str
+        warnings.warn(f"{where}: {share:.0%} of the nonzero values are multiples of 256, as small "
+                      f"counts read in the wrong byte order are; if the file is "
+                      f"{'big' if other.startswith('>') else 'little'}-endian, give dtype "
+                      f"{other!r}", UserWarning, stacklevel=2)
 
 
 def _read_zarr(path: Path, *, array=None, chunks, signal_axes, **_):
