@@ -156,3 +156,35 @@ def test_a_clipped_beam_is_warned_about(caplog, clip):
     warned = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
     assert radius == pytest.approx(3.0, abs=0.6) and glare is None
     assert bool(warned) == (clip is not None), warned
+
+
+def test_stage_keys_change_with_the_code_not_only_the_version(tmp_path):
+    """A copy of spedflow with one edited source line gives other stage keys (its cache
+    is never reused by other code of the same version); an unedited copy the same."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import spedflow
+    src = Path(spedflow.__file__).parent
+    code = ("from spedflow.workflows._cache import stage_key, code_fingerprint;"
+            "print(code_fingerprint(), stage_key('peaks', {'a': 1}))")
+
+    def keys(root):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                             cwd=tmp_path, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.split()
+
+    for name in ("same", "edited"):
+        shutil.copytree(src, tmp_path / name / "spedflow",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "edited" / "spedflow" / "segment" / "_merge.py"
+    target.write_text(target.read_text() + "\n# an edit\n")
+    same, edited = keys(tmp_path / "same"), keys(tmp_path / "edited")
+    assert same[0].startswith(spedflow.__version__ + "+")
+    assert edited[0].split("+")[0] == same[0].split("+")[0]  # the same version
+    assert edited != same and edited[1] != same[1]
+    assert keys(tmp_path / "same") == same  # and stable

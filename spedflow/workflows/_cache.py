@@ -3,7 +3,9 @@
 Each stage of a workflow writes its products into ``<cache>/<stage>-<key>/``, where the
 key is a hash of everything the stage depends on (the input store's identity, the
 parameters of this and all earlier stages). A stage is complete when its directory
-holds the marker file ``COMPLETE``, written last. An interrupted run restarted with the
+holds the marker file ``COMPLETE``, written last. Every key includes a fingerprint of
+spedflow's own source (:func:`code_fingerprint`), so products of other code, an edited
+or upgraded install, are never reused. An interrupted run restarted with the
 same command finds the completed stages and reuses them; a stage whose per-block work
 was interrupted reuses the blocks already written. Changing a late-stage parameter
 changes only that stage's key and the keys of the stages after it.
@@ -11,6 +13,7 @@ changes only that stage's key and the keys of the stages after it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,9 +31,25 @@ __all__ = ["StageCache", "Stage", "stage_key"]
 
 
 def stage_key(*parts) -> str:
-    """A short stable hash of JSON-able parts (dicts are key-sorted)."""
-    blob = json.dumps([__version__, *parts], sort_keys=True, default=_json_default)
+    """A short stable hash of JSON-able parts (dicts are key-sorted) and of the code."""
+    blob = json.dumps([code_fingerprint(), *parts], sort_keys=True, default=_json_default)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """The version and a hash of every ``.py`` file of the installed spedflow package
+    (~1 MB, a few ms once per process). The version alone let a cache written by
+    edited code of the same version be reused (a development checkout, a patched
+    install); the source is what the products depend on."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(__version__.encode())
+    try:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    except OSError:  # unreadable source (a frozen install): the version alone
+        return __version__
+    return f"{__version__}+{h.hexdigest()[:16]}"
 
 
 def _json_default(o):
