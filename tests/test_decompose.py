@@ -10,7 +10,8 @@ from spedflow.decompose import (NMFParams, ScreeParams, beam_mask, choose_n_comp
                                 classify_components, default_beam_mask_radius, loading_coverage,
                                 marchenko_pastur_count, merge_poisson, normalised_matrix,
                                 poisson_partial, poisson_statistics, randomized_svd, scree,
-                                signflip_block, spot_fraction, undo_normalisation)
+                                signflip_block, spatial_coherence, spot_fraction,
+                                undo_normalisation)
 from spedflow.errors import InputError, ParameterError
 
 
@@ -251,6 +252,8 @@ def test_scree_bad_input():
     (NMFParams, dict(max_epochs=0), "max_epochs"),
     (NMFParams, dict(init="svd"), "init"),
     (NMFParams, dict(beam_mask_radius=-2), "beam_mask_radius"),
+    (NMFParams, dict(min_coherence=-0.1), "min_coherence"),
+    (NMFParams, dict(min_coherence=float("nan")), "min_coherence"),
     (NMFParams, dict(bogus=1), "unknown parameter"),
     (ScreeParams, dict(n_components=0), "n_components"),
     (ScreeParams, dict(n_power_iter=-1), "n_power_iter"),
@@ -342,6 +345,50 @@ def test_classify_components_crystal_on_pedestal():
                               max_coverage=NMFParams().max_coverage)
     assert [k for k, _ in out] == [True, False, False]
     assert "crystal" in out[0][1] and "support" in out[1][1] and "textured" in out[2][1]
+
+
+def _moran_brute_force(w):
+    """Lag-1 autocorrelation of a 2-D map by a loop over every pair of 4-neighbours."""
+    d = w - w.mean()
+    num, pairs = 0.0, 0
+    for y in range(w.shape[0]):
+        for x in range(w.shape[1]):
+            for dy, dx in ((0, 1), (1, 0)):
+                if y + dy < w.shape[0] and x + dx < w.shape[1]:
+                    num += d[y, x] * d[y + dy, x + dx]
+                    pairs += 1
+    return (num / pairs) / np.mean(d * d)
+
+
+def test_spatial_coherence_is_autocorrelation_over_a_compact_regions():
+    rng = np.random.default_rng(7)
+    maps = rng.gamma(0.5, size=(3, 9, 13))
+    n = np.maximum(loading_coverage(maps) * maps[0].size, 4)
+    want = [_moran_brute_force(m) / (1 - 2 / np.sqrt(np.pi * k)) for m, k in zip(maps, n)]
+    np.testing.assert_allclose(spatial_coherence(maps), want, rtol=1e-12)
+    assert spatial_coherence(np.full((1, 6, 6), 2.0))[0] == 1  # no variance, nothing incoherent
+
+
+@pytest.mark.parametrize("radius", [3, 6, 12])
+def test_spatial_coherence_of_crystals_noise_and_their_mixture(radius):
+    """~1 for a flat or domed crystal of any size, ~0 for white noise (sparse or dense),
+    ~0.5 for a crystal under noise of its own variance (the default threshold); a rod
+    two pixels wide well above that."""
+    rng = np.random.default_rng(radius)
+    Y, X = np.mgrid[:64, :64]
+    r = np.hypot(Y - 30, X - 33)
+    flat = (r < radius).astype(float)
+    dome = np.sqrt(np.clip(radius ** 2 - r ** 2, 0, None))
+    noise = rng.exponential(size=(64, 64)) * (rng.random((64, 64)) < 0.05)  # sparse specks
+    dense = rng.random((64, 64))
+    sd = flat.std()
+    mixed = flat + rng.normal(0, sd, flat.shape)  # equal signal and noise variance
+    rod = ((abs(Y - 20) < radius / 3) & (abs(X - 32) < 4 * radius)).astype(float)  # 2-8 px wide
+    c = spatial_coherence(np.array([flat, dome, noise, dense, mixed, rod]))
+    assert 0.9 < c[0] < 1.1 and 0.9 < c[1] < 1.2
+    assert abs(c[2]) < 0.1 and abs(c[3]) < 0.1
+    assert 0.35 < c[4] < 0.65
+    assert c[5] > 0.6  # a thin rod loses more of its pairs at its edge than a disc, not half
 
 
 def test_classify_components_bad():

@@ -124,6 +124,33 @@ def test_nmf_finds_the_weak_crystal(paper_like, tmp_path):
     assert attrs["residual_search"]["rank"] >= 1
 
 
+def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(results, tmp_path):
+    """The spatial-coherence rule is applied with its threshold as given: at 0 it is
+    off; raised past half of the components the default keeps, it sets aside those
+    less coherent than that, and says so."""
+    def by_coherence(attrs):
+        return {d["component"] for d in attrs["components_set_aside"] if "coherence" in d["reason"]}
+
+    path, store = results["small", "nmf"]
+    base = zarr.open_group(str(path), mode="r")
+    coherence = spedflow.decompose.spatial_coherence(base["nmf/loadings"][:])
+    a = base.attrs["spedflow"]
+    candidates = set(a["components_kept"]) | by_coherence(a)  # what the other rules keep
+    assert all(coherence[i] >= 0.5 for i in a["components_kept"])  # the default's rule
+    # a threshold between two components' coherences: the run has something to set aside
+    c = np.sort([coherence[i] for i in candidates])
+    middle = float(c[len(c) // 2 - 1] + c[len(c) // 2]) / 2
+    for value in (0.0, middle):
+        res = spedflow.segment(store, method="nmf", out=tmp_path / f"c{value}.zarr", local=True,
+                               progress=False, overrides={"nmf": {"min_coherence": value}})
+        attrs = zarr.open_group(str(res), mode="r").attrs["spedflow"]
+        said = by_coherence(attrs)
+        below = {i for i in range(len(coherence)) if value > 0 and coherence[i] < value}
+        # (a component a later rule sets aside may be set aside by this one first)
+        assert candidates & below <= said <= below, (value, said)
+        assert set(attrs["components_kept"]) == candidates - said
+
+
 def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
     """An 8-bit camera at high dose (~30 counts per pixel) clips the direct beam and its
     glare: the half-maximum radius then measured the glare (8.5 px for a 1.5 px beam)

@@ -26,6 +26,13 @@ Two measurable properties separate them from crystal components:
   ``strong_spot_fraction`` = 0.5, i.e. mostly symmetric) as textured background,
   with clear spots as support (film, vacuum) or a mixture dominated by it. A
   crystal that fills the scan therefore needs a larger ``max_coverage``.
+
+A third property, used by the NMF workflow after these two, separates crystals from
+noise: the **spatial coherence** of the loading map (:func:`spatial_coherence`). A
+crystal spans many neighbouring probe positions, so its loading at one position
+predicts its neighbours'; a spare component fitted to counting noise (at low dose the
+scree's count of components runs high, and NMF gets a third more) lights scattered
+single positions.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from ..config import check_range
 from ..errors import ParameterError
 from ._poisson import beam_mask
 
-__all__ = ["spot_fraction", "loading_coverage", "classify_components"]
+__all__ = ["spot_fraction", "loading_coverage", "spatial_coherence", "classify_components"]
 
 
 def spot_fraction(factors: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -105,6 +112,46 @@ def loading_coverage(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
     threshold = np.minimum(pedestal + level * (peak - pedestal), 0.5 * peak)
     cov = np.mean(flat > threshold, axis=1)
     return np.where(peak[:, 0] > 0, cov, 0.0)
+
+
+def spatial_coherence(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
+    """How spatially coherent each loading map is, against a compact region of its extent.
+
+    The lag-1 autocorrelation of the map (mean removed; neighbours along both scan
+    axes, Moran's I with unit weights) is divided by ``1 - 2 / sqrt(pi n)``, that of a
+    flat disc of ``n`` positions, ``n`` the loading's support
+    (:func:`loading_coverage` at ``level``; at least 4): of a disc's ``2 n`` pairs of
+    neighbours, the ~``4 R`` (``R = sqrt(n / pi)``) that cross its edge are lost (within
+    0.05 of the measured value from 9 positions up). A crystal's map, a compact region
+    with a smooth thickness profile, measures ~1; white noise of any extent 0. Noise
+    added to a coherent map scales the autocorrelation by ``S / (S + N)``, the share
+    of the map's variance that is signal: 0.5 where the pixel-to-pixel noise equals
+    the structure.
+
+    Parameters
+    ----------
+    loadings : (E, Y, X) ndarray.
+    level : float in (0, 1)
+        As in :func:`loading_coverage`.
+
+    Returns
+    -------
+    (E,) float64; 1 for a constant map (no variance: nothing incoherent in it).
+    """
+    w = np.asarray(loadings, np.float64)
+    if w.ndim != 3:
+        raise ParameterError(f"`loadings` must be (E, Y, X) (got shape {w.shape})")
+    _, ny, nx = w.shape
+    d = w - w.mean(axis=(1, 2), keepdims=True)
+    pairs = (d[:, 1:, :] * d[:, :-1, :]).sum(axis=(1, 2)) + (d[:, :, 1:] * d[:, :, :-1]).sum(axis=(1, 2))
+    n_pairs = (ny - 1) * nx + ny * (nx - 1)
+    var = (d * d).sum(axis=(1, 2)) / (ny * nx)
+    out = np.ones(len(w))
+    ok = (var > 0) & (n_pairs > 0)
+    ac = pairs[ok] / max(n_pairs, 1) / var[ok]
+    n = np.maximum(loading_coverage(w, level) * ny * nx, 4.0)
+    out[ok] = ac / (1.0 - 2.0 / np.sqrt(np.pi * n[ok]))
+    return out
 
 
 def classify_components(factors: np.ndarray, loadings: np.ndarray, *,

@@ -95,6 +95,12 @@ class NMFParams:
         asked of scans in which each crystal occupies a minority of the positions,
         while the film and the vacuum are everywhere else. A scan filled by one
         crystal needs a larger value.
+    min_coherence : float, default 0.5
+        Components whose loading map is less than this fraction as spatially
+        coherent as a compact region of its extent
+        (:func:`spedflow.decompose.spatial_coherence`) are set aside as noise: below
+        0.5 the map's pixel-to-pixel noise outweighs its structure, as in the spare
+        components NMF fits to counting noise at low dose. 0 keeps them all.
     """
 
     n_components: int | None = None
@@ -109,6 +115,7 @@ class NMFParams:
     extra_components: float = 1.0 / 3.0
     min_spot_fraction: float = 0.25
     max_coverage: float = 1.0 / 3.0
+    min_coherence: float = 0.5
 
     def __post_init__(self):
         check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
@@ -127,3 +134,4 @@ class NMFParams:
         check_range("extra_components", self.extra_components, low=0, high=4)
         check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
         check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)
+        check_range("min_coherence", self.min_coherence, low=0)

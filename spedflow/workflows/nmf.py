@@ -45,7 +45,7 @@ class NMFConfig:
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..decompose import (beam_mask, choose_n_components, loading_coverage, nmf, scree,
-                             undo_normalisation)
+                             spatial_coherence, undo_normalisation)
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -184,6 +184,15 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             keep[i] = False
             reasons[i] = (f"present (above its pedestal) at {int(support[i])} positions, fewer "
                           f"than the smallest crystal (watershed.min_size = {cfg.watershed.min_size})")
+        # a crystal spans neighbouring positions; a spare component fitted to counting
+        # noise lights scattered ones
+        coherence = spatial_coherence(loadings)
+        noisy = coherence < cfg.nmf.min_coherence if cfg.nmf.min_coherence > 0 else False
+        for i in np.flatnonzero(keep & noisy):
+            keep[i] = False
+            reasons[i] = (f"loading map mostly pixel-to-pixel noise (spatial coherence "
+                          f"{coherence[i]:.2f} < nmf.min_coherence = {cfg.nmf.min_coherence:g}): "
+                          f"noise fitted by a spare component, not a crystal")
         # a residual component lying where a kept global crystal is and on its spots, or
         # whose pattern is that crystal's, is a correction of that crystal's model
         # (shape, thickness), not another crystal: kept, it would duplicate its segment
