@@ -202,6 +202,11 @@ def _setup_logging(verbose: int, quiet: int) -> None:
         handler.setLevel(level)                    # INFO) reach the root handler too
     if verbose < 2:
         logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
+        # distributed sets its logger's level from dask's config when it is imported
+        # (later, by the command): without this, -v showed its INFO chatter, and a
+        # traceback from the comms it closes at shutdown
+        import dask
+        dask.config.set({"logging.distributed": logging.getLevelName(max(level, logging.WARNING)).lower()})
     import warnings
     if quiet > 1:
         warnings.simplefilter("ignore")

@@ -238,3 +238,16 @@ def test_simulate_takes_a_rectangular_detector_and_a_crystal_shape(tmp_path, cap
     g = zarr.open_group(str(store), mode="r")
     assert g["data"].shape == (8, 12, 16, 24)
     assert g.attrs["spedflow"]["simulation"]["params"]["shape"] == "rod"
+
+
+def test_verbose_run_on_a_local_cluster_shows_spedflow_not_distributed(tmp_path, sim_store):
+    """-v is spedflow's progress; distributed's own INFO (its start-up lines, and the
+    traceback of the comms it closes at shutdown) only with -vv."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "spedflow", "segment", str(sim_store), "--out",
+                          str(tmp_path / "r.zarr"), "-v", "--workers", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "stage beam_peaks done" in run.stderr
+    assert "Scheduler at" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
