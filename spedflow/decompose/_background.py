@@ -138,19 +138,19 @@ def spatial_coherence(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
     -------
     (E,) float64; 1 for a constant map (no variance: nothing incoherent in it).
     """
-    w = np.asarray(loadings, np.float64)
-    if w.ndim != 3:
-        raise ParameterError(f"`loadings` must be (E, Y, X) (got shape {w.shape})")
-    _, ny, nx = w.shape
-    d = w - w.mean(axis=(1, 2), keepdims=True)
-    pairs = (d[:, 1:, :] * d[:, :-1, :]).sum(axis=(1, 2)) + (d[:, :, 1:] * d[:, :, :-1]).sum(axis=(1, 2))
+    if np.ndim(loadings) != 3:
+        raise ParameterError(f"`loadings` must be (E, Y, X) (got shape {np.shape(loadings)})")
+    n_maps, ny, nx = np.shape(loadings)
     n_pairs = (ny - 1) * nx + ny * (nx - 1)
-    var = (d * d).sum(axis=(1, 2)) / (ny * nx)
-    out = np.ones(len(w))
-    ok = (var > 0) & (n_pairs > 0)
-    ac = pairs[ok] / max(n_pairs, 1) / var[ok]
-    n = np.maximum(loading_coverage(w, level) * ny * nx, 4.0)
-    out[ok] = ac / (1.0 - 2.0 / np.sqrt(np.pi * n[ok]))
+    support = np.maximum(loading_coverage(loadings, level) * ny * nx, 4.0)
+    out = np.ones(n_maps)
+    for i in range(n_maps):  # one map at a time: E scan-sized float64 maps can be large
+        d = np.asarray(loadings[i], np.float64)
+        d = d - d.mean()
+        var = np.mean(d * d)
+        if var > 0 and n_pairs > 0:
+            pairs = np.sum(d[1:, :] * d[:-1, :]) + np.sum(d[:, 1:] * d[:, :-1])
+            out[i] = pairs / n_pairs / var / (1.0 - 2.0 / np.sqrt(np.pi * support[i]))
     return out
 
 
