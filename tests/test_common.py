@@ -183,7 +183,9 @@ def test_stage_keys_change_with_the_code_not_only_the_version(tmp_path):
                         ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "edited" / "spedflow" / "segment" / "_merge.py"
     target.write_text(target.read_text() + "\n# an edit\n")
+    from spedflow.workflows._cache import code_fingerprint
     same, edited = keys(tmp_path / "same"), keys(tmp_path / "edited")
+    assert same[0] == code_fingerprint()  # a copy of this code: this code's keys
     assert same[0].startswith(spedflow.__version__ + "+")
     assert edited[0].split("+")[0] == same[0].split("+")[0]  # the same version
     assert edited != same and edited[1] != same[1]

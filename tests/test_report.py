@@ -351,13 +351,20 @@ def _corrupt_first_chunk(array_dir):
     ("drop_patterns", "segments/patterns is missing"),
     ("corrupt_maps", "segments/maps could not be read"),
     ("malformed_optional", "beam/centres has shape"),
+    ("corrupt_peaks", "peaks could not be read"),       # read for the peak histogram
+    ("peaks_group", "peaks has shape"),
 ])
 def test_strict_report_of_a_damaged_result_raises_after_writing(tmp_path, fast_png, damage, match):
     from spedflow.report import write_report
-    drop = {"drop_patterns": ("segments/patterns",), "malformed_optional": ("beam/centres",)}
+    drop = {"drop_patterns": ("segments/patterns",), "malformed_optional": ("beam/centres",),
+            "corrupt_peaks": ("overview/peak_histogram",), "peaks_group": ("peaks",)}
     res = make_fake_result(tmp_path / "r.zarr", "vdf", drop=drop.get(damage, ()))
     if damage == "corrupt_maps":
         _corrupt_first_chunk(res / "segments" / "maps")
+    if damage == "corrupt_peaks":
+        _corrupt_first_chunk(res / "peaks")
+    if damage == "peaks_group":
+        zarr.open_group(str(res), mode="a").create_group("peaks")
     if damage == "malformed_optional":
         create_array(zarr.open_group(str(res), mode="a"), "beam/centres", (4,), np.float32)
     # not strict (the API's default): a note in the page, no error

@@ -139,6 +139,7 @@ def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(resul
     assert all(coherence[i] >= 0.5 for i in a["components_kept"])  # the default's rule
     # a threshold between two components' coherences: the run has something to set aside
     c = np.sort([coherence[i] for i in candidates])
+    assert len(c) >= 2 and c[0] < c[-1], c
     middle = float(c[len(c) // 2 - 1] + c[len(c) // 2]) / 2
     for value in (0.0, middle):
         res = spedflow.segment(store, method="nmf", out=tmp_path / f"c{value}.zarr", local=True,
@@ -148,6 +149,7 @@ def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(resul
         below = {i for i in range(len(coherence)) if value > 0 and coherence[i] < value}
         # (a component a later rule sets aside may be set aside by this one first)
         assert candidates & below <= said <= below, (value, said)
+        assert bool(said) == (value > 0)  # the raised threshold did set something aside
         assert set(attrs["components_kept"]) == candidates - said
 
 

@@ -246,7 +246,11 @@ def _peak_histogram(group: zarr.Group, shape, notes: _Notes) -> tuple[int | None
     hist = np.zeros(ky * kx, np.int64)
     step = max(1, min(m, 2_000_000))
     for start in range(0, m, step):
-        slab = np.asarray(peaks[start:start + step, 2:4])
+        try:
+            slab = np.asarray(peaks[start:start + step, 2:4])
+        except Exception as exc:  # a corrupted chunk must not stop the whole report
+            notes.damage(f"peaks could not be read ({type(exc).__name__}: {exc}): ignored")
+            return m, None
         iy = np.rint(slab[:, 0]).astype(np.int64)
         ix = np.rint(slab[:, 1]).astype(np.int64)
         ok = (iy >= 0) & (iy < ky) & (ix >= 0) & (ix < kx)
@@ -292,7 +296,14 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
         hist = _array(g, "overview/peak_histogram", 2, notes)
         if hist is not None and v.pattern_shape is not None and hist.shape == v.pattern_shape:
             v.peak_histogram = hist
-            v.n_peaks = int(g["peaks"].shape[0]) if "peaks" in g else int(round(float(hist.sum())))
+            table = g["peaks"] if "peaks" in g else None
+            if isinstance(table, zarr.Array) and table.ndim == 2:
+                v.n_peaks = int(table.shape[0])
+            else:
+                v.n_peaks = int(round(float(hist.sum())))
+                if table is not None:
+                    notes.damage(f"peaks has shape {getattr(table, 'shape', '?')}, expected "
+                                 f"(M, 5): ignored")
         else:
             v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
 

@@ -43,6 +43,10 @@ class NMFConfig:
     watershed: WatershedParams = field(default_factory=lambda: WatershedParams(min_snr=10.0))
 
 
+#: NMFParams fields used only to judge the components (set aside as background or noise).
+_JUDGING = ("min_spot_fraction", "max_coverage", "min_coherence")
+
+
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..decompose import (beam_mask, choose_n_components, loading_coverage, nmf, scree,
                              spatial_coherence, undo_normalisation)
@@ -126,7 +130,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         n_comp, why = int(cfg.nmf.n_components), "set by the user"
     log.info("NMF with %d components (%s)", n_comp, why)
 
-    st_nmf = cache.stage("nmf", st_matrix.key, dataclasses.asdict(cfg.nmf), n_comp)
+    # the thresholds that judge the components after the factorisation are not part of
+    # its key: changing one re-runs the judging (every run does), not the NMF
+    factorisation = {k: v for k, v in dataclasses.asdict(cfg.nmf).items() if k not in _JUDGING}
+    st_nmf = cache.stage("nmf", st_matrix.key, factorisation, n_comp)
     if not st_nmf.complete:
         with timer("nmf"):
             h, w, info = nmf(matrix, n_comp, cfg.nmf)
