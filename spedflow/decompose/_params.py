@@ -100,9 +100,9 @@ class NMFParams:
         as spatially coherent as a compact region of that size
         (:func:`spedflow.decompose.spatial_coherence`) are set aside as noise: below
         0.5 the map's pixel-to-pixel noise is comparable with its structure there, as
-        in the spare components NMF fits to counting noise at low dose (at most 0.48
-        on the benchmark sets, where every crystal measured 0.86 or more). 0 keeps
-        them all.
+        in the spare components NMF fits to counting noise at low dose (on the
+        benchmark sets every crystal measured 0.90 or more, most noise components
+        less than 0.2). 0 keeps them all.
     """
 
     n_components: int | None = None
