@@ -153,6 +153,17 @@ def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(resul
         assert set(attrs["components_kept"]) == candidates - said
 
 
+def test_nmf_judging_thresholds_reuse_the_cached_factorisation(tmp_path, sim_store):
+    """Changing a threshold that only judges the components (nmf.min_coherence) re-runs
+    the judging, not the NMF; changing the factorisation's seed does re-run it."""
+    cache = tmp_path / "cache"
+    for i, nmf in enumerate(({}, {"min_coherence": 0.9}, {"seed": 1})):
+        spedflow.segment(sim_store, method="nmf", out=tmp_path / f"r{i}.zarr", cache=cache,
+                         local=True, progress=False, overrides={"nmf": nmf} if nmf else None)
+        stages = sorted(p.name for p in cache.iterdir() if p.name.startswith("nmf-"))
+        assert len(stages) == (1 if i < 2 else 2), (nmf, stages)
+
+
 def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):
     """An 8-bit camera at high dose (~30 counts per pixel) clips the direct beam and its
     glare: the half-maximum radius then measured the glare (8.5 px for a 1.5 px beam)
