@@ -201,12 +201,13 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     for handler in logging.getLogger().handlers:  # libraries' own loggers (distributed's
         handler.setLevel(level)                    # INFO) reach the root handler too
     if verbose < 2:
-        logging.getLogger("distributed").setLevel(max(level, logging.WARNING))
+        quieter = max(level, logging.WARNING)
+        logging.getLogger("distributed").setLevel(quieter)  # if it is imported already
         # distributed sets its logger's level from dask's config when it is imported
         # (later, by the command): without this, -v showed its INFO chatter, and a
         # traceback from the comms it closes at shutdown
         import dask
-        dask.config.set({"logging.distributed": logging.getLevelName(max(level, logging.WARNING)).lower()})
+        dask.config.set({"logging.distributed": logging.getLevelName(quieter).lower()})
     import warnings
     if quiet > 1:
         warnings.simplefilter("ignore")

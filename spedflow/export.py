@@ -140,7 +140,7 @@ def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> lis
     v = load_result(result_path, segments_only=True)
     # the report draws what it can of a damaged result; an export of half of one would
     # pass for the whole (or sit next to an earlier export's other half)
-    damaged = [n for n in v.notes if n.startswith(("segments/maps", "segments/patterns"))]
+    damaged = v.notes.damaged  # (only segments/* were read)
     if damaged:
         raise InputError(f"result {str(result_path)!r}: {damaged[0]}; nothing exported "
                          f"(`spedflow info --verify` names damaged chunks)")

@@ -111,8 +111,7 @@ def loading_coverage(loadings: np.ndarray, level: float = 0.1) -> np.ndarray:
     flat = w.reshape(w.shape[0], -1)
     peak = flat.max(axis=1, keepdims=True)
     pedestal = np.median(flat, axis=1, keepdims=True)
-    threshold = np.minimum(pedestal + level * (peak - pedestal), 0.5 * peak)
-    cov = np.mean(flat > threshold, axis=1)
+    cov = np.mean(flat > _stands_out(pedestal, peak, level), axis=1)
     return np.where(peak[:, 0] > 0, cov, 0.0)
 
 
@@ -184,7 +183,14 @@ def _strong_part(w: np.ndarray, pedestal: float):
     peak = float(smooth.max())
     if not peak > pedestal:
         return None
-    return smooth > min(pedestal + (peak - pedestal) / 2, peak / 2)
+    return smooth > _stands_out(pedestal, peak, 0.5)
+
+
+def _stands_out(pedestal, peak, level: float):
+    """The level above which a loading stands out from its pedestal: ``level`` of the way
+    from the pedestal to the peak, capped at half the peak (a component present over
+    most of the scan has its own level as pedestal; see :func:`loading_coverage`)."""
+    return np.minimum(pedestal + level * (peak - pedestal), 0.5 * peak)
 
 
 def _moran(w: np.ndarray, region: np.ndarray) -> float:

@@ -244,11 +244,7 @@ def _warn_if_byte_swapped(path: Path, shape, dtype: np.dtype, offset: int, where
     n = math.prod(shape)
     take = min(n, 2 ** 19)
     start = (n - take) // 2
-    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset + start * dtype.itemsize, shape=(take,))
-    try:
-        values = np.array(mm)
-    finally:
-        del mm
+    values = _BlockReader(str(path), (n,), dtype, offset=offset)[start:start + take]
     nonzero = values[values != 0]
     if nonzero.size < 1000:
         return

@@ -230,14 +230,21 @@ def input_store_path(meta: dict, result_path) -> str | None:
     return str(p) if p.exists() else None
 
 
-def _peak_histogram(group: zarr.Group, shape, notes: _Notes) -> tuple[int | None, np.ndarray | None]:
-    """Count peak positions per detector pixel, reading the table in slabs."""
-    try:
-        peaks = group["peaks"]
-    except KeyError:
-        return None, None
+def _peak_table(group: zarr.Group, notes: _Notes):
+    """The ``peaks`` array, or None: absent, or not an (M, >= 5) array (damage, noted)."""
+    if "peaks" not in group:
+        return None
+    peaks = group["peaks"]
     if not isinstance(peaks, zarr.Array) or peaks.ndim != 2 or peaks.shape[1] < 5:
         notes.damage(f"peaks has shape {getattr(peaks, 'shape', '?')}, expected (M, 5): ignored")
+        return None
+    return peaks
+
+
+def _peak_histogram(group: zarr.Group, shape, notes: _Notes) -> tuple[int | None, np.ndarray | None]:
+    """Count peak positions per detector pixel, reading the table in slabs."""
+    peaks = _peak_table(group, notes)
+    if peaks is None:
         return None, None
     m = int(peaks.shape[0])
     if shape is None:
@@ -296,14 +303,8 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
         hist = _array(g, "overview/peak_histogram", 2, notes)
         if hist is not None and v.pattern_shape is not None and hist.shape == v.pattern_shape:
             v.peak_histogram = hist
-            table = g["peaks"] if "peaks" in g else None
-            if isinstance(table, zarr.Array) and table.ndim == 2:
-                v.n_peaks = int(table.shape[0])
-            else:
-                v.n_peaks = int(round(float(hist.sum())))
-                if table is not None:
-                    notes.damage(f"peaks has shape {getattr(table, 'shape', '?')}, expected "
-                                 f"(M, 5): ignored")
+            table = _peak_table(g, notes)
+            v.n_peaks = int(table.shape[0]) if table is not None else int(round(float(hist.sum())))
         else:
             v.n_peaks, v.peak_histogram = _peak_histogram(g, v.pattern_shape, notes)
 

@@ -193,13 +193,13 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                           f"than the smallest crystal (watershed.min_size = {cfg.watershed.min_size})")
         # a crystal spans neighbouring positions; a spare component fitted to counting
         # noise lights scattered ones
-        coherence = spatial_coherence(loadings)
-        noisy = coherence < cfg.nmf.min_coherence if cfg.nmf.min_coherence > 0 else False
-        for i in np.flatnonzero(keep & noisy):
-            keep[i] = False
-            reasons[i] = (f"loading map mostly pixel-to-pixel noise (spatial coherence "
-                          f"{coherence[i]:.2f} < nmf.min_coherence = {cfg.nmf.min_coherence:g}): "
-                          f"noise fitted by a spare component, not a crystal")
+        judged = np.flatnonzero(keep) if cfg.nmf.min_coherence > 0 else np.zeros(0, int)
+        for i, c in zip(judged, spatial_coherence(loadings[judged])):  # the kept ones only
+            if c < cfg.nmf.min_coherence:
+                keep[i] = False
+                reasons[i] = (f"loading map mostly pixel-to-pixel noise (spatial coherence "
+                              f"{c:.2f} < nmf.min_coherence = {cfg.nmf.min_coherence:g}): "
+                              f"noise fitted by a spare component, not a crystal")
         # a residual component lying where a kept global crystal is and on its spots, or
         # whose pattern is that crystal's, is a correction of that crystal's model
         # (shape, thickness), not another crystal: kept, it would duplicate its segment
