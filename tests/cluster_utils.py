@@ -99,6 +99,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _child_start() -> None:
+    """In the child, before it runs: die with the parent (:func:`_die_with_parent`), and
+    take Ctrl-C (SIGINT) as from a terminal. A pytest started in the background of a
+    non-interactive shell (``cmd &`` in a script) has SIGINT ignored, and children
+    inherit that: a run sent Ctrl-C by a test then went on to finish (exit 0)."""
+    import signal
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class DaskProcess:
     """One child process (own process group), its log file and its teardown."""
 
@@ -109,7 +119,7 @@ class DaskProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, close_fds=True, preexec_fn=_die_with_parent)
+            env=env, start_new_session=True, close_fds=True, preexec_fn=_child_start)
         self._finalizer = weakref.finalize(self, _kill_group, self.proc.pid, 0.5,
                                           self.proc.poll)
 
