@@ -1,7 +1,7 @@
 """Segmentation quality of both workflows with default parameters on varied simulated sets.
 
-Eight sets vary the scan, detector size, number and shape of crystals, dose and 8-bit
-saturation (all with the paper-like layout: an overlapping same-orientation pair and a weak
+Nine sets vary the scan, detector size, number and shape of crystals, dose, 8-bit
+saturation and detector defects (all with the paper-like layout: an overlapping same-orientation pair and a weak
 off-axis crystal over a strong one). Each set is simulated, segmented with defaults
 (in-process) and scored with ``spedflow.evaluate``; the JSON lists recall, precision, mean
 IoU and which truth crystals were missed (with their best IoU).
@@ -34,6 +34,10 @@ SETS = {
     # an 8-bit camera at high dose (~30 counts per pixel): beam and glare clipped at 255
     "dense8bit": dict(scan=(64, 64), detector=128, crystals=10, seed=4, dose=4_000_000,
                       saturate="8bit"),
+    # the demo set on a detector with 8 hot pixels (4x the beam's peak) and 8 dead ones,
+    # as a Medipix3 has: the rest of the data is the demo set's
+    "hotpix": dict(scan=(64, 64), detector=128, crystals=10, seed=0, hot_pixels=8,
+                   dead_pixels=8),
 }
 
 

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="random seed")
     c.add_argument("--saturate-8bit", action="store_true", help="clip to 8 bits as on the ASTAR camera")
     c.add_argument("--dose", type=float, help="mean counts per pattern (default: the simulator's)")
+    c.add_argument("--hot-pixels", type=int, default=0, metavar="N",
+                   help="N hot detector pixels (4x the beam's peak in every pattern)")
+    c.add_argument("--dead-pixels", type=int, default=0, metavar="N",
+                   help="N dead detector pixels (0 in every pattern)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     c = add("info", "Describe a store: shape, dtype, chunks, compression, calibration.")
@@ -292,6 +296,10 @@ def cmd_simulate(args) -> int:
         kw["dose"] = args.dose
     if args.shape != "cube":
         kw["shape"] = args.shape
+    if args.hot_pixels:
+        kw["hot_pixels"] = args.hot_pixels
+    if args.dead_pixels:
+        kw["dead_pixels"] = args.dead_pixels
     simulate(args.dest, scan=args.scan, detector=args.detector, crystals=args.crystals, seed=args.seed,
              overwrite=args.overwrite, progress=_progress(args), **kw)
     print(f"wrote {args.dest}")

@@ -8,14 +8,15 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import zarr
 
 WRITER = textwrap.dedent("""
     import sys, time, zarr
     from spedflow.simulate import simulate_array
     from spedflow.io import create_array
-    dest, delay = sys.argv[1], float(sys.argv[2])
-    data, truth = simulate_array(scan=(32, 32), detector=48, crystals=4, seed=3)
+    dest, delay, hot = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    data, truth = simulate_array(scan=(32, 32), detector=48, crystals=4, seed=3, hot_pixels=hot)
     g = zarr.open_group(dest, mode="w")
     a = create_array(g, "data", data.shape, data.dtype, chunks=(8, 8) + data.shape[2:])
     g.attrs["spedflow"] = {"kind": "input", "complete": False, "source": "writer"}
@@ -23,16 +24,20 @@ WRITER = textwrap.dedent("""
         for j in range(4):
             a[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8] = data[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8]
             time.sleep(delay)
-    g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer"}
+    g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer",
+                           "hot": truth["attrs"]["hot_pixels"]}
 """)
 
 
-def test_watch_follows_a_store_being_written(tmp_path):
+@pytest.mark.parametrize("hot", [0, 3])
+def test_watch_follows_a_store_being_written(tmp_path, hot):
+    """With hot pixels, live mode finds them on the first chunk and the batch run at the
+    end is given them: the same repaired data, so it reuses every live block."""
     from spedflow.workflows.live import watch
     store, out = tmp_path / "live.zarr", tmp_path / "result.zarr"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.25"])
+    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.25", str(hot)])
     try:
         result = watch(store, method="vdf", out=out, poll=0.1, timeout=120, progress=False)
     finally:
@@ -50,11 +55,16 @@ def test_watch_follows_a_store_being_written(tmp_path):
     assert len(blocks) == 16
     assert min(p.stat().st_mtime for p in blocks) < complete_time
     assert res.attrs["spedflow"]["params"]["preprocess"]["descan"] == "quadratic"
+    attrs = res.attrs["spedflow"]
+    truth_hot = zarr.open_group(str(store), mode="r").attrs["spedflow"].get("hot", [])
+    assert len(attrs["resolved"]["bad_pixels"]) >= hot
+    assert {tuple(p) for p in truth_hot} <= {tuple(p) for p in attrs["resolved"]["bad_pixels"]}
     # and the batch run on the finished store, with the same fixed choices, agrees
     from spedflow.api import segment
-    attrs = res.attrs["spedflow"]
     again = segment(store, method="vdf", out=tmp_path / "batch.zarr", local=True, progress=False,
-                    overrides={"preprocess": {"beam_radius": attrs["resolved"]["beam_radius"]},
+                    overrides={"preprocess": {"beam_radius": attrs["resolved"]["beam_radius"],
+                                              "bad_pixels": attrs["resolved"]["bad_pixels"]
+                                              or "none"},
                                "peaks": {"gain": attrs["resolved"]["gain"],
                                          "read_variance": attrs["resolved"]["read_variance"]}},
                     cache=tmp_path / "batch.cache")

@@ -9,9 +9,9 @@ from . import kernels
 from ._params import PreprocessParams, resolve
 from .kernels import DescanFit, centres_for_alignment, fit_descan
 from .lazy import (align, beam_centres, bin_nav, estimate_beam_radius, preprocess,
-                   shift_patterns, subtract_background_dog)
+                   repair_pixels, shift_patterns, subtract_background_dog)
 
 __all__ = ["kernels", "PreprocessParams", "resolve", "DescanFit", "fit_descan",
            "centres_for_alignment", "align", "beam_centres", "bin_nav",
-           "estimate_beam_radius", "preprocess", "shift_patterns",
+           "estimate_beam_radius", "preprocess", "repair_pixels", "shift_patterns",
            "subtract_background_dog"]

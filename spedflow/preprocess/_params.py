@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..config import check_range
 from ..errors import ParameterError
 
@@ -18,6 +20,25 @@ DESCAN_MODES = {"none": None, "plane": 1, "quadratic": 2}
 DOG_LOW_PER_RADIUS = 0.5
 #: ``sigma_high = DOG_HIGH_PER_RADIUS * spot radius`` (see :class:`PreprocessParams`).
 DOG_HIGH_PER_RADIUS = 4.0
+
+
+def _check_bad_pixels(value):
+    """``bad_pixels`` as "auto", "none" or a sorted tuple of distinct (ky, kx) pairs."""
+    if isinstance(value, str):
+        if value not in ("auto", "none"):
+            raise ParameterError(f'`bad_pixels` must be "auto", "none" or a list of [ky, kx] '
+                                 f"pixels (got {value!r})")
+        return value
+    try:
+        pairs = [tuple(p) for p in value]
+    except TypeError:
+        pairs = None
+    if pairs is None or any(len(p) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in p)
+            for p in pairs):
+        raise ParameterError(f'`bad_pixels` must be "auto", "none" or a list of [ky, kx] pairs '
+                             f"of whole numbers >= 0 (got {value!r})")
+    return tuple(sorted({(int(a), int(b)) for a, b in pairs}))
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,15 @@ class PreprocessParams:
         than a few spot radii (diffuse halo around the beam, amorphous-film rings) is
         still followed. The reference used 1.7 / 13.2 px on ~3 px spots, i.e. about
         the same ratios.
+    bad_pixels : "auto", "none" or list of [ky, kx], default "auto"
+        Detector pixels replaced in every pattern by the mean of their good neighbours
+        before anything else. "auto": those found on the chunks the beam radius is
+        measured on (:func:`spedflow.preprocess.kernels.find_bad_pixels`): hot pixels,
+        brighter than 4x every neighbour in at least half the patterns and in the mean
+        pattern, and dead ones, as dark where their neighbours are lit. A hot pixel
+        sits at the same place in every pattern: the beam finder takes it for the beam
+        and the peak finder for a spot of every crystal. A list gives the pixels
+        instead (a detector's known defects; ``[]`` or "none": no repair).
     """
 
     nav_binning: int = 1
@@ -70,8 +100,10 @@ class PreprocessParams:
     beam_radius: float | None = None
     dog_sigma_low: float | None = None
     dog_sigma_high: float | None = None
+    bad_pixels: str | tuple = "auto"
 
     def __post_init__(self):
+        object.__setattr__(self, "bad_pixels", _check_bad_pixels(self.bad_pixels))
         check_range("nav_binning", self.nav_binning, low=1, integer=True)
         if not isinstance(self.align, bool):
             raise ParameterError(f"`align` must be true or false (got {self.align!r})")

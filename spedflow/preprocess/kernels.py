@@ -38,6 +38,7 @@ __all__ = [
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
     "beam_saturated", "saturated_radius", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
+    "bad_pixel_counts", "bad_pixels_from", "find_bad_pixels", "repair_pixels",
 ]
 
 #: Width of the radial bins of the beam profile, detector pixels.
@@ -1053,3 +1054,130 @@ def centres_for_alignment(measured: np.ndarray, descan: str = "quadratic"):
         return np.where(finite[..., None], m, med), None
     fit = fit_descan(m, order=order)
     return fit.fitted, fit
+
+
+# ----------------------------------------------------------------- bad pixels
+
+#: A hot pixel is brighter than this many times the brightest of its 8 neighbours, a
+#: dead one darker than the darkest divided by it. A diffraction spot or the beam,
+#: at least ~0.6 px wide (Gaussian sigma), has neighbours at >= 1/4 of its peak.
+BAD_PIXEL_CONTRAST = 4.0
+#: ... in at least this fraction of the patterns (of those whose neighbours are all lit,
+#: for a dead pixel): a crystal's spot lights its pixels only where the crystal is.
+BAD_PIXEL_PERSISTENCE = 0.5
+#: ... and in at least this many patterns: with a handful of sparse patterns, counting
+#: noise alone leaves some pixel of a 256 x 256 detector the only one lit.
+BAD_PIXEL_MIN_EVENTS = 4
+#: A dead pixel's darkest neighbour must have collected this much over the sample (in
+#: data units, counts for a counting detector): a live pixel at that level reads 0 in
+#: every pattern with probability exp(-15) = 3e-7.
+DEAD_PIXEL_MIN_SIGNAL = 15.0
+
+
+def _ring_filter(z: np.ndarray, fn, cval: float) -> np.ndarray:
+    """``fn`` (``maximum_filter`` or ``minimum_filter``) over each pixel's 8 neighbours,
+    pixels off the detector being ``cval``."""
+    foot = np.ones((1, 3, 3), bool)
+    foot[0, 1, 1] = False
+    return fn(z, footprint=foot, mode="constant", cval=cval)
+
+
+def bad_pixel_counts(frames: np.ndarray) -> dict:
+    """Per-pixel counts of a block of patterns for :func:`bad_pixels_from` (mergeable:
+    add the arrays of several blocks).
+
+    Returns ``n`` (patterns), ``sum`` (of each pixel), ``hot`` (patterns in which the
+    pixel exceeded :data:`BAD_PIXEL_CONTRAST` times its brightest neighbour), ``lit``
+    (patterns in which all its neighbours were above 0) and ``dark`` (of those,
+    patterns in which it was below its darkest neighbour over the contrast), each
+    (ky, kx) but ``n``.
+    """
+    from scipy import ndimage as ndi
+    stack, _ = _as_stack(frames)
+    ky, kx = stack.shape[-2:]
+    out = {"n": np.array(0), "sum": np.zeros((ky, kx)), "hot": np.zeros((ky, kx), np.int64),
+           "lit": np.zeros((ky, kx), np.int64), "dark": np.zeros((ky, kx), np.int64)}
+    for s in range(0, len(stack), _BATCH):
+        z = np.asarray(stack[s:s + _BATCH], np.float32)
+        hi = _ring_filter(z, ndi.maximum_filter, -np.inf)
+        lo = _ring_filter(z, ndi.minimum_filter, np.inf)
+        out["hot"] += (z > BAD_PIXEL_CONTRAST * np.maximum(hi, 0)).sum(0)
+        lit = lo > 0
+        out["lit"] += lit.sum(0)
+        out["dark"] += (lit & (z * BAD_PIXEL_CONTRAST < lo)).sum(0)
+        out["sum"] += z.sum(0, dtype=np.float64)
+        out["n"] = out["n"] + len(z)
+    return out
+
+
+def bad_pixels_from(counts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(hot, dead)``: the (m, 2) ``(ky, kx)`` indices of the detector's hot and dead
+    pixels, from the :func:`bad_pixel_counts` of a sample of patterns.
+
+    Hot: beyond the contrast in at least :data:`BAD_PIXEL_PERSISTENCE` of all patterns
+    (and :data:`BAD_PIXEL_MIN_EVENTS`), and in the mean pattern. Dead: beyond it in that
+    fraction of the patterns whose neighbours are all lit (those at least a tenth of
+    all: a pixel in the dark between spots is not judged), and in the mean pattern,
+    its darkest neighbour having collected :data:`DEAD_PIXEL_MIN_SIGNAL`. The tests on
+    the mean keep counting noise out: at ~1 count per pixel a good pixel reads 0
+    where its neighbours read 1 or more in about half the patterns in which they do.
+    """
+    from scipy import ndimage as ndi
+    n = int(counts["n"])
+    if n == 0:
+        empty = np.zeros((0, 2), np.int64)
+        return empty, empty
+    mean = (counts["sum"] / n)[None]
+    hi = _ring_filter(mean, ndi.maximum_filter, -np.inf)[0]
+    lo = _ring_filter(mean, ndi.minimum_filter, np.inf)[0]
+    mean = mean[0]
+    events = np.maximum(BAD_PIXEL_PERSISTENCE * n, BAD_PIXEL_MIN_EVENTS)
+    hot = (counts["hot"] >= events) & (mean > BAD_PIXEL_CONTRAST * np.maximum(hi, 0))
+    lit = counts["lit"]
+    dead = ((lit >= max(1, 0.1 * n)) & (counts["dark"] >= np.maximum(BAD_PIXEL_PERSISTENCE * lit,
+                                                                     BAD_PIXEL_MIN_EVENTS))
+            & (mean * BAD_PIXEL_CONTRAST < lo) & (lo * n >= DEAD_PIXEL_MIN_SIGNAL) & ~hot)
+    return np.argwhere(hot), np.argwhere(dead)
+
+
+def find_bad_pixels(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hot and dead detector pixels of a sample of patterns (n, ky, kx): see
+    :func:`bad_pixels_from`. Use a few hundred patterns or more."""
+    return bad_pixels_from(bad_pixel_counts(frames))
+
+
+def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
+    """``frames`` with each bad pixel replaced by the mean of its good neighbours.
+
+    Parameters
+    ----------
+    frames : (..., ky, kx) array
+    bad : (m, 2) array of int
+        ``(ky, kx)`` of the pixels to replace. A pixel none of whose 8 neighbours is
+        good is set to 0.
+
+    Returns
+    -------
+    A copy of ``frames`` (same dtype; integer data rounded to the nearest value).
+    """
+    z = np.array(frames, copy=True)
+    ky, kx = z.shape[-2:]
+    b = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
+    if len(b) == 0:
+        return z
+    if (b < 0).any() or (b[:, 0] >= ky).any() or (b[:, 1] >= kx).any():
+        raise ValueError(f"bad pixels must lie on the {ky} x {kx} detector")
+    good = np.ones((ky, kx), bool)
+    good[b[:, 0], b[:, 1]] = False
+    off = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+    ny, nx = b[:, 0:1] + off[:, 0], b[:, 1:2] + off[:, 1]  # (m, 8)
+    on = (ny >= 0) & (ny < ky) & (nx >= 0) & (nx < kx)
+    ny, nx = np.clip(ny, 0, ky - 1), np.clip(nx, 0, kx - 1)
+    w = (on & good[ny, nx]).astype(np.float64)
+    w /= np.maximum(w.sum(1, keepdims=True), 1)
+    flat = z.reshape(-1, ky * kx)
+    value = np.einsum("pmk,mk->pm", flat[:, ny * kx + nx].astype(np.float64), w)
+    if np.issubdtype(z.dtype, np.integer):
+        value = np.rint(value)
+    flat[:, b[:, 0] * kx + b[:, 1]] = value.astype(z.dtype)
+    return z

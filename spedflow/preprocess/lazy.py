@@ -279,3 +279,17 @@ def preprocess(data: da.Array, centres_used, params: PreprocessParams, counts=No
                         _centres_like(c, data), "ijm", concatenate=True,
                         dtype=np.float32, meta=_META4,
                         counts=None if counts is None else tuple(counts), **kw)
+
+
+# ------------------------------------------------------------------- bad pixels
+
+def repair_pixels(data: da.Array, bad) -> da.Array:
+    """Bad detector pixels replaced by the mean of their good neighbours in every pattern
+    (:func:`kernels.repair_pixels`; same dtype)."""
+    data = _check_data(data)
+    bad = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
+    ky, kx = data.shape[2:]
+    if len(bad) and ((bad < 0).any() or (bad[:, 0] >= ky).any() or (bad[:, 1] >= kx).any()):
+        raise ParameterError(f"bad pixels must lie on the {ky} x {kx} detector")
+    return data.map_blocks(kernels.repair_pixels, bad, dtype=data.dtype,
+                           meta=np.empty((0, 0, 0, 0), data.dtype))

@@ -499,7 +499,12 @@ def _page(v: ResultView, rep: _Report, evaluation, store_path) -> str:
     params = m.get("params")
     if isinstance(params, dict) and params:
         parts.append("<h2>Parameters (resolved)</h2>")
-        parts.append(_table(_flatten(params), ["parameter", "value"]))
+        rows = _flatten(params)
+        bad = (m.get("resolved") or {}).get("bad_pixels") if isinstance(m.get("resolved"), dict) else None
+        if isinstance(bad, list) and bad:  # what "auto" found
+            shown = ", ".join(f"({p[0]}, {p[1]})" for p in bad[:20]) + (" ..." if len(bad) > 20 else "")
+            rows.append(("detector pixels repaired (ky, kx)", f"{len(bad)}: {shown}"))
+        parts.append(_table(rows, ["parameter", "value"]))
 
     if rep.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li class='note'>{_e(n)}</li>" for n in rep.notes)

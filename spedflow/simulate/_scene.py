@@ -90,6 +90,11 @@ class SimParams:
     reciprocal_scale : float or None
         Detector calibration in 1/A per px, metadata only. None: the paper's
         0.0325/A/px scaled from 144 px to the detector size.
+    hot_pixels, dead_pixels : int
+        Detector defects at random pixels, the same in every pattern: a hot pixel
+        reads 4 x the vacuum beam's peak (clipped to the data type), a dead one 0.
+        Drawn from their own random stream: the rest of the data is the same as
+        without them.
     """
 
     shape: str = "cube"
@@ -110,6 +115,8 @@ class SimParams:
     mask_fraction: float = 0.05
     scan_step: float = 3.03
     reciprocal_scale: float | None = None
+    hot_pixels: int = 0
+    dead_pixels: int = 0
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -139,6 +146,8 @@ class SimParams:
         check_range("mask_fraction", self.mask_fraction, low=0, high=1, low_open=True, high_open=True)
         check_range("scan_step", self.scan_step, low=0, low_open=True)
         check_range("reciprocal_scale", self.reciprocal_scale, low=0, low_open=True, allow_none=True)
+        check_range("hot_pixels", self.hot_pixels, low=0, integer=True)
+        check_range("dead_pixels", self.dead_pixels, low=0, integer=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -350,12 +359,21 @@ def make_scene(scan: tuple[int, int], detector: tuple[int, int], crystals: int, 
         dose = 4 * 255 / peak
     else:
         dose = 3e4
+    # detector defects, from a stream of their own (the scene is the same without them)
+    n_bad = params.hot_pixels + params.dead_pixels
+    if n_bad > Ky * Kx:
+        raise ParameterError(f"{n_bad} hot and dead pixels do not fit a {Ky} x {Kx} detector")
+    flat = np.random.default_rng([int(seed), 0xBAD]).choice(Ky * Kx, n_bad, replace=False)
+    bad = np.stack(np.unravel_index(flat, (Ky, Kx)), axis=1).astype(np.int64)
+    vacuum_peak = dose * ((1 - glare) / optics["norms"][0] + glare / optics["norms"][1])
+    defects = {"hot": bad[:params.hot_pixels], "dead": bad[params.hot_pixels:],
+               "hot_level": 4.0 * vacuum_peak}
     return {"scan": (Y, X), "detector": (Ky, Kx), "seed": int(seed), "crystals": crystal_list,
             "groups": groups, "kappa": kappa, "spot_sigma": sigma, "film": {
                 "modes": np.array(modes).reshape(-1, 4), "holes": np.array(holes).reshape(-1, 3)},
             "film_scatter": params.film_scatter, "glare": glare, "descan": descan,
             "optics": optics, "radial_table": table, "dose": dose, "saturate": params.saturate,
-            "mask_fraction": params.mask_fraction, "paper_like": paper}
+            "mask_fraction": params.mask_fraction, "paper_like": paper, "defects": defects}
 
 
 def scene_attrs(scene: dict) -> dict:
@@ -386,4 +404,6 @@ def scene_attrs(scene: dict) -> dict:
         "film_holes": scene["film"]["holes"].tolist(),
         "saturate": scene["saturate"], "mask_fraction": float(scene["mask_fraction"]),
         "seed": scene["seed"], "paper_like": bool(scene["paper_like"]),
+        "hot_pixels": scene["defects"]["hot"].tolist(),
+        "dead_pixels": scene["defects"]["dead"].tolist(),
     }

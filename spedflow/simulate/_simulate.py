@@ -56,7 +56,13 @@ def _block(scene: dict, y0: int, y1: int, x0: int, x1: int, expected=None) -> np
     if expected is None:
         expected = K.expected_counts(scene, ys, xs)
     dtype = np.uint8 if scene["saturate"] == "8bit" else np.uint16
-    return K.poisson_by_position(expected, scene["seed"], ys, xs, dtype)
+    out = K.poisson_by_position(expected, scene["seed"], ys, xs, dtype)
+    d = scene.get("defects")
+    if d is not None:
+        hot, dead = d["hot"], d["dead"]
+        out[..., hot[:, 0], hot[:, 1]] = min(round(d["hot_level"]), np.iinfo(dtype).max)
+        out[..., dead[:, 0], dead[:, 1]] = 0
+    return out
 
 
 def _truth_patterns(scene: dict) -> np.ndarray:

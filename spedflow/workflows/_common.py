@@ -7,6 +7,7 @@ modules it calls only build lazy graphs or run NumPy kernels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,6 +45,8 @@ class Plan:
     meta: dict
     overwrite: bool
     identity: dict = field(default_factory=dict)
+    #: (m, 2) detector pixels ``data()`` and ``sample_blocks()`` repair (:func:`with_bad_pixels`)
+    bad_pixels: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -54,8 +57,20 @@ class Plan:
         return int(self.array.shape[0] * self.array.shape[1])
 
     def data(self) -> da.Array:
-        """The raw data as a dask array with the store's chunks (whole patterns)."""
-        return da.from_zarr(self.array)
+        """The raw data as a dask array with the store's chunks (whole patterns), its
+        bad pixels repaired."""
+        from ..preprocess import lazy as pre
+        data = da.from_zarr(self.array)
+        if self.bad_pixels is None or len(self.bad_pixels) == 0:
+            return data
+        return pre.repair_pixels(data, self.bad_pixels)
+
+    def sample_blocks(self):
+        """:func:`spedflow.peaks.lazy.sample_blocks` of the raw data, bad pixels repaired."""
+        from ..peaks.lazy import sample_blocks
+        from ..preprocess.kernels import repair_pixels
+        for block in sample_blocks(self.array):
+            yield block if self.bad_pixels is None else repair_pixels(block, self.bad_pixels)
 
 
 def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
@@ -107,6 +122,12 @@ def validate(plan: "Plan", cfg) -> None:
             bound = "half its smaller side" if where == "detector" else "its larger side"
             raise ParameterError(f"`{section}.{name}` = {value:g} px does not fit the {shape}: "
                                  f"it must be < {limit:g} ({bound})")
+    bad = cfg.preprocess.bad_pixels
+    if not isinstance(bad, str):
+        off = [p for p in bad if p[0] >= ky or p[1] >= kx]
+        if off:
+            raise ParameterError(f"`preprocess.bad_pixels`: pixel {list(off[0])} lies off the "
+                                 f"{ky} x {kx} px detector ([ky, kx] from 0)")
     min_patterns = getattr(getattr(cfg, "vectors", None), "min_patterns", None)
     if min_patterns is not None and min_patterns > (ny // b) * (nx // b):
         raise ParameterError(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
@@ -409,6 +430,7 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
                       else pk.radius_from_profile(total(paths, "beam_profile"), default=np.nan))
             if not np.isfinite(radius):
                 raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
+            _check_measured_radius(radius)
             stage.save("measured", measured.astype(np.float32))
             stage.save("used", np.asarray(used, np.float32))
             stage.save("profiles", prof)
@@ -473,9 +495,8 @@ def found_fraction(measured: np.ndarray) -> float:
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:
     """Mean pattern of up to five chunks spread over the scan."""
-    from ..peaks.lazy import sample_blocks
     total, n = 0.0, 0
-    for block in sample_blocks(plan.array):
+    for block in plan.sample_blocks():
         total = total + block.sum(axis=(0, 1))
         n += block.shape[0] * block.shape[1]
     return (total / n).astype(np.float32)
@@ -510,6 +531,45 @@ def replay_warnings(stage) -> None:
         log.warning("%s", note)
 
 
+def with_bad_pixels(plan: Plan, prep, cache) -> Plan:
+    """``plan`` with the detector's bad pixels set (``preprocess.bad_pixels``): given, or
+    found on the chunks the beam radius is measured on (cached). Everything the run
+    reads through the plan is then repaired, and the cache keys of every later stage
+    (``plan.identity``) name the pixels."""
+    from ..preprocess.kernels import bad_pixel_counts, bad_pixels_from
+    spec = prep.bad_pixels
+    if spec == "none":
+        return plan
+    if spec == "auto":
+        st = cache.stage("pixels", plan.identity, "v1")
+        if not st.complete:
+            counts = None
+            for block in plan.sample_blocks():
+                c = bad_pixel_counts(block)
+                counts = c if counts is None else {k: counts[k] + c[k] for k in c}
+            hot, dead = bad_pixels_from(counts)
+            st.save_attrs(hot=hot.tolist(), dead=dead.tolist())
+            st.mark_complete()
+        a = st.attrs()
+        hot, dead = (np.asarray(a[k], np.int64).reshape(-1, 2) for k in ("hot", "dead"))
+        if len(hot) or len(dead):
+            log.info("%d hot and %d dead detector pixels found: each replaced by the mean of "
+                     "its neighbours (preprocess.bad_pixels)", len(hot), len(dead))
+        bad = np.concatenate([hot, dead])
+    else:
+        bad = np.asarray(spec, np.int64).reshape(-1, 2)
+    if len(bad) == 0:
+        return plan
+    bad = bad[np.lexsort((bad[:, 1], bad[:, 0]))]
+    return dataclasses.replace(plan, bad_pixels=bad,
+                               identity={**plan.identity, "bad_pixels": bad.tolist()})
+
+
+def resolved_bad_pixels(plan: Plan) -> list:
+    """The repaired pixels as the result's attributes record them."""
+    return [] if plan.bad_pixels is None else plan.bad_pixels.tolist()
+
+
 def sample_beam_radius(plan: Plan) -> float:
     """Direct-beam radius measured on up to five chunks spread over the scan.
 
@@ -524,9 +584,8 @@ def sample_beam_radius(plan: Plan) -> float:
 
 def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
     """:func:`sample_beam_radius`, and the clipped value of :func:`beam_scales`."""
-    from ..peaks.lazy import sample_blocks
     ky, kx = plan.array.shape[2:]
-    blocks = [b.reshape(-1, ky, kx) for b in sample_blocks(plan.array)]  # the data's dtype
+    blocks = [b.reshape(-1, ky, kx) for b in plan.sample_blocks()]  # the data's dtype
     frames = np.empty((sum(len(b) for b in blocks), ky, kx), np.float32)
     n = 0
     while blocks:  # converted into one array, each block released once copied
@@ -537,7 +596,22 @@ def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "
                          "set preprocess.beam_radius")
+    _check_measured_radius(radius)
     return radius, clip
+
+
+#: A measured beam half-maximum radius below this is one bright pixel (~0.5 px), not a
+#: beam: a Gaussian beam of width 0.6 px, the narrowest a detector resolves, measures 0.71.
+_MIN_MEASURED_RADIUS = 0.6
+
+
+def _check_measured_radius(radius: float) -> None:
+    """A measured beam radius of about one pixel is not a beam: say what to do."""
+    if radius < _MIN_MEASURED_RADIUS:
+        raise InputError(f"the direct beam measured {radius:.2f} px in radius, less than any "
+                         "beam: probably a hot pixel, bright in every pattern; name it in "
+                         'preprocess.bad_pixels (or leave that "auto"), or set '
+                         "preprocess.beam_radius")
 
 
 #: A clipped beam's half-maximum radius this many times the spots' radius measures glare.

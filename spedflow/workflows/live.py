@@ -152,6 +152,10 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
         time.sleep(poll)
     if progress:
         print(file=sys.stderr)
+    if "plan" in state and cfg.preprocess.bad_pixels == "auto":
+        bad = state["plan"].bad_pixels
+        cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(
+            cfg.preprocess, bad_pixels="none" if bad is None else bad.tolist()))
     if "beam_radius" in state and cfg.preprocess.beam_radius is None:
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess,
                                                                       beam_radius=state["beam_radius"]))
@@ -164,6 +168,11 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
     from ..preprocess import kernels as pk
     from ._cache import load_block
 
+    if "plan" not in state:  # the bad pixels, on this chunk: passed on to the batch run
+        state["plan"] = _with_bad_pixels(plan, cfg, np.asarray(block))
+    plan = state["plan"]
+    if plan.bad_pixels is not None:  # in the data's dtype, as the batch run repairs
+        block = pk.repair_pixels(block, plan.bad_pixels)
     frames = np.asarray(block, np.float32)
     if "beam_radius" not in state:
         r0 = cfg.preprocess.beam_radius
@@ -206,6 +215,21 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
     stage = state["poisson"]
     if not stage.block_path(index).exists():
         save_block(stage.block_path(index), **poisson_block(aligned, offset, mask=state["mask"]))
+
+
+def _with_bad_pixels(plan, cfg, frames):
+    """``plan`` with the bad pixels of ``preprocess.bad_pixels``; "auto" finds them on
+    ``frames`` (the first chunk), where the batch run would look at up to five chunks:
+    the batch run is then given this list, so that both use the same pixels and the
+    same cache keys."""
+    from ..preprocess.kernels import find_bad_pixels
+    from ._common import with_bad_pixels
+    spec = cfg.preprocess.bad_pixels
+    if spec == "auto":
+        hot, dead = find_bad_pixels(frames.reshape((-1,) + frames.shape[-2:]))
+        spec = [tuple(p) for p in np.concatenate([hot, dead]).tolist()]
+    prep = dataclasses.replace(cfg.preprocess, bad_pixels="none" if not spec else spec)
+    return with_bad_pixels(plan, prep, None)
 
 
 def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):

@@ -21,8 +21,8 @@ from ..decompose import NMFParams, ResidualParams, ScreeParams
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
-from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, run_blocks,
-                      total, write_result)
+from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned,
+                      resolved_bad_pixels, run_blocks, total, with_bad_pixels, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -56,6 +56,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..segment import merge_components, segments_from_labels, watershed_stack
 
     timer = Timer()
+    plan = with_bad_pixels(plan, cfg.preprocess, cache)
     beam = beam_stage(plan, cfg.preprocess, cache, timer)
     r = beam.radius
     prep = resolve_pre(cfg.preprocess, r)
@@ -266,6 +267,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "nmf_info": nmf_info, "residual_search": residual_info,
         "residual_components": list(range(n_global, len(factors))),
         "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
+                     "bad_pixels": resolved_bad_pixels(plan),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi))},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),

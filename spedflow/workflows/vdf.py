@@ -29,7 +29,8 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import Plan, Rows, Timer, binned, run_blocks, total, write_result
+from ._common import (Plan, Rows, Timer, binned, resolved_bad_pixels, run_blocks, total,
+                      with_bad_pixels, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -109,7 +110,6 @@ def counts_of(plan, prep, pk, cache, sample=None):
     given, or measured on a few chunks (cached; live mode measures it on the first
     block, ``sample``). Binning sums ``nav_binning**2`` patterns: the gain stays, the
     read-out variance adds up."""
-    from ..peaks.lazy import measure_counts
     from ..peaks.noise import count_scale
     if pk.noise != "counting":
         return None
@@ -117,7 +117,7 @@ def counts_of(plan, prep, pk, cache, sample=None):
         return (float(pk.gain), float(pk.read_variance or 0.0) * prep.nav_binning ** 2)
     st = cache.stage("counts", plan.identity, "v1")
     if not st.complete:
-        gain, read_var = measure_counts(plan.array) if sample is None else count_scale([sample])
+        gain, read_var = count_scale(plan.sample_blocks() if sample is None else [sample])
         st.save_attrs(gain=gain, read_var=read_var)
         st.mark_complete()
     a = st.attrs()
@@ -234,6 +234,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..vdf import resolve as resolve_vdf
 
     timer = Timer()
+    plan = with_bad_pixels(plan, cfg.preprocess, cache)
     r, clip = beam_radius_of(plan, cfg.preprocess, cache)
     prep = resolve_pre(cfg.preprocess, r)
     pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
@@ -377,6 +378,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "resolved": {"beam_radius": r, "glare_radius": glare, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
+                     "bad_pixels": resolved_bad_pixels(plan),
                      "gain": None if counts is None else counts[0],
                      # per raw pattern, as the parameter (binning adds it up)
                      "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2},
