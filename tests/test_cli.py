@@ -45,6 +45,9 @@ def files(tmp_path_factory, sim_store):
     nan = rng.random((8, 8, 16, 16)).astype(np.float32)
     nan[3, 3, 2, 2] = np.nan
     from_array(nan, d / "nan.zarr", progress=False)
+    # counts above 32767 stored as int16 wrap to large negative values
+    from_array((good.astype(np.int32) * 9000 + 2000).astype(np.int16), d / "wrapped.zarr",
+               progress=False)
     import zarr
     zarr.open_group(str(d / "nodata.zarr"), mode="w")
     (d / "exists.zarr").mkdir()
@@ -81,6 +84,8 @@ CASES = [
     ("segment-no-data-array", ["segment", "{d}/nodata.zarr", "--out", "{d}/r2.zarr"], "no array"),
     ("segment-all-zero", ["segment", "{d}/zeros.zarr", "--out", "{d}/r3.zarr"], "only zeros"),
     ("segment-nan", ["segment", "{d}/nan.zarr", "--out", "{d}/r4.zarr"], "NaN"),
+    ("segment-wrapped-int16", ["segment", "{d}/wrapped.zarr", "--out", "{d}/r4b.zarr"],
+     "signed type wrapped"),
     ("segment-result-exists", ["segment", "{s}", "--out", "{d}/exists.zarr"], "exists"),
     ("segment-config-missing", ["segment", "{s}", "--out", "{d}/r5.zarr", "--config", "{d}/no.toml"],
      "does not exist"),

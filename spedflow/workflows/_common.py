@@ -139,28 +139,45 @@ def validate(plan: "Plan", cfg) -> None:
                              f"min(patterns {(ny // b) * (nx // b)}, detector pixels {ky * kx})")
 
 
+#: Negative values down to this fraction of the brightest value are read-out noise about
+#: zero (a camera whose dark level was subtracted); deeper ones are not intensities.
+NEGATIVE_NOISE_FRACTION = 0.5
+
+
 def _sample_check(arr, store) -> None:
-    """Refuse all-zero or NaN data before any computation: read up to 5 chunks."""
+    """Refuse all-zero or NaN data, and values far below zero, before any computation:
+    read up to 5 chunks.
+
+    Negative values are accepted where read-out noise about zero explains them (a CCD
+    or a camera whose dark level was subtracted: about half the dark pixels read below
+    zero, by a few noise widths): the workflows' noise model measures the read-out
+    variance, and NMF clips its aligned patterns at 0. Values below minus half the
+    brightest are refused: they are not intensities (a signed type wrapped, data of
+    inverted sign)."""
     grid = [int(np.ceil(s / c)) for s, c in zip(arr.shape[:2], arr.chunks[:2])]
     picks = {(0, 0), (grid[0] - 1, grid[1] - 1), (grid[0] // 2, grid[1] // 2),
              (0, grid[1] - 1), (grid[0] - 1, 0)}
     any_signal = False
+    lowest, highest, where = 0.0, 0.0, None
     for i, j in sorted(picks):
         block = arr[i * arr.chunks[0]:(i + 1) * arr.chunks[0], j * arr.chunks[1]:(j + 1) * arr.chunks[1]]
-        if np.issubdtype(block.dtype, np.floating):
-            if not np.isfinite(block).all():
-                raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
-                                 "clean or re-ingest the data first")
-            if (block < 0).any():
-                raise InputError(f"store {store!r} contains negative intensities (chunk {i},{j}); "
-                                 "diffraction counts must be >= 0 (subtract a dark reference and clip first)")
-        elif np.issubdtype(block.dtype, np.signedinteger) and (block < 0).any():
-            raise InputError(f"store {store!r} contains negative intensities (chunk {i},{j}); "
-                             "diffraction counts must be >= 0")
+        if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
+            raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
+                             "clean or re-ingest the data first")
+        if block.size:
+            lo, hi = float(block.min()), float(block.max())
+            if lo < lowest:
+                lowest, where = lo, (i, j)
+            highest = max(highest, hi)
         any_signal |= bool(np.any(block))
     if not any_signal:
         raise InputError(f"store {store!r} holds only zeros in the chunks sampled; "
                          "is it the right data set?")
+    if lowest < 0 and -lowest > NEGATIVE_NOISE_FRACTION * highest:
+        raise InputError(f"store {store!r} holds values down to {lowest:.4g} (chunk "
+                         f"{where[0]},{where[1]}) against a brightest {highest:.4g}: not "
+                         "intensities or read-out noise about zero (a signed type wrapped? "
+                         "data of inverted sign?); re-ingest with the right dtype")
 
 
 class Timer:
