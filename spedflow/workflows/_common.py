@@ -479,9 +479,15 @@ def finish_beam(paths, data: da.Array, prep):
     mean = total(paths, "sum") / (ny * nx)
     if not np.isfinite(measured).any():
         raise InputError("no direct beam was found in any pattern; is this diffraction data?")
-    if not prep.align:
+    level = beam_level(mean, measured)
+    if prep.align and level < NO_BEAM_LEVEL:
+        log.warning("no direct beam where the beam finder settled (the mean pattern there is "
+                    "%.0f %% of its brightest pixel; a beam stop? an unrepaired hot pixel?): the "
+                    "patterns are not aligned, as with preprocess.align = false", 100 * level)
+    if not prep.align or level < NO_BEAM_LEVEL:
         used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
-        descan = {"model": "none (align = false)"}
+        descan = {"model": "none (align = false)" if not prep.align else
+                  f"none (no direct beam seen: {level:.3f} of the brightest)"}
     else:
         found = found_fraction(measured)
         used, fit = pk.centres_for_alignment(measured, prep.descan)
@@ -491,6 +497,30 @@ def finish_beam(paths, data: da.Array, prep):
                           noise_scale=fit.scale, outliers=fit.n_outliers,
                           coefficients=fit.coefficients.tolist())
     return measured, used, prof, mean, descan
+
+
+#: The mean pattern at the measured beam centres below this fraction of its brightest
+#: pixel: no beam there (0 with a beam stop; 0.68-1.0 on every benchmark set, clipped
+#: beams included, and on the real detector files with a beam).
+NO_BEAM_LEVEL = 0.1
+
+
+def beam_level(mean: np.ndarray, measured: np.ndarray) -> float:
+    """The mean pattern's level (3 x 3 pixels) at the median measured beam centre, as a
+    fraction of its brightest pixel. The direct beam is the brightest thing a
+    diffraction pattern holds (the glare of a clipped one the flattest): about 1 where
+    the finder found it. Where the beam is stopped, the finder settles somewhere dark."""
+    ky, kx = mean.shape
+    m = np.asarray(measured, float).reshape(-1, 2)
+    m = m[np.isfinite(m).all(axis=1)]
+    if len(m) == 0:
+        return 0.0
+    c = np.median(m, axis=0)
+    top = float(np.max(mean))
+    if not np.isfinite(c).all() or top <= 0:
+        return 0.0
+    iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, (ky, kx)))
+    return float(np.mean(mean[max(0, iy - 1):iy + 2, max(0, ix - 1):ix + 2])) / top
 
 
 #: Below this fraction of patterns with a measured beam centre, the descan fit is
