@@ -64,7 +64,7 @@ def test_values_far_below_zero_are_refused(stores):
 
 
 def test_beam_level():
-    from spedflow.workflows._common import beam_level
+    from spedflow.workflows._common import NO_BEAM_LEVEL, beam_level
     yy, xx = np.mgrid[0:64, 0:64]
     beam = 100 * np.exp(-((yy - 30.4) ** 2 + (xx - 33.2) ** 2) / (2 * 2.0 ** 2)) + 1
     centres = np.full((4, 5, 2), [30.4, 33.2])
@@ -73,8 +73,32 @@ def test_beam_level():
     clipped = np.minimum(beam, 40)  # an 8-bit camera's plateau
     assert beam_level(clipped, centres) == pytest.approx(1.0)
     stopped = np.where(np.hypot(yy - 30.4, xx - 33.2) < 6, 0, beam + 5 * (xx > 50))
-    assert beam_level(stopped, centres) == 0.0
+    assert beam_level(stopped, centres) == pytest.approx(0.0, abs=1e-9)
     assert beam_level(beam, np.full((2, 2, 2), np.nan)) == 0.0
+    hot = beam.copy()
+    # one pixel at 20x the beam's peak (a hot one missed): the beam is still seen (as the
+    # brightest single pixel it would measure 0.04)
+    hot[5, 60] = 20 * beam.max()
+    assert beam_level(hot, centres) > NO_BEAM_LEVEL
+
+
+def test_given_beam_radius_is_not_judged(stores):
+    """A radius the user gives is used as given (the sub-pixel check is for measured ones)."""
+    from spedflow.api import segment
+    out = segment(stores["counts"], method="nmf", out=stores["dir"] / "r055.nmf.zarr", local=True,
+                  progress=False, overrides={"preprocess": {"beam_radius": 0.55}})
+    assert zarr.open_group(str(out), mode="r").attrs["spedflow"]["resolved"]["beam_radius"] == 0.55
+
+
+def test_watch_refuses_an_off_detector_bad_pixel(stores, tmp_path):
+    from spedflow.errors import ParameterError
+    from spedflow.workflows.live import watch
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[preprocess]\nbad_pixels = [[64, 3]]\n")
+    with pytest.raises(ParameterError, match="bad_pixels.*off the 64 x 64"):
+        watch(stores["counts"], method="vdf", out=tmp_path / "w.zarr", config=cfg, poll=0.1,
+              timeout=5, progress=False)
+    assert not any(tmp_path.glob("w.zarr.cache/*"))
 
 
 def test_beam_stop_leaves_patterns_unaligned(stores, caplog):

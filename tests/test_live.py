@@ -73,6 +73,26 @@ def test_watch_follows_a_store_being_written(tmp_path, hot):
     np.testing.assert_allclose(b["segments/maps"][:], res["segments/maps"][:], rtol=1e-5, atol=1e-3)
 
 
+def test_watch_nmf_final_run_reuses_the_live_blocks(tmp_path):
+    """NMF live mode writes the beam and Poisson blocks under the keys the final run
+    looks for: one stage of each in the cache (a second one would be a recomputation)."""
+    from spedflow.workflows.live import watch
+    store = tmp_path / "live.zarr"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.1", "2"])
+    try:
+        watch(store, method="nmf", out=tmp_path / "nmf.zarr", poll=0.1, timeout=120,
+              progress=False)
+    finally:
+        writer.wait(timeout=120)
+    cache = tmp_path / "nmf.zarr.cache"
+    for stage in ("beam", "poisson"):
+        dirs = sorted(cache.glob(f"{stage}-*"))
+        assert len(dirs) == 1, dirs
+        assert len(list(dirs[0].glob("blocks/*.npz"))) == 16
+
+
 def test_watch_gives_up_when_nothing_lands(tmp_path):
     import pytest
 

@@ -87,7 +87,7 @@ class PreprocessParams:
         Detector pixels replaced in every pattern by the mean of their good neighbours
         before anything else. "auto": those found on the chunks the beam radius is
         measured on (:func:`spedflow.preprocess.kernels.find_bad_pixels`): hot pixels,
-        brighter than 4x every neighbour in at least half the patterns and in the mean
+        brighter than 8x every neighbour in at least half the patterns and in the mean
         pattern, and dead ones, as dark where their neighbours are lit. A hot pixel
         sits at the same place in every pattern: the beam finder takes it for the beam
         and the peak finder for a spot of every crystal. A list gives the pixels

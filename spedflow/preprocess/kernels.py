@@ -1059,9 +1059,10 @@ def centres_for_alignment(measured: np.ndarray, descan: str = "quadratic"):
 # ----------------------------------------------------------------- bad pixels
 
 #: A hot pixel is brighter than this many times the brightest of its 8 neighbours, a
-#: dead one darker than the darkest divided by it. A diffraction spot or the beam,
-#: at least ~0.6 px wide (Gaussian sigma), has neighbours at >= 1/4 of its peak.
-BAD_PIXEL_CONTRAST = 4.0
+#: dead one darker than the darkest divided by it. A diffraction spot or the beam whose
+#: pixel-integrated profile is a Gaussian of sigma >= 0.45 px (FWHM ~1 px, the sharpest
+#: a detector samples) has its nearest neighbours at >= 1/5.5 of its peak pixel.
+BAD_PIXEL_CONTRAST = 8.0
 #: ... in at least this fraction of the patterns (of those whose neighbours are all lit,
 #: for a dead pixel): a crystal's spot lights its pixels only where the crystal is.
 BAD_PIXEL_PERSISTENCE = 0.5
@@ -1160,7 +1161,7 @@ def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     -------
     A copy of ``frames`` (same dtype; integer data rounded to the nearest value).
     """
-    z = np.array(frames, copy=True)
+    z = np.array(frames, copy=True, order="C")  # C order: ``flat`` below is a view of it
     ky, kx = z.shape[-2:]
     b = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
     if len(b) == 0:
@@ -1176,7 +1177,10 @@ def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     w = (on & good[ny, nx]).astype(np.float64)
     w /= np.maximum(w.sum(1, keepdims=True), 1)
     flat = z.reshape(-1, ky * kx)
-    value = np.einsum("pmk,mk->pm", flat[:, ny * kx + nx].astype(np.float64), w)
+    idx = ny * kx + nx
+    value = np.zeros((len(flat), len(b)))  # one (patterns, pixels) array, not 8
+    for k in range(idx.shape[1]):
+        value += flat[:, idx[:, k]] * w[:, k]
     if np.issubdtype(z.dtype, np.integer):
         value = np.rint(value)
     flat[:, b[:, 0] * kx + b[:, 1]] = value.astype(z.dtype)

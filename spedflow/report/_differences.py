@@ -48,13 +48,22 @@ def data_patterns_at(view: ResultView, data, positions: np.ndarray) -> np.ndarra
         Each the sum of the ``nav_binning``-square of raw patterns, detector-binned to the
         result's pattern shape, shifted (linear interpolation) so the beam sits at
         ``(Ky//2, Kx//2)`` using ``beam/fitted`` (else ``beam/centres``; else unshifted).
+        The detector pixels the run repaired (``resolved.bad_pixels``) are repaired here too.
     """
+    from ..preprocess.kernels import repair_pixels
     by, bx = _pair(view.meta.get("nav_binning"))
     ky, kx = view.pattern_shape
     centres = view.beam_fitted if view.beam_fitted is not None else view.beam_centres
+    resolved = view.meta.get("resolved")
+    bad = resolved.get("bad_pixels") if isinstance(resolved, dict) else None
+    bad = np.asarray(bad, np.int64).reshape(-1, 2) if isinstance(bad, list) and bad else None
+    if bad is not None and ((bad < 0).any() or (bad >= np.asarray(data.shape[2:])).any()):
+        bad = None  # not this data's detector: show it as it is
     out = np.zeros((len(positions), ky, kx))
     for i, (y, x) in enumerate(positions):
         raw = np.asarray(data[y * by:(y + 1) * by, x * bx:(x + 1) * bx], np.float64)
+        if bad is not None:
+            raw = repair_pixels(raw, bad)
         p = _bin_detector(raw.sum(axis=(0, 1)), (ky, kx))
         if centres is not None and y < centres.shape[0] and x < centres.shape[1]:
             cy, cx = (float(c) for c in centres[y, x])

@@ -447,7 +447,8 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
                       else pk.radius_from_profile(total(paths, "beam_profile"), default=np.nan))
             if not np.isfinite(radius):
                 raise InputError("could not measure the direct-beam radius; set preprocess.beam_radius")
-            _check_measured_radius(radius)
+            if not prep.beam_radius:  # a measured one (a given one is the user's to choose)
+                _check_measured_radius(radius)
             stage.save("measured", measured.astype(np.float32))
             stage.save("used", np.asarray(used, np.float32))
             stage.save("profiles", prof)
@@ -507,7 +508,7 @@ NO_BEAM_LEVEL = 0.1
 
 def beam_level(mean: np.ndarray, measured: np.ndarray) -> float:
     """The mean pattern's level (3 x 3 pixels) at the median measured beam centre, as a
-    fraction of its brightest pixel. The direct beam is the brightest thing a
+    fraction of its brightest 3 x 3 pixels. The direct beam is the brightest thing a
     diffraction pattern holds (the glare of a clipped one the flattest): about 1 where
     the finder found it. Where the beam is stopped, the finder settles somewhere dark."""
     ky, kx = mean.shape
@@ -515,12 +516,14 @@ def beam_level(mean: np.ndarray, measured: np.ndarray) -> float:
     m = m[np.isfinite(m).all(axis=1)]
     if len(m) == 0:
         return 0.0
+    from scipy import ndimage as ndi
     c = np.median(m, axis=0)
-    top = float(np.max(mean))
+    box = ndi.uniform_filter(np.asarray(mean, np.float64), 3, mode="nearest")  # 3 x 3 means:
+    top = float(box.max())  # one bright pixel (a hot one missed) cannot be the brightest
     if not np.isfinite(c).all() or top <= 0:
         return 0.0
     iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, (ky, kx)))
-    return float(np.mean(mean[max(0, iy - 1):iy + 2, max(0, ix - 1):ix + 2])) / top
+    return float(box[iy, ix]) / top
 
 
 #: Below this fraction of patterns with a measured beam centre, the descan fit is

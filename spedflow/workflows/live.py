@@ -99,7 +99,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     """
     from ..api import load_config, segment
     from ..io import check_destination
-    from ._common import Plan, store_identity
+    from ._common import Plan, store_identity, validate
 
     check_destination(out, overwrite, sources=[store], replaces="result")
     cfg = load_config(method, config)
@@ -119,6 +119,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
                     "everything is computed when the scan is complete")
     cache = StageCache(cache if cache is not None else Path(str(out) + ".cache"))
     plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
+    validate(plan, cfg)  # parameters against the data's shape, before any chunk is processed
 
     done: set = set()
     state: dict = {}
@@ -177,10 +178,11 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
     if "beam_radius" not in state:
         r0 = cfg.preprocess.beam_radius
         if r0 is None:  # the batch run's estimator, on this chunk
-            from ._common import radius_of_frames
+            from ._common import _check_measured_radius, radius_of_frames
             r0 = radius_of_frames(frames.reshape((-1,) + frames.shape[-2:]))
             if not np.isfinite(r0):
                 return  # an empty chunk: wait for one with a beam
+            _check_measured_radius(r0)
         _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:], sample=frames)
     if method == "vdf":
         from .vdf import _beam_peaks_block
@@ -237,7 +239,10 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
     from ..preprocess import resolve as resolve_pre
     from ._common import beam_block_kwargs, beam_stage_of
     state["beam_radius"] = r0
-    prep = dataclasses.replace(cfg.preprocess, beam_radius=r0)
+    # the bad pixels as the final run will be given them (the cache keys must match)
+    bad = plan.bad_pixels
+    prep = dataclasses.replace(cfg.preprocess, beam_radius=r0, bad_pixels="none" if bad is None
+                               else [tuple(p) for p in bad.tolist()])
     state["prep"] = prep
     resolved = resolve_pre(prep, r0)
     if method == "vdf":
@@ -258,11 +263,15 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
         state["beam_kwargs"] = beam_block_kwargs(plan, prep)
         mask = beam_mask(detector_shape, cfg.nmf.beam_mask_radius, beam_radius=r0)
         state["mask"] = mask
-        state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key), resolved, mask)
+        # the model the final run records when it sees the beam (chunks are aligned on
+        # their measured centres here only then: ``_process_block``)
+        model = prep.descan if prep.align else "none (align = false)"
+        state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key, model), resolved, mask)
 
 
 class _Key:
-    """Stands in for a BeamInfo where only its cache key is needed."""
+    """Stands in for a BeamInfo where only its cache key and descan model are needed."""
 
-    def __init__(self, key):
+    def __init__(self, key, model):
         self.key = key
+        self.descan = {"model": model}

@@ -476,8 +476,12 @@ _SUBMATRIX_BYTES = 128 * 2**20
 
 
 def poisson_stage_of(cache, beam, prep, mask):
-    """The Poisson statistics' cache entry: keyed on the beam stage and the mask."""
-    return cache.stage("poisson", "v2", beam.key, dataclasses.asdict(prep), mask)
+    """The Poisson statistics' cache entry: keyed on the beam stage, the mask and the
+    descan model the beam stage chose (with no beam seen the patterns are not aligned:
+    ``finish_beam``; live mode, which aligns each chunk as it lands, keys on the model
+    of a beam seen, "none")."""
+    return cache.stage("poisson", "v3", beam.key, dataclasses.asdict(prep), mask,
+                       beam.descan.get("model"))
 
 
 def poisson_block(block, offset, *, mask):
