@@ -483,8 +483,8 @@ def finish_beam(paths, data: da.Array, prep):
     level = beam_level(mean, measured)
     if prep.align and level < NO_BEAM_LEVEL:
         log.warning("no direct beam where the beam finder settled (the mean pattern there is "
-                    "%.0f %% of its brightest pixel; a beam stop? an unrepaired hot pixel?): the "
-                    "patterns are not aligned, as with preprocess.align = false", 100 * level)
+                    "%.0f %% of its brightest; a beam stop?): the patterns are not aligned, as "
+                    "with preprocess.align = false", 100 * level)
     if not prep.align or level < NO_BEAM_LEVEL:
         used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
         descan = {"model": "none (align = false)" if not prep.align else
@@ -501,8 +501,8 @@ def finish_beam(paths, data: da.Array, prep):
 
 
 #: The mean pattern at the measured beam centres below this fraction of its brightest
-#: pixel: no beam there (0 with a beam stop; 0.68-1.0 on every benchmark set, clipped
-#: beams included, and on the real detector files with a beam).
+#: (3 x 3 means): no beam there (0 with a beam stop; 0.98-1.0 on every benchmark set,
+#: clipped beams included, and on the real detector files with a beam).
 NO_BEAM_LEVEL = 0.1
 
 
