@@ -54,6 +54,18 @@ def test_repair_equals_brute_force(dtype):
     assert not np.shares_memory(got, frames)
 
 
+def test_repair_with_nan_at_bad_pixels():
+    """NaN at the bad pixels (a mask some tools write), two of them side by side: each
+    takes the mean of its good neighbours only."""
+    rng = np.random.default_rng(4)
+    frames = rng.poisson(20, (2, 3, 12, 10)).astype(np.float32)
+    bad = np.array([[3, 3], [3, 4], [0, 9]])
+    frames[..., bad[:, 0], bad[:, 1]] = np.nan
+    got = K.repair_pixels(frames, bad)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, _brute_repair(frames, bad), rtol=1e-6)
+
+
 def test_repair_nothing_and_off_detector():
     frames = np.arange(2 * 6 * 5, dtype=np.float32).reshape(2, 6, 5)
     np.testing.assert_array_equal(K.repair_pixels(frames, np.zeros((0, 2), int)), frames)

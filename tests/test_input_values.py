@@ -133,3 +133,49 @@ def test_beam_stop_leaves_patterns_unaligned(stores, caplog):
     assert any("no direct beam" in r.getMessage() for r in caplog.records)
     s = evaluate(out, stop)
     assert s["recall"] >= 0.6 and s["precision"] >= 0.75
+
+
+NAN_PIXELS = [(10, 20), (40, 5), (41, 5)]  # an adjacent pair among them
+
+
+def _nan_store(stores, name, extra=None):
+    raw = zarr.open_group(str(stores["counts"]), mode="r")["data"][:].astype(np.float32)
+    for y, x in NAN_PIXELS:
+        raw[..., y, x] = np.nan
+    if extra is not None:
+        raw[extra] = np.nan
+    return _store_with(stores["counts"], stores["dir"] / name, raw)
+
+
+def test_pixels_nan_in_every_pattern_are_repaired(stores):
+    """A mask written as NaN (some tools mark dead pixels so) is repaired like a dead
+    pixel, even with bad_pixels = "none"; the crystals found are those of the data
+    without it. NaN anywhere else is refused."""
+    from spedflow.api import segment
+    from spedflow.evaluate import evaluate
+    nan = _nan_store(stores, "nan.zarr")
+    for bad in ("auto", "none"):
+        out = segment(nan, method="vdf", out=stores["dir"] / f"nan.{bad}.vdf.zarr", local=True,
+                      progress=False, overrides={"preprocess": {"bad_pixels": bad}})
+        res = zarr.open_group(str(out), mode="r")
+        found = {tuple(p) for p in res.attrs["spedflow"]["resolved"]["bad_pixels"]}
+        assert set(NAN_PIXELS) <= found
+        assert np.isfinite(res["vdf/images"][:]).all()
+        s = evaluate(out, nan)
+        c = evaluate(segment(stores["counts"], method="vdf", out=stores["dir"] / f"c.{bad}.zarr",
+                             local=True, progress=False), stores["counts"])
+        assert abs(s["recall"] - c["recall"]) <= 0.2 and s["precision"] >= c["precision"] - 0.2
+    stray = _nan_store(stores, "stray.zarr", extra=(3, 4, 30, 30))
+    with pytest.raises(InputError, match="NaN or infinite"):
+        segment(stray, method="vdf", out=stores["dir"] / "stray.vdf.zarr", local=True,
+                progress=False)
+
+
+def test_watch_repairs_nan_pixels_and_the_final_run_reuses_its_blocks(stores, tmp_path):
+    from spedflow.workflows.live import watch
+    nan = _nan_store(stores, "nan_live.zarr")
+    out = watch(nan, method="vdf", out=tmp_path / "w.zarr", poll=0.1, timeout=60, progress=False)
+    res = zarr.open_group(str(out), mode="r")
+    assert set(NAN_PIXELS) <= {tuple(p) for p in res.attrs["spedflow"]["resolved"]["bad_pixels"]}
+    dirs = sorted((tmp_path / "w.zarr.cache").glob("beam_peaks-*"))
+    assert len(dirs) == 1  # one pass 1: the final run reused every live block

@@ -1179,8 +1179,8 @@ def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     flat = z.reshape(-1, ky * kx)
     idx = ny * kx + nx
     value = np.zeros((len(flat), len(b)))  # one (patterns, pixels) array, not 8
-    for k in range(idx.shape[1]):
-        value += flat[:, idx[:, k]] * w[:, k]
+    for k in range(idx.shape[1]):  # a bad neighbour (weight 0) may hold NaN: left out
+        value += np.where(w[:, k] > 0, flat[:, idx[:, k]], 0) * w[:, k]
     if np.issubdtype(z.dtype, np.integer):
         value = np.rint(value)
     flat[:, b[:, 0] * kx + b[:, 1]] = value.astype(z.dtype)

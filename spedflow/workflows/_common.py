@@ -77,8 +77,9 @@ def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
     """Open and check the input, refuse an existing result; compute nothing big."""
     arr, meta = open_input(store)
     check_destination(out, overwrite, sources=[store], replaces="result")
-    _sample_check(arr, store)
-    return Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
+    masked = _sample_check(arr, store)
+    plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
+    return _with_pixels(plan, masked)
 
 
 def store_identity(store, arr, meta: dict) -> dict:
@@ -144,9 +145,17 @@ def validate(plan: "Plan", cfg) -> None:
 NEGATIVE_NOISE_FRACTION = 0.5
 
 
-def _sample_check(arr, store) -> None:
+#: Detector pixels that are NaN in every sampled pattern (a mask some tools write) are
+#: repaired as bad pixels, up to this fraction of the detector.
+MAX_MASKED_FRACTION = 0.01
+
+
+def _sample_check(arr, store) -> np.ndarray:
     """Refuse all-zero or NaN data, and values far below zero, before any computation:
-    read up to 5 chunks.
+    read up to 5 chunks. Returns the (m, 2) detector pixels that are NaN or infinite in
+    every sampled pattern (a mask some tools write for dead pixels; the run repairs
+    them as bad pixels): non-finite values elsewhere, or on more than
+    :data:`MAX_MASKED_FRACTION` of the detector, are refused.
 
     Negative values are accepted where read-out noise about zero explains them (a CCD
     or a camera whose dark level was subtracted: about half the dark pixels read below
@@ -159,11 +168,19 @@ def _sample_check(arr, store) -> None:
              (0, grid[1] - 1), (grid[0] - 1, 0)}
     any_signal = False
     lowest, highest, where = 0.0, 0.0, None
+    ky, kx = arr.shape[2:]
+    always = np.ones((ky, kx), bool)  # non-finite in every sampled pattern
+    sometimes = np.zeros((ky, kx), bool)
     for i, j in sorted(picks):
         block = arr[i * arr.chunks[0]:(i + 1) * arr.chunks[0], j * arr.chunks[1]:(j + 1) * arr.chunks[1]]
         if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-            raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
-                             "clean or re-ingest the data first")
+            bad = ~np.isfinite(block.reshape((-1, ky, kx)))
+            always &= bad.all(axis=0)
+            sometimes |= bad.any(axis=0)
+            if (sometimes & ~always).any() or always.mean() > MAX_MASKED_FRACTION:
+                raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
+                                 "clean or re-ingest the data first")
+            block = np.where(always, 0, block)
         if block.size:
             lo, hi = float(block.min()), float(block.max())
             if lo < lowest:
@@ -178,6 +195,10 @@ def _sample_check(arr, store) -> None:
                          f"{where[0]},{where[1]}) against a brightest {highest:.4g}: not "
                          "intensities or read-out noise about zero (a signed type wrapped? "
                          "data of inverted sign?); re-ingest with the right dtype")
+    if (sometimes & ~always).any():  # a pixel NaN in one chunk only, seen after its first
+        raise InputError(f"store {store!r} contains NaN or infinite values; clean or re-ingest "
+                         "the data first")
+    return np.argwhere(always & sometimes)
 
 
 class Timer:
@@ -585,11 +606,24 @@ def replay_warnings(stage) -> None:
 _BAD_PIXEL_SAMPLE = 200
 
 
+def _with_pixels(plan: Plan, pixels) -> Plan:
+    """``plan`` repairing ``pixels`` (m, 2) too, in order, named in ``plan.identity``."""
+    bad = np.asarray(pixels, np.int64).reshape(-1, 2)
+    if plan.bad_pixels is not None:
+        bad = np.concatenate([plan.bad_pixels, bad])
+    if len(bad) == 0:
+        return plan
+    bad = np.unique(bad, axis=0)  # sorted by (ky, kx), distinct
+    return dataclasses.replace(plan, bad_pixels=bad,
+                               identity={**plan.identity, "bad_pixels": bad.tolist()})
+
+
 def with_bad_pixels(plan: Plan, prep, cache) -> Plan:
     """``plan`` with the detector's bad pixels set (``preprocess.bad_pixels``): given, or
-    found on the chunks the beam radius is measured on (cached). Everything the run
-    reads through the plan is then repaired, and the cache keys of every later stage
-    (``plan.identity``) name the pixels."""
+    found on the chunks the beam radius is measured on (cached), besides the pixels
+    that are NaN in every pattern (:func:`prepare_run`; repaired even with "none").
+    Everything the run reads through the plan is then repaired, and the cache keys of
+    every later stage (``plan.identity``) name the pixels."""
     from ..preprocess.kernels import bad_pixel_counts, bad_pixels_from
     spec = prep.bad_pixels
     if spec == "none":
@@ -614,11 +648,7 @@ def with_bad_pixels(plan: Plan, prep, cache) -> Plan:
         bad = np.concatenate([hot, dead])
     else:
         bad = np.asarray(spec, np.int64).reshape(-1, 2)
-    if len(bad) == 0:
-        return plan
-    bad = bad[np.lexsort((bad[:, 1], bad[:, 0]))]
-    return dataclasses.replace(plan, bad_pixels=bad,
-                               identity={**plan.identity, "bad_pixels": bad.tolist()})
+    return _with_pixels(plan, bad)
 
 
 def resolved_bad_pixels(plan: Plan) -> list:

@@ -153,7 +153,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
         time.sleep(poll)
     if progress:
         print(file=sys.stderr)
-    if "plan" in state and cfg.preprocess.bad_pixels == "auto":
+    if "plan" in state and cfg.preprocess.bad_pixels == "auto":  # as found live, NaN ones too
         bad = state["plan"].bad_pixels
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(
             cfg.preprocess, bad_pixels="none" if bad is None else bad.tolist()))
@@ -224,11 +224,15 @@ def _with_bad_pixels(plan, cfg, frames):
     ``frames`` (the first chunk), where the batch run would look at up to five chunks:
     the batch run is then given this list, so that both use the same pixels and the
     same cache keys."""
-    from ..preprocess.kernels import find_bad_pixels
-    from ._common import with_bad_pixels
+    from ..preprocess.kernels import find_bad_pixels, repair_pixels
+    from ._common import _with_pixels, with_bad_pixels
+    flat = frames.reshape((-1,) + frames.shape[-2:])
+    # pixels NaN in every pattern are repaired in any case, as the batch run does
+    plan = _with_pixels(plan, np.argwhere((~np.isfinite(flat)).all(axis=0)))
     spec = cfg.preprocess.bad_pixels
     if spec == "auto":
-        hot, dead = find_bad_pixels(frames.reshape((-1,) + frames.shape[-2:]))
+        seen = flat if plan.bad_pixels is None else repair_pixels(flat, plan.bad_pixels)
+        hot, dead = find_bad_pixels(seen)
         spec = [tuple(p) for p in np.concatenate([hot, dead]).tolist()]
     prep = dataclasses.replace(cfg.preprocess, bad_pixels="none" if not spec else spec)
     return with_bad_pixels(plan, prep, None)
