@@ -11,12 +11,12 @@ from spedflow.errors import InputError
 from spedflow.io import create_array
 
 
-def _store_with(src, dest, data):
+def _store_with(src, dest, data, chunks=None):
     """A copy of the simulated store ``src`` (its truth) holding ``data`` instead."""
     import shutil
     shutil.copytree(src, dest)
     g = zarr.open_group(str(dest), mode="r+")
-    chunks = g["data"].chunks
+    chunks = g["data"].chunks if chunks is None else chunks
     del g["data"]
     create_array(g, "data", data.shape, data.dtype, chunks=chunks)[...] = data
     return dest
@@ -138,13 +138,14 @@ def test_beam_stop_leaves_patterns_unaligned(stores, caplog):
 NAN_PIXELS = [(10, 20), (40, 5), (41, 5)]  # an adjacent pair among them
 
 
-def _nan_store(stores, name, extra=None):
+def _nan_store(stores, name, extra=None, chunks=None, mask=True):
     raw = zarr.open_group(str(stores["counts"]), mode="r")["data"][:].astype(np.float32)
-    for y, x in NAN_PIXELS:
+    for y, x in NAN_PIXELS if mask else []:
         raw[..., y, x] = np.nan
     if extra is not None:
         raw[extra] = np.nan
-    return _store_with(stores["counts"], stores["dir"] / name, raw)
+    return _store_with(stores["counts"], stores["dir"] / name, raw,
+                       None if chunks is None else chunks + raw.shape[2:])
 
 
 def test_pixels_nan_in_every_pattern_are_repaired(stores):
@@ -169,6 +170,12 @@ def test_pixels_nan_in_every_pattern_are_repaired(stores):
     with pytest.raises(InputError, match="NaN or infinite"):
         segment(stray, method="vdf", out=stores["dir"] / "stray.vdf.zarr", local=True,
                 progress=False)
+    # NaN at one pixel in every pattern of the first of 16 chunks only: not a mask
+    one_chunk = _nan_store(stores, "one_chunk.zarr", extra=(slice(0, 8), slice(0, 8), 30, 30),
+                           chunks=(8, 8), mask=False)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        segment(one_chunk, method="vdf", out=stores["dir"] / "one_chunk.vdf.zarr", local=True,
+                progress=False)
 
 
 def test_watch_repairs_nan_pixels_and_the_final_run_reuses_its_blocks(stores, tmp_path):
@@ -179,3 +186,16 @@ def test_watch_repairs_nan_pixels_and_the_final_run_reuses_its_blocks(stores, tm
     assert set(NAN_PIXELS) <= {tuple(p) for p in res.attrs["spedflow"]["resolved"]["bad_pixels"]}
     dirs = sorted((tmp_path / "w.zarr.cache").glob("beam_peaks-*"))
     assert len(dirs) == 1  # one pass 1: the final run reused every live block
+
+
+def test_watch_nmf_with_nan_pixels_and_no_search_reuses_its_blocks(stores, tmp_path):
+    """bad_pixels = "none" still repairs the NaN pixels; the final run is given them, so
+    its Poisson stage is the one live mode wrote."""
+    from spedflow.workflows.live import watch
+    nan = _nan_store(stores, "nan_live_nmf.zarr", chunks=(8, 8))
+    cfg = tmp_path / "none.toml"
+    # descan "none": live NMF aligns each chunk as it lands and writes its Poisson blocks
+    cfg.write_text('[preprocess]\nbad_pixels = "none"\ndescan = "none"\n')
+    watch(nan, method="nmf", out=tmp_path / "w.zarr", config=cfg, poll=0.1, timeout=60,
+          progress=False)
+    assert len(sorted((tmp_path / "w.zarr.cache").glob("poisson-*"))) == 1

@@ -168,25 +168,19 @@ def _sample_check(arr, store) -> np.ndarray:
              (0, grid[1] - 1), (grid[0] - 1, 0)}
     any_signal = False
     lowest, highest, where = 0.0, 0.0, None
-    ky, kx = arr.shape[2:]
-    always = np.ones((ky, kx), bool)  # non-finite in every sampled pattern
-    sometimes = np.zeros((ky, kx), bool)
+    blocks = []
     for i, j in sorted(picks):
         block = arr[i * arr.chunks[0]:(i + 1) * arr.chunks[0], j * arr.chunks[1]:(j + 1) * arr.chunks[1]]
-        if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-            bad = ~np.isfinite(block.reshape((-1, ky, kx)))
-            always &= bad.all(axis=0)
-            sometimes |= bad.any(axis=0)
-            if (sometimes & ~always).any() or always.mean() > MAX_MASKED_FRACTION:
-                raise InputError(f"store {store!r} contains NaN or infinite values (chunk {i},{j}); "
-                                 "clean or re-ingest the data first")
-            block = np.where(always, 0, block)
+        blocks.append(block)
+        if np.issubdtype(block.dtype, np.floating):
+            block = np.where(np.isfinite(block), block, 0)  # masked pixels judged below
         if block.size:
             lo, hi = float(block.min()), float(block.max())
             if lo < lowest:
                 lowest, where = lo, (i, j)
             highest = max(highest, hi)
         any_signal |= bool(np.any(block))
+    masked = masked_pixels(blocks, store)
     if not any_signal:
         raise InputError(f"store {store!r} holds only zeros in the chunks sampled; "
                          "is it the right data set?")
@@ -195,10 +189,31 @@ def _sample_check(arr, store) -> np.ndarray:
                          f"{where[0]},{where[1]}) against a brightest {highest:.4g}: not "
                          "intensities or read-out noise about zero (a signed type wrapped? "
                          "data of inverted sign?); re-ingest with the right dtype")
-    if (sometimes & ~always).any():  # a pixel NaN in one chunk only, seen after its first
+    return masked
+
+
+def masked_pixels(blocks, store) -> np.ndarray:
+    """The (m, 2) detector pixels NaN or infinite in every pattern of ``blocks`` (each
+    (..., ky, kx)); InputError for non-finite values anywhere else, or on more than
+    :data:`MAX_MASKED_FRACTION` of the detector."""
+    always, sometimes = None, None
+    for block in blocks:
+        b = np.asarray(block)
+        bad = (~np.isfinite(b) if np.issubdtype(b.dtype, np.floating)
+               else np.zeros(b.shape, bool)).reshape((-1,) + b.shape[-2:])
+        a, s = bad.all(axis=0), bad.any(axis=0)
+        always = a if always is None else always & a
+        sometimes = s if sometimes is None else sometimes | s
+    if sometimes is None or not sometimes.any():
+        return np.zeros((0, 2), np.int64)
+    if (sometimes & ~always).any():
         raise InputError(f"store {store!r} contains NaN or infinite values; clean or re-ingest "
                          "the data first")
-    return np.argwhere(always & sometimes)
+    if always.mean() > MAX_MASKED_FRACTION:
+        raise InputError(f"store {store!r} is NaN in every pattern on {100 * always.mean():.1f} % "
+                         f"of the detector (at most {100 * MAX_MASKED_FRACTION:g} % is repaired as "
+                         "bad pixels); crop or re-ingest the data")
+    return np.argwhere(always)
 
 
 class Timer:

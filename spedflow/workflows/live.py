@@ -153,7 +153,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
         time.sleep(poll)
     if progress:
         print(file=sys.stderr)
-    if "plan" in state and cfg.preprocess.bad_pixels == "auto":  # as found live, NaN ones too
+    if "plan" in state:  # the pixels repaired live (found, given and NaN ones): the same keys
         bad = state["plan"].bad_pixels
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(
             cfg.preprocess, bad_pixels="none" if bad is None else bad.tolist()))
@@ -225,10 +225,10 @@ def _with_bad_pixels(plan, cfg, frames):
     the batch run is then given this list, so that both use the same pixels and the
     same cache keys."""
     from ..preprocess.kernels import find_bad_pixels, repair_pixels
-    from ._common import _with_pixels, with_bad_pixels
+    from ._common import _with_pixels, masked_pixels, with_bad_pixels
     flat = frames.reshape((-1,) + frames.shape[-2:])
     # pixels NaN in every pattern are repaired in any case, as the batch run does
-    plan = _with_pixels(plan, np.argwhere((~np.isfinite(flat)).all(axis=0)))
+    plan = _with_pixels(plan, masked_pixels([flat], plan.store))
     spec = cfg.preprocess.bad_pixels
     if spec == "auto":
         seen = flat if plan.bad_pixels is None else repair_pixels(flat, plan.bad_pixels)
