@@ -38,7 +38,8 @@ __all__ = [
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
     "beam_saturated", "saturated_radius", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
-    "bad_pixel_counts", "bad_pixels_from", "find_bad_pixels", "repair_pixels",
+    "bad_pixel_counts", "bad_pixels_from", "find_bad_pixels", "pixels_off_detector",
+    "repair_pixels",
 ]
 
 #: Width of the radial bins of the beam profile, detector pixels.
@@ -1147,6 +1148,12 @@ def find_bad_pixels(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bad_pixels_from(bad_pixel_counts(frames))
 
 
+def pixels_off_detector(bad, detector_shape) -> np.ndarray:
+    """The rows of ``bad`` (m, 2) ``(ky, kx)`` that lie off a detector of this shape."""
+    b = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
+    return b[(b < 0).any(axis=1) | (b >= np.asarray(detector_shape)[None, :]).any(axis=1)]
+
+
 def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     """``frames`` with each bad pixel replaced by the mean of its good neighbours.
 
@@ -1166,7 +1173,7 @@ def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     b = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
     if len(b) == 0:
         return z
-    if (b < 0).any() or (b[:, 0] >= ky).any() or (b[:, 1] >= kx).any():
+    if len(pixels_off_detector(b, (ky, kx))):
         raise ValueError(f"bad pixels must lie on the {ky} x {kx} detector")
     good = np.ones((ky, kx), bool)
     good[b[:, 0], b[:, 1]] = False

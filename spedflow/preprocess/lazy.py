@@ -289,7 +289,7 @@ def repair_pixels(data: da.Array, bad) -> da.Array:
     data = _check_data(data)
     bad = np.asarray(bad, dtype=np.int64).reshape(-1, 2)
     ky, kx = data.shape[2:]
-    if len(bad) and ((bad < 0).any() or (bad[:, 0] >= ky).any() or (bad[:, 1] >= kx).any()):
+    if len(kernels.pixels_off_detector(bad, (ky, kx))):
         raise ParameterError(f"bad pixels must lie on the {ky} x {kx} detector")
     return data.map_blocks(kernels.repair_pixels, bad, dtype=data.dtype,
                            meta=np.empty((0, 0, 0, 0), data.dtype))

@@ -50,14 +50,14 @@ def data_patterns_at(view: ResultView, data, positions: np.ndarray) -> np.ndarra
         ``(Ky//2, Kx//2)`` using ``beam/fitted`` (else ``beam/centres``; else unshifted).
         The detector pixels the run repaired (``resolved.bad_pixels``) are repaired here too.
     """
-    from ..preprocess.kernels import repair_pixels
+    from ..preprocess.kernels import pixels_off_detector, repair_pixels
     by, bx = _pair(view.meta.get("nav_binning"))
     ky, kx = view.pattern_shape
     centres = view.beam_fitted if view.beam_fitted is not None else view.beam_centres
     resolved = view.meta.get("resolved")
     bad = resolved.get("bad_pixels") if isinstance(resolved, dict) else None
     bad = np.asarray(bad, np.int64).reshape(-1, 2) if isinstance(bad, list) and bad else None
-    if bad is not None and ((bad < 0).any() or (bad >= np.asarray(data.shape[2:])).any()):
+    if bad is not None and len(pixels_off_detector(bad, data.shape[2:])):
         bad = None  # not this data's detector: show it as it is
     out = np.zeros((len(positions), ky, kx))
     for i, (y, x) in enumerate(positions):

@@ -500,7 +500,7 @@ def _page(v: ResultView, rep: _Report, evaluation, store_path) -> str:
     if isinstance(params, dict) and params:
         parts.append("<h2>Parameters (resolved)</h2>")
         rows = _flatten(params)
-        bad = (m.get("resolved") or {}).get("bad_pixels") if isinstance(m.get("resolved"), dict) else None
+        bad = m["resolved"].get("bad_pixels") if isinstance(m.get("resolved"), dict) else None
         if isinstance(bad, list) and bad:  # what "auto" found
             shown = ", ".join(f"({p[0]}, {p[1]})" for p in bad[:20]) + (" ..." if len(bad) > 20 else "")
             rows.append(("detector pixels repaired (ky, kx)", f"{len(bad)}: {shown}"))

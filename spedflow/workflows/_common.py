@@ -125,9 +125,10 @@ def validate(plan: "Plan", cfg) -> None:
                                  f"it must be < {limit:g} ({bound})")
     bad = cfg.preprocess.bad_pixels
     if not isinstance(bad, str):
-        off = [p for p in bad if p[0] >= ky or p[1] >= kx]
-        if off:
-            raise ParameterError(f"`preprocess.bad_pixels`: pixel {list(off[0])} lies off the "
+        from ..preprocess.kernels import pixels_off_detector
+        off = pixels_off_detector(bad, (ky, kx))
+        if len(off):
+            raise ParameterError(f"`preprocess.bad_pixels`: pixel {off[0].tolist()} lies off the "
                                  f"{ky} x {kx} px detector ([ky, kx] from 0)")
     min_patterns = getattr(getattr(cfg, "vectors", None), "min_patterns", None)
     if min_patterns is not None and min_patterns > (ny // b) * (nx // b):
@@ -168,10 +169,10 @@ def _sample_check(arr, store) -> np.ndarray:
              (0, grid[1] - 1), (grid[0] - 1, 0)}
     any_signal = False
     lowest, highest, where = 0.0, 0.0, None
-    blocks = []
+    masks = []  # per chunk, two (ky, kx) masks: one chunk in memory at a time
     for i, j in sorted(picks):
         block = arr[i * arr.chunks[0]:(i + 1) * arr.chunks[0], j * arr.chunks[1]:(j + 1) * arr.chunks[1]]
-        blocks.append(block)
+        masks.append(nonfinite_masks(block))
         if np.issubdtype(block.dtype, np.floating):
             block = np.where(np.isfinite(block), block, 0)  # masked pixels judged below
         if block.size:
@@ -180,7 +181,7 @@ def _sample_check(arr, store) -> np.ndarray:
                 lowest, where = lo, (i, j)
             highest = max(highest, hi)
         any_signal |= bool(np.any(block))
-    masked = masked_pixels(blocks, store)
+    masked = masked_pixels(masks, store)
     if not any_signal:
         raise InputError(f"store {store!r} holds only zeros in the chunks sampled; "
                          "is it the right data set?")
@@ -192,16 +193,21 @@ def _sample_check(arr, store) -> np.ndarray:
     return masked
 
 
-def masked_pixels(blocks, store) -> np.ndarray:
-    """The (m, 2) detector pixels NaN or infinite in every pattern of ``blocks`` (each
-    (..., ky, kx)); InputError for non-finite values anywhere else, or on more than
-    :data:`MAX_MASKED_FRACTION` of the detector."""
+def nonfinite_masks(block) -> tuple[np.ndarray, np.ndarray]:
+    """(ky, kx) masks of the detector pixels NaN or infinite in every pattern of
+    ``block`` (..., ky, kx) and in some pattern of it, for :func:`masked_pixels`."""
+    b = np.asarray(block)
+    bad = (~np.isfinite(b) if np.issubdtype(b.dtype, np.floating)
+           else np.zeros(b.shape, bool)).reshape((-1,) + b.shape[-2:])
+    return bad.all(axis=0), bad.any(axis=0)
+
+
+def masked_pixels(masks, store) -> np.ndarray:
+    """The (m, 2) detector pixels NaN or infinite in every pattern, from the
+    :func:`nonfinite_masks` of each sampled block; InputError for non-finite values
+    anywhere else, or on more than :data:`MAX_MASKED_FRACTION` of the detector."""
     always, sometimes = None, None
-    for block in blocks:
-        b = np.asarray(block)
-        bad = (~np.isfinite(b) if np.issubdtype(b.dtype, np.floating)
-               else np.zeros(b.shape, bool)).reshape((-1,) + b.shape[-2:])
-        a, s = bad.all(axis=0), bad.any(axis=0)
+    for a, s in masks:
         always = a if always is None else always & a
         sometimes = s if sometimes is None else sometimes | s
     if sometimes is None or not sometimes.any():

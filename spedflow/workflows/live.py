@@ -225,10 +225,10 @@ def _with_bad_pixels(plan, cfg, frames):
     the batch run is then given this list, so that both use the same pixels and the
     same cache keys."""
     from ..preprocess.kernels import find_bad_pixels, repair_pixels
-    from ._common import _with_pixels, masked_pixels, with_bad_pixels
+    from ._common import _with_pixels, masked_pixels, nonfinite_masks, with_bad_pixels
     flat = frames.reshape((-1,) + frames.shape[-2:])
     # pixels NaN in every pattern are repaired in any case, as the batch run does
-    plan = _with_pixels(plan, masked_pixels([flat], plan.store))
+    plan = _with_pixels(plan, masked_pixels([nonfinite_masks(flat)], plan.store))
     spec = cfg.preprocess.bad_pixels
     if spec == "auto":
         seen = flat if plan.bad_pixels is None else repair_pixels(flat, plan.bad_pixels)
