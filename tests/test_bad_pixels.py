@@ -238,3 +238,17 @@ def test_real_detector_defects(tmp_path):
     assert len(hot) == 0 and len(dead) >= 5
     assert (flat[:, dead[:, 0], dead[:, 1]] == 0).all()
     assert len(found["blo"][1]) == 0 and len(found["blo"][2]) == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 1, 5), (1, 4, 1), (2, 3, 3)])
+def test_ring_filter_equals_scipy(shape):
+    from scipy import ndimage as ndi
+    rng = np.random.default_rng(11)
+    z = rng.normal(size=shape).astype(np.float32)
+    z[0, 0, 0] = np.inf if z.size > 1 else z[0, 0, 0]
+    foot = np.ones((1, 3, 3), bool)
+    foot[0, 1, 1] = False
+    for op, ref, cval in [(np.maximum, ndi.maximum_filter, -np.inf),
+                          (np.minimum, ndi.minimum_filter, np.inf)]:
+        np.testing.assert_array_equal(K._ring_filter(z, op, cval),
+                                      ref(z, footprint=foot, mode="constant", cval=cval))

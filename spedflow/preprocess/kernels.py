@@ -1076,12 +1076,18 @@ BAD_PIXEL_MIN_EVENTS = 4
 DEAD_PIXEL_MIN_SIGNAL = 15.0
 
 
-def _ring_filter(z: np.ndarray, fn, cval: float) -> np.ndarray:
-    """``fn`` (``maximum_filter`` or ``minimum_filter``) over each pixel's 8 neighbours,
-    pixels off the detector being ``cval``."""
-    foot = np.ones((1, 3, 3), bool)
-    foot[0, 1, 1] = False
-    return fn(z, footprint=foot, mode="constant", cval=cval)
+def _ring_filter(z: np.ndarray, op, cval: float) -> np.ndarray:
+    """``op`` (``np.maximum`` or ``np.minimum``) over each pixel's 8 neighbours in a
+    stack (n, ky, kx), pixels off the detector being ``cval``: scipy's
+    ``maximum_filter`` / ``minimum_filter`` with a 3 x 3 ring footprint and
+    ``mode="constant"``, as five whole-array operations on shifted views (~8x faster)."""
+    n, ky, kx = z.shape
+    p = np.full((n, ky + 2, kx + 2), cval, z.dtype)
+    p[:, 1:-1, 1:-1] = z
+    sides = op(p[:, :, :-2], p[:, :, 2:])  # left and right neighbours, every padded row
+    rows = op(sides, p[:, :, 1:-1])  # three across, every padded row
+    out = op(rows[:, :-2], rows[:, 2:])  # the rows above and below
+    return op(out, sides[:, 1:-1], out=out)
 
 
 def bad_pixel_counts(frames: np.ndarray) -> dict:
@@ -1094,15 +1100,14 @@ def bad_pixel_counts(frames: np.ndarray) -> dict:
     patterns in which it was below its darkest neighbour over the contrast), each
     (ky, kx) but ``n``.
     """
-    from scipy import ndimage as ndi
     stack, _ = _as_stack(frames)
     ky, kx = stack.shape[-2:]
     out = {"n": np.array(0), "sum": np.zeros((ky, kx)), "hot": np.zeros((ky, kx), np.int64),
            "lit": np.zeros((ky, kx), np.int64), "dark": np.zeros((ky, kx), np.int64)}
     for s in range(0, len(stack), _BATCH):
         z = np.asarray(stack[s:s + _BATCH], np.float32)
-        hi = _ring_filter(z, ndi.maximum_filter, -np.inf)
-        lo = _ring_filter(z, ndi.minimum_filter, np.inf)
+        hi = _ring_filter(z, np.maximum, -np.inf)
+        lo = _ring_filter(z, np.minimum, np.inf)
         out["hot"] += (z > BAD_PIXEL_CONTRAST * np.maximum(hi, 0)).sum(0)
         lit = lo > 0
         out["lit"] += lit.sum(0)
@@ -1124,14 +1129,13 @@ def bad_pixels_from(counts: dict) -> tuple[np.ndarray, np.ndarray]:
     the mean keep counting noise out: at ~1 count per pixel a good pixel reads 0
     where its neighbours read 1 or more in about half the patterns in which they do.
     """
-    from scipy import ndimage as ndi
     n = int(counts["n"])
     if n == 0:
         empty = np.zeros((0, 2), np.int64)
         return empty, empty
     mean = (counts["sum"] / n)[None]
-    hi = _ring_filter(mean, ndi.maximum_filter, -np.inf)[0]
-    lo = _ring_filter(mean, ndi.minimum_filter, np.inf)[0]
+    hi = _ring_filter(mean, np.maximum, -np.inf)[0]
+    lo = _ring_filter(mean, np.minimum, np.inf)[0]
     mean = mean[0]
     events = np.maximum(BAD_PIXEL_PERSISTENCE * n, BAD_PIXEL_MIN_EVENTS)
     hot = (counts["hot"] >= events) & (mean > BAD_PIXEL_CONTRAST * np.maximum(hi, 0))
