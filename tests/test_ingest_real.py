@@ -116,3 +116,30 @@ def test_truncated_blockfile_refused(tmp_path):
         with pytest.raises(InputError):
             ingest(bad, tmp_path / f"cut{cut}.zarr", progress=False)
         assert not (tmp_path / f"cut{cut}.zarr").exists()
+
+
+@pytest.mark.parametrize("name,frames", [("merlin_mib/001_4x2_6bit.mib", 8),
+                                         ("single_patterns/test_CL30cm.mib", 1)])
+def test_truncated_mib_refused(tmp_path, name, frames):
+    """A cut .mib was read as a smaller scan (4 of 8 frames: 2 x 2), or failed with a
+    ZeroDivisionError inside rosettasciio when not one frame was left."""
+    src = REAL / name
+    if not src.exists():
+        pytest.skip(f"{src} absent")
+    data = src.read_bytes()
+    frame = len(data) // frames
+    for cut in (300000, len(data) - frame, len(data) - 1, frame - 1, 100, 3):
+        if cut >= len(data):
+            continue
+        bad = tmp_path / f"cut{cut}.mib"
+        bad.write_bytes(data[:cut])
+        (tmp_path / f"cut{cut}.hdr").write_bytes(src.with_suffix(".hdr").read_bytes())
+        held = cut // frame
+        match = (f"'{bad}' is truncated: cut{cut}.hdr declares {frames} frames but the file holds {held} "
+                 if cut >= 384 else "is truncated|not a Merlin .mib")
+        with pytest.raises(InputError, match=match) as info:
+            open_source(bad)
+        assert "\n" not in str(info.value)
+        with pytest.raises(InputError, match=match):
+            ingest(bad, tmp_path / f"cut{cut}.zarr", progress=False)
+        assert not (tmp_path / f"cut{cut}.zarr").exists()

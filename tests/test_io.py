@@ -453,6 +453,51 @@ def test_huge_header_refused_before_allocation(tmp_path):
         open_source(tmp_path / "big.npy")
 
 
+def _write_mib(path: Path, frames: np.ndarray, declared: int | None) -> bytes:
+    """A Merlin .mib of 12-bit frames (384-byte header each, big-endian) and, unless
+    ``declared`` is None, a .hdr declaring that many frames."""
+    out = bytearray()
+    for i, f in enumerate(frames):
+        head = (f"MQ1,{i + 1:06d},00384,01,{f.shape[1]:04d},{f.shape[0]:04d},U16,   1x1,01,"
+                f"2021-05-07 18:51:10.{i:06d},0.100000,0,0,0,4.000000E+1,5.110000E+2,0,0,0,0,0,0,"
+                f"3RX,068,MQ1A,2021-05-07T16:51:10.{i:06d}000Z,100000000ns,12,")
+        out += head.encode().ljust(384, b"\0") + f.astype(">u2").tobytes()
+    path.write_bytes(bytes(out))
+    if declared is not None:
+        path.with_suffix(".hdr").write_text(f"HDR,\t\nFrames in Acquisition (Number):\t{declared}\n"
+                                            "Frames per Trigger (Number):\t1\nEnd\t\n")
+    return bytes(out)
+
+
+def test_truncated_mib_refused(tmp_path):
+    """A cut .mib was read as the scan its complete frames make (rosettasciio shrinks the
+    scan), or failed inside rosettasciio (ZeroDivisionError) with no complete frame."""
+    x = _data((5, 6, 8))
+    frame = 384 + 6 * 8 * 2
+    data = _write_mib(tmp_path / "full.mib", x, declared=5)
+    arr, meta = open_source(tmp_path / "full.mib")  # rosettasciio flips the frames' rows
+    np.testing.assert_array_equal(arr.compute().reshape(x.shape)[:, ::-1], x)
+    for cut, declared, match in [
+            (3 * frame, 5, "t.hdr declares 5 frames but the file holds 3 "),
+            (3 * frame + 100, 5, "t.hdr declares 5 frames but the file holds 3 "),
+            (frame - 1, 1, "t.hdr declares 1 frames but the file holds 0 "),
+            (3 * frame + 100, None, "holds 3 complete 6 x 8 frames of 480 bytes and 100 bytes of another"),
+            (frame - 1, None, "holds 0 complete 6 x 8 frames"),
+            (50, None, "holds 0 complete"),
+            (2, None, "not a Merlin .mib file")]:
+        for f in tmp_path.glob("t.*"):
+            f.unlink()
+        (tmp_path / "t.mib").write_bytes(data[:cut])
+        if declared is not None:
+            (tmp_path / "t.hdr").write_text(f"Frames in Acquisition (Number):\t{declared}\n")
+        with pytest.raises(InputError, match=f"'{tmp_path / 't.mib'}' (is truncated: )?.*{match}") as info:
+            open_source(tmp_path / "t.mib")
+        assert "\n" not in str(info.value)
+        with pytest.raises(InputError, match=match):
+            ingest(tmp_path / "t.mib", tmp_path / "t.zarr", progress=False)
+        assert not (tmp_path / "t.zarr").exists()
+
+
 # --------------------------------------------------------------------- resume
 
 class _Interrupt(Exception):

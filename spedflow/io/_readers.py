@@ -306,6 +306,61 @@ def _check_blockfile(path: Path) -> None:
                          f"{dp} x {dp} bytes ending at byte {need}, but the file has {size} bytes")
 
 
+_MIB_ITEMSIZE = {"U01": 1, "U08": 1, "U16": 2, "U32": 4}  # R64 (raw) is left to rosettasciio
+_MIB_FRAMES_KEY = "Frames in Acquisition (Number)"
+
+
+def _check_mib(path: Path) -> None:
+    """Refuse a Merlin .mib that ends inside a frame or holds fewer frames than its
+    .hdr declares (rosettasciio would read the complete frames as a smaller scan, or
+    divide by zero when not one frame is complete)."""
+    where = f"{str(path)!r}"
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(768)
+    head = raw[:384].decode("ascii", errors="replace").split(",")
+    try:
+        if head[0] != "MQ1":
+            raise ValueError
+        head_size, nx, ny = int(head[2]), int(head[4]), int(head[5])
+        kind = head[6]
+    except (ValueError, IndexError):
+        raise InputError(f"{where} is not a Merlin .mib file (no MQ1 frame header at its start)") from None
+    if kind not in _MIB_ITEMSIZE:
+        return
+    if min(head_size, nx, ny) < 1:
+        raise InputError(f"{where}: Merlin frame header declares an empty frame "
+                         f"({ny} x {nx} pixels after {head_size} header bytes)")
+    frame = head_size + nx * ny * _MIB_ITEMSIZE[kind]
+    held, rest = divmod(size, frame)
+    hdr = path.with_suffix(".hdr")
+    declared = _mib_declared_frames(hdr)
+    if declared and held < declared:
+        raise InputError(f"{where} is truncated: {hdr.name} declares {declared} frames but the file "
+                         f"holds {held} ({size} bytes of {frame}-byte {ny} x {nx} frames)")
+    if held == 0 or rest:
+        raise InputError(f"{where} is truncated: it holds {held} complete {ny} x {nx} frames of "
+                         f"{frame} bytes and {rest} bytes of another ({size} bytes)")
+
+
+def _mib_declared_frames(hdr: Path) -> int | None:
+    """The frame count a Merlin .hdr declares; None without a readable count (or 0:
+    an acquisition of no fixed length)."""
+    try:
+        with hdr.open("rb") as fh:
+            text = fh.read(1 << 16).decode("ascii", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("\t")
+        if key.strip().rstrip(":").strip() == _MIB_FRAMES_KEY:
+            try:
+                return int(value.strip()) or None
+            except ValueError:
+                return None
+    return None
+
+
 def _pick_signal(signals: list, where: str) -> dict:
     """The largest (most elements) signal rosettasciio returned."""
     cands = [s for s in signals if getattr(s.get("data"), "ndim", 0) >= 2]
@@ -319,6 +374,8 @@ def _read_rsciio(path: Path, *, fmt: str, chunks, signal_axes, array=None, **_):
     where = f"{str(path)!r}"
     if fmt == "blockfile":
         _check_blockfile(path)
+    elif fmt == "quantumdetector":
+        _check_mib(path)
     mod = importlib.import_module(f"rsciio.{fmt}")
     kwargs: dict[str, Any] = {"lazy": True}
     if fmt == "zspy":
