@@ -147,6 +147,9 @@ def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> lis
     stacks = {"maps": v.maps, "patterns": v.patterns}
     if all(a is None for a in stacks.values()):
         raise InputError(f"result {str(result_path)!r} has no segments/maps or segments/patterns to export")
+    if any(a is not None and a.shape[0] == 0 for a in stacks.values()):
+        raise InputError(f"result {str(result_path)!r} holds no segments (the run found no "
+                         "crystals); nothing exported")
     out.mkdir(parents=True, exist_ok=True)
     meta = {**v.meta, "_result_name": Path(str(result_path)).name}
     written: list[Path] = []

@@ -136,3 +136,17 @@ def test_an_earlier_export_of_a_kind_this_result_lacks_is_removed(tmp_path):
     assert (tmp_path / "out" / "segment_patterns.npy").exists()
     export_result(maps_only, tmp_path / "out", formats=("npy",))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segment_maps.npy"]
+
+
+def test_a_result_without_segments_is_refused_before_writing(tmp_path):
+    """A run that found no crystals writes (0, ...) stacks; TIFF and .hspy writers fail
+    on those half-way, so nothing may be written."""
+    res = make_fake_result(tmp_path / "r.zarr", "vdf")
+    g = zarr.open_group(str(res), mode="r+")
+    for name, shape in [("segments/maps", (0, 12, 14)), ("segments/patterns", (0, 32, 32))]:
+        g.create_array(name, shape=shape, chunks=(1,) + shape[1:], dtype="float32",
+                       overwrite=True)
+    for formats in [("npy",), ("tiff",), ("hspy",)]:
+        with pytest.raises(InputError, match="holds no segments"):
+            export_result(res, tmp_path / "out", formats=formats)
+    assert not (tmp_path / "out").exists()
