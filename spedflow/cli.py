@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="dtype of raw binary files, e.g. uint16 or >u2")
     c.add_argument("--offset", type=int, default=0, help="header bytes to skip in raw binary files")
     c.add_argument("--array", help="dataset / array name inside an HDF5 or Zarr source")
+    c.add_argument("--scan", type=_scan, help="scan shape NY,NX (or N for N x N) of the patterns in order, row "
+                   "by row; needed for a stack of patterns (N, KY, KX) (1,N for a line scan)")
     c.add_argument("--chunk-mb", type=float, default=16.0, help="target uncompressed chunk size in MB")
     c.add_argument("--shards", type=_shape, help="optional shard shape Y,X,KY,KX (multiples of the chunks)")
     c.add_argument("--scan-step", type=_calibration, help="override the scan step, VALUE[:UNITS] e.g. 3.03:nm")
@@ -277,7 +279,7 @@ def cmd_ingest(args) -> int:
     from .io import ingest
     ingest(args.src, args.dest, overwrite=args.overwrite, chunk_bytes=int(args.chunk_mb * 2**20),
            shards=args.shards, shape=args.shape, dtype=args.dtype, offset=args.offset, array=args.array,
-           scan_step=_calib_dict(args.scan_step), reciprocal_scale=_calib_dict(args.reciprocal_scale),
+           scan=args.scan, scan_step=_calib_dict(args.scan_step), reciprocal_scale=_calib_dict(args.reciprocal_scale),
            progress=_progress(args))
     print(f"wrote {args.dest}")
     return 0

@@ -248,6 +248,86 @@ def test_dimensionality_normalised(tmp_path):
     np.testing.assert_array_equal(arr.compute(), x)
 
 
+def _stacks(tmp: Path, x: np.ndarray) -> list[tuple[Path, dict, np.ndarray]]:
+    """The (n, ky, kx) stack ``x`` in every reader that can give a 3-D array:
+    (path, reader keywords, the patterns it should give in order)."""
+    np.save(tmp / "c.npy", x)
+    np.save(tmp / "f.npy", np.asfortranarray(x))
+    x.tofile(tmp / "s.raw")
+    zarr.save_array(str(tmp / "s.zarr"), x)
+    with h5py.File(tmp / "s.h5", "w") as f:
+        f.create_dataset("frames", data=x, chunks=(5, 6, 8))
+    with h5py.File(tmp / "fpd.hdf5", "w") as f:  # 5-D with singleton navigation axes
+        f.create_dataset("fpd_expt/fpd_data/data", data=x[None, :, None])
+    _write_mib(tmp / "s.mib", x, declared=len(x))  # rosettasciio gives a stack (equal timestamps)
+    return [(tmp / "c.npy", {}, x), (tmp / "f.npy", {}, x),
+            (tmp / "s.raw", dict(shape=x.shape, dtype=x.dtype), x), (tmp / "s.zarr", {}, x),
+            (tmp / "s.h5", dict(array="frames"), x), (tmp / "fpd.hdf5", {}, x),
+            (tmp / "s.mib", {}, x[:, ::-1])]  # rosettasciio flips the rows of Merlin frames
+
+
+def test_stack_without_scan_shape_refused(tmp_path):
+    """A stack of 12 patterns was read silently as a 1 x 12 line scan."""
+    for path, kw, _ in _stacks(tmp_path, _data((12, 6, 8))):
+        with pytest.raises(InputError, match=r"is a stack of 12 patterns \(shape \(12, 6, 8\)\) with no scan "
+                           r"shape; give the scan shape Y,X \(--scan, or `scan=` in Python\) with Y\*X = 12, "
+                           r"e\.g\. 3,4 \(1,12 for a line scan\)") as info:
+            open_source(path, **kw)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+        with pytest.raises(InputError, match="give the scan shape"):
+            ingest(path, tmp_path / "x.zarr", progress=False, **kw)
+        assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "x.zarr.partial").exists()
+
+
+@pytest.mark.parametrize("scan", [(3, 4), (1, 12), (12, 1), [6, 2], (np.int64(2), np.int64(6))])
+def test_stack_with_scan_shape(tmp_path, scan):
+    x = _data((12, 6, 8))
+    for path, kw, expected in _stacks(tmp_path, x):
+        want = expected.reshape(tuple(int(v) for v in scan) + x.shape[1:])
+        for chunks in (None, (1, 1, 6, 8), (2, 1, 6, 8), want.shape):
+            arr, meta = open_source(path, scan=scan, chunks=chunks, **kw)
+            assert meta["original_shape"][-2:] == [6, 8]
+            np.testing.assert_array_equal(arr.compute(), want)
+    out = ingest(tmp_path / "c.npy", tmp_path / "c.zarr", scan=scan, chunk_bytes=3 * 6 * 8 * 2, progress=False)
+    _check_store(out, x.reshape(want.shape))
+
+
+def test_scan_shape_rerasters_and_is_checked(tmp_path):
+    x = _data((2, 6, 6, 8))
+    np.save(tmp_path / "x.npy", x)
+    arr, _ = open_source(tmp_path / "x.npy", scan=(3, 4))  # a scan recorded with the wrong shape
+    np.testing.assert_array_equal(arr.compute(), x.reshape(3, 4, 6, 8))
+    np.save(tmp_path / "prime.npy", x.reshape(12, 6, 8)[:11])
+    assert open_source(tmp_path / "prime.npy")[0].shape == (1, 11, 6, 8)  # only a line is possible
+    np.save(tmp_path / "one.npy", x[:1, 0])
+    with pytest.warns(RuntimeWarning, match="single"):
+        assert open_source(tmp_path / "one.npy")[0].shape == (1, 1, 6, 8)
+    assert open_source(tmp_path / "one.npy", scan=(1, 1))[0].shape == (1, 1, 6, 8)
+    with pytest.raises(ParameterError, match=r"^`scan` 5 x 3 is 15 positions, but '.*x\.npy' holds 12 "
+                       r"patterns \(shape \(2, 6, 6, 8\)\)$"):
+        open_source(tmp_path / "x.npy", scan=(5, 3))
+    for bad in [(0, 12), (12,), (2, 3, 2), (2.0, 6), ("3", "4"), "3,4", (True, 12), 12, (-3, -4)]:
+        with pytest.raises(ParameterError, match="`scan` must be two positive integers"):
+            open_source(tmp_path / "x.npy", scan=bad)
+    with pytest.raises(ParameterError, match="`scan` 5 x 3"):
+        ingest(tmp_path / "x.npy", tmp_path / "x.zarr", scan=(5, 3), progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_ingest_scan_shape(tmp_path, capsys):
+    from spedflow.cli import main
+    x = _data((12, 6, 8))
+    np.save(tmp_path / "s.npy", x)
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("spedflow: error:") and "--scan" in err
+    assert not (tmp_path / "s.zarr").exists()
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--scan", "5,3"]) == 2
+    assert "is 15 positions" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "s.npy"), str(tmp_path / "s.zarr"), "--scan", "3,4"]) == 0
+    _check_store(tmp_path / "s.zarr", x.reshape(3, 4, 6, 8))
+
+
 def test_calibration_override_and_info(tmp_path):
     x = _data()
     np.save(tmp_path / "x.npy", x)

@@ -38,7 +38,7 @@ from ._store import (DATA, TARGET_CHUNK_BYTES, atomic_store, check_destination, 
 __all__ = ["ingest"]
 
 _STATE = "_ingest"
-_READER_KEYS = {"shape", "dtype", "offset", "array", "signal_axes"}
+_READER_KEYS = {"shape", "dtype", "offset", "array", "signal_axes", "scan"}
 
 #: Test hook: called as ``_on_batch_done(n_units_done_this_run)`` after each batch.
 _on_batch_done: Callable[[int], None] | None = None
@@ -71,7 +71,9 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     progress : bool
         Draw a one-line progress bar on stderr.
     **reader_kwargs
-        ``shape``, ``dtype``, ``offset``, ``array``, ``signal_axes`` for :func:`open_source`.
+        ``shape``, ``dtype``, ``offset``, ``array``, ``signal_axes``, ``scan`` for
+        :func:`open_source`. ``scan=(Y, X)`` is the scan shape of a stack of patterns
+        (n, ky, kx), which is refused without it unless n is prime (a line scan).
 
     Returns
     -------

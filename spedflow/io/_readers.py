@@ -97,11 +97,13 @@ def _chunks_for(shape4: tuple[int, ...], dtype, chunks) -> tuple[int, ...]:
     return tuple(chunks) if chunks is not None else nav_chunks(shape4, dtype, TARGET_CHUNK_BYTES)
 
 
-def _to_4d(arr: da.Array, signal_axes, where: str) -> da.Array:
+def _to_4d(arr: da.Array, signal_axes, where: str, scan=None) -> da.Array:
     """Move the detector axes last and make the array (scan_y, scan_x, ky, kx).
 
-    2-D -> (1, 1, ky, kx) with a warning; 3-D (n, ky, kx) -> (1, n, ky, kx);
-    N-D > 4 -> singleton navigation axes dropped, error if more than 2 remain.
+    With ``scan`` (Y, X): the patterns, in C order, reshaped to a Y x X scan (Y*X must
+    be their number). Without: 2-D -> (1, 1, ky, kx) with a warning; 3-D (n, ky, kx)
+    -> (1, n, ky, kx) only when n is prime (a line is the only scan it can be), else
+    refused; N-D > 4 -> singleton navigation axes dropped, error if more than 2 remain.
     """
     nd = arr.ndim
     if signal_axes is not None:
@@ -116,11 +118,23 @@ def _to_4d(arr: da.Array, signal_axes, where: str) -> da.Array:
     if nd < 2:
         raise InputError(f"{where} is {nd}-D (shape {arr.shape}); expected diffraction patterns "
                          "(scan_y, scan_x, ky, kx)")
-    if nd == 2:
-        warnings.warn(f"{where} holds a single {arr.shape} pattern; treating it as a 1 x 1 scan",
+    if scan is not None:
+        n = math.prod(arr.shape[:-2])
+        if scan[0] * scan[1] != n:
+            raise ParameterError(f"`scan` {scan[0]} x {scan[1]} is {scan[0] * scan[1]} positions, but {where} "
+                                 f"holds {n} patterns (shape {arr.shape})")
+        return arr.reshape(tuple(scan) + arr.shape[-2:])
+    if nd == 2 or (nd == 3 and arr.shape[0] == 1):
+        warnings.warn(f"{where} holds a single {arr.shape[-2:]} pattern; treating it as a 1 x 1 scan",
                       RuntimeWarning, stacklevel=3)
-        return arr[None, None]
+        return arr.reshape((1, 1) + arr.shape[-2:])
     if nd == 3:
+        n = arr.shape[0]
+        y = _squarest_factor(n)
+        if y > 1:
+            raise InputError(f"{where} is a stack of {n} patterns (shape {arr.shape}) with no scan shape; "
+                             f"give the scan shape Y,X (--scan, or `scan=` in Python) with Y*X = {n}, "
+                             f"e.g. {y},{n // y} (1,{n} for a line scan)")
         return arr[None]
     if nd > 4:
         nav = arr.shape[:-2]
@@ -131,6 +145,27 @@ def _to_4d(arr: da.Array, signal_axes, where: str) -> da.Array:
         arr = arr.reshape(tuple(nav[i] for i in keep) + arr.shape[-2:])
         return _to_4d(arr, None, where)
     return arr
+
+
+def _squarest_factor(n: int) -> int:
+    """The largest divisor of ``n`` not above its square root (1 when n is prime)."""
+    for y in range(math.isqrt(n), 1, -1):
+        if n % y == 0:
+            return y
+    return 1
+
+
+def _check_scan(scan) -> tuple[int, int] | None:
+    if scan is None:
+        return None
+    try:
+        y, x = scan
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in (y, x))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ParameterError(f"`scan` must be two positive integers (Y, X) (got {scan!r})")
+    return int(y), int(x)
 
 
 class _BlockReader:
@@ -157,13 +192,15 @@ class _BlockReader:
 
 
 def _memmap_array(path: Path, shape, dtype, offset: int, order: str, signal_axes, chunks,
-                  where: str) -> da.Array:
+                  where: str, scan=None) -> da.Array:
     """dask array over a flat binary region, one memmap read per block."""
     shape = tuple(shape)
-    if signal_axes is None or tuple(int(a) % len(shape) for a in signal_axes) == (len(shape) - 2, len(shape) - 1):
-        # singleton axes do not change the memory layout: map the 4-D view directly,
-        # chunked as the destination wants (no rechunk, no read amplification)
-        view = tuple(_to_4d(da.empty(shape, dtype=np.uint8, chunks=-1), None, where).shape)
+    if (signal_axes is None or tuple(int(a) % len(shape) for a in signal_axes) == (len(shape) - 2, len(shape) - 1)) \
+            and (order == "C" or scan is None):
+        # singleton axes (and, in C order, a reshape of the scan) do not change the memory
+        # layout: map the 4-D view directly, chunked as the destination wants (no rechunk,
+        # no read amplification)
+        view = tuple(_to_4d(da.empty(shape, dtype=np.uint8, chunks=-1), None, where, scan).shape)
         shape, signal_axes = view, None
         blocks = _chunks_for(view, dtype, chunks)
     else:
@@ -173,12 +210,12 @@ def _memmap_array(path: Path, shape, dtype, offset: int, order: str, signal_axes
     name = "read-" + tokenize(str(path), st.st_size, st.st_mtime_ns, shape, np.dtype(dtype).str, offset, order)
     arr = da.from_array(reader, chunks=blocks, name=name, lock=False, asarray=False,
                         meta=np.empty((0,) * len(shape), dtype))
-    return _to_4d(arr, signal_axes, where)
+    return _to_4d(arr, signal_axes, where, scan)
 
 
 # --------------------------------------------------------------------------- readers
 
-def _read_npy(path: Path, *, chunks, signal_axes, **_):
+def _read_npy(path: Path, *, chunks, signal_axes, scan=None, **_):
     where = f"{str(path)!r}"
     size = path.stat().st_size
     with path.open("rb") as fh:
@@ -199,11 +236,11 @@ def _read_npy(path: Path, *, chunks, signal_axes, **_):
     if size != expected:
         raise InputError(f"{where}: header declares shape {shape} {dtype.str} = {expected} bytes "
                          f"with the header, but the file has {size} bytes")
-    arr = _memmap_array(path, shape, dtype, offset, "F" if fortran else "C", signal_axes, chunks, where)
+    arr = _memmap_array(path, shape, dtype, offset, "F" if fortran else "C", signal_axes, chunks, where, scan)
     return arr, {"original_shape": list(shape), "original_dtype": dtype.str}
 
 
-def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_axes, **_):
+def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_axes, scan=None, **_):
     where = f"{str(path)!r}"
     if shape is None or dtype is None:
         raise ParameterError(f"raw binary {where} needs `shape` and `dtype` (e.g. shape=(256, 256, 128, 128), dtype='<u2')")
@@ -220,7 +257,7 @@ def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_ax
     if size != expected:
         raise InputError(f"{where}: shape {shape} of {dtype.str} after a {offset}-byte header needs "
                          f"{expected} bytes, but the file has {size} bytes")
-    arr = _memmap_array(path, shape, dtype, int(offset), "C", signal_axes, chunks, where)
+    arr = _memmap_array(path, shape, dtype, int(offset), "C", signal_axes, chunks, where, scan)
     _warn_if_byte_swapped(path, shape, dtype, int(offset), where)
     return arr, {"original_shape": list(shape), "original_dtype": dtype.str}
 
@@ -258,7 +295,7 @@ def _warn_if_byte_swapped(path: Path, shape, dtype: np.dtype, offset: int, where
                       f"{other!r}", UserWarning, stacklevel=2)
 
 
-def _read_zarr(path: Path, *, array=None, chunks, signal_axes, **_):
+def _read_zarr(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
     import zarr
     where = f"{str(path)!r}"
     try:
@@ -275,7 +312,7 @@ def _read_zarr(path: Path, *, array=None, chunks, signal_axes, **_):
         node, where = node[name], f"{where}/{name}"
     dtype = _check_dtype(node.dtype, where)
     _check_shape(node.shape, where)
-    arr = _to_4d(da.from_zarr(node), signal_axes, where)
+    arr = _to_4d(da.from_zarr(node), signal_axes, where, scan)
     out = {"original_shape": list(node.shape), "original_dtype": dtype.str}
     for k in ("scan_step", "reciprocal_scale"):
         if isinstance(meta.get(k), dict):
@@ -369,7 +406,7 @@ def _pick_signal(signals: list, where: str) -> dict:
     return max(cands, key=lambda s: math.prod(s["data"].shape))
 
 
-def _read_rsciio(path: Path, *, fmt: str, chunks, signal_axes, array=None, **_):
+def _read_rsciio(path: Path, *, fmt: str, chunks, signal_axes, array=None, scan=None, **_):
     import importlib
     where = f"{str(path)!r}"
     if fmt == "blockfile":
@@ -410,7 +447,7 @@ def _read_rsciio(path: Path, *, fmt: str, chunks, signal_axes, array=None, **_):
         if nav:
             meta["scan_step"] = _axes_calibration(nav, "scan", where)
         meta["reciprocal_scale"] = _axes_calibration(det, "detector", where)
-    return _to_4d(data, signal_axes, where), meta
+    return _to_4d(data, signal_axes, where, scan), meta
 
 
 def _axes_calibration(axes: list[dict], what: str, where: str) -> dict:
@@ -428,7 +465,7 @@ def _axes_calibration(axes: list[dict], what: str, where: str) -> dict:
     return first
 
 
-def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, **_):
+def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
     import h5py
     where = f"{str(path)!r}"
     try:
@@ -454,12 +491,12 @@ def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, **_):
     st = path.stat()
     reader = _H5Reader(str(path), name, shape, view, dtype)
     tmp = da.empty(view, dtype=np.uint8, chunks=-1)
-    view4 = _to_4d(tmp, signal_axes, f"{where}/{name}").shape
+    view4 = _to_4d(tmp, signal_axes, f"{where}/{name}", scan).shape
     blocks = _chunks_for(view4, dtype, chunks) if len(view) == 4 and signal_axes is None else "auto"
     arr = da.from_array(reader, chunks=blocks, lock=False, asarray=False,
                         name="read-" + tokenize(str(path), st.st_size, st.st_mtime_ns, name),
                         meta=np.empty((0,) * len(view), dtype))
-    arr = _to_4d(arr, signal_axes, f"{where}/{name}")
+    arr = _to_4d(arr, signal_axes, f"{where}/{name}", scan)
     return arr, {"original_shape": list(shape), "original_dtype": dtype.str, "dataset": name}
 
 
@@ -502,7 +539,8 @@ def _format_of(path: Path, shape) -> str:
 
 
 def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int = 0,
-                array: str | None = None, signal_axes=None, chunks=None) -> tuple[da.Array, dict]:
+                array: str | None = None, signal_axes=None, scan=None,
+                chunks=None) -> tuple[da.Array, dict]:
     """Open a microscope file lazily as a (scan_y, scan_x, ky, kx) dask array.
 
     Parameters
@@ -522,6 +560,11 @@ def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int 
     signal_axes : pair of int, optional
         Axes of the file's array that are the detector (ky, kx). Default: the axes
         the format marks as signal axes, else the last two.
+    scan : (int, int), optional
+        The scan shape (Y, X): the file's patterns, in C order (row by row), become a
+        Y x X scan. Y*X must equal their number. Needed for a stack of patterns
+        (n, ky, kx) unless n is prime (a 1 x n line scan); also re-rasters a file whose
+        scan shape was recorded wrongly.
     chunks : 4-tuple of int, optional
         Chunks of the returned array; default whole patterns, about
         ``TARGET_CHUNK_BYTES`` per chunk (:func:`spedflow.io.nav_chunks`).
@@ -530,8 +573,8 @@ def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int 
     -------
     data : (scan_y, scan_x, ky, kx) dask.array.Array
         In the file's dtype and byte order. A single pattern becomes a 1 x 1 scan (with
-        a warning) and a stack of n patterns a 1 x n line scan; singleton navigation
-        axes of >4-D files are dropped.
+        a warning); a stack of n patterns is refused without ``scan`` unless n is prime
+        (then a 1 x n line scan); singleton navigation axes of >4-D files are dropped.
     meta : dict
         ``source`` (absolute path), ``format``, ``original_shape``, ``original_dtype``,
         and where the file gives them ``scan_step`` / ``reciprocal_scale`` as
@@ -544,7 +587,8 @@ def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int 
         Missing or unreadable file, unknown type, a header that promises more bytes
         than the file holds or an absurd size, non-numeric data, bad dimensionality.
     ParameterError
-        Bad ``shape``/``dtype``/``offset``/``signal_axes``.
+        Bad ``shape``/``dtype``/``offset``/``signal_axes``/``scan``, or a ``scan`` whose
+        Y*X is not the number of patterns.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -554,10 +598,12 @@ def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int 
         chunks = tuple(int(c) for c in chunks)
         if len(chunks) != 4 or min(chunks) < 1:
             raise ParameterError(f"`chunks` must be 4 positive integers (got {chunks!r})")
+    scan = _check_scan(scan)
     fmt = _format_of(p, shape)
     if fmt != "raw" and (shape is not None or dtype is not None or offset):
         raise ParameterError(f"`shape`, `dtype` and `offset` apply to raw binary only, not {fmt} ({p.name})")
-    kw = dict(shape=shape, dtype=dtype, offset=offset, array=array, signal_axes=signal_axes, chunks=chunks)
+    kw = dict(shape=shape, dtype=dtype, offset=offset, array=array, signal_axes=signal_axes, scan=scan,
+              chunks=chunks)
     out = None
     if fmt in _READERS:
         out = _READERS[fmt](p, **kw)
