@@ -63,14 +63,25 @@ def test_real_file_ingests_exactly(tmp_path, name, module, shape, dtype):
     assert verify_store(out) == []
 
 
-def test_astar_calibration_kept_as_reported(tmp_path):
+def test_astar_calibration(tmp_path):
+    """rosettasciio reports the blockfile's diffraction scale in cm, a length: ingest
+    leaves it unset with a warning (it had labelled the report's k axes in cm)."""
     src = REAL / "astar_blo" / "test1.blo"
     if not src.exists():
         pytest.skip(f"{src} absent")
     _, meta = open_source(src)
     assert meta["scan_step"] == {"value": pytest.approx(12.8), "units": "nm"}
     assert meta["reciprocal_scale"]["units"] == "cm"  # as the file reports it
-    out = ingest(src, tmp_path / "x.zarr", reciprocal_scale=(0.0322, "1/nm"), progress=False)
+    with pytest.warns(RuntimeWarning, match=r"test1\.blo': the file's detector calibration \(0\.0160617 cm per "
+                      r"pixel\) is not a reciprocal-space scale \(cm is a length\); left unset: give it with "
+                      r"--reciprocal-scale"):
+        out = ingest(src, tmp_path / "x.zarr", progress=False)
+    _, meta = open_input(out)
+    assert meta["reciprocal_scale"] == {"value": None, "units": None}
+    assert meta["scan_step"]["value"] == pytest.approx(12.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ingest(src, tmp_path / "y.zarr", reciprocal_scale=(0.0322, "1/nm"), progress=False)
     _, meta = open_input(out)
     assert meta["reciprocal_scale"] == {"value": 0.0322, "units": "1/nm"}
     assert meta["scan_step"]["value"] == pytest.approx(12.8)

@@ -248,6 +248,32 @@ def test_dimensionality_normalised(tmp_path):
     np.testing.assert_array_equal(arr.compute(), x)
 
 
+@pytest.mark.parametrize("units,kept", [("1/nm", True), ("nm-1", True), ("mrad", True), ("cm", False),
+                                        ("um", False), ("eV", False)])
+def test_detector_calibration_in_other_units_left_unset(tmp_path, units, kept):
+    """A detector 'calibration' in a length (ASTAR's cm) labelled the report's k axes in cm."""
+    hspy = pytest.importorskip("rsciio.hspy")
+    x = _data()
+    hspy.file_writer(str(tmp_path / "x.hspy"), _signal_dict(x, units=("nm", "nm", units, units)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta = _check_store(ingest(tmp_path / "x.hspy", tmp_path / "x.zarr", progress=False), x)
+    ours = [str(w.message) for w in caught if "detector calibration" in str(w.message)]
+    assert meta["scan_step"] == {"value": 5.0, "units": "nm"}
+    if kept:
+        assert meta["reciprocal_scale"] == {"value": 0.01, "units": units} and not ours
+    else:
+        assert meta["reciprocal_scale"] == {"value": None, "units": None}
+        assert len(ours) == 1 and f"(0.01 {units} per pixel) is not a reciprocal-space scale" in ours[0]
+        assert "--reciprocal-scale" in ours[0] and "\n" not in ours[0]
+    with warnings.catch_warnings(record=True) as caught:  # an override silences it
+        warnings.simplefilter("always")
+        meta = _check_store(ingest(tmp_path / "x.hspy", tmp_path / "y.zarr", reciprocal_scale=0.02,
+                                   progress=False), x)
+    assert not [w for w in caught if "detector calibration" in str(w.message)]
+    assert meta["reciprocal_scale"] == {"value": 0.02, "units": "1/nm"}
+
+
 def _stacks(tmp: Path, x: np.ndarray) -> list[tuple[Path, dict, np.ndarray]]:
     """The (n, ky, kx) stack ``x`` in every reader that can give a 3-D array:
     (path, reader keywords, the patterns it should give in order)."""

@@ -67,7 +67,9 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
         each shard is then written by one task.
     scan_step, reciprocal_scale : float, (value, units), {"value", "units"} or "value units", optional
         Override the file's calibration. A bare number is taken in nm (scan step)
-        and 1/nm (reciprocal scale).
+        and 1/nm (reciprocal scale). A file's detector calibration in units that are
+        not an inverse length, an angle or pixels (an ASTAR blockfile's is in cm) is
+        not a reciprocal-space scale: it is left unset, with a warning.
     progress : bool
         Draw a one-line progress bar on stderr.
     **reader_kwargs
@@ -105,6 +107,8 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     unit = shards or chunks
     data, meta = open_source(srcp, chunks=unit, **reader_kwargs)
     native = data.dtype.newbyteorder("=")
+    if cal["reciprocal_scale"] is None:
+        meta["reciprocal_scale"] = _reciprocal_from_file(meta["reciprocal_scale"], meta["source"])
     for k, v in cal.items():
         if v is not None:
             meta[k] = v
@@ -219,6 +223,20 @@ def _check_shards(shards, chunks, shape):
         raise ParameterError(f"`shards` must be (sy, sx) multiples of the chunk shape "
                              f"{tuple(chunks[:2])} with whole {tuple(shape[2:])} patterns (got {shards!r})")
     return s
+
+
+def _reciprocal_from_file(cal: dict, source: str) -> dict:
+    """The file's detector calibration, or unset (with a warning) when its units are
+    not those of a reciprocal-space scale: rosettasciio reports an ASTAR blockfile's
+    in cm, a length, which would label the report's k axes in cm."""
+    units = cal.get("units")
+    if cal.get("value") is None or units is None or _known_units(units, reciprocal=True):
+        return cal
+    kind = "a length" if _known_units(units, reciprocal=False) else "neither an inverse length nor an angle"
+    warnings.warn(f"{source!r}: the file's detector calibration ({cal['value']:g} {units} per pixel) is not "
+                  f"a reciprocal-space scale ({units} is {kind}); left unset: give it with --reciprocal-scale "
+                  f"VALUE:UNITS (`reciprocal_scale=` in Python), e.g. 0.032:1/A", RuntimeWarning, stacklevel=3)
+    return {"value": None, "units": None}
 
 
 def _parse_calibration(name: str, value, default_units: str) -> dict | None:

@@ -579,7 +579,8 @@ def open_source(path: str | os.PathLike, *, shape=None, dtype=None, offset: int 
         ``source`` (absolute path), ``format``, ``original_shape``, ``original_dtype``,
         and where the file gives them ``scan_step`` / ``reciprocal_scale`` as
         ``{"value", "units"}`` (``value`` None when the file is uncalibrated; units
-        as the file reports them, e.g. cm for ASTAR diffraction scales).
+        as the file reports them, e.g. cm for ASTAR diffraction scales, which
+        :func:`spedflow.io.ingest` leaves unset with a warning).
 
     Raises
     ------
