@@ -317,3 +317,68 @@ def test_peaks_found_before_the_final_alignment_land_where_it_puts_them():
     tree = cKDTree(np.column_stack([strong_d[:, 0] * 1e3 + strong_d[:, 1] * 1e2, strong_d[:, 2:4]]))
     d, _ = tree.query(np.column_stack([strong_m[:, 0] * 1e3 + strong_m[:, 1] * 1e2, strong_m[:, 2:4]]))
     assert np.median(d) < 0.05 and np.quantile(d, 0.98) < 0.3
+
+
+def _brute_fill_edge(table, centres, shape, margin):
+    """Row by row: the raw position of each peak against each edge moved inward."""
+    keep = []
+    for row in table:
+        c = centres[int(row[0])]
+        ok = True
+        for a, n in enumerate(shape):
+            shift = round(n // 2 - c[a])
+            raw = row[1 + a] - (n // 2 - c[a])
+            if shift >= 1:
+                ok &= raw >= margin - 0.5
+            if shift <= -1:
+                ok &= raw <= n - 1 - (margin - 0.5)
+        keep.append(ok)
+    return table[np.array(keep, bool)]
+
+
+@pytest.mark.parametrize("margin", [0.0, 2.5, 6.3])
+def test_drop_fill_edge_equals_brute_force(margin):
+    from spedflow.peaks.kernels import drop_fill_edge
+    rng = np.random.default_rng(3)
+    shape = (40, 56)
+    centres = np.column_stack([rng.uniform(5, 35, 30), rng.uniform(5, 51, 30)])
+    centres[0] = (20, 28)  # centred: nothing filled
+    centres[1] = (20.4, 27.6)  # within half a pixel: nothing filled
+    table = np.column_stack([rng.integers(0, 30, 4000), rng.uniform(-2, 42, 4000),
+                             rng.uniform(-2, 58, 4000), rng.uniform(1, 9, (4000, 2))])
+    got = drop_fill_edge(table, centres, shape, margin)
+    np.testing.assert_array_equal(got, _brute_fill_edge(table, centres, shape, margin))
+    assert 0 < len(got) < len(table)
+    centred = table[table[:, 0] < 2]
+    np.testing.assert_array_equal(drop_fill_edge(centred, centres, shape, margin), centred)
+    assert len(drop_fill_edge(table[:0], centres, shape, margin)) == 0
+
+
+@pytest.mark.parametrize("noise", ["counting", "pattern"])
+def test_off_centre_beam_gives_no_vectors_at_the_detector_edge(tmp_path, noise):
+    """A beam far off the detector centre on a lit background: aligning it shifts the
+    detector's edge into the patterns, where the step to the zero fill made a line of
+    false peaks and vectors (seen on a real Merlin file). Only the spots remain."""
+    import spedflow
+    rng = np.random.default_rng(0)
+    k, bx = 64, 14  # beam 18 px left of the centre
+    yy, xx = np.mgrid[:k, :k]
+    lam = np.where((yy - 32) ** 2 + (xx - bx) ** 2 <= 4, 1500.0, 0.0)
+    lam += 25 * np.exp(-np.hypot(yy - 32, xx - bx) / 50)
+    spots = [(14, 20), (-14, -8), (16, -6)]  # (dy, dx) from the beam
+    crystal = sum(np.where((yy - 32 - dy) ** 2 + (xx - bx - dx) ** 2 <= 4, 150.0, 0.0)
+                  for dy, dx in spots)
+    data = np.empty((12, 12, k, k), np.uint16)
+    for i in range(12):
+        for j in range(12):
+            data[i, j] = rng.poisson(lam + (crystal if j < 6 else 0))
+    store = spedflow.from_array(data, tmp_path / "off.zarr", progress=False)
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                           progress=False, overrides={"peaks": {"noise": noise}})
+    vectors = np.asarray(spedflow.open_result(res)["vectors"].values)
+    for dy, dx in spots:
+        assert np.hypot(vectors[:, 0] - dy, vectors[:, 1] - dx).min() < 1.0
+    # the detector's column 0 lies at kx = -18 once aligned; nothing is found near it
+    assert vectors[:, 1].min() > -18 + 3, vectors
+    if noise == "counting":  # (the per-pattern noise model passes noise peaks too)
+        assert len(vectors) == len(spots), vectors

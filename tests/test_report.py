@@ -481,3 +481,23 @@ def test_subtract_radial_median_removes_symmetric_background_keeps_spots():
     # the halo is gone up to its variation across one ring (< 10 % of its peak)
     away = (r > 3) & (spots < 1e-3)
     assert got[away].max() < 0.1 * halo.max() and got[away].mean() < 0.01 * halo.max()
+
+
+def test_parameters_show_the_values_the_run_used(tmp_path, fast_png):
+    """A parameter left to the data reads "auto" as set and its resolved value as used;
+    the quantities measured on the data are listed too."""
+    import re
+    from spedflow.report import write_report
+    res = make_fake_result(tmp_path / "r.zarr", "vdf", attrs={
+        "params": {"preprocess": {"nav_binning": 2}, "peaks": {"num_sigma": 2}},
+        "resolved": {"beam_radius": 2.978, "gain": 7.25,
+                     "preprocess": {"nav_binning": 2, "dog_sigma_low": 1.489},
+                     "peaks": {"num_sigma": 2, "threshold": 4.988}}})
+    text = write_report(res, tmp_path / "rep").read_text()
+    rows = {m[0]: m[1:] for m in re.findall(
+        r"<tr><td>([^<]+)</td><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td></tr>", text)}
+    assert rows["preprocess.dog_sigma_low"] == ("auto", "1.489")
+    assert rows["peaks.threshold"] == ("auto", "4.988")
+    assert rows["preprocess.nav_binning"] == ("2", "2")
+    assert rows["measured: beam_radius"][1] == "2.978"
+    assert rows["measured: gain"][1] == "7.25"

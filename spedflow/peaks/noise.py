@@ -320,7 +320,9 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
     would), and the residuals it was found in. ``params``: resolved
     :class:`~spedflow.peaks.PeakParams`; ``counts``: ``(gain, read_var)``."""
     from ..preprocess.kernels import align_whole_pixels
-    whole, rest = align_whole_pixels(frames, centres)
+    # the fill beyond a detector edge shifted into the patterns copies the edge: a zero
+    # fill's step would be a line of peaks (the caller drops peaks in the fill)
+    whole, rest = align_whole_pixels(frames, centres, fill="edge")
     sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
     # the beam lies at the centre minus ``rest``: with params.ring_centres = 3 the rings
     # are drawn about it to a third of a pixel (rings about the centre pixel leave a

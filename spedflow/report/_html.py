@@ -75,6 +75,20 @@ def _flatten(d, prefix="") -> list[tuple[str, object]]:
     return rows
 
 
+def _parameter_rows(params: dict, resolved: dict) -> list[tuple[str, object, object]]:
+    """``(parameter, as set, used)`` rows: every parameter the run was given (a value
+    left to the data shows as "auto"), with the value it used (the resolved one, e.g.
+    the beam radius measured and the scales derived from it), then the quantities
+    measured on the data that are not parameters (the beam radius, the detector gain)."""
+    given = dict(_flatten(params))
+    used = {k: v for k, v in _flatten(resolved) if k != "bad_pixels"}
+    sections = {k.split(".")[0] for k in given}
+    keys = list(given) + [k for k in used if k not in given and k.split(".")[0] in sections]
+    rows = [(k, given.get(k, "auto"), used.get(k, given.get(k))) for k in keys]
+    rows += [(f"measured: {k}", "", v) for k, v in used.items() if "." not in k]
+    return rows
+
+
 def _table(rows, header=None) -> str:
     out = ["<table>"]
     if header:
@@ -498,13 +512,14 @@ def _page(v: ResultView, rep: _Report, evaluation, store_path) -> str:
     # ---- parameters
     params = m.get("params")
     if isinstance(params, dict) and params:
-        parts.append("<h2>Parameters (resolved)</h2>")
-        rows = _flatten(params)
-        bad = m["resolved"].get("bad_pixels") if isinstance(m.get("resolved"), dict) else None
+        resolved = m.get("resolved") if isinstance(m.get("resolved"), dict) else {}
+        parts.append("<h2>Parameters</h2>")
+        rows = _parameter_rows(params, resolved)
+        bad = resolved.get("bad_pixels")
         if isinstance(bad, list) and bad:  # what "auto" found
             shown = ", ".join(f"({p[0]}, {p[1]})" for p in bad[:20]) + (" ..." if len(bad) > 20 else "")
-            rows.append(("detector pixels repaired (ky, kx)", f"{len(bad)}: {shown}"))
-        parts.append(_table(rows, ["parameter", "value"]))
+            rows.append(("detector pixels repaired (ky, kx)", "", f"{len(bad)}: {shown}"))
+        parts.append(_table(rows, ["parameter", "as set", "used"]))
 
     if rep.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li class='note'>{_e(n)}</li>" for n in rep.notes)

@@ -70,7 +70,7 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
     of that plateau in every pattern is measured too (``glare``,
     :func:`spedflow.preprocess.kernels.saturated_radius`).
     """
-    from ..peaks.kernels import sorted_table
+    from ..peaks.kernels import FILL_EDGE_SCALES, drop_fill_edge, sorted_table
     from ..peaks.lazy import flat_peaks, scan_table
     from ..peaks.noise import counting_peaks_by_slab
     from ..preprocess import kernels as pk
@@ -94,7 +94,11 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
         for _, t, clean in counting_peaks_by_slab(flat, found, params, counts, _SLAB):
             tables.append(t)
             dog_sum += pattern_sum(clean)
-    out["table"] = scan_table(sorted_table(tables), cx, offset)
+    # peaks beyond, or at the zero fill's step, of a detector edge shifted into the
+    # patterns (the counting path fills with the edge's pixels: no step)
+    margin = 0.0 if counts is not None else FILL_EDGE_SCALES * params.max_sigma
+    table = drop_fill_edge(sorted_table(tables), found, (ky, kx), margin)
+    out["table"] = scan_table(table, cx, offset)
     out["dog_sum"] = dog_sum
     if clip is not None:
         out["glare"] = pk.saturated_radius(flat, found, top=clip).reshape(cy, cx).astype(np.float32)
