@@ -123,6 +123,9 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     from .workflows._common import prepare_run, validate
     plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
     validate(plan, cfg)
+    if cache is not None:
+        from .io import check_side_directory
+        check_side_directory(cache, what="the stage cache", sources=[store, out])
     from . import cluster
     previous = cluster.progress_enabled()
     cluster.set_progress(progress)

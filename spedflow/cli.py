@@ -352,6 +352,9 @@ def _local(args):
 def cmd_segment(args) -> int:
     from . import api
     overrides = _parse_set(args.set)
+    if args.report:  # refused before the run, not after it
+        from .io import check_side_directory
+        check_side_directory(args.report, what="--report", sources=[args.store, args.out])
     result = api.segment(
         args.store, method=args.method, out=args.out, config=args.config, overrides=overrides,
         cache=args.cache, overwrite=args.overwrite, scheduler=args.scheduler, n_workers=args.workers,

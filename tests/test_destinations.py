@@ -91,3 +91,43 @@ def test_a_store_written_again_does_not_reuse_the_old_stages(tmp_path):
     got = zarr.open_group(str(out), mode="r")["segments/maps"][...]
     want = zarr.open_group(str(fresh), mode="r")["segments/maps"][...]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("cache", ["in.zarr", "in.zarr/c", "r.zarr", "r.zarr/c", "notes.txt"])
+def test_stage_cache_never_lands_in_a_store(project, cache):
+    """--cache is refused where its stage folders would land in the input or the result
+    (`spedflow info` then warned about unknown objects in the input), or on a file."""
+    from spedflow.errors import InputError
+    before = _digest(project)
+    with pytest.raises((ParameterError, InputError), match="stage cache"):
+        spedflow.segment(project / "in.zarr", out=project / "r.zarr", cache=project / cache,
+                         local=True, progress=False)
+    assert _digest(project) == before
+
+
+def test_report_and_export_folders_never_land_in_a_store(tmp_path, project):
+    """The report and export folders are checked like the cache; the CLI checks
+    --report before it runs the workflow, not after."""
+    import subprocess
+    import sys
+    from spedflow.export import export_result
+    from spedflow.report import write_report
+    from test_report import make_fake_result
+    res = make_fake_result(tmp_path / "r.zarr", "vdf", input_path=project / "in.zarr")
+    other = shutil.copytree(project / "in.zarr", tmp_path / "other.zarr")
+    before, before_res = _digest(project), _digest(res)
+    for bad in [project / "in.zarr", project / "in.zarr" / "rep", res, res / "rep"]:
+        with pytest.raises(ParameterError, match="must not be|is a spedflow input store"):
+            write_report(res, bad)
+        with pytest.raises(ParameterError, match="must not be|is a spedflow input store"):
+            export_result(res, bad, formats=("npy",))
+    for write in (lambda d: write_report(res, d), lambda d: export_result(res, d, formats=("npy",))):
+        with pytest.raises(ParameterError, match="spedflow input store"):
+            write(other)
+    assert _digest(project) == before and _digest(res) == before_res
+    out = tmp_path / "cli.zarr"
+    r = subprocess.run([sys.executable, "-m", "spedflow", "segment", str(project / "in.zarr"),
+                        "--out", str(out), "--report", str(project / "notes.txt"), "-q",
+                        "--no-cluster"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a directory" in r.stderr, r.stderr
+    assert not out.exists()  # refused before the run

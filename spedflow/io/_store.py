@@ -30,7 +30,8 @@ from ..errors import InputError, ParameterError, StoreExistsError
 
 __all__ = [
     "DATA", "TARGET_CHUNK_BYTES", "compressors", "nav_chunks", "create_array",
-    "open_input", "read_meta", "atomic_store", "check_destination", "creation_stamp", "verify_store",
+    "open_input", "read_meta", "atomic_store", "check_destination", "check_side_directory",
+    "creation_stamp", "verify_store",
     "is_local", "path_exists",
 ]
 
@@ -130,6 +131,30 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
             raise StoreExistsError(f"destination {str(path)!r} exists and is not a spedflow {replaces} "
                                    f"store (it is {what}): not replacing it (choose another "
                                    f"destination or remove it yourself)")
+
+
+def check_side_directory(path, *, what: str, sources=()) -> None:
+    """Refuse a folder spedflow writes next to its stores (a stage cache, a report, an
+    export) where writing into it would touch data: a file; one of the stores being
+    read or written (``sources``), a folder inside one, or a folder holding one;
+    another spedflow store. Remote paths are not checked. ``what``: how the user gave
+    it (``"--cache"``)."""
+    local = local_path(path)
+    if local is None:
+        return
+    dest = local.expanduser().absolute().resolve()
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"{what} {str(path)!r} exists and is not a directory")
+    for src in sources:
+        if src is None or local_path(src) is None:
+            continue
+        s = local_path(src).expanduser().absolute().resolve()
+        if dest == s or dest in s.parents or s in dest.parents:
+            raise ParameterError(f"{what} {str(path)!r} must not be (or contain, or lie inside) "
+                                 f"the store {str(src)!r}")
+    kind = _spedflow_kind(dest) if dest.is_dir() else None
+    if kind is not None:
+        raise ParameterError(f"{what} {str(path)!r} is a spedflow {kind} store; choose another folder")
 
 
 def _spedflow_kind(path: Path) -> str | None:

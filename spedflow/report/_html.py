@@ -402,14 +402,15 @@ def write_report(result_path, out_dir, *, store_path=None, strict: bool = False)
     Figures whose arrays are missing are skipped and listed under "Notes"; nothing in
     the store is trusted: attribute strings are HTML-escaped.
     """
+    from ..io import check_side_directory
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"`out_dir` {str(out)!r} exists and is not a directory")
+    check_side_directory(out, what="`out_dir`", sources=[result_path, store_path])
     if store_path is not None and not Path(str(store_path)).exists():
         raise InputError(f"`store_path` {str(store_path)!r} does not exist")
     v = load_result(result_path, store_path=store_path)
     if store_path is None:
         store_path = input_store_path(v.meta, result_path)
+        check_side_directory(out, what="`out_dir`", sources=[store_path])
     out.mkdir(parents=True, exist_ok=True)
 
     rep = _Report(out)

@@ -98,10 +98,12 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     Path of the result store.
     """
     from ..api import load_config, segment
-    from ..io import check_destination
+    from ..io import check_destination, check_side_directory
     from ._common import Plan, store_identity, validate
 
     check_destination(out, overwrite, sources=[store], replaces="result")
+    if cache is not None:
+        check_side_directory(cache, what="the stage cache", sources=[store, out])
     cfg = load_config(method, config)
     if config is None and method == "nmf":  # per-chunk alignment needs no descan fit
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
