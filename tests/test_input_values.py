@@ -199,3 +199,28 @@ def test_watch_nmf_with_nan_pixels_and_no_search_reuses_its_blocks(stores, tmp_p
     watch(nan, method="nmf", out=tmp_path / "w.zarr", config=cfg, poll=0.1, timeout=60,
           progress=False)
     assert len(sorted((tmp_path / "w.zarr.cache").glob("poisson-*"))) == 1
+
+
+def test_store_chunked_across_the_detector_is_refused_up_front(stores, tmp_path):
+    """Every pass hands its kernels whole patterns; a store chunked across the detector
+    (written by another tool) used to run on the first detector chunk of each block."""
+    import spedflow
+    from spedflow.workflows.live import watch
+    g = zarr.open_group(str(stores["counts"]), mode="r")
+    data = np.asarray(g["data"][...])
+    split = _store_with(stores["counts"], tmp_path / "split.zarr", data, chunks=(16, 16, 32, 64))
+    for run in (lambda: spedflow.segment(split, out=tmp_path / "r.zarr", local=True, progress=False),
+                lambda: watch(split, out=tmp_path / "w.zarr", progress=False, timeout=1)):
+        with pytest.raises(InputError, match="split the patterns.*spedflow ingest"):
+            run()
+    assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "w.zarr").exists()
+
+
+def test_bare_zarr_array_is_pointed_to_ingest(tmp_path):
+    import spedflow
+    z = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 4, 16, 16), dtype="uint16",
+                          chunks=(2, 2, 16, 16))
+    z[...] = 1
+    with pytest.raises(InputError, match="bare Zarr array.*spedflow ingest"):
+        spedflow.segment(tmp_path / "plain.zarr", out=tmp_path / "r.zarr", local=True,
+                         progress=False)

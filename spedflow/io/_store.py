@@ -220,6 +220,9 @@ def _open_group(path, mode="r"):
                          f"`spedflow ingest {str(path)} STORE.zarr`")
     try:
         return zarr.open_group(str(path), mode=mode)
+    except zarr.errors.ContainsArrayError:
+        raise InputError(f"{str(path)!r} is a bare Zarr array, not a spedflow store: convert it "
+                         f"with `spedflow ingest {str(path)} STORE.zarr`") from None
     except Exception as exc:  # zarr raises several types for a non-store
         raise InputError(f"{str(path)!r} is not a readable Zarr store ({type(exc).__name__}: {exc})") from None
 

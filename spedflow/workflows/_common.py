@@ -76,10 +76,21 @@ class Plan:
 def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
     """Open and check the input, refuse an existing result; compute nothing big."""
     arr, meta = open_input(store)
+    check_whole_patterns(arr, store)
     check_destination(out, overwrite, sources=[store], replaces="result")
     masked = _sample_check(arr, store)
     plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
     return _with_pixels(plan, masked)
+
+
+def check_whole_patterns(arr, store) -> None:
+    """One-line InputError unless each chunk of ``arr`` holds whole patterns (every pass
+    hands a kernel the patterns of a chunk; a store chunked across the detector comes
+    from another tool)."""
+    if tuple(arr.chunks[2:]) != tuple(arr.shape[2:]):
+        raise InputError(f"store {str(store)!r}: its chunks ({', '.join(map(str, arr.chunks))}) split "
+                         "the patterns, and every pass reads whole patterns; re-chunk it with "
+                         f"`spedflow ingest {store} NEW.zarr`")
 
 
 def store_identity(store, arr, meta: dict) -> dict:

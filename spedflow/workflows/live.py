@@ -99,7 +99,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     """
     from ..api import load_config, segment
     from ..io import check_destination, check_side_directory
-    from ._common import Plan, store_identity, validate
+    from ._common import Plan, check_whole_patterns, store_identity, validate
 
     check_destination(out, overwrite, sources=[store], replaces="result")
     if cache is not None:
@@ -111,6 +111,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     arr = group["data"]
     if arr.ndim != 4:
         raise InputError(f"{str(store)!r}/data must be 4-D (scan_y, scan_x, ky, kx); got shape {arr.shape}")
+    check_whole_patterns(arr, store)
     meta = dict(group.attrs.get("spedflow", {}))
     ny, nx, ky, kx = arr.shape
     cy, cx = (arr.shards or arr.chunks)[:2]  # the unit a writer completes at once
