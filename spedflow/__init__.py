@@ -20,9 +20,7 @@ Interoperability: ``spedflow.to_hyperspy`` and ``spedflow.from_array`` (which al
 a lazy HyperSpy signal).
 """
 
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 
 from ._version import __version__
 
@@ -66,13 +64,13 @@ evaluate = _evaluate_mod.evaluate  # noqa: F811
 def __getattr__(name):
     if name in _LAZY:
         module, attr = _LAZY[name]
-        mod = importlib.import_module(module)
+        mod = _importlib.import_module(module)
         value = mod if attr is None else getattr(mod, attr)
         globals()[name] = value
         return value
     if name in ("preprocess", "peaks", "vdf", "decompose", "io", "workflows", "cluster", "report",
                 "config", "errors", "datasets", "interop", "api", "export", "demo"):
-        return importlib.import_module(f"spedflow.{name}")
+        return _importlib.import_module(f"spedflow.{name}")
     raise AttributeError(f"module 'spedflow' has no attribute {name!r}")
 
 

@@ -80,7 +80,8 @@ def load_config(method: str, config=None, overrides: Mapping | None = None):
     """The resolved run configuration of a workflow.
 
     ``config`` may be a path to a TOML file, a dict, or a config dataclass; ``overrides``
-    a nested dict applied on top (``{"preprocess": {"nav_binning": 2}}``).
+    a nested dict applied on top (``{"preprocess": {"nav_binning": 2}}``), or one keyed
+    by dotted names as ``--set`` takes them (``{"preprocess.nav_binning": 2}``).
     """
     from .config import read_toml
     from .workflows import config_class
@@ -97,8 +98,12 @@ def load_config(method: str, config=None, overrides: Mapping | None = None):
     else:
         raise ParameterError(f"`config` must be a TOML path, a dict or a {cls.__name__} (got {type(config).__name__})")
     for section, values in (overrides or {}).items():
+        if not isinstance(values, Mapping) and isinstance(section, str) and "." in section:
+            section, name = section.split(".", 1)  # {"peaks.threshold": 6}, as --set has it
+            values = {name: values}
         if not isinstance(values, Mapping):
-            raise ParameterError(f"override {section!r} must be a table of parameters")
+            raise ParameterError(f"override {section!r} must be a table of parameters "
+                                 "({'peaks': {'threshold': 6}}) or name one ('peaks.threshold')")
         data.setdefault(section, {})
         data[section] = {**data[section], **values}
     from .config import params_from_dict

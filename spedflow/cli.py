@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=("vdf", "nmf"), default="vdf", help="workflow of Bergh et al. 2020")
     c.add_argument("--out", required=True, help="result store (.zarr)")
     c.add_argument("--config", help="TOML parameter file (see `spedflow params`)")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one parameter, as for segment (repeatable)")
     c.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the store")
     c.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds without new data")
     c.add_argument("--overwrite", action="store_true", help="replace an existing result")
@@ -414,7 +416,8 @@ def cmd_fetch(args) -> int:
 
 def cmd_watch(args) -> int:
     from .workflows.live import watch
-    result = watch(args.store, method=args.method, out=args.out, config=args.config, poll=args.poll,
+    result = watch(args.store, method=args.method, out=args.out, config=args.config,
+                   overrides=_parse_set(args.set), poll=args.poll,
                    timeout=args.timeout, overwrite=args.overwrite, progress=_progress(args))
     print(f"wrote {result}")
     return 0

@@ -174,6 +174,10 @@ def test_load_config_overrides_win(tmp_path):
     assert cfg.preprocess.nav_binning == 3 and cfg.preprocess.descan == "plane"
     cfg = spedflow.load_config("nmf", overrides={"nmf": {"n_components": 4}})
     assert cfg.nmf.n_components == 4
+    # dotted names, as --set takes them, mixed with tables
+    cfg = spedflow.load_config("vdf", toml, overrides={"preprocess.nav_binning": 3,
+                                                       "peaks": {"threshold": 6.0}})
+    assert (cfg.preprocess.nav_binning, cfg.preprocess.descan, cfg.peaks.threshold) == (3, "plane", 6.0)
 
 
 @pytest.mark.parametrize("method", ["vdf", "nmf"])
@@ -192,6 +196,7 @@ def test_default_config_toml_round_trip(tmp_path, method):
     (("vdf", {"preprocess": {"align": "yes"}}), {}, "align"),
     (("vdf", {"peaks": 3}), {}, "peaks"),
     (("vdf",), {"overrides": {"peaks": 3}}, "peaks"),
+    (("vdf",), {"overrides": {"peaks.treshold": 3}}, "unknown parameter 'treshold'"),
     (("vdf", 42), {}, "config"),
     (("vdf", "/nonexistent/run.toml"), {}, "does not exist"),
     (("pca",), {}, "method"),

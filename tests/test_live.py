@@ -103,3 +103,21 @@ def test_watch_gives_up_when_nothing_lands(tmp_path):
     create_array(g, "data", (16, 16, 32, 32), np.uint16, chunks=(8, 8, 32, 32))
     with pytest.raises(InputError, match="no new chunk landed"):
         watch(tmp_path / "stalled.zarr", out=tmp_path / "r.zarr", poll=0.1, timeout=1.0, progress=False)
+
+
+def test_watch_takes_set_overrides(tmp_path):
+    """`spedflow watch --set` sets a parameter as `segment --set` does (the errors of
+    both advise --set); a misspelt one is refused in one line before anything runs."""
+    from spedflow.simulate import simulate
+    store = simulate(tmp_path / "s.zarr", scan=(16, 16), detector=32, crystals=3, seed=2,
+                     progress=False)
+    run = [sys.executable, "-m", "spedflow", "watch", str(store), "-q", "--timeout", "60"]
+    bad = subprocess.run(run + ["--out", str(tmp_path / "b.zarr"), "--set", "vectors.min_pattern=3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "min_pattern" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    ok = subprocess.run(run + ["--out", str(tmp_path / "r.zarr"), "--set", "vectors.min_patterns=3"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    attrs = zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["spedflow"]
+    assert attrs["params"]["vectors"]["min_patterns"] == 3

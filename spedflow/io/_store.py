@@ -122,7 +122,7 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
     if not path_exists(path):
         return
     if not overwrite:
-        raise StoreExistsError(f"destination {str(path)!r} exists; pass --overwrite to replace it")
+        raise StoreExistsError(f"destination {str(path)!r} exists; pass --overwrite (overwrite=True in Python) to replace it")
     if replaces is not None and local is not None:
         kind = _spedflow_kind(local)
         if kind != replaces:

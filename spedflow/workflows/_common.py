@@ -727,9 +727,9 @@ def _check_measured_radius(radius: float) -> None:
     """A measured beam radius of about one pixel is not a beam: say what to do."""
     if radius < _MIN_MEASURED_RADIUS:
         raise InputError(f"the direct beam measured {radius:.2f} px in radius, less than any "
-                         "beam: probably a hot pixel, bright in every pattern; name it in "
-                         'preprocess.bad_pixels (or leave that "auto"), or set '
-                         "preprocess.beam_radius")
+                         "beam: a hot pixel bright in every pattern (name it in "
+                         "preprocess.bad_pixels if \"auto\" missed it), or patterns with too few "
+                         "counts to show the beam; set preprocess.beam_radius to go on")
 
 
 #: A clipped beam's half-maximum radius this many times the spots' radius measures glare.

@@ -80,8 +80,9 @@ def _wait_for_store(store, deadline, progress=True):
         time.sleep(0.2)
 
 
-def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, timeout: float = 3600.0,
-          overwrite: bool = False, progress: bool = True, cache=None, **segment_kwargs) -> Path:
+def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll: float = 1.0,
+          timeout: float = 3600.0, overwrite: bool = False, progress: bool = True, cache=None,
+          **segment_kwargs) -> Path:
     """Process ``store`` while it is being written; finalise when it is complete.
 
     Parameters
@@ -89,7 +90,7 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     store : path of a spedflow input store being written (its ``data`` array created
         with the full shape first; ``attrs["spedflow"]["complete"]`` set true last,
         or every chunk present).
-    method, out, config, overwrite : as :func:`spedflow.segment`.
+    method, out, config, overrides, overwrite : as :func:`spedflow.segment`.
     poll : seconds between looks at the store.
     timeout : give up when no new chunk lands for this many seconds.
 
@@ -104,8 +105,9 @@ def watch(store, *, method: str = "vdf", out, config=None, poll: float = 1.0, ti
     check_destination(out, overwrite, sources=[store], replaces="result")
     if cache is not None:
         check_side_directory(cache, what="the stage cache", sources=[store, out])
-    cfg = load_config(method, config)
-    if config is None and method == "nmf":  # per-chunk alignment needs no descan fit
+    cfg = load_config(method, config, overrides)
+    descan_given = "descan" in ((overrides or {}).get("preprocess") or {})
+    if config is None and not descan_given and method == "nmf":  # per-chunk alignment needs no descan fit
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
     group = _wait_for_store(store, time.monotonic() + timeout, progress)
     arr = group["data"]
