@@ -181,6 +181,42 @@ def test_load_config_overrides_win(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_every_parameter_is_explained_in_the_defaults_file(method):
+    """`spedflow params` puts a comment over every parameter: the first sentence of its
+    description in the parameter class's docstring."""
+    import dataclasses
+    from spedflow.workflows import config_class, parameter_summaries
+    text = spedflow.default_config_toml(method)
+    cfg = config_class(method)()
+    for section in dataclasses.fields(cfg):
+        cls = type(getattr(cfg, section.name))
+        about = parameter_summaries(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in about and len(about[f.name]) > 10, (cls.__name__, f.name)
+            first_words = " ".join(about[f.name].split()[:4])
+            assert first_words in " ".join(line.lstrip("# ") for line in text.splitlines()), f.name
+
+
+def test_parameter_summaries_reads_numpy_docstrings():
+    from spedflow.workflows import parameter_summaries
+
+    class P:
+        """Things.
+
+        Parameters
+        ----------
+        a, b : float
+            Two of them, px (see :func:`spedflow.peaks.noise.count_scale`). More
+            about them.
+        c : {"x", "y"}
+            One of ``x`` or ``y``.
+        """
+    assert parameter_summaries(P) == {"a": "Two of them, px (see count_scale).",
+                                      "b": "Two of them, px (see count_scale).",
+                                      "c": "One of x or y."}
+
+
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
 def test_default_config_toml_round_trip(tmp_path, method):
     path = tmp_path / f"{method}.toml"
     path.write_text(spedflow.default_config_toml(method))

@@ -9,7 +9,7 @@ from ..config import params_to_dict, to_toml
 from ..errors import ParameterError
 from ._cache import StageCache
 
-__all__ = ["config_class", "default_config_toml", "run_workflow", "StageCache"]
+__all__ = ["config_class", "default_config_toml", "parameter_summaries", "run_workflow", "StageCache"]
 
 
 def config_class(method: str):
@@ -23,29 +23,67 @@ def config_class(method: str):
 
 
 def default_config_toml(method: str) -> str:
-    """The default parameters of a workflow as a commented TOML file."""
+    """The default parameters of a workflow as a TOML file, each parameter under a
+    comment that says what it is (the first sentence of its description in the
+    parameter class's docstring, see :func:`parameter_summaries`)."""
     cfg = config_class(method)()
-    head = (f"# spedflow {method} workflow parameters (defaults).\n"
-            "# Parameters left out keep their default; those commented out are derived from the\n"
-            "# data (e.g. from the measured direct-beam radius) unless given a value.\n"
-            f"# Use: spedflow segment STORE.zarr --method {method} --config this.toml --out RESULT.zarr\n\n")
-    text = head + to_toml(params_to_dict(cfg))
-    # name the parameters derived from the data, as comments under their section
+    lines = [f"# spedflow {method} workflow parameters (defaults).",
+             "# Parameters left out keep their default; those commented out are derived from the",
+             "# data (e.g. from the measured direct-beam radius) unless given a value.",
+             f"# Use: spedflow segment STORE.zarr --method {method} --config this.toml --out RESULT.zarr",
+             "# Each parameter's full description: help(spedflow.<section>.<Section>Params).", ""]
+    values = params_to_dict(cfg)
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
-        auto = [f.name for f in dataclasses.fields(sub) if getattr(sub, f.name) is None]
-        if not auto:
-            continue
-        note = "".join(f"# {name} = (derived from the data; set a value to fix it)\n" for name in auto)
-        header = f"[{section.name}]\n"
-        if header in text:
-            start = text.index(header)
-            end = text.find("\n\n", start)
-            end = len(text) if end < 0 else end + 1
-            text = text[:end] + note + text[end:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + header + note
-    return text
+        about = parameter_summaries(type(sub))
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(sub):
+            for text in _wrap(about.get(f.name, "")):
+                lines.append(f"# {text}")
+            if getattr(sub, f.name) is None:
+                lines.append(f"# {f.name} = (derived from the data; set a value to fix it)")
+            else:
+                line = to_toml({f.name: values[section.name][f.name]}).strip()
+                lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parameter_summaries(cls) -> dict[str, str]:
+    """``{name: first sentence of its description}`` from the numpy-style "Parameters"
+    section of ``cls``'s docstring (names written ``name : type``, the description
+    indented under it)."""
+    import inspect
+    import re
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    name, body = None, []
+
+    def close():
+        if name is not None and body:
+            text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`.]+)`", r"\1", " ".join(body))  # :func:`a.b` -> b
+            text = text.replace("``", "")
+            first = re.split(r"(?<=[a-z0-9)\]])\.\s", text, maxsplit=1)[0].rstrip(".")
+            for n in name:
+                out[n] = first + "."
+
+    for line in doc.splitlines():
+        m = re.match(r"^(\w+(?:\s*,\s*\w+)*)\s*:\s*\S", line)
+        if m:
+            close()
+            name, body = [n.strip() for n in m.group(1).split(",")], []
+        elif name is not None and line.startswith("    ") and line.strip():
+            body.append(line.strip())
+        elif name is not None and not line.strip() and body:
+            close()
+            name, body = None, []
+    close()
+    return out
+
+
+def _wrap(text: str, width: int = 86) -> list[str]:
+    import textwrap
+    return textwrap.wrap(text, width) if text else []
 
 
 def run_workflow(method: str, plan, cfg, *, cache=None) -> Path:
