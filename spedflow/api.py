@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,7 +108,19 @@ def load_config(method: str, config=None, overrides: Mapping | None = None):
         data.setdefault(section, {})
         data[section] = {**data[section], **values}
     from .config import params_from_dict
-    return params_from_dict(cls, data)
+    other = "nmf" if method == "vdf" else "vdf"
+    mine = {f.name for f in dataclasses.fields(cls)}
+    theirs = {f.name for f in dataclasses.fields(config_class(other))}
+    for section in data:
+        if section not in mine and section in theirs:
+            raise ParameterError(f"section [{section}] belongs to the {other} workflow "
+                                 f"(--method {other}), not {method}")
+    try:
+        return params_from_dict(cls, data)
+    except ParameterError as exc:
+        if isinstance(config, (str, os.PathLike)):  # say which file
+            raise ParameterError(f"{str(config)}: {exc}") from None
+        raise
 
 
 def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping | None = None,

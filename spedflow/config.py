@@ -87,7 +87,12 @@ def params_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
     try:
         return cls(**kwargs)
     except TypeError as exc:  # wrong kinds of values inside the dataclass
-        raise ParameterError(str(exc)) from None
+        raise ParameterError(f"[{where}] {exc}" if where else str(exc)) from None
+    except ParameterError as exc:  # a range check: name the section it is in
+        text = str(exc)
+        if where and not text.startswith("["):
+            raise ParameterError(f"[{where}] {text}") from None
+        raise
 
 
 def _dataclass_type(cls, field):
