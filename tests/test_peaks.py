@@ -382,3 +382,23 @@ def test_off_centre_beam_gives_no_vectors_at_the_detector_edge(tmp_path, noise):
     assert vectors[:, 1].min() > -18 + 3, vectors
     if noise == "counting":  # (the per-pattern noise model passes noise peaks too)
         assert len(vectors) == len(spots), vectors
+
+
+def test_recentre_table_drops_the_fill_edge_as_pass_1_does():
+    """recentre_table(fill_margin=) keeps the rows drop_fill_edge keeps (scan table vs
+    the flat table of the same patterns), then moves them."""
+    from spedflow.peaks import drop_fill_edge, recentre_table
+    rng = np.random.default_rng(4)
+    ny, nx, shape = 3, 5, (40, 48)
+    found = np.stack([rng.uniform(8, 32, (ny, nx)), rng.uniform(8, 40, (ny, nx))], -1)
+    fitted = found + rng.normal(0, 0.3, found.shape)
+    m = 3000
+    flat = np.column_stack([rng.integers(0, ny * nx, m), rng.uniform(0, 40, m),
+                            rng.uniform(0, 48, m), rng.uniform(1, 9, m), np.arange(m)])
+    scan = np.column_stack([flat[:, 0] // nx, flat[:, 0] % nx, flat[:, 1:4]])
+    kept = drop_fill_edge(flat, found.reshape(-1, 2), shape, 4.5)
+    want = recentre_table(scan[kept[:, 4].astype(int)], fitted, shape, found_at=found,
+                          exclude_border=2)
+    got = recentre_table(scan, fitted, shape, found_at=found, exclude_border=2, fill_margin=4.5)
+    assert 0 < len(got) < len(recentre_table(scan, fitted, shape, found_at=found, exclude_border=2))
+    np.testing.assert_array_equal(got, want)

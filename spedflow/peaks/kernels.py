@@ -413,17 +413,23 @@ def drop_fill_edge(table: np.ndarray, centres: np.ndarray, shape, margin: float)
     table = np.asarray(table)
     if len(table) == 0:
         return table
-    ky, kx = (int(v) for v in shape)
     c = np.asarray(centres, np.float64).reshape(-1, 2)[table[:, 0].astype(np.intp)]
-    shift = np.array([ky // 2, kx // 2], np.float64) - c  # aligned = raw + shift
-    raw = table[:, 1:3].astype(np.float64) - shift
+    return table[clear_of_fill(table[:, 1:3], c, shape, margin)]
+
+
+def clear_of_fill(positions: np.ndarray, centres: np.ndarray, shape, margin: float) -> np.ndarray:
+    """The rule of :func:`drop_fill_edge` as a mask: ``positions`` (m, 2) ``(ky, kx)`` in
+    patterns aligned by ``centres`` (m, 2), one per position."""
+    ky, kx = (int(v) for v in shape)
+    shift = np.array([ky // 2, kx // 2], np.float64) - np.asarray(centres, np.float64)  # aligned = raw + shift
+    raw = np.asarray(positions, np.float64) - shift
     whole = np.rint(shift)  # the fill's width (the bilinear shift fills up to one more pixel)
-    keep = np.ones(len(table), bool)
+    keep = np.ones(len(raw), bool)
     least = float(margin) - 0.5
     for a, n in enumerate((ky, kx)):
         keep &= (whole[:, a] < 1) | (raw[:, a] >= least)  # the low edge moved in
         keep &= (whole[:, a] > -1) | (raw[:, a] <= n - 1 - least)  # the high edge moved in
-    return table[keep]
+    return keep
 
 
 class RadialUnits:

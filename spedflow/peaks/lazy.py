@@ -87,7 +87,8 @@ def scan_table(peaks: np.ndarray, cx: int, scan_offset: tuple[int, int]) -> np.n
 
 
 def recentre_table(table: np.ndarray, centres: np.ndarray, detector_shape, *,
-                   found_at: np.ndarray | None = None, exclude_border: int = 1) -> np.ndarray:
+                   found_at: np.ndarray | None = None, exclude_border: int = 1,
+                   fill_margin: float | None = None) -> np.ndarray:
     """Move a peak table to the frame of other alignment centres.
 
     The VDF workflow finds the peaks in the pass that measures the beam centres,
@@ -109,6 +110,12 @@ def recentre_table(table: np.ndarray, centres: np.ndarray, detector_shape, *,
         The centres the patterns were aligned by when the peaks were found.
         Default: the detector centre (the peaks were found on raw patterns).
     exclude_border : int
+    fill_margin : float, optional
+        With ``found_at``: first drop the peaks that lie within this distance (px) of
+        a detector edge the alignment by ``found_at`` shifted into the patterns, or
+        beyond it (:func:`~spedflow.peaks.kernels.drop_fill_edge`; the VDF workflow
+        does this in its pass 1: ``FILL_EDGE_SCALES * max_sigma`` for patterns aligned
+        into a zero fill, as :func:`spedflow.preprocess.preprocess` does).
 
     Returns
     -------
@@ -120,6 +127,10 @@ def recentre_table(table: np.ndarray, centres: np.ndarray, detector_shape, *,
     c = np.asarray(centres, dtype=np.float64)[sy, sx]
     a = (np.array([ky // 2, kx // 2], np.float64) if found_at is None
          else np.asarray(found_at, dtype=np.float64)[sy, sx])
+    if fill_margin is not None and found_at is not None:
+        from .kernels import clear_of_fill
+        clear = clear_of_fill(t[:, 2:4], a, (ky, kx), fill_margin)
+        t, c, a = t[clear], c[clear], a[clear]
     t[:, 2:4] += (a - c).astype(np.float32)
     b = int(exclude_border)
     iy, ix = np.rint(t[:, 2]), np.rint(t[:, 3])
