@@ -590,7 +590,7 @@ class _ProgressLine:
                 self._write("\r" + self.format(done, total, now - self.start))
             else:
                 decile = int(10 * done / total) if total else 10
-                if decile <= self._last_decile or decile >= 10:
+                if decile <= max(self._last_decile, 0) or decile >= 10:  # no "0 %" line
                     return
                 self._write(self.format(done, total, now - self.start) + "\n")
                 self._last_decile = decile

@@ -391,7 +391,27 @@ def test_progress_line_format_and_tty_redraw():
         line.update(i, 100)
     line.finish(100, 100)
     lines = log.getvalue().splitlines()
-    assert len(lines) == 11 and "100%" in lines[-1]
+    assert len(lines) == 10 and "10%" in lines[0] and "100%" in lines[-1]  # no "0 %" line
+    assert "\r" not in log.getvalue()
+
+
+def test_ingest_progress_bar_in_a_log_is_one_line():
+    """The ingest bar redraws itself with carriage returns on a terminal only; a log file
+    gets its finished line."""
+    from spedflow.io._progress import ProgressBar
+    log = io.StringIO()
+    bar = ProgressBar(20, 1e6, label="ingest ", stream=log, min_interval=0.0).start()
+    for _ in range(20):
+        bar.update()
+    bar.close()
+    assert log.getvalue().count("\n") == 1 and "\r" not in log.getvalue()
+    assert "20/20 chunks" in log.getvalue()
+    tty = _FakeTTY()
+    bar = ProgressBar(3, 1e6, label="ingest ", stream=tty, min_interval=0.0).start()
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    assert tty.getvalue().count("\r") == 5
 
 
 def test_a_cluster_without_workers_fails_instead_of_hanging():

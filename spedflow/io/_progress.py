@@ -28,6 +28,10 @@ class ProgressBar:
         self.total, self.item_bytes, self.label = max(int(total), 0), float(item_bytes), label
         self.enabled, self.stream, self.width = enabled, stream or sys.stderr, width
         self.min_interval = min_interval
+        try:  # a log file or pipe gets the finished line only, not every redraw
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
         self.done = 0
         self._start_done = 0
         self._t0 = time.perf_counter()
@@ -46,12 +50,12 @@ class ProgressBar:
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(force=True)
+            self._draw(force=True, final=True)
             self.stream.write("\n")
             self.stream.flush()
 
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
+    def _draw(self, force: bool = False, final: bool = False) -> None:
+        if not self.enabled or not (self.tty or final):
             return
         now = time.perf_counter()
         if not force and now - self._last < self.min_interval and self.done < self.total:
@@ -64,7 +68,7 @@ class ProgressBar:
         mbs = rate * self.item_bytes / 1e6
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         eta = _hms(left) if left == left else "--:--"
-        line = (f"\r{self.label}[{'#' * fill}{'-' * (self.width - fill)}] "
+        line = (f"{chr(13) if self.tty else ''}{self.label}[{'#' * fill}{'-' * (self.width - fill)}] "
                 f"{self.done}/{self.total} chunks  {mbs:7.1f} MB/s  ETA {eta} ")
         self.stream.write(line)
         self.stream.flush()
