@@ -226,3 +226,17 @@ def test_pass1_slabs_give_the_peaks_of_the_whole_chunk(tmp_path):
     np.testing.assert_array_equal(out["table"], ref)
     np.testing.assert_allclose(out["dog_sum"], clean.sum(axis=(0, 1), dtype=np.float64),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, reason", [("vdf", "watershed.min_size = 1000"),
+                                            ("nmf", "every NMF component was set aside")])
+def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, caplog):
+    """A run that finds no crystal writes its (empty) result and warns with the reason,
+    rather than printing only 'wrote'."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        res = spedflow.segment(sim_store, method=method, out=tmp_path / "r.zarr", local=True,
+                               progress=False, overrides={"watershed": {"min_size": 1000}})
+    assert spedflow.open_result(res)["segments/maps"].shape[0] == 0
+    assert any("no crystal found" in r.message and reason in r.message for r in caplog.records), \
+        [r.message for r in caplog.records]

@@ -243,6 +243,11 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             seg_maps, source = np.zeros((0, ny, nx), np.float32), np.zeros(0, int)
     seg_patterns = mf[source] if len(source) else np.zeros((0, ky, kx), np.float32)
     log.info("%d segments", len(seg_maps))
+    if not len(seg_maps):  # say why, not only "wrote"
+        log.warning("no crystal found: %s", "every NMF component was set aside (the result's "
+                    "attributes give each one's reason)" if not keep.any() else
+                    "no loading map held a region of at least watershed.min_size = "
+                    f"{cfg.watershed.min_size} scan positions")
 
     arrays = {
         "segments/maps": seg_maps.astype(np.float32),

@@ -356,6 +356,15 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                  "their vectors given to those crystals (merge.shared_coverage)", n_shared)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_merged - len(merged.summed))
+    if not len(merged.summed):  # say why, not only "wrote"
+        if not segments.shape[0]:
+            log.warning("no crystal found: no VDF image held a region of at least "
+                        "watershed.min_size = %d scan positions above its threshold (a scan "
+                        "smaller than its crystals, or no crystals)", cfg.watershed.min_size)
+        else:
+            log.warning("no crystal found: none of the %d VDF image segments was shared by "
+                        "merge.vector_threshold = %d vectors (a crystal shows at least that "
+                        "many reflections)", segments.shape[0], cfg.merge.vector_threshold)
 
     return_free_heap()
     paths = sorted((st_scan.path / "blocks").glob("*.npz"))
