@@ -102,8 +102,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # memory of the machine (or of the cluster's workers), hold it there, in large
     # chunks, instead of re-reading it from disk on every pass.
     if matrix.nbytes <= cluster.memory_budget(0.25):
-        # chunks small against one worker: the decompositions make float64 copies
-        chunk_bytes = min(128 * 2**20, cluster.worker_memory()[1] // 16)
+        # chunks small against one worker: each pass of the scree makes a centred, a
+        # sign-flipped and float64 copies of its chunk, ~10x the chunk (128 MB chunks
+        # peaked at 2.5 GB in-process on a 64 x 64 scan, 32 MB chunks at 1.2 GB)
+        chunk_bytes = min(32 * 2**20, cluster.worker_memory()[1] // 16)
         rows = max(1, int(chunk_bytes // (4 * matrix.shape[1])))
         (matrix,) = cluster.persist_with_progress(matrix.rechunk({0: rows}), label="load matrix",
                                                   n_patterns=ny * nx)
