@@ -111,12 +111,14 @@ def store_identity(store, arr, meta: dict) -> dict:
 
 
 def validate(plan: "Plan", cfg) -> None:
-    """Check parameters against the data's shape before anything is computed."""
+    """Check parameters against the data's shape before anything is computed; every
+    problem found is named, in one line (a small scan can break several limits)."""
     ny, nx, ky, kx = plan.array.shape
     b = cfg.preprocess.nav_binning
     if ny % b or nx % b:
         raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
                              f"({ny}, {nx}); choose a divisor or crop the scan")
+    problems = []
     # lengths on the detector must fit inside it (a disc wider than the detector makes
     # masks of every pixel for every vector: gigabytes, and no image), lengths on the
     # scan inside the scan
@@ -132,24 +134,29 @@ def validate(plan: "Plan", cfg) -> None:
             shape = f"{ky} x {kx} px detector" if where == "detector" else \
                 f"{ny // b} x {nx // b} scan" + (f" (binned by {b})" if b > 1 else "")
             bound = "half its smaller side" if where == "detector" else "its larger side"
-            raise ParameterError(f"`{section}.{name}` = {value:g} px does not fit the {shape}: "
-                                 f"it must be < {limit:g} ({bound})")
+            problems.append(f"`{section}.{name}` = {value:g} px does not fit the {shape}: "
+                            f"it must be < {limit:g} ({bound})")
     bad = cfg.preprocess.bad_pixels
     if not isinstance(bad, str):
         from ..preprocess.kernels import pixels_off_detector
         off = pixels_off_detector(bad, (ky, kx))
         if len(off):
-            raise ParameterError(f"`preprocess.bad_pixels`: pixel {off[0].tolist()} lies off the "
-                                 f"{ky} x {kx} px detector ([ky, kx] from 0)")
+            problems.append(f"`preprocess.bad_pixels`: pixel {off[0].tolist()} lies off the "
+                            f"{ky} x {kx} px detector ([ky, kx] from 0)")
+    n_patterns = (ny // b) * (nx // b)
     min_patterns = getattr(getattr(cfg, "vectors", None), "min_patterns", None)
-    if min_patterns is not None and min_patterns > (ny // b) * (nx // b):
-        raise ParameterError(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
-                             f"patterns ({(ny // b) * (nx // b)}): no vector could be found; lower it "
-                             f"(e.g. --set vectors.min_patterns=2)")
+    if min_patterns is not None and min_patterns > n_patterns:
+        problems.append(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
+                        f"patterns ({n_patterns}): no vector could be found; lower it "
+                        f"(e.g. --set vectors.min_patterns=2)")
+    if getattr(cfg, "nmf", None) is not None and n_patterns < 2:
+        problems.append(f"the NMF workflow needs at least 2 patterns (the scan holds {n_patterns})")
     n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)
-    if n_comp is not None and n_comp > min((ny // b) * (nx // b), ky * kx):
-        raise ParameterError(f"`nmf.n_components` = {n_comp} exceeds what the data allows: "
-                             f"min(patterns {(ny // b) * (nx // b)}, detector pixels {ky * kx})")
+    if n_comp is not None and n_comp > min(n_patterns, ky * kx):
+        problems.append(f"`nmf.n_components` = {n_comp} exceeds what the data allows: "
+                        f"min(patterns {n_patterns}, detector pixels {ky * kx})")
+    if problems:
+        raise ParameterError("; ".join(problems))
 
 
 #: Negative values down to this fraction of the brightest value are read-out noise about
