@@ -37,7 +37,7 @@ def run_demo(out="spedflow-demo", *, scan=(64, 64), detector: int = 128, seed: i
         _say(f"segmenting with the {method.upper()} workflow -> {result}", progress)
         segment(store, method=method, out=result, overwrite=True, progress=progress, local=True)
         scores = evaluate(result, store)
-        _say(format_evaluation(scores), progress)
+        print(format_evaluation(scores))  # the demo's result: on stdout, also with -q
         page = write_report(result, out / f"{method}-report", store_path=store)
         rows.append((method, scores, Path(page).relative_to(out.resolve()) if Path(page).is_absolute()
                      else Path(page).relative_to(out)))

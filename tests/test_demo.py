@@ -12,11 +12,13 @@ def _made(store):
     return meta["simulation"]["seed"], meta["created"]
 
 
-def test_demo_follows_its_options_in_an_existing_folder(tmp_path):
+def test_demo_follows_its_options_in_an_existing_folder(tmp_path, capsys):
     """A second demo in the same folder with another --seed simulates that seed (it used to
     reuse the old store silently); the same options again reuse the store."""
     kw = dict(scan=(24, 24), detector=32, progress=False)
     run_demo(tmp_path, seed=0, **kw)
+    out = capsys.readouterr()
+    assert out.out.count("recall") == 2 and out.err == ""  # the scores, also without progress
     seed0 = _made(tmp_path / "simulated.zarr")
     run_demo(tmp_path, seed=1, **kw)
     seed1 = _made(tmp_path / "simulated.zarr")
