@@ -131,8 +131,11 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     """Run a whole workflow (``"vdf"`` or ``"nmf"``) on ``store`` and write ``out``.
 
     Where it runs: an existing ``client``; else ``scheduler`` (or
-    ``$SPEDFLOW_SCHEDULER``); else a local cluster on 127.0.0.1 sized to the machine;
-    ``local=True`` uses dask's threaded scheduler in this process (no cluster).
+    ``$SPEDFLOW_SCHEDULER``); else, by default (``local=None``), in this process with
+    dask's threaded scheduler for data under 1 GB and on a local cluster on 127.0.0.1
+    sized to the machine above that; ``local=True`` always runs in this process,
+    ``local=False`` always on a cluster (the scheduler's, else the local one, which
+    ``n_workers``, ``threads_per_worker`` and ``memory_limit`` shape).
     Returns the path of the result store (see docs/DESIGN.md for its layout).
     """
     if method not in ("vdf", "nmf"):
