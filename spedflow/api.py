@@ -84,7 +84,7 @@ def load_config(method: str, config=None, overrides: Mapping | None = None):
     a nested dict applied on top (``{"preprocess": {"nav_binning": 2}}``), or one keyed
     by dotted names as ``--set`` takes them (``{"preprocess.nav_binning": 2}``).
     """
-    from .config import read_toml
+    from .config import params_from_dict, read_toml
     from .workflows import config_class
     cls = config_class(method)
     if config is None:
@@ -98,29 +98,46 @@ def load_config(method: str, config=None, overrides: Mapping | None = None):
         data = params_to_dict(config)
     else:
         raise ParameterError(f"`config` must be a TOML path, a dict or a {cls.__name__} (got {type(config).__name__})")
+    named = f"{str(config)}: " if isinstance(config, (str, os.PathLike)) else ""
+    _check_sections(method, cls, data, named)
+    if named:  # the file on its own first: an error then is the file's
+        try:
+            params_from_dict(cls, data)
+        except ParameterError as exc:
+            raise ParameterError(f"{named}{exc}") from None
+    extra = nested_overrides(overrides)
+    _check_sections(method, cls, extra, "")
+    for section, values in extra.items():
+        data.setdefault(section, {})
+        data[section] = {**data[section], **values}
+    return params_from_dict(cls, data)
+
+
+def nested_overrides(overrides: Mapping | None) -> dict:
+    """``overrides`` as ``{section: {name: value}}``: dotted names (``"peaks.threshold"``,
+    as ``--set`` takes them) and tables, mixed."""
+    out: dict = {}
     for section, values in (overrides or {}).items():
         if not isinstance(values, Mapping) and isinstance(section, str) and "." in section:
-            section, name = section.split(".", 1)  # {"peaks.threshold": 6}, as --set has it
+            section, name = section.split(".", 1)  # {"peaks.threshold": 6}
             values = {name: values}
         if not isinstance(values, Mapping):
             raise ParameterError(f"override {section!r} must be a table of parameters "
                                  "({'peaks': {'threshold': 6}}) or name one ('peaks.threshold')")
-        data.setdefault(section, {})
-        data[section] = {**data[section], **values}
-    from .config import params_from_dict
+        out[section] = {**out.get(section, {}), **values}
+    return out
+
+
+def _check_sections(method, cls, data, named: str) -> None:
+    """A section of the other workflow's (an NMF file run with --method vdf) named as such."""
+    from .workflows import config_class
     other = "nmf" if method == "vdf" else "vdf"
     mine = {f.name for f in dataclasses.fields(cls)}
     theirs = {f.name for f in dataclasses.fields(config_class(other))}
     for section in data:
         if section not in mine and section in theirs:
-            raise ParameterError(f"section [{section}] belongs to the {other} workflow "
+            raise ParameterError(f"{named}section [{section}] belongs to the {other} workflow "
                                  f"(--method {other}), not {method}")
-    try:
-        return params_from_dict(cls, data)
-    except ParameterError as exc:
-        if isinstance(config, (str, os.PathLike)):  # say which file
-            raise ParameterError(f"{str(config)}: {exc}") from None
-        raise
 
 
 def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping | None = None,

@@ -451,3 +451,24 @@ def test_stage_packages_exported():
         mod = getattr(spedflow, pkg)
         for n in names:
             assert callable(getattr(mod, n, None)), f"spedflow.{pkg}.{n}"
+
+
+def test_errors_name_the_file_only_when_it_is_the_files(tmp_path):
+    """A bad value from --set is not blamed on the config file; one in the file is;
+    a section of the other workflow is named as such (with the file it came from)."""
+    from spedflow.api import nested_overrides
+    ok, bad = tmp_path / "ok.toml", tmp_path / "bad.toml"
+    ok.write_text("[peaks]\nnum_sigma = 2\n")
+    bad.write_text("[peaks]\nnum_sigma = 0\n")
+    with pytest.raises(ParameterError) as e:
+        spedflow.load_config("vdf", ok, {"peaks.threshold": -1})
+    assert "ok.toml" not in str(e.value) and "[peaks] `threshold`" in str(e.value)
+    with pytest.raises(ParameterError, match=r"bad.toml: \[peaks\] `num_sigma`"):
+        spedflow.load_config("vdf", bad)
+    nmf_file = tmp_path / "nmf.toml"
+    nmf_file.write_text(spedflow.default_config_toml("nmf"))
+    with pytest.raises(ParameterError, match=r"nmf.toml: section \[\w+\] belongs to the nmf workflow"):
+        spedflow.load_config("vdf", nmf_file)
+    # watch reads the descan setting through the same normalisation
+    assert nested_overrides({"preprocess.descan": "quadratic", "preprocess": {"nav_binning": 2}}) \
+        == {"preprocess": {"descan": "quadratic", "nav_binning": 2}}

@@ -492,7 +492,7 @@ def test_parameters_show_the_values_the_run_used(tmp_path, fast_png):
         "params": {"preprocess": {"nav_binning": 2}, "peaks": {"num_sigma": 2}},
         "resolved": {"beam_radius": 2.978, "gain": 7.25,
                      "preprocess": {"nav_binning": 2, "dog_sigma_low": 1.489},
-                     "peaks": {"num_sigma": 2, "threshold": 4.988}}})
+                     "peaks": {"num_sigma": 2, "threshold": 4.988, "gain": None}}})
     text = write_report(res, tmp_path / "rep").read_text()
     rows = {m[0]: m[1:] for m in re.findall(
         r"<tr><td>([^<]+)</td><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td></tr>", text)}
@@ -501,3 +501,4 @@ def test_parameters_show_the_values_the_run_used(tmp_path, fast_png):
     assert rows["preprocess.nav_binning"] == ("2", "2")
     assert rows["measured: beam_radius"][1] == "2.978"
     assert rows["measured: gain"][1] == "7.25"
+    assert rows["peaks.gain"] == ("auto", "7.25")  # measured, recorded at the top

@@ -33,6 +33,7 @@ class ProgressBar:
         except (AttributeError, ValueError):
             self.tty = False
         self.done = 0
+        self._decile = -1
         self._start_done = 0
         self._t0 = time.perf_counter()
         self._last = 0.0
@@ -55,8 +56,20 @@ class ProgressBar:
             self.stream.flush()
 
     def _draw(self, force: bool = False, final: bool = False) -> None:
-        if not self.enabled or not (self.tty or final):
+        if not self.enabled:
             return
+        if not self.tty and not final:  # a log or a notebook: a line per tenth, no redraws
+            decile = int(10 * self.done / self.total) if self.total else 10
+            if decile <= max(self._decile, 0) or decile >= 10:
+                return
+            self._decile = decile
+            self._write_line(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+            return
+        self._write_line(force)
+
+    def _write_line(self, force: bool) -> None:
         now = time.perf_counter()
         if not force and now - self._last < self.min_interval and self.done < self.total:
             return

@@ -136,9 +136,10 @@ def check_destination(path, overwrite: bool, *, sources=(), replaces: str | None
 def check_side_directory(path, *, what: str, sources=()) -> None:
     """Refuse a folder spedflow writes next to its stores (a stage cache, a report, an
     export) where writing into it would touch data: a file; one of the stores being
-    read or written (``sources``), a folder inside one, or a folder holding one;
-    another spedflow store. Remote paths are not checked. ``what``: how the user gave
-    it (``"--cache"``)."""
+    read or written (``sources``) or a folder inside one; a spedflow store, or a folder
+    inside one. A folder that holds stores is fine (what is written there has names of
+    its own, and nothing there is deleted). Remote paths are not checked. ``what``: how
+    the user gave it (``"--cache"``)."""
     local = local_path(path)
     if local is None:
         return
@@ -149,12 +150,15 @@ def check_side_directory(path, *, what: str, sources=()) -> None:
         if src is None or local_path(src) is None:
             continue
         s = local_path(src).expanduser().absolute().resolve()
-        if dest == s or dest in s.parents or s in dest.parents:
-            raise ParameterError(f"{what} {str(path)!r} must not be (or contain, or lie inside) "
-                                 f"the store {str(src)!r}")
-    kind = _spedflow_kind(dest) if dest.is_dir() else None
-    if kind is not None:
-        raise ParameterError(f"{what} {str(path)!r} is a spedflow {kind} store; choose another folder")
+        if dest == s or s in dest.parents:
+            raise ParameterError(f"{what} {str(path)!r} must not be (or lie inside) the store "
+                                 f"{str(src)!r}")
+    for folder in (dest, *dest.parents):
+        kind = _spedflow_kind(folder) if folder.is_dir() else None
+        if kind is not None:
+            where = "is" if folder == dest else f"lies inside {str(folder)!r},"
+            raise ParameterError(f"{what} {str(path)!r} {where} a spedflow {kind} store; choose "
+                                 "another folder")
 
 
 def _spedflow_kind(path: Path) -> str | None:

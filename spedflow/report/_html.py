@@ -84,7 +84,10 @@ def _parameter_rows(params: dict, resolved: dict) -> list[tuple[str, object, obj
     used = {k: v for k, v in _flatten(resolved) if k != "bad_pixels"}
     sections = {k.split(".")[0] for k in given}
     keys = list(given) + [k for k in used if k not in given and k.split(".")[0] in sections]
-    rows = [(k, given.get(k, "auto"), used.get(k, given.get(k))) for k in keys]
+    def used_value(k):  # a value measured for a section's parameter is recorded at the top
+        v = used.get(k, given.get(k))
+        return used.get(k.split(".")[-1]) if v is None else v
+    rows = [(k, given.get(k, "auto"), used_value(k)) for k in keys]
     rows += [(f"measured: {k}", "", v) for k, v in used.items() if "." not in k]
     return rows
 

@@ -31,7 +31,8 @@ def default_config_toml(method: str) -> str:
              "# Parameters left out keep their default; those commented out are derived from the",
              "# data (e.g. from the measured direct-beam radius) unless given a value.",
              f"# Use: spedflow segment STORE.zarr --method {method} --config this.toml --out RESULT.zarr",
-             "# Each parameter's full description: help(spedflow.<section>.<Section>Params).", ""]
+             "# Each parameter's full description: the docstring of its section's class,",
+             f"# e.g. help(type(spedflow.load_config({method!r}).{dataclasses.fields(cfg)[1].name})).", ""]
     values = params_to_dict(cfg)
     for section in dataclasses.fields(cfg):
         sub = getattr(cfg, section.name)
@@ -63,7 +64,9 @@ def parameter_summaries(cls) -> dict[str, str]:
         if name is not None and body:
             text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`.]+)`", r"\1", " ".join(body))  # :func:`a.b` -> b
             text = text.replace("``", "")
-            first = re.split(r"(?<=[a-z0-9)\]])\.\s", text, maxsplit=1)[0].rstrip(".")
+            # the first sentence: up to a full stop that ends no abbreviation
+            first = re.split(r"(?<=[a-z0-9)\]])(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)\.\s",
+                             text, maxsplit=1)[0].rstrip(".")
             for n in name:
                 out[n] = first + "."
 

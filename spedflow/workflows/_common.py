@@ -148,7 +148,7 @@ def validate(plan: "Plan", cfg) -> None:
     if min_patterns is not None and min_patterns > n_patterns:
         problems.append(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
                         f"patterns ({n_patterns}): no vector could be found; lower it "
-                        f"(e.g. --set vectors.min_patterns=2)")
+                        f"(e.g. --set vectors.min_patterns={min(2, n_patterns)})")
     if getattr(cfg, "nmf", None) is not None and n_patterns < 2:
         problems.append(f"the NMF workflow needs at least 2 patterns (the scan holds {n_patterns})")
     n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)

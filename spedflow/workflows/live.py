@@ -106,7 +106,8 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     if cache is not None:
         check_side_directory(cache, what="the stage cache", sources=[store, out])
     cfg = load_config(method, config, overrides)
-    descan_given = "descan" in ((overrides or {}).get("preprocess") or {})
+    from ..api import nested_overrides
+    descan_given = "descan" in nested_overrides(overrides).get("preprocess", {})
     if config is None and not descan_given and method == "nmf":  # per-chunk alignment needs no descan fit
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess, descan="none"))
     group = _wait_for_store(store, time.monotonic() + timeout, progress)
