@@ -209,22 +209,28 @@ def _maxima(sm, prof, j0, j1, f, thr, b, out_flat, out_z, out_s):
 # ----------------------------------------------------------- ring background
 @njit(cache=True, fastmath=_REASSOC, error_model="numpy")
 def _seg_sum(v):
-    acc = np.float32(0)
-    for k in range(v.shape[0]):
-        acc += v[k]
-    return acc
-
-
-@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
-def _seg_clip_sum(v, bound):
-    """(sum, count) of the ``v[k] <= bound`` (branch-free, so it vectorises)."""
+    """(sum, count) of the values that are not NaN (pixels beyond the detector's edge in
+    patterns aligned into a NaN fill; branch-free, so it vectorises)."""
     acc = np.float32(0)
     cnt = np.float32(0)
     for k in range(v.shape[0]):
         t = v[k]
-        kf = np.float32(t <= bound)
-        acc += t * kf
-        cnt += kf
+        ok = t == t
+        acc += t if ok else np.float32(0)
+        cnt += np.float32(ok)
+    return acc, cnt
+
+
+@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
+def _seg_clip_sum(v, bound):
+    """(sum, count) of the ``v[k] <= bound`` (NaN never is; branch-free, so it vectorises)."""
+    acc = np.float32(0)
+    cnt = np.float32(0)
+    for k in range(v.shape[0]):
+        t = v[k]
+        ok = t <= bound
+        acc += t if ok else np.float32(0)
+        cnt += np.float32(ok)
     return acc, cnt
 
 
@@ -249,15 +255,40 @@ def _ring_profile(xflat, order, starts, counts, gain, read_var, xs, prof):
     g32 = np.float32(gain)
     rv32 = np.float32(read_var)
     c32 = np.float32(4.0)
+    empty = False
     for j in range(counts.shape[0]):
         seg = xs[starts[j]:starts[j + 1]]
-        m64 = np.float64(_seg_sum(seg)) / np.float64(counts[j])
+        s, c = _seg_sum(seg)
+        if c == 0:  # every pixel of the ring beyond the detector: from its neighbours below
+            prof[j] = np.nan
+            empty = True
+            continue
+        m64 = np.float64(s) / np.float64(c)
         b64 = m64 + 4.0 * math.sqrt(gain * max(m64, 0.0) + read_var) + gain
         s, c = _seg_clip_sum(seg, _f32_floor(b64))
         m = s / max(c, np.float32(1))
         b32 = m + c32 * np.sqrt(g32 * max(m, np.float32(0)) + rv32) + g32
         s, c = _seg_clip_sum(seg, b32)
         prof[j] = s / max(c, np.float32(1))
+    if empty:
+        _fill_empty_rings(prof)
+
+
+@njit(cache=True)
+def _fill_empty_rings(prof):
+    """NaN entries of a ring profile take the nearest ring's value inwards, else outwards."""
+    last = np.float32(np.nan)
+    for j in range(prof.shape[0]):
+        if prof[j] == prof[j]:
+            last = prof[j]
+        else:
+            prof[j] = last
+    nxt = np.float32(np.nan)
+    for j in range(prof.shape[0] - 1, -1, -1):
+        if prof[j] == prof[j]:
+            nxt = prof[j]
+        else:
+            prof[j] = nxt
 
 
 @njit(cache=True, error_model="numpy")

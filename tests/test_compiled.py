@@ -239,3 +239,32 @@ def test_first_compile_is_announced(tmp_path):
     from spedflow import _compiled
     _jit.warm_up()  # this process: compiled or loaded by now, so in a cache
     assert not _jit._cache_missing(_compiled)
+
+
+def test_compiled_ring_background_leaves_out_pixels_beyond_the_detector():
+    """Patterns aligned into a NaN fill: the rings are measured on the detector's pixels
+    only, a ring with none takes its inner neighbour's mean; compiled = NumPy."""
+    from spedflow._compiled import ring_residual
+    from spedflow.peaks.noise import ring_model
+    from spedflow.preprocess.kernels import align_whole_pixels
+    rng = np.random.default_rng(12)
+    counts, _ = _patterns((48, 48), 12, rng, np.float32)
+    centres = np.column_stack([rng.uniform(4, 44, 12), rng.uniform(4, 44, 12)])
+    frames, _ = align_whole_pixels(counts, centres, fill="nan")
+    assert np.isnan(frames).any()
+    background, residual = ring_residual(frames, 1.0, 0.0)
+    want = ring_model((48, 48)).background(frames, 1.0, 0.0)
+    np.testing.assert_array_equal(background, want)
+    assert np.isfinite(background).all()
+    # every ring of a pattern measured on its detector pixels alone, brute force
+    rings = ring_model((48, 48))
+    for i, f in enumerate(frames.reshape(len(frames), -1)):
+        on = ~np.isnan(f)
+        for j in range(rings.n_rings):
+            px = f[(rings.ring == j) & on].astype(np.float64)
+            if len(px):
+                m = px.mean()
+                for _ in range(2):  # the Poisson clip, gain 1, no read-out noise
+                    below = px[px <= m + 4 * np.sqrt(max(m, 0)) + 1]
+                    m = below.mean() if len(below) else 0.0
+                assert background[i, j] == pytest.approx(m, rel=1e-5, abs=1e-6)

@@ -85,7 +85,10 @@ class RingModel:
 
         Parameters
         ----------
-        frames : (n, ky, kx) float array, aligned (beam at the centre).
+        frames : (n, ky, kx) float array, aligned (beam at the centre). NaN marks a
+            pixel beyond the detector's edge (a pattern aligned into a NaN fill): it is
+            left out, and a ring with no other pixel takes the nearest ring's mean
+            (inwards, else outwards).
         gain, read_var : float
             Data units per count and read-out variance (:func:`count_scale`).
 
@@ -101,11 +104,19 @@ class RingModel:
         for s in range(0, len(frames), _BACKGROUND_BATCH):
             part = frames[s:s + _BACKGROUND_BATCH]
             x = np.ascontiguousarray(part.reshape(len(part), -1).T)  # (P, n)
-            mean = (self._sum @ x) / self.counts[:, None]
+            on = ~np.isnan(x)
+            if on.all():
+                mean = (self._sum @ x) / self.counts[:, None]
+            else:
+                x = np.where(on, x, np.float32(0))
+                n_on = self._sum @ on.astype(np.float32)
+                mean = (self._sum @ x) / np.maximum(n_on, 1)
             for _ in range(_CLIP_ITER):
                 bound = mean + _CLIP * np.sqrt(gain * np.maximum(mean, 0) + read_var) + gain
-                keep = (x <= bound[self.ring]).astype(np.float32)
+                keep = ((x <= bound[self.ring]) & on).astype(np.float32)
                 mean = (self._sum @ (x * keep)) / np.maximum(self._sum @ keep, 1)
+            if not on.all():
+                mean = _fill_empty(np.where(n_on > 0, mean, np.nan))
             out[s:s + len(part)] = mean.T
         return out
 
@@ -233,8 +244,20 @@ def count_scale(blocks) -> tuple[float, float]:
     return gain, read_var
 
 
+def _fill_empty(mean: np.ndarray) -> np.ndarray:
+    """(rings, n) means with NaN for empty rings: each takes the nearest ring's value
+    inwards (smaller index), else outwards."""
+    out = np.array(mean, np.float32)
+    for col in out.T:
+        ok = np.flatnonzero(~np.isnan(col))
+        if len(ok) and len(ok) < len(col):
+            idx = np.searchsorted(ok, np.arange(len(col)), side="right") - 1
+            col[:] = col[ok[np.maximum(idx, 0)]]  # inwards; before the first: the first
+    return out
+
+
 def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude_border: int,
-                        gain: float, read_var: float, offset=(0.0, 0.0)
+                        gain: float, read_var: float, offset=(0.0, 0.0), boxes=None
                         ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`~spedflow.peaks.kernels.find_peaks_log` with the counting-noise threshold.
 
@@ -247,6 +270,11 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
         As for ``find_peaks_log``.
     gain, read_var : float
         :func:`count_scale`.
+    boxes : (n, 4) int array, optional
+        ``(y0, y1, x0, x1)``: where each pattern holds detector pixels (the rest, NaN,
+        lies beyond the detector's edge after alignment). The ring background is then
+        measured on the detector's pixels only, and the residual beyond the box copies
+        its edge (no step for the LoG to take for spots).
 
     Returns
     -------
@@ -264,6 +292,9 @@ def find_peaks_counting(frames: np.ndarray, sigmas, *, threshold: float, exclude
     else:
         background = rings.background(frames, gain, read_var)
         residual = frames - rings.image(background)
+    if boxes is not None:
+        from ..preprocess.kernels import fill_beyond
+        fill_beyond(residual, boxes)
     # radial units: the finder looks them up at its candidates (or, where candidates are
     # many, makes them for one batch at a time), never as unit images of the whole slab
     units = _k.RadialUnits(noise_units(background, gain, read_var, sigmas, threshold, shape, rings),
@@ -319,10 +350,13 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
     shifted to ``centres`` sub-pixel (as :func:`~spedflow.preprocess.kernels.shift_patterns`
     would), and the residuals it was found in. ``params``: resolved
     :class:`~spedflow.peaks.PeakParams`; ``counts``: ``(gain, read_var)``."""
-    from ..preprocess.kernels import align_whole_pixels
-    # the fill beyond a detector edge shifted into the patterns copies the edge: a zero
-    # fill's step would be a line of peaks (the caller drops peaks in the fill)
-    whole, rest = align_whole_pixels(frames, centres, fill="edge")
+    from ..preprocess.kernels import align_whole_pixels, fill_boxes, whole_shifts
+    # beyond a detector edge shifted into the patterns: NaN, left out of the ring
+    # background, then the residual's edge copied (a zero fill's step would be a line
+    # of peaks, and a copy of the raw edge would bias the rings it crosses); the caller
+    # drops peaks in the fill
+    whole, rest = align_whole_pixels(frames, centres, fill="nan")
+    boxes = fill_boxes(whole_shifts(centres, frames.shape[1:]), frames.shape[1:])
     sig = _k.log_sigmas(params.min_sigma, params.max_sigma, params.num_sigma)
     # the beam lies at the centre minus ``rest``: with params.ring_centres = 3 the rings
     # are drawn about it to a third of a pixel (rings about the centre pixel leave a
@@ -335,7 +369,8 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
         off = ((k // m - m // 2) / m, (k % m - m // 2) / m)
         t, residual[idx] = find_peaks_counting(whole[idx], sig, threshold=params.threshold,
                                                exclude_border=params.exclude_border,
-                                               gain=counts[0], read_var=counts[1], offset=off)
+                                               gain=counts[0], read_var=counts[1], offset=off,
+                                               boxes=boxes[idx])
         t[:, 0] = idx[t[:, 0].astype(np.intp)]
         tables.append(t)
     t = _k.sorted_table(tables)
