@@ -348,7 +348,10 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
     (:func:`ring_offset_bins`; the VDF workflow's pass 1, through
     :func:`counting_peaks_by_slab`): the table, with positions in the frame of the patterns
     shifted to ``centres`` sub-pixel (as :func:`~spedflow.preprocess.kernels.shift_patterns`
-    would), and the residuals it was found in. ``params``: resolved
+    would), and the residuals it was found in. A detector edge the alignment shifts into
+    a pattern is treated as the frame's own edge: the ring background leaves out the
+    pixels beyond it, the residual there copies the edge, and no peak is kept there
+    (:func:`~spedflow.peaks.kernels.drop_fill_edge`). ``params``: resolved
     :class:`~spedflow.peaks.PeakParams`; ``counts``: ``(gain, read_var)``."""
     from ..preprocess.kernels import align_whole_pixels, fill_boxes, whole_shifts
     # beyond a detector edge shifted into the patterns: NaN, left out of the ring
@@ -375,4 +378,4 @@ def aligned_counting_peaks(frames, centres, params, counts) -> tuple[np.ndarray,
         tables.append(t)
     t = _k.sorted_table(tables)
     t[:, 1:3] += rest[t[:, 0].astype(np.intp)]
-    return t, residual
+    return _k.drop_fill_edge(t, centres, frames.shape[1:], 0.0), residual  # none in the fill

@@ -95,7 +95,8 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
             tables.append(t)
             dog_sum += pattern_sum(clean)
     # peaks beyond, or at the zero fill's step, of a detector edge shifted into the
-    # patterns (the counting path fills with the edge's pixels: no step)
+    # patterns (the counting path copies the residual's edge into the fill: no step,
+    # and it drops the peaks in the fill itself)
     margin = 0.0 if counts is not None else FILL_EDGE_SCALES * params.max_sigma
     table = drop_fill_edge(sorted_table(tables), found, (ky, kx), margin)
     out["table"] = scan_table(table, cx, offset)
