@@ -1125,7 +1125,8 @@ def _ring_filter(z: np.ndarray, op, cval: float) -> np.ndarray:
     """``op`` (``np.maximum`` or ``np.minimum``) over each pixel's 8 neighbours in a
     stack (n, ky, kx), pixels off the detector being ``cval``: scipy's
     ``maximum_filter`` / ``minimum_filter`` with a 3 x 3 ring footprint and
-    ``mode="constant"``, as five whole-array operations on shifted views (~8x faster)."""
+    ``mode="constant"`` on finite input (a NaN reaches all 8 neighbours here), as five
+    whole-array operations on shifted views (~4x faster on 64 patterns of 128 x 128)."""
     n, ky, kx = z.shape
     p = np.full((n, ky + 2, kx + 2), cval, z.dtype)
     p[:, 1:-1, 1:-1] = z
