@@ -136,9 +136,9 @@ def export_result(result_path, out_dir, formats: Sequence[str] = FORMATS) -> lis
     """
     fmts = _check_formats(formats)
     out = Path(out_dir)
-    check_side_directory(out, what="`out_dir`", sources=[result_path])
     v = load_result(result_path, segments_only=True)
-    check_side_directory(out, what="`out_dir`", sources=[input_store_path(v.meta, result_path)])
+    check_side_directory(out, what="`out_dir`",
+                         sources=[result_path, input_store_path(v.meta, result_path)])
     # the report draws what it can of a damaged result; an export of half of one would
     # pass for the whole (or sit next to an earlier export's other half)
     damaged = v.notes.damaged  # (only segments/* were read)

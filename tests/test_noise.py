@@ -296,3 +296,18 @@ def test_rings_about_the_sub_pixel_beam_leave_no_false_peaks_on_its_flank():
                for i, _, _ in parts)
     with pytest.raises(ParameterError, match="ring_centres"):
         PeakParams(ring_centres=2)
+
+
+def test_fill_beyond_copies_the_nearest_detector_pixel():
+    """Patterns aligned into a NaN fill, then filled by fill_beyond: scipy's whole-pixel
+    shift with mode="nearest" (the detector's edge continued, no step)."""
+    from scipy import ndimage as ndi
+    from spedflow.preprocess.kernels import align_whole_pixels, fill_beyond, fill_boxes, whole_shifts
+    rng = np.random.default_rng(2)
+    frames = rng.normal(size=(6, 9, 11)).astype(np.float32)
+    centres = np.array([[4, 5], [1.2, 8.7], [7.6, 1.1], [4, 5.4], [0, 0], [8, 10]], float)
+    out, _ = align_whole_pixels(frames, centres, fill="nan")
+    whole = whole_shifts(centres, (9, 11))
+    fill_beyond(out, fill_boxes(whole, (9, 11)))
+    for f, a, s in zip(frames, out, whole):
+        np.testing.assert_array_equal(a, ndi.shift(f, s, order=0, mode="nearest"))

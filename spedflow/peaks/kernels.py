@@ -388,11 +388,11 @@ def drop_fill_edge(table: np.ndarray, centres: np.ndarray, shape, margin: float)
     detector's edges into the pattern and fills what lies beyond them. A zero fill
     makes a step from the edge's level to 0 and a line of LoG maxima along it (on a
     Merlin file with the beam 100 px off centre, 14 % of all peaks and 5 false
-    vectors): ``margin = FILL_EDGE_SCALES * max_sigma`` then. A fill by the nearest
-    detector pixel (:func:`~spedflow.preprocess.kernels.align_whole_pixels` with
-    ``fill="edge"``) has no step, but its copies of the edge's pixels can hold
-    maxima: ``margin = 0`` keeps the peaks on the detector only. Edges that the shift
-    moved out of the pattern are left to the finder's ``exclude_border``.
+    vectors): ``margin = FILL_EDGE_SCALES * max_sigma`` then. A fill by copies of the
+    edge (:func:`~spedflow.preprocess.kernels.fill_beyond`, the counting-noise finder's)
+    has no step, but the copies can hold maxima: ``margin = 0`` keeps the peaks on the
+    detector only. Edges that the shift moved out of the pattern are left to the
+    finder's ``exclude_border``.
 
     Parameters
     ----------

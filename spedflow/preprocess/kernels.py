@@ -415,19 +415,17 @@ def align_whole_pixels(frames: np.ndarray, centres: np.ndarray, *, fill: str = "
     frames : (n, ky, kx) array
     centres : (n, 2) array
         Beam centres ``(ky, kx)``, detector pixels.
-    fill : {"zero", "edge", "nan"}
-        What the pixels whose source lies off the detector hold: 0, the nearest
-        detector pixel (``mode="nearest"``: no step where the detector's edge was
-        shifted into the pattern, so a peak finder sees that edge as it sees the
-        frame's own), or NaN (to be left out of statistics; :func:`fill_beyond`
-        copies the edge into them later).
+    fill : {"zero", "nan"}
+        What the pixels whose source lies off the detector hold: 0, or NaN (to be left
+        out of statistics; :func:`fill_beyond` copies the detector's edge into them
+        later, so that a peak finder sees no step there).
 
     Returns
     -------
     aligned : (n, ky, kx) float32
         ``aligned[i, y, x] = frames[i, y - sy, x - sx]`` with ``(sy, sx)`` the rounded
         shift to the centre; where that lies off the detector, 0 (``np.roll`` without
-        the wrap) or the nearest detector pixel's value.
+        the wrap) or NaN.
     remainder : (n, 2) float64
         The sub-pixel part of the shift still to apply: a feature at ``p`` in
         ``aligned`` lies at ``p + remainder`` in :func:`shift_patterns`' output.
@@ -437,8 +435,8 @@ def align_whole_pixels(frames: np.ndarray, centres: np.ndarray, *, fill: str = "
     shifts = _shifts_to_centre(centres, (ky, kx))
     if len(shifts) != n:
         raise ValueError(f"centres hold {len(shifts)} patterns, frames {n}")
-    if fill not in ("zero", "edge", "nan"):
-        raise ValueError(f"fill must be 'zero', 'edge' or 'nan' (got {fill!r})")
+    if fill not in ("zero", "nan"):
+        raise ValueError(f"fill must be 'zero' or 'nan' (got {fill!r})")
     whole = np.rint(shifts).astype(np.intp)
     boxes = fill_boxes(whole, (ky, kx))
     # one block copy per pattern (its overlap with the shifted frame): 6x faster than
@@ -449,8 +447,6 @@ def align_whole_pixels(frames: np.ndarray, centres: np.ndarray, *, fill: str = "
             out[i, y0:y1, x0:x1] = stack[i, max(-sy, 0):ky + min(-sy, 0), max(-sx, 0):kx + min(-sx, 0)]
         elif fill == "nan":  # shifted off the detector entirely: nothing to keep
             out[i] = 0
-    if fill == "edge":
-        fill_beyond(out, boxes)
     return out, shifts - whole
 
 

@@ -407,13 +407,12 @@ def write_report(result_path, out_dir, *, store_path=None, strict: bool = False)
     """
     from ..io import check_side_directory
     out = Path(out_dir)
-    check_side_directory(out, what="`out_dir`", sources=[result_path, store_path])
     if store_path is not None and not Path(str(store_path)).exists():
         raise InputError(f"`store_path` {str(store_path)!r} does not exist")
     v = load_result(result_path, store_path=store_path)
     if store_path is None:
         store_path = input_store_path(v.meta, result_path)
-        check_side_directory(out, what="`out_dir`", sources=[store_path])
+    check_side_directory(out, what="`out_dir`", sources=[result_path, store_path])
     out.mkdir(parents=True, exist_ok=True)
 
     rep = _Report(out)

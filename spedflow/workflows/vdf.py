@@ -94,11 +94,10 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
         for _, t, clean in counting_peaks_by_slab(flat, found, params, counts, _SLAB):
             tables.append(t)
             dog_sum += pattern_sum(clean)
-    # peaks beyond, or at the zero fill's step, of a detector edge shifted into the
-    # patterns (the counting path copies the residual's edge into the fill: no step,
-    # and it drops the peaks in the fill itself)
-    margin = 0.0 if counts is not None else FILL_EDGE_SCALES * params.max_sigma
-    table = drop_fill_edge(sorted_table(tables), found, (ky, kx), margin)
+    table = sorted_table(tables)
+    if counts is None:  # peaks at the zero fill's step of a detector edge shifted in (the
+        # counting path copies the edge into the fill and drops the peaks there itself)
+        table = drop_fill_edge(table, found, (ky, kx), FILL_EDGE_SCALES * params.max_sigma)
     out["table"] = scan_table(table, cx, offset)
     out["dog_sum"] = dog_sum
     if clip is not None:
