@@ -50,6 +50,34 @@ def test_beam_mask_brute_force():
     np.testing.assert_array_equal(m, ref)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_edge_mask_equals_the_pixels_alignment_leaves_incomplete(seed):
+    """``edge_mask``: whole rows / columns that the bilinear shift to the centre (the
+    alignment NMF uses) leaves incomplete in more than the given fraction of patterns;
+    brute force: shift a detector of ones along each axis and count the rows / columns
+    below 1 (some centres lie off the detector: patterns with nothing left)."""
+    from scipy import ndimage
+    from spedflow.decompose import edge_mask
+    rng = np.random.default_rng(seed)
+    ky, kx = (int(v) for v in rng.integers(9, 31, 2))
+    n = int(rng.integers(5, 40))
+    centres = np.array([ky // 2, kx // 2]) + rng.normal(0, 3, (n, 2)) + [2 * seed - 3, 0]
+    if seed % 2:
+        centres = np.round(centres)  # whole-pixel shifts
+    def short(shifts):  # (n, ky, kx): pixels the shift leaves below 1
+        return np.stack([ndimage.shift(np.ones((ky, kx)), s, order=1, mode="constant", cval=0.0)
+                         for s in shifts]) < 1 - 1e-9
+
+    rows = short([(ky // 2 - cy, 0) for cy, _ in centres])[:, :, 0]   # shifted along y only
+    cols = short([(0, kx // 2 - cx) for _, cx in centres])[:, 0, :]
+    for fraction in (0.0, 0.1, 0.3):
+        ref = np.zeros((ky, kx), bool)
+        ref[rows.mean(axis=0) > fraction] = True
+        ref[:, cols.mean(axis=0) > fraction] = True
+        np.testing.assert_array_equal(edge_mask((ky, kx), centres, fraction), ref)
+    assert not edge_mask((ky, kx), np.tile([ky // 2, kx // 2], (5, 1))).any()  # centred: none
+
+
 def test_beam_mask_default_radius():
     assert default_beam_mask_radius(1.0) == 3.0          # small disc: +2 px margin
     assert default_beam_mask_radius(5.0) == 10.0         # large disc: 2x

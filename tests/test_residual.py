@@ -134,6 +134,33 @@ def test_correction_of_a_crystal_versus_a_weak_crystal_inside_it():
     assert not R.is_correction(outside, np.array([0.5, 0.4, 0, 0, 0, 0]), host_load, host_pat)[0]
 
 
+def test_residual_crystal_where_the_host_reaches_without_a_segment_is_kept():
+    """A global component can reach, weakly, over a second crystal that shares some of
+    its spots; the residual search's component for that crystal is kept (it is no
+    correction: the host has no segment there). Inside the host's segment, on its
+    spots, a residual component is still a correction."""
+    from spedflow.workflows.nmf import NMFConfig, _set_aside_corrections
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    second = (yy - 30) ** 2 + (xx - 30) ** 2 <= 16
+    host = np.zeros((40, 40))
+    host[4:20, 4:20] = 1.0
+    host = (host + 0.15 * second + rng.normal(0, 0.03, host.shape)).clip(0)  # 5 sigma: no segment
+    inside = np.zeros((40, 40))
+    inside[8:14, 8:14] = 0.3
+    h = np.array([[1.0, 0.8, 0.5, 0.0, 0.0, 0.01]])      # host's spots: the first three pixels
+    on_host_spots = np.array([[0.5, 0.4, 0.3, 0, 0, 0]])
+    w_raster = np.column_stack([host.ravel(), second.ravel() * 0.5, inside.ravel()])
+    sel = np.arange(6)
+    keep, reasons = np.ones(3, bool), ["kept"] * 3
+    _set_aside_corrections(keep, reasons, 1, h, w_raster, sel,
+                           np.vstack([on_host_spots, on_host_spots]), host[None], NMFConfig().watershed)
+    assert keep.tolist() == [True, True, False]
+    assert "correction" in reasons[2]
+    # the old rule (the host present above 10 % of its maximum) calls both corrections
+    assert R.is_correction(w_raster[:, 1], on_host_spots[0], host.ravel(), h[0])[0]
+
+
 def test_singular_values_from_the_gram_matrix_equal_svd():
     m = np.random.default_rng(3).normal(size=(700, 9)).astype(np.float32)
     np.testing.assert_allclose(R._singular_values(m, rows=128),

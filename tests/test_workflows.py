@@ -53,6 +53,11 @@ def test_result_contract(results, key):
         assert g["nmf/factors"].shape == (e, ky, kx) and g["nmf/loadings"].shape == (e, ny, nx)
         assert len(attrs["components_set_aside"]) >= 1  # the film/vacuum support
         assert "noise floor" in attrs["n_components_reason"]
+        # the detector edge the alignment shifts zeros into is left out of the fit
+        from spedflow.decompose import edge_mask
+        edge = g["nmf/edge_mask"][:]
+        np.testing.assert_array_equal(edge, edge_mask((ky, kx), g["beam/fitted"][:]) & ~g["nmf/beam_mask"][:])
+        assert edge.any() and (g["nmf/factors"][:][:, edge] == 0).all()
     # the beam-centre map and the descan model used
     assert g["beam/centres"].shape == (ny, nx, 2) and g["beam/fitted"].shape == (ny, nx, 2)
     truth = zarr.open_group(str(store), mode="r")["truth/beam_centres"][:]
@@ -157,11 +162,15 @@ def test_nmf_judging_thresholds_reuse_the_cached_factorisation(tmp_path, sim_sto
     """Changing a threshold that only judges the components (nmf.min_coherence) re-runs
     the judging, not the NMF; changing the factorisation's seed does re-run it."""
     cache = tmp_path / "cache"
+    stale = cache / "nmf-0123456789abcdef"  # a complete stage of an older spedflow
+    stale.mkdir(parents=True)
+    (stale / "COMPLETE").write_text("ok\n")
     for i, nmf in enumerate(({}, {"min_coherence": 0.9}, {"seed": 1})):
         spedflow.segment(sim_store, method="nmf", out=tmp_path / f"r{i}.zarr", cache=cache,
                          local=True, progress=False, overrides={"nmf": nmf} if nmf else None)
         stages = sorted(p.name for p in cache.iterdir() if p.name.startswith("nmf-"))
-        assert len(stages) == (1 if i < 2 else 2), (nmf, stages)
+        assert len(stages) == (1 if i < 2 else 2), (nmf, stages)  # the stale one pruned
+        assert not stale.exists()
 
 
 def test_vdf_defaults_on_a_clipped_high_dose_beam(tmp_path):

@@ -2,7 +2,7 @@
 
 from ._params import NMFParams, ScreeParams
 from ._residual import ResidualParams
-from ._poisson import (PoissonStats, beam_mask, default_beam_mask_radius, merge_poisson,
+from ._poisson import (PoissonStats, beam_mask, default_beam_mask_radius, edge_mask, merge_poisson,
                        normalise_block, normalised_matrix, poisson_partial, poisson_statistics,
                        scale_factors, undo_normalisation)
 from ._background import classify_components, loading_coverage, spatial_coherence, spot_fraction
@@ -12,7 +12,7 @@ from ._scree import (ScreeResult, choose_n_components, marchenko_pastur_count, r
                      randomized_svds,
                      scree, signflip_block)
 
-__all__ = ["NMFParams", "ScreeParams", "ResidualParams", "PoissonStats", "beam_mask", "default_beam_mask_radius",
+__all__ = ["NMFParams", "ScreeParams", "ResidualParams", "PoissonStats", "beam_mask", "edge_mask", "default_beam_mask_radius",
            "merge_poisson", "normalise_block", "normalised_matrix", "poisson_partial",
            "poisson_statistics", "scale_factors", "undo_normalisation", "ScreeResult",
            "choose_n_components", "marchenko_pastur_count", "scree", "signflip_block",

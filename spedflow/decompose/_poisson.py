@@ -38,7 +38,7 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 from ..io._store import check_4d
 
-__all__ = ["beam_mask", "default_beam_mask_radius", "PoissonStats", "poisson_partial",
+__all__ = ["beam_mask", "edge_mask", "default_beam_mask_radius", "PoissonStats", "poisson_partial",
            "merge_poisson", "poisson_statistics", "scale_factors", "normalise_block",
            "normalised_matrix", "undo_normalisation"]
 
@@ -88,6 +88,61 @@ def beam_mask(shape: tuple[int, int], radius: float | None = None, *,
     check_range("radius", radius, low=0)
     yy, xx = np.ogrid[:ky, :kx]
     return (yy - ky // 2) ** 2 + (xx - kx // 2) ** 2 <= radius ** 2
+
+
+#: Largest fraction of patterns in which a detector pixel may lie off the detector after
+#: alignment and still be decomposed (:func:`edge_mask`).
+EDGE_FRACTION = 0.01
+
+
+def edge_mask(shape: tuple[int, int], centres, max_fraction: float = EDGE_FRACTION) -> np.ndarray:
+    """Boolean mask of the detector's edge bands, True = excluded from the decomposition:
+    the rows and columns whose source lies off the detector, once every pattern's beam
+    centre is moved to ``(ky // 2, kx // 2)``, in more than ``max_fraction`` of the patterns.
+
+    Alignment fills those pixels with 0 (``preprocess.shift_patterns``). Where the beam
+    moves across the scan (descan) or sits off the detector centre, that band of zeros
+    grows and shrinks from pattern to pattern; NMF, which must fit every pixel, then
+    spends components on the band (a factor bright along one detector edge, its loading
+    a smooth ramp over the scan) and the watershed cuts "crystals" out of the ramp. A
+    pixel missing from a few patterns only (an outlying centre) costs the fit little.
+
+    Parameters
+    ----------
+    shape : (ky, kx)
+    centres : (..., 2) array
+        The beam centres the patterns are aligned on (detector pixels).
+    max_fraction : float
+        See above; 0 excludes every pixel that any pattern lacks.
+
+    Returns
+    -------
+    (ky, kx) ndarray of bool
+        A frame: whole rows and columns (those off the detector in more than
+        ``max_fraction`` of the patterns, counting rows and columns separately).
+    """
+    ky, kx = (int(s) for s in shape)
+    c = np.asarray(centres, np.float64).reshape(-1, 2)
+    check_range("max_fraction", max_fraction, low=0, high=1)
+    out = np.zeros((ky, kx), bool)
+    if not len(c):
+        return out
+    bad = []
+    for axis, n in enumerate((ky, kx)):
+        # the bilinear shift by s = n // 2 - centre reads rows y - floor(s) and, unless s
+        # is whole, y - floor(s) - 1: row y is complete for ceil(s) <= y <= floor(s) + n - 1
+        s = n // 2 - c[:, axis]
+        s = s[np.isfinite(s)]
+        lo = np.clip(np.ceil(s), 0, n).astype(np.intp)                 # rows below are missing
+        hi = np.clip(np.floor(s) + n - 1, -1, n - 1).astype(np.intp)   # rows above are missing
+        # missing[y] = #(lo > y) + #(hi < y)
+        below = len(s) - np.cumsum(np.bincount(lo, minlength=n + 1))[:n]
+        above = np.cumsum(np.bincount(hi + 1, minlength=n + 1))[:n]
+        missing = (below + above) / max(len(s), 1)
+        bad.append(missing > max_fraction)
+    out[bad[0], :] = True
+    out[:, bad[1]] = True
+    return out
 
 
 def _check_mask(mask, det_shape) -> np.ndarray:

@@ -48,8 +48,9 @@ _JUDGING = ("min_spot_fraction", "max_coverage", "min_coherence")
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
-    from ..decompose import (beam_mask, choose_n_components, loading_coverage, nmf, scree,
-                             spatial_coherence, undo_normalisation)
+    from ..decompose import (beam_mask, choose_n_components, edge_mask, loading_coverage, nmf,
+                             scree, spatial_coherence, undo_normalisation)
+    from ..decompose._poisson import EDGE_FRACTION
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -66,7 +67,17 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # cannot be negative, so clip before the Poisson statistics
     aligned = pre.align(data, beam.used).map_blocks(np.maximum, 0, dtype=np.float32)
     mask = beam_mask((ky, kx), cfg.nmf.beam_mask_radius, beam_radius=r)
-    n_pix = int((~mask).sum())
+    # the decomposition also leaves out the detector's edge where alignment shifted the
+    # zero fill in for more than a few patterns (a band that moves with the descan would
+    # take components of its own); the Poisson statistics keep the beam mask only, the
+    # key live mode computes them under
+    edge = edge_mask((ky, kx), beam.used) & ~mask
+    if edge.any():
+        log.info("NMF leaves out %d detector pixels at the edges (off the detector after "
+                 "alignment in more than %.0f%% of the patterns)", int(edge.sum()),
+                 100 * EDGE_FRACTION)
+    cut = mask | edge
+    n_pix = int((~cut).sum())
     if cfg.nmf.n_components is not None and cfg.nmf.n_components > min(ny * nx, n_pix):
         raise ParameterError(f"`n_components` ({cfg.nmf.n_components}) exceeds what the data allows: "
                              f"min(patterns {ny * nx}, unmasked pixels {n_pix})")
@@ -86,11 +97,11 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # to the cache once, as (Y, X, P) blocks aligned with the data's chunks, so later
     # passes only read and decompress. The decompositions see its rows block by block
     # (block-major order); `order` maps those rows back to raster order.
-    st_matrix = cache.stage("matrix", st_stats.key)
+    st_matrix = cache.stage("matrix", st_stats.key, edge)
     target = st_matrix.path / "matrix.zarr"
     if not st_matrix.complete:
         with timer("matrix"):
-            blocks3 = _normalised_blocks(aligned, stats, mask)
+            blocks3 = _normalised_blocks(aligned, stats, cut)
             import zarr
             from ..io import create_array
             z = create_array(zarr.open_group(str(target), mode="w"), "x", blocks3.shape,
@@ -156,7 +167,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         st_res = cache.stage("residual", st_nmf.key, dataclasses.asdict(cfg.residual))
         if not st_res.complete:
             with timer("residual"):
-                h2, w2, sel, h2s, residual_info = residual_search(target, h, w_raster, stats, mask,
+                h2, w2, sel, h2s, residual_info = residual_search(target, h, w_raster, stats, cut,
                                                                   cfg.residual, (ny, nx))
                 st_res.save("factors", np.asarray(h2, np.float32))
                 st_res.save("loadings", np.asarray(w2, np.float32))
@@ -172,7 +183,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             h = np.concatenate([h, h2], axis=0)
             w_raster = np.concatenate([w_raster, w2], axis=1)
         log.info("residual search: %d new components (%s)", len(h2), residual_info.get("why", ""))
-    factors, loadings = undo_normalisation(h, w_raster, stats, mask)
+    factors, loadings = undo_normalisation(h, w_raster, stats, cut)
     factors = factors.reshape(-1, ky, kx)
     loadings = loadings.reshape(-1, ny, nx)
 
@@ -182,7 +193,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         except ImportError:  # not available yet: keep every component
             verdicts = [(True, "kept (no classifier)")] * len(factors)
         else:
-            verdicts = classify_components(factors, loadings, beam_radius=r, mask=mask,
+            verdicts = classify_components(factors, loadings, beam_radius=r, mask=cut,
                                            min_spot_fraction=cfg.nmf.min_spot_fraction,
                                            max_coverage=cfg.nmf.max_coverage)
         keep = np.array([v[0] for v in verdicts], bool)
@@ -207,9 +218,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         # whose pattern is that crystal's, is a correction of that crystal's model
         # (shape, thickness), not another crystal: kept, it would duplicate its segment
         if len(factors) > n_global and keep[:n_global].any():
-            _set_aside_corrections(keep, reasons, n_global, h_global, w_raster, res_sel, res_h2s)
+            _set_aside_corrections(keep, reasons, n_global, h_global, w_raster, res_sel, res_h2s,
+                                   loadings, cfg.watershed)
             from ..segment._merge import correlation_matrix
-            fp = factors.reshape(len(factors), -1)[:, ~mask.ravel()]
+            fp = factors.reshape(len(factors), -1)[:, ~cut.ravel()]
             corr = correlation_matrix(fp)
             glob_kept = np.flatnonzero(keep[:n_global])
             for i in range(n_global, len(factors)):
@@ -228,7 +240,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             mf, ml, groups = merge_components(factors[keep], loadings[keep],
                                               pattern_threshold=cfg.merge.pattern_threshold,
                                               loading_threshold=cfg.merge.loading_threshold,
-                                              pattern_mask=~mask)
+                                              pattern_mask=~cut)
         else:
             mf, ml, groups = np.zeros((0, ky, kx), np.float32), np.zeros((0, ny, nx), np.float32), []
     kept_index = np.flatnonzero(keep)
@@ -261,6 +273,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "nmf/merged_loadings": np.asarray(ml, np.float32),
         "nmf/labels": labels.astype(np.int32),
         "nmf/beam_mask": mask,
+        "nmf/edge_mask": edge,
         "scree/explained_variance_ratio": evr.astype(np.float64),
         "beam/centres": beam.measured.astype(np.float32),
         "beam/fitted": beam.used.astype(np.float32),
@@ -283,28 +296,34 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
 
 
-def _set_aside_corrections(keep, reasons, n_global, h, w_raster, sel, h2s):
+def _set_aside_corrections(keep, reasons, n_global, h, w_raster, sel, h2s, host_maps, params):
     """Set aside residual components that correct a kept global crystal (in place).
 
-    A residual component lying where a kept crystal is *and* on that crystal's spots
-    (:func:`spedflow.decompose._residual.is_correction`) is a misfit of its model, which
-    the crystal's own segment already covers; kept, it would duplicate the segment.
-    Normalised units throughout: ``w_raster`` (N, E + k) all loadings, ``h`` (E, P)
-    the global factors, ``sel`` the kept pixels, ``h2s`` (k, P') the new patterns on them.
+    A residual component lying where a kept crystal's segments are *and* on that
+    crystal's spots (:func:`spedflow.decompose._residual.is_correction`) is a misfit of
+    its model, which the crystal's own segment already covers; kept, it would duplicate
+    the segment. Where the host is, is where the watershed (``params``) of its loading
+    map ``host_maps[e]`` puts segments: a global component can also reach, weaker, over
+    a second crystal that shares some of its spots (one of similar orientation) without
+    a segment there, and a residual component that is that second crystal is kept.
+    Normalised units: ``w_raster`` (N, E + k) all loadings, ``h`` (E, P) the global
+    factors, ``sel`` the kept pixels, ``h2s`` (k, P') the new patterns on them.
     """
     from ..decompose import _residual as R
+    from ..segment import watershed_image
     glob_kept = np.flatnonzero(keep[:n_global])
+    where = {int(e): (watershed_image(host_maps[e], params) > 0).ravel() for e in glob_kept}
     for i in range(n_global, len(keep)):
         if not keep[i]:
             continue
         j = i - n_global
         for e in glob_kept:
-            fit, overlap, spots = R.is_correction(w_raster[:, i], h2s[j], w_raster[:, e],
+            fit, overlap, spots = R.is_correction(w_raster[:, i], h2s[j], w_raster[:, e] * where[int(e)],
                                                   h[e, sel] / max(float(h[e].max()), 1e-12))
             if fit:
                 keep[i] = False
-                reasons[i] = (f"residual component lying where component {int(e)} is ({overlap:.0%} "
-                              f"of its positions) and on its spots ({spots:.0%} of its pattern): a "
+                reasons[i] = (f"residual component lying where component {int(e)}'s segments are "
+                              f"({overlap:.0%} of its positions) and on its spots ({spots:.0%} of its pattern): a "
                               f"correction of that crystal, not another one")
                 break
 
@@ -453,9 +472,9 @@ def _friedel_pieces(rs, w2, h, w_raster, a, b, sel, c, pix, clusters, mask, scan
     from scipy import ndimage
     from ..decompose import _residual as R
     ny, nx = scan_shape
-    kx = mask.shape[1]
+    ky, kx = mask.shape
     coords = np.stack(np.divmod(pix, kx), axis=1).astype(np.float64)
-    centre = np.argwhere(mask).mean(axis=0) if mask.any() else (np.array(mask.shape) - 1) / 2
+    centre = np.array([ky // 2, kx // 2], np.float64)  # where alignment put the beam
     pieces = []
     for j in range(w2.shape[1]):
         lab, n = ndimage.label(w2[:, j].reshape(ny, nx) > 0, structure=np.ones((3, 3), bool))
