@@ -93,6 +93,28 @@ def test_collected_warnings_are_kept_and_replayed(tmp_path, caplog):
     assert {r.getMessage() for r in caplog.records} == {"the beam is clipped"}
 
 
+def test_prune_stale_removes_only_complete_stages_of_other_code(tmp_path):
+    """Stages another spedflow wrote (the marker of an older version, or of other code)
+    can never be reused: pruned. This code's stages, an interrupted stage (resumable)
+    and anything that is not a stage stay."""
+    from spedflow.workflows._cache import StageCache
+    cache = StageCache(tmp_path)
+    mine = cache.stage("peaks", "a")
+    mine.save("x", np.arange(5))
+    mine.mark_complete()
+    for name, marker in (("nmf-0123456789abcdef", "ok\n"), ("matrix-00000000000000aa", "0.1.0+ff\n"),
+                         ("poisson-fedcba9876543210", None), ("notes", "ok\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.bin").write_bytes(b"0" * 1000)
+        if marker is not None:
+            (tmp_path / name / "COMPLETE").write_text(marker)
+    removed, freed = cache.prune_stale()
+    assert removed == 2 and freed >= 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine.path.name, "poisson-fedcba9876543210", "notes"])
+    assert mine.complete and cache.prune_stale() == (0, 0)
+
+
 @pytest.mark.parametrize("sizes", [[], [0, 0], [3], [5, 0, 7, 2, 11, 1], [20]])
 def test_rows_are_written_part_by_part_as_their_concatenation(tmp_path, sizes):
     """A table streamed into the result in whole chunks (parts that end inside a chunk

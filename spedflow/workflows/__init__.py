@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from ..config import params_to_dict, to_toml
 from ..errors import ParameterError
 from ._cache import StageCache
+
+log = logging.getLogger("spedflow")
 
 __all__ = ["config_class", "default_config_toml", "parameter_summaries", "run_workflow", "StageCache"]
 
@@ -93,7 +96,12 @@ def run_workflow(method: str, plan, cfg, *, cache=None) -> Path:
     """Run ``method`` on a prepared plan inside the current dask context."""
     cache = StageCache(cache if cache is not None else Path(str(plan.out) + ".cache"))
     if method == "vdf":
-        from .vdf import run_vdf
-        return run_vdf(plan, cfg, cache)
-    from .nmf import run_nmf
-    return run_nmf(plan, cfg, cache)
+        from .vdf import run_vdf as run
+    else:
+        from .nmf import run_nmf as run
+    out = run(plan, cfg, cache)
+    removed, freed = cache.prune_stale()
+    if removed:
+        log.info("stage cache: removed %d stages written by other spedflow code (%.1f MB)",
+                 removed, freed / 2**20)
+    return out

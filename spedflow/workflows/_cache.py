@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -100,8 +101,10 @@ class Stage:
         return self.path / "blocks" / ("_".join(str(int(i)) for i in index) + ".npz")
 
     def mark_complete(self) -> None:
+        """Write the marker, holding the fingerprint of the code that made the stage
+        (:meth:`StageCache.prune_stale` removes stages no other run of this code can reuse)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "COMPLETE").write_text("ok\n")
+        (self.path / "COMPLETE").write_text(code_fingerprint() + "\n")
 
 
 def write_slabs(arr, array: np.ndarray, slab_bytes: int = 32 * 2**20) -> None:
@@ -153,3 +156,33 @@ class StageCache:
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def prune_stale(self) -> tuple[int, int]:
+        """Remove the complete stages written by other spedflow code (another version, an
+        edited checkout): every key holds the code's fingerprint, so no run of this code
+        can reuse them, and without pruning each upgrade would leave a cache as large as
+        the data (the NMF's normalised matrix) behind. Incomplete stages are kept (an
+        interrupted run of this code resumes them). Returns (stages removed, bytes freed).
+        """
+        mine = code_fingerprint()
+        removed = freed = 0
+        if not self.root.is_dir():
+            return 0, 0
+        for d in self.root.iterdir():
+            marker = d / "COMPLETE"
+            if not (d.is_dir() and _STAGE_DIR.fullmatch(d.name) and marker.is_file()):
+                continue
+            try:
+                if marker.read_text().strip() == mine:
+                    continue
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            except OSError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed, freed = removed + 1, freed + size
+        return removed, freed
+
+
+#: A stage's directory name: ``<stage>-<16 hex digits of its key>``.
+_STAGE_DIR = re.compile(r"[a-z0-9_]+-[0-9a-f]{16}")
