@@ -64,6 +64,8 @@ def open_result(path) -> dict:
         "vdf/images": ("vector", "scan_y", "scan_x"),
         "nmf/factors": ("component", "ky", "kx"),
         "nmf/loadings": ("component", "scan_y", "scan_x"),
+        "nmf/beam_mask": ("ky", "kx"),
+        "nmf/edge_mask": ("ky", "kx"),
         "vectors": ("vector", "g"),
         "peaks": ("peak", "column"),
         "beam/centres": ("scan_y", "scan_x", "yx"),

@@ -29,7 +29,8 @@ RESULT_DIMS = {
 VDF_DIMS = {**RESULT_DIMS, "vdf/images": ("vector", "scan_y", "scan_x"),
             "vectors": ("vector", "g"), "peaks": ("peak", "column")}
 NMF_DIMS = {**RESULT_DIMS, "nmf/factors": ("component", "ky", "kx"),
-            "nmf/loadings": ("component", "scan_y", "scan_x")}
+            "nmf/loadings": ("component", "scan_y", "scan_x"),
+            "nmf/beam_mask": ("ky", "kx"), "nmf/edge_mask": ("ky", "kx")}
 
 
 @pytest.fixture(autouse=True)
