@@ -108,10 +108,15 @@ def test_prune_stale_removes_only_complete_stages_of_other_code(tmp_path):
         (tmp_path / name / "data.bin").write_bytes(b"0" * 1000)
         if marker is not None:
             (tmp_path / name / "COMPLETE").write_text(marker)
+    stale = ["nmf-0123456789abcdef", "matrix-00000000000000aa"]
+    # while another run holds the cache (it may be reading those stages), nothing goes
+    with StageCache(tmp_path).in_use():
+        assert cache.prune_stale() == (0, 0)
+    assert all((tmp_path / name).exists() for name in stale)
     removed, freed = cache.prune_stale()
     assert removed == 2 and freed >= 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [mine.path.name, "poisson-fedcba9876543210", "notes"])
+        [mine.path.name, "poisson-fedcba9876543210", "notes", ".lock"])
     assert mine.complete and cache.prune_stale() == (0, 0)
 
 

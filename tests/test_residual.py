@@ -161,6 +161,35 @@ def test_residual_crystal_where_the_host_reaches_without_a_segment_is_kept():
     assert R.is_correction(w_raster[:, 1], on_host_spots[0], host.ravel(), h[0])[0]
 
 
+def test_nmf_refuses_a_detector_the_edge_band_leaves_almost_empty(caplog):
+    """Beam centres spread over most of a small detector (a beam stop taken for the beam,
+    say) leave NMF a few pixels: one line saying why, before any computation; a band
+    taking more than a quarter of the detector is a warning."""
+    import logging
+
+    from spedflow.decompose import beam_mask, edge_mask
+    from spedflow.errors import InputError
+    from spedflow.workflows.nmf import _check_edge
+    shape = (32, 32)
+    mask = beam_mask(shape, 3.0)
+    wide = np.column_stack([np.linspace(2, 30, 200), np.linspace(30, 2, 200)])
+    edge = edge_mask(shape, wide) & ~mask
+    with pytest.raises(InputError, match=r"only \d+ detector pixels.*beam centres") as err:
+        _check_edge(edge, mask, int((~(mask | edge)).sum()), wide, shape)
+    assert "\n" not in str(err.value)
+    drift = np.column_stack([np.linspace(12, 20, 200), np.full(200, 16.0)])  # +-4 px along ky
+    edge = edge_mask(shape, drift) & ~mask
+    with caplog.at_level(logging.INFO, logger="spedflow"):
+        _check_edge(edge, mask, int((~(mask | edge)).sum()), drift, shape)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and f"{int(edge.sum())} detector pixels" in caplog.text
+    caplog.clear()
+    drift[:, 0] = np.linspace(8, 24, 200)  # +-8 px: half the rows
+    edge = edge_mask(shape, drift) & ~mask
+    with caplog.at_level(logging.INFO, logger="spedflow"):
+        _check_edge(edge, mask, int((~(mask | edge)).sum()), drift, shape)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_singular_values_from_the_gram_matrix_equal_svd():
     m = np.random.default_rng(3).normal(size=(700, 9)).astype(np.float32)
     np.testing.assert_allclose(R._singular_values(m, rows=128),

@@ -90,8 +90,9 @@ def beam_mask(shape: tuple[int, int], radius: float | None = None, *,
     return (yy - ky // 2) ** 2 + (xx - kx // 2) ** 2 <= radius ** 2
 
 
-#: Largest fraction of patterns in which a detector pixel may lie off the detector after
-#: alignment and still be decomposed (:func:`edge_mask`).
+#: Largest fraction of patterns in which a detector row (or column) may lie off the
+#: detector after alignment and still be decomposed (:func:`edge_mask`; a corner pixel
+#: may then be missing from up to twice as many).
 EDGE_FRACTION = 0.01
 
 
@@ -106,6 +107,11 @@ def edge_mask(shape: tuple[int, int], centres, max_fraction: float = EDGE_FRACTI
     spends components on the band (a factor bright along one detector edge, its loading
     a smooth ramp over the scan) and the watershed cuts "crystals" out of the ramp. A
     pixel missing from a few patterns only (an outlying centre) costs the fit little.
+
+    The band follows the centres the patterns are aligned on: with the fitted descan
+    (the default) a smooth map; with ``preprocess.descan = "none"`` (and in live mode)
+    each pattern's measured centre, where more than ``max_fraction`` of outliers a few
+    pixels off widen the band by as much.
 
     Parameters
     ----------

@@ -138,7 +138,9 @@ def check_side_directory(path, *, what: str, sources=()) -> None:
     export) where writing into it would touch data: a file; one of the stores being
     read or written (``sources``) or a folder inside one; a spedflow store, or a folder
     inside one. A folder that holds stores is fine (what is written there has names of
-    its own, and nothing there is deleted). Remote paths are not checked. ``what``: how
+    its own; the only things a stage cache ever deletes are folders named as its stages,
+    ``<stage>-<16 hex digits>`` holding a ``COMPLETE`` marker of other spedflow code).
+    Remote paths are not checked. ``what``: how
     the user gave it (``"--cache"``)."""
     local = local_path(path)
     if local is None:

@@ -13,6 +13,7 @@ changes only that stage's key and the keys of the stages after it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -24,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, no pruning
+    fcntl = None
 
 from .._version import __version__
 from ..io import create_array
@@ -157,17 +163,44 @@ class StageCache:
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def in_use(self):
+        """Hold a shared lock on the cache (``<cache>/.lock``) while a run uses it, so that
+        :meth:`prune_stale` of another run, of other code, waits for none and deletes
+        nothing this one reads. Without ``fcntl`` (Windows) or where the folder cannot be
+        written, no lock, and :meth:`prune_stale` then prunes nothing."""
+        fh = _lock_file(self.root)
+        try:
+            if fh is not None:
+                fcntl.flock(fh, fcntl.LOCK_SH)
+            yield self
+        finally:
+            if fh is not None:
+                fh.close()  # releases the lock
+
     def prune_stale(self) -> tuple[int, int]:
         """Remove the complete stages written by other spedflow code (another version, an
         edited checkout): every key holds the code's fingerprint, so no run of this code
         can reuse them, and without pruning each upgrade would leave a cache as large as
         the data (the NMF's normalised matrix) behind. Incomplete stages are kept (an
-        interrupted run of this code resumes them). Returns (stages removed, bytes freed).
+        interrupted run of this code resumes them). Only when no run holds the cache
+        (:meth:`in_use`): another run, of the other code, may be reading those stages.
+        Returns (stages removed, bytes freed).
         """
-        mine = code_fingerprint()
-        removed = freed = 0
-        if not self.root.is_dir():
+        fh = _lock_file(self.root)
+        if fh is None:
             return 0, 0
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another run is using the cache: leave it alone
+                return 0, 0
+            return self._prune(code_fingerprint())
+        finally:
+            fh.close()
+
+    def _prune(self, mine: str) -> tuple[int, int]:
+        removed = freed = 0
         for d in self.root.iterdir():
             marker = d / "COMPLETE"
             if not (d.is_dir() and _STAGE_DIR.fullmatch(d.name) and marker.is_file()):
@@ -186,3 +219,14 @@ class StageCache:
 
 #: A stage's directory name: ``<stage>-<16 hex digits of its key>``.
 _STAGE_DIR = re.compile(r"[a-z0-9_]+-[0-9a-f]{16}")
+
+
+def _lock_file(root: Path):
+    """``<root>/.lock`` opened for locking, or None (no ``fcntl``, or not writable)."""
+    if fcntl is None:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return open(root / ".lock", "a+b")
+    except OSError:
+        return None

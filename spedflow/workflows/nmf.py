@@ -50,7 +50,6 @@ _JUDGING = ("min_spot_fraction", "max_coverage", "min_coherence")
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..decompose import (beam_mask, choose_n_components, edge_mask, loading_coverage, nmf,
                              scree, spatial_coherence, undo_normalisation)
-    from ..decompose._poisson import EDGE_FRACTION
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -63,21 +62,19 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     prep = resolve_pre(cfg.preprocess, r)
     data = binned(plan, prep)
     ny, nx, ky, kx = data.shape
-    # Fourier sub-pixel shifts ring slightly below zero next to sharp spots: counts
-    # cannot be negative, so clip before the Poisson statistics
+    # counts cannot be negative: clip before the Poisson statistics (a dark-subtracted
+    # camera's patterns can hold small negative values)
     aligned = pre.align(data, beam.used).map_blocks(np.maximum, 0, dtype=np.float32)
     mask = beam_mask((ky, kx), cfg.nmf.beam_mask_radius, beam_radius=r)
     # the decomposition also leaves out the detector's edge where alignment shifted the
     # zero fill in for more than a few patterns (a band that moves with the descan would
     # take components of its own); the Poisson statistics keep the beam mask only, the
-    # key live mode computes them under
+    # key live mode computes them under (their row sums then include the band: a few
+    # percent of each pattern's counts, at most)
     edge = edge_mask((ky, kx), beam.used) & ~mask
-    if edge.any():
-        log.info("NMF leaves out %d detector pixels at the edges (off the detector after "
-                 "alignment in more than %.0f%% of the patterns)", int(edge.sum()),
-                 100 * EDGE_FRACTION)
     cut = mask | edge
     n_pix = int((~cut).sum())
+    _check_edge(edge, mask, n_pix, beam.used, (ky, kx))
     if cfg.nmf.n_components is not None and cfg.nmf.n_components > min(ny * nx, n_pix):
         raise ParameterError(f"`n_components` ({cfg.nmf.n_components}) exceeds what the data allows: "
                              f"min(patterns {ny * nx}, unmasked pixels {n_pix})")
@@ -294,6 +291,35 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+#: Fewest detector pixels NMF is run on (left by the beam mask and the edge band).
+_MIN_PIXELS = 64
+
+
+def _check_edge(edge, mask, n_pix, centres, shape) -> None:
+    """Say how much of the detector the edge band takes (:func:`~spedflow.decompose.edge_mask`);
+    refuse, in one line, a run it leaves too few pixels for."""
+    from ..decompose._poisson import EDGE_FRACTION
+    from ..errors import InputError
+    ky, kx = shape
+    c = np.asarray(centres, np.float64).reshape(-1, 2)
+    span = np.nanpercentile(c, [1, 99], axis=0) - np.array([ky // 2, kx // 2])
+    where = (f"beam centres {span[0, 0]:+.1f} to {span[1, 0]:+.1f} px (ky), {span[0, 1]:+.1f} "
+             f"to {span[1, 1]:+.1f} px (kx) from the detector centre")
+    if n_pix < _MIN_PIXELS:
+        raise InputError(
+            f"NMF would have only {n_pix} detector pixels: the beam mask takes {int(mask.sum())}, "
+            f"and the edges alignment shifts off the detector in more than "
+            f"{100 * EDGE_FRACTION:.0f}% of the patterns {int(edge.sum())} ({where}); check the "
+            f"beam centres (a beam stop or an empty pattern taken for the beam?), or run with "
+            f"preprocess.align = false")
+    if edge.any():
+        share = edge.sum() / edge.size
+        (log.warning if share > 0.25 else log.info)(
+            "NMF leaves out %d detector pixels (%.0f%%) at the edges, off the detector after "
+            "alignment in more than %.0f%% of the patterns (%s)", int(edge.sum()), 100 * share,
+            100 * EDGE_FRACTION, where)
 
 
 def _set_aside_corrections(keep, reasons, n_global, h, w_raster, sel, h2s, host_maps, params):
