@@ -8,6 +8,7 @@ in-process, scored with ``spedflow.evaluate``:
 
     python benchmarks/bench_foreign.py [--methods vdf nmf] [--sets s01_d64_poly ...]
                                        [--work DIR] [--out benchmarks/results/foreign.json]
+                                       [--set nmf.extra_components=1.0 --out OTHER.json]
 
 The sets are simulated once into ``--work`` (~3 min for all ten) and reused.
 """
@@ -27,14 +28,16 @@ def main(argv=None) -> int:
     from spedflow.evaluate import evaluate
     sys.path.insert(0, str(HERE))
     import foreign_sim
-    from bench_quality import score_fields, segment_fresh, write_rows
+    from bench_quality import add_set_option, parse_sets, score_fields, segment_fresh, write_rows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
     ap.add_argument("--sets", nargs="+", choices=list(foreign_sim.SETS), default=list(foreign_sim.SETS))
     ap.add_argument("--work", type=Path, default=HERE / "work" / "foreign")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "foreign.json")
+    add_set_option(ap)
     args = ap.parse_args(argv)
+    overrides = parse_sets(ap, args, HERE / "results" / "foreign.json")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.sets:
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             row = {"set": name, "simulation": foreign_sim.SETS[name], "method": method}
             try:
-                segment_fresh(store, out, method)
+                segment_fresh(store, out, method, overrides)
             except Exception as exc:  # a failure is a result here, not a crash of the benchmark
                 row.update(error=f"{type(exc).__name__}: {exc}", recall=0.0, precision=0.0)
                 rows.append(row)
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
                 continue
             s = evaluate(out, store)
             row.update({"seconds": round(time.perf_counter() - t0, 1), **score_fields(s)})
+            if overrides:
+                row["overrides"] = overrides
             rows.append(row)
             print(f"{name:28s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}", flush=True)
