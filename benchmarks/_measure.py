@@ -7,6 +7,8 @@
   lower bound on any pass of a workflow over the same store.
 - :func:`drop_page_cache`: ask the kernel to forget a store's files, so that each
   measured run starts from the disk rather than from whatever the previous run left.
+- :func:`check_checkout`: warn when ``import spedflow`` loads another copy than this
+  checkout's (a non-editable install in site-packages measures old code).
 
 No timing here is asserted anywhere: these are measurements, recorded with the load
 average of the (shared) machine before and after.
@@ -27,6 +29,31 @@ import time
 from pathlib import Path
 
 import psutil
+
+
+def check_checkout() -> bool:
+    """Whether ``import spedflow`` (and ``python -m spedflow``) loads this checkout's
+    package; warns on stderr if not. A script in ``benchmarks/`` finds ``spedflow`` on
+    ``sys.path`` after its own folder: a non-editable install in site-packages then
+    shadows the checkout, and every figure measures that copy's code."""
+    import hashlib
+
+    import spedflow
+
+    def source_hash(pkg: Path) -> str:  # as spedflow's code_fingerprint hashes its source
+        h = hashlib.sha256()
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.relative_to(pkg.parent).as_posix().encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
+
+    mine = Path(__file__).resolve().parent.parent / "spedflow"
+    got = Path(spedflow.__file__).resolve().parent
+    if got != mine and source_hash(got) != source_hash(mine):
+        print(f"WARNING: benchmarking the spedflow at {got}, whose code differs from this "
+              f"checkout's (`pip install -e .` here to measure this code)", file=sys.stderr,
+              flush=True)
+        return False
+    return True
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     from spedflow.evaluate import evaluate
     sys.path.insert(0, str(HERE))
     import foreign_sim
+    from _measure import check_checkout
     from bench_quality import add_set_option, parse_sets, score_fields, segment_fresh, write_rows
+    check_checkout()
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])

@@ -43,6 +43,9 @@ def _best_cpu(fn, repeat: int) -> float:
 
 
 def main(argv=None) -> dict:
+    sys.path.insert(0, str(HERE))
+    from _measure import check_checkout
+    check_checkout()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scan", type=int, default=64)
     ap.add_argument("--detector", type=int, default=128)

@@ -46,8 +46,10 @@ SETS = {
 
 
 def main(argv=None) -> int:
+    from _measure import check_checkout
     from spedflow.evaluate import evaluate
     from spedflow.simulate import simulate
+    check_checkout()
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])

@@ -334,6 +334,7 @@ def _last_json(text: str):
 
 
 def main(argv=None) -> int:
+    M.check_checkout()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="smoke")
     ap.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps")
