@@ -165,10 +165,10 @@ class StageCache:
 
     @contextlib.contextmanager
     def in_use(self):
-        """Hold a shared lock on the cache (``<cache>/.lock``) while a run uses it, so that
-        :meth:`prune_stale` of another run, of other code, waits for none and deletes
-        nothing this one reads. Without ``fcntl`` (Windows) or where the folder cannot be
-        written, no lock, and :meth:`prune_stale` then prunes nothing."""
+        """Hold a shared lock on the cache (``<cache>/.lock``) while a run uses it: a run
+        of other code that finishes meanwhile then skips its :meth:`prune_stale`, and
+        deletes nothing this one reads. Without ``fcntl`` (Windows) or where the folder
+        cannot be written, no lock, and :meth:`prune_stale` then prunes nothing."""
         fh = _lock_file(self.root)
         try:
             if fh is not None:

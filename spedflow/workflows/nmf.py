@@ -69,8 +69,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # the decomposition also leaves out the detector's edge where alignment shifted the
     # zero fill in for more than a few patterns (a band that moves with the descan would
     # take components of its own); the Poisson statistics keep the beam mask only, the
-    # key live mode computes them under (their row sums then include the band: a few
-    # percent of each pattern's counts, at most)
+    # key live mode computes them under (their row sums then include the band's counts)
     edge = edge_mask((ky, kx), beam.used) & ~mask
     cut = mask | edge
     n_pix = int((~cut).sum())
