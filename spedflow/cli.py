@@ -319,7 +319,7 @@ def cmd_info(args) -> int:
             for line in bad:
                 print(f"CORRUPT {line}")
             print(f"spedflow: error: {len(bad)} chunk(s) failed verification", file=sys.stderr)
-            return 1
+            return EXIT_USER
         print("verify: every chunk matches its checksum")
     return 0
 

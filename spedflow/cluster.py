@@ -48,6 +48,7 @@ through ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -450,13 +451,41 @@ def _import_modules(names) -> None:
         importlib.import_module(name)
 
 
+class _UserErrorFilter(logging.Filter):
+    """Drops a worker's "Compute Failed" log record (the task, exception and traceback,
+    ~15 lines on stderr) when the exception is one of spedflow's own errors: those are
+    the user's mistakes (NaN in the data, say), which the client reports in one line.
+    Any other failure is still logged in full."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .errors import SpedflowError
+        if not str(record.msg).startswith("Compute Failed") or len(record.args or ()) < 4:
+            return True
+        text = str(record.args[3])
+        names, todo = set(), [SpedflowError]
+        while todo:
+            cls = todo.pop()
+            names.add(cls.__name__)
+            todo.extend(cls.__subclasses__())
+        return not any(text.startswith(name + "(") for name in names)
+
+
+def _quiet_user_errors() -> None:
+    """Install :class:`_UserErrorFilter` on this (worker) process's worker logger."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+        logger.addFilter(_UserErrorFilter())
+
+
 def _warm_up(client) -> None:
     """One import task per worker, not waited for; then each loads the compiled kernels
     (:func:`spedflow._jit.warm_up`: ~0.5 s per process from numba's cache, ~10 s of
-    compiling on a machine's first run)."""
+    compiling on a machine's first run). Each also stops logging spedflow's own errors
+    in full (:class:`_UserErrorFilter`)."""
     from distributed import fire_and_forget
 
     from ._jit import warm_up
+    client.run(_quiet_user_errors)
     for addr in client.scheduler_info()["workers"]:
         fire_and_forget(client.submit(_import_modules, _WORKER_MODULES, workers=[addr],
                                       allow_other_workers=False, pure=False))

@@ -178,6 +178,62 @@ def test_pixels_nan_in_every_pattern_are_repaired(stores):
                 progress=False)
 
 
+def _unsampled_nan_store(stores):
+    """One NaN value in chunk (1, 2) of a 4 x 4 grid: a chunk the check before the run
+    (its corners and centre) does not read."""
+    from spedflow.workflows._common import _sample_check
+    if (stores["dir"] / "unsampled.zarr").exists():
+        return stores["dir"] / "unsampled.zarr"
+    arr = _nan_store(stores, "unsampled.zarr", extra=(13, 17, 30, 31), chunks=(8, 8), mask=False)
+    _sample_check(zarr.open_group(str(arr), mode="r")["data"], str(arr))  # passes: not read
+    return arr
+
+
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_nan_outside_the_sampled_chunks_is_refused_in_pass_1(stores, method):
+    """Before, the run went on to a NaN VDF image and failed in the watershed with
+    "`image` holds NaN or infinite values"; now pass 1 names the position."""
+    from spedflow.api import segment
+    arr = _unsampled_nan_store(stores)
+    out = stores["dir"] / f"unsampled.{method}.zarr"
+    with pytest.raises(InputError, match=r"NaN or infinite values, first at scan position "
+                                         r"\(13, 17\), detector pixel \(30, 31\)"):
+        segment(arr, method=method, out=out, local=True, progress=False)
+    assert not out.exists()
+
+
+def test_nan_refused_on_a_local_cluster_in_one_line(stores):
+    """On worker processes the task's failure reaches the user as one line, not with
+    the worker's ~15-line "Compute Failed" log of the task and its traceback."""
+    import subprocess
+    import sys
+    arr = _unsampled_nan_store(stores)
+    run = subprocess.run([sys.executable, "-m", "spedflow", "segment", str(arr), "--out",
+                          str(stores["dir"] / "unsampled.cluster.zarr"), "--workers", "1", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "first at scan position (13, 17)" in lines[0], run.stderr
+
+
+def test_user_error_filter_drops_only_spedflow_errors():
+    import logging
+
+    from spedflow.cluster import _UserErrorFilter
+
+    def record(exc_text):
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                 "Compute Failed\nKey: %s\nState: %s\nTask: %s\nException: %r\n"
+                                 "Traceback: %r\n", ("k", "executing", "t", exc_text, "tb"), None)
+    f = _UserErrorFilter()
+    assert not f.filter(record("InputError('the data hold NaN')"))
+    assert not f.filter(record("ParameterError('x')"))
+    assert f.filter(record("ValueError('a bug')"))
+    assert f.filter(record("MemoryError()"))
+    assert f.filter(logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                      "Worker exceeded memory budget", (), None))
+
+
 def test_watch_repairs_nan_pixels_and_the_final_run_reuses_its_blocks(stores, tmp_path):
     from spedflow.workflows.live import watch
     nan = _nan_store(stores, "nan_live.zarr")

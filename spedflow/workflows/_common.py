@@ -440,6 +440,9 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     just the annular VDF intensity they would give)."""
     from ..preprocess import kernels as pk
     frames = np.asarray(block, dtype=np.float32)
+    total_ = pattern_sum(frames)
+    if not np.isfinite(total_).all():
+        _refuse_nonfinite(frames, offset)
     c = pk.beam_centres(frames, beam_radius, reference=reference)
     # the radius needs an average profile only: every profile_stride-th position in
     # each scan direction (global indices, so the result does not depend on chunking)
@@ -449,12 +452,23 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     sample = np.ix_(ys, xs)
     out = {"centres": c.astype(np.float32),
            "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
-           "sum": pattern_sum(frames)}
+           "sum": total_}
     if annulus is None:
         out["profiles"] = radial_profiles(frames, c, n_bins)
     else:
         out["annular"] = annular_sums(frames, c, *annulus)
     return out
+
+
+def _refuse_nonfinite(frames: np.ndarray, offset) -> None:
+    """InputError naming the first pattern of a block (scan_y, scan_x, ky, kx) with a
+    NaN or infinite value. The check before a run reads 5 chunks
+    (:func:`_sample_check`); this catches the rest in pass 1, where each block's
+    pattern sum costs nothing extra, instead of a NaN VDF image failing at the end."""
+    y, x, ky, kx = (int(v) for v in np.argwhere(~np.isfinite(frames))[0])
+    raise InputError(f"the data hold NaN or infinite values, first at scan position "
+                     f"({offset[0] + y}, {offset[1] + x}), detector pixel ({ky}, {kx}) (the check "
+                     "before the run reads 5 chunks); clean or re-ingest the data first")
 
 
 def pattern_sum(frames: np.ndarray) -> np.ndarray:
