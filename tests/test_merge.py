@@ -1,5 +1,6 @@
 """Correlation merging (VDF, NMF) and virtual patterns: brute force, truth, permutations."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -387,6 +388,36 @@ def test_fold_fragments_folds_a_cut_crystal_and_keeps_a_crystal_inside_it():
     # decreasing total, as merge_vdf_segments orders
     totals = folded.summed.reshape(len(folded.summed), -1).sum(axis=1)
     assert np.all(np.diff(totals) <= 0)
+
+
+def test_fold_fragments_joins_groups_on_one_mask_whatever_their_profiles():
+    """Thickness fringes: half of a crystal's reflections bright where the other half
+    are dark (dynamical diffraction). The correlation merge gives two groups on one
+    mask, which the contrast test does not join (each half is brighter on its own
+    fringes); their masks coincide, so they are one crystal. A second, smaller crystal
+    inside it (B of the fragment case, IoU 0.11) stays."""
+    yy, xx = np.mgrid[:40, :40]
+    a = disc((20, 20), 12)
+    b = disc((24, 26), 4)
+    fringe = np.cos(2 * np.pi * xx / 12.0)
+    images = np.zeros((12, *SHAPE))
+    images[:4] = a * (1.05 + fringe)
+    images[4:8] = a * (1.05 - fringe)
+    images[8:] = b * 5.0
+    segs = np.array([images[v] * a for v in range(8)] + [images[v] * b for v in range(8, 12)],
+                    np.float32)
+    vectors = np.array([[10, 0], [-10, 0], [0, 10], [0, -10], [7, 7], [-7, -7], [7, -7],
+                        [-7, 7], [12, 5], [-12, -5], [5, -12], [-5, 12]], float)
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, np.arange(12), vectors, p)
+    assert sorted(tuple(m.tolist()) for m in merged.members) == [(0, 1, 2, 3), (4, 5, 6, 7),
+                                                                  (8, 9, 10, 11)]
+    assert fold_fragments(merged, images, dataclasses.replace(p, coincident_iou=1.5)) is merged
+    folded = fold_fragments(merged, images, p)
+    assert sorted(tuple(m.tolist()) for m in folded.members) == [tuple(range(8)), (8, 9, 10, 11)]
+    big = next(i for i, m in enumerate(folded.members) if 0 in m)
+    np.testing.assert_array_equal(folded.summed[big] > 0, a)
+    np.testing.assert_allclose(folded.summed[big].sum(), segs[:8].sum(), rtol=1e-5)
 
 
 def test_fold_fragments_can_be_disabled_and_checks_images():

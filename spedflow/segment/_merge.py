@@ -334,8 +334,14 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        the ratio ``P_a / P_b`` (summed over the region) on ``a`` is at most
        ``params.fragment_contrast`` times that on the rest of ``b``.
 
+    or 3. ``a``'s and ``b``'s masks coincide: their intersection over union is at least
+       ``params.coincident_iou`` (1 and 2 aside).
+
     A fragment's vectors belong to the same crystal, whose thickness scales every
-    reflection alike: their images follow ``b``'s everywhere. A different crystal
+    reflection alike where diffraction is kinematic: their images follow ``b``'s
+    everywhere. Where it is not (thickness fringes, bending), one crystal's
+    reflections vary unlike each other across it and the correlation merge splits
+    its vectors into groups on one mask: rule 3. A different crystal
     inside ``b`` (a weak crystal over a strong one) is bright in its own vectors on
     its own part, whatever leaks into their apertures from ``b``'s spots elsewhere:
     the correlation is moderate and the ratio higher on ``a``. (On small crystals the
@@ -365,7 +371,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     params = VDFMergeParams() if params is None else params
     images = _check_images(result, images)
     n = len(result.summed)
-    if n < 2 or params.fragment_containment > 1:
+    if n < 2 or (params.fragment_containment > 1 and params.coincident_iou > 1):
         return result
     masks, area, inter = _mask_overlaps(result)  # masks do not change when folding
     profile = np.stack([images.sum_of(m).astype(np.float32) for m in result.members])  # (n, P)
@@ -375,11 +381,15 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     alive = np.ones(n, dtype=bool)
     for a in sorted(range(n), key=lambda i: (area[i], i)):
         best, best_corr = None, -np.inf
-        for b in np.flatnonzero(inter[a] >= params.fragment_containment * area[a]):
+        for b in np.flatnonzero(inter[a] >= min(params.fragment_containment,
+                                                params.coincident_iou) * area[a]):
             if b == a or not alive[b] or area[b] < area[a]:
                 continue
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
-            if _lights_up(profile[a], profile[b], masks[a], masks[b], r, params) and r > best_corr:
+            coincide = inter[a, b] >= params.coincident_iou * (area[a] + area[b] - inter[a, b])
+            contained = inter[a, b] >= params.fragment_containment * area[a]
+            if (coincide or (contained and _lights_up(profile[a], profile[b], masks[a], masks[b],
+                                                       r, params))) and r > best_corr:
                 best, best_corr = b, r
         if best is None:
             continue

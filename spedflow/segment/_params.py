@@ -160,6 +160,16 @@ class VDFMergeParams:
         watershed only cut part of it in their images. A second crystal inside the
         first (the weak crystal over a strong one) is bright in its own vectors on its
         own part only and stays. Default 2.
+    coincident_iou : float
+        A candidate fragment whose mask and the larger segment's coincide (intersection
+        over union at least this) is folded in whatever its images' profiles. Two
+        groups on one mask are one crystal whose reflections vary unlike each other
+        across it (thickness fringes, bending: dynamical diffraction, which precession
+        damps but does not remove), so that neither the correlation of their segments
+        nor the contrast test joins them. A second crystal of the same projected
+        outline could not be told apart by its mask in any case. Default 0.8: the
+        masks of one crystal's groups differ by about a pixel along its edge (0.8 is
+        a one-pixel rim on a crystal ~20 pixels across). Set above 1 to disable.
     friedel_ring_contrast : float
         A group kept by the Friedel rule alone (fewer than ``vector_threshold``
         vectors) must stand out from the ring it lies on
@@ -186,6 +196,7 @@ class VDFMergeParams:
     pattern_sigma: float | None = None
     fragment_containment: float = 0.8
     fragment_contrast: float = 2.0
+    coincident_iou: float = 0.8
     friedel_ring_contrast: float = 2.0
     shared_coverage: float = 0.5
 
@@ -194,6 +205,7 @@ class VDFMergeParams:
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)
         check_range("fragment_contrast", self.fragment_contrast, low=1)
+        check_range("coincident_iou", self.coincident_iou, low=0, low_open=True)
         check_range("shared_coverage", self.shared_coverage, low=0, low_open=True)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
         check_range("friedel_tolerance", self.friedel_tolerance, low=0)
