@@ -1,5 +1,6 @@
 """Watershed kernel, segments, lazy wrapper: against skimage, synthetic truth, brute force."""
 
+import dataclasses
 import warnings
 
 import dask
@@ -350,6 +351,41 @@ def test_min_snr_drops_noise_level_blobs_and_keeps_crystals():
     np.testing.assert_array_equal(watershed_image(crystal, strict) > 0,
                                   watershed_image(crystal, loose) > 0)
     assert (watershed_image(crystal, strict) > 0)[disc].mean() > 0.9
+
+
+def test_min_snr_drops_pedestal_segments_by_their_median():
+    """A segment cut from a pedestal (film mixed into an NMF component) whose peak is a
+    crystal's edge value passes the peak test, but its median is ~1 noise level over
+    the rest of the map: dropped. A crystal covering most of the scan, whose level is
+    the whole map's median, is kept (its median is compared with the rest)."""
+    from spedflow.segment._watershed import _filter_segments, _typical_above_rest
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:48, :48]
+    image = np.abs(rng.normal(0, 0.01, (48, 48)))
+    noise = 1.4826 * np.median(np.abs(image - np.median(image)))
+    flooded = np.zeros((48, 48), np.int32)
+    crystal = np.hypot(yy - 12, xx - 12) < 7
+    flooded[crystal], image[crystal] = 1, image[crystal] + 0.5
+    pedestal = (yy > 24) & (xx > 8)
+    image[pedestal] += 1.0 * noise
+    image[40, 30] = 0.5  # the edge of a crystal the pedestal swallowed
+    flooded[pedestal] = 2
+    p = WatershedParams(min_size=5, marker_radius=1, min_snr=10)
+    kept = _filter_segments(image, flooded, set(), p, None, noise)
+    np.testing.assert_array_equal(kept > 0, crystal)  # the pedestal went, the crystal stayed
+    loose = _filter_segments(image, flooded, set(), dataclasses.replace(p, min_snr=0), None, 0.0)
+    assert set(np.unique(loose)) == {0, 1, 2}
+    # a crystal over 60 % of the scan, cut into two segments: each stands ~0.5 above the
+    # rest of the map, where the whole map's median (the crystal's own level) gives ~0
+    big = np.abs(rng.normal(0, 0.01, (48, 48)))
+    cover = xx < 29
+    big[cover] += 0.5 + 0.05 * np.sin(yy[cover] / 5.0)
+    halves = np.zeros((48, 48), np.int32)
+    halves[cover & (yy < 24)], halves[cover & (yy >= 24)] = 1, 2
+    above = _typical_above_rest(big, halves, np.array([True, True]))
+    brute = [np.median(big[halves == k]) - np.median(big[halves != k]) for k in (1, 2)]
+    np.testing.assert_allclose(above, brute)
+    assert above.min() > 0.4 and abs(np.median(big[halves == 1]) - np.median(big)) < 0.1
 
 
 def test_min_snr_is_checked():
