@@ -304,6 +304,33 @@ def test_fit_descan_recovers_quadratic_despite_outliers():
     assert np.abs(fit_descan(meas[1:], order=2, robust=False).fitted - truth[1:]).max() > 0.3
 
 
+def test_descan_misfit_is_warned_when_the_beam_drifts_in_time():
+    """A beam that wanders with scan time (a random walk along the raster) is not a
+    smooth function of position: the fit misses it by far more than the centres'
+    own scatter, which second differences along the fast axis measure. A
+    quadratic descan with the same noise and 10 % mis-found centres is not warned about."""
+    from spedflow.workflows._common import centre_scatter, descan_misfit
+    rng = np.random.default_rng(4)
+    sy, sx = 48, 48
+    u, v = np.meshgrid(np.linspace(-1, 1, sy), np.linspace(-1, 1, sx), indexing="ij")
+    smooth = np.stack([64 + 3 * u - 2 * v + 2 * u ** 2, 60 - u + 4 * v - v ** 2], -1)
+    noisy = smooth + rng.normal(0, 0.05, smooth.shape)
+    assert centre_scatter(noisy) == pytest.approx(0.05, rel=0.15)
+    bad = rng.random((sy, sx)) < 0.10
+    noisy[bad] += rng.uniform(-15, 15, (bad.sum(), 2))
+    assert centre_scatter(noisy) == pytest.approx(0.05, rel=0.3)  # a median: outliers barely move it
+    fit = fit_descan(noisy, order=2)
+    assert descan_misfit(fit.scale, centre_scatter(noisy), "quadratic") is None
+    walk = np.cumsum(rng.normal(0, 0.15, (sy * sx, 2)), axis=0).reshape(sy, sx, 2)  # raster order
+    drift = smooth + walk + rng.normal(0, 0.05, smooth.shape)
+    fit = fit_descan(drift, order=2)
+    assert fit.scale > 0.5
+    message = descan_misfit(fit.scale, centre_scatter(drift), "quadratic")
+    assert message and 'descan = "none"' in message
+    assert centre_scatter(drift[:, :2]) != centre_scatter(drift[:, :2])  # NaN: two columns
+    assert descan_misfit(5.0, float("nan"), "plane") is None
+
+
 def test_centres_for_alignment_modes():
     meas = np.full((3, 4, 2), 30.0)
     meas[1, 1] = np.nan

@@ -568,10 +568,53 @@ def finish_beam(paths, data: da.Array, prep):
         used, fit = pk.centres_for_alignment(measured, prep.descan)
         descan = {"model": prep.descan, "centres_found": round(found, 4)}
         if fit is not None:
+            jitter = centre_scatter(measured)
             descan.update(order=fit.order, residual_rms=fit.residual_rms,
                           noise_scale=fit.scale, outliers=fit.n_outliers,
-                          coefficients=fit.coefficients.tolist())
+                          coefficients=fit.coefficients.tolist(),
+                          centre_scatter=jitter if np.isfinite(jitter) else None)
+            misfit = descan_misfit(fit.scale, jitter, prep.descan)
+            if misfit:
+                log.warning("%s", misfit)
     return measured, used, prof, mean, descan
+
+
+def descan_misfit(scale: float, jitter: float, model: str) -> str | None:
+    """The warning for a descan fit whose robust residual scale ``scale`` exceeds
+    :data:`DESCAN_MISFIT` times the centres' own scatter ``jitter``
+    (:func:`centre_scatter`) and :data:`DESCAN_MISFIT_PX`; None otherwise."""
+    if not (np.isfinite(jitter) and scale > max(DESCAN_MISFIT * jitter, DESCAN_MISFIT_PX)):
+        return None
+    return (f"the {model} descan fit misses the measured beam centres by {scale:.2f} px, "
+            f"{scale / max(jitter, 1e-9):.0f}x their scatter from one scan position to the next "
+            f"({jitter:.3f} px): the beam moves in a way the model does not follow (drift during "
+            "the scan?); if the centres are reliable, preprocess.descan = \"none\" aligns each "
+            "pattern on its own")
+
+
+#: The descan fit's robust residual scale above this many times the centres' own scatter
+#: (:func:`centre_scatter`), and above :data:`DESCAN_MISFIT_PX`, is warned about: the
+#: beam moves in a way the smooth model does not follow.
+DESCAN_MISFIT = 3.0
+#: ... and above this many pixels: a misfit under half a pixel does not move a spot
+#: out of its vector's cluster or VDF disc.
+DESCAN_MISFIT_PX = 0.5
+
+
+def centre_scatter(measured: np.ndarray) -> float:
+    """Per-component noise of measured beam centres (Y, X, 2), pixels, from second
+    differences ``c[x-1] - 2 c[x] + c[x+1]`` along the fast scan axis: taken a few
+    dwell times apart, and blind to any locally linear change, so the descan's
+    gradient and slow drift hardly enter. With noise sigma per component their norm
+    is Rayleigh distributed with scale sqrt(6) sigma; the median is robust to
+    mis-found centres. NaN with fewer than 3 columns or no finite triple."""
+    from ..preprocess.kernels import _RAYLEIGH_MEDIAN
+    m = np.asarray(measured, np.float64)
+    if m.ndim != 3 or m.shape[1] < 3:
+        return float("nan")
+    d = np.linalg.norm(m[:, :-2] - 2 * m[:, 1:-1] + m[:, 2:], axis=-1)
+    d = d[np.isfinite(d)]
+    return float(np.median(d) / (np.sqrt(6.0) * _RAYLEIGH_MEDIAN)) if d.size else float("nan")
 
 
 #: The mean pattern at the measured beam centres below this fraction of its brightest
