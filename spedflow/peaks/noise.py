@@ -183,60 +183,81 @@ def count_scale(blocks) -> tuple[float, float]:
     """Data units per count ``g`` and read-out variance ``v`` of a detector, from blocks
     of its raw patterns ``(sy, sx, ky, kx)``.
 
-    The same detector pixel at two neighbouring scan positions sees nearly the same
-    mean (crystals span many probe positions, the descan moves the beam by a small
-    fraction of a pixel per step), so half the squared difference of the two readings
-    estimates the pixel's variance ``g m + v`` at their mean ``m``. (With a read-out
-    variance the noise of ``m`` biases the line: on counts scaled by 7.5 plus a read-out
-    sigma of 3, ``g`` came out 3.6-7.3 and ``v`` 11-18 for 7.5 and 9, which overstates
-    the noise of the faintest pixels, i.e. errs towards fewer false peaks.) ``g`` and ``v`` are
-    the weighted least-squares line through those pairs, with pairs more than ~3 sigma
-    off the current line (crystal edges, the beam's jitter) left out and the line
-    refitted until it settles. Pixels at the data's largest value (a clipped camera)
-    are left out.
+    The same detector pixel at neighbouring scan positions sees nearly the same mean
+    (crystals span many probe positions, the descan moves the beam by a small fraction
+    of a pixel per step), so half the squared difference ``d`` of two readings
+    estimates the pixel's variance ``g mu + v`` at its mean ``mu``. ``mu`` is not
+    known, only the pair's mean ``m``, which carries read-out and counting noise of
+    its own: a least-squares line of ``d`` on ``m`` is then flattened (regression
+    dilution). On a CCD with a read-out sigma of 3 counts and mostly dark pixels it
+    gave 0.01-0.02 data units per count for 1, and the peak finder, told that bright
+    pixels are nearly noiseless, found twice as many peaks, half of them noise.
+    Instead the line is an instrumental-variable fit: the reading ``z`` of the same
+    pixel at the next scan position along the row measures ``mu`` with noise
+    independent of the pair's, so ``g = cov(d, z) / cov(m, z)`` is not flattened.
+    Weights (``1 / (g z + v + g^2)^2``, the variance of ``d``) and the trimming of
+    triples more than ~3 sigma off the current line (crystal edges, the beam's
+    jitter) use ``z`` too, and the fit is repeated until it settles. Pixels at the
+    data's largest value (a clipped camera) and the brightest 1 % (the beam's core,
+    where jitter dominates) are left out.
 
     Returns
     -------
     (gain, read_var) floats; ``gain > 0``, ``read_var >= 0``. A sample with fewer
-    than 100 non-zero pixel pairs gives ``(1, 0)``: counts.
+    than 100 non-zero pixel triples gives ``(1, 0)``: counts.
     """
-    m_all, d_all = [], []
+    m_all, d_all, z_all = [], [], []
     for block in blocks:
         a = np.asarray(block)
-        if a.ndim != 4 or a.shape[1] < 2:
+        if a.ndim == 4 and a.shape[1] < 3:
+            a = a.swapaxes(0, 1)  # a scan (or chunk) under 3 columns wide: along its columns
+        if a.ndim != 4 or a.shape[1] < 3:
             continue
         top = float(a.max())
         # a strided sample of detector pixels bounds the time and memory
-        step = int(np.ceil(np.sqrt(a[:, 1:].size / _PAIRS_PER_BLOCK)))
+        step = int(np.ceil(np.sqrt(a[:, 2:].size / _PAIRS_PER_BLOCK)))
         a = a[:, :, ::step, ::step].astype(np.float64)
-        p, q = a[:, 1:].ravel(), a[:, :-1].ravel()
-        ok = (p < top) & (q < top)
+        # the pair at x, x + 1; the instrument the reading at x + 2
+        q, p, z = a[:, :-2].ravel(), a[:, 1:-1].ravel(), a[:, 2:].ravel()
+        ok = (p < top) & (q < top) & (z < top)
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
+        z_all.append(z[ok])
     if not m_all or sum(len(m) for m in m_all) < 100:
         raise InputError("too few patterns to measure the detector's counting noise "
-                         "(need two neighbouring scan positions)")
-    m, d = np.concatenate(m_all), np.concatenate(d_all)
+                         "(need three neighbouring scan positions in a row or column)")
+    m, d, z = np.concatenate(m_all), np.concatenate(d_all), np.concatenate(z_all)
     if np.count_nonzero(m > 0) < 100:  # (nearly) empty sample: no scale to measure
         return 1.0, 0.0
-    cap = np.quantile(m, 0.99)  # the beam's core: its jitter, not noise, dominates
-    low = m <= cap
-    # start from the untrimmed ratio, an overestimate (structure adds to every
-    # difference), so the first cuts are loose and the fit shrinks onto the noise
-    gain, read_var = max(float(d[low].sum() / max(m[low].sum(), 1e-12)), 1e-6), 0.0
+    cap = np.quantile(z, 0.99)  # the beam's core: its jitter, not noise, dominates
+    low = z <= cap
+    # start from the untrimmed, unweighted fit, an overestimate of both (structure adds
+    # to every difference), so the first cuts are loose and the fit shrinks onto the
+    # noise (a start at v = 0 cut the dark pixels' differences hard where z is low and
+    # ran away to a steep line)
+    mz = z[low] - z[low].mean()
+    den = float((m[low] - m[low].mean()) @ mz)
+    gain = float((d[low] - d[low].mean()) @ mz) / den if den > 0 else 0.0
+    if not gain > 0:  # no usable spread of the mean: the plain ratio
+        gain = float(d[low].sum() / max(np.abs(m[low]).sum(), 1e-12))
+    gain = max(gain, 1e-6)
+    read_var = max(float(d[low].mean() - gain * m[low].mean()), 0.0)
     for _ in range(50):
-        keep = (d <= 9.0 * (gain * m + read_var) + gain * gain) & (m <= cap)
-        mk, dk = m[keep], d[keep]
-        # weighted least squares of d = g m + v with weights w**2, by its normal equations
-        w2 = (1.0 / (gain * mk + read_var + gain * gain)) ** 2
-        s0, s1, s2 = w2.sum(), (w2 * mk).sum(), (w2 * mk * mk).sum()
-        t0, t1 = (w2 * dk).sum(), (w2 * mk * dk).sum()
-        det = s0 * s2 - s1 * s1
-        if not det > 0:  # a single mean level: no slope to fit
+        level = np.maximum(gain * z + read_var, 0.0) + gain * gain
+        keep = (d <= 9.0 * level) & low
+        if np.count_nonzero(keep) < 100:
             break
-        g_new = (s0 * t1 - s1 * t0) / det
-        v_new = (s2 * t0 - s1 * t1) / det
-        g_new, v_new = max(float(g_new), 1e-6), max(float(v_new), 0.0)
+        w = 1.0 / level[keep] ** 2
+        mk, dk, zk = m[keep], d[keep], z[keep]
+        sw = w.sum()
+        mz, dz = (w * zk).sum() / sw, (w * dk).sum() / sw
+        zc = zk - mz
+        den = float((w * (mk - (w * mk).sum() / sw) * zc).sum())
+        if not den > 0:  # no spread of the mean to fit a slope on
+            break
+        g_new = float((w * (dk - dz) * zc).sum()) / den
+        v_new = dz - g_new * float((w * mk).sum() / sw)
+        g_new, v_new = max(g_new, 1e-6), max(float(v_new), 0.0)
         done = abs(g_new - gain) <= 1e-4 * gain and abs(v_new - read_var) <= 1e-4 * (read_var + gain)
         gain, read_var = g_new, v_new
         if done:
