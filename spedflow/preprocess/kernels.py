@@ -28,6 +28,7 @@ Conventions
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -1237,4 +1238,235 @@ def repair_pixels(frames: np.ndarray, bad) -> np.ndarray:
     if np.issubdtype(z.dtype, np.integer):
         value = np.rint(value)
     flat[:, b[:, 0] * kx + b[:, 1]] = value.astype(z.dtype)
+    return z
+
+
+# ----------------------------------------------------------------- line defects
+
+#: Line defects: detector rows (or columns) whose pixels all collect a constant factor
+#: ``g != 1`` of what the pattern there would give (the enlarged pixels along the chip
+#: boundaries of a Medipix3 quad, 2-3x; a read-out line of another gain). Each row is
+#: compared with the rows beside it in the mean of the sampled patterns, in this many
+#: segments along it: the median of the segments' log ratios estimates log g while a
+#: spot, the beam or a ring crossing the row spoils only the few segments it lies in.
+LINE_SEGMENTS = 16
+#: A row is a line defect only if its gain is at least this far from 1 (either way) ...
+LINE_MIN_GAIN = 1.2
+#: ... and at most this far: beyond lies a dead (or hot) line, not a gain to divide out.
+LINE_MAX_GAIN = 8.0
+#: ... if at least this fraction of its segments lie beyond half its log gain on its side
+#: (a gain holds along the whole row; structure crossing it lights a few segments) ...
+LINE_CONSISTENCY = 0.75
+#: ... if its log gain is this many standard errors of the median from 0 (the error from
+#: the segments' own scatter: no noise model needed; ~2 x 256 rows and columns are tested
+#: per detector, z = 5 is one-sided p = 3e-7 each) ...
+LINE_Z = 5.0
+#: ... with at least this many segments holding signal on both sides ...
+LINE_MIN_SEGMENTS = 8
+#: ... in a block of at most this many adjacent rows (a Medipix3 quad: 2 per axis) ...
+LINE_MAX_WIDTH = 4
+#: ... and with the same gain in the mean of every part of the sample (contiguous runs of
+#: scan positions): within half its log gain, plus this many of the part's standard
+#: errors. A detector's gain is the same in every pattern; a row of spots along a
+#: detector row (a lattice row aligned with it) belongs to the crystals of one region.
+LINE_PART_Z = 3.0
+
+
+def _segment_log_ratios(rows: np.ndarray, pred, n_seg: int, block=None) -> np.ndarray:
+    """(m, k) rows and their predictions -> (m, n) log(sum row / sum prediction) over
+    ``n`` equal segments along the rows; NaN where the prediction is 0 there.
+    ``block = (m, a, b)``: the prediction of rows ``a..b`` of ``m`` is the linear
+    interpolation between rows ``a - 1`` and ``b + 1``."""
+    if block is not None:
+        mm, a, b = block
+        t = (np.arange(a, b + 1) - (a - 1))[:, None] / (b + 2 - a)
+        pred = (1 - t) * mm[a - 1] + t * mm[b + 1]
+    k = rows.shape[-1]
+    n = max(1, min(n_seg, k))
+    edges = np.rint(np.linspace(0, k, n + 1)).astype(np.int64)[:-1]
+    a = np.add.reduceat(np.asarray(rows, np.float64), edges, axis=-1)
+    b = np.add.reduceat(np.asarray(pred, np.float64), edges, axis=-1)
+    out = np.full(a.shape, np.nan)
+    ok = b > 0
+    # clipped: a row reading 0 where its neighbours are lit is a finite, huge deviation
+    out[ok] = np.log(np.clip(a[ok] / b[ok], 1 / 256, 256))
+    return out
+
+
+def _line_test(logr: np.ndarray, floor: float = 0.0):
+    """``(log_gain, standard_error, defect)`` per row from its segments' log ratios
+    (m, n): the median, its standard error from the segments' scatter (the larger of
+    the row's own and ``floor``), and the verdict of the ``LINE_*`` tests."""
+    logr = np.atleast_2d(logr)
+    ok = np.isfinite(logr)
+    n_u = ok.sum(1)
+    med = np.zeros(len(logr))
+    sd = np.full(len(logr), np.inf)
+    frac = np.zeros(len(logr))
+    has = n_u > 0
+    if has.any():
+        l = logr[has]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmedian(l, 1)
+            sd[has] = 1.4826 * np.nanmedian(np.abs(l - m[:, None]), 1)
+        med[has] = m
+        side = ok[has] & (np.sign(np.nan_to_num(l)) == np.sign(m)[:, None]) & \
+            (np.abs(np.nan_to_num(l)) >= np.abs(m)[:, None] / 2)
+        frac[has] = side.sum(1) / n_u[has]
+    se = 1.2533 * np.maximum(sd, floor) / np.sqrt(np.maximum(n_u, 1))  # of a median
+    a = np.abs(med)
+    defect = ((n_u >= min(LINE_MIN_SEGMENTS, logr.shape[1])) & (a >= np.log(LINE_MIN_GAIN))
+              & (a <= np.log(LINE_MAX_GAIN)) & (frac >= LINE_CONSISTENCY) & (a >= LINE_Z * se))
+    return med, se, defect
+
+
+def _screen_ratios(m: np.ndarray) -> np.ndarray:
+    """Segment log ratios (ky - 2, n) of every inner row of ``m`` to the mean of the
+    rows beside it."""
+    return _segment_log_ratios(m[1:-1], 0.5 * (m[:-2] + m[2:]), LINE_SEGMENTS)
+
+
+def _noise_floor(m: np.ndarray) -> float:
+    """The typical scatter of a row's segment log ratios in ``m``: the median over the
+    rows of their own robust scatter. A defect row sees the noise of the rows beside
+    it; with a few counts per segment one row's own scatter can come out near 0."""
+    if m.shape[0] < 3:
+        return 0.0
+    l = _screen_ratios(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = 1.4826 * np.nanmedian(np.abs(l - np.nanmedian(l, 1)[:, None]), 1)
+    sd = sd[np.isfinite(sd)]
+    return float(np.median(sd)) if len(sd) else 0.0
+
+
+def _screen(m: np.ndarray, floor: float = 0.0):
+    """:func:`_line_test` of every inner row of ``m`` (ky, kx) against the mean of the
+    rows beside it; the first and last rows are never flagged."""
+    ky = m.shape[0]
+    med, se, defect = np.zeros(ky), np.full(ky, np.inf), np.zeros(ky, bool)
+    if ky >= 3:
+        med[1:-1], se[1:-1], defect[1:-1] = _line_test(_screen_ratios(m), floor)
+    return med, se, defect
+
+
+def _block_gains(m: np.ndarray, a: int, b: int, floor: float = 0.0):
+    """:func:`_line_test` of rows ``a..b`` of ``m`` against the linear interpolation
+    between rows ``a - 1`` and ``b + 1`` (outside the block)."""
+    return _line_test(_segment_log_ratios(m[a:b + 1], None, LINE_SEGMENTS, block=(m, a, b)), floor)
+
+
+def _explained(m: np.ndarray, lo: int, hi: int, floor: float) -> bool:
+    """Whether rows ``lo..hi`` of ``m`` (a block's gains divided out) are each within
+    half the least gain, or 3 standard errors, of their neighbours' mean."""
+    med, se, _ = _screen(m[lo - 1:hi + 2], floor)
+    med, se = med[1:-1], se[1:-1]
+    return bool((np.abs(med) <= np.maximum(0.5 * np.log(LINE_MIN_GAIN), 3 * se)).all())
+
+
+def _confirmed(m: np.ndarray, fixed: np.ndarray, a: int, b: int) -> bool:
+    """Whether the rows just outside block ``a..b`` deviate from their neighbours' mean
+    as the block's gains make them (a row of gain g makes the rows beside it read
+    about 2 / (1 + g) of that mean), so that dividing the gains out (``fixed``) brings
+    each closer to it. Rows of spots along a detector row leave dark rows between them
+    that look like a line of low gain, but the rows beside those do not deviate."""
+    for r in (a - 1, b + 1):
+        if r < 1 or r > m.shape[0] - 2:
+            continue
+        before = _screen(m[r - 1:r + 2])[0][1]
+        after = _screen(fixed[r - 1:r + 2])[0][1]
+        if not abs(after) < abs(before):
+            return False
+    return True
+
+
+def _persists(parts, a: int, b: int, lg: np.ndarray) -> bool:
+    """Whether rows ``a..b`` show the log gains ``lg`` in every part of the sample
+    (parts with too little signal to measure them say nothing)."""
+    for part in parts:
+        got, se, _ = _block_gains(part, a, b, _noise_floor(part))
+        for g, e, want in zip(got, se, lg):
+            if want != 0 and np.isfinite(e) and abs(g - want) > 0.5 * abs(want) + LINE_PART_Z * e:
+                return False
+    return True
+
+
+def _row_gains(m: np.ndarray, parts=()) -> np.ndarray:
+    """Gain (ky,) of each row of a mean pattern ``m`` (ky, kx): 1 but for line defects;
+    ``parts``: mean patterns of parts of the sample (:func:`_persists`)."""
+    ky = m.shape[0]
+    gains = np.ones(ky)
+    floor = _noise_floor(m)
+    flagged = _screen(m, floor)[2]
+    if not flagged.any():
+        return gains
+    idx = np.flatnonzero(flagged)
+    # the inner rows of a block of like gains read as their neighbours: runs of flagged
+    # rows at most LINE_MAX_WIDTH - 2 rows apart are one
+    for run in np.split(idx, np.flatnonzero(np.diff(idx) > LINE_MAX_WIDTH - 1) + 1):
+        p, q = int(run[0]), int(run[-1])
+        lo, hi = max(1, p - 1), min(ky - 2, q + 1)  # rows the model must leave clean
+        best = None
+        for a in range(max(1, p), min(ky - 2, q) + 1):
+            for b in range(a, min(ky - 2, q, a + LINE_MAX_WIDTH - 1) + 1):
+                lg, _, ok = _block_gains(m, a, b, floor)
+                if not ok.all():  # a block is of defect rows only
+                    continue
+                fixed = m.copy()
+                fixed[a:b + 1] /= np.exp(lg)[:, None]
+                score = np.abs(_screen(fixed[lo - 1:hi + 2], floor)[0][1:-1]).sum() + 1e-9 * (b - a)
+                if best is None or score < best[0]:
+                    best = (score, a, b, lg, fixed)
+        # accepted only if a gain per row explains the whole run (structure, a step of
+        # illumination or a row of spots, leaves rows beside it deviating) and every
+        # part of the sample shows it
+        if best is not None:
+            _, a, b, lg, fixed = best
+            if (_explained(fixed, lo, hi, floor) and _confirmed(m, fixed, a, b)
+                    and _persists(parts, a, b, lg)):
+                gains[a:b + 1] = np.exp(lg)
+    return gains
+
+
+def line_gains(mean_pattern: np.ndarray, parts=()) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_gains (ky,), column_gains (kx,))`` of the detector's line defects, from the
+    mean of a sample of patterns (bad pixels repaired): 1 for an ordinary row or column.
+
+    A line defect is a row (column) whose pixels read a constant factor of what the
+    rows beside it predict, consistently along its whole length (Medipix3 quad
+    detectors without the "cross correction": the chip-boundary pixels are 2-3x as
+    large). Every row is screened against the mean of its two neighbours in
+    :data:`LINE_SEGMENTS` segments; a run of flagged rows (a defect row flags its
+    neighbours too) is explained by the block of at most :data:`LINE_MAX_WIDTH` rows
+    whose gains, each measured against the interpolation between the rows outside the
+    block, leave no row of the run deviating, and which the mean patterns ``parts`` of
+    parts of the sample (contiguous scan positions) each show alike
+    (:data:`LINE_PART_Z`). Gains of rows and columns multiply
+    (a pixel of both is their product); :func:`flat_field` divides them out.
+    """
+    def clean(x):
+        x = np.asarray(x, np.float64)
+        return np.where(np.isfinite(x), x, 0.0)
+    m = clean(mean_pattern)
+    parts = [clean(p) for p in parts]
+    return _row_gains(m, parts), _row_gains(m.T, [p.T for p in parts])
+
+
+def flat_field(frames: np.ndarray, row_gains, column_gains) -> np.ndarray:
+    """``frames`` (..., ky, kx) divided by the gains of :func:`line_gains` (a copy, same
+    dtype; integer data rounded to the nearest value)."""
+    g = np.outer(np.asarray(row_gains, np.float64), np.asarray(column_gains, np.float64))
+    z = np.array(frames, copy=True)
+    rows = np.flatnonzero(np.asarray(row_gains) != 1)
+    cols = np.flatnonzero(np.asarray(column_gains) != 1)
+    if len(rows) == 0 and len(cols) == 0:
+        return z
+    mask = np.zeros(g.shape, bool)
+    mask[rows] = True
+    mask[:, cols] = True
+    v = z[..., mask].astype(np.float64) / g[mask]
+    if np.issubdtype(z.dtype, np.integer):
+        v = np.rint(v)
+    z[..., mask] = v.astype(z.dtype)
     return z

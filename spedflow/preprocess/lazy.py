@@ -293,3 +293,12 @@ def repair_pixels(data: da.Array, bad) -> da.Array:
         raise ParameterError(f"bad pixels must lie on the {ky} x {kx} detector")
     return data.map_blocks(kernels.repair_pixels, bad, dtype=data.dtype,
                            meta=np.empty((0, 0, 0, 0), data.dtype))
+
+
+def flat_field(data: da.Array, row_gains, column_gains) -> da.Array:
+    """Every pattern divided by the detector's line gains (:func:`kernels.flat_field`;
+    same dtype)."""
+    data = _check_data(data)
+    return data.map_blocks(kernels.flat_field, np.asarray(row_gains, np.float64),
+                           np.asarray(column_gains, np.float64), dtype=data.dtype,
+                           meta=np.empty((0, 0, 0, 0), data.dtype))

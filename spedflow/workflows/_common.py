@@ -47,6 +47,9 @@ class Plan:
     identity: dict = field(default_factory=dict)
     #: (m, 2) detector pixels ``data()`` and ``sample_blocks()`` repair (:func:`with_bad_pixels`)
     bad_pixels: np.ndarray | None = None
+    #: ``(row_gains (ky,), column_gains (kx,))`` of the detector's line defects, divided
+    #: out by ``data()`` and ``sample_blocks()`` after the bad-pixel repair (:func:`with_bad_pixels`)
+    line_gains: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -61,16 +64,20 @@ class Plan:
         bad pixels repaired."""
         from ..preprocess import lazy as pre
         data = da.from_zarr(self.array)
-        if self.bad_pixels is None or len(self.bad_pixels) == 0:
-            return data
-        return pre.repair_pixels(data, self.bad_pixels)
+        if self.bad_pixels is not None and len(self.bad_pixels):
+            data = pre.repair_pixels(data, self.bad_pixels)
+        if self.line_gains is not None:
+            data = pre.flat_field(data, *self.line_gains)
+        return data
 
     def sample_blocks(self):
         """:func:`spedflow.peaks.lazy.sample_blocks` of the raw data, bad pixels repaired."""
         from ..peaks.lazy import sample_blocks
-        from ..preprocess.kernels import repair_pixels
+        from ..preprocess.kernels import flat_field, repair_pixels
         for block in sample_blocks(self.array):
-            yield block if self.bad_pixels is None else repair_pixels(block, self.bad_pixels)
+            if self.bad_pixels is not None:
+                block = repair_pixels(block, self.bad_pixels)
+            yield block if self.line_gains is None else flat_field(block, *self.line_gains)
 
 
 def prepare_run(store, out, *, overwrite: bool = False) -> Plan:
@@ -700,6 +707,8 @@ def replay_warnings(stage) -> None:
 
 #: Patterns of each sampled chunk the bad-pixel search looks at (at most about this many).
 _BAD_PIXEL_SAMPLE = 200
+#: ... and into how many contiguous parts each chunk's sample is split for the line-defect test.
+_LINE_PARTS = 4
 
 
 def _with_pixels(plan: Plan, pixels) -> Plan:
@@ -720,21 +729,35 @@ def with_bad_pixels(plan: Plan, prep, cache) -> Plan:
     that are NaN in every pattern (:func:`prepare_run`; repaired even with "none").
     Everything the run reads through the plan is then repaired, and the cache keys of
     every later stage (``plan.identity``) name the pixels."""
-    from ..preprocess.kernels import bad_pixel_counts, bad_pixels_from
+    from ..preprocess.kernels import bad_pixel_counts, bad_pixels_from, line_gains, repair_pixels
     spec = prep.bad_pixels
     if spec == "none":
         return plan
     if spec == "auto":
-        st = cache.stage("pixels", plan.identity, "v1")
+        st = cache.stage("pixels", plan.identity, "v2")
         if not st.complete:
-            counts = None
+            counts, parts = None, []
             for block in plan.sample_blocks():
                 # ~200 patterns of each chunk sampled: plenty for a test of persistence
                 flat = block.reshape((-1,) + block.shape[-2:])
-                c = bad_pixel_counts(flat[::max(1, len(flat) // _BAD_PIXEL_SAMPLE)])
+                sub = flat[::max(1, len(flat) // _BAD_PIXEL_SAMPLE)]
+                c = bad_pixel_counts(sub)
                 counts = c if counts is None else {k: counts[k] + c[k] for k in c}
+                # mean patterns of contiguous runs of scan positions: a line defect's
+                # gain is the same in each (:func:`~spedflow.preprocess.kernels.line_gains`)
+                parts += [p.mean(0, dtype=np.float64) for p in np.array_split(sub, _LINE_PARTS)
+                          if len(p)]
             hot, dead = bad_pixels_from(counts)
-            st.save_attrs(hot=hot.tolist(), dead=dead.tolist())
+            # line defects, on the sample's mean pattern with every bad pixel repaired
+            known = np.concatenate([hot, dead] + ([] if plan.bad_pixels is None
+                                                  else [plan.bad_pixels]))
+            mean = counts["sum"] / max(int(counts["n"]), 1)
+            if len(known):
+                mean = repair_pixels(mean, known)
+                parts = [repair_pixels(p, known) for p in parts]
+            rows, cols = line_gains(mean, parts)
+            st.save_attrs(hot=hot.tolist(), dead=dead.tolist(), row_gains=rows.tolist(),
+                          column_gains=cols.tolist())
             st.mark_complete()
         a = st.attrs()
         hot, dead = (np.asarray(a[k], np.int64).reshape(-1, 2) for k in ("hot", "dead"))
@@ -742,9 +765,28 @@ def with_bad_pixels(plan: Plan, prep, cache) -> Plan:
             log.info("%d hot and %d dead detector pixels found: each replaced by the mean of "
                      "its neighbours (preprocess.bad_pixels)", len(hot), len(dead))
         bad = np.concatenate([hot, dead])
+        plan = _with_line_gains(plan, np.asarray(a["row_gains"]), np.asarray(a["column_gains"]))
     else:
         bad = np.asarray(spec, np.int64).reshape(-1, 2)
     return _with_pixels(plan, bad)
+
+
+def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
+    """``plan`` dividing out the line gains ``rows`` (ky,) and ``cols`` (kx,) if any
+    differ from 1, named in ``plan.identity``."""
+    if (rows == 1).all() and (cols == 1).all():
+        return plan
+    for name, g in (("rows", rows), ("columns", cols)):
+        i = np.flatnonzero(g != 1)
+        if len(i):
+            log.info("detector %s %s collect %s x their neighbours' signal (line defects): "
+                     "divided out (preprocess.bad_pixels)", name, i.tolist(),
+                     ", ".join(f"{v:.2f}" for v in g[i]))
+    gains = {"rows": {int(i): float(rows[i]) for i in np.flatnonzero(rows != 1)},
+             "columns": {str(int(i)): float(cols[i]) for i in np.flatnonzero(cols != 1)}}
+    gains["rows"] = {str(k): v for k, v in gains["rows"].items()}
+    return dataclasses.replace(plan, line_gains=(rows, cols),
+                               identity={**plan.identity, "line_gains": gains})
 
 
 def resolved_bad_pixels(plan: Plan) -> list:

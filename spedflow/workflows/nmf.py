@@ -284,6 +284,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "residual_components": list(range(n_global, len(factors))),
         "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
                      "bad_pixels": resolved_bad_pixels(plan),
+                     "line_gains": plan.identity.get("line_gains", {}),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi))},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),

@@ -392,6 +392,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "bad_pixels": resolved_bad_pixels(plan),
+                     "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
                      # per raw pattern, as the parameter (binning adds it up)
                      "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2},
