@@ -227,14 +227,45 @@ class NMFMergeParams:
         Pearson correlation of the loading maps every pair must exceed. 0.3
         (paper): NMF splits one crystal into parts that are partly complementary in
         space, so their loadings overlap only partly.
+
+    spot_match : float
+        Groups whose components' spot sets coincide are one crystal whose thickness or
+        bending varies (:mod:`spedflow.segment._orientation`): the smaller of the two
+        directional, intensity-weighted fractions of one factor's spots found within a
+        spot radius of the other's must reach it, with the loading supports touching
+        and neither lying on top of the other. 0.5: over the benchmark sets of three
+        simulators (one with thickness fringes), the 10th percentile of pairs of one
+        crystal and the 97th of neighbouring crystals (0.4 joins distinct crystals of
+        the foreign sets). 0 disables.
+    spot_guard : float
+        Two groups are joined only if every pair of components across them matches at
+        least this well (no chain through a component mixing two crystals). 0.3: above
+        the median of neighbouring distinct crystals (a twin shares a third of its spots).
+    support_level : float
+        A loading's support: where it exceeds this fraction of its maximum.
+    on_top_cover, on_top_gain : float
+        A component with at least ``on_top_cover`` of its support inside another's,
+        where the two loadings sum to at least ``on_top_gain`` times their sum over the
+        rest of the other's support, lies on top of it (a second crystal of the same
+        orientation) and is not joined to it: thickness components share a crystal's
+        area (summed ratio 1.0-1.5 measured), overlapping crystals add (1.8-2.5).
     """
 
     pattern_threshold: float = 0.45
     loading_threshold: float = 0.3
+    spot_match: float = 0.5
+    spot_guard: float = 0.3
+    support_level: float = 0.3
+    on_top_cover: float = 0.8
+    on_top_gain: float = 1.7
 
     def __post_init__(self):
         check_range("pattern_threshold", self.pattern_threshold, low=-1, high=1, high_open=True)
         check_range("loading_threshold", self.loading_threshold, low=-1, high=1, high_open=True)
+        for name in ("spot_match", "spot_guard", "on_top_cover"):
+            check_range(name, getattr(self, name), low=0, high=1)
+        check_range("support_level", self.support_level, low=0, high=1, low_open=True, high_open=True)
+        check_range("on_top_gain", self.on_top_gain, low=1)
 
 
 def pattern_sigma(params: VDFMergeParams, spot_radius: float) -> float:

@@ -237,6 +237,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                                               pattern_threshold=cfg.merge.pattern_threshold,
                                               loading_threshold=cfg.merge.loading_threshold,
                                               pattern_mask=~cut)
+            if cfg.merge.spot_match > 0 and len(groups) > 1:
+                mf, ml, groups = _join_by_spots(factors[keep], loadings[keep], groups, cut, mask, r,
+                                                cfg.merge)
         else:
             mf, ml, groups = np.zeros((0, ky, kx), np.float32), np.zeros((0, ny, nx), np.float32), []
     kept_index = np.flatnonzero(keep)
@@ -291,6 +294,22 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
+    """Join merge groups of one crystal by their spot positions
+    (:func:`spedflow.segment._orientation.orientation_links`); sums as merge_components."""
+    from ..segment._orientation import join_groups, orientation_links
+    links, match = orientation_links(
+        factors, loadings, mask=cut, radius=r, min_g=2 * float(np.sqrt(mask.sum() / np.pi)),
+        spot_threshold=params.spot_match, support_level=params.support_level,
+        nested_cover=params.on_top_cover, nested_gain=params.on_top_gain)
+    joined = join_groups(groups, links, match, params.spot_guard)
+    if len(joined) < len(groups):
+        log.info("%d merge groups joined into %d by their spot positions", len(groups), len(joined))
+    mf = np.stack([factors[g].sum(axis=0) for g in joined]).astype(np.float32)
+    ml = np.stack([loadings[g].sum(axis=0) for g in joined]).astype(np.float32)
+    return mf, ml, tuple(np.asarray(g, np.int64) for g in joined)
 
 
 #: Fewest detector pixels NMF is run on (left by the beam mask and the edge band).

@@ -1,0 +1,164 @@
+"""Joining NMF components of one crystal by the positions of their spots.
+
+A crystal's orientation fixes where its reflections fall on the detector; its thickness
+and bending change how bright they are (dynamical diffraction, Pendelloesung fringes),
+not where they are. NMF then needs several components for one crystal whose thickness
+varies across it: their patterns share spot *positions* but differ in relative spot
+*intensities* (pattern correlation as low as 0.04), and their loadings split the crystal
+between them (complementary: loading correlation negative). The correlation merge of
+:func:`~spedflow.segment.merge_components` keeps such components apart; this module
+joins them when
+
+1. their spot sets coincide: each component's spot weight (local maxima of its factor
+   outside the beam, intensity-weighted) lies, for at least ``spot_match`` of it, within
+   a spot radius of a spot of the other, in both directions; and
+2. their loading supports touch or overlap (a crystal is one connected region), and
+3. neither lies *on top* of the other: a component lying (``nested_cover``) inside
+   another one's support where the two loadings sum to ``nested_gain`` times their sum
+   over the rest of it is a second crystal of the same orientation over the first (the
+   benchmark layout's overlapping pair: summed ratio 1.8-2.5), not a thickness
+   component, which trades area with the other (ratio 1.0-1.5 measured).
+
+Crystals of different orientations share few spot positions (a twin shares one
+systematic row: about a third); crystals of one orientation apart in the scan do not
+touch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["factor_spots", "spot_match", "orientation_links", "join_groups"]
+
+
+def factor_spots(factor: np.ndarray, mask: np.ndarray, *, radius: float, min_g: float = 0.0,
+                 noise_k: float = 5.0, rel: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Significant spots of one component pattern.
+
+    The azimuthal median about the detector centre (where alignment puts the beam) is
+    subtracted (diffuse scattering, film); a spot is a local maximum over a
+    ``(2 ceil(radius) + 1)`` window, outside ``mask`` and at least ``min_g`` from the
+    centre, standing ``noise_k`` robust noise levels (MAD of the residual) and ``rel``
+    of the strongest spot above that background.
+
+    Returns
+    -------
+    positions : (n, 2) float64 (ky, kx) of the spots; heights : (n,) float64 above the
+    background; lit : (m, 2) float64, every local maximum above ``noise_k`` noise levels
+    (without the ``rel`` floor): what another component's spots are matched against.
+    """
+    f = np.asarray(factor, np.float64)
+    keep = ~np.asarray(mask, bool)
+    ky, kx = f.shape
+    yy, xx = np.indices(f.shape)
+    dist = np.hypot(yy - ky // 2, xx - kx // 2)
+    rb = np.rint(dist).astype(np.intp)
+    vals, bins = f[keep], rb[keep]
+    order = np.lexsort((vals, bins))
+    vals, bins = vals[order], bins[order]
+    starts = np.searchsorted(bins, np.arange(rb.max() + 1))
+    ends = np.searchsorted(bins, np.arange(rb.max() + 1), side="right")
+    med = np.zeros(rb.max() + 1)
+    filled = ends > starts
+    med[filled] = [np.median(vals[s:e]) for s, e in zip(starts[filled], ends[filled])]
+    res = np.where(keep, f - med[rb], 0.0)
+    if not keep.any():
+        return np.zeros((0, 2)), np.zeros(0), np.zeros((0, 2))
+    r = res[keep]
+    noise = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    size = 2 * int(np.ceil(radius)) + 1
+    peak = (res == ndimage.maximum_filter(res, size=size, mode="constant")) & keep & (res > 0)
+    peak &= dist >= min_g
+    if not peak.any():
+        return np.zeros((0, 2)), np.zeros(0), np.zeros((0, 2))
+    lit = peak & (res > noise_k * noise)
+    peak &= res > max(noise_k * noise, rel * float(res[peak].max()))
+    return np.argwhere(peak).astype(np.float64), res[peak], np.argwhere(lit).astype(np.float64)
+
+
+def spot_match(pos_a: np.ndarray, h_a: np.ndarray, pos_b: np.ndarray, radius: float) -> float:
+    """Fraction of a's spot weight lying within ``radius`` of one of b's spots (0 if a has none)."""
+    if len(pos_a) == 0 or len(pos_b) == 0 or h_a.sum() <= 0:
+        return 0.0
+    d = np.hypot(pos_a[:, None, 0] - pos_b[None, :, 0], pos_a[:, None, 1] - pos_b[None, :, 1])
+    return float(h_a[d.min(axis=1) <= radius].sum() / h_a.sum())
+
+
+#: Index of the ``lit`` maxima in :func:`factor_spots`' result.
+LIT = 2
+
+
+def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.ndarray,
+                      radius: float, min_g: float, spot_threshold: float,
+                      support_level: float, nested_cover: float, nested_gain: float):
+    """Pairs of components of one orientation whose supports touch and are not nested.
+
+    Returns
+    -------
+    links : (E, E) bool, symmetric; match : (E, E) float, the smaller of the two
+    directional spot matches (:func:`spot_match`).
+    """
+    e = len(factors)
+    spots = [factor_spots(f, mask, radius=radius, min_g=min_g) for f in factors]
+    match = np.eye(e)
+    for i in range(e):
+        for j in range(i + 1, e):
+            m = min(spot_match(*spots[i][:2], spots[j][LIT], radius), spot_match(*spots[j][:2], spots[i][LIT], radius))
+            match[i, j] = match[j, i] = m
+    peak = loadings.reshape(e, -1).max(axis=1)
+    sup = loadings > support_level * np.maximum(peak, 1e-30)[:, None, None]
+    grown = [ndimage.binary_dilation(s) for s in sup]
+    links = np.zeros((e, e), bool)
+    for i in range(e):
+        for j in range(i + 1, e):
+            if match[i, j] < spot_threshold or not (grown[i] & sup[j]).any():
+                continue
+            small, large = (i, j) if sup[i].sum() <= sup[j].sum() else (j, i)
+            if _on_top(loadings[small] / max(peak[small], 1e-30), loadings[large] / max(peak[large], 1e-30),
+                       sup[small], sup[large], nested_cover, nested_gain):
+                continue
+            links[i, j] = links[j, i] = True
+    return links, match
+
+
+def join_groups(groups, links: np.ndarray, match: np.ndarray, guard: float):
+    """Join groups (index arrays into the components) that a link connects, single
+    linkage over links, each join allowed only if every pair of components across the
+    two groups has a spot match of at least ``guard`` (no chain through a mixed
+    component). Groups ordered by smallest member."""
+    groups = [np.asarray(g) for g in groups]
+    changed = True
+    while changed:
+        changed = False
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                ga, gb = groups[a], groups[b]
+                if not links[np.ix_(ga, gb)].any():
+                    continue
+                if match[np.ix_(ga, gb)].min() < guard:
+                    continue
+                s = match[np.ix_(ga, gb)][links[np.ix_(ga, gb)]].max()
+                if best is None or s > best[0]:
+                    best = (s, a, b)
+        if best is not None:
+            _, a, b = best
+            groups[a] = np.sort(np.concatenate([groups[a], groups[b]]))
+            del groups[b]
+            changed = True
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _on_top(w_small, w_large, s_small, s_large, cover: float, gain: float) -> bool:
+    """Whether the smaller component lies on top of the larger one: at least ``cover`` of
+    its support inside the larger's, and the two loadings summed there at least ``gain``
+    times their sum over the rest of the larger's support. Thickness components of one
+    crystal share its area (where one rises the other falls: the sum stays near one
+    component's level); a second crystal over the first adds to it (the sum doubles)."""
+    n = int(s_small.sum())
+    rest = s_large & ~s_small
+    if n == 0 or not rest.any() or (s_small & s_large).sum() < cover * n:
+        return False
+    total = w_small + w_large
+    return bool(total[s_small].mean() >= gain * total[rest].mean())

@@ -1,0 +1,144 @@
+"""Joining NMF components of one crystal by their spot positions, against synthetic truth."""
+
+import numpy as np
+import pytest
+
+from spedflow.segment import NMFMergeParams, merge_components
+from spedflow.segment._orientation import factor_spots, join_groups, orientation_links, spot_match
+
+K = 96            # detector
+SCAN = (40, 60)
+R = 2.0           # spot radius, px
+MASK_R = 5.0      # beam mask radius
+
+
+def lattice(a_len, theta, gamma=np.radians(75), ratio=1.2, kmax=40):
+    a = a_len * np.array([np.sin(theta), np.cos(theta)])
+    b = ratio * a_len * np.array([np.sin(theta + gamma), np.cos(theta + gamma)])
+    g = np.array([h * a + k * b for h in range(-6, 7) for k in range(-6, 7) if (h, k) != (0, 0)])
+    n = np.hypot(*g.T)
+    return g[(n < kmax) & (n > 2 * MASK_R)], a
+
+
+def pattern(g, inten):
+    yy, xx = np.indices((K, K)) - K // 2
+    p = np.zeros((K, K))
+    for (gy, gx), i in zip(g, inten):
+        p += i * np.exp(-((yy - gy) ** 2 + (xx - gx) ** 2) / (2 * (R / 1.5) ** 2))
+    return p
+
+
+def disc(cy, cx, rad):
+    yy, xx = np.indices(SCAN)
+    return np.hypot(yy - cy, xx - cx) <= rad
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Components with known crystals.
+
+    A: one crystal in two thickness components (same spots, intensities drawn anew,
+    complementary loadings: a ramp and its complement); B: another orientation touching
+    A; C: A's orientation, far from A; D: A's orientation lying on top of A (a small
+    crystal over it: loadings add); E: B's mirror twin (shares one row of B), touching B.
+    """
+    rng = np.random.default_rng(1)
+    ga, _ = lattice(13.0, 0.3)
+    gb, ub = lattice(15.0, 1.4)
+    u = ub / np.linalg.norm(ub)
+    ge = 2 * (gb @ u)[:, None] * u - gb  # mirror across B's first axis
+
+    yy, xx = np.indices(SCAN)
+    a_mask = disc(20, 18, 11)
+    ramp = np.clip((xx - 14) / 8, 0, 1)
+    ia = rng.uniform(0.05, 1, len(ga))
+    comps = {  # A2's strong spots are A1's weak ones (a Pendelloesung fringe apart)
+        "A1": (pattern(ga, ia), a_mask * ramp),
+        "A2": (pattern(ga, 1.05 - ia), a_mask * (1 - ramp)),
+        "B": (pattern(gb, rng.uniform(0.2, 1, len(gb))), disc(20, 38, 9) * 1.0),
+        "C": (pattern(ga, rng.uniform(0.2, 1, len(ga))), disc(8, 54, 5) * 1.0),
+        "D": (pattern(ga, rng.uniform(0.2, 1, len(ga))), disc(20, 25, 3) * 1.0),
+        "E": (pattern(ge, rng.uniform(0.2, 1, len(ge))), disc(33, 50, 6) * 1.0),
+    }
+    names = list(comps)
+    f = np.stack([comps[n][0] for n in names]) + 0.01 * rng.random((len(names), K, K))
+    w = np.stack([comps[n][1] for n in names]).astype(float)
+    w = w + 0.002 * rng.random(w.shape)
+    w /= w.reshape(len(w), -1).max(axis=1)[:, None, None]
+    cut = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
+    return names, f, w, cut
+
+
+def links_of(f, w, cut, **kw):
+    p = NMFMergeParams(**kw)
+    return orientation_links(f, w, mask=cut, radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
+                             support_level=p.support_level, nested_cover=p.on_top_cover,
+                             nested_gain=p.on_top_gain)
+
+
+def test_spots_are_the_lattice(case):
+    names, f, w, cut = case
+    pos, h, lit = factor_spots(f[0], cut, radius=R, min_g=2 * MASK_R)
+    ga, _ = lattice(13.0, 0.3)
+    inside = ga[(np.abs(ga) < K // 2 - 2).all(axis=1)] + K // 2
+    d = np.hypot(*(pos[:, None] - inside[None]).transpose(2, 0, 1))
+    assert (d.min(axis=1) <= 1.0).all()          # every spot found is a reflection
+    assert len(pos) >= 0.8 * len(inside)         # and most reflections are found
+    assert len(lit) >= len(pos)
+
+
+def test_spot_match_same_and_other_orientation(case):
+    names, f, w, cut = case
+    s = [factor_spots(x, cut, radius=R, min_g=2 * MASK_R) for x in f]
+    i = {n: k for k, n in enumerate(names)}
+    same = spot_match(*s[i["A1"]][:2], s[i["A2"]][2], R)
+    other = spot_match(*s[i["A1"]][:2], s[i["B"]][2], R)
+    twin = min(spot_match(*s[i["B"]][:2], s[i["E"]][2], R), spot_match(*s[i["E"]][:2], s[i["B"]][2], R))
+    assert same > 0.95 and other < 0.2 and twin < NMFMergeParams().spot_match
+
+
+def test_correlation_merge_misses_thickness_components(case):
+    names, f, w, cut = case
+    _, _, groups = merge_components(f, w, pattern_mask=~cut)
+    assert not any({0, 1} <= set(g.tolist()) for g in groups)   # the premise: A1, A2 apart
+
+
+def test_joins_only_the_thickness_components(case):
+    names, f, w, cut = case
+    links, match = links_of(f, w, cut)
+    i = {n: k for k, n in enumerate(names)}
+    assert links[i["A1"], i["A2"]]
+    assert not links[i["A1"], i["C"]] and not links[i["A2"], i["C"]]   # same orientation, apart
+    assert not links[i["A1"], i["D"]] and not links[i["A2"], i["D"]]   # on top of A
+    assert not links[i["B"], i["E"]]                                    # twin, other orientation
+    assert links.sum() == 2
+    groups = join_groups([np.array([k]) for k in range(len(names))], links, match,
+                         NMFMergeParams().spot_guard)
+    got = sorted(tuple(names[k] for k in g) for g in groups)
+    assert got == sorted([("A1", "A2"), ("B",), ("C",), ("D",), ("E",)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_order_independent(case, seed):
+    names, f, w, cut = case
+    perm = np.random.default_rng(seed).permutation(len(names))
+    links, match = links_of(f, w, cut)
+    links_p, match_p = links_of(f[perm], w[perm], cut)
+    np.testing.assert_array_equal(links_p, links[np.ix_(perm, perm)])
+    np.testing.assert_allclose(match_p, match[np.ix_(perm, perm)])
+
+
+def test_guard_stops_chain_through_mixed_component():
+    # 0 and 2 are different crystals, 1 mixes them: 0-1 and 1-2 link, 0-2 do not match
+    links = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], bool)
+    match = np.array([[1, 0.8, 0.1], [0.8, 1, 0.7], [0.1, 0.7, 1]])
+    groups = join_groups([np.array([0]), np.array([1]), np.array([2])], links, match, 0.3)
+    assert sorted(map(tuple, groups)) == [(0, 1), (2,)]
+
+
+def test_params_validated():
+    from spedflow.errors import ParameterError
+    with pytest.raises(ParameterError):
+        NMFMergeParams(spot_match=1.5)
+    with pytest.raises(ParameterError):
+        NMFMergeParams(on_top_gain=0.5)
