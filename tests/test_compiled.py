@@ -184,7 +184,11 @@ assert after == before, (before, after)
 def test_workflow_gives_the_same_result_without_the_compiled_kernels(tmp_path, sim_mgo_like,
                                                                       monkeypatch):
     """The VDF workflow end to end with the compiled kernels and with the NumPy ones: the
-    same peaks, vectors and segments, VDF images equal to float32 rounding."""
+    same peaks, vectors and segments, VDF images equal to float32 rounding but for at
+    most 1 value in 10^5: pass 2 clips each ring's spots at a Poisson bound of the ring's
+    mean, and the two sum the sub-pixel-shifted values in other orders, so a pixel
+    lying within an ulp of the bound can fall on the other side (seen once, one value
+    of 802,816, when the measured gain changed to 1.0013)."""
     import zarr
 
     import spedflow
@@ -199,7 +203,10 @@ def test_workflow_gives_the_same_result_without_the_compiled_kernels(tmp_path, s
         np.testing.assert_array_equal(fast[name][:], ref[name][:], err_msg=name)
     for name in ("vdf/images", "segments/maps", "segments/patterns"):  # sums of the images
         a, b = fast[name][:], ref[name][:]
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+        off = np.abs(a - b) > 1e-4 * np.abs(b) + 1e-5 * np.abs(b).max()
+        assert off.sum() <= off.size // 100_000, (name, np.argwhere(off)[:5])
+        np.testing.assert_allclose(a[~off], b[~off], rtol=1e-4, atol=1e-5 * np.abs(b).max(),
+                                   err_msg=name)
     assert ref["segments/maps"].shape[0] >= 5
 
 
