@@ -121,3 +121,17 @@ def test_watch_takes_set_overrides(tmp_path):
     assert ok.returncode == 0, ok.stderr
     attrs = zarr.open_group(str(tmp_path / "r.zarr"), mode="r").attrs["spedflow"]
     assert attrs["params"]["vectors"]["min_patterns"] == 3
+
+
+def test_store_identity_ignores_attributes_written_later(tmp_path):
+    """An acquisition may write the store's attributes after its first chunks: live mode
+    plans on the store as it finds it, and the final run must get the same cache keys
+    (with `source` in the identity, the NMF final run recomputed its beam stage when live
+    mode had planned before the writer set it, seen under load)."""
+    from spedflow.io import create_array
+    from spedflow.workflows._common import store_identity
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    a = create_array(g, "data", (4, 4, 8, 8), np.uint16, chunks=(2, 2, 8, 8))
+    before = store_identity(tmp_path / "s.zarr", a, {})
+    g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer"}
+    assert store_identity(tmp_path / "s.zarr", a, dict(g.attrs["spedflow"])) == before

@@ -108,12 +108,14 @@ def store_identity(store, arr, meta: dict) -> dict:
     the modification time of its ``data`` array's metadata, so that a store written
     again at the same path (another simulation, a re-ingest with another byte order)
     never reuses the stages of the old data. Chunks landing in a store being written
-    touch neither."""
+    touch neither. Not the store's ``source`` attribute: an acquisition writing the store
+    may set its attributes after live mode has planned its first chunk, and the final
+    run then missed the live blocks (seen under load)."""
     local = local_path(store)
     meta_file = local / "data" / "zarr.json" if local is not None else None
     return {"store": str(Path(str(store)).resolve()) if local is not None else str(store),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-            "source": meta.get("source"), "created": meta.get("created"),
+            "created": meta.get("created"),
             "data_written": meta_file.stat().st_mtime_ns if meta_file and meta_file.is_file() else None}
 
 
