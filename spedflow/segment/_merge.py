@@ -732,9 +732,15 @@ def merge_components(factors: np.ndarray, loadings: np.ndarray, *,
     dist = np.maximum((1 - cp) / (1 - pattern_threshold), (1 - cl) / (1 - loading_threshold))
     groups = sorted((np.sort(canon[g]) for g in _complete_groups(dist, 1.0)),
                     key=lambda g: g[0])
+    return summed_groups(factors, loadings, groups)
+
+
+def summed_groups(factors: np.ndarray, loadings: np.ndarray, groups) -> tuple:
+    """``(factors, loadings, groups)`` of :func:`merge_components` for the given groups
+    (index arrays): each group's factors and loadings summed, float32."""
     merged_f = np.stack([factors[g].sum(axis=0) for g in groups]).astype(np.float32)
     merged_l = np.stack([loadings[g].sum(axis=0) for g in groups]).astype(np.float32)
-    return merged_f, merged_l, tuple(g.astype(np.int64) for g in groups)
+    return merged_f, merged_l, tuple(np.asarray(g, np.int64) for g in groups)
 
 
 # -- helpers --------------------------------------------------------------------------

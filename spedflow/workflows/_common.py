@@ -778,15 +778,14 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
     differ from 1, named in ``plan.identity``."""
     if (rows == 1).all() and (cols == 1).all():
         return plan
+    gains = {}
     for name, g in (("rows", rows), ("columns", cols)):
         i = np.flatnonzero(g != 1)
+        gains[name] = {str(int(k)): float(g[k]) for k in i}
         if len(i):
             log.info("detector %s %s collect %s x their neighbours' signal (line defects): "
                      "divided out (preprocess.bad_pixels)", name, i.tolist(),
                      ", ".join(f"{v:.2f}" for v in g[i]))
-    gains = {"rows": {int(i): float(rows[i]) for i in np.flatnonzero(rows != 1)},
-             "columns": {str(int(i)): float(cols[i]) for i in np.flatnonzero(cols != 1)}}
-    gains["rows"] = {str(k): v for k, v in gains["rows"].items()}
     return dataclasses.replace(plan, line_gains=(rows, cols),
                                identity={**plan.identity, "line_gains": gains})
 

@@ -298,7 +298,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
 
 def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
     """Join merge groups of one crystal by their spot positions
-    (:func:`spedflow.segment._orientation.orientation_links`); sums as merge_components."""
+    (:func:`spedflow.segment._orientation.orientation_links`), summed as
+    :func:`~spedflow.segment.merge_components` sums its groups."""
+    from ..segment._merge import summed_groups
     from ..segment._orientation import join_groups, orientation_links
     links, match = orientation_links(
         factors, loadings, mask=cut, radius=r, min_g=2 * float(np.sqrt(mask.sum() / np.pi)),
@@ -307,9 +309,7 @@ def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
     joined = join_groups(groups, links, match, params.spot_guard)
     if len(joined) < len(groups):
         log.info("%d merge groups joined into %d by their spot positions", len(groups), len(joined))
-    mf = np.stack([factors[g].sum(axis=0) for g in joined]).astype(np.float32)
-    ml = np.stack([loadings[g].sum(axis=0) for g in joined]).astype(np.float32)
-    return mf, ml, tuple(np.asarray(g, np.int64) for g in joined)
+    return summed_groups(factors, loadings, joined)
 
 
 #: Fewest detector pixels NMF is run on (left by the beam mask and the edge band).
