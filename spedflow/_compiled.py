@@ -264,10 +264,10 @@ def _ring_profile(xflat, order, starts, counts, gain, read_var, xs, prof):
             empty = True
             continue
         m64 = np.float64(s) / np.float64(c)
-        b64 = m64 + 4.0 * math.sqrt(gain * max(m64, 0.0) + read_var) + gain
+        b64 = m64 + 4.0 * math.sqrt(max(gain * max(m64, 0.0) + read_var, 0.0)) + gain
         s, c = _seg_clip_sum(seg, _f32_floor(b64))
         m = s / max(c, np.float32(1))
-        b32 = m + c32 * np.sqrt(g32 * max(m, np.float32(0)) + rv32) + g32
+        b32 = m + c32 * np.sqrt(max(g32 * max(m, np.float32(0)) + rv32, np.float32(0))) + g32
         s, c = _seg_clip_sum(seg, b32)
         prof[j] = s / max(c, np.float32(1))
     if empty:

@@ -385,6 +385,7 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
                 f"but the scheduler address {address} is not tls://")
         client = _connect(Client, address, sec, timeout)
         try:
+            _prepare_workers(client)
             if not quiet:
                 _announce(client, address)
             yield client
@@ -477,15 +478,45 @@ def _quiet_user_errors() -> None:
         logger.addFilter(_UserErrorFilter())
 
 
+def _one_blas_thread() -> None:
+    """Pin this process's BLAS (OpenBLAS, MKL) to one thread, as in-process runs are
+    (:func:`spedflow.api.segment`): a worker runs one task per core already, and a
+    matrix product split over threads sums in another order (VDF images differing in
+    the last bit from an in-process run's, on OpenBLAS 0.3.31 with a bare ``dask
+    worker``, which does not set ``OPENBLAS_NUM_THREADS``)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def _worker_plugin():
+    """A :class:`distributed.WorkerPlugin` that sets up every worker of a run, those
+    that join later included: :func:`_one_blas_thread` and :func:`_quiet_user_errors`."""
+    from distributed import WorkerPlugin
+
+    class SpedflowWorker(WorkerPlugin):
+        name = "spedflow-worker"
+
+        def setup(self, worker):
+            _one_blas_thread()
+            _quiet_user_errors()
+
+    return SpedflowWorker()
+
+
+def _prepare_workers(client) -> None:
+    """Register :func:`_worker_plugin` on the cluster (replacing an earlier run's)."""
+    client.register_plugin(_worker_plugin())
+
+
 def _warm_up(client) -> None:
     """One import task per worker, not waited for; then each loads the compiled kernels
     (:func:`spedflow._jit.warm_up`: ~0.5 s per process from numba's cache, ~10 s of
-    compiling on a machine's first run). Each also stops logging spedflow's own errors
-    in full (:class:`_UserErrorFilter`)."""
+    compiling on a machine's first run). Each is also set up by :func:`_worker_plugin`
+    (one BLAS thread; spedflow's own errors not logged in full)."""
     from distributed import fire_and_forget
 
     from ._jit import warm_up
-    client.run(_quiet_user_errors)
+    _prepare_workers(client)
     for addr in client.scheduler_info()["workers"]:
         fire_and_forget(client.submit(_import_modules, _WORKER_MODULES, workers=[addr],
                                       allow_other_workers=False, pure=False))

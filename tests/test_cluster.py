@@ -133,6 +133,39 @@ def test_remote_scheduler_computes(processes, capsys):
     assert f"dask scheduler {processes.address}" in capsys.readouterr().err
 
 
+def _blas_threads() -> list:
+    from threadpoolctl import threadpool_info
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_workers_run_one_blas_thread(processes, tmp_path):
+    """A run pins every worker's BLAS to one thread, as in-process runs are (a bare
+    `dask worker` leaves OpenBLAS on every core, and a product split over threads sums
+    in another order), a worker that joins during the run included."""
+    from cluster_utils import start_worker
+    env = {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}  # as on a bigger machine
+    late = None
+    try:
+        with client_for(processes.address) as client:
+            got = client.run(_blas_threads)
+            assert got and all(t == [1] * len(t) and t for t in got.values()), got
+            late = start_worker(processes.address, tmp_path, name="late", env=env)
+            client.wait_for_workers(3)
+            got = client.run(_blas_threads)
+            assert len(got) == 3 and all(t == [1] * len(t) and t for t in got.values()), got
+        # the same worker without the plugin: BLAS on two threads
+        from distributed import Client
+        with Client(processes.address) as plain:
+            plain.unregister_worker_plugin("spedflow-worker")
+            plain.restart_workers([w for w, i in plain.scheduler_info()["workers"].items()
+                                   if i["name"] == "late"])
+            got = plain.run(_blas_threads)
+            assert any(t and max(t) == 2 for t in got.values()), got
+    finally:
+        if late is not None:
+            late.stop(grace=1.0)
+
+
 def test_env_variable_then_config(processes, monkeypatch, capsys):
     monkeypatch.setenv(cluster.ENV_SCHEDULER, processes.address)
     with client_for(quiet=True) as client:

@@ -116,8 +116,10 @@ def test_compiled_ring_background_equals_numpy(offset):
     rng = np.random.default_rng(11)
     counts, _ = _patterns((56, 64), 20, rng, np.float32)
     ccd = (7.5 * counts + rng.normal(0, 3.0, counts.shape)).astype(np.float32)
+    dark = ccd + np.float32(40)  # a dark level left in the data: a negative intercept
     rings = ring_model((56, 64), offset)
-    for frames, (gain, read_var), exact in ((counts, (1.0, 0.0), True), (ccd, (7.5, 9.0), False)):
+    for frames, (gain, read_var), exact in ((counts, (1.0, 0.0), True), (ccd, (7.5, 9.0), False),
+                                            (dark, (7.5, 9.0 - 7.5 * 40), False)):
         background, residual = ring_residual(frames, gain, read_var, offset)
         want = rings.background(frames, gain, read_var)
         want_res = frames - rings.image(want)

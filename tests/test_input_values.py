@@ -33,7 +33,10 @@ def stores(tmp_path_factory):
     # a CCD: 7.3 data units per count, its dark level subtracted, read-out noise of 4
     # units: about half the dark pixels read below zero
     ccd = (raw * 7.3 + rng.normal(0, 4.0, raw.shape)).astype(np.float32)
+    # the same CCD with its dark level of 60 units left in the data
+    dark = (raw * 7.3 + 60 + rng.normal(0, 4.0, raw.shape)).astype(np.float32)
     return {"counts": counts, "ccd": _store_with(counts, d / "ccd.zarr", ccd),
+            "dark": _store_with(counts, d / "dark.zarr", dark),
             "inverted": _store_with(counts, d / "inverted.zarr", -raw.astype(np.float32)),
             "dir": d}
 
@@ -53,6 +56,31 @@ def test_dark_subtracted_camera_is_accepted(stores, method):
                          local=True, progress=False), stores["counts"])
     assert a["recall"] >= b["recall"] - 0.2 and a["precision"] >= b["precision"] - 0.2
     assert a["recall"] >= 0.6
+
+
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_camera_with_its_dark_level_is_accepted(stores, method):
+    """A dark level left in the data: the crystals found are those of the scan recorded
+    in counts, and the VDF workflow's noise model measures the level (the variance
+    line's intercept ``v - g o`` = 16 - 7.3 x 60)."""
+    from spedflow.api import segment
+    from spedflow.evaluate import evaluate
+    d = stores["dir"]
+    out = segment(stores["dark"], method=method, out=d / f"dark.{method}.zarr", local=True,
+                  progress=False)
+    a = evaluate(out, stores["dark"])
+    b = evaluate(segment(stores["counts"], method=method, out=d / f"counts2.{method}.zarr",
+                         local=True, progress=False), stores["counts"])
+    assert a["recall"] >= b["recall"] - 0.2 and a["precision"] >= b["precision"] - 0.2
+    assert a["recall"] >= 0.6
+    got = zarr.open_group(str(out), mode="r").attrs["spedflow"]["resolved"]
+    if method == "vdf":
+        assert got["gain"] == pytest.approx(7.3, rel=0.15)
+        assert got["read_variance"] == pytest.approx(16 - 7.3 * 60, rel=0.2)
+    else:  # NMF subtracts the level less read-out variance / gain: counts' variance is left
+        assert got["dark_level"] == pytest.approx(60 - 16 / 7.3, rel=0.1)
+        counts = zarr.open_group(str(d / "counts2.nmf.zarr"), mode="r").attrs["spedflow"]
+        assert counts["resolved"]["dark_level"] == 0
 
 
 def test_values_far_below_zero_are_refused(stores):

@@ -26,24 +26,29 @@ def _clipped_ring_mean(x, gain, read_var):
     x = np.asarray(x, np.float64)
     m = x.mean()
     for _ in range(N._CLIP_ITER):
-        m = x[x <= m + N._CLIP * np.sqrt(gain * max(m, 0) + read_var) + gain].mean()
+        m = x[x <= m + N._CLIP * np.sqrt(max(gain * max(m, 0) + read_var, 0)) + gain].mean()
     return m
 
 
-@pytest.mark.parametrize("shape", [(24, 24), (21, 30)])
-def test_ring_background_equals_a_loop_over_rings(shape):
+@pytest.mark.parametrize("shape,dark", [((24, 24), 0), ((21, 30), 0), ((24, 24), 20)])
+def test_ring_background_equals_a_loop_over_rings(shape, dark):
+    """Also for a camera with a dark level left in the data: the variance line's
+    intercept is negative, and the clip's variance is floored at 0 below it."""
     rng = np.random.default_rng(0)
     r = _radius(shape)
     frames = rng.poisson(5 * np.exp(-r / 6) + 0.3, (3,) + shape).astype(np.float32)
     frames[0, 3, 4] += 200  # a spot: clipped from its ring's mean
     gain, read_var = 1.3, 0.4
+    if dark:
+        frames = (1.3 * frames + dark + rng.normal(0, 2, frames.shape)).astype(np.float32)
+        read_var = 4 - gain * dark
     got = N.RingModel(shape).background(frames, gain, read_var)
     ring = np.rint(r).astype(int)
     for i, f in enumerate(frames):
         for j in range(ring.max() + 1):
             m = _clipped_ring_mean(f[ring == j], gain, read_var)
             assert got[i, j] == pytest.approx(m, rel=1e-5, abs=1e-6)
-    assert got[0, ring[3, 4]] < 10  # the spot did not enter its ring's background
+    assert got[0, ring[3, 4]] < 10 + dark  # the spot did not enter its ring's background
 
 
 def test_ring_background_in_batches_equals_one_pattern_at_a_time():
@@ -132,6 +137,31 @@ def test_count_scale_is_not_flattened_by_read_noise(gain, read_sd, seed):
     g, v = N.count_scale([block])
     assert g == pytest.approx(gain, rel=0.1)
     assert v == pytest.approx(read_sd ** 2, rel=0.12)
+
+
+@pytest.mark.parametrize("gain,read_sd,dark", [(1.0, 3.0, 20.0), (4.0, 3.0, 50.0), (1.0, 0.0, 10.0)])
+def test_count_scale_measures_a_dark_level(gain, read_sd, dark):
+    """A camera whose dark level was not subtracted: the variance ``g (z - o) + v`` is a
+    line of negative intercept ``v - g o``. With the intercept clamped at 0 the fit
+    gave 1.28 units per count for 1 on a simulated CCD (dark level 20, read-out sigma
+    3), and the dark rings' noise 2.8 times its variance."""
+    rng = np.random.default_rng(4)
+    block = (_scene(rng, 8 * 40, (48, 48), gain, read_sd) + dark).reshape(8, 40, 48, 48)
+    g, v = N.count_scale([block])
+    assert g == pytest.approx(gain, rel=0.1)
+    assert v == pytest.approx(read_sd ** 2 - gain * dark, rel=0.1)
+
+
+def test_noise_units_of_a_dark_level_are_those_above_it():
+    """A negative intercept ``-g o`` is a dark level ``o``: the noise units of
+    backgrounds ``b + o`` are those of ``b`` on a camera without one."""
+    b = np.geomspace(0.01, 50, 24)[None, :].repeat(3, axis=0) * np.array([[1.0], [0.5], [2.0]])
+    shape = (48, 48)
+    rings = N.ring_model(shape)
+    b = np.resize(b, (3, rings.n_rings))
+    got = N.noise_units(b + 20.0, 1.5, -1.5 * 20.0, [1.0, 2.0], 5.0, shape, rings)
+    want = N.noise_units(b, 1.5, 0.0, [1.0, 2.0], 5.0, shape, rings)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_count_scale_of_a_narrow_scan_uses_its_columns():

@@ -103,6 +103,11 @@ class NMFParams:
         in the spare components NMF fits to counting noise at low dose (on the
         benchmark sets every crystal measured 0.90 or more, most noise components
         less than 0.2). 0 keeps them all.
+    dark_level : float or None, default None
+        Data units subtracted from every reading before the Poisson scaling: the dark
+        level (offset) of a camera that reads it with no electron, left in the data.
+        None: measured from the detector's noise (:func:`spedflow.workflows._common.dark_level`;
+        0 for counting detectors and dark-subtracted cameras). 0: none.
     """
 
     n_components: int | None = None
@@ -118,6 +123,7 @@ class NMFParams:
     min_spot_fraction: float = 0.25
     max_coverage: float = 1.0 / 3.0
     min_coherence: float = 0.5
+    dark_level: float | None = None
 
     def __post_init__(self):
         check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
@@ -133,6 +139,7 @@ class NMFParams:
         if self.init not in _INITS:
             raise ParameterError(f"`init` must be one of {', '.join(_INITS)} (got {self.init!r})")
         check_range("seed", self.seed, low=0, integer=True)
+        check_range("dark_level", self.dark_level, low=0, allow_none=True)
         check_range("extra_components", self.extra_components, low=0, high=4)
         check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
         check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)

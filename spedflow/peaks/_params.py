@@ -85,8 +85,11 @@ class PeakParams:
         (:func:`spedflow.peaks.noise.count_scale`); the result's attributes give both
         (``resolved.gain``, ``resolved.read_variance``).
     read_variance : float or None
-        Read-out noise variance, data units squared ("counting" only). ``None``: measured
-        with the gain, or 0 when the gain is given.
+        Variance of a reading of 0, data units squared ("counting" only): the read-out
+        noise's variance, less ``gain`` times the dark level of a camera whose dark level
+        (offset) was not subtracted, so negative for such a camera (a dark level of 20
+        units with read-out sigma 3 at 1 unit per count: 9 - 20 = -11). ``None``:
+        measured with the gain, or 0 when the gain is given.
     ring_centres : int
         ("counting" only) Where the ring background is drawn about in patterns aligned
         by whole pixels, which leaves the beam up to half a pixel off the pixel grid:
@@ -120,7 +123,7 @@ class PeakParams:
             raise ParameterError(f"`noise` must be one of {', '.join(NOISE_MODELS)} "
                                  f"(got {self.noise!r})")
         check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
-        check_range("read_variance", self.read_variance, low=0, allow_none=True)
+        check_range("read_variance", self.read_variance, allow_none=True)
         if self.ring_centres not in (1, 3) or isinstance(self.ring_centres, bool):
             raise ParameterError(f"`ring_centres` must be 1 or 3 (got {self.ring_centres!r})")
         if (self.min_sigma is not None and self.max_sigma is not None

@@ -2,7 +2,9 @@
 
 A pixel of a counting detector records ``z = g N`` with ``N`` Poisson counts and ``g``
 the detector's data units per count (1 for an electron-counting camera; a CCD adds
-a read-out variance ``v``). Away from the spots, the mean ``b`` of an aligned pattern
+a read-out variance ``v``, and a camera whose dark level ``o`` was not subtracted reads
+``o`` more: its variance ``g (z - o) + v`` is the line ``g z + v`` with a negative
+``v``, see :func:`count_scale`). Away from the spots, the mean ``b`` of an aligned pattern
 is a function of the distance from the beam: the beam's tails, the glare, the
 amorphous film's rings and the thermal diffuse background are all circular about
 it. So per pattern, the background is the mean of each 1-px ring about
@@ -43,6 +45,12 @@ _CLIP_ITER = 2
 #: About the most pixel pairs :func:`count_scale` takes from one block (a strided
 #: sample of detector pixels).
 _PAIRS_PER_BLOCK = 1 << 19
+#: :func:`count_scale`: the darkest readings, whose variance bounds a dark level's
+#: negative intercept, are the pixel triples in this lowest fraction of the instrument.
+_DARK_QUANTILE = 0.05
+#: ... and they show a dark level when they vary less than this fraction of what counts
+#: of their mean would (counting detectors: about 1; a CCD's dark pixels: read-out noise).
+_DARK_DISPERSION = 0.5
 #: Patterns whose ring background is measured at a time (:meth:`RingModel.background`).
 _BACKGROUND_BATCH = 32
 #: Backgrounds at which :func:`noise_units` evaluates the gamma quantile (log-spaced;
@@ -112,7 +120,8 @@ class RingModel:
                 n_on = self._sum @ on.astype(np.float32)
                 mean = (self._sum @ x) / np.maximum(n_on, 1)
             for _ in range(_CLIP_ITER):
-                bound = mean + _CLIP * np.sqrt(gain * np.maximum(mean, 0) + read_var) + gain
+                var = np.maximum(gain * np.maximum(mean, 0) + read_var, 0)
+                bound = mean + _CLIP * np.sqrt(var) + gain
                 keep = ((x <= bound[self.ring]) & on).astype(np.float32)
                 mean = (self._sum @ (x * keep)) / np.maximum(self._sum @ keep, 1)
             if not on.all():
@@ -164,7 +173,12 @@ def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, th
     (S, n, n_rings) float32
     """
     rings = ring_model(shape) if rings is None else rings
-    b = np.maximum(np.asarray(background, np.float64), gain / rings.counts[None, :])
+    # a negative read_var is a dark level left in the data (:func:`count_scale`): the
+    # counts are the background above it, and the read-out variance is not known apart
+    # from it (taken as 0: the variance line is the same, the skewness the larger)
+    b = np.maximum(np.asarray(background, np.float64) + min(read_var, 0.0) / gain,
+                   gain / rings.counts[None, :])
+    read_var = max(read_var, 0.0)
     # the gamma quantile is a smooth function of log b: evaluated on a grid of
     # backgrounds spanning this batch and interpolated (the exact one per ring and
     # pattern costs as much as the LoG itself)
@@ -201,10 +215,24 @@ def count_scale(blocks) -> tuple[float, float]:
     data's largest value (a clipped camera) and the brightest 1 % (the beam's core,
     where jitter dominates) are left out.
 
+    A camera whose dark level ``o`` was not subtracted (a CCD or the optical camera of
+    a precession system reading a few tens of units with no electron) has variance
+    ``g (z - o) + v``: a line with intercept ``v - g o``, negative when the dark level
+    outweighs the read-out noise. Clamped at 0, the line was tilted to meet the dark
+    pixels (gain 1.28 for 1 on a simulated CCD with a dark level of 20 and read-out
+    sigma 3). The intercept may be negative, down to what the darkest readings
+    themselves show: the triples whose instrument lies in its lowest 5 % (selected on
+    ``z``, so their ``m`` and ``d`` carry no selection bias) have mean ``m_0`` and
+    variance ``d_0``, and when ``d_0 < g m_0 / 2`` (they vary less than counts would:
+    a dark level) the line cannot pass below them, ``v >= d_0 - g m_0``. On a counting
+    detector ``d_0 / (g m_0)`` is about 1 and the bound is 0, as before.
+
     Returns
     -------
-    (gain, read_var) floats; ``gain > 0``, ``read_var >= 0``. A sample with fewer
-    than 100 non-zero pixel triples gives ``(1, 0)``: counts.
+    (gain, read_var) floats; ``gain > 0``; ``read_var`` the variance of a reading of 0
+    (the line's intercept): the read-out variance, less ``gain`` times a dark level left
+    in the data, so it may be negative. A sample with fewer than 100 non-zero pixel
+    triples gives ``(1, 0)``: counts.
     """
     m_all, d_all, z_all = [], [], []
     for block in blocks:
@@ -231,6 +259,11 @@ def count_scale(blocks) -> tuple[float, float]:
         return 1.0, 0.0
     cap = np.quantile(z, 0.99)  # the beam's core: its jitter, not noise, dominates
     low = z <= cap
+    dark = z <= np.quantile(z, _DARK_QUANTILE)  # the darkest readings (see above)
+    m0, d0 = float(m[dark].mean()), float(d[dark].mean())
+
+    def floor(g):  # the lowest intercept the darkest readings allow
+        return d0 - g * m0 if d0 < _DARK_DISPERSION * g * m0 else 0.0
     # start from the untrimmed, unweighted fit, an overestimate of both (structure adds
     # to every difference), so the first cuts are loose and the fit shrinks onto the
     # noise (a start at v = 0 cut the dark pixels' differences hard where z is low and
@@ -241,7 +274,7 @@ def count_scale(blocks) -> tuple[float, float]:
     if not gain > 0:  # no usable spread of the mean: the plain ratio
         gain = float(d[low].sum() / max(np.abs(m[low]).sum(), 1e-12))
     gain = max(gain, 1e-6)
-    read_var = max(float(d[low].mean() - gain * m[low].mean()), 0.0)
+    read_var = max(float(d[low].mean() - gain * m[low].mean()), floor(gain))
     for _ in range(50):
         level = np.maximum(gain * z + read_var, 0.0) + gain * gain
         keep = (d <= 9.0 * level) & low
@@ -257,12 +290,14 @@ def count_scale(blocks) -> tuple[float, float]:
             break
         g_new = float((w * (dk - dz) * zc).sum()) / den
         v_new = dz - g_new * float((w * mk).sum() / sw)
-        g_new, v_new = max(g_new, 1e-6), max(float(v_new), 0.0)
-        done = abs(g_new - gain) <= 1e-4 * gain and abs(v_new - read_var) <= 1e-4 * (read_var + gain)
+        g_new = max(g_new, 1e-6)
+        v_new = max(float(v_new), floor(g_new))
+        done = (abs(g_new - gain) <= 1e-4 * gain
+                and abs(v_new - read_var) <= 1e-4 * (abs(read_var) + gain))
         gain, read_var = g_new, v_new
         if done:
             break
-    return gain, read_var
+    return gain, read_var + 0.0  # (no -0.0)
 
 
 def _fill_empty(mean: np.ndarray) -> np.ndarray:

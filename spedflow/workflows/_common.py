@@ -790,6 +790,43 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
                                identity={**plan.identity, "line_gains": gains})
 
 
+def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
+    """``(gain, read_var)`` of the detector's noise line per raw pattern
+    (:func:`spedflow.peaks.noise.count_scale`), measured on a few chunks and cached;
+    live mode measures it on the first block, ``sample``."""
+    from ..peaks.noise import count_scale
+    st = cache.stage("counts", plan.identity, "v2")  # v2: negative intercepts (a dark level)
+    if not st.complete:
+        gain, read_var = count_scale(plan.sample_blocks() if sample is None else [sample])
+        st.save_attrs(gain=gain, read_var=read_var)
+        st.mark_complete()
+    a = st.attrs()
+    return float(a["gain"]), float(a["read_var"])
+
+
+def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
+    """Dark level to subtract from the (binned) patterns before NMF's Poisson scaling.
+
+    ``given`` (data units per raw pattern), else measured: a camera whose dark level was
+    not subtracted has a noise line ``g z + v`` of negative intercept
+    (:func:`measured_counts`), and ``-v / g`` is the level to subtract. It is the dark
+    level less ``read-out variance / g``, so that what is left has the variance of
+    counts, its mean (in units of ``g``): the assumption of the Poisson scaling, which
+    the raw readings miss by the whole dark level. (A simulated CCD with a dark level of
+    20 counts: NMF recall / precision 0.88 / 0.54 with it, 1.00 / 1.00 without.) 0 for
+    counting detectors and
+    dark-subtracted cameras (a non-negative intercept), and where the scan is too small
+    to measure the noise on. Binning sums ``nav_binning**2`` patterns, and their levels."""
+    if given is None:
+        try:
+            gain, read_var = measured_counts(plan, cache, sample)
+        except InputError as e:  # too few neighbouring positions: nothing to go by
+            log.info("no dark level measured (%s)", e)
+            return 0.0
+        given = max(-read_var / gain, 0.0)
+    return float(given) * prep.nav_binning ** 2
+
+
 def resolved_bad_pixels(plan: Plan) -> list:
     """The repaired pixels as the result's attributes record them."""
     return [] if plan.bad_pixels is None else plan.bad_pixels.tolist()

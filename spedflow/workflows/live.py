@@ -219,6 +219,8 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
     used = np.where(np.isfinite(centres), centres,
                     np.array([frames.shape[-2] // 2, frames.shape[-1] // 2], np.float32))
     from .nmf import poisson_block
+    if state["dark"]:  # as the batch run: subtracted before the alignment
+        frames = frames.astype(np.float32) - np.float32(state["dark"])
     aligned = np.maximum(pk.shift_patterns(frames, used.astype(np.float64)), 0)
     stage = state["poisson"]
     if not stage.block_path(index).exists():
@@ -268,7 +270,9 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
         state["hist"] = 0.0
     else:
         from ..decompose import beam_mask
+        from ._common import dark_level
         from .nmf import poisson_stage_of
+        state["dark"] = dark_level(plan, resolved, cache, cfg.nmf.dark_level, sample=sample)
         state["beam"] = beam_stage_of(plan, prep, cache)
         state["beam_kwargs"] = beam_block_kwargs(plan, prep)
         mask = beam_mask(detector_shape, cfg.nmf.beam_mask_radius, beam_radius=r0)
@@ -276,7 +280,8 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
         # the model the final run records when it sees the beam (chunks are aligned on
         # their measured centres here only then: ``_process_block``)
         model = prep.descan if prep.align else "none (align = false)"
-        state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key, model), resolved, mask)
+        state["poisson"] = poisson_stage_of(cache, _Key(state["beam"].key, model), resolved, mask,
+                                            state["dark"])
 
 
 class _Key:

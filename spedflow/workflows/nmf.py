@@ -21,7 +21,7 @@ from ..decompose import NMFParams, ResidualParams, ScreeParams
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
-from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned,
+from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, dark_level,
                       resolved_bad_pixels, run_blocks, total, with_bad_pixels, write_result)
 
 log = logging.getLogger("spedflow")
@@ -62,6 +62,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     prep = resolve_pre(cfg.preprocess, r)
     data = binned(plan, prep)
     ny, nx, ky, kx = data.shape
+    dark = dark_level(plan, prep, cache, cfg.nmf.dark_level)
+    if dark > 0:
+        log.info("NMF: a dark level of %.3g units subtracted from every reading", dark)
+        data = data.astype(np.float32) - np.float32(dark)
     # counts cannot be negative: clip before the Poisson statistics (a dark-subtracted
     # camera's patterns can hold small negative values)
     aligned = pre.align(data, beam.used).map_blocks(np.maximum, 0, dtype=np.float32)
@@ -78,7 +82,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         raise ParameterError(f"`n_components` ({cfg.nmf.n_components}) exceeds what the data allows: "
                              f"min(patterns {ny * nx}, unmasked pixels {n_pix})")
 
-    st_stats = poisson_stage_of(cache, beam, prep, mask)
+    st_stats = poisson_stage_of(cache, beam, prep, mask, dark)
     if not st_stats.complete:
         with timer("poisson"):
             paths = run_blocks(st_stats, aligned, poisson_block, label="Poisson statistics",
@@ -142,7 +146,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
 
     # the thresholds that judge the components after the factorisation are not part of
     # its key: changing one re-runs the judging (every run does), not the NMF
-    factorisation = {k: v for k, v in dataclasses.asdict(cfg.nmf).items() if k not in _JUDGING}
+    # (the dark level subtracted is in the Poisson statistics' key, which the matrix's holds)
+    factorisation = {k: v for k, v in dataclasses.asdict(cfg.nmf).items()
+                     if k not in _JUDGING and k != "dark_level"}
     st_nmf = cache.stage("nmf", st_matrix.key, factorisation, n_comp)
     if not st_nmf.complete:
         with timer("nmf"):
@@ -288,7 +294,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "resolved": {"beam_radius": r, "preprocess": dataclasses.asdict(prep),
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
-                     "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi))},
+                     "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi)),
+                     # per raw pattern, as the parameter (binning adds it up)
+                     "dark_level": dark / prep.nav_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},
@@ -546,13 +554,13 @@ _TINY_C = 1e-12
 _SUBMATRIX_BYTES = 128 * 2**20
 
 
-def poisson_stage_of(cache, beam, prep, mask):
-    """The Poisson statistics' cache entry: keyed on the beam stage, the mask and the
+def poisson_stage_of(cache, beam, prep, mask, dark: float = 0.0):
+    """The Poisson statistics' cache entry: keyed on the beam stage, the mask, the
     descan model the beam stage chose (with no beam seen the patterns are not aligned:
     ``finish_beam``; live mode, which aligns each chunk as it lands, keys on the model
-    of a beam seen, "none")."""
+    of a beam seen, "none") and the dark level subtracted (when there is one)."""
     return cache.stage("poisson", "v3", beam.key, dataclasses.asdict(prep), mask,
-                       beam.descan.get("model"))
+                       beam.descan.get("model"), *([{"dark_level": dark}] if dark else []))
 
 
 def poisson_block(block, offset, *, mask):

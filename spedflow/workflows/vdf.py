@@ -29,8 +29,8 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import (Plan, Rows, Timer, binned, resolved_bad_pixels, run_blocks, total,
-                      with_bad_pixels, write_result)
+from ._common import (Plan, Rows, Timer, binned, measured_counts, resolved_bad_pixels,
+                      run_blocks, total, with_bad_pixels, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -114,19 +114,13 @@ def counts_of(plan, prep, pk, cache, sample=None):
     given, or measured on a few chunks (cached; live mode measures it on the first
     block, ``sample``). Binning sums ``nav_binning**2`` patterns: the gain stays, the
     read-out variance adds up."""
-    from ..peaks.noise import count_scale
     if pk.noise != "counting":
         return None
     if pk.gain is not None:
         return (float(pk.gain), float(pk.read_variance or 0.0) * prep.nav_binning ** 2)
-    st = cache.stage("counts", plan.identity, "v1")
-    if not st.complete:
-        gain, read_var = count_scale(plan.sample_blocks() if sample is None else [sample])
-        st.save_attrs(gain=gain, read_var=read_var)
-        st.mark_complete()
-    a = st.attrs()
-    read_var = a["read_var"] if pk.read_variance is None else pk.read_variance
-    return (float(a["gain"]), float(read_var) * prep.nav_binning ** 2)
+    gain, read_var = measured_counts(plan, cache, sample)
+    read_var = read_var if pk.read_variance is None else pk.read_variance
+    return (gain, float(read_var) * prep.nav_binning ** 2)
 
 
 def _found_at(centres, detector_shape) -> np.ndarray:
@@ -251,7 +245,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     # mergeable histogram of the peaks' aligned positions
     counts = counts_of(plan, prep, pk, cache)
     if counts is not None:
-        log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
+        if counts[1] >= 0:
+            log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
+        else:  # the intercept of the variance line: a dark level outweighs the read-out noise
+            log.info("detector: %.3g data units per count, a dark level of at least %.3g "
+                     "units left in the data (variance %.3g at a reading of 0)", counts[0],
+                     -counts[1] / counts[0], counts[1])
     beam, hist, mean_dog, st_scan, glare, n_peaks = _beam_peaks_stage(
         plan, data, prep, pk, vp, cache, timer, counts, clip)
 
