@@ -95,6 +95,8 @@ def main(argv=None) -> dict:
                                                   "dog_sigma_low", "dog_sigma_high")})
     pk = PeakParams(**peaks)
     counts = None if resolved["gain"] is None else (resolved["gain"], resolved["read_variance"])
+    if counts is not None and resolved.get("log_noise_factors"):
+        counts += (tuple(resolved["log_noise_factors"]),)
     kw = W.pass1_kwargs(plan, pp, pk, counts, None)
     vectors = np.asarray(res["vectors"][:], np.float64)
     fitted = np.asarray(res["beam/fitted"][:], np.float64)

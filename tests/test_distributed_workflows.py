@@ -272,8 +272,8 @@ def test_late_parameter_change_reuses_earlier_stages(store, reference, tmp_path)
     cache = tmp_path / "cache"
     shutil.copytree(str(ref) + ".cache", cache)  # a private copy of the finished stages
     stages = _stage_dirs(cache)
-    assert {n.split("-")[0] for n in stages} == {"pixels", "radius", "counts", "beam_peaks",
-                                                "peaks", "vdf", "watershed"}
+    assert {n.split("-")[0] for n in stages} == {"pixels", "radius", "counts", "noise_factors",
+                                                "beam_peaks", "peaks", "vdf", "watershed"}
     before = _mtimes(p for d in stages.values() for p in d.rglob("*"))
 
     out = tmp_path / "vdf.zarr"

@@ -35,7 +35,11 @@ def stores(tmp_path_factory):
     ccd = (raw * 7.3 + rng.normal(0, 4.0, raw.shape)).astype(np.float32)
     # the same CCD with its dark level of 60 units left in the data
     dark = (raw * 7.3 + 60 + rng.normal(0, 4.0, raw.shape)).astype(np.float32)
+    # a scintillator camera: each electron spread by a point spread of 1 px
+    from scipy import ndimage
+    spread = ndimage.gaussian_filter(raw.astype(np.float32), (0, 0, 1.0, 1.0))
     return {"counts": counts, "ccd": _store_with(counts, d / "ccd.zarr", ccd),
+            "spread": _store_with(counts, d / "spread.zarr", spread),
             "dark": _store_with(counts, d / "dark.zarr", dark),
             "inverted": _store_with(counts, d / "inverted.zarr", -raw.astype(np.float32)),
             "dir": d}
@@ -81,6 +85,29 @@ def test_camera_with_its_dark_level_is_accepted(stores, method):
         assert got["dark_level"] == pytest.approx(60 - 16 / 7.3, rel=0.1)
         counts = zarr.open_group(str(d / "counts2.nmf.zarr"), mode="r").attrs["spedflow"]
         assert counts["resolved"]["dark_level"] == 0
+
+
+def test_point_spread_of_a_scintillator_is_measured(stores):
+    """Each electron spread over neighbouring pixels: the VDF workflow measures how much
+    more its peak finder's noise varies than independent pixels would make it, and
+    finds about the peaks, and the crystals, of the scan recorded in counts (without
+    the factors 1.3x the peaks here; 3.1x on the demo set with this spread, 62 per
+    pattern where the crystals are not, against 3 in counts)."""
+    from spedflow.api import segment
+    from spedflow.evaluate import evaluate
+    d = stores["dir"]
+    out = segment(stores["spread"], method="vdf", out=d / "spread.vdf.zarr", local=True,
+                  progress=False)
+    ref = d / "counts3.vdf.zarr"
+    segment(stores["counts"], method="vdf", out=ref, local=True, progress=False)
+    got = zarr.open_group(str(out), mode="r").attrs["spedflow"]
+    want = zarr.open_group(str(ref), mode="r").attrs["spedflow"]
+    assert len(got["resolved"]["log_noise_factors"]) == 2
+    assert max(got["resolved"]["log_noise_factors"]) > 2
+    assert want["resolved"]["log_noise_factors"] == []
+    assert got["counts"]["peaks"] < 1.5 * want["counts"]["peaks"]
+    a, b = evaluate(out, stores["spread"]), evaluate(ref, stores["counts"])
+    assert a["recall"] >= b["recall"] - 0.2 and a["precision"] >= b["precision"] - 0.2
 
 
 def test_values_far_below_zero_are_refused(stores):

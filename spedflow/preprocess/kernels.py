@@ -220,7 +220,7 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
             out[s:s + batch] = z
             continue
         if counts is not None:
-            z = z - rings.image(rings.background(z, *counts))
+            z = z - rings.image(rings.background(z, counts[0], counts[1]))
         if matrices:
             g_low, g_high = blur(z)
         else:

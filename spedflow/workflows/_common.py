@@ -790,14 +790,28 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
                                identity={**plan.identity, "line_gains": gains})
 
 
+class SampleBlocks:
+    """The blocks the detector's noise is measured on, read once when first needed: a
+    few chunks of the data (:meth:`Plan.sample_blocks`), or live mode's first block."""
+
+    def __init__(self, plan: Plan, sample=None):
+        self._plan, self._blocks = plan, None if sample is None else [sample]
+
+    def __call__(self) -> list:
+        if self._blocks is None:
+            self._blocks = list(self._plan.sample_blocks())
+        return self._blocks
+
+
 def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
     """``(gain, read_var)`` of the detector's noise line per raw pattern
     (:func:`spedflow.peaks.noise.count_scale`), measured on a few chunks and cached;
-    live mode measures it on the first block, ``sample``."""
+    live mode measures it on the first block, ``sample`` (or a :class:`SampleBlocks`)."""
     from ..peaks.noise import count_scale
     st = cache.stage("counts", plan.identity, "v2")  # v2: negative intercepts (a dark level)
     if not st.complete:
-        gain, read_var = count_scale(plan.sample_blocks() if sample is None else [sample])
+        blocks = sample if isinstance(sample, SampleBlocks) else SampleBlocks(plan, sample)
+        gain, read_var = count_scale(blocks())
         st.save_attrs(gain=gain, read_var=read_var)
         st.mark_complete()
     a = st.attrs()

@@ -112,15 +112,30 @@ _SLAB = 64
 def counts_of(plan, prep, pk, cache, sample=None):
     """``(gain, read_var)`` of the counting-noise model (None for ``noise = "pattern"``):
     given, or measured on a few chunks (cached; live mode measures it on the first
-    block, ``sample``). Binning sums ``nav_binning**2`` patterns: the gain stays, the
-    read-out variance adds up."""
+    block, ``sample``), with a third item, the LoG noise factors per scale
+    (:func:`spedflow.peaks.noise.log_noise_factors`), where the detector's point spread
+    correlates its pixels' noise. Binning sums ``nav_binning**2`` patterns: the gain and
+    the factors stay, the read-out variance adds up."""
+    from ..peaks.kernels import log_sigmas
+    from ..peaks.noise import log_noise_factors
+    from ._common import SampleBlocks
     if pk.noise != "counting":
         return None
+    blocks = SampleBlocks(plan, sample)
     if pk.gain is not None:
-        return (float(pk.gain), float(pk.read_variance or 0.0) * prep.nav_binning ** 2)
-    gain, read_var = measured_counts(plan, cache, sample)
-    read_var = read_var if pk.read_variance is None else pk.read_variance
-    return (gain, float(read_var) * prep.nav_binning ** 2)
+        gain, read_var = float(pk.gain), float(pk.read_variance or 0.0)
+    else:
+        gain, read_var = measured_counts(plan, cache, blocks)
+        read_var = read_var if pk.read_variance is None else float(pk.read_variance)
+    # the LoG noise of a detector whose point spread correlates neighbouring pixels
+    sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
+    st = cache.stage("noise_factors", plan.identity, "v1", sigmas, gain, read_var)
+    if not st.complete:
+        st.save_attrs(factors=list(log_noise_factors(blocks(), sigmas, gain, read_var)))
+        st.mark_complete()
+    factors = tuple(st.attrs()["factors"])
+    counts = (gain, read_var * prep.nav_binning ** 2)
+    return counts + (factors,) if factors else counts
 
 
 def _found_at(centres, detector_shape) -> np.ndarray:
@@ -246,11 +261,15 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     counts = counts_of(plan, prep, pk, cache)
     if counts is not None:
         if counts[1] >= 0:
-            log.info("detector: %.3g data units per count, read-out variance %.3g", *counts)
+            log.info("detector: %.3g data units per count, read-out variance %.3g", *counts[:2])
         else:  # the intercept of the variance line: a dark level outweighs the read-out noise
             log.info("detector: %.3g data units per count, a dark level of at least %.3g "
                      "units left in the data (variance %.3g at a reading of 0)", counts[0],
                      -counts[1] / counts[0], counts[1])
+        if len(counts) > 2:
+            log.info("detector: its point spread correlates neighbouring pixels' noise; the "
+                     "peak finder's noise variance is %s times that of independent pixels",
+                     " / ".join(f"{f:.3g}" for f in counts[2]))
     beam, hist, mean_dog, st_scan, glare, n_peaks = _beam_peaks_stage(
         plan, data, prep, pk, vp, cache, timer, counts, clip)
 
@@ -394,7 +413,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
                      # per raw pattern, as the parameter (binning adds it up)
-                     "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2},
+                     "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2,
+                     # per LoG scale; empty: the pixels' noise is independent
+                     "log_noise_factors": None if counts is None else list(counts[2:3] and counts[2])},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "peaks": n_peaks, "vectors": int(len(vectors)),
                    "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),
