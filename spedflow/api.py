@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -183,7 +182,7 @@ def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_
     if client is not None or local or (local is None and scheduler is None
                                        and not os.environ.get("SPEDFLOW_SCHEDULER")
                                        and _small(plan)):
-        ctx = contextlib.nullcontext(client) if client is not None else cluster.local_scheduler()
+        ctx = cluster.given_client(client) if client is not None else cluster.local_scheduler()
     else:
         ctx = cluster.client_for(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
                                  memory_limit=memory_limit, tls_ca_file=tls_ca_file, tls_cert=tls_cert,

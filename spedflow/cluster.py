@@ -390,6 +390,7 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
                 _announce(client, address)
             yield client
         finally:
+            _release_workers(client)
             client.close()
         return
 
@@ -478,27 +479,38 @@ def _quiet_user_errors() -> None:
         logger.addFilter(_UserErrorFilter())
 
 
-def _one_blas_thread() -> None:
+def _one_blas_thread():
     """Pin this process's BLAS (OpenBLAS, MKL) to one thread, as in-process runs are
     (:func:`spedflow.api.segment`): a worker runs one task per core already, and a
     matrix product split over threads sums in another order (VDF images differing in
     the last bit from an in-process run's, on OpenBLAS 0.3.31 with a bare ``dask
-    worker``, which does not set ``OPENBLAS_NUM_THREADS``)."""
+    worker``, which does not set ``OPENBLAS_NUM_THREADS``). Returns the limiter, whose
+    ``restore_original_limits()`` undoes it."""
     from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+#: Name of :func:`_worker_plugin` on a cluster.
+WORKER_PLUGIN = "spedflow-worker"
 
 
 def _worker_plugin():
     """A :class:`distributed.WorkerPlugin` that sets up every worker of a run, those
-    that join later included: :func:`_one_blas_thread` and :func:`_quiet_user_errors`."""
+    that join later included: :func:`_one_blas_thread` (undone when it is removed:
+    :func:`_release_workers`) and :func:`_quiet_user_errors`."""
     from distributed import WorkerPlugin
 
     class SpedflowWorker(WorkerPlugin):
-        name = "spedflow-worker"
+        name = WORKER_PLUGIN
 
         def setup(self, worker):
-            _one_blas_thread()
+            self._limits = _one_blas_thread()
             _quiet_user_errors()
+
+        def teardown(self, worker):
+            limits = getattr(self, "_limits", None)
+            if limits is not None:
+                limits.restore_original_limits()
 
     return SpedflowWorker()
 
@@ -506,6 +518,31 @@ def _worker_plugin():
 def _prepare_workers(client) -> None:
     """Register :func:`_worker_plugin` on the cluster (replacing an earlier run's)."""
     client.register_plugin(_worker_plugin())
+
+
+@contextmanager
+def given_client(client):
+    """A client the caller made (``spedflow.segment(client=...)``), its workers set up
+    by :func:`_worker_plugin` for the run and released after it; if it has no workers
+    (a client of the synchronous or threaded scheduler), as it is."""
+    distributed_client = hasattr(client, "register_plugin")
+    if distributed_client:
+        _prepare_workers(client)
+    try:
+        yield client
+    finally:
+        if distributed_client:
+            _release_workers(client)
+
+
+def _release_workers(client) -> None:
+    """Remove :func:`_worker_plugin` from a cluster spedflow does not own (a scheduler
+    it connected to, a client it was given): its workers' BLAS threads are theirs again.
+    A cluster already gone is left as it is."""
+    try:
+        client.unregister_worker_plugin(WORKER_PLUGIN)
+    except Exception as exc:  # the scheduler or the connection went first
+        logging.getLogger("spedflow").debug("worker plugin not removed: %s", exc)
 
 
 def _warm_up(client) -> None:

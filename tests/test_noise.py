@@ -200,20 +200,29 @@ def test_log_noise_factors_of_independent_pixels_are_none():
         assert N.log_noise_factors([block], [1.0, 2.0], g, v) == ()
 
 
-@pytest.mark.parametrize("psf", [0.7, 1.2])
-def test_log_noise_factors_measure_a_point_spread(psf):
+@pytest.mark.parametrize("psf,shape", [(0.7, (48, 48)), (1.2, (48, 48)), (1.0, (40, 56))])
+def test_log_noise_factors_measure_a_point_spread(psf, shape):
     """Each electron spread over neighbouring pixels: the per-pixel gain reads low (the
     sum of the squared point spread), and the LoG noise's variance exceeds the
     independent-pixel sum by the factor the point spread and the LoG weights give."""
     rng = np.random.default_rng(9)
-    block = _blurred_scene(rng, 8 * 40, (48, 48), psf)
+    block = _blurred_scene(rng, 8 * 40, shape, psf)
     g, v = N.count_scale([block])
     got = N.log_noise_factors([block], [1.0, 2.0], g, v)
-    want = [_expected_factor((48, 48), s, psf) for s in (1.0, 2.0)]
+    want = [_expected_factor(shape, s, psf) for s in (1.0, 2.0)]
     assert max(want) > 1.5  # the case is one the factors are for
     assert len(got) == 2
     for f, w in zip(got, want):
         assert f == pytest.approx(w if w >= N._CORRELATED else 1.0, rel=0.15)
+
+
+def test_log_noise_factors_of_tiny_inputs_are_none():
+    """Detectors too small for the LoG's support, scans of one position: nothing to
+    measure, no factor (and no error)."""
+    rng = np.random.default_rng(2)
+    for shape in [(3, 3), (8, 8)]:
+        assert N.log_noise_factors([rng.poisson(3.0, (4, 8) + shape)], [1.0, 2.0], 1.0, 0.0) == ()
+    assert N.log_noise_factors([rng.poisson(3.0, (1, 1, 32, 32))], [1.0], 1.0, 0.0) == ()
 
 
 def test_noise_units_with_a_factor_are_those_of_a_gain_that_many_times_larger():

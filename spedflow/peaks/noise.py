@@ -50,8 +50,9 @@ _PAIRS_PER_BLOCK = 1 << 19
 #: negative intercept, are the pixel triples in this lowest fraction of the instrument.
 _DARK_QUANTILE = 0.05
 #: ... and they show a dark level when they vary less than this fraction of what counts
-#: of their mean would (counting detectors: about 1; a CCD's dark pixels: read-out noise).
+#: of their mean would (counting detectors: about 1; a CCD's dark pixels: read-out noise) ...
 _DARK_DISPERSION = 0.5
+
 #: :func:`log_noise_factors`: neighbouring-pattern pairs taken from one block (strided) ...
 _FACTOR_PAIRS_PER_BLOCK = 64
 #: ... fewest pairs to measure a factor on ...
@@ -240,7 +241,11 @@ def count_scale(blocks) -> tuple[float, float]:
     ``z``, so their ``m`` and ``d`` carry no selection bias) have mean ``m_0`` and
     variance ``d_0``, and when ``d_0 < g m_0 / 2`` (they vary less than counts would:
     a dark level) the line cannot pass below them, ``v >= d_0 - g m_0``. On a counting
-    detector ``d_0 / (g m_0)`` is about 1 and the bound is 0, as before.
+    detector the bound is 0, as before. The test takes the gain as known: a gain
+    overestimated twice or more (a scene of uniform counts, with no spread of
+    brightness to fit a slope on, gave 12 units per count for 1) makes counts look like
+    a dark level; the level it implies, ``-v / g``, is below ``m_0`` (the darkest
+    readings' mean), which harms nothing where those are dark.
 
     Returns
     -------
@@ -279,6 +284,14 @@ def count_scale(blocks) -> tuple[float, float]:
 
     def floor(g):  # the lowest intercept the darkest readings allow
         return d0 - g * m0 if d0 < _DARK_DISPERSION * g * m0 else 0.0
+
+    gain, read_var = _iv_line(m, d, z, low, floor)
+    return gain, read_var + 0.0  # (no -0.0)
+
+
+def _iv_line(m, d, z, low, floor) -> tuple[float, float]:
+    """:func:`count_scale`'s weighted, trimmed instrumental-variable line of ``d`` on ``m``
+    (instrument ``z``; triples ``low``), its intercept at least ``floor(gain)``."""
     # start from the untrimmed, unweighted fit, an overestimate of both (structure adds
     # to every difference), so the first cuts are loose and the fit shrinks onto the
     # noise (a start at v = 0 cut the dark pixels' differences hard where z is low and
@@ -312,7 +325,7 @@ def count_scale(blocks) -> tuple[float, float]:
         gain, read_var = g_new, v_new
         if done:
             break
-    return gain, read_var + 0.0  # (no -0.0)
+    return gain, read_var
 
 
 def log_noise_factors(blocks, sigmas, gain: float, read_var: float) -> tuple[float, ...]:
@@ -367,8 +380,10 @@ def log_noise_factors(blocks, sigmas, gain: float, read_var: float) -> tuple[flo
         for i, s in enumerate(sigmas):
             r = _k._neg_laplacian(resp[i]).transpose(0, 2, 1)  # (n, ky - 2, kx - 2)
             w2, h = _squared_log_kernel(ky, kx, s)
+            if h < 1:  # a detector too small for the LoG's support
+                continue
             v = _convolve_same(var, w2)[:, 1:-1, 1:-1]
-            ok = ~ndimage.binary_dilation(core, iterations=h)[1:-1, 1:-1]
+            ok = ~ndimage.binary_dilation(core, np.ones((3, 3), bool), iterations=h)[1:-1, 1:-1]
             ok[:h] = ok[-h:] = False
             ok[:, :h] = ok[:, -h:] = False
             if ok.sum() < 64:

@@ -791,16 +791,15 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
 
 
 class SampleBlocks:
-    """The blocks the detector's noise is measured on, read once when first needed: a
-    few chunks of the data (:meth:`Plan.sample_blocks`), or live mode's first block."""
+    """The blocks the detector's noise is measured on: a few chunks of the data, read
+    one at a time (:meth:`Plan.sample_blocks`; each call reads them again, so no more
+    than one is held), or live mode's first block."""
 
     def __init__(self, plan: Plan, sample=None):
-        self._plan, self._blocks = plan, None if sample is None else [sample]
+        self._plan, self._sample = plan, sample
 
-    def __call__(self) -> list:
-        if self._blocks is None:
-            self._blocks = list(self._plan.sample_blocks())
-        return self._blocks
+    def __call__(self):
+        return self._plan.sample_blocks() if self._sample is None else iter([self._sample])
 
 
 def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:

@@ -314,13 +314,15 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     log.info("found %d unique diffraction vectors", len(vectors))
 
     # pass 2: VDF images of all vectors in one pass
-    st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep), counts, vectors,
-                         dataclasses.asdict(vd))
+    # (pass 2 uses the noise line only: not the LoG factors, counts[2])
+    st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep),
+                         None if counts is None else counts[:2], vectors, dataclasses.asdict(vd))
     if not st_vdf.complete:
         with timer("vdf"):
             if prep.align:  # one task per chunk: preprocess a slab, integrate its discs
                 images = vdfl.preprocessed_vdf_images(data, beam.used, prep, vectors, vd.radius,
-                                                      counts=counts, subpixel=vd.subpixel)
+                                                      counts=counts[:2] if counts else None,
+                                                      subpixel=vd.subpixel)
             else:
                 images = vdfl.vdf_images(pre.preprocess(data, beam.used, prep), vectors,
                                          vd.radius, subpixel=vd.subpixel)
