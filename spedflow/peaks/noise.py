@@ -350,7 +350,8 @@ def log_noise_factors(blocks, sigmas, gain: float, read_var: float) -> tuple[flo
     ``g m + v`` of the pair's mean ``m``). Per pair, ``sum R^2 / sum 2 V`` away from the
     beam's core (its jitter) and the edges; the factor is the median over pairs
     (crystal edges between two positions spoil a few). On independent pixels it is
-    0.93-1.06 (the gain fit's error; 28 simulated sets of three simulators), and the
+    0.93-1.06 (the gain fit's error; 27 of 28 simulated sets of three simulators; 0.64 on
+    scaled 8-bit counts, whose low end the line misses), and the
     changing intensities of bent grains gave 1.32 at a LoG of 3 px, so a factor under
     ``_CORRELATED`` (1.5) is taken as 1; a point spread of 0.7-2 px gives 2-9 at 2 px.
 
