@@ -159,12 +159,20 @@ def ring_model(shape, offset=(0.0, 0.0)) -> RingModel:
 @functools.lru_cache(maxsize=32)
 def log_moments(ky: int, kx: int, sigma: float) -> tuple[float, float]:
     """``(S2, S3)``: sums of the squared and cubed weights of the finder's LoG at
-    ``sigma`` (its Gaussian matrices and 5-point Laplacian, applied to a unit count)."""
+    ``sigma`` (:func:`_log_weights`)."""
+    w = _log_weights(ky, kx, sigma)
+    return float((w ** 2).sum()), float((w ** 3).sum())
+
+
+@functools.lru_cache(maxsize=32)
+def _log_weights(ky: int, kx: int, sigma: float) -> np.ndarray:
+    """The weights of the finder's LoG at ``sigma`` (its Gaussian matrices and 5-point
+    Laplacian, applied to a unit count at ``(ky // 2, kx // 2)``): float64, transposed
+    as :func:`~spedflow.peaks.kernels._smooth_batch` leaves it, (kx - 2, ky - 2)."""
     delta = np.zeros((1, ky, kx), np.float32)
     delta[0, ky // 2, kx // 2] = 1
     w = _k._neg_laplacian(_k._smooth_batch(delta, _k._smoothing_operators(ky, kx, [sigma]))[0])
-    w = w.astype(np.float64)
-    return float((w ** 2).sum()), float((w ** 3).sum())
+    return w[0].astype(np.float64)
 
 
 def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, threshold: float,
@@ -402,12 +410,9 @@ def log_noise_factors(blocks, sigmas, gain: float, read_var: float) -> tuple[flo
 
 @functools.lru_cache(maxsize=16)
 def _squared_log_kernel(ky: int, kx: int, sigma: float) -> tuple[np.ndarray, int]:
-    """The squared weights of the finder's LoG at ``sigma`` (as :func:`log_moments`),
+    """The squared weights of the finder's LoG at ``sigma`` (:func:`_log_weights`),
     cropped to where they are not negligible, and that crop's half-width."""
-    delta = np.zeros((1, ky, kx), np.float32)
-    delta[0, ky // 2, kx // 2] = 1
-    w = _k._neg_laplacian(_k._smooth_batch(delta, _k._smoothing_operators(ky, kx, [sigma]))[0])
-    w = w[0].T.astype(np.float64) ** 2  # (ky - 2, kx - 2), centred on (ky // 2 - 1, kx // 2 - 1)
+    w = _log_weights(ky, kx, sigma).T ** 2  # (ky - 2, kx - 2), centred on (ky // 2 - 1, kx // 2 - 1)
     h = int(min(np.ceil(4 * sigma) + 1, ky // 2 - 2, kx // 2 - 2))
     cy, cx = ky // 2 - 1, kx // 2 - 1
     return w[cy - h:cy + h + 1, cx - h:cx + h + 1], h

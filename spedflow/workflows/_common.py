@@ -790,27 +790,20 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
                                identity={**plan.identity, "line_gains": gains})
 
 
-class SampleBlocks:
-    """The blocks the detector's noise is measured on: a few chunks of the data, read
-    one at a time (:meth:`Plan.sample_blocks`; each call reads them again, so no more
-    than one is held), or live mode's first block."""
-
-    def __init__(self, plan: Plan, sample=None):
-        self._plan, self._sample = plan, sample
-
-    def __call__(self):
-        return self._plan.sample_blocks() if self._sample is None else iter([self._sample])
+def noise_sample(plan: Plan, sample=None):
+    """The blocks the detector's noise is measured on: a few chunks of the data, read one
+    at a time (:meth:`Plan.sample_blocks`), or live mode's first block, ``sample``."""
+    return plan.sample_blocks() if sample is None else [sample]
 
 
 def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
     """``(gain, read_var)`` of the detector's noise line per raw pattern
-    (:func:`spedflow.peaks.noise.count_scale`), measured on a few chunks and cached;
-    live mode measures it on the first block, ``sample`` (or a :class:`SampleBlocks`)."""
+    (:func:`spedflow.peaks.noise.count_scale`), measured on :func:`noise_sample` and
+    cached."""
     from ..peaks.noise import count_scale
     st = cache.stage("counts", plan.identity, "v2")  # v2: negative intercepts (a dark level)
     if not st.complete:
-        blocks = sample if isinstance(sample, SampleBlocks) else SampleBlocks(plan, sample)
-        gain, read_var = count_scale(blocks())
+        gain, read_var = count_scale(noise_sample(plan, sample))
         st.save_attrs(gain=gain, read_var=read_var)
         st.mark_complete()
     a = st.attrs()
@@ -827,9 +820,9 @@ def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
     counts, its mean (in units of ``g``): the assumption of the Poisson scaling, which
     the raw readings miss by the whole dark level. (A simulated CCD with a dark level of
     20 counts: NMF recall / precision 0.88 / 0.54 with it, 1.00 / 1.00 without.) 0 for
-    counting detectors and
-    dark-subtracted cameras (a non-negative intercept), and where the scan is too small
-    to measure the noise on. Binning sums ``nav_binning**2`` patterns, and their levels."""
+    counting detectors and dark-subtracted cameras (a non-negative intercept), and where
+    the scan is too small to measure the noise on. Binning sums ``nav_binning**2``
+    patterns, and their levels."""
     if given is None:
         try:
             gain, read_var = measured_counts(plan, cache, sample)

@@ -118,20 +118,19 @@ def counts_of(plan, prep, pk, cache, sample=None):
     the factors stay, the read-out variance adds up."""
     from ..peaks.kernels import log_sigmas
     from ..peaks.noise import log_noise_factors
-    from ._common import SampleBlocks
+    from ._common import noise_sample
     if pk.noise != "counting":
         return None
-    blocks = SampleBlocks(plan, sample)
     if pk.gain is not None:
         gain, read_var = float(pk.gain), float(pk.read_variance or 0.0)
     else:
-        gain, read_var = measured_counts(plan, cache, blocks)
+        gain, read_var = measured_counts(plan, cache, sample)
         read_var = read_var if pk.read_variance is None else float(pk.read_variance)
     # the LoG noise of a detector whose point spread correlates neighbouring pixels
     sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
     st = cache.stage("noise_factors", plan.identity, "v1", sigmas, gain, read_var)
     if not st.complete:
-        st.save_attrs(factors=list(log_noise_factors(blocks(), sigmas, gain, read_var)))
+        st.save_attrs(factors=list(log_noise_factors(noise_sample(plan, sample), sigmas, gain, read_var)))
         st.mark_complete()
     factors = tuple(st.attrs()["factors"])
     counts = (gain, read_var * prep.nav_binning ** 2)
