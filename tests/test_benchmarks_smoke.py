@@ -233,3 +233,19 @@ def test_paired_benchmark_runs_both_versions_alternately(tmp_path):
         assert r["wall_s"] > 0 and r["timings"]["beam_peaks"] > 0 and r["peak_rss_mb"] > 0
     saved = json.loads((tmp_path / "p.json").read_text())
     assert set(saved["median"]) == {"base", "this"} and len(saved["rows"]) == 2
+
+
+def test_camera_benchmark_records_the_demo_counts_as_other_cameras():
+    """`bench_cameras.py`: the CCD adds its dark level (20) and read-out noise (sigma 3) to
+    the counts; the spread keeps every electron, shared among neighbouring pixels."""
+    import bench_cameras
+    rng = np.random.default_rng(0)
+    raw = rng.poisson(2.0, (4, 5, 32, 32)).astype(np.uint16)
+    assert bench_cameras._camera(raw, "counts", rng) is raw
+    ccd = bench_cameras._camera(raw, "ccd_dark", rng)
+    assert ccd.dtype == np.float32
+    assert (ccd - raw).mean() == pytest.approx(20.0, abs=0.05)
+    assert (ccd - raw).std() == pytest.approx(3.0, rel=0.02)
+    spread = bench_cameras._camera(raw, "spread", rng)
+    assert spread.sum() == pytest.approx(raw.sum(), rel=1e-3)
+    assert spread.var() < 0.5 * raw.var()

@@ -829,7 +829,7 @@ def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
         except InputError as e:  # too few neighbouring positions: nothing to go by
             log.info("no dark level measured (%s)", e)
             return 0.0
-        given = max(-read_var / gain, 0.0)
+        given = -read_var / gain if read_var < 0 else 0.0
     return float(given) * prep.nav_binning ** 2
 
 
