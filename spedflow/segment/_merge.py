@@ -33,6 +33,7 @@ from scipy.spatial.distance import squareform
 from .._friedel import has_friedel_pair
 from ..config import check_range
 from ..errors import InputError, ParameterError
+from ._lattice import same_lattice
 from ._params import NMFMergeParams, VDFMergeParams
 from ._watershed import _stack
 
@@ -337,11 +338,19 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     or 3. ``a``'s and ``b``'s masks coincide: their intersection over union is at least
        ``params.coincident_iou`` (1 and 2 aside).
 
+    or 4. 1 holds and ``a``'s vectors lie on ``b``'s reciprocal lattice
+       (:func:`~spedflow.segment._lattice.same_lattice`, within
+       ``params.lattice_bend`` of rotation, beyond chance at
+       ``params.lattice_significance``).
+
     A fragment's vectors belong to the same crystal, whose thickness scales every
     reflection alike where diffraction is kinematic: their images follow ``b``'s
     everywhere. Where it is not (thickness fringes, bending), one crystal's
     reflections vary unlike each other across it and the correlation merge splits
-    its vectors into groups on one mask: rule 3. A different crystal
+    its vectors into groups on one mask: rule 3; or it cuts the crystal into parts,
+    each lit by other reflections of it (a bent crystal excites different
+    reflections on different parts), whose vectors are points of one lattice:
+    rule 4. A different crystal
     inside ``b`` (a weak crystal over a strong one) is bright in its own vectors on
     its own part, whatever leaks into their apertures from ``b``'s spots elsewhere:
     the correlation is moderate and the ratio higher on ``a``. (On small crystals the
@@ -388,8 +397,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
             coincide = inter[a, b] >= params.coincident_iou * (area[a] + area[b] - inter[a, b])
             contained = inter[a, b] >= params.fragment_containment * area[a]
-            if (coincide or (contained and _lights_up(profile[a], profile[b], masks[a], masks[b],
-                                                       r, params))) and r > best_corr:
+            if r > best_corr and (coincide or (contained and (
+                    _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)
+                    or _on_lattice(members[a], members[b], result.vectors, params)))):
                 best, best_corr = b, r
         if best is None:
             continue
@@ -609,6 +619,15 @@ def _lights_up(pa, pb, in_a, in_b, r, params) -> bool:
         return False
     r_in, r_out = pa[inside].sum() / pb_in, pa[rest].sum() / pb_out
     return bool(r_out > 0 and r_in <= params.fragment_contrast * r_out)
+
+
+def _on_lattice(members_a: dict, members_b: dict, vectors: np.ndarray, params) -> bool:
+    """Condition 4 of :func:`fold_fragments`: a's vectors lie on b's lattice."""
+    if params.lattice_significance <= 0:
+        return False
+    return same_lattice(vectors[sorted(members_a)], vectors[sorted(members_b)],
+                        tolerance=params.friedel_tolerance, bend=params.lattice_bend,
+                        significance=params.lattice_significance)
 
 
 def _pearson_1d(x: np.ndarray, y: np.ndarray) -> float:

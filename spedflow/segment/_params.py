@@ -180,6 +180,21 @@ class VDFMergeParams:
         centrosymmetric too and lights every vector on its ring alike (ratio ~1);
         Bragg scattering is local in azimuth (ratios >= 10 on the simulated sets).
         Default 2. 0 disables the test.
+    lattice_bend : float
+        Fragment folding by lattice (:func:`~spedflow.segment.fold_fragments`, rule 4):
+        the largest misorientation, in degrees, between parts of one crystal. A bent
+        crystal's parts excite different reflections, and a part's vectors sit within
+        ``friedel_tolerance + |g| sin(lattice_bend)`` of the points of the whole
+        crystal's reciprocal lattice. Default 3: the bending of the thin crystals
+        SPED looks at is a few degrees over a grain; a grain boundary of less is
+        a sub-grain, which this merges.
+    lattice_significance : float
+        Rule 4 applies when a different crystal's vectors would lie on the lattice as
+        often as the candidate fragment's with at most this probability (and the
+        larger crystal's own vectors define the lattice as surely): a binomial test,
+        the chance per vector being the area of the tolerance disc over the cell's.
+        Default 1e-3. On fine lattices (large cells in real space, long vectors)
+        nothing is significant and nothing folds. 0 disables rule 4.
     shared_coverage : float
         A group whose mask is the union of two or more crystals with more vectors, each
         lying at least this fraction inside it or lit up all over by its vectors (and
@@ -199,6 +214,8 @@ class VDFMergeParams:
     coincident_iou: float = 0.8
     friedel_ring_contrast: float = 2.0
     shared_coverage: float = 0.5
+    lattice_bend: float = 3.0
+    lattice_significance: float = 1e-3
 
     def __post_init__(self):
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
@@ -207,6 +224,8 @@ class VDFMergeParams:
         check_range("fragment_contrast", self.fragment_contrast, low=1)
         check_range("coincident_iou", self.coincident_iou, low=0, low_open=True)
         check_range("shared_coverage", self.shared_coverage, low=0, low_open=True)
+        check_range("lattice_bend", self.lattice_bend, low=0, high=45)
+        check_range("lattice_significance", self.lattice_significance, low=0, high=1)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
         check_range("friedel_tolerance", self.friedel_tolerance, low=0)
         check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)
