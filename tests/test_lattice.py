@@ -198,3 +198,13 @@ def test_fold_fragments_folds_a_bent_part_whose_vectors_are_on_the_lattice():
 def test_lattice_parameters_are_checked(field, value):
     with pytest.raises(ParameterError, match=field):
         VDFMergeParams(**{field: value})
+
+
+def test_binomial_tail_against_scipy():
+    from scipy.stats import binom
+
+    from spedflow.segment._lattice import _at_least
+    for n in range(0, 40, 3):
+        for k in range(-1, n + 2):
+            for p in (0.0, 0.01, 0.2, 0.7, 1.0):
+                assert _at_least(k, n, p) == pytest.approx(binom.sf(k - 1, n, p), rel=1e-9, abs=1e-15)

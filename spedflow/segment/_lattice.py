@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binom
 
 __all__ = ["reciprocal_basis", "same_lattice"]
 
@@ -26,6 +25,17 @@ _MIN_SIN = math.sin(math.radians(15))
 _BASIS_CANDIDATES = 8
 #: Vectors shorter than this (detector px) are the direct beam, not a reflection.
 _BEAM = 2.0
+
+
+def _at_least(k: int, n: int, p: float) -> float:
+    """Binomial tail P(K >= k), K ~ B(n, p): the chance of ``k`` or more successes in
+    ``n`` trials (n is a group's vector count, tens at most; scipy.stats is not
+    imported for it, which would cost every spedflow import a third of a second)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
 
 
 def _half_set(g: np.ndarray, tolerance: float) -> np.ndarray:
@@ -137,7 +147,7 @@ def _best_basis(h: np.ndarray, tol: np.ndarray) -> tuple[np.ndarray | None, floa
             tried += 1
             k = int(_indexed(basis, h, tol).sum())
             # the pair itself indexes by construction: n - 2 trials, k - 2 successes
-            p = binom.sf(k - 3, len(h) - 2, _chance(basis, h, tol))
+            p = _at_least(k - 2, len(h) - 2, _chance(basis, h, tol))
             if p < best_p:
                 best, best_p = basis, p
     if best is None:
@@ -197,7 +207,7 @@ def same_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
         return False
     ok = _indexed(basis, h, tol)
     k = int(ok.sum())
-    if 3 * k < 2 * len(h) or binom.sf(k - 1, len(h), _chance(basis, h, tol)) > significance:
+    if 3 * k < 2 * len(h) or _at_least(k, len(h), _chance(basis, h, tol)) > significance:
         return False
     on = h[ok]
     norms = np.hypot(on[:, 0], on[:, 1])
