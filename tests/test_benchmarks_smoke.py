@@ -205,6 +205,34 @@ def test_foreign_simulator_writes_a_store_evaluate_reads(tmp_path):
     assert 0.0 <= scores["recall"] <= 1.0
 
 
+def test_third_simulator_nests_a_grain_of_the_same_phase_inside_each_bent_one(tmp_path):
+    """benchmarks/third_sim.py: a "nestbent" set holds pairs of a bent grain and a small
+    grain inside it, of the same lattice at another orientation (the same spot count,
+    the small grain's vectors not on the larger one's lattice); the store segments and
+    scores (a tiny set)."""
+    import third_sim
+
+    import spedflow
+    from spedflow.evaluate import evaluate
+    from spedflow.segment._lattice import same_lattice
+    meta = third_sim.simulate("nestbent_tiny", tmp_path, scan=(32, 32), det="counting", K=64,
+                              p2p=1.0, dose=2e4, seed=3)
+    store = third_sim.build("nestbent_tiny", tmp_path)
+    masks = np.load(tmp_path / "nestbent_tiny_masks.npy")
+    assert meta["n_grains"] >= 2 and meta["n_grains"] % 2 == 0
+    rng = np.random.default_rng(3)
+    grains = third_sim.build_grains("nestbent_tiny", rng, 32, 32, 0.42 * 128)
+    for host, inner in zip(grains[::2], grains[1::2]):
+        assert inner.mask.any() and not (inner.mask & ~host.mask).any()
+        assert len(inner.g) == len(host.g)  # a rotation keeps every |g|
+        assert not same_lattice(inner.g, host.g[np.hypot(*host.g.T) < 30])
+    assert masks.shape[0] == meta["n_grains"]
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                           progress=False)
+    scores = evaluate(res, store)
+    assert scores["n_truth"] == meta["n_grains"]
+
+
 def test_paired_benchmark_runs_both_versions_alternately(tmp_path):
     """Both trees run (the base from a git worktree), alternating, each with a fresh
     stage cache; the JSON holds every run and the medians."""

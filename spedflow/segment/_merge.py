@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
@@ -336,7 +336,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        ``params.fragment_contrast`` times that on the rest of ``b``.
 
     or 3. ``a``'s and ``b``'s masks coincide: their intersection over union is at least
-       ``params.coincident_iou`` (1 and 2 aside).
+       ``params.coincident_iou``, or (on small crystals, where a one-pixel rim is
+       most of the area) each lies within one pixel (4-connected) of the other
+       (1 and 2 aside).
 
     or 4. 1 holds and ``a``'s vectors lie on ``b``'s reciprocal lattice
        (:func:`~spedflow.segment._lattice.same_lattice`, within
@@ -395,7 +397,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             if b == a or not alive[b] or area[b] < area[a]:
                 continue
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
-            coincide = inter[a, b] >= params.coincident_iou * (area[a] + area[b] - inter[a, b])
+            coincide = params.coincident_iou <= 1 and (
+                inter[a, b] >= params.coincident_iou * (area[a] + area[b] - inter[a, b])
+                or _within_rim(masks[a], masks[b], result.summed.shape[1:]))
             contained = inter[a, b] >= params.fragment_containment * area[a]
             if r > best_corr and (coincide or (contained and (
                     _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)
@@ -619,6 +623,20 @@ def _lights_up(pa, pb, in_a, in_b, r, params) -> bool:
         return False
     r_in, r_out = pa[inside].sum() / pb_in, pa[rest].sum() / pb_out
     return bool(r_out > 0 and r_in <= params.fragment_contrast * r_out)
+
+
+def _within_rim(mask_a: np.ndarray, mask_b: np.ndarray, shape) -> bool:
+    """Whether two flat masks (of a scan of ``shape``) each lie inside the other grown by
+    one pixel (4-connected): the same outline, up to where the watershed put its edge."""
+    a, b = mask_a.reshape(shape), mask_b.reshape(shape)
+    rows, cols = np.flatnonzero((a | b).any(axis=1)), np.flatnonzero((a | b).any(axis=0))
+    if not rows.size:
+        return False
+    box = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+    a, b = a[box], b[box]
+    cross = ndimage.generate_binary_structure(2, 1)
+    return bool(not (a & ~ndimage.binary_dilation(b, cross)).any()
+                and not (b & ~ndimage.binary_dilation(a, cross)).any())
 
 
 def _on_lattice(members_a: dict, members_b: dict, vectors: np.ndarray, params) -> bool:
