@@ -10,7 +10,7 @@ import pytest
 
 from spedflow.errors import ParameterError
 from spedflow.segment import VDFMergeParams, fold_fragments, merge_vdf_segments
-from spedflow.segment._lattice import _chance, reciprocal_basis, same_lattice
+from spedflow.segment._lattice import _chance, reciprocal_basis, same_lattice, second_lattice
 
 from test_merge import SHAPE, disc
 
@@ -193,11 +193,15 @@ def test_fold_fragments_folds_a_bent_part_whose_vectors_are_on_the_lattice():
 
 
 @pytest.mark.parametrize("field, value", [("lattice_bend", -1), ("lattice_bend", 60),
-                                          ("lattice_significance", 2),
+                                          ("lattice_significance", 0.5),
                                           ("lattice_significance", float("nan"))])
 def test_lattice_parameters_are_checked(field, value):
+    from spedflow.segment import NMFMergeParams
     with pytest.raises(ParameterError, match=field):
         VDFMergeParams(**{field: value})
+    if field == "lattice_significance":
+        with pytest.raises(ParameterError, match=field):
+            NMFMergeParams(**{field: value})
 
 
 def test_binomial_tail_against_scipy():
@@ -208,3 +212,35 @@ def test_binomial_tail_against_scipy():
         for k in range(-1, n + 2):
             for p in (0.0, 0.01, 0.2, 0.7, 1.0):
                 assert _at_least(k, n, p) == pytest.approx(binom.sf(k - 1, n, p), rel=1e-9, abs=1e-15)
+    for k in (1, 300, 700, 1500):  # thousands of vectors: no overflow
+        assert _at_least(k, 3000, 0.2) == pytest.approx(binom.sf(k - 1, 3000, 0.2), rel=1e-6,
+                                                        abs=1e-300)
+
+
+def test_second_lattice_finds_another_crystal_among_the_vectors():
+    """Vectors of the lattice plus those of a second crystal (same cell, 25 degrees):
+    the rest lies on a lattice of its own. The lattice's own vectors alone, or with a
+    few random strays, hold none; nor does anything when ``gb`` has no lattice."""
+    rng = np.random.default_rng(7)
+    basis = np.array([[12.0, -2.5], [2.0, 13.5]])  # a cell of 168 px^2, 18 points to 30 px
+    gb = points(basis, 30)
+    mine = points(basis, 45)
+    other = rotated(points(basis, 45), 25.0)
+    assert second_lattice(np.vstack([mine, other]), gb)
+    assert not second_lattice(mine, gb)
+    assert not second_lattice(np.vstack([mine, rng.uniform(-40, 40, (3, 2))]), gb)
+    assert not second_lattice(np.vstack([mine, other]), gb[:2])
+    # the larger component shows only a sublattice (every other row: reflections the
+    # thin part does not excite): the rest is the same crystal, not a second one
+    n1 = np.rint(np.linalg.solve(basis, mine.T)).T[:, 0]
+    assert not second_lattice(mine, mine[n1 % 2 == 0])
+
+
+def test_repeated_vectors_are_no_new_evidence():
+    """Three copies of a few lattice vectors among strays do not make a lattice match."""
+    basis = np.array([[12.0, -2.5], [2.0, 13.5]])
+    gb = points(basis, 30)
+    few = points(basis, 45, rmin=30)[:3]
+    strays = np.random.default_rng(2).uniform(-40, 40, (3, 2))
+    assert same_lattice(np.vstack([few, few + 0.01, few - 0.01, strays]), gb) == \
+        same_lattice(np.vstack([few, strays]), gb)

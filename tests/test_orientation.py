@@ -142,3 +142,34 @@ def test_params_validated():
         NMFMergeParams(spot_match=1.5)
     with pytest.raises(ParameterError):
         NMFMergeParams(on_top_gain=0.5)
+
+
+def test_a_component_holding_a_second_lattice_is_not_joined():
+    """A small crystal of A's phase at another orientation (30 degrees) beside A's thin
+    edge: its component carries A's spots too (they shine where it is), so it matches
+    A's component by spots and would be joined to it; its other spots lie on a lattice
+    of their own (``lattice_significance``), so it is not. A's two thickness components
+    still are."""
+    rng = np.random.default_rng(4)
+    ga, _ = lattice(13.0, 0.3)
+    gf, _ = lattice(13.0, 0.3 + np.radians(30))
+    yy, xx = np.indices(SCAN)
+    a_mask = disc(20, 18, 11)
+    ramp = np.clip((xx - 14) / 8, 0, 1)
+    ia = rng.uniform(0.05, 1, len(ga))
+    f = np.stack([pattern(ga, ia), pattern(ga, 1.05 - ia),
+                  pattern(ga, np.ones(len(ga))) + pattern(gf, 0.8 * np.ones(len(gf)))])
+    f = f + 0.01 * rng.random(f.shape)
+    w = np.stack([a_mask * ramp, a_mask * (1 - ramp), disc(20, 30, 4) * 1.0]).astype(float)
+    w = w + 0.002 * rng.random(w.shape)
+    w /= w.reshape(len(w), -1).max(axis=1)[:, None, None]
+    cut = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
+    p = NMFMergeParams()
+    kw = dict(mask=cut, radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
+              support_level=p.support_level, nested_cover=p.on_top_cover,
+              nested_gain=p.on_top_gain)
+    without, match = orientation_links(f, w, **kw)
+    assert without[0, 1] and without[0, 2]          # the premise: spots alone join it
+    assert match[0, 2] >= p.spot_match
+    with_test, _ = orientation_links(f, w, lattice_significance=p.lattice_significance, **kw)
+    assert with_test[0, 1] and not with_test[0, 2]

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-__all__ = ["reciprocal_basis", "same_lattice"]
+__all__ = ["reciprocal_basis", "same_lattice", "second_lattice"]
 
 #: Basis vectors closer to parallel than this |sin(angle)| (15 degrees) span no
 #: reliable cell.
@@ -25,28 +25,39 @@ _MIN_SIN = math.sin(math.radians(15))
 _BASIS_CANDIDATES = 8
 #: Vectors shorter than this (detector px) are the direct beam, not a reflection.
 _BEAM = 2.0
+#: Lattice points enumerated per axis at most by the ring model of :func:`_chance`.
+_MAX_REACH = 40
 
 
 def _at_least(k: int, n: int, p: float) -> float:
     """Binomial tail P(K >= k), K ~ B(n, p): the chance of ``k`` or more successes in
-    ``n`` trials (n is a group's vector count, tens at most; scipy.stats is not
-    imported for it, which would cost every spedflow import a third of a second)."""
+    ``n`` trials, its terms summed in log space (no overflow for thousands of vectors;
+    scipy.stats is not imported for it, which would cost every spedflow import a third
+    of a second)."""
     if k <= 0:
         return 1.0
-    if k > n:
+    if k > n or p <= 0.0:
         return 0.0
-    return min(1.0, sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+            for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
-def _half_set(g: np.ndarray, tolerance: float) -> np.ndarray:
-    """One of each Friedel pair ``g, -g`` (within ``tolerance``), the beam dropped.
-    A reflection's mate is no independent evidence of a lattice."""
+def _half_set(g: np.ndarray, tolerance: float, bend: float) -> np.ndarray:
+    """One of each Friedel pair ``g, -g`` (within the indexing tolerance of
+    :func:`_tolerance`: two parts of a bent crystal show a pair rotated apart), the
+    beam dropped. A reflection's mate is no independent evidence of a lattice."""
     g = np.asarray(g, np.float64).reshape(-1, 2)
     g = g[np.hypot(g[:, 0], g[:, 1]) > _BEAM]
     g = g[np.argsort(np.hypot(g[:, 0], g[:, 1]), kind="stable")]
+    tol = _tolerance(g, tolerance, bend)
     keep: list[int] = []
     for i in range(len(g)):
-        if not any(np.hypot(*(g[i] + g[j])) <= tolerance for j in keep):
+        if not any(np.hypot(*(g[i] + g[j])) <= tol[i] for j in keep):
             keep.append(i)
     return g[keep]
 
@@ -78,12 +89,12 @@ def _indexed(basis: np.ndarray, g: np.ndarray, tol: np.ndarray) -> np.ndarray:
 
 
 def _independent(h: np.ndarray, tol: np.ndarray) -> np.ndarray:
-    """Drop the vectors of ``h`` (shortest first) that are a multiple ``m * g`` (m = 2..4)
-    of a shorter vector ``g`` kept: on a lattice, the multiples of a point are points
-    too, so they are no independent evidence."""
+    """Drop the vectors of ``h`` (shortest first) that repeat (``m = 1``) or are a
+    multiple ``m * g`` (m = 2..4) of a shorter vector ``g`` kept: on a lattice, the
+    multiples of a point are points too, so they are no independent evidence."""
     keep: list[int] = []
     for i in range(len(h)):
-        if not any(np.hypot(*(h[i] - m * h[j])) <= tol[i] for j in keep for m in (2, 3, 4)):
+        if not any(np.hypot(*(h[i] - m * h[j])) <= tol[i] for j in keep for m in (1, 2, 3, 4)):
             keep.append(i)
     return np.asarray(keep, dtype=np.int64)
 
@@ -102,6 +113,8 @@ def _chance(basis: np.ndarray, g: np.ndarray, tol: np.ndarray) -> float:
     area = np.pi * tol ** 2 / abs(np.linalg.det(basis))
     r = np.hypot(g[:, 0], g[:, 1])
     reach = int(np.ceil((r.max() + tol.max()) / _shortest(basis))) + 1
+    if reach > _MAX_REACH:  # a fine lattice: its points fill every circle evenly
+        return float(np.minimum(1.0, area).mean())
     n = np.stack(np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1)),
                  -1).reshape(-1, 2)
     lengths = np.hypot(*(n @ basis.T).T)
@@ -124,7 +137,7 @@ def _shortest(basis: np.ndarray) -> float:
 def _prepared(g, tolerance: float, bend: float) -> tuple[np.ndarray, np.ndarray]:
     """The independent vectors of ``g`` (Friedel mates once, multiples of shorter ones
     dropped, shortest first) and their tolerances."""
-    h = _half_set(g, tolerance)
+    h = _half_set(g, tolerance, bend)
     tol = _tolerance(h, tolerance, bend)
     idx = _independent(h, tol)
     return h[idx], tol[idx]
@@ -213,3 +226,36 @@ def same_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
     norms = np.hypot(on[:, 0], on[:, 1])
     cross = np.abs(on[:, None, 0] * on[None, :, 1] - on[:, None, 1] * on[None, :, 0])
     return bool((cross >= _MIN_SIN * norms[:, None] * norms[None, :]).any())
+
+
+def second_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
+                   significance: float = 1e-3) -> bool:
+    """True when the vectors of ``ga`` that are off the reciprocal lattice of ``gb``
+    lie on a lattice of their own beyond chance: ``ga`` holds a second crystal.
+
+    An NMF component of a small crystal lying on a larger one also carries the larger
+    one's spots, which shine where it is: half its spots on the larger one's lattice,
+    the other half on another lattice (its own). A thickness component of the larger
+    crystal has all its spots on that lattice. The test of the rest is that of
+    :func:`reciprocal_basis`, at ``significance`` times the number of bases tried.
+    False when ``gb`` has no lattice.
+    """
+    basis = reciprocal_basis(gb, tolerance, bend)
+    if basis is None:
+        return False
+    h, tol = _prepared(ga, tolerance, bend)
+    off = ~_indexed(basis, h, tol) if len(h) else np.zeros(0, bool)
+    other, chance = _best_basis(h[off], tol[off])
+    return chance <= significance and not _commensurate(basis, other, bend)
+
+
+def _commensurate(b1: np.ndarray, b2: np.ndarray, bend: float) -> bool:
+    """Whether two bases span lattices of one crystal: one's vectors are integer
+    combinations of the other's (a sublattice: reflections the other component does
+    not show), to within a rotation by about twice ``bend``."""
+    slack = max(0.1, math.sin(math.radians(2 * bend)))
+    for a, b in ((b1, b2), (b2, b1)):
+        u = np.linalg.solve(a, b)
+        if np.abs(u - np.rint(u)).max() <= slack and round(abs(np.linalg.det(np.rint(u)))) >= 1:
+            return True
+    return False

@@ -337,8 +337,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
 
     or 3. ``a``'s and ``b``'s masks coincide: their intersection over union is at least
        ``params.coincident_iou``, or (on small crystals, where a one-pixel rim is
-       most of the area) each lies within one pixel (4-connected) of the other
-       (1 and 2 aside).
+       most of the area) at least 0.5 with each mask within one pixel (4-connected)
+       of the other (1 and 2 aside; like every candidate, ``a`` has at least
+       ``min(fragment_containment, coincident_iou)`` of its mask in ``b``'s).
 
     or 4. 1 holds and ``a``'s vectors lie on ``b``'s reciprocal lattice
        (:func:`~spedflow.segment._lattice.same_lattice`, within
@@ -399,7 +400,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             r = _pearson_1d(profile[a][masks[b]], profile[b][masks[b]])
             coincide = params.coincident_iou <= 1 and (
                 inter[a, b] >= params.coincident_iou * (area[a] + area[b] - inter[a, b])
-                or _within_rim(masks[a], masks[b], result.summed.shape[1:]))
+                or (2 * inter[a, b] >= area[a] + area[b] - inter[a, b]
+                    and _within_rim(masks[a], masks[b], result.summed.shape[1:])))
             contained = inter[a, b] >= params.fragment_containment * area[a]
             if r > best_corr and (coincide or (contained and (
                     _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)

@@ -29,7 +29,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ._lattice import second_lattice
+
 __all__ = ["factor_spots", "spot_match", "orientation_links", "join_groups"]
+
+#: Position scatter of a component's spot (a local maximum on the pixel grid), px.
+SPOT_TOLERANCE = 1.0
 
 
 def factor_spots(factor: np.ndarray, mask: np.ndarray, *, radius: float, min_g: float = 0.0,
@@ -91,8 +96,15 @@ LIT = 2
 
 def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.ndarray,
                       radius: float, min_g: float, spot_threshold: float,
-                      support_level: float, nested_cover: float, nested_gain: float):
+                      support_level: float, nested_cover: float, nested_gain: float,
+                      lattice_significance: float = 0.0):
     """Pairs of components of one orientation whose supports touch and are not nested.
+
+    With ``lattice_significance`` > 0, a pair is not linked when either component's
+    spots off the other's reciprocal lattice lie on a lattice of their own at that
+    significance (:func:`~spedflow.segment._lattice.second_lattice`): a component of a
+    small crystal lying on a larger one carries the larger one's spots too, and
+    matches them, but it holds a second crystal.
 
     Returns
     -------
@@ -109,6 +121,7 @@ def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.nda
     peak = loadings.reshape(e, -1).max(axis=1)
     sup = loadings > support_level * np.maximum(peak, 1e-30)[:, None, None]
     grown = [ndimage.binary_dilation(s) for s in sup]
+    centre = np.array([factors.shape[1] // 2, factors.shape[2] // 2], np.float64)
     links = np.zeros((e, e), bool)
     for i in range(e):
         for j in range(i + 1, e):
@@ -117,6 +130,11 @@ def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.nda
             small, large = (i, j) if sup[i].sum() <= sup[j].sum() else (j, i)
             if _on_top(loadings[small] / max(peak[small], 1e-30), loadings[large] / max(peak[large], 1e-30),
                        sup[small], sup[large], nested_cover, nested_gain):
+                continue
+            if lattice_significance > 0 and any(
+                    second_lattice(spots[p][0] - centre, spots[q][0] - centre,
+                                   tolerance=SPOT_TOLERANCE, significance=lattice_significance)
+                    for p, q in ((i, j), (j, i))):
                 continue
             links[i, j] = links[j, i] = True
     return links, match

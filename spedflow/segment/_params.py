@@ -190,9 +190,10 @@ class VDFMergeParams:
         a sub-grain, which this merges.
     lattice_significance : float
         Rule 4 applies when a different crystal's vectors would lie on the lattice as
-        often as the candidate fragment's with at most this probability (and the
-        larger crystal's own vectors define the lattice as surely): a binomial test,
-        the chance per vector being the area of the tolerance disc over the cell's.
+        often as the candidate fragment's with at most this probability: a binomial
+        test, the chance per vector being the larger of the tolerance disc's area over
+        the cell's and the chance of a crystal of the same phase at another orientation
+        (:func:`~spedflow.segment._lattice._chance`).
         Default 1e-3. On fine lattices (large cells in real space, long vectors)
         nothing is significant and nothing folds. 0 disables rule 4.
     shared_coverage : float
@@ -225,7 +226,7 @@ class VDFMergeParams:
         check_range("coincident_iou", self.coincident_iou, low=0, low_open=True)
         check_range("shared_coverage", self.shared_coverage, low=0, low_open=True)
         check_range("lattice_bend", self.lattice_bend, low=0, high=45)
-        check_range("lattice_significance", self.lattice_significance, low=0, high=1)
+        check_range("lattice_significance", self.lattice_significance, low=0, high=0.1)
         check_range("vector_threshold", self.vector_threshold, low=1, integer=True)
         check_range("friedel_tolerance", self.friedel_tolerance, low=0)
         check_range("segment_threshold", self.segment_threshold, low=0, high=1, low_open=True)
@@ -268,6 +269,12 @@ class NMFMergeParams:
         rest of the other's support, lies on top of it (a second crystal of the same
         orientation) and is not joined to it: thickness components share a crystal's
         area (summed ratio 1.0-1.5 measured), overlapping crystals add (1.8-2.5).
+    lattice_significance : float
+        Nor is a component joined by its spots to another when its spots off the
+        other's reciprocal lattice lie on a lattice of their own, beyond chance at this
+        probability (:func:`~spedflow.segment._lattice.second_lattice`): a component of
+        a small crystal lying on a larger one carries the larger one's spots too (they
+        shine where it is) beside its own. Default 1e-3; 0 disables.
     """
 
     pattern_threshold: float = 0.45
@@ -277,6 +284,7 @@ class NMFMergeParams:
     support_level: float = 0.3
     on_top_cover: float = 0.8
     on_top_gain: float = 1.7
+    lattice_significance: float = 1e-3
 
     def __post_init__(self):
         check_range("pattern_threshold", self.pattern_threshold, low=-1, high=1, high_open=True)
@@ -285,6 +293,7 @@ class NMFMergeParams:
             check_range(name, getattr(self, name), low=0, high=1)
         check_range("support_level", self.support_level, low=0, high=1, low_open=True, high_open=True)
         check_range("on_top_gain", self.on_top_gain, low=1)
+        check_range("lattice_significance", self.lattice_significance, low=0, high=0.1)
 
 
 def pattern_sigma(params: VDFMergeParams, spot_radius: float) -> float:

@@ -313,7 +313,8 @@ def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
     links, match = orientation_links(
         factors, loadings, mask=cut, radius=r, min_g=2 * float(np.sqrt(mask.sum() / np.pi)),
         spot_threshold=params.spot_match, support_level=params.support_level,
-        nested_cover=params.on_top_cover, nested_gain=params.on_top_gain)
+        nested_cover=params.on_top_cover, nested_gain=params.on_top_gain,
+        lattice_significance=params.lattice_significance)
     joined = join_groups(groups, links, match, params.spot_guard)
     if len(joined) < len(groups):
         log.info("%d merge groups joined into %d by their spot positions", len(groups), len(joined))
