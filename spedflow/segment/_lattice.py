@@ -55,11 +55,14 @@ def _half_set(g: np.ndarray, tolerance: float, bend: float) -> np.ndarray:
     g = g[np.hypot(g[:, 0], g[:, 1]) > _BEAM]
     g = g[np.argsort(np.hypot(g[:, 0], g[:, 1]), kind="stable")]
     tol = _tolerance(g, tolerance, bend)
-    keep: list[int] = []
-    for i in range(len(g)):
-        if not any(np.hypot(*(g[i] + g[j])) <= tol[i] for j in keep):
-            keep.append(i)
-    return g[keep]
+    keep = np.zeros(len(g), dtype=np.intp)
+    k = 0
+    for i in range(len(g)):  # greedy, shortest first: each against those kept
+        s = g[i] + g[keep[:k]]
+        if not (np.hypot(s[:, 0], s[:, 1]) <= tol[i]).any():
+            keep[k] = i
+            k += 1
+    return g[keep[:k]]
 
 
 def _reduced(b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -92,11 +95,15 @@ def _independent(h: np.ndarray, tol: np.ndarray) -> np.ndarray:
     """Drop the vectors of ``h`` (shortest first) that repeat (``m = 1``) or are a
     multiple ``m * g`` (m = 2..4) of a shorter vector ``g`` kept: on a lattice, the
     multiples of a point are points too, so they are no independent evidence."""
-    keep: list[int] = []
-    for i in range(len(h)):
-        if not any(np.hypot(*(h[i] - m * h[j])) <= tol[i] for j in keep for m in (1, 2, 3, 4)):
-            keep.append(i)
-    return np.asarray(keep, dtype=np.int64)
+    keep = np.zeros(len(h), dtype=np.int64)
+    k = 0
+    m = np.arange(1, 5, dtype=np.float64)[:, None, None]
+    for i in range(len(h)):  # greedy, shortest first: each against those kept
+        d = h[i] - m * h[keep[:k]][None]
+        if not (np.hypot(d[..., 0], d[..., 1]) <= tol[i]).any():
+            keep[k] = i
+            k += 1
+    return keep[:k]
 
 
 def _chance(basis: np.ndarray, g: np.ndarray, tol: np.ndarray) -> float:
