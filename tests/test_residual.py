@@ -16,11 +16,15 @@ def test_params_validated():
         ResidualParams(alpha=0)
 
 
-def test_box_sum_matches_loop():
-    v = np.random.default_rng(0).random((7, 6, 2))
-    s = R._box_sum(v, 3)
-    assert s.shape == (5, 4, 2)
-    assert np.allclose(s[1, 2], v[1:4, 2:5].sum(axis=(0, 1)))
+@pytest.mark.parametrize("k", [1, 3, 5, 15])
+def test_box_sum_matches_loop(k):
+    v = np.random.default_rng(k).random((17, 16, 2)).astype(np.float32)
+    s = R._box_sum(v, k)
+    ref = np.array([[v[i:i + k, j:j + k].astype(np.float64).sum(axis=(0, 1)) for j in range(16 - k + 1)]
+                    for i in range(17 - k + 1)])
+    assert s.shape == ref.shape and s.dtype == np.float64
+    np.testing.assert_allclose(s, ref, rtol=1e-12)
+    assert R._box_sum(v[:k - 1 or 0], k).shape[0] == 0
 
 
 def test_merge_screens_is_associative():

@@ -113,10 +113,22 @@ _SCREEN_SLICE_BYTES = 8 * 2**20
 
 
 def _box_sum(v: np.ndarray, k: int) -> np.ndarray:
-    """Sum over a k x k window of the first two axes ('valid' part: shrinks by k-1)."""
-    c = np.cumsum(np.cumsum(v, axis=0), axis=1)
-    c = np.pad(c, ((1, 0), (1, 0)) + ((0, 0),) * (v.ndim - 2))
-    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    """Sum over a k x k window of the first two axes ('valid' part: shrinks by k-1).
+
+    Separable sums of shifted views: 2 (k - 1) in-place additions. For the windows
+    allowed (k <= 15) that is faster than a summed-area table (two cumulative sums
+    along the outer axes, 6x slower at k = 3) and exact, with no cancellation.
+    """
+    n0, n1 = v.shape[0] - k + 1, v.shape[1] - k + 1
+    if n0 <= 0 or n1 <= 0:
+        return np.zeros((max(n0, 0), max(n1, 0)) + v.shape[2:], np.result_type(v, np.float64))
+    rows = np.array(v[:n0], np.result_type(v, np.float64))
+    for i in range(1, k):
+        rows += v[i:i + n0]
+    out = rows[:, :n1].copy()
+    for i in range(1, k):
+        out += rows[:, i:i + n1]
+    return out
 
 
 def residual_screen_block(x, w, h, a, b, *, window: int, min_counts: float):

@@ -39,22 +39,35 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 def signflip_block(block: np.ndarray, row0: int, n_cols: int, seed: int) -> np.ndarray:
     """Kernel: multiply each element by a pseudo-random sign fixed by its (row, col).
 
-    The sign of element ``(i, j)`` is the top bit of splitmix64(``i * n_cols + j``
-    + seed * golden ratio), so the flipped matrix does not depend on the chunking.
+    Each row is cut into words of 64 columns; word ``w`` of row ``i`` is
+    splitmix64(``i * n_words + w`` + (seed + 1) * golden ratio), ``n_words =
+    ceil(n_cols / 64)``, and bit ``b`` of it (least significant first) is the sign of
+    column ``64 w + b`` (1: negated). The flipped matrix does not depend on the row
+    chunking, and one hash serves 64 elements (the scree flips every element of the
+    matrix on each of its passes).
 
     Parameters
     ----------
-    block : (n, P) ndarray, rows ``row0 .. row0 + n`` of the matrix.
+    block : (n, P) ndarray, rows ``row0 .. row0 + n`` of the matrix, ``P == n_cols``.
     """
     n, p = block.shape
+    n_words = -(-int(n_cols) // 64)
     with np.errstate(over="ignore"):
-        z = (np.arange(row0, row0 + n, dtype=np.uint64)[:, None] * np.uint64(n_cols)
-             + np.arange(p, dtype=np.uint64)[None] + np.uint64(seed + 1) * _GOLDEN)
+        z = (np.arange(row0, row0 + n, dtype=np.uint64)[:, None] * np.uint64(n_words)
+             + np.arange(-(-p // 64), dtype=np.uint64)[None] + np.uint64(seed + 1) * _GOLDEN)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    sign = np.where(z >> np.uint64(63), -1, 1).astype(block.dtype)
-    return block * sign
+    bits = np.unpackbits(z.astype("<u8").view(np.uint8), axis=1, count=p, bitorder="little")
+    block = np.ascontiguousarray(block)
+    if block.dtype.kind == "f" and block.dtype.itemsize in (4, 8):
+        # flip the IEEE sign bit: ~20x faster than a multiply or a masked negate
+        uint = np.uint32 if block.dtype.itemsize == 4 else np.uint64
+        flipped = bits.astype(uint)
+        flipped <<= uint(8 * block.dtype.itemsize - 1)
+        flipped ^= block.view(uint)
+        return flipped.view(block.dtype)
+    return block * (1 - 2 * bits.astype(block.dtype))
 
 
 def _as_dask_matrix(matrix):
