@@ -233,9 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         from . import cluster
-        cluster.set_progress(_progress(args))
     except ImportError:
-        pass
+        return _dispatch(args)
+    # -q turns the bar off for this command only: main() called from Python (a notebook,
+    # a test) leaves the caller's progress setting as it found it
+    previous = cluster.progress_enabled()
+    cluster.set_progress(_progress(args))
+    try:
+        return _dispatch(args)
+    finally:
+        cluster.set_progress(previous)
+
+
+def _dispatch(args) -> int:
+    """Run the command; every user mistake becomes one line on stderr and exit 2."""
     try:
         return int(_COMMANDS[args.command](args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed: not an error

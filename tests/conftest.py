@@ -14,6 +14,18 @@ import pytest
 
 from spedflow.simulate import simulate
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): one test process per core this process may use
+    (dask's count, which respects CPU affinity and cgroup quotas, unlike psutil's), at
+    most 4; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides it."""
+    import os
+
+    from dask.system import CPU_COUNT
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(4, int(CPU_COUNT)))
+
+
 SIM_STORE = dict(scan=(48, 48), detector=64, crystals=8, seed=0)
 SIM_MGO_LIKE = dict(scan=(64, 64), detector=96, crystals=9, seed=1)
 

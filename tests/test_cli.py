@@ -221,6 +221,21 @@ def test_quiet_keeps_warnings_about_the_data(verbose, quiet, level):
     assert args.quiet == quiet
 
 
+def test_quiet_is_for_that_command_only(sim_store, capsys):
+    """main(["...", "-q"]) called from Python (a notebook, a script) does not turn the
+    progress bar off for the caller's later computations."""
+    from spedflow import cluster
+    cluster.set_progress(True)
+    assert main(["info", str(sim_store), "-q"]) == 0
+    assert cluster.progress_enabled()
+    cluster.set_progress(False)
+    try:
+        assert main(["info", str(sim_store)]) == 0
+        assert not cluster.progress_enabled()   # the caller's choice, kept
+    finally:
+        cluster.set_progress(True)
+
+
 @pytest.mark.parametrize("argv, local", [
     ([], None),                                   # the API's rule: in-process under 1 GB
     (["--no-cluster"], True),

@@ -463,7 +463,7 @@ def test_a_cluster_without_workers_fails_instead_of_hanging():
     with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as lc, Client(lc) as client:
         futures = client.compute([da.ones(10, chunks=5).sum()])
         with pytest.raises(ClusterError, match="no workers"):
-            cl.wait_for(client, futures, no_workers_timeout=1.0)
+            cl.wait_for(client, futures, no_workers_timeout=1.0, poll=0.5)
 
 
 def _hold_memory(fraction, dask_worker):
