@@ -57,6 +57,7 @@ def files(tmp_path_factory, sim_store):
     (d / "unknown_section.toml").write_text("[peak]\nthreshold = 3\n")
     (d / "binary.toml").write_bytes(bytes(range(256)))
     from_array(good, d / "damaged.zarr", progress=False)
+    from_array(good[:2, :2], d / "two_by_two.zarr", progress=False)
     chunk = next(p for p in sorted((d / "damaged.zarr" / "data").rglob("*")) if p.is_file()
                  and p.name != "zarr.json")
     raw = bytearray(chunk.read_bytes())
@@ -123,6 +124,10 @@ CASES = [
                                         "watershed.marker_radius=1000", "--no-cluster"], "marker_radius"),
     ("segment-min-patterns-above-scan", ["segment", "{s}", "--out", "{d}/r18.zarr", "--set",
                                          "vectors.min_patterns=100000", "--no-cluster"], "min_patterns"),
+    ("segment-min-size-above-scan", ["segment", "{s}", "--out", "{d}/r22.zarr", "--set",
+                                     "watershed.min_size=100000", "--no-cluster"], "watershed.min_size"),
+    ("segment-scan-too-small-for-the-noise", ["segment", "{d}/two_by_two.zarr", "--out", "{d}/r23.zarr",
+                                              "--no-cluster"], "peaks.gain and peaks.read_variance"),
     ("segment-two-problems-named-together",
      ["segment", "{s}", "--out", "{d}/r21.zarr", "--set", "vectors.min_patterns=100000", "--set",
       "watershed.marker_radius=1000", "--no-cluster"], "(its larger side); `vectors.min_patterns`"),

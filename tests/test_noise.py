@@ -259,6 +259,61 @@ def test_point_spread_false_peaks_are_gone_with_the_measured_factors(psf):
     assert len(with_f) <= 0.1 * n
 
 
+def _old_sample_blocks(data):
+    """The sample before small chunks were extended: the five corner/centre chunks."""
+    cy, cx = data.chunksize[:2]
+    gy, gx = -(-data.shape[0] // cy), -(-data.shape[1] // cx)
+    for i, j in sorted({(0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1), (gy - 1, 0)}):
+        yield np.asarray(data[i * cy:(i + 1) * cy, j * cx:(j + 1) * cx])
+
+
+@pytest.mark.parametrize("scan,chunks", [((64, 64), (22, 23)), ((64, 64), (64, 64)), ((32, 32), (2, 2)),
+                                         ((41, 37), (2, 2)), ((32, 32), (1, 3)), ((1, 200), (1, 2)),
+                                         ((100, 2), (2, 1)), ((2, 2), (1, 1)), ((512, 512), (2, 2))])
+def test_sample_blocks_are_whole_chunks_with_three_in_a_row(scan, chunks):
+    """Each block is a chunk-aligned window of the data; under three positions wide both
+    ways, chunks are joined along the rows (the columns of a narrower scan); small
+    blocks are added, spread over the scan, up to ~512 patterns; chunks of 3+ positions
+    give the five blocks they always gave."""
+    import dask.array as da
+    from spedflow.peaks import lazy as L
+    ny, nx = scan
+    pos = np.arange(ny * nx, dtype=np.int32).reshape(ny, nx, 1, 1)
+    data = da.from_array(pos, chunks=chunks + (1, 1))
+    blocks = list(L.sample_blocks(data))
+    seen = set()
+    for b in blocks:
+        y0, x0 = divmod(int(b[0, 0, 0, 0]), nx)
+        h, w = b.shape[:2]
+        np.testing.assert_array_equal(b, pos[y0:y0 + h, x0:x0 + w])   # a window of the data
+        assert y0 % chunks[0] == 0 and x0 % chunks[1] == 0              # chunk-aligned
+        assert (y0 + h == ny or h % chunks[0] == 0) and (x0 + w == nx or w % chunks[1] == 0)
+        assert max(h, w) >= min(3, max(ny, nx)) or max(ny, nx) < 3
+        assert (y0, x0, h, w) not in seen
+        seen.add((y0, x0, h, w))
+    total = sum(b.shape[0] * b.shape[1] for b in blocks)
+    assert total >= min(ny * nx, L._SAMPLE_PATTERNS) * 0.75, total
+    assert total <= max(5 * chunks[0] * chunks[1], 2 * L._SAMPLE_PATTERNS)
+    old = list(_old_sample_blocks(data))
+    if min(chunks) >= 3 and sum(o.shape[0] * o.shape[1] for o in old) >= L._SAMPLE_PATTERNS:
+        assert len(blocks) == len(old)
+        for b, o in zip(blocks, old):
+            np.testing.assert_array_equal(b, o)
+
+
+@pytest.mark.parametrize("chunks", [(2, 2), (1, 3), (1, 1), (8, 40)])
+def test_measure_counts_on_small_chunks(chunks):
+    """Chunks of a few patterns (large detectors) measure the gain as whole blocks do:
+    chunks under three positions wide both ways used to give no measurement at all."""
+    import dask.array as da
+    from spedflow.peaks.lazy import measure_counts
+    rng = np.random.default_rng(11)
+    scene = _scene(rng, 16 * 40, (48, 48), 3.0, 0.0).reshape(16, 40, 48, 48)
+    g, v = measure_counts(da.from_array(scene, chunks=chunks + (48, 48)))
+    assert g == pytest.approx(3.0, rel=0.1)
+    assert abs(v) <= 0.1 * 3.0 ** 2
+
+
 def test_count_scale_needs_neighbouring_positions():
     with pytest.raises(InputError, match="neighbouring"):
         N.count_scale([np.ones((5, 1, 8, 8))])

@@ -158,6 +158,17 @@ def validate(plan: "Plan", cfg) -> None:
         problems.append(f"`vectors.min_patterns` = {min_patterns} exceeds the number of "
                         f"patterns ({n_patterns}): no vector could be found; lower it "
                         f"(e.g. --set vectors.min_patterns={min(2, n_patterns)})")
+    min_size = getattr(getattr(cfg, "watershed", None), "min_size", None)
+    if min_size is not None and min_size > n_patterns:
+        problems.append(f"`watershed.min_size` = {min_size} exceeds the number of scan positions "
+                        f"({n_patterns}): no segment could be kept; lower it "
+                        f"(e.g. --set watershed.min_size={n_patterns})")
+    pk = getattr(cfg, "peaks", None)
+    if pk is not None and pk.noise == "counting" and pk.gain is None and max(ny, nx) < 3:
+        problems.append(f"the {ny} x {nx} scan has no three neighbouring positions in a row or "
+                        "column to measure the detector's counting noise on; give the data units "
+                        "per electron and read-out variance as peaks.gain and peaks.read_variance "
+                        "(1 and 0 for a counting detector)")
     if getattr(cfg, "nmf", None) is not None and n_patterns < 2:
         problems.append(f"the NMF workflow needs at least 2 patterns (the scan holds {n_patterns})")
     n_comp = getattr(getattr(cfg, "nmf", None), "n_components", None)
@@ -827,7 +838,8 @@ def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
         try:
             gain, read_var = measured_counts(plan, cache, sample)
         except InputError as e:  # too few neighbouring positions: nothing to go by
-            log.info("no dark level measured (%s)", e)
+            log.warning("no dark level measured (%s); taken as 0: set nmf.dark_level if the "
+                        "camera's dark level was not subtracted", e)
             return 0.0
         given = -read_var / gain if read_var < 0 else 0.0
     return float(given) * prep.nav_binning ** 2

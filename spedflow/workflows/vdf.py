@@ -124,7 +124,12 @@ def counts_of(plan, prep, pk, cache, sample=None):
     if pk.gain is not None:
         gain, read_var = float(pk.gain), float(pk.read_variance or 0.0)
     else:
-        gain, read_var = measured_counts(plan, cache, sample)
+        try:
+            gain, read_var = measured_counts(plan, cache, sample)
+        except InputError as e:
+            raise InputError(f"{e}; give the detector's data units per electron and read-out "
+                             "variance as peaks.gain and peaks.read_variance (1 and 0 for a "
+                             "counting detector) to go on") from None
         read_var = read_var if pk.read_variance is None else float(pk.read_variance)
     # the LoG noise of a detector whose point spread correlates neighbouring pixels
     sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
