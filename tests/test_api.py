@@ -146,6 +146,19 @@ def test_segment_bad_input(sim_store, tmp_path, kwargs, exc, match):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["store", "out"])
+def test_segment_given_an_array_for_a_path(sim_store, tmp_path, where):
+    """An array where a store's path belongs: one line saying so, not a file-name error
+    quoting the array's repr."""
+    data = np.zeros((4, 4, 8, 8), np.uint16)
+    kw = dict(store=sim_store, out=tmp_path / "r.zarr")
+    kw[where] = data
+    with pytest.raises(ParameterError, match=r"by its path.*\(got a numpy.ndarray\)") as info:
+        spedflow.segment(kw.pop("store"), local=True, progress=False, **kw)
+    assert "\n" not in str(info.value) and "[[" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_segment_refuses_existing_result(vdf_result, sim_store):
     with pytest.raises(FileExistsError, match="exists"):
         spedflow.segment(sim_store, method="vdf", out=vdf_result, local=True, progress=False)

@@ -335,3 +335,13 @@ def test_bare_zarr_array_is_pointed_to_ingest(tmp_path):
     with pytest.raises(InputError, match="bare Zarr array.*spedflow ingest"):
         spedflow.segment(tmp_path / "plain.zarr", out=tmp_path / "r.zarr", local=True,
                          progress=False)
+
+
+def test_a_dark_level_above_every_reading_is_named(sim_store, tmp_path):
+    """nmf.dark_level above every reading leaves nothing: the error names the parameter
+    (it said the matrix had no variance)."""
+    import spedflow
+    with pytest.raises(InputError, match=r"dark level \(1e\+09 units per reading\).*lower nmf.dark_level"):
+        spedflow.segment(sim_store, method="nmf", out=tmp_path / "r.zarr", local=True, progress=False,
+                         overrides={"nmf": {"dark_level": 1e9}})
+    assert not (tmp_path / "r.zarr").exists()

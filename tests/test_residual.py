@@ -178,9 +178,14 @@ def test_nmf_refuses_a_detector_the_edge_band_leaves_almost_empty(caplog):
     mask = beam_mask(shape, 3.0)
     wide = np.column_stack([np.linspace(2, 30, 200), np.linspace(30, 2, 200)])
     edge = edge_mask(shape, wide) & ~mask
-    with pytest.raises(InputError, match=r"only \d+ detector pixels.*beam centres") as err:
+    with pytest.raises(InputError, match=r"only \d+ of the 1024 detector pixels.*check the beam centres") as err:
         _check_edge(edge, mask, int((~(mask | edge)).sum()), wide, shape)
     assert "\n" not in str(err.value)
+    # a beam mask taking most of the detector names its parameter instead
+    big = beam_mask((16, 16), 7.9)
+    still = np.full((200, 2), 8.0)
+    with pytest.raises(InputError, match=r"beam mask \(nmf.beam_mask_radius\) takes \d+.*lower nmf.beam_mask_radius"):
+        _check_edge(edge_mask((16, 16), still) & ~big, big, int((~big).sum()), still, (16, 16))
     drift = np.column_stack([np.linspace(12, 20, 200), np.full(200, 16.0)])  # +-4 px along ky
     edge = edge_mask(shape, drift) & ~mask
     with caplog.at_level(logging.INFO, logger="spedflow"):

@@ -251,6 +251,7 @@ def test_zero_crystals():
     (dict(size_range=(0.3, 0.1)), "min <= max"),
     (dict(size_range=0.1), "`size_range` must be a pair"),
     (dict(dose=0), "`dose` must be > 0"),
+    (dict(dose=1e30), "`dose` must be <= 1000000000000"),
     (dict(groups=0), "`groups` must be >= 1"),
     (dict(scatter_fraction=1.5), "`scatter_fraction` must be <= 0.9"),
     (dict(colour="red"), "unknown parameter 'colour'"),

@@ -239,15 +239,20 @@ def test_pass1_slabs_give_the_peaks_of_the_whole_chunk(tmp_path):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("method, reason", [("vdf", "watershed.min_size = 1000"),
-                                            ("nmf", "every NMF component was set aside")])
-def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, caplog):
+@pytest.mark.parametrize("method, reason, overrides", [
+    ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
+    ("nmf", "every NMF component was set aside", {"watershed": {"min_size": 1000}}),
+    # crystals' components taken for the support: the warning names the parameter
+    ("nmf", "covers more than nmf.max_coverage = 0.01 of the scan: if one crystal fills most of "
+            "the scan, raise it", {"nmf": {"max_coverage": 0.01}}),
+])
+def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, overrides, caplog):
     """A run that finds no crystal writes its (empty) result and warns with the reason,
     rather than printing only 'wrote'."""
     import logging
     with caplog.at_level(logging.WARNING, logger="spedflow"):
         res = spedflow.segment(sim_store, method=method, out=tmp_path / "r.zarr", local=True,
-                               progress=False, overrides={"watershed": {"min_size": 1000}})
+                               progress=False, overrides=overrides)
     assert spedflow.open_result(res)["segments/maps"].shape[0] == 0
     assert any("no crystal found" in r.message and reason in r.message for r in caplog.records), \
         [r.message for r in caplog.records]

@@ -79,13 +79,28 @@ def create_array(group: zarr.Group, name: str, shape, dtype, chunks=None, *,
     return arr
 
 
+def path_text(path) -> str:
+    """``path`` (a str or path-like: a file, a folder or a URL) as text; anything else,
+    such as an array passed where its store's path belongs, is refused in one line."""
+    if isinstance(path, str):
+        return path
+    if isinstance(path, os.PathLike):
+        return str(os.fspath(path))
+    kind = f"{type(path).__module__.split('.')[0]}.{type(path).__name__}"
+    hint = (": write the array to a store first, spedflow.from_array(array, 'data.zarr'), and pass "
+            "that path" if hasattr(path, "shape") else "")
+    raise ParameterError(f"a store or file must be given by its path, a str or pathlib.Path "
+                         f"(got a {kind}){hint}")
+
+
 def is_local(path) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
+    text = path_text(path)
+    return "://" not in text or text.startswith("file://")
 
 
 def local_path(path) -> Path | None:
     """The file-system path of a local ``path`` (``file://`` stripped); None for a URL."""
-    return Path(str(path).removeprefix("file://")) if is_local(path) else None
+    return Path(path_text(path).removeprefix("file://")) if is_local(path) else None
 
 
 def path_exists(path) -> bool:

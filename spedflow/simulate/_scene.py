@@ -77,7 +77,7 @@ class SimParams:
     glare : float
         Fraction of the direct beam spread by the camera into a broad halo.
     dose : float or None
-        Incident counts per pattern. None: 3e4 (uint16 data, no clipping); with
+        Incident counts per pattern, at most 1e12. None: 3e4 (uint16 data, no clipping); with
         ``saturate="8bit"`` the dose at which the vacuum beam peak reaches
         4 x 255 counts, so the beam saturates while spots do not.
     saturate : {"none", "8bit"}
@@ -142,7 +142,9 @@ class SimParams:
         check_range("film_scatter", self.film_scatter, low=0, high=0.5)
         check_range("holes", self.holes, low=0, integer=True)
         check_range("glare", self.glare, low=0, high=1, high_open=True)
-        check_range("dose", self.dose, low=0, low_open=True, allow_none=True)
+        # 1e12 electrons per pattern is ~10^5 times a nanoampere beam's in a millisecond
+        # (and numpy's Poisson sampler stops near 1e18)
+        check_range("dose", self.dose, low=0, low_open=True, high=1e12, allow_none=True)
         check_range("mask_fraction", self.mask_fraction, low=0, high=1, low_open=True, high_open=True)
         check_range("scan_step", self.scan_step, low=0, low_open=True)
         check_range("reciprocal_scale", self.reciprocal_scale, low=0, low_open=True, allow_none=True)

@@ -137,7 +137,7 @@ def validate(plan: "Plan", cfg) -> None:
             ("peaks", "max_sigma", half_k, "detector"), ("vectors", "cluster_radius", half_k, "detector"),
             ("vectors", "beam_exclusion_radius", half_k, "detector"),
             ("vectors", "edge_margin", half_k, "detector"), ("vdf", "radius", half_k, "detector"),
-            ("watershed", "marker_radius", scan_side, "scan")):
+            ("nmf", "beam_mask_radius", half_k, "detector"), ("watershed", "marker_radius", scan_side, "scan")):
         value = getattr(getattr(cfg, section, None), name, None)
         if value is not None and value >= limit:
             shape = f"{ky} x {kx} px detector" if where == "detector" else \

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import cluster
 from ..decompose import NMFParams, ResidualParams, ScreeParams
+from ..errors import InputError
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
@@ -92,6 +93,11 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             st_stats.save_attrs(n_negative=int(total(paths, "n_negative")))
             st_stats.mark_complete()
     stats = _load_stats(st_stats)
+    if dark > 0 and not np.any(stats.row_sums > 0):
+        raise InputError(f"nothing is left of the data once the dark level ({dark:.4g} units per "
+                         f"reading{' of the binned patterns' if prep.nav_binning > 1 else ''}) is "
+                         f"subtracted: every reading is at or below it; lower nmf.dark_level "
+                         f"(or leave it unset to measure it)")
 
     # The normalised matrix is read once per SVD pass and once per NMF epoch: write it
     # to the cache once, as (Y, X, P) blocks aligned with the data's chunks, so later
@@ -263,8 +269,13 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     seg_patterns = mf[source] if len(source) else np.zeros((0, ky, kx), np.float32)
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"
-        log.warning("no crystal found: %s", "every NMF component was set aside (the result's "
-                    "attributes give each one's reason)" if not keep.any() else
+        spotty = [d["component"] for d in set_aside if d["reason"].startswith("present over more")]
+        log.warning("no crystal found: %s", (
+            "every NMF component was set aside (`spedflow report` of the result lists each one's "
+            "reason)" + (f"; component {spotty[0]} has sharp spots but covers more than "
+                         f"nmf.max_coverage = {cfg.nmf.max_coverage:.2f} of the scan: if one crystal "
+                         f"fills most of the scan, raise it (e.g. --set nmf.max_coverage=0.9)"
+                         if spotty else "")) if not keep.any() else
                     "no loading map held a region of at least watershed.min_size = "
                     f"{cfg.watershed.min_size} scan positions")
 
@@ -329,19 +340,24 @@ def _check_edge(edge, mask, n_pix, centres, shape) -> None:
     """Say how much of the detector the edge band takes (:func:`~spedflow.decompose.edge_mask`);
     refuse, in one line, a run it leaves too few pixels for."""
     from ..decompose._poisson import EDGE_FRACTION
-    from ..errors import InputError
     ky, kx = shape
     c = np.asarray(centres, np.float64).reshape(-1, 2)
     span = np.nanpercentile(c, [1, 99], axis=0) - np.array([ky // 2, kx // 2])
     where = (f"beam centres {span[0, 0]:+.1f} to {span[1, 0]:+.1f} px (ky), {span[0, 1]:+.1f} "
              f"to {span[1, 1]:+.1f} px (kx) from the detector centre")
     if n_pix < _MIN_PIXELS:
+        beam, edges = int(mask.sum()), int(edge.sum())
+        if beam >= edges:
+            fix = ("lower nmf.beam_mask_radius, or use a larger detector" if ky * kx > 2 * _MIN_PIXELS
+                   else f"the {ky} x {kx} px detector is too small for NMF")
+        else:
+            fix = ("check the beam centres (a beam stop or an empty pattern taken for the beam?), "
+                   "or run with preprocess.align = false")
         raise InputError(
-            f"NMF would have only {n_pix} detector pixels: the beam mask takes {int(mask.sum())}, "
-            f"and the edges alignment shifts off the detector in more than "
-            f"{100 * EDGE_FRACTION:.0f}% of the patterns {int(edge.sum())} ({where}); check the "
-            f"beam centres (a beam stop or an empty pattern taken for the beam?), or run with "
-            f"preprocess.align = false")
+            f"NMF would have only {n_pix} of the {ky * kx} detector pixels (it needs {_MIN_PIXELS}): "
+            f"the beam mask (nmf.beam_mask_radius) takes {beam}, and {edges} at the edges are "
+            f"shifted off the detector by the alignment in more than {100 * EDGE_FRACTION:.0f}% of "
+            f"the patterns ({where}); {fix}")
     if edge.any():
         share = edge.sum() / edge.size
         (log.warning if share > 0.25 else log.info)(
