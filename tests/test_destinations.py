@@ -5,6 +5,7 @@ written again at the same path never reuses the old data's cached stages."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,37 @@ def test_a_store_written_again_does_not_reuse_the_old_stages(tmp_path):
     got = zarr.open_group(str(out), mode="r")["segments/maps"][...]
     want = zarr.open_group(str(fresh), mode="r")["segments/maps"][...]
     np.testing.assert_array_equal(got, want)
+
+
+def test_data_rewritten_in_place_does_not_reuse_the_old_stages(tmp_path, caplog):
+    """Chunks written into the store's existing array (data cleaned in place) change
+    neither its shape nor its metadata: a rerun into the same result used to return the
+    old data's crystals from the cache in a second. It now computes the stages again,
+    says so, gives what a fresh run gives, and reuses them on the next run."""
+    import logging
+    store = tmp_path / "s.zarr"
+    simulate(store, seed=3, scan=(32, 32), detector=48, crystals=4, progress=False)
+    out = tmp_path / "r.zarr"
+    first = spedflow.segment(store, method="vdf", out=out, local=True, progress=False)
+    assert zarr.open_group(str(first), mode="r")["segments/maps"].shape[0] > 0
+    other = tmp_path / "o.zarr"
+    simulate(other, seed=77, scan=(32, 32), detector=48, crystals=4, progress=False)
+    data = zarr.open_group(str(store), mode="r+")["data"]
+    data[:] = zarr.open_group(str(other), mode="r")["data"][:]  # the same array, new contents
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        spedflow.segment(store, method="vdf", out=out, local=True, progress=False, overwrite=True)
+    assert any("chunk files" in r.message and "computed again" in r.message for r in caplog.records)
+    fresh = spedflow.segment(store, method="vdf", out=tmp_path / "fresh.zarr", local=True, progress=False)
+    got = zarr.open_group(str(out), mode="r")["segments/maps"][...]
+    want = zarr.open_group(str(fresh), mode="r")["segments/maps"][...]
+    np.testing.assert_array_equal(got, want)
+    # unchanged since: the stages are reused, without the warning
+    caplog.clear()
+    stages = sorted(p.name for p in Path(str(out) + ".cache").iterdir())
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        spedflow.segment(store, method="vdf", out=out, local=True, progress=False, overwrite=True)
+    assert not any("chunk files" in r.message for r in caplog.records)
+    assert sorted(p.name for p in Path(str(out) + ".cache").iterdir()) == stages
 
 
 @pytest.mark.parametrize("cache", ["in.zarr", "in.zarr/c", "r.zarr", "r.zarr/c", "notes.txt"])

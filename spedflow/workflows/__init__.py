@@ -99,8 +99,9 @@ def run_workflow(method: str, plan, cfg, *, cache=None) -> Path:
         from .vdf import run_vdf as run
     else:
         from .nmf import run_nmf as run
+    from ._common import note_rewrites
     with cache.in_use():
-        out = run(plan, cfg, cache)
+        out = run(note_rewrites(plan, cache), cfg, cache)
     removed, freed = cache.prune_stale()
     if removed:
         log.info("stage cache: removed %d stages written by other spedflow code (%.1f MB)",

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,62 @@ def store_identity(store, arr, meta: dict) -> dict:
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "created": meta.get("created"),
             "data_written": meta_file.stat().st_mtime_ns if meta_file and meta_file.is_file() else None}
+
+
+def _chunk_mtimes(folder: Path) -> dict:
+    """``{path relative to folder: mtime_ns}`` of every file under a local array's folder
+    but its metadata (its chunk or shard files)."""
+    out = {}
+    todo = [folder]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                elif e.name != "zarr.json":
+                    out[os.path.relpath(e.path, folder)] = e.stat().st_mtime_ns
+    return out
+
+
+def note_rewrites(plan: "Plan", cache: StageCache) -> "Plan":
+    """The plan, its identity marking data rewritten in place since the cache last saw them.
+
+    Chunks written into an existing array change neither its shape nor its metadata,
+    so :func:`store_identity` alone keys a rerun on cleaned data to the old data's
+    stages. The cache keeps, per input store, the modification time of each chunk file
+    it was run on; a file changed or gone since then starts a new generation of the
+    data, and the stages are computed again. Chunk files that are new (a store still
+    being written, live mode) are no change. Local stores only."""
+    import hashlib
+    local = local_path(plan.store)
+    if local is None or not (local / "data").is_dir():
+        return plan
+    files = _chunk_mtimes(local / "data")
+    name = hashlib.sha1(str(plan.identity.get("store")).encode()).hexdigest()[:16]
+    book = cache.root / f"data_files-{name}.json"
+    generation, old = 0, None
+    try:
+        old = json.loads(book.read_text())
+    except (OSError, ValueError):
+        pass
+    if isinstance(old, dict) and isinstance(old.get("files"), dict):
+        generation = int(old.get("generation", 0))
+        changed = sum(1 for k, t in old["files"].items() if files.get(k) != t)
+        if changed:
+            generation += 1
+            log.warning("%d chunk files of %s changed since its stages in %s were computed: they "
+                        "are computed again", changed, plan.store, cache.root)
+    try:
+        cache.root.mkdir(parents=True, exist_ok=True)
+        tmp = book.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"store": plan.identity.get("store"), "generation": generation,
+                                   "files": files}))
+        os.replace(tmp, book)
+    except OSError:  # a read-only cache: nothing to keep for the next run
+        pass
+    if not generation:
+        return plan
+    return dataclasses.replace(plan, identity={**plan.identity, "data_generation": generation})
 
 
 def validate(plan: "Plan", cfg) -> None:
