@@ -84,7 +84,7 @@ CASES = [
     ("segment-raw-file", ["segment", "{d}/good.npy", "--out", "{d}/r0.zarr"], "spedflow ingest"),
     ("segment-no-data-array", ["segment", "{d}/nodata.zarr", "--out", "{d}/r2.zarr"], "no array"),
     ("segment-all-zero", ["segment", "{d}/zeros.zarr", "--out", "{d}/r3.zarr"], "only zeros"),
-    ("segment-nan", ["segment", "{d}/nan.zarr", "--out", "{d}/r4.zarr"], "NaN"),
+    ("segment-nan", ["segment", "{d}/nan.zarr", "--out", "{d}/r4.zarr"], "NaN or infinite values in some patterns"),
     ("segment-wrapped-int16", ["segment", "{d}/wrapped.zarr", "--out", "{d}/r4b.zarr"],
      "signed type wrapped"),
     ("segment-result-exists", ["segment", "{s}", "--out", "{d}/exists.zarr"], "exists"),

@@ -320,6 +320,9 @@ def test_count_scale_needs_neighbouring_positions():
     empty = np.zeros((4, 6, 16, 16))
     empty[0, 0, 3, 3] = 5  # a lone count: nothing to measure a scale on
     assert N.count_scale([empty]) == (1.0, 0.0)
+    # every reading at the largest value (taken for saturation): said so, not "too few patterns"
+    with pytest.raises(InputError, match=r"largest value \(7\): constant or saturated"):
+        N.count_scale([np.full((4, 6, 16, 16), 7, np.uint16)])
 
 
 @pytest.mark.parametrize("level", [0.02, 0.5, 20.0, "beam"])

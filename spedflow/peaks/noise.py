@@ -263,6 +263,7 @@ def count_scale(blocks) -> tuple[float, float]:
     triples gives ``(1, 0)``: counts.
     """
     m_all, d_all, z_all = [], [], []
+    n_triples, top = 0, None
     for block in blocks:
         a = np.asarray(block)
         if a.ndim == 4 and a.shape[1] < 3:
@@ -276,9 +277,13 @@ def count_scale(blocks) -> tuple[float, float]:
         # the pair at x, x + 1; the instrument the reading at x + 2
         q, p, z = a[:, :-2].ravel(), a[:, 1:-1].ravel(), a[:, 2:].ravel()
         ok = (p < top) & (q < top) & (z < top)
+        n_triples += ok.size
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
         z_all.append(z[ok])
+    if n_triples >= 100 and sum(len(m) for m in m_all) == 0:
+        raise InputError(f"every neighbouring reading sampled is at the data's largest value "
+                         f"({top:.6g}): constant or saturated data show no counting noise")
     if not m_all or sum(len(m) for m in m_all) < 100:
         raise InputError("too few patterns to measure the detector's counting noise "
                          "(need three neighbouring scan positions in a row or column)")

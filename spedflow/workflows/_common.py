@@ -283,8 +283,9 @@ def _sample_check(arr, store) -> np.ndarray:
     if lowest < 0 and -lowest > NEGATIVE_NOISE_FRACTION * highest:
         raise InputError(f"store {store!r} holds values down to {lowest:.4g} (chunk "
                          f"{where[0]},{where[1]}) against a brightest {highest:.4g}: not "
-                         "intensities or read-out noise about zero (a signed type wrapped? "
-                         "data of inverted sign?); re-ingest with the right dtype")
+                         "intensities or read-out noise about zero: a signed type wrapped (a raw "
+                         "file: ingest it again with the right --dtype), or data with a background "
+                         "subtracted or of inverted sign (give the recorded counts)")
     return masked
 
 
@@ -308,8 +309,9 @@ def masked_pixels(masks, store) -> np.ndarray:
     if sometimes is None or not sometimes.any():
         return np.zeros((0, 2), np.int64)
     if (sometimes & ~always).any():
-        raise InputError(f"store {store!r} contains NaN or infinite values; clean or re-ingest "
-                         "the data first")
+        raise InputError(f"store {store!r} contains NaN or infinite values in some patterns (pixels "
+                         "NaN in every pattern are repaired as bad pixels); replace them, e.g. with "
+                         "numpy.nan_to_num, and write a new store with spedflow.from_array")
     if always.mean() > MAX_MASKED_FRACTION:
         raise InputError(f"store {store!r} is NaN in every pattern on {100 * always.mean():.1f} % "
                          f"of the detector (at most {100 * MAX_MASKED_FRACTION:g} % is repaired as "
@@ -947,8 +949,9 @@ def _check_measured_radius(radius: float) -> None:
     if radius < _MIN_MEASURED_RADIUS:
         raise InputError(f"the direct beam measured {radius:.2f} px in radius, less than any "
                          "beam: a hot pixel bright in every pattern (name it in "
-                         "preprocess.bad_pixels if \"auto\" missed it), or patterns with too few "
-                         "counts to show the beam; set preprocess.beam_radius to go on")
+                         "preprocess.bad_pixels if \"auto\" missed it), a beam stop over the "
+                         "beam, or patterns with too few counts to show the beam; set "
+                         "preprocess.beam_radius (in px) to go on")
 
 
 #: A clipped beam's half-maximum radius this many times the spots' radius measures glare.
