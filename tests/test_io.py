@@ -170,6 +170,28 @@ def test_hspy_round_trip(tmp_path):
     assert meta["reciprocal_scale"] == {"value": 0.01, "units": "1/nm"}
 
 
+def test_hspy_zero_or_negative_scales(tmp_path):
+    """A scan step of 0 is no calibration (it read "scan step 0 nm"): left unset with one
+    warning naming the option; a negative detector scale is an axis running the other
+    way, its step the magnitude."""
+    hspy = pytest.importorskip("rsciio.hspy")
+    x = _data()
+    hspy.file_writer(str(tmp_path / "x.hspy"), _signal_dict(x, scales=(0.0, 0.0, 0.01, -0.01)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta = _check_store(ingest(tmp_path / "x.hspy", tmp_path / "x.zarr", progress=False), x)
+    ours = [str(w.message) for w in caught if "is not a step" in str(w.message)]
+    assert meta["scan_step"] == {"value": None, "units": None}
+    assert meta["reciprocal_scale"] == {"value": 0.01, "units": "1/nm"}
+    assert len(ours) == 1 and "scale 0 is not a step" in ours[0] and "--scan-step" in ours[0], ours
+    with warnings.catch_warnings(record=True) as caught:  # a step given: nothing to warn about
+        warnings.simplefilter("always")
+        meta = _check_store(ingest(tmp_path / "x.hspy", tmp_path / "y.zarr", scan_step=2.0,
+                                   progress=False), x)
+    assert not [w for w in caught if "is not a step" in str(w.message)]
+    assert meta["scan_step"] == {"value": 2.0, "units": "nm"}
+
+
 def test_hspy_signal_axes_first(tmp_path):
     """Signal axes marked by navigate=False are moved last, whatever their position."""
     hspy = pytest.importorskip("rsciio.hspy")
@@ -212,12 +234,28 @@ def test_emd_ncem_round_trip(tmp_path):
     assert meta["reciprocal_scale"]["value"] == pytest.approx(0.1)
 
 
+def test_zarr_group_lists_its_nested_arrays(tmp_path):
+    """A Zarr group without `data`: the arrays of 2+ dimensions it holds, at any depth,
+    are named by their paths, which --array then takes."""
+    import zarr
+    x = _data()
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_group("scan").create_array("frames", shape=x.shape, dtype=x.dtype)[:] = x
+    g.create_array("flat", shape=(3,), dtype="u2")
+    with pytest.raises(InputError, match=r"--array \(`array=` in Python\), one of \['scan/frames'\]"):
+        open_source(tmp_path / "g.zarr")
+    _check_store(ingest(tmp_path / "g.zarr", tmp_path / "o.zarr", array="scan/frames", progress=False), x)
+    zarr.open_group(str(tmp_path / "e.zarr"), mode="w").create_array("flat", shape=(3,), dtype="u2")
+    with pytest.raises(InputError, match="holds no array of two or more dimensions"):
+        open_source(tmp_path / "e.zarr")
+
+
 def test_hdf5_named_dataset_and_fpd_layout(tmp_path):
     x = _data(dtype=">u2")
     with h5py.File(tmp_path / "g.h5", "w") as f:
         f.create_dataset("entry/frames", data=x, chunks=(1, 2, 6, 8), compression="gzip")
         f.create_dataset("entry/other", data=np.zeros((3, 3)))
-    with pytest.raises(InputError, match="pass `array=` one of"):
+    with pytest.raises(InputError, match=r"--array \(`array=` in Python\), one of \['entry/frames', 'entry/other'\]"):
         open_source(tmp_path / "g.h5")
     out = ingest(tmp_path / "g.h5", tmp_path / "g.zarr", array="entry/frames", progress=False)
     _check_store(out, x)

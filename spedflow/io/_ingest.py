@@ -101,11 +101,20 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     cal = {"scan_step": _parse_calibration("scan_step", scan_step, "nm"),
            "reciprocal_scale": _parse_calibration("reciprocal_scale", reciprocal_scale, "1/nm")}
 
-    data, meta = open_source(srcp, **reader_kwargs)
+    with warnings.catch_warnings():  # the shape and dtype, for the chunking: warned below
+        warnings.simplefilter("ignore")
+        data, meta = open_source(srcp, **reader_kwargs)
     chunks = nav_chunks(data.shape, data.dtype, int(chunk_bytes))
     shards = _check_shards(shards, chunks, data.shape)
     unit = shards or chunks
-    data, meta = open_source(srcp, chunks=unit, **reader_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data, meta = open_source(srcp, chunks=unit, **reader_kwargs)
+    for w in caught:  # a file's unusable axis scale does not matter where one is given
+        given = {"scan axis": "scan_step", "detector axis": "reciprocal_scale"}
+        if any(f"{axis} scale" in str(w.message) and cal[key] is not None for axis, key in given.items()):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     native = data.dtype.newbyteorder("=")
     if cal["reciprocal_scale"] is None:
         meta["reciprocal_scale"] = _reciprocal_from_file(meta["reciprocal_scale"], meta["source"])

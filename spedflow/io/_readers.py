@@ -90,7 +90,13 @@ def _calibration(scale, units) -> dict:
     units = "" if units is None else str(units)
     if not units or units.startswith("<undefined"):
         return {"value": None, "units": None}
-    return {"value": float(scale), "units": units}
+    try:
+        value = abs(float(scale))  # a negative scale is an axis running the other way
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value == 0:  # no step: uncalibrated (warned by the caller)
+        return {"value": None, "units": None, "unusable": scale}
+    return {"value": value, "units": units}
 
 
 def _chunks_for(shape4: tuple[int, ...], dtype, chunks) -> tuple[int, ...]:
@@ -307,8 +313,11 @@ def _read_zarr(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
         meta = dict(node.attrs.get("spedflow", {}))
         name = array or "data"
         if name not in node or not isinstance(node[name], zarr.Array):
-            names = [n for n, _ in node.arrays()]
-            raise InputError(f"Zarr group {where} has no array {name!r}; pass `array=` one of {names}")
+            names = sorted(n for n, a in node.members(max_depth=None)
+                           if isinstance(a, zarr.Array) and a.ndim >= 2)
+            raise InputError(f"Zarr group {where} has no array {name!r}; "
+                             + (f"give its path with --array (`array=` in Python), one of {names[:20]}"
+                                if names else "it holds no array of two or more dimensions"))
         node, where = node[name], f"{where}/{name}"
     dtype = _check_dtype(node.dtype, where)
     _check_shape(node.shape, where)
@@ -455,6 +464,12 @@ def _axes_calibration(axes: list[dict], what: str, where: str) -> dict:
     cals = [_calibration(a.get("scale", 1.0), a.get("units")) for a in axes if a.get("size", 2) > 1]
     if not cals:
         cals = [_calibration(axes[-1].get("scale", 1.0), axes[-1].get("units"))]
+    bad = [c.pop("unusable") for c in cals if "unusable" in c]
+    if bad:
+        shown = f"{float(bad[0]):g}" if isinstance(bad[0], (int, float, np.number)) else repr(bad[0])
+        warnings.warn(f"{where}: {what} axis scale {shown} is not a step; left unset (give it "
+                      f"with --{'scan-step' if what == 'scan' else 'reciprocal-scale'} VALUE:UNITS)",
+                      RuntimeWarning, stacklevel=4)
     first = cals[-1]
     for c in cals[:-1]:
         if c["units"] != first["units"] or (c["value"] is not None and first["value"] is not None
@@ -480,7 +495,9 @@ def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
             found: list[str] = []
             fh.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and o.ndim >= 2 else None)
             what = f"no dataset {name!r}" if name else "no fpd dataset"
-            raise InputError(f"HDF5 file {where} has {what}; pass `array=` one of {found[:20]}")
+            raise InputError(f"HDF5 file {where} has {what}; "
+                             + (f"give its path with --array (`array=` in Python), one of {found[:20]}"
+                                if found else "it holds no dataset of two or more dimensions"))
         ds = fh[name]
         dtype = _check_dtype(ds.dtype, f"{where}/{name}")
         shape = _check_shape(ds.shape, f"{where}/{name}")
