@@ -14,6 +14,7 @@ import pytest
 
 from spedflow.simulate import simulate
 
+@pytest.hookimpl(optionalhook=True)  # (a hook of pytest-xdist: unknown without it)
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject.toml): one test process per core this process may use
     (dask's count, which respects CPU affinity and cgroup quotas, unlike psutil's), at

@@ -223,7 +223,7 @@ def test_signflip_independent_of_chunking():
     assert not np.array_equal(whole, signflip_block(x, 0, 7, seed=4))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, ">f8", ">f4"])
 def test_signflip_is_an_iid_sign_matrix(dtype):
     """Across the 64-column words too: the flipped all-ones matrix has the top singular
     value of an i.i.d. random sign matrix (Bai-Yin: sqrt(N) + sqrt(P)), not that of a
@@ -231,7 +231,7 @@ def test_signflip_is_an_iid_sign_matrix(dtype):
     n, p = 300, 200
     x = (np.arange(n * p).reshape(n, p) % 5 + 1).astype(dtype)
     f = signflip_block(x, 0, p, seed=1)
-    assert f.dtype == x.dtype
+    assert f.dtype == x.dtype.newbyteorder("=")  # (big-endian input comes back native)
     np.testing.assert_array_equal(np.abs(f), x)
     signs = np.sign(f).astype(np.float64)
     parts = np.concatenate([signflip_block(x[:97], 0, p, 1), signflip_block(x[97:], 97, p, 1)])

@@ -123,6 +123,14 @@ def test_data_rewritten_in_place_does_not_reuse_the_old_stages(tmp_path, caplog)
         spedflow.segment(store, method="vdf", out=out, local=True, progress=False, overwrite=True)
     assert not any("chunk files" in r.message for r in caplog.records)
     assert sorted(p.name for p in Path(str(out) + ".cache").iterdir()) == stages
+    # a record of the chunk files that cannot be read: computed again, not the old stages
+    book = next(Path(str(out) + ".cache").glob("data_files-*.json"))
+    book.write_text("{not json")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        spedflow.segment(store, method="vdf", out=out, local=True, progress=False, overwrite=True)
+    assert any("unreadable" in r.message for r in caplog.records)
+    assert len(list(Path(str(out) + ".cache").iterdir())) > len(stages)
 
 
 @pytest.mark.parametrize("cache", ["in.zarr", "in.zarr/c", "r.zarr", "r.zarr/c", "notes.txt"])

@@ -190,6 +190,13 @@ def test_hspy_zero_or_negative_scales(tmp_path):
                                    progress=False), x)
     assert not [w for w in caught if "is not a step" in str(w.message)]
     assert meta["scan_step"] == {"value": 2.0, "units": "nm"}
+    # one scan axis without a step, the other with one: that one, silently
+    hspy.file_writer(str(tmp_path / "m.hspy"), _signal_dict(x, scales=(0.0, 3.0, 0.01, 0.01)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta = _check_store(ingest(tmp_path / "m.hspy", tmp_path / "m.zarr", progress=False), x)
+    assert meta["scan_step"] == {"value": 3.0, "units": "nm"}
+    assert not [w for w in caught if "is not a step" in str(w.message) or "different" in str(w.message)]
 
 
 def test_hspy_signal_axes_first(tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import zarr
 
 from spedflow.errors import InputError, ParameterError
 from spedflow.peaks import PeakParams, log_sigmas
@@ -269,12 +270,14 @@ def _old_sample_blocks(data):
 
 @pytest.mark.parametrize("scan,chunks", [((64, 64), (22, 23)), ((64, 64), (64, 64)), ((32, 32), (2, 2)),
                                          ((41, 37), (2, 2)), ((32, 32), (1, 3)), ((1, 200), (1, 2)),
-                                         ((100, 2), (2, 1)), ((2, 2), (1, 1)), ((512, 512), (2, 2))])
+                                         ((100, 2), (2, 1)), ((2, 2), (1, 1)), ((512, 512), (2, 2)),
+                                         ((72, 72), (12, 12)), ((120, 120), (15, 15)), ((64, 64), (31, 31)),
+                                         ((256, 256), (15, 15)), ((40, 40), (6, 6))])
 def test_sample_blocks_are_whole_chunks_with_three_in_a_row(scan, chunks):
     """Each block is a chunk-aligned window of the data; under three positions wide both
     ways, chunks are joined along the rows (the columns of a narrower scan); small
     blocks are added, spread over the scan, up to ~512 patterns; chunks of 3+ positions
-    give the five blocks they always gave."""
+    give the five blocks they always gave first, and only those where those hold 512."""
     import dask.array as da
     from spedflow.peaks import lazy as L
     ny, nx = scan
@@ -288,17 +291,31 @@ def test_sample_blocks_are_whole_chunks_with_three_in_a_row(scan, chunks):
         np.testing.assert_array_equal(b, pos[y0:y0 + h, x0:x0 + w])   # a window of the data
         assert y0 % chunks[0] == 0 and x0 % chunks[1] == 0              # chunk-aligned
         assert (y0 + h == ny or h % chunks[0] == 0) and (x0 + w == nx or w % chunks[1] == 0)
-        assert max(h, w) >= min(3, max(ny, nx)) or max(ny, nx) < 3
+        if max(chunks) < 3:  # joined to three in a row (a chunk of 3+ is taken as it is)
+            assert max(h, w) >= min(3, max(ny, nx)) or max(ny, nx) < 3
         assert (y0, x0, h, w) not in seen
         seen.add((y0, x0, h, w))
     total = sum(b.shape[0] * b.shape[1] for b in blocks)
     assert total >= min(ny * nx, L._SAMPLE_PATTERNS) * 0.75, total
     assert total <= max(5 * chunks[0] * chunks[1], 2 * L._SAMPLE_PATTERNS)
     old = list(_old_sample_blocks(data))
-    if min(chunks) >= 3 and sum(o.shape[0] * o.shape[1] for o in old) >= L._SAMPLE_PATTERNS:
-        assert len(blocks) == len(old)
+    if min(chunks) >= 3:  # the five blocks chunks of 3+ positions always gave come first
+        assert len(blocks) >= len(old)
         for b, o in zip(blocks, old):
             np.testing.assert_array_equal(b, o)
+        if sum(o.shape[0] * o.shape[1] for o in old) >= L._SAMPLE_PATTERNS:
+            assert len(blocks) == len(old)  # and nothing else where they hold enough
+
+
+def test_sample_blocks_of_a_zarr_array_with_chunks_larger_than_the_scan():
+    """A Zarr array's chunks are not clipped to its shape: a 100 x 2 scan in (2, 64)
+    chunks is sampled along its 100 rows."""
+    from spedflow.peaks import lazy as L
+    z = zarr.create_array(store={}, shape=(100, 2, 1, 1), chunks=(2, 64, 1, 1), dtype="i4")
+    z[:] = np.arange(200, dtype=np.int32).reshape(100, 2, 1, 1)
+    blocks = list(L.sample_blocks(z))
+    assert all(b.shape[0] >= 3 for b in blocks), [b.shape for b in blocks]
+    assert sum(b.shape[0] * b.shape[1] for b in blocks) >= 0.75 * 200
 
 
 @pytest.mark.parametrize("chunks", [(2, 2), (1, 3), (1, 1), (8, 40)])
@@ -320,6 +337,7 @@ def test_count_scale_needs_neighbouring_positions():
     empty = np.zeros((4, 6, 16, 16))
     empty[0, 0, 3, 3] = 5  # a lone count: nothing to measure a scale on
     assert N.count_scale([empty]) == (1.0, 0.0)
+    assert N.count_scale([np.zeros((4, 6, 16, 16))]) == (1.0, 0.0)  # all zeros: no scale either
     # every reading at the largest value (taken for saturation): said so, not "too few patterns"
     with pytest.raises(InputError, match=r"largest value \(7\): constant or saturated"):
         N.count_scale([np.full((4, 6, 16, 16), 7, np.uint16)])

@@ -49,6 +49,7 @@ def signflip_block(block: np.ndarray, row0: int, n_cols: int, seed: int) -> np.n
     Parameters
     ----------
     block : (n, P) ndarray, rows ``row0 .. row0 + n`` of the matrix, ``P == n_cols``.
+        Returned in native byte order.
     """
     n, p = block.shape
     n_words = -(-int(n_cols) // 64)
@@ -60,6 +61,8 @@ def signflip_block(block: np.ndarray, row0: int, n_cols: int, seed: int) -> np.n
         z = z ^ (z >> np.uint64(31))
     bits = np.unpackbits(z.astype("<u8").view(np.uint8), axis=1, count=p, bitorder="little")
     block = np.ascontiguousarray(block)
+    if not block.dtype.isnative:  # the sign bit is where the native byte order puts it
+        block = block.astype(block.dtype.newbyteorder("="))
     if block.dtype.kind == "f" and block.dtype.itemsize in (4, 8):
         # flip the IEEE sign bit: ~20x faster than a multiply or a masked negate
         uint = np.uint32 if block.dtype.itemsize == 4 else np.uint64

@@ -465,7 +465,10 @@ def _axes_calibration(axes: list[dict], what: str, where: str) -> dict:
     if not cals:
         cals = [_calibration(axes[-1].get("scale", 1.0), axes[-1].get("units"))]
     bad = [c.pop("unusable") for c in cals if "unusable" in c]
-    if bad:
+    usable = [c for c in cals if c["value"] is not None]
+    if bad and usable:  # another axis has a step: that one is used
+        cals = usable
+    elif bad:
         shown = f"{float(bad[0]):g}" if isinstance(bad[0], (int, float, np.number)) else repr(bad[0])
         warnings.warn(f"{where}: {what} axis scale {shown} is not a step; left unset (give it "
                       f"with --{'scan-step' if what == 'scan' else 'reciprocal-scale'} VALUE:UNITS)",

@@ -255,35 +255,46 @@ def sample_blocks(data):
     detector's counting noise on. ``data``: a dask or Zarr array (chunks of whole
     patterns).
 
-    Five blocks (the corners and the centre), and, while they hold under 512 patterns,
-    more evenly spread over the scan until the sample holds about that many (large
-    detectors: a 16 MB chunk of 1024 x 1024 float32 patterns holds four). A block is
-    one chunk, or as many whole chunks as make three positions in a row along the
-    rows (the columns where chunks are narrower than three positions and taller, or
-    the scan's rows are shorter): the counting noise is measured on neighbouring
-    readings."""
+    Five blocks, one chunk each (the corners and the centre). Where chunks are under
+    three positions in a row along the rows (the columns, if the chunks are taller or
+    the scan's rows are shorter), each block joins as many whole chunks as make three:
+    the counting noise is measured on neighbouring readings. Where the five hold under
+    512 patterns (large detectors: a 16 MB chunk of 1024 x 1024 float32 patterns holds
+    four), more blocks, spread evenly over the scan, until the sample holds that many."""
     if isinstance(data, da.Array):
         cy, cx = data.chunksize[:2]
     else:
         cy, cx = data.chunks[:2]
     ny, nx = data.shape[:2]
+    cy, cx = max(1, min(cy, ny)), max(1, min(cx, nx))  # a Zarr array's chunks may exceed it
     gy, gx = -(-ny // cy), -(-nx // cx)
     # the axis count_scale runs along: the rows, unless the block is narrower than
-    # three positions and taller (it then takes the columns)
+    # three positions and taller (it then takes the columns); chunks joined along it
+    # only where they are shorter than three positions
     along_x = cx >= _SAMPLE_RUN or (cy < _SAMPLE_RUN and nx >= min(ny, _SAMPLE_RUN))
-    need_y, need_x = (1, min(nx, _SAMPLE_RUN)) if along_x else (min(ny, _SAMPLE_RUN), 1)
+    need_x = min(nx, _SAMPLE_RUN) if along_x and cx < _SAMPLE_RUN else 1
+    need_y = min(ny, _SAMPLE_RUN) if not along_x and cy < _SAMPLE_RUN else 1
 
     def window(i, j):
         return _sample_span(ny, cy, i, need_y), _sample_span(nx, cx, j, need_x)
 
+    def size(w):
+        return (w[0][1] - w[0][0]) * (w[1][1] - w[1][0])
+
     picks = sorted({window(i, j) for i, j in ((0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1),
                                               (gy - 1, 0))})
-    ky, kx = -(-need_y // cy), -(-need_x // cx)
-    grid = sorted({window(i, j) for i in range(0, gy, ky) for j in range(0, gx, kx)})
-    per = min(ky * cy, ny) * min(kx * cx, nx)
-    want = min(len(grid), -(-_SAMPLE_PATTERNS // per))
-    picks += [grid[int(k)] for k in np.linspace(0, len(grid) - 1, want).round()]
-    for sy, sx in dict.fromkeys(picks):  # the five first, no block twice
+    total = sum(size(w) for w in picks)
+    if total < _SAMPLE_PATTERNS:
+        ky, kx = -(-need_y // cy), -(-need_x // cx)
+        grid = sorted({window(i, j) for i in range(0, gy, ky) for j in range(0, gx, kx)} - set(picks))
+        if grid:
+            want = -(-(_SAMPLE_PATTERNS - total) // max(1, size(grid[0])))
+            for k in dict.fromkeys(np.linspace(0, len(grid) - 1, min(want, len(grid))).round().astype(int)):
+                if total >= _SAMPLE_PATTERNS:
+                    break
+                picks.append(grid[k])
+                total += size(grid[k])
+    for sy, sx in picks:
         yield np.asarray(data[slice(*sy), slice(*sx)])
 
 

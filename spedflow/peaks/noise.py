@@ -263,7 +263,7 @@ def count_scale(blocks) -> tuple[float, float]:
     triples gives ``(1, 0)``: counts.
     """
     m_all, d_all, z_all = [], [], []
-    n_triples, top = 0, None
+    n_triples, top, brightest = 0, None, 0.0
     for block in blocks:
         a = np.asarray(block)
         if a.ndim == 4 and a.shape[1] < 3:
@@ -271,6 +271,7 @@ def count_scale(blocks) -> tuple[float, float]:
         if a.ndim != 4 or a.shape[1] < 3:
             continue
         top = float(a.max())
+        brightest = max(brightest, top)
         # a strided sample of detector pixels bounds the time and memory
         step = int(np.ceil(np.sqrt(a[:, 2:].size / _PAIRS_PER_BLOCK)))
         a = a[:, :, ::step, ::step].astype(np.float64)
@@ -281,6 +282,8 @@ def count_scale(blocks) -> tuple[float, float]:
         m_all.append(((p + q) / 2)[ok])
         d_all.append(((p - q) ** 2 / 2)[ok])
         z_all.append(z[ok])
+    if n_triples >= 100 and brightest <= 0:  # nothing but zeros: no scale to measure
+        return 1.0, 0.0
     if n_triples >= 100 and sum(len(m) for m in m_all) == 0:
         raise InputError(f"every neighbouring reading sampled is at the data's largest value "
                          f"({top:.6g}): constant or saturated data show no counting noise")

@@ -66,7 +66,7 @@ class PreprocessParams:
     beam_radius : float or None, default None
         Direct-beam radius, detector pixels. None: measured from the data, the
         half-maximum radius of the beam's radial profile (the VDF workflow measures it
-        on up to five chunks before its first pass; for a clipped beam whose half
+        on a sample of chunks before its first pass; for a clipped beam whose half
         maximum lies in its glare, the diffraction spots' radius is used:
         :func:`spedflow.workflows._common.radius_of_frames`).
     dog_sigma_low : float or None, default None

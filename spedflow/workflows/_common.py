@@ -120,18 +120,22 @@ def store_identity(store, arr, meta: dict) -> dict:
             "data_written": meta_file.stat().st_mtime_ns if meta_file and meta_file.is_file() else None}
 
 
-def _chunk_mtimes(folder: Path) -> dict:
+def _chunk_mtimes(folder: Path) -> dict | None:
     """``{path relative to folder: mtime_ns}`` of every file under a local array's folder
-    but its metadata (its chunk or shard files)."""
+    but its metadata (its chunk or shard files); None when it cannot be read whole (a
+    file vanishing under a writer, no permission)."""
     out = {}
     todo = [folder]
-    while todo:
-        with os.scandir(todo.pop()) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    todo.append(e.path)
-                elif e.name != "zarr.json":
-                    out[os.path.relpath(e.path, folder)] = e.stat().st_mtime_ns
+    try:
+        while todo:
+            with os.scandir(todo.pop()) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(e.path)
+                    elif e.name != "zarr.json":
+                        out[os.path.relpath(e.path, folder)] = e.stat().st_mtime_ns
+    except OSError:
+        return None
     return out
 
 
@@ -140,37 +144,47 @@ def note_rewrites(plan: "Plan", cache: StageCache) -> "Plan":
 
     Chunks written into an existing array change neither its shape nor its metadata,
     so :func:`store_identity` alone keys a rerun on cleaned data to the old data's
-    stages. The cache keeps, per input store, the modification time of each chunk file
-    it was run on; a file changed or gone since then starts a new generation of the
-    data, and the stages are computed again. Chunk files that are new (a store still
-    being written, live mode) are no change. Local stores only."""
+    stages. The cache keeps, per input store (its whole identity: a store simulated or
+    ingested again at the same path starts afresh), the modification time of each chunk
+    file a run saw; a file changed, added or gone since starts a new generation of the
+    data, and the stages are computed again. A book that cannot be read, or files that
+    cannot be listed, also start one: reuse is only safe where nothing changed. Live
+    mode keeps no book, so the final run after it, the first to keep one, reuses its
+    blocks. Local stores only."""
     import hashlib
+    import uuid
     local = local_path(plan.store)
     if local is None or not (local / "data").is_dir():
         return plan
     files = _chunk_mtimes(local / "data")
-    name = hashlib.sha1(str(plan.identity.get("store")).encode()).hexdigest()[:16]
-    book = cache.root / f"data_files-{name}.json"
+    key = hashlib.sha1(json.dumps(plan.identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    book = cache.root / f"data_files-{key}.json"
     generation, old = 0, None
-    try:
-        old = json.loads(book.read_text())
-    except (OSError, ValueError):
-        pass
-    if isinstance(old, dict) and isinstance(old.get("files"), dict):
-        generation = int(old.get("generation", 0))
-        changed = sum(1 for k, t in old["files"].items() if files.get(k) != t)
-        if changed:
-            generation += 1
-            log.warning("%d chunk files of %s changed since its stages in %s were computed: they "
-                        "are computed again", changed, plan.store, cache.root)
-    try:
-        cache.root.mkdir(parents=True, exist_ok=True)
-        tmp = book.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"store": plan.identity.get("store"), "generation": generation,
-                                   "files": files}))
-        os.replace(tmp, book)
-    except OSError:  # a read-only cache: nothing to keep for the next run
-        pass
+    if book.exists():
+        try:
+            old = json.loads(book.read_text())
+            generation = int(old["generation"])  # 0, or the time the data were last found changed
+            changed = None if files is None else sum(
+                1 for k in set(old["files"]) | set(files) if old["files"].get(k) != files.get(k))
+        except (OSError, ValueError, KeyError, TypeError):
+            old, changed = None, None
+        if old is None or changed is None or changed:
+            # a new generation, one no earlier run can have had (a lost book's neither)
+            generation = time.time_ns()
+            what = ("the record of its chunk files is unreadable" if old is None else
+                    "its chunk files cannot all be listed" if changed is None else
+                    f"{changed} of its chunk files changed")
+            log.warning("%s: %s since its stages in %s were computed; they are computed again",
+                        plan.store, what, cache.root)
+    if files is not None:
+        try:
+            cache.root.mkdir(parents=True, exist_ok=True)
+            tmp = book.with_name(f"{book.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps({"identity": plan.identity, "generation": generation,
+                                       "files": files}, default=str))
+            os.replace(tmp, book)
+        except OSError:  # a read-only cache: nothing to keep for the next run
+            pass
     if not generation:
         return plan
     return dataclasses.replace(plan, identity={**plan.identity, "data_generation": generation})
@@ -740,7 +754,7 @@ def found_fraction(measured: np.ndarray) -> float:
 
 
 def _sample_mean(plan: Plan, prep) -> np.ndarray:
-    """Mean pattern of up to five chunks spread over the scan."""
+    """Mean pattern of the sample blocks spread over the scan (:meth:`Plan.sample_blocks`)."""
     total, n = 0.0, 0
     for block in plan.sample_blocks():
         total = total + block.sum(axis=(0, 1))
@@ -910,7 +924,7 @@ def resolved_bad_pixels(plan: Plan) -> list:
 
 
 def sample_beam_radius(plan: Plan) -> float:
-    """Direct-beam radius measured on up to five chunks spread over the scan.
+    """Direct-beam radius measured on the sample blocks spread over the scan.
 
     The beam's size is set by the probe's convergence angle, the same at every scan
     position, so a sample of a few thousand patterns measures it as well as the whole
