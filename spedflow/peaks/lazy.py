@@ -233,7 +233,7 @@ def find_peaks_counting(data: da.Array, centres, params: PeakParams, counts, *,
 _SAMPLE_RUN = 3
 #: Patterns the sample holds at least (or the whole scan). On one simulated 32 x 32 scan
 #: of counts, five blocks of 3-12 patterns measured 0.98-1.78 data units per count with
-#: the chunking; ~500 patterns, 1.01-1.16.
+#: the chunking; ~500 patterns, 1.05-1.15.
 _SAMPLE_PATTERNS = 512
 
 
