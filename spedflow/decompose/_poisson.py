@@ -299,7 +299,7 @@ def normalise_block(block: np.ndarray, a: np.ndarray, b: np.ndarray,
     """
     block = np.asarray(block)
     cy, cx = block.shape[:2]
-    # a flat-index take and in-place arithmetic: 4x faster than a boolean gather
+    # a flat-index take and in-place arithmetic: 3-8x faster than a boolean gather
     # followed by three temporaries, with the same float32 result
     x = np.take(block.reshape(cy * cx, keep.size), np.flatnonzero(keep), axis=1).astype(np.float32, copy=False)
     np.maximum(x, 0, out=x)

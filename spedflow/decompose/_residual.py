@@ -117,7 +117,7 @@ def _box_sum(v: np.ndarray, k: int) -> np.ndarray:
 
     Separable sums of shifted views: 2 (k - 1) in-place additions. For the windows
     allowed (k <= 15) that is faster than a summed-area table (two cumulative sums
-    along the outer axes, 6x slower at k = 3) and exact, with no cancellation.
+    along the outer axes: 12x slower at k = 3 on a 26 x 26 x 1500 block) and exact.
     """
     n0, n1 = v.shape[0] - k + 1, v.shape[1] - k + 1
     if n0 <= 0 or n1 <= 0:
