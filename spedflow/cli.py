@@ -8,6 +8,7 @@ function of the Python API.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -230,19 +231,66 @@ def _progress(args) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
-    try:
-        from . import cluster
-    except ImportError:
+    # -v / -q and the warning format are for this command only: main() called from
+    # Python (a notebook, a test) leaves the caller's logging, warnings and progress
+    # settings as it found them
+    with _caller_settings_kept():
+        _setup_logging(args.verbose, args.quiet)
+        try:
+            from . import cluster
+        except ImportError:
+            return _dispatch(args)
+        cluster.set_progress(_progress(args))
         return _dispatch(args)
-    # -q turns the bar off for this command only: main() called from Python (a notebook,
-    # a test) leaves the caller's progress setting as it found it
-    previous = cluster.progress_enabled()
-    cluster.set_progress(_progress(args))
-    try:
-        return _dispatch(args)
-    finally:
-        cluster.set_progress(previous)
+
+
+_MISSING = object()
+
+
+class _caller_settings_kept:
+    """Context: on exit, the root logger's level, handlers and their levels, the
+    ``distributed`` logger's level, dask's ``logging.distributed`` setting, the warning
+    filters and format, and the progress switch are as they were on entry."""
+
+    def __enter__(self):
+        import warnings
+
+        import dask
+        root = logging.getLogger()
+        self.root = (root.level, list(root.handlers), [h.level for h in root.handlers])
+        self.distributed = logging.getLogger("distributed").level
+        self.warnings = (list(warnings.filters), warnings.formatwarning)
+        saved = dask.config.config.get("logging", _MISSING)
+        self.dask = saved if saved is _MISSING else copy.deepcopy(saved)
+        try:
+            from . import cluster
+            self.progress = cluster.progress_enabled()
+        except ImportError:
+            self.progress = None
+        return self
+
+    def __exit__(self, *exc):
+        import warnings
+        root = logging.getLogger()
+        level, handlers, levels = self.root
+        for h in list(root.handlers):
+            if h not in handlers:  # basicConfig's, added for this command
+                root.removeHandler(h)
+        for h, lv in zip(handlers, levels):
+            h.setLevel(lv)
+        root.setLevel(level)
+        logging.getLogger("distributed").setLevel(self.distributed)
+        warnings.filters[:] = self.warnings[0]
+        warnings.formatwarning = self.warnings[1]
+        import dask
+        if self.dask is _MISSING:
+            dask.config.config.pop("logging", None)
+        else:
+            dask.config.config["logging"] = self.dask
+        if self.progress is not None:
+            from . import cluster
+            cluster.set_progress(self.progress)
+        return False
 
 
 def _dispatch(args) -> int:

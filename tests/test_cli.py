@@ -229,12 +229,27 @@ def test_quiet_keeps_warnings_about_the_data(verbose, quiet, level):
     assert args.quiet == quiet
 
 
-def test_quiet_is_for_that_command_only(sim_store, capsys):
+@pytest.mark.parametrize("flags", [["-q"], ["-qq"], ["-vv"]])
+def test_quiet_is_for_that_command_only(sim_store, capsys, flags):
     """main(["...", "-q"]) called from Python (a notebook, a script) does not turn the
-    progress bar off for the caller's later computations."""
+    progress bar off for the caller's later computations, nor change its logging, its
+    warning filters and format, or dask's log level for distributed."""
+    import warnings
+
+    import dask
+
     from spedflow import cluster
     cluster.set_progress(True)
-    assert main(["info", str(sim_store), "-q"]) == 0
+    root = logging.getLogger()
+
+    def state():
+        return (root.level, list(root.handlers), [h.level for h in root.handlers],
+                logging.getLogger("distributed").level, list(warnings.filters),
+                warnings.formatwarning, dask.config.get("logging.distributed", None))
+
+    before = state()
+    assert main(["info", str(sim_store)] + flags) == 0
+    assert state() == before
     assert cluster.progress_enabled()
     cluster.set_progress(False)
     try:
