@@ -166,13 +166,9 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
         from .io import check_side_directory
         check_side_directory(cache, what="the stage cache", sources=[store, out])
     from . import cluster
-    previous = cluster.progress_enabled()
-    cluster.set_progress(progress)
-    try:
+    with cluster.progress_switched(progress):
         return _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,
                     memory_limit, tls_ca_file, tls_cert, tls_key, progress)
-    finally:
-        cluster.set_progress(previous)
 
 
 def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,

@@ -8,6 +8,7 @@ function of the Python API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
@@ -240,57 +241,43 @@ def main(argv: list[str] | None = None) -> int:
             from . import cluster
         except ImportError:
             return _dispatch(args)
-        cluster.set_progress(_progress(args))
-        return _dispatch(args)
+        with cluster.progress_switched(_progress(args)):
+            return _dispatch(args)
 
 
 _MISSING = object()
 
 
-class _caller_settings_kept:
-    """Context: on exit, the root logger's level, handlers and their levels, the
-    ``distributed`` logger's level, dask's ``logging.distributed`` setting, the warning
-    filters and format, and the progress switch are as they were on entry."""
+@contextlib.contextmanager
+def _caller_settings_kept():
+    """On exit, the root logger's level, handlers and their levels, the ``distributed``
+    logger's level, dask's ``logging.distributed`` setting and the warning filters and
+    format are as they were on entry (what :func:`_setup_logging` changes)."""
+    import warnings
 
-    def __enter__(self):
-        import warnings
-
-        import dask
-        root = logging.getLogger()
-        self.root = (root.level, list(root.handlers), [h.level for h in root.handlers])
-        self.distributed = logging.getLogger("distributed").level
-        self.warnings = (list(warnings.filters), warnings.formatwarning)
-        saved = dask.config.config.get("logging", _MISSING)
-        self.dask = saved if saved is _MISSING else copy.deepcopy(saved)
-        try:
-            from . import cluster
-            self.progress = cluster.progress_enabled()
-        except ImportError:
-            self.progress = None
-        return self
-
-    def __exit__(self, *exc):
-        import warnings
-        root = logging.getLogger()
-        level, handlers, levels = self.root
+    import dask
+    root = logging.getLogger()
+    level, handlers, levels = root.level, list(root.handlers), [h.level for h in root.handlers]
+    distributed = logging.getLogger("distributed").level
+    filters, formatwarning = list(warnings.filters), warnings.formatwarning
+    saved = dask.config.config.get("logging", _MISSING)
+    saved = saved if saved is _MISSING else copy.deepcopy(saved)
+    try:
+        yield
+    finally:
         for h in list(root.handlers):
             if h not in handlers:  # basicConfig's, added for this command
                 root.removeHandler(h)
         for h, lv in zip(handlers, levels):
             h.setLevel(lv)
         root.setLevel(level)
-        logging.getLogger("distributed").setLevel(self.distributed)
-        warnings.filters[:] = self.warnings[0]
-        warnings.formatwarning = self.warnings[1]
-        import dask
-        if self.dask is _MISSING:
+        logging.getLogger("distributed").setLevel(distributed)
+        warnings.filters[:] = filters
+        warnings.formatwarning = formatwarning
+        if saved is _MISSING:
             dask.config.config.pop("logging", None)
         else:
-            dask.config.config["logging"] = self.dask
-        if self.progress is not None:
-            from . import cluster
-            cluster.set_progress(self.progress)
-        return False
+            dask.config.config["logging"] = saved
 
 
 def _dispatch(args) -> int:

@@ -71,6 +71,7 @@ from .errors import ClusterError, InputError, ParameterError
 
 __all__ = [
     "client_for", "compute", "store", "persist_with_progress", "local_scheduler", "set_progress",
+    "progress_switched",
     "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
     "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "MALLOC_MIN_WORKER_MEMORY",
     "worker_environ",
@@ -140,6 +141,17 @@ def set_progress(enabled: bool) -> None:
 def progress_enabled() -> bool:
     """Whether :func:`compute` draws a progress bar."""
     return _progress
+
+
+@contextmanager
+def progress_switched(enabled: bool) -> Iterator[None]:
+    """The progress bar on or off inside the block, as it was after it."""
+    previous = _progress
+    set_progress(enabled)
+    try:
+        yield
+    finally:
+        set_progress(previous)
 
 
 # --------------------------------------------------------------------------- resources

@@ -231,6 +231,11 @@ def _disc_reference(n: int, margin: int) -> float:
     return float(np.mean([_disc_moran(k, margin) for k in sizes]))
 
 
+#: How :func:`classify_components` begins the reason of a spotty component set aside for
+#: its coverage (the NMF workflow then suggests raising ``nmf.max_coverage``).
+SUPPORT_REASON = "present over more of the scan than one crystal"
+
+
 def classify_components(factors: np.ndarray, loadings: np.ndarray, *,
                         beam_radius: float | None = None, mask: np.ndarray | None = None,
                         min_spot_fraction: float = 0.25, strong_spot_fraction: float = 0.5,
@@ -287,7 +292,7 @@ def classify_components(factors: np.ndarray, loadings: np.ndarray, *,
         elif s < strong_spot_fraction and c > max_coverage:
             out.append((False, f"weak spots spread over the whole scan: textured background ({what})"))
         elif c > max_coverage:
-            out.append((False, f"present over more of the scan than one crystal: support (film, "
+            out.append((False, f"{SUPPORT_REASON}: support (film, "
                                f"vacuum) or a mixture dominated by it ({what})"))
         else:
             out.append((True, f"crystal: spots break circular symmetry ({what})"))

@@ -269,7 +269,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     seg_patterns = mf[source] if len(source) else np.zeros((0, ky, kx), np.float32)
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"
-        spotty = [d["component"] for d in set_aside if d["reason"].startswith("present over more")]
+        from ..decompose._background import SUPPORT_REASON
+        spotty = [d["component"] for d in set_aside if d["reason"].startswith(SUPPORT_REASON)]
         log.warning("no crystal found: %s", (
             "every NMF component was set aside (`spedflow report` of the result lists each one's "
             "reason)" + (f"; component {spotty[0]} has sharp spots but covers more than "
