@@ -205,6 +205,27 @@ def test_scree_matches_numpy_svd():
         assert res.shape == (300, 120) and res.noise_edge is not None
 
 
+def test_scree_noise_floor_is_the_mean_of_independent_draws():
+    """Each draw's floor is the top explained variance ratio of one sign-flipped
+    centred matrix (randomized_svd with that flip); the floor is their mean."""
+    rng = np.random.default_rng(5)
+    x = rng.poisson(0.3, (240, 90)).astype(np.float32)  # sparse, heavy-tailed
+    d = da.from_array(x, chunks=(50, 90))
+    mean = x.astype(np.float64).mean(0)
+    total = np.sum((x - mean) ** 2)
+    res = scree(d, 15, n_power_iter=2, seed=4, noise_draws=3)
+    assert len(res.noise_edges) == 3 and len(set(res.noise_edges)) == 3
+    for i, edge in enumerate(res.noise_edges):
+        _, s, _ = randomized_svd(d, 15, n_power_iter=2, seed=5 + i, mean=mean,
+                                 signflip_seed=4 + 7919 * i)
+        np.testing.assert_allclose(edge, s[0] ** 2 / total, rtol=1e-6)
+    np.testing.assert_allclose(res.noise_edge, np.mean(res.noise_edges), rtol=1e-12)
+    assert scree(d, 15, n_power_iter=2, seed=4, noise_draws=1).noise_edges == res.noise_edges[:1]
+    assert scree(d, 15, noise_edge=False).noise_edges == ()
+    with pytest.raises(ParameterError, match="noise_draws"):
+        scree(d, 15, noise_draws=0)
+
+
 def test_randomized_svd_top_triplets():
     rng = np.random.default_rng(2)
     x = (rng.random((200, 5)) @ rng.random((5, 80)) + 0.01 * rng.random((200, 80))).astype(np.float32)

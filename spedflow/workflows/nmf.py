@@ -132,11 +132,12 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         with timer("scree"):
             k = min(cfg.scree.n_components, min(matrix.shape) - 1)
             sc = scree(matrix, k, n_power_iter=cfg.scree.n_power_iter,
-                       n_oversamples=cfg.scree.n_oversamples, seed=cfg.scree.seed)
+                       n_oversamples=cfg.scree.n_oversamples, seed=cfg.scree.seed,
+                       noise_draws=cfg.scree.noise_draws)
             st_scree.save("evr", sc.explained_variance_ratio)
             st_scree.save("singular_values", sc.singular_values)
             st_scree.save_attrs(total_variance=sc.total_variance, shape=list(sc.shape),
-                                noise_edge=sc.noise_edge)
+                                noise_edge=sc.noise_edge, noise_edges=list(sc.noise_edges))
             st_scree.mark_complete()
     evr = st_scree.load("evr")
     if cfg.nmf.n_components is None:
