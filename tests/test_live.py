@@ -37,7 +37,7 @@ def test_watch_follows_a_store_being_written(tmp_path, hot):
     store, out = tmp_path / "live.zarr", tmp_path / "result.zarr"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.25", str(hot)])
+    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.5", str(hot)])
     try:
         result = watch(store, method="vdf", out=out, poll=0.1, timeout=120, progress=False)
     finally:
@@ -46,9 +46,10 @@ def test_watch_follows_a_store_being_written(tmp_path, hot):
     res = zarr.open_group(str(result), mode="r")
     assert res["segments/maps"].shape[1:] == (32, 32)
     assert res["vectors"].shape[0] > 0
-    # the per-chunk products were made live, before the scan was complete: every block
-    # file of pass 1 (beam centres and peaks) is older than the store's completion, even
-    # with the default descan fit (the peaks move to its frame at the end)
+    # the per-chunk products were made live, before the scan was complete: pass 1's block
+    # files (beam centres and peaks) start before the store's completion, even with the
+    # default descan fit (the peaks move to its frame at the end). They start once eight
+    # chunks have landed: the first 512 patterns are the sample the noise is measured on.
     complete_time = (store / "zarr.json").stat().st_mtime
     cache = tmp_path / "result.zarr.cache"
     blocks = sorted(cache.glob("beam_peaks-*/blocks/*.npz"))
@@ -91,6 +92,59 @@ def test_watch_nmf_final_run_reuses_the_live_blocks(tmp_path):
         dirs = sorted(cache.glob(f"{stage}-*"))
         assert len(dirs) == 1, dirs
         assert len(list(dirs[0].glob("blocks/*.npz"))) == 16
+
+
+CAMERA_WRITER = textwrap.dedent("""
+    import sys, time, zarr, numpy as np
+    from spedflow.simulate import simulate_array
+    from spedflow.io import create_array
+    dest, c = sys.argv[1], int(sys.argv[2])
+    data, _ = simulate_array(scan=(24, 24), detector=48, crystals=4, seed=5)
+    data = (data.astype(np.uint32) * 3 + 20).astype(np.uint16)  # 3 units per count, dark level 20
+    g = zarr.open_group(dest, mode="w")
+    a = create_array(g, "data", data.shape, data.dtype, chunks=(c, c) + data.shape[2:])
+    g.attrs["spedflow"] = {"kind": "input", "complete": False, "source": "writer"}
+    for i in range(0, 24, c):
+        for j in range(0, 24, c):
+            a[i:i + c, j:j + c] = data[i:i + c, j:j + c]
+        time.sleep(0.05)
+    g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer"}
+""")
+
+
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_watch_measures_the_noise_on_small_chunks(tmp_path, method):
+    """Chunks of 2 x 2 positions (a large detector's) are too few patterns for the noise
+    measurement: live mode waits until the landed chunks hold the batch run's sample.
+    On the first chunk alone, live VDF stopped ("too few patterns") and live NMF took
+    the camera's dark level as 0."""
+    from spedflow.workflows.live import watch
+    store = tmp_path / "live.zarr"
+    script = tmp_path / "writer.py"
+    script.write_text(CAMERA_WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(store), "2"])
+    try:
+        result = watch(store, method=method, out=tmp_path / "r.zarr", poll=0.05, timeout=120,
+                       progress=False)
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0
+    resolved = zarr.open_group(str(result), mode="r").attrs["spedflow"]["resolved"]
+    # as the batch run measures them on its sample, spread over the finished scan (the
+    # estimator itself reads 3.3 units per count on this simulation, 18 for the level)
+    from spedflow.io import open_input
+    from spedflow.peaks.lazy import measure_counts
+    gain, read_var = measure_counts(open_input(store)[0])
+    if method == "vdf":
+        assert resolved["gain"] == pytest.approx(gain, rel=0.05)
+        assert resolved["gain"] == pytest.approx(3.0, rel=0.15)
+    else:  # the dark level, less read-out variance / gain (none here)
+        assert resolved["dark_level"] == pytest.approx(-read_var / gain, rel=0.1)
+        assert resolved["dark_level"] == pytest.approx(20.0, rel=0.15)
+    # the live blocks were reused: one stage of per-chunk products, every chunk in it
+    stage = "beam_peaks" if method == "vdf" else "poisson"
+    dirs = sorted((tmp_path / "r.zarr.cache").glob(f"{stage}-*"))
+    assert len(dirs) == 1 and len(list(dirs[0].glob("blocks/*.npz"))) == 144
 
 
 def test_watch_gives_up_when_nothing_lands(tmp_path):

@@ -876,8 +876,8 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
 
 def noise_sample(plan: Plan, sample=None):
     """The blocks the detector's noise is measured on: a few chunks of the data, read one
-    at a time (:meth:`Plan.sample_blocks`), or live mode's first block, ``sample``."""
-    return plan.sample_blocks() if sample is None else [sample]
+    at a time (:meth:`Plan.sample_blocks`), or live mode's, ``sample`` (a list of blocks)."""
+    return plan.sample_blocks() if sample is None else sample
 
 
 def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:

@@ -10,7 +10,10 @@ and only does what needs the whole scan (unique vectors, VDF images, scree, NMF,
 watershed, merging).
 
 The direct-beam radius must be fixed before the scan is complete, so live mode
-measures it on the first chunk that lands (unless the configuration gives it). The
+measures it, the bad pixels and the detector's noise on the first chunks that land,
+as soon as they hold about as many patterns as the batch run's sample (one chunk,
+unless a large detector's chunks hold a few patterns each; the configuration may give
+them). The
 VDF workflow's pass 1 (beam centres and peaks) needs nothing else: its peaks move to
 the fitted descan's frame at the end. The NMF workflow's Poisson statistics need the
 alignment centres: live mode computes them when each pattern's own measured centre
@@ -128,6 +131,7 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     validate(plan, cfg)  # parameters against the data's shape, before any chunk is processed
 
     done: set = set()
+    waiting: list = []  # landed chunks held back until the sample to start from is complete
     state: dict = {}
     last_new = time.monotonic()
     t0 = time.monotonic()
@@ -139,10 +143,20 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
                 block = np.asarray(arr[sl])
             except Exception:  # still being written (checksum does not match yet)
                 continue
-            if per_block:
-                _process_block(block, (i, j), (i * cy, j * cx), plan, cfg, cache, state, method)
             done.add((i, j))
             last_new = time.monotonic()
+            if not per_block:
+                continue
+            if "beam_radius" not in state:
+                waiting.append((i, j))
+                sample = _live_sample(arr, waiting, (cy, cx), len(done) == grid[0] * grid[1])
+                if sample is None or not _begin(plan, cfg, cache, state, method, sample):
+                    continue
+                for a, b in waiting[:-1]:  # the chunks held back, read again
+                    _process_block(np.asarray(arr[a * cy:(a + 1) * cy, b * cx:(b + 1) * cx]),
+                                   (a, b), (a * cy, b * cx), cfg, state, method)
+                waiting.clear()
+            _process_block(block, (i, j), (i * cy, j * cx), cfg, state, method)
         if progress and new:
             rate = len(done) * cy * cx / max(time.monotonic() - t0, 1e-9)
             extra = f", {state['n_vectors']} vectors so far" if "n_vectors" in state else ""
@@ -170,26 +184,76 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
                    progress=progress, **({"local": True} | segment_kwargs))
 
 
-def _process_block(block, index, offset, plan, cfg, cache, state, method):
+def _live_sample(arr, landed, chunks, last):
+    """The blocks live mode measures the beam radius, the bad pixels and the detector's
+    noise on, or None while too few patterns have landed.
+
+    The batch run measures them on about 512 patterns (:func:`spedflow.peaks.lazy.sample_blocks`),
+    and the counting noise needs neighbouring positions along a row. One chunk is the
+    sample where it holds that many patterns; smaller chunks (a large detector's hold a
+    few) wait until the runs of adjacent landed chunks along their chunk rows, each
+    read as one block, hold as many (or the scan is complete). Nothing is read before."""
+    from ..peaks.lazy import _SAMPLE_PATTERNS
+    cy, cx = chunks
+    ny, nx = arr.shape[:2]
+    rows: dict = {}
+    for i, j in landed:
+        rows.setdefault(i, []).append(j)
+    runs = []  # (chunk row, first chunk column, last + 1)
+    for i, cols in sorted(rows.items()):
+        cols = sorted(cols)
+        start = cols[0]
+        for j, after in zip(cols, cols[1:] + [None]):
+            if after != j + 1:
+                runs.append((i, start, j + 1))
+                start = after
+    size = sum((min(ny, (i + 1) * cy) - i * cy) * (min(nx, b * cx) - a * cx) for i, a, b in runs)
+    if size < _SAMPLE_PATTERNS and not last:
+        return None
+    return [np.asarray(arr[i * cy:(i + 1) * cy, a * cx:b * cx]) for i, a, b in runs]
+
+
+def _begin(plan, cfg, cache, state, method, blocks) -> bool:
+    """Fix the bad pixels, the beam radius and the noise on ``blocks`` (the sample, a
+    list, emptied: held once, as float32); False if they show no beam (live mode then
+    waits for more chunks)."""
+    from ..preprocess.kernels import repair_pixels
+    ky, kx = blocks[0].shape[-2:]
+    shapes = [b.shape[:2] for b in blocks]
+    flat = np.empty((sum(a * b for a, b in shapes), ky, kx), np.float32)
+    n = 0
+    while blocks:  # converted into one array, each block released once copied
+        b = blocks.pop(0)
+        flat[n:n + b.shape[0] * b.shape[1]] = b.reshape(-1, ky, kx)
+        n += b.shape[0] * b.shape[1]
+    plan = _with_bad_pixels(plan, cfg, flat)
+    if plan.bad_pixels is not None:
+        flat = repair_pixels(flat, plan.bad_pixels)
+    r0 = cfg.preprocess.beam_radius
+    if r0 is None:  # the batch run's estimator, on the sample
+        from ._common import _check_measured_radius, radius_of_frames
+        r0 = radius_of_frames(flat)
+        if not np.isfinite(r0):
+            return False
+        _check_measured_radius(r0)
+    sample, n = [], 0
+    for sy, sx in shapes:
+        sample.append(flat[n:n + sy * sx].reshape(sy, sx, ky, kx))
+        n += sy * sx
+    state["plan"] = plan
+    _start(plan, cfg, cache, state, method, float(r0), (ky, kx), sample=sample)
+    return True
+
+
+def _process_block(block, index, offset, cfg, state, method):
     """The per-chunk stages of one landed chunk, written where the batch run looks."""
     from ..preprocess import kernels as pk
     from ._cache import load_block
 
-    if "plan" not in state:  # the bad pixels, on this chunk: passed on to the batch run
-        state["plan"] = _with_bad_pixels(plan, cfg, np.asarray(block))
     plan = state["plan"]
     if plan.bad_pixels is not None:  # in the data's dtype, as the batch run repairs
         block = pk.repair_pixels(block, plan.bad_pixels)
     frames = np.asarray(block, np.float32)
-    if "beam_radius" not in state:
-        r0 = cfg.preprocess.beam_radius
-        if r0 is None:  # the batch run's estimator, on this chunk
-            from ._common import _check_measured_radius, radius_of_frames
-            r0 = radius_of_frames(frames.reshape((-1,) + frames.shape[-2:]))
-            if not np.isfinite(r0):
-                return  # an empty chunk: wait for one with a beam
-            _check_measured_radius(r0)
-        _start(plan, cfg, cache, state, method, float(r0), frames.shape[-2:], sample=frames)
     if method == "vdf":
         from .vdf import _beam_peaks_block
         path = state["scan"].block_path(index)
@@ -229,8 +293,8 @@ def _process_block(block, index, offset, plan, cfg, cache, state, method):
 
 def _with_bad_pixels(plan, cfg, frames):
     """``plan`` with the bad pixels of ``preprocess.bad_pixels``; "auto" finds them on
-    ``frames`` (the first chunk), where the batch run would look at up to five chunks:
-    the batch run is then given this list, so that both use the same pixels and the
+    ``frames`` (live mode's sample, :func:`_live_sample`), where the batch run would look
+    at up to five chunks: the batch run is then given this list, so that both use the same pixels and the
     same cache keys."""
     from ..preprocess.kernels import find_bad_pixels, repair_pixels
     from ._common import _with_pixels, masked_pixels, nonfinite_masks, with_bad_pixels

@@ -111,8 +111,8 @@ _SLAB = 64
 
 def counts_of(plan, prep, pk, cache, sample=None):
     """``(gain, read_var)`` of the counting-noise model (None for ``noise = "pattern"``):
-    given, or measured on a few chunks (cached; live mode measures it on the first
-    block, ``sample``), with a third item, the LoG noise factors per scale
+    given, or measured on a few chunks (cached; live mode measures it on the blocks
+    ``sample``), with a third item, the LoG noise factors per scale
     (:func:`spedflow.peaks.noise.log_noise_factors`), where the detector's point spread
     correlates its pixels' noise. Binning sums ``nav_binning**2`` patterns: the gain and
     the factors stay, the read-out variance adds up."""
