@@ -131,6 +131,25 @@ def test_nmf_finds_the_weak_crystal(paper_like, tmp_path):
     assert attrs["residual_search"]["rank"] >= 1
 
 
+@pytest.mark.parametrize("key", [("small", "vdf"), ("small", "nmf")])
+def test_info_says_what_a_result_found(results, key):
+    """``spedflow info`` on a result: its segment count, the NMF rank and why, each
+    component set aside with its reason, and the time of each stage."""
+    from spedflow.io import format_info, store_info
+    path, _ = results[key]
+    attrs = zarr.open_group(str(path), mode="r").attrs["spedflow"]
+    text = format_info(store_info(path))
+    n = zarr.open_group(str(path), mode="r")["segments/maps"].shape[0]
+    assert f"method     {key[1]}: {n} segments in 2304 patterns" in text
+    assert all(f"{k} {v:.1f}" in text for k, v in attrs["timings"].items())
+    if key[1] == "nmf":
+        assert f"rank       {attrs['n_components_reason']}" in text
+        for item in attrs["components_set_aside"]:
+            assert f" component {item['component']}: {item['reason']}" in text
+    else:
+        assert f"({attrs['counts']['vectors']} vectors, {attrs['counts']['peaks']} peaks)" in text
+
+
 def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(results, tmp_path):
     """The spatial-coherence rule is applied with its threshold as given: at 0 it is
     off; raised past half of the components the default keeps, it sets aside those

@@ -57,6 +57,9 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
         "truth": "truth" in group and isinstance(group["truth"], zarr.Group) and "masks" in group["truth"],
         "arrays": arrays,
     }
+    if meta.get("kind") == "result":  # what the run found, and why (from its attributes)
+        info["result"] = {k: meta.get(k) for k in ("method", "counts", "n_components_reason",
+                                                    "components_set_aside", "timings")}
     data = next((a for a in arrays if a["name"] == DATA), None)
     if data is not None:
         info["data"] = data
@@ -82,6 +85,7 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"{label} {text}")
     if info.get("kind") == "input":
         lines.append(f"truth      {'yes' if info.get('truth') else 'no'}")
+    lines += _result_lines(info.get("result"))
     for a in info.get("arrays", []):
         ratio = f"{a['ratio']:.2f}x" if a["ratio"] else "n/a (nothing stored)"
         shard = f", shards {tuple(a['shards'])}" if a["shards"] else ""
@@ -89,6 +93,28 @@ def format_info(info: dict[str, Any]) -> str:
                      f"{a['n_chunks']} chunks, {_size(a['nbytes'])} -> {_size(a['stored_bytes'])} "
                      f"stored ({ratio})")
     return "\n".join(lines)
+
+
+def _result_lines(res: dict | None) -> list[str]:
+    """What a result found: segments, the NMF rank and why, components set aside, time."""
+    if not res:
+        return []
+    c = res.get("counts") or {}
+    if res.get("method") == "vdf":
+        found = f"{c.get('vectors', '?')} vectors, {c.get('peaks', '?')} peaks"
+    else:
+        found = (f"{c.get('components', '?')} components, {c.get('kept', '?')} kept, "
+                 f"merged into {c.get('merged', '?')}")
+    lines = [f"method     {res.get('method')}: {c.get('segments', '?')} segments "
+             f"in {c.get('patterns', '?')} patterns ({found})"]
+    if res.get("n_components_reason"):
+        lines.append(f"rank       {res['n_components_reason']}")
+    for i, item in enumerate(res.get("components_set_aside") or []):
+        lines.append(f"{'set aside' if i == 0 else '':<10} component {item['component']}: {item['reason']}")
+    if res.get("timings"):
+        t = res["timings"]
+        lines.append(f"time       {sum(t.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ")")
+    return lines
 
 
 def _size(n: int) -> str:
