@@ -233,6 +233,30 @@ def test_third_simulator_nests_a_grain_of_the_same_phase_inside_each_bent_one(tm
     assert scores["n_truth"] == meta["n_grains"]
 
 
+def test_rank_benchmark_counts_a_planted_rank_against_each_floor(tmp_path):
+    """bench_rank on an NMF stage cache's matrix of planted rank 4 (plus Poisson noise):
+    one rank per draw and per group of three, each the planted rank, written to JSON."""
+    import bench_rank
+    import zarr
+
+    from spedflow.io import create_array
+    rng = np.random.default_rng(0)
+    loadings = rng.random((24 * 24, 4)) ** 4 * 40
+    x = rng.poisson(loadings @ rng.random((4, 150)) + 0.5).astype(np.float32)
+    (tmp_path / "s.nmf.zarr").mkdir()
+    g = zarr.open_group(str(tmp_path / "s.nmf.zarr.cache" / "matrix-0" / "matrix.zarr"), mode="w")
+    create_array(g, "x", (24, 24, 150), np.float32, chunks=(8, 24, 150))[:] = x.reshape(24, 24, 150)
+    out = tmp_path / "rank.json"
+    assert bench_rank.main([str(tmp_path), "--draws", "6", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["set"] == "s" and row["shape"] == [576, 150]
+    assert len(row["ranks_1"]) == 6 and len(row["ranks_3"]) == 2
+    assert set(row["ranks_1"]) == set(row["ranks_3"]) == {4}, row
+    assert row["spread_1"] == max(row["ranks_1"]) - min(row["ranks_1"])
+    with pytest.raises(SystemExit):
+        bench_rank.main([str(tmp_path), "--draws", "4"])
+
+
 def test_paired_benchmark_runs_both_versions_alternately(tmp_path):
     """Both trees run (the base from a git worktree), alternating, each with a fresh
     stage cache; the JSON holds every run and the medians."""

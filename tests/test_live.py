@@ -12,10 +12,11 @@ import pytest
 import zarr
 
 WRITER = textwrap.dedent("""
-    import sys, time, zarr
+    import glob, sys, time, zarr
     from spedflow.simulate import simulate_array
     from spedflow.io import create_array
     dest, delay, hot = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    blocks = sys.argv[4] if len(sys.argv) > 4 else None  # see below
     data, truth = simulate_array(scan=(32, 32), detector=48, crystals=4, seed=3, hot_pixels=hot)
     g = zarr.open_group(dest, mode="w")
     a = create_array(g, "data", data.shape, data.dtype, chunks=(8, 8) + data.shape[2:])
@@ -24,6 +25,11 @@ WRITER = textwrap.dedent("""
         for j in range(4):
             a[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8] = data[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8]
             time.sleep(delay)
+        # with a glob of live block files: the last chunk row waits (up to 60 s) until
+        # one exists, as a slow acquisition would on a loaded machine
+        t0 = time.monotonic()
+        while blocks and i == 2 and not glob.glob(blocks) and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
     g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer",
                            "hot": truth["attrs"]["hot_pixels"]}
 """)
@@ -31,13 +37,16 @@ WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("hot", [0, 3])
 def test_watch_follows_a_store_being_written(tmp_path, hot):
-    """With hot pixels, live mode finds them on the first chunk and the batch run at the
-    end is given them: the same repaired data, so it reuses every live block."""
+    """With hot pixels, live mode finds them on its sample (the first eight chunks) and
+    the batch run at the end is given them: the same repaired data, so it reuses every live block."""
     from spedflow.workflows.live import watch
     store, out = tmp_path / "live.zarr", tmp_path / "result.zarr"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.5", str(hot)])
+    # live mode starts after eight chunks (its sample) and must make its first blocks
+    # before the scan is complete: the writer's last row waits for one
+    writer = subprocess.Popen([sys.executable, str(script), str(store), "0.25", str(hot),
+                               str(tmp_path / "result.zarr.cache" / "beam_peaks-*" / "blocks" / "*.npz")])
     try:
         result = watch(store, method="vdf", out=out, poll=0.1, timeout=120, progress=False)
     finally:
@@ -113,12 +122,21 @@ CAMERA_WRITER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("method", ["vdf", "nmf"])
-def test_watch_measures_the_noise_on_small_chunks(tmp_path, method):
+def test_watch_measures_the_noise_on_small_chunks(tmp_path, method, monkeypatch):
     """Chunks of 2 x 2 positions (a large detector's) are too few patterns for the noise
     measurement: live mode waits until the landed chunks hold the batch run's sample.
     On the first chunk alone, live VDF stopped ("too few patterns") and live NMF took
     the camera's dark level as 0."""
+    from spedflow.workflows import live
     from spedflow.workflows.live import watch
+    samples = []
+    begin = live._begin
+
+    def recorded(plan, cfg, cache, state, method, blocks):
+        samples.append(sum(b.shape[0] * b.shape[1] for b in blocks))
+        return begin(plan, cfg, cache, state, method, blocks)
+
+    monkeypatch.setattr(live, "_begin", recorded)
     store = tmp_path / "live.zarr"
     script = tmp_path / "writer.py"
     script.write_text(CAMERA_WRITER)
@@ -129,6 +147,7 @@ def test_watch_measures_the_noise_on_small_chunks(tmp_path, method):
     finally:
         writer.wait(timeout=120)
     assert writer.returncode == 0
+    assert len(samples) == 1 and 512 <= samples[0] < 576, samples  # live mode started, once
     resolved = zarr.open_group(str(result), mode="r").attrs["spedflow"]["resolved"]
     # as the batch run measures them on its sample, spread over the finished scan (the
     # estimator itself reads 3.3 units per count on this simulation, 18 for the level)

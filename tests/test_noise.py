@@ -307,6 +307,21 @@ def test_sample_blocks_are_whole_chunks_with_three_in_a_row(scan, chunks):
             assert len(blocks) == len(old)  # and nothing else where they hold enough
 
 
+def test_sample_of_a_large_detector_is_bounded_in_bytes(monkeypatch):
+    """512 patterns up to 256 MB of float32 (362 x 362 pixels), fewer beyond, at least 16:
+    the sample of a 1024 x 1024 detector holds 64 patterns, not 512 (2 GB)."""
+    import dask.array as da
+    from spedflow.peaks import lazy as L
+    assert L.sample_size((128, 128)) == L.sample_size((362, 362)) == 512
+    assert L.sample_size((1024, 1024)) == 64 and L.sample_size((4096, 4096)) == 16
+    assert L.sample_size((363, 363)) < 512
+    # the blocks stop at the bound (here 100 patterns of 8 x 8) as they stop at 512
+    monkeypatch.setattr(L, "_SAMPLE_BYTES", 100 * 4 * 64)
+    data = da.zeros((40, 40, 8, 8), chunks=(2, 2, 8, 8), dtype=np.uint16)
+    total = sum(b.shape[0] * b.shape[1] for b in L.sample_blocks(data))
+    assert 100 <= total < 100 + 2 * 6, total  # the last block added holds 2 x 6 positions
+
+
 def test_sample_blocks_of_a_zarr_array_with_chunks_larger_than_the_scan():
     """A Zarr array's chunks are not clipped to its shape: a 100 x 2 scan in (2, 64)
     chunks is sampled along its 100 rows."""

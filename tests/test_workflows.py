@@ -141,13 +141,26 @@ def test_info_says_what_a_result_found(results, key):
     text = format_info(store_info(path))
     n = zarr.open_group(str(path), mode="r")["segments/maps"].shape[0]
     assert f"method     {key[1]}: {n} segments in 2304 patterns" in text
-    assert all(f"{k} {v:.1f}" in text for k, v in attrs["timings"].items())
+    assert "computed   " in text and all(f"{k} {v:.1f}" in text for k, v in attrs["timings"].items())
     if key[1] == "nmf":
         assert f"rank       {attrs['n_components_reason']}" in text
         for item in attrs["components_set_aside"]:
             assert f" component {item['component']}: {item['reason']}" in text
     else:
         assert f"({attrs['counts']['vectors']} vectors, {attrs['counts']['peaks']} peaks)" in text
+
+
+@pytest.mark.parametrize("odd", [
+    {"components_set_aside": {"3": "noise"}, "timings": {"a": "x"}, "counts": [1, 2]},
+    {"components_set_aside": ["noise"], "timings": [1.0], "counts": None, "n_components_reason": 3},
+    {"method": None},
+])
+def test_info_describes_results_with_unexpected_attributes(odd):
+    """Attributes written by hand or by another version: described as far as they can be."""
+    from spedflow.io import format_info
+    text = format_info({"path": "r.zarr", "kind": "result", "arrays": [],
+                        "result": {"method": "nmf", **odd}})
+    assert "method     " in text and "component 3" not in text and "computed" not in text
 
 
 def test_nmf_sets_aside_incoherent_loadings_and_min_coherence_0_keeps_them(results, tmp_path):

@@ -37,7 +37,9 @@ class ScreeParams:
         One flip's floor varies by ~4 % (standard deviation) from draw to draw on
         sparse diffraction data, enough to move the rank by one or two where the
         scree's tail runs smoothly into the noise; the mean of three has 1/sqrt(3)
-        of that spread. Each adds one matrix product per chunk and pass (no pass).
+        of that spread. Each draw adds a sign flip and a matrix product per chunk
+        and pass (no extra pass over the data) and an N x (n_components +
+        n_oversamples) array in memory; at most 20.
     """
 
     n_components: int = 40

@@ -10,7 +10,7 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["ScreeResult", "scree", "choose_n_components", "marchenko_pastur_count",
-           "signflip_block", "randomized_svd", "randomized_svds"]
+           "signflip_block", "randomized_svd", "randomized_svds", "noise_draw_seeds"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,15 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     return out
 
 
+def noise_draw_seeds(seed: int, noise_draws: int) -> list[tuple[int, int]]:
+    """``(random start, sign-flip seed)`` of each draw of :func:`scree`'s noise floor
+    (for :func:`randomized_svds`): draw ``d`` starts from ``seed + 1 + d`` (the data's
+    own start is ``seed``) and flips with ``seed + 7919 d``, so that the draws of
+    neighbouring seeds do not repeat each other's flips (with ``seed + d``, seeds 0
+    and 1 would share two of their three)."""
+    return [(seed + 1 + d, seed + 7919 * d) for d in range(noise_draws)]
+
+
 def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversamples: int = 10,
           seed: int = 0, noise_edge: bool = True, noise_draws: int = 3) -> ScreeResult:
     """Explained variance ratio of the leading components, streaming the data.
@@ -262,8 +271,7 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     # the data and (with noise_edge) its sign-flipped null share every pass; the null
     # has the same subspace size as the scree itself: the randomised estimates of a
     # flat (noise) spectrum are biased low, and equally so for data and null.
-    # draw d: random start seed + 1 + d, sign flip seed + 7919 d (draw 0 as before)
-    draws = [(seed + 1 + d, seed + 7919 * d) for d in range(noise_draws)] if noise_edge else []
+    draws = noise_draw_seeds(seed, noise_draws) if noise_edge else []
     svds = randomized_svds(m, k, [(seed, None)] + draws, n_power_iter=n_power_iter,
                            n_oversamples=oversamples, mean=mean)
     s = svds[0][1]

@@ -96,10 +96,13 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def _result_lines(res: dict | None) -> list[str]:
-    """What a result found: segments, the NMF rank and why, components set aside, time."""
-    if not res:
+    """What a result found: segments, the NMF rank and why, components set aside, and
+    the time of the stages this run computed. Attributes of another form (a store
+    written by hand or by another version) are left out, not an error: ``info`` must
+    describe any store."""
+    if not isinstance(res, dict):
         return []
-    c = res.get("counts") or {}
+    c = res.get("counts") if isinstance(res.get("counts"), dict) else {}
     if res.get("method") == "vdf":
         found = f"{c.get('vectors', '?')} vectors, {c.get('peaks', '?')} peaks"
     else:
@@ -107,13 +110,18 @@ def _result_lines(res: dict | None) -> list[str]:
                  f"merged into {c.get('merged', '?')}")
     lines = [f"method     {res.get('method')}: {c.get('segments', '?')} segments "
              f"in {c.get('patterns', '?')} patterns ({found})"]
-    if res.get("n_components_reason"):
+    if isinstance(res.get("n_components_reason"), str):
         lines.append(f"rank       {res['n_components_reason']}")
-    for i, item in enumerate(res.get("components_set_aside") or []):
-        lines.append(f"{'set aside' if i == 0 else '':<10} component {item['component']}: {item['reason']}")
-    if res.get("timings"):
-        t = res["timings"]
-        lines.append(f"time       {sum(t.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ")")
+    aside = res.get("components_set_aside")
+    aside = [d for d in aside if isinstance(d, dict)] if isinstance(aside, list) else []
+    for i, item in enumerate(aside):
+        lines.append(f"{'set aside' if i == 0 else '':<10} component {item.get('component')}: "
+                     f"{item.get('reason')}")
+    t = res.get("timings")
+    t = {k: v for k, v in t.items() if isinstance(v, (int, float))} if isinstance(t, dict) else {}
+    if t:  # a rerun from the stage cache times only what it computed again
+        lines.append(f"computed   {sum(t.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+                     + ")")
     return lines
 
 

@@ -235,6 +235,20 @@ _SAMPLE_RUN = 3
 #: of counts, five blocks of 3-12 patterns measured 0.98-1.78 data units per count with
 #: the chunking; ~500 patterns, 1.05-1.15.
 _SAMPLE_PATTERNS = 512
+#: ... unless they take more than this as float32 (the beam radius is measured on the
+#: whole sample at once): a large detector's patterns hold many readings each, and the
+#: noise fit needs readings, not patterns. 512 patterns of 1024 x 1024 took the client
+#: to 4.7 GB; 64 of them hold 8x the readings of 512 of 128 x 128.
+_SAMPLE_BYTES = 256 * 2**20
+#: ... and at least this many patterns, whatever their size.
+_SAMPLE_MIN_PATTERNS = 16
+
+
+def sample_size(detector_shape) -> int:
+    """Patterns the noise and beam sample should hold for patterns of ``detector_shape``:
+    512, fewer where they would take more than 256 MB as float32 (at least 16)."""
+    per = 4 * int(np.prod(detector_shape))
+    return int(max(_SAMPLE_MIN_PATTERNS, min(_SAMPLE_PATTERNS, _SAMPLE_BYTES // per)))
 
 
 def _sample_span(n: int, c: int, i: int, need: int) -> tuple[int, int, int]:
@@ -258,9 +272,10 @@ def sample_blocks(data):
     Five blocks, one chunk each (the corners and the centre). Where chunks are under
     three positions in a row along the rows (the columns, if the chunks are taller or
     the scan's rows are shorter), each block joins as many whole chunks as make three:
-    the counting noise is measured on neighbouring readings. Where the five hold under
-    512 patterns (large detectors: a 16 MB chunk of 1024 x 1024 float32 patterns holds
-    four), more blocks, spread evenly over the scan, until the sample holds that many."""
+    the counting noise is measured on neighbouring readings. Where the five hold fewer
+    patterns than :func:`sample_size` (512 up to 256 x 256 patterns; large detectors'
+    chunks hold a few: a 16 MB chunk of 1024 x 1024 float32 patterns holds four), more
+    blocks, spread evenly over the scan, until the sample holds that many."""
     if isinstance(data, da.Array):
         cy, cx = data.chunksize[:2]
     else:
@@ -284,13 +299,14 @@ def sample_blocks(data):
     picks = sorted({window(i, j) for i, j in ((0, 0), (gy // 2, gx // 2), (gy - 1, gx - 1), (0, gx - 1),
                                               (gy - 1, 0))})
     total = sum(size(w) for w in picks)
-    if total < _SAMPLE_PATTERNS:
+    target = sample_size(data.shape[2:])
+    if total < target:
         ky, kx = -(-need_y // cy), -(-need_x // cx)
         grid = sorted({window(i, j) for i in range(0, gy, ky) for j in range(0, gx, kx)} - set(picks))
         if grid:
-            want = -(-(_SAMPLE_PATTERNS - total) // max(1, size(grid[0])))
+            want = -(-(target - total) // max(1, size(grid[0])))
             for k in dict.fromkeys(np.linspace(0, len(grid) - 1, min(want, len(grid))).round().astype(int)):
-                if total >= _SAMPLE_PATTERNS:
+                if total >= target:
                     break
                 picks.append(grid[k])
                 total += size(grid[k])

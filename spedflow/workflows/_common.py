@@ -877,6 +877,8 @@ def _with_line_gains(plan: Plan, rows: np.ndarray, cols: np.ndarray) -> Plan:
 def noise_sample(plan: Plan, sample=None):
     """The blocks the detector's noise is measured on: a few chunks of the data, read one
     at a time (:meth:`Plan.sample_blocks`), or live mode's, ``sample`` (a list of blocks)."""
+    if sample is not None and not isinstance(sample, list):
+        raise TypeError(f"`sample` must be a list of 4-D blocks (got {type(sample).__name__})")
     return plan.sample_blocks() if sample is None else sample
 
 

@@ -10,11 +10,10 @@ and only does what needs the whole scan (unique vectors, VDF images, scree, NMF,
 watershed, merging).
 
 The direct-beam radius must be fixed before the scan is complete, so live mode
-measures it, the bad pixels and the detector's noise on the first chunks that land,
-as soon as they hold about as many patterns as the batch run's sample (one chunk,
-unless a large detector's chunks hold a few patterns each; the configuration may give
-them). The
-VDF workflow's pass 1 (beam centres and peaks) needs nothing else: its peaks move to
+measures it, the bad pixels and the detector's noise (unless the configuration gives
+them) on the first chunks that land, once they hold as many patterns as the batch
+run's sample, 512 (256 MB of float32 on detectors over 362 x 362 pixels): one chunk of
+128 x 128 uint16 patterns at the default 16 MB, four of 256 x 256. The VDF workflow's pass 1 (beam centres and peaks) needs nothing else: its peaks move to
 the fitted descan's frame at the end. The NMF workflow's Poisson statistics need the
 alignment centres: live mode computes them when each pattern's own measured centre
 is used (``descan = "none"``); with a descan fit they are computed at the end.
@@ -132,6 +131,7 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
 
     done: set = set()
     waiting: list = []  # landed chunks held back until the sample to start from is complete
+    tried = 0  # waiting[:tried] were a sample without a beam
     state: dict = {}
     last_new = time.monotonic()
     t0 = time.monotonic()
@@ -149,8 +149,13 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
                 continue
             if "beam_radius" not in state:
                 waiting.append((i, j))
-                sample = _live_sample(arr, waiting, (cy, cx), len(done) == grid[0] * grid[1])
-                if sample is None or not _begin(plan, cfg, cache, state, method, sample):
+                # a sample that showed no beam (blanked at the start of a scan) is not
+                # tried again: the next one is made of the chunks landed since
+                sample = _live_sample(arr, waiting[tried:], (cy, cx), len(done) == grid[0] * grid[1])
+                if sample is None:
+                    continue
+                if not _begin(plan, cfg, cache, state, method, sample):
+                    tried = len(waiting)
                     continue
                 for a, b in waiting[:-1]:  # the chunks held back, read again
                     _process_block(np.asarray(arr[a * cy:(a + 1) * cy, b * cx:(b + 1) * cx]),
@@ -188,12 +193,14 @@ def _live_sample(arr, landed, chunks, last):
     """The blocks live mode measures the beam radius, the bad pixels and the detector's
     noise on, or None while too few patterns have landed.
 
-    The batch run measures them on about 512 patterns (:func:`spedflow.peaks.lazy.sample_blocks`),
-    and the counting noise needs neighbouring positions along a row. One chunk is the
+    The batch run measures them on about 512 patterns, fewer of a large detector
+    (:func:`spedflow.peaks.lazy.sample_size`), and the counting noise needs neighbouring
+    positions along a row. One chunk is the
     sample where it holds that many patterns; smaller chunks (a large detector's hold a
     few) wait until the runs of adjacent landed chunks along their chunk rows, each
-    read as one block, hold as many (or the scan is complete). Nothing is read before."""
-    from ..peaks.lazy import _SAMPLE_PATTERNS
+    read as one block, hold as many (or the scan is complete); no sample is assembled
+    before."""
+    from ..peaks.lazy import sample_size
     cy, cx = chunks
     ny, nx = arr.shape[:2]
     rows: dict = {}
@@ -208,15 +215,17 @@ def _live_sample(arr, landed, chunks, last):
                 runs.append((i, start, j + 1))
                 start = after
     size = sum((min(ny, (i + 1) * cy) - i * cy) * (min(nx, b * cx) - a * cx) for i, a, b in runs)
-    if size < _SAMPLE_PATTERNS and not last:
+    if size < sample_size(arr.shape[2:]) and not last:
         return None
     return [np.asarray(arr[i * cy:(i + 1) * cy, a * cx:b * cx]) for i, a, b in runs]
 
 
 def _begin(plan, cfg, cache, state, method, blocks) -> bool:
     """Fix the bad pixels, the beam radius and the noise on ``blocks`` (the sample, a
-    list, emptied: held once, as float32); False if they show no beam (live mode then
-    waits for more chunks)."""
+    list, emptied as it is copied into one float32 array; with bad pixels, a repaired
+    copy of it too, repaired in float32 where the batch run repairs in the data's dtype:
+    only the measurements see the difference, by the rounding of a few pixels); False if
+    they show no beam (live mode then waits for more chunks)."""
     from ..preprocess.kernels import repair_pixels
     ky, kx = blocks[0].shape[-2:]
     shapes = [b.shape[:2] for b in blocks]
@@ -293,9 +302,9 @@ def _process_block(block, index, offset, cfg, state, method):
 
 def _with_bad_pixels(plan, cfg, frames):
     """``plan`` with the bad pixels of ``preprocess.bad_pixels``; "auto" finds them on
-    ``frames`` (live mode's sample, :func:`_live_sample`), where the batch run would look
-    at up to five chunks: the batch run is then given this list, so that both use the same pixels and the
-    same cache keys."""
+    ``frames`` (live mode's sample, :func:`_live_sample`), where the batch run looks at
+    its own sample: the batch run is then given this list, so that both use the same
+    pixels and the same cache keys."""
     from ..preprocess.kernels import find_bad_pixels, repair_pixels
     from ._common import _with_pixels, masked_pixels, nonfinite_masks, with_bad_pixels
     flat = frames.reshape((-1,) + frames.shape[-2:])
