@@ -252,3 +252,39 @@ def test_measured_scatter_keeps_two_reflections_one_spot_radius_apart():
     found = unique_vectors(h, scatter=s, **kw)
     assert len(found) == 4
     assert np.abs(np.sort(found, axis=0) - np.sort(np.array(list(where)), axis=0)).max() < 0.3
+
+
+@pytest.mark.parametrize("shape,radius", [((50, 60), 3.5), ((64, 64), 7.0), ((5, 40), 6.2),
+                                          ((30, 30), 0.5), ((40, 33), 1.0), ((128, 97), 12.3)])
+def test_disc_maximum_equals_scipy_with_the_disc_footprint(shape, radius):
+    """Row-segment maximum filter == ndi.maximum_filter(footprint=disc, mode="constant"),
+    bins outside read as 0, also for negative images and discs taller than the image."""
+    from scipy import ndimage as ndi
+
+    from spedflow.peaks.vectors import _disc_maximum, _disc_offsets
+    rng = np.random.default_rng(1)
+    oy, ox = _disc_offsets(radius)
+    h = int(radius)
+    footprint = np.zeros((2 * h + 1,) * 2, bool)
+    footprint[oy + h, ox + h] = True
+    for img in (rng.random(shape), rng.random(shape) - 0.5, rng.poisson(0.3, shape).astype(float)):
+        np.testing.assert_array_equal(_disc_maximum(img, radius),
+                                      ndi.maximum_filter(img, footprint=footprint, mode="constant"))
+
+
+@pytest.mark.parametrize("shape,radius", [((50, 60), 3.5), ((64, 64), 7.0), ((5, 40), 6.2),
+                                          ((30, 30), 0.5), ((20, 20), 35.2), ((3, 90), 40.0)])
+def test_disc_sum_filter_equals_scipy_correlate_with_the_disc(shape, radius):
+    """Row-segment disc sums == ndi.correlate(img, disc, mode="constant"), also for discs
+    wider and taller than the image."""
+    from scipy import ndimage as ndi
+
+    from spedflow.peaks._measure import disc_sum_filter
+    rng = np.random.default_rng(2)
+    rr = int(np.ceil(radius))
+    dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    disc = ((dy ** 2 + dx ** 2) <= radius ** 2).astype(float)
+    for img in (rng.poisson(0.5, shape).astype(float), rng.random(shape)):
+        np.testing.assert_allclose(disc_sum_filter(img, radius),
+                                   ndi.correlate(img, disc, mode="constant", cval=0.0),
+                                   rtol=1e-12, atol=1e-9)

@@ -54,6 +54,32 @@ def _nearest_bin(points, detector_shape, o: int) -> tuple[np.ndarray, np.ndarray
 _RING_QUANTILE, _RING_Z = 0.2, 0.8416
 
 
+def disc_sum_filter(img: np.ndarray, radius: float) -> np.ndarray:
+    """The sum over the disc ``dy^2 + dx^2 <= radius^2`` about every pixel: equals
+    ``ndimage.correlate(img, disc, mode="constant", cval=0)``, row by row. The disc is a
+    stack of row segments and a segment's sum is a difference of the row's cumulative
+    sums: O(radius) per pixel, not O(radius^2) (a 1024 x 1024 detector's histogram,
+    2048 x 2048 bins and a disc of 35: 8.7 s -> ~1 s)."""
+    img = np.asarray(img, np.float64)
+    ny, nx = img.shape
+    h = int(np.floor(radius))
+    # cumulative sums along rows padded with h zeros each side (and a leading 0): the
+    # sum over columns x - w .. x + w is cum[x + h + w + 1] - cum[x + h - w]
+    cum = np.zeros((ny, nx + 2 * h + 1))
+    np.cumsum(img, axis=1, out=cum[:, h + 1:h + 1 + nx])
+    cum[:, h + 1 + nx:] = cum[:, h + nx:h + 1 + nx]
+    out = np.zeros((ny, nx))
+    for dy in range(h + 1):
+        w = int(np.floor(np.sqrt(radius * radius - dy * dy)))
+        row = cum[:, h + w + 1:h + w + 1 + nx] - cum[:, h - w:h - w + nx]
+        if dy == 0:
+            out += row
+        elif dy < ny:
+            out[:-dy] += row[dy:]
+            out[dy:] += row[:-dy]
+    return out
+
+
 def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, radius: float,
                   n_angles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Peaks supporting each vector, and the level of the same count along its ring.
@@ -88,11 +114,9 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     if len(v) == 0:
         return np.zeros(0), np.zeros(0)
     rr = int(np.ceil(radius * o))
-    dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
-    disc = ((dy ** 2 + dx ** 2) <= (radius * o) ** 2).astype(float)
     # the count in the disc about every bin, once (zeros beyond the histogram; a margin
     # of rr bins, so that discs centred off the histogram still count what they reach)
-    sums = ndimage.correlate(np.pad(hist, rr), disc, mode="constant", cval=0.0)
+    sums = disc_sum_filter(np.pad(hist, rr), radius * o)
 
     def counts(points):  # points (..., 2) relative to the beam, px
         iy, ix = _nearest_bin(points, (ky, kx), o)

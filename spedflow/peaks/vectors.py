@@ -181,6 +181,35 @@ def _disc_offsets(radius: float) -> tuple[np.ndarray, np.ndarray]:
     return oy[inside], ox[inside]
 
 
+def _disc_maximum(img: np.ndarray, radius: float) -> np.ndarray:
+    """``ndi.maximum_filter(img, footprint=disc, mode="constant")`` for the disc of
+    :func:`_disc_offsets`, row by row: the disc is a stack of row segments, the maximum
+    over a segment is a 1-D running maximum (O(1) per pixel whatever its width), and
+    each row's is shifted into place. O(radius) per pixel instead of O(radius^2): on a
+    1024 x 1024 detector's histogram (2048 x 2048 bins, a disc of 35 bins) 25 s -> ~1 s.
+    Bins outside the image read as 0 (scipy's ``cval``)."""
+    img = np.asarray(img, np.float64)
+    h = int(math.floor(radius))
+    out = None
+    width = None
+    for dy in range(h + 1):
+        w = int(math.floor(math.sqrt(max(radius * radius - dy * dy, 0.0))))
+        if w != width:  # the row maximum of this half-width (the same for neighbouring dy)
+            row = ndi.maximum_filter1d(img, 2 * w + 1, axis=1, mode="constant")
+            width = w
+        if out is None:
+            out = row.copy()
+            continue
+        if dy >= img.shape[0]:
+            continue
+        np.maximum(out[dy:], row[:-dy], out=out[dy:])
+        np.maximum(out[:-dy], row[dy:], out=out[:-dy])
+    if h >= 1:  # rows beyond the image (cval 0) enter rows within h of its edges
+        out[:h] = np.maximum(out[:h], 0)
+        out[-h:] = np.maximum(out[-h:], 0)
+    return out
+
+
 def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     """Per-bin background of ``hist`` around each (cy, cx), from an annulus.
 
@@ -279,9 +308,7 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     rb = p.cluster_radius * o  # cluster radius in bins
     smooth = ndi.gaussian_filter(hist, p.scatter * o, mode="constant") if p.scatter > 0 else hist
     oy, ox = _disc_offsets(rb)
-    footprint = np.zeros((2 * int(rb) + 1,) * 2, bool)
-    footprint[oy + int(rb), ox + int(rb)] = True
-    peak = (smooth == ndi.maximum_filter(smooth, footprint=footprint, mode="constant")) & (smooth > 0)
+    peak = (smooth == _disc_maximum(smooth, rb)) & (smooth > 0)
     cy, cx = np.nonzero(peak)
     if len(cy) == 0:
         return (empty, np.zeros(0)) if return_support else empty
