@@ -235,6 +235,24 @@ def test_randomized_svd_top_triplets():
     np.testing.assert_allclose(np.abs(np.sum(vt * vr[:5], axis=1)), 1, atol=1e-3)
 
 
+@pytest.mark.parametrize("left_bytes", [1, 3 * 8 * 80 * 15 * 2])
+def test_randomized_svds_of_a_wide_matrix_in_chains(monkeypatch, left_bytes):
+    """Where the left products of all blocks would exceed _LEFT_BYTES (a wide matrix: a
+    large detector's pixels), the blocks are accumulated in chains (here one, and three
+    of 3-4 blocks): the same decomposition as one task per block."""
+    from spedflow.decompose import _scree
+    rng = np.random.default_rng(3)
+    x = (rng.random((200, 6)) @ rng.random((6, 80)) + 0.1 * rng.random((200, 80))).astype(np.float32)
+    d = da.from_array(x, chunks=(20, 80))
+    variants = [(0, None), (1, 0)]
+    ref = _scree.randomized_svds(d, 5, variants, n_power_iter=2)
+    monkeypatch.setattr(_scree, "_LEFT_BYTES", left_bytes)
+    got = _scree.randomized_svds(d, 5, variants, n_power_iter=2)
+    for (_, s_ref, v_ref), (_, s_got, v_got) in zip(ref, got):
+        np.testing.assert_allclose(s_got, s_ref, rtol=1e-9)
+        np.testing.assert_allclose(np.abs(np.sum(v_got * v_ref, axis=1)), 1, atol=1e-6)
+
+
 def test_signflip_independent_of_chunking():
     x = np.ones((20, 7), np.float32)
     whole = signflip_block(x, 0, 7, seed=3)

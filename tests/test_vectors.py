@@ -255,7 +255,9 @@ def test_measured_scatter_keeps_two_reflections_one_spot_radius_apart():
 
 
 @pytest.mark.parametrize("shape,radius", [((50, 60), 3.5), ((64, 64), 7.0), ((5, 40), 6.2),
-                                          ((30, 30), 0.5), ((40, 33), 1.0), ((128, 97), 12.3)])
+                                          ((30, 30), 0.5), ((40, 33), 1.0), ((128, 97), 12.3),
+                                          ((40, 40), float(np.sqrt(26))), ((40, 40), float(np.sqrt(41))),
+                                          ((9, 9), 0.0)])
 def test_disc_maximum_equals_scipy_with_the_disc_footprint(shape, radius):
     """Row-segment maximum filter == ndi.maximum_filter(footprint=disc, mode="constant"),
     bins outside read as 0, also for negative images and discs taller than the image."""
@@ -273,7 +275,8 @@ def test_disc_maximum_equals_scipy_with_the_disc_footprint(shape, radius):
 
 
 @pytest.mark.parametrize("shape,radius", [((50, 60), 3.5), ((64, 64), 7.0), ((5, 40), 6.2),
-                                          ((30, 30), 0.5), ((20, 20), 35.2), ((3, 90), 40.0)])
+                                          ((30, 30), 0.5), ((20, 20), 35.2), ((3, 90), 40.0),
+                                          ((40, 40), float(np.sqrt(26))), ((40, 40), float(np.sqrt(41)))])
 def test_disc_sum_filter_equals_scipy_correlate_with_the_disc(shape, radius):
     """Row-segment disc sums == ndi.correlate(img, disc, mode="constant"), also for discs
     wider and taller than the image."""
@@ -288,3 +291,11 @@ def test_disc_sum_filter_equals_scipy_correlate_with_the_disc(shape, radius):
         np.testing.assert_allclose(disc_sum_filter(img, radius),
                                    ndi.correlate(img, disc, mode="constant", cval=0.0),
                                    rtol=1e-12, atol=1e-9)
+
+
+def test_disc_filters_refuse_a_negative_radius():
+    from spedflow.peaks._measure import disc_sum_filter
+    from spedflow.peaks.vectors import _disc_maximum
+    for f in (disc_sum_filter, _disc_maximum):
+        with pytest.raises(ParameterError, match="radius"):
+            f(np.ones((4, 4)), -1.0)

@@ -107,6 +107,28 @@ def _project_block(x, row0, mean, flip_seeds, mats, left):
     return tuple(out)
 
 
+def _add_projection(total, x, row0, mean, flip_seeds, mats, left):
+    """``total`` (a tuple from :func:`_project_block`, or None) plus the products of one
+    more row block: one step of a chain that accumulates many blocks' left products
+    (P x l per variant: large for a wide matrix) in one buffer. ``total`` is added into
+    the new products, not changed (a task's input)."""
+    part = _project_block(x, row0, mean, flip_seeds, mats, left)
+    if total is not None:
+        for p, t in zip(part, total):
+            p += t
+    return part
+
+
+#: The running sums of left products (P x l per variant, float64) one pass of
+#: :func:`randomized_svds` keeps, one per chain, at most (but at least one; each chain
+#: step briefly holds two: its input's and its own): with P = 10^6 pixels (a 1024 x 1024
+#: detector), l = 50 and four variants, one block's are 1.6 GB, and a sum of eight
+#: per task asked a worker for 11.8 GiB. A chain's blocks are not held back until it
+#: reaches them: where the matrix is read from disk rather than held in memory, idle
+#: threads may read ahead.
+_LEFT_BYTES = 4 * 2**30
+
+
 def _sum(*parts):
     """Element-wise sum of tuples of arrays."""
     out = [a.copy() for a in parts[0]]
@@ -118,6 +140,7 @@ def _sum(*parts):
 
 def _tree_sum(items, fan_in=8):
     from dask import delayed
+    fan_in = max(2, fan_in)
     while len(items) > 1:
         items = [delayed(_sum, pure=True)(*items[i:i + fan_in]) for i in range(0, len(items), fan_in)]
     return items[0]
@@ -156,7 +179,9 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     and which sign flip (None: the matrix itself). Each pass reads every chunk once
     and computes the products of all variants from it, so the data and its
     sign-flipped null cost ``2 * n_power_iter + 2`` passes together, not twice that.
-    Each variant's result equals :func:`randomized_svd` with the same arguments.
+    Each variant's result equals :func:`randomized_svd` with the same arguments (to
+    rounding, for a wide matrix: its left products are summed in chains whose number
+    depends on the number of variants, ``_LEFT_BYTES``).
 
     Returns
     -------
@@ -168,22 +193,38 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     m = _as_dask_matrix(matrix)
     n, p = m.shape
     ell = int(min(k + n_oversamples, n, p))
+    if max(m.chunks[0]) < 2 * ell < n:
+        # a wide matrix's row blocks are short (32 MB of a 1024 x 1024 detector's
+        # patterns: 8 rows), and each left product (P x l) outgrew its block many times:
+        # the scree's passes moved memory, not numbers (451 s for 1024 x 10^6)
+        m = m.rechunk({0: 2 * ell})
     blocks = m.to_delayed().ravel().tolist()
     rows = np.cumsum((0,) + m.chunks[0])
     mean_d = delayed(mean, pure=True) if mean is not None else None
     flips = tuple(f for _, f in variants)
 
-    def right(mats):
-        mats_d = delayed(tuple(mats), pure=True)
+    def right(mats):  # (P x l each; float32 once here, as every task would make them)
+        mats_d = delayed(tuple(np.asarray(a, np.float32) for a in mats), pure=True)
         parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, flips, mats_d, False)
                  for i, b in enumerate(blocks)]
         done = dask.compute(parts)[0]
         return [np.concatenate([d[v] for d in done], axis=0) for v in range(len(variants))]
 
+    # the left pass accumulates its blocks' products in as many chains as keep them
+    # within _LEFT_BYTES, each a block at a time (every block its own where they are small)
+    part_bytes = 8 * p * ell * len(variants)
+    n_chains = int(min(len(blocks), max(1, _LEFT_BYTES // part_bytes)))
+    chains = np.array_split(np.arange(len(blocks)), n_chains)
+
     def left(qs):
-        parts = [delayed(_project_block, pure=True)(
-            b, int(rows[i]), mean_d, flips, tuple(q[rows[i]:rows[i + 1]] for q in qs), True)
-            for i, b in enumerate(blocks)]
+        parts = []
+        for chain in chains:
+            total = None
+            for i in chain:
+                total = delayed(_add_projection, pure=True)(
+                    total, blocks[i], int(rows[i]), mean_d, flips,
+                    tuple(q[rows[i]:rows[i + 1]] for q in qs), True)
+            parts.append(total)
         return list(dask.compute(_tree_sum(parts))[0])
 
     omegas = [np.random.default_rng(seed).standard_normal((p, ell)) for seed, _ in variants]

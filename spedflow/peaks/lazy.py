@@ -247,7 +247,7 @@ _SAMPLE_MIN_PATTERNS = 16
 def sample_size(detector_shape) -> int:
     """Patterns the noise and beam sample should hold for patterns of ``detector_shape``:
     512, fewer where they would take more than 256 MB as float32 (at least 16)."""
-    per = 4 * int(np.prod(detector_shape))
+    per = 4 * max(1, int(np.prod(detector_shape)))
     return int(max(_SAMPLE_MIN_PATTERNS, min(_SAMPLE_PATTERNS, _SAMPLE_BYTES // per)))
 
 
@@ -273,7 +273,7 @@ def sample_blocks(data):
     three positions in a row along the rows (the columns, if the chunks are taller or
     the scan's rows are shorter), each block joins as many whole chunks as make three:
     the counting noise is measured on neighbouring readings. Where the five hold fewer
-    patterns than :func:`sample_size` (512 up to 256 x 256 patterns; large detectors'
+    patterns than :func:`sample_size` (512 up to 362 x 362 patterns; large detectors'
     chunks hold a few: a 16 MB chunk of 1024 x 1024 float32 patterns holds four), more
     blocks, spread evenly over the scan, until the sample holds that many."""
     if isinstance(data, da.Array):
