@@ -124,6 +124,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         # peaked at 2.5 GB in-process on a 64 x 64 scan, 32 MB chunks at 1.2 GB)
         chunk_bytes = min(32 * 2**20, cluster.worker_memory()[1] // 16)
         rows = max(1, int(chunk_bytes // (4 * matrix.shape[1])))
+        # but rows enough for the scree's products not to outgrow their block (on a
+        # large detector 32 MB is a few patterns; the scree would rechunk every pass)
+        rows = max(rows, 2 * (cfg.scree.n_components + cfg.scree.n_oversamples))
         (matrix,) = cluster.persist_with_progress(matrix.rechunk({0: rows}), label="load matrix",
                                                   n_patterns=ny * nx)
         log.info("the normalised matrix (%.0f MB) is held in memory", matrix.nbytes / 2**20)
