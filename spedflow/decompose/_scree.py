@@ -140,7 +140,6 @@ def _sum(*parts):
 
 def _tree_sum(items, fan_in=8):
     from dask import delayed
-    fan_in = max(2, fan_in)
     while len(items) > 1:
         items = [delayed(_sum, pure=True)(*items[i:i + fan_in]) for i in range(0, len(items), fan_in)]
     return items[0]
@@ -271,8 +270,8 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     singular value of one flipped matrix varies from draw to draw by several per
     cent on sparse, heavy-tailed data (its top vector sits on a few bright rows and
     pixels), enough to move the count of a scree whose tail runs smoothly into the
-    noise; the mean of three has ~0.6 times that spread. Each draw adds one matrix
-    product per chunk and pass, no pass.
+    noise; the mean of three has ~0.6 times that spread. Each draw adds a sign flip
+    and a matrix product per chunk and pass (no extra pass over the data).
 
     Parameters
     ----------

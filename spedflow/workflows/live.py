@@ -13,8 +13,9 @@ The direct-beam radius must be fixed before the scan is complete, so live mode
 measures it, the bad pixels and the detector's noise (unless the configuration gives
 them) on the first chunks that land, once they hold as many patterns as the batch
 run's sample, 512 (256 MB of float32 on detectors over 362 x 362 pixels): one chunk of
-128 x 128 uint16 patterns at the default 16 MB, four of 256 x 256. The VDF workflow's pass 1 (beam centres and peaks) needs nothing else: its peaks move to
-the fitted descan's frame at the end. The NMF workflow's Poisson statistics need the
+128 x 128 uint16 patterns at the default 16 MB, four of 256 x 256. The VDF workflow's
+pass 1 (beam centres and peaks) needs nothing else: its peaks move to the fitted
+descan's frame at the end. The NMF workflow's Poisson statistics need the
 alignment centres: live mode computes them when each pattern's own measured centre
 is used (``descan = "none"``); with a descan fit they are computed at the end.
 """
@@ -195,11 +196,10 @@ def _live_sample(arr, landed, chunks, last):
 
     The batch run measures them on about 512 patterns, fewer of a large detector
     (:func:`spedflow.peaks.lazy.sample_size`), and the counting noise needs neighbouring
-    positions along a row. One chunk is the
-    sample where it holds that many patterns; smaller chunks (a large detector's hold a
-    few) wait until the runs of adjacent landed chunks along their chunk rows, each
-    read as one block, hold as many (or the scan is complete); no sample is assembled
-    before."""
+    positions along a row. One chunk is the sample where it holds that many patterns;
+    smaller chunks (a large detector's hold a few) wait until the runs of adjacent
+    landed chunks along their chunk rows, each read as one block, hold as many (or the
+    scan is complete); no sample is assembled before."""
     from ..peaks.lazy import sample_size
     cy, cx = chunks
     ny, nx = arr.shape[:2]
