@@ -10,7 +10,8 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["ScreeResult", "scree", "choose_n_components", "marchenko_pastur_count",
-           "signflip_block", "randomized_svd", "randomized_svds", "noise_draw_seeds"]
+           "signflip_block", "randomized_svd", "randomized_svds", "noise_draw_seeds",
+           "min_block_rows"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,15 @@ def _tree_sum(items, fan_in=8):
     return items[0]
 
 
+def min_block_rows(ell: int) -> int:
+    """Rows a block of the matrix should hold for :func:`randomized_svds` with ``ell``
+    probe vectors (``n_components + n_oversamples``): twice as many. A wide matrix's
+    row blocks are short (32 MB of a 1024 x 1024 detector's patterns: 8 rows), and each
+    block's left product (P x l) outgrew it many times: the scree's passes moved
+    memory, not numbers (451 s for 1024 x 10^6; shorter blocks are rechunked)."""
+    return 2 * int(ell)
+
+
 def randomized_svd(matrix, k: int, *, n_power_iter: int = 4, n_oversamples: int = 10,
                    seed: int = 0, mean: np.ndarray | None = None,
                    signflip_seed: int | None = None):
@@ -192,11 +202,8 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     m = _as_dask_matrix(matrix)
     n, p = m.shape
     ell = int(min(k + n_oversamples, n, p))
-    if max(m.chunks[0]) < 2 * ell < n:
-        # a wide matrix's row blocks are short (32 MB of a 1024 x 1024 detector's
-        # patterns: 8 rows), and each left product (P x l) outgrew its block many times:
-        # the scree's passes moved memory, not numbers (451 s for 1024 x 10^6)
-        m = m.rechunk({0: 2 * ell})
+    if max(m.chunks[0]) < min_block_rows(ell) < n:
+        m = m.rechunk({0: min_block_rows(ell)})
     blocks = m.to_delayed().ravel().tolist()
     rows = np.cumsum((0,) + m.chunks[0])
     mean_d = delayed(mean, pure=True) if mean is not None else None

@@ -99,6 +99,13 @@ def _calibration(scale, units) -> dict:
     return {"value": value, "units": units}
 
 
+def _no_array(problem: str, found: list, kind: str) -> str:
+    """The one-line message for a file without the array asked for: the arrays of two or
+    more dimensions it holds (``found``, paths), to give with --array."""
+    return f"{problem}; " + (f"give its path with --array (`array=` in Python), one of {found[:20]}"
+                             if found else f"it holds no {kind} of two or more dimensions")
+
+
 def _chunks_for(shape4: tuple[int, ...], dtype, chunks) -> tuple[int, ...]:
     return tuple(chunks) if chunks is not None else nav_chunks(shape4, dtype, TARGET_CHUNK_BYTES)
 
@@ -315,9 +322,7 @@ def _read_zarr(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
         if name not in node or not isinstance(node[name], zarr.Array):
             names = sorted(n for n, a in node.members(max_depth=None)
                            if isinstance(a, zarr.Array) and a.ndim >= 2)
-            raise InputError(f"Zarr group {where} has no array {name!r}; "
-                             + (f"give its path with --array (`array=` in Python), one of {names[:20]}"
-                                if names else "it holds no array of two or more dimensions"))
+            raise InputError(_no_array(f"Zarr group {where} has no array {name!r}", names, "array"))
         node, where = node[name], f"{where}/{name}"
     dtype = _check_dtype(node.dtype, where)
     _check_shape(node.shape, where)
@@ -498,9 +503,7 @@ def _read_hdf5(path: Path, *, array=None, chunks, signal_axes, scan=None, **_):
             found: list[str] = []
             fh.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and o.ndim >= 2 else None)
             what = f"no dataset {name!r}" if name else "no fpd dataset"
-            raise InputError(f"HDF5 file {where} has {what}; "
-                             + (f"give its path with --array (`array=` in Python), one of {found[:20]}"
-                                if found else "it holds no dataset of two or more dimensions"))
+            raise InputError(_no_array(f"HDF5 file {where} has {what}", found, "dataset"))
         ds = fh[name]
         dtype = _check_dtype(ds.dtype, f"{where}/{name}")
         shape = _check_shape(ds.shape, f"{where}/{name}")

@@ -937,17 +937,22 @@ def sample_beam_radius(plan: Plan) -> float:
     return sample_beam_scales(plan)[0]
 
 
-def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
-    """:func:`sample_beam_radius`, and the clipped value of :func:`beam_scales`."""
-    ky, kx = plan.array.shape[2:]
-    blocks = [b.reshape(-1, ky, kx) for b in plan.sample_blocks()]  # the data's dtype
-    frames = np.empty((sum(len(b) for b in blocks), ky, kx), np.float32)
+def stacked_frames(blocks: list) -> np.ndarray:
+    """The patterns of ``blocks`` (a list of (..., ky, kx) arrays, emptied) as one
+    (n, ky, kx) float32 array, each block released once copied."""
+    ky, kx = blocks[0].shape[-2:]
+    frames = np.empty((sum(b.size // (ky * kx) for b in blocks), ky, kx), np.float32)
     n = 0
-    while blocks:  # converted into one array, each block released once copied
-        b = blocks.pop(0)
+    while blocks:
+        b = blocks.pop(0).reshape(-1, ky, kx)
         frames[n:n + len(b)] = b
         n += len(b)
-    radius, clip = beam_scales(frames)
+    return frames
+
+
+def sample_beam_scales(plan: Plan) -> tuple[float, float | None]:
+    """:func:`sample_beam_radius`, and the clipped value of :func:`beam_scales`."""
+    radius, clip = beam_scales(stacked_frames(list(plan.sample_blocks())))
     if not np.isfinite(radius):
         raise InputError("could not measure the direct-beam radius on the chunks sampled; "
                          "set preprocess.beam_radius")

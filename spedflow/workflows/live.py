@@ -227,14 +227,10 @@ def _begin(plan, cfg, cache, state, method, blocks) -> bool:
     only the measurements see the difference, by the rounding of a few pixels); False if
     they show no beam (live mode then waits for more chunks)."""
     from ..preprocess.kernels import repair_pixels
+    from ._common import stacked_frames
     ky, kx = blocks[0].shape[-2:]
     shapes = [b.shape[:2] for b in blocks]
-    flat = np.empty((sum(a * b for a, b in shapes), ky, kx), np.float32)
-    n = 0
-    while blocks:  # converted into one array, each block released once copied
-        b = blocks.pop(0)
-        flat[n:n + b.shape[0] * b.shape[1]] = b.reshape(-1, ky, kx)
-        n += b.shape[0] * b.shape[1]
+    flat = stacked_frames(blocks)
     plan = _with_bad_pixels(plan, cfg, flat)
     if plan.bad_pixels is not None:
         flat = repair_pixels(flat, plan.bad_pixels)

@@ -51,6 +51,7 @@ _JUDGING = ("min_spot_fraction", "max_coverage", "min_coherence")
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..decompose import (beam_mask, choose_n_components, edge_mask, loading_coverage, nmf,
                              scree, spatial_coherence, undo_normalisation)
+    from ..decompose._scree import min_block_rows
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
@@ -126,7 +127,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         rows = max(1, int(chunk_bytes // (4 * matrix.shape[1])))
         # but rows enough for the scree's products not to outgrow their block (on a
         # large detector 32 MB is a few patterns; the scree would rechunk every pass)
-        rows = max(rows, 2 * (cfg.scree.n_components + cfg.scree.n_oversamples))
+        rows = max(rows, min_block_rows(cfg.scree.n_components + cfg.scree.n_oversamples))
         (matrix,) = cluster.persist_with_progress(matrix.rechunk({0: rows}), label="load matrix",
                                                   n_patterns=ny * nx)
         log.info("the normalised matrix (%.0f MB) is held in memory", matrix.nbytes / 2**20)
