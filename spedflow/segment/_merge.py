@@ -319,7 +319,8 @@ def _check_images(result: MergeResult, images) -> _Images:
 
 
 def fold_fragments(result: MergeResult, images: np.ndarray,
-                   params: VDFMergeParams | None = None) -> MergeResult:
+                   params: VDFMergeParams | None = None, *,
+                   measured: Sequence | None = None) -> MergeResult:
     """Fold summed segments that are fragments of a larger crystal into it.
 
     The watershed of some VDF images cuts a crystal into parts (uneven thickness,
@@ -341,8 +342,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        of the other (1 and 2 aside; like every candidate, ``a`` has at least
        ``min(fragment_containment, coincident_iou)`` of its mask in ``b``'s).
 
-    or 4. 1 holds and ``a``'s vectors lie on ``b``'s reciprocal lattice
-       (:func:`~spedflow.segment._lattice.same_lattice`, within
+    or 4. 1 holds and ``a``'s reflections lie on ``b``'s reciprocal lattice (where
+       their spots are, ``measured``; :func:`~spedflow.segment._lattice.same_lattice`, within
        ``params.lattice_bend`` of rotation, beyond chance at
        ``params.lattice_significance``).
 
@@ -372,6 +373,13 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     images : (N, Y, X) array, or zarr array (read an image at a time)
         The VDF images of all vectors (``result.vectors``), same scan shape.
     params : VDFMergeParams, optional
+    measured : sequence of (n_l, 2) arrays, optional
+        Where each summed segment's reflections are, per member vector
+        (:func:`~spedflow.segment.member_positions`): rule 4 indexes these. A segment
+        can be lit by a reflection of its crystal whose spot lies off the vector's
+        centre (a neighbouring crystal's spot, picked as the vector, lies within the
+        clustering radius of it); the vector is then off the crystal's lattice while
+        the spot is on it. Default: the vectors themselves.
 
     Returns
     -------
@@ -389,6 +397,12 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     profile = np.stack([images.sum_of(m).astype(np.float32) for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
+    if measured is None:
+        measured = [result.vectors[m] for m in result.members]
+    if len(measured) != n or any(np.shape(g) != (m.size, 2) for g, m in zip(measured, result.members)):
+        raise InputError("`measured` must hold one (n_l, 2) array per summed segment, a row per "
+                         "member vector")
+    where = [dict(zip(m.tolist(), np.asarray(g, np.float64))) for m, g in zip(result.members, measured)]
     segs = list(result.segment_members)
     alive = np.ones(n, dtype=bool)
     for a in sorted(range(n), key=lambda i: (area[i], i)):
@@ -405,13 +419,14 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             contained = inter[a, b] >= params.fragment_containment * area[a]
             if r > best_corr and (coincide or (contained and (
                     _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)
-                    or _on_lattice(members[a], members[b], result.vectors, params)))):
+                    or _on_lattice(where[a], where[b], params)))):
                 best, best_corr = b, r
         if best is None:
             continue
         summed[best] = summed[best] + summed[a] * masks[best]
         for v, i in members[a].items():
             members[best][v] = members[best].get(v, 0.0) + i
+            where[best].setdefault(v, where[a][v])
         segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
         profile[best] = images.sum_of(sorted(members[best]))
         alive[a] = False
@@ -641,11 +656,13 @@ def _within_rim(mask_a: np.ndarray, mask_b: np.ndarray, shape) -> bool:
                 and not (b & ~ndimage.binary_dilation(a, cross)).any())
 
 
-def _on_lattice(members_a: dict, members_b: dict, vectors: np.ndarray, params) -> bool:
-    """Condition 4 of :func:`fold_fragments`: a's vectors lie on b's lattice."""
+def _on_lattice(where_a: dict, where_b: dict, params) -> bool:
+    """Condition 4 of :func:`fold_fragments`: a's reflections lie on b's lattice
+    (``where_*``: member vector -> measured position, in vector order)."""
     if params.lattice_significance <= 0:
         return False
-    return same_lattice(vectors[sorted(members_a)], vectors[sorted(members_b)],
+    return same_lattice(np.array([where_a[v] for v in sorted(where_a)]),
+                        np.array([where_b[v] for v in sorted(where_b)]),
                         tolerance=params.friedel_tolerance, bend=params.lattice_bend,
                         significance=params.lattice_significance)
 

@@ -246,7 +246,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..preprocess import resolve as resolve_pre
     from ..segment import (drop_radial_pairs, drop_shared_reflections, fold_fragments,
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
-                           virtual_patterns, watershed_stack)
+                           member_positions, spot_offsets, virtual_patterns,
+                           watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -360,6 +361,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         return_free_heap()
     log.info("%d VDF image segments", segments.shape[0])
 
+    paths = sorted((st_scan.path / "blocks").glob("*.npz"))
     with timer("merge"):
         merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
         n_groups = len(merged.summed)
@@ -368,7 +370,15 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         merged = drop_shared_reflections(merged, images, cfg.merge)
         n_shared = n_groups - n_ring - len(merged.summed)
         n_merged = len(merged.summed)
-        merged = fold_fragments(merged, images, cfg.merge)
+        # where the spots that light each group's segments are (a segment can be lit
+        # by its crystal's reflection off its vector's centre)
+        offsets, weights = spot_offsets(
+            segments, source, vectors,
+            _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
+            detector_shape=(ky, kx), scan_shape=(ny, nx), search_radius=2.0 * vd.radius)
+        measured = member_positions(merged.members, merged.segment_members, source, vectors,
+                                    offsets, weights)
+        merged = fold_fragments(merged, images, cfg.merge, measured=measured)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
@@ -391,7 +401,6 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                         "many reflections)", segments.shape[0], cfg.merge.vector_threshold)
 
     return_free_heap()
-    paths = sorted((st_scan.path / "blocks").glob("*.npz"))
     # streamed block by block into the result (5.96 M peaks, 119 MB, on a 512 x 512 scan)
     peaks_table = Rows(_aligned_tables(paths, beam.measured, beam.used, (ky, kx),
                                        pk.exclude_border), 5, np.float32)

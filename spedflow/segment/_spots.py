@@ -1,0 +1,161 @@
+"""Which reflection lights a VDF segment: the offset of its spots from its vector.
+
+A VDF image integrates a disc of radius ``r`` about its vector ``v`` in every pattern.
+A reflection of another crystal whose spot falls near ``v`` (inside the disc, or
+with its tail across the disc's edge) lights that image too, on that crystal. Its
+vector was merged into ``v`` when the unique vectors were picked (within the
+clustering radius), or lies just beyond. The watershed cuts such a region out like
+any other: a segment of ``v`` lit by a spot that is not at ``v``. Where that
+crystal's thickness or bending varies, the spot's intensity varies across it, and
+these segments are parts of the crystal whose nominal vectors lie off its lattice
+(on the wedge- and bent-crystal sets of ``benchmarks/third_sim.py``, most of the
+surplus segments are such parts).
+
+:func:`spot_offsets` measures, from the peak table, where the spots that light each
+segment are: per scan position inside the segment, the peak nearest ``v`` within
+``search_radius``; over the segment, the intensity-weighted mean of their positions
+relative to ``v``. A segment lit by ``v``'s own reflection has it within the
+position scatter of the peaks (``vectors.scatter``); one lit by a neighbouring spot
+has it where that spot is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from ..errors import InputError, ParameterError
+
+__all__ = ["spot_offsets", "member_positions"]
+
+
+def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iterable,
+                 *, detector_shape: tuple[int, int], scan_shape: tuple[int, int],
+                 search_radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean offset (px) of the spots lighting each segment from the segment's vector.
+
+    Parameters
+    ----------
+    segments : (M, Y * X) scipy.sparse matrix, or (M, Y, X) array
+        VDF image segments, non-zero inside (:func:`segments_from_labels`). The
+        segments of one vector do not overlap.
+    source : (M,) array of int
+        Index into ``vectors`` of each segment's image.
+    vectors : (N, 2) array
+        ``(gy, gx)`` relative to the beam at ``(ky // 2, kx // 2)``, px.
+    tables : iterable of (m, 5) arrays
+        Peak tables ``[scan_y, scan_x, ky, kx, intensity]`` in the aligned frame (the
+        beam at ``(ky // 2, kx // 2)``), streamed block by block; all the peaks of one
+        scan position in one table (the workflow's blocks are scan chunks).
+    detector_shape, scan_shape : (int, int)
+    search_radius : float
+        Only peaks within this distance (px) of the vector count.
+
+    Returns
+    -------
+    offsets : (M, 2) numpy.ndarray of float64
+        ``sum_p w_p (k_p - v) / sum_p w_p`` over the segment's positions ``p`` that
+        have a peak of positive intensity ``w_p`` within ``search_radius`` of ``v``
+        (``k_p`` the one nearest ``v``); NaN for a segment without any.
+    weights : (M,) numpy.ndarray of float64
+        ``sum_p w_p`` (0 for a segment without peaks): to combine segments' offsets.
+    """
+    if not search_radius > 0:
+        raise ParameterError(f"`search_radius` must be > 0 (got {search_radius})")
+    seg = sparse.csr_matrix(segments.reshape(segments.shape[0], -1)
+                            if not sparse.issparse(segments) else segments)
+    seg.eliminate_zeros()
+    m, n_pix = seg.shape
+    ny, nx = (int(s) for s in scan_shape)
+    if n_pix != ny * nx:
+        raise InputError(f"`segments` have {n_pix} pixels per row; the scan {ny} x {nx} has {ny * nx}")
+    source = np.asarray(source, np.int64)
+    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+    if source.shape != (m,):
+        raise InputError(f"`source` (shape {source.shape}) must have one entry per segment ({m})")
+    if m == 0 or len(vectors) == 0:
+        return np.full((m, 2), np.nan), np.zeros(m)
+    # (vector, position) -> segment, by a sorted key: one segment of a vector per position
+    rows = np.repeat(np.arange(m), np.diff(seg.indptr))
+    keys = source[rows] * n_pix + seg.indices
+    order = np.argsort(keys, kind="stable")
+    keys, rows = keys[order], rows[order]
+    acc = np.zeros((3, m))  # sum of w * dy, w * dx, w per segment
+    tree = cKDTree(vectors)
+    # a peak within search_radius of k vectors has them all within 2 search_radius of
+    # each other: the most vectors any peak can be near
+    k_max = int(max(len(n) for n in tree.query_ball_point(vectors, 2.0 * search_radius)))
+    c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
+    for table in tables:
+        t = np.asarray(table, np.float64).reshape(-1, 5)
+        t = t[t[:, 4] > 0]
+        if not len(t):
+            continue
+        g = t[:, 2:4] - c
+        d, v = tree.query(g, k=k_max, distance_upper_bound=search_radius)
+        d, v = d.reshape(len(g), k_max), v.reshape(len(g), k_max)
+        near = np.isfinite(d)
+        if not near.any():
+            continue
+        i = np.nonzero(near)[0]
+        d, v = d[near], v[near].astype(np.int64)
+        pos = t[i, 0].astype(np.int64) * nx + t[i, 1].astype(np.int64)
+        key = v * n_pix + pos
+        first = np.lexsort((d, key))  # nearest peak first within each (vector, position)
+        key, i, v = key[first], i[first], v[first]
+        lead = np.ones(key.size, bool)
+        np.not_equal(key[1:], key[:-1], out=lead[1:])
+        key, i, v = key[lead], i[lead], v[lead]
+        at = np.minimum(np.searchsorted(keys, key), max(keys.size - 1, 0))
+        hit = keys[at] == key if keys.size else np.zeros(key.size, bool)
+        s, i, v = rows[at[hit]], i[hit], v[hit]
+        w = t[i, 4]
+        dg = g[i] - vectors[v]
+        acc[0] += np.bincount(s, w * dg[:, 0], minlength=m)
+        acc[1] += np.bincount(s, w * dg[:, 1], minlength=m)
+        acc[2] += np.bincount(s, w, minlength=m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        offsets = np.where(acc[2] > 0, acc[:2] / acc[2], np.nan).T
+    return offsets, acc[2]
+
+
+def member_positions(members: Sequence, segment_members: Sequence, source: np.ndarray,
+                     vectors: np.ndarray, offsets: np.ndarray, weights: np.ndarray) -> tuple:
+    """Where each group's reflections are: per member vector of each group, the vector
+    moved by the weighted mean offset (:func:`spot_offsets`) of the group's segments of
+    that vector; the vector itself where none of them has a peak near it.
+
+    Parameters
+    ----------
+    members, segment_members : sequences of int arrays
+        Per group, its distinct vector indices (sorted) and the indices of its input
+        segments (``MergeResult.members``, ``MergeResult.segment_members``).
+    source : (M,) int array
+        The vector of each input segment.
+    vectors : (N, 2) array
+    offsets, weights : (M, 2) and (M,) arrays
+        From :func:`spot_offsets`.
+
+    Returns
+    -------
+    tuple of (n_l, 2) numpy.ndarray of float64, aligned with ``members``.
+    """
+    source = np.asarray(source, np.int64)
+    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+    ok = np.isfinite(offsets).all(axis=1) & (weights > 0)
+    out = []
+    for mem, segs in zip(members, segment_members):
+        mem = np.asarray(mem, np.int64)
+        segs = np.asarray(segs, np.int64)
+        segs = segs[ok[segs]]
+        at = np.searchsorted(mem, source[segs])  # segs' vectors are members
+        w = np.bincount(at, weights[segs], minlength=mem.size)
+        shift = np.stack([np.bincount(at, weights[segs] * offsets[segs, k], minlength=mem.size)
+                          for k in (0, 1)], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = np.where(w[:, None] > 0, shift / w[:, None], 0.0)
+        out.append(vectors[mem] + shift)
+    return tuple(out)
