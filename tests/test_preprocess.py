@@ -55,6 +55,30 @@ def test_bin_nav_lazy_equals_kernel(chunks):
     np.testing.assert_array_equal(got, kernels.bin_nav(a, 3))
 
 
+def test_bin_detector_equals_brute_force():
+    rng = np.random.default_rng(0)
+    a = rng.poisson(3, (2, 3, 6, 9)).astype(np.uint16)
+    out = kernels.bin_detector(a, 3)
+    ref = np.zeros((2, 3, 2, 3))
+    for i in range(6):
+        for j in range(9):
+            ref[..., i // 3, j // 3] += a[..., i, j]
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(kernels.bin_detector(a[0, 0], 3), ref[0, 0])  # one pattern
+
+
+@pytest.mark.parametrize("chunks", [(2, 3, 12, 8), (1, 1, 12, 8), (2, 2, 6, 8)])
+def test_bin_detector_lazy_equals_kernel(chunks):
+    rng = np.random.default_rng(1)
+    a = rng.poisson(3, (2, 3, 12, 8)).astype(np.float32)
+    got = lazy.bin_detector(da.from_array(a, chunks=chunks), 4)
+    assert got.chunks[2:] == ((3,), (2,))
+    np.testing.assert_array_equal(got.compute(), kernels.bin_detector(a, 4))
+    with pytest.raises(ParameterError, match="does not divide the detector"):
+        lazy.bin_detector(da.from_array(a), 3)
+
+
 # -------------------------------------------------------------- Gaussian and DoG
 
 @pytest.mark.parametrize("sigma", [0.6, 1.7, 6.0, 13.2, 40.0])
@@ -410,6 +434,8 @@ def _d(shape=(4, 6, 16, 16)):
 
 BAD = [
     (ParameterError, lambda: PreprocessParams(nav_binning=0), "nav_binning"),
+    (ParameterError, lambda: PreprocessParams(detector_binning=0), "detector_binning"),
+    (ParameterError, lambda: PreprocessParams(detector_binning=2.5), "detector_binning"),
     (ParameterError, lambda: PreprocessParams(nav_binning=1.5), "nav_binning"),
     (ParameterError, lambda: PreprocessParams(descan="cubic"), "descan"),
     (ParameterError, lambda: PreprocessParams(align="yes"), "align"),

@@ -111,6 +111,33 @@ def test_binned_run_scores_in_binned_coordinates(tmp_path, sim_store):
     assert evaluate(res, sim_store)["recall"] >= 0.5
 
 
+@pytest.mark.parametrize("method", ["vdf", "nmf"])
+def test_detector_binned_run_matches_the_unbinned_one(tmp_path, method):
+    """A 128 x 128 px detector summed 2 x 2: the crystals found are those of the run on
+    every pixel (the spots span several pixels); patterns, vectors and the reciprocal
+    scale are in binned pixels, and the binned run measured its noise binned."""
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(40, 40), detector=128,
+                              crystals=6, seed=4)
+    runs = {}
+    for b in (1, 2):
+        res = spedflow.segment(store, method=method, out=tmp_path / f"r{b}.zarr", local=True,
+                               progress=False, overrides={"preprocess.detector_binning": b})
+        runs[b] = zarr.open_group(str(res), mode="r"), evaluate(res, store)
+    (g1, s1), (g2, s2) = runs[1], runs[2]
+    assert g2.attrs["spedflow"]["detector_binning"] == 2
+    assert g2["segments/patterns"].shape[1:] == (64, 64)
+    scale1, scale2 = (g.attrs["spedflow"]["reciprocal_scale"]["value"] for g in (g1, g2))
+    assert scale2 == pytest.approx(2 * scale1)
+    assert s1["recall"] >= 0.75, s1
+    assert s2["recall"] >= s1["recall"] and s2["precision"] >= s1["precision"] - 0.2, (s1, s2)
+    if method == "vdf":  # the vectors of the binned run, scaled back, are the full run's
+        v1, v2 = g1["vectors"][:], g2["vectors"][:] * 2
+        d = np.hypot(*(v1[:, None] - v2[None]).T)
+        assert np.median(d.min(axis=0)) < 1.5
+        gain1, gain2 = (g.attrs["spedflow"]["resolved"]["gain"] for g in (g1, g2))
+        assert gain2 == pytest.approx(gain1, rel=0.1)  # counts stay counts
+
+
 @pytest.fixture(scope="module")
 def paper_like(tmp_path_factory):
     """The paper's layout at 10 crystals (the demo set): truth crystal 2 is the weak

@@ -8,10 +8,10 @@ versions; use ``spedflow.preprocess.kernels.<name>`` for the NumPy ones).
 from . import kernels
 from ._params import PreprocessParams, resolve
 from .kernels import DescanFit, centres_for_alignment, fit_descan
-from .lazy import (align, beam_centres, bin_nav, estimate_beam_radius, preprocess,
+from .lazy import (align, beam_centres, bin_detector, bin_nav, estimate_beam_radius, preprocess,
                    repair_pixels, shift_patterns, subtract_background_dog)
 
 __all__ = ["kernels", "PreprocessParams", "resolve", "DescanFit", "fit_descan",
-           "centres_for_alignment", "align", "beam_centres", "bin_nav",
+           "centres_for_alignment", "align", "beam_centres", "bin_nav", "bin_detector",
            "estimate_beam_radius", "preprocess", "repair_pixels", "shift_patterns",
            "subtract_background_dog"]

@@ -54,6 +54,14 @@ class PreprocessParams:
     ----------
     nav_binning : int, default 1
         Sum ``nav_binning x nav_binning`` scan positions (counts are kept). 1 = none.
+    detector_binning : int, default 1
+        Sum ``detector_binning x detector_binning`` detector pixels of every pattern
+        (counts are kept; it must divide the detector's sides). 1 = none. For large
+        detectors (512 x 512 and up), whose spots span many pixels: segmentation needs
+        the spots resolved, not sampled finely, and every pass and the NMF's matrix
+        shrink by the square of the factor. Bad pixels are repaired before binning
+        (``bad_pixels`` lists raw detector pixels); every other length (beam radius,
+        sigmas, VDF radius) and the result's vectors and patterns are in binned pixels.
     align : bool, default True
         Shift every pattern so its direct beam sits at ``(ky // 2, kx // 2)``.
     descan : {"none", "plane", "quadratic"}, default "quadratic"
@@ -95,6 +103,7 @@ class PreprocessParams:
     """
 
     nav_binning: int = 1
+    detector_binning: int = 1
     align: bool = True
     descan: str = "quadratic"
     beam_radius: float | None = None
@@ -105,6 +114,7 @@ class PreprocessParams:
     def __post_init__(self):
         object.__setattr__(self, "bad_pixels", _check_bad_pixels(self.bad_pixels))
         check_range("nav_binning", self.nav_binning, low=1, integer=True)
+        check_range("detector_binning", self.detector_binning, low=1, integer=True)
         if not isinstance(self.align, bool):
             raise ParameterError(f"`align` must be true or false (got {self.align!r})")
         if self.descan not in DESCAN_MODES:

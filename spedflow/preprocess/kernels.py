@@ -35,7 +35,7 @@ import numpy as np
 import scipy.fft as sfft
 
 __all__ = [
-    "bin_nav", "beam_centres", "beam_profile", "merge_profiles", "radius_from_profile",
+    "bin_nav", "bin_detector", "beam_centres", "beam_profile", "merge_profiles", "radius_from_profile",
     "estimate_beam_radius", "DescanFit", "fit_descan", "centres_for_alignment",
     "shift_patterns", "subtract_background_dog", "shift_and_subtract", "gaussian_blur",
     "beam_saturated", "saturated_radius", "spot_scale", "PROFILE_BIN", "align_whole_pixels",
@@ -88,6 +88,30 @@ def bin_nav(block: np.ndarray, factor: int) -> np.ndarray:
     f = int(factor)
     b = np.asarray(block).reshape(cy // f, f, cx // f, f, ky, kx)
     return b.sum(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def bin_detector(block: np.ndarray, factor: int) -> np.ndarray:
+    """Sum ``factor x factor`` detector pixels of every pattern, keeping counts.
+
+    Parameters
+    ----------
+    block : (..., ky, kx) array
+        ``ky`` and ``kx`` must be multiples of ``factor``.
+    factor : int
+
+    Returns
+    -------
+    (..., ky // factor, kx // factor) ndarray of float32
+        Sums (accumulated in float64, a pattern at a time).
+    """
+    block = np.asarray(block)
+    *lead, ky, kx = block.shape
+    f = int(factor)
+    flat = block.reshape(-1, ky // f, f, kx // f, f)
+    out = np.empty((flat.shape[0], ky // f, kx // f), np.float32)
+    for i in range(flat.shape[0]):  # a float64 temporary of one pattern, not of the block
+        out[i] = flat[i].sum(axis=(1, 3), dtype=np.float64)
+    return out.reshape(*lead, ky // f, kx // f)
 
 
 # --------------------------------------------------------------------- Fourier tools

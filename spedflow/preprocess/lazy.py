@@ -27,7 +27,7 @@ from ..errors import ParameterError
 from . import kernels
 from ._params import PreprocessParams
 
-__all__ = ["bin_nav", "beam_centres", "estimate_beam_radius", "shift_patterns", "align",
+__all__ = ["bin_nav", "bin_detector", "beam_centres", "estimate_beam_radius", "shift_patterns", "align",
            "subtract_background_dog", "preprocess"]
 
 
@@ -122,6 +122,36 @@ def bin_nav(data: da.Array, factor: int) -> da.Array:
               tuple(c // factor for c in data.chunks[1])) + data.chunks[2:]
     return data.map_blocks(kernels.bin_nav, factor, chunks=chunks, dtype=np.float32,
                            meta=_META4)
+
+
+def bin_detector(data: da.Array, factor: int) -> da.Array:
+    """Sum ``factor x factor`` detector pixels of every pattern (counts kept): a large
+    detector's patterns at the resolution the segmentation needs.
+
+    Parameters
+    ----------
+    data : (scan_y, scan_x, ky, kx) dask.array.Array
+        Chunked in whole patterns.
+    factor : int
+        Must divide both detector dimensions.
+
+    Returns
+    -------
+    (scan_y, scan_x, ky // factor, kx // factor) dask.array.Array of float32
+        ``factor == 1`` returns ``data`` cast to float32.
+    """
+    data = _check_data(data)
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ParameterError(f"`factor` must be a whole number >= 1 (got {factor!r})")
+    ky, kx = data.shape[2:]
+    if ky % factor or kx % factor:
+        raise ParameterError(f"detector binning `factor` {factor} does not divide the detector "
+                             f"shape ({ky}, {kx}); choose a divisor")
+    if factor == 1:
+        return data.astype(np.float32)
+    data = data.rechunk({2: -1, 3: -1})
+    return data.map_blocks(kernels.bin_detector, factor, dtype=np.float32, meta=_META4,
+                           chunks=data.chunks[:2] + ((ky // factor,), (kx // factor,)))
 
 
 # ------------------------------------------------------------------- beam centres

@@ -452,6 +452,8 @@ def _page(v: ResultView, rep: _Report, evaluation, store_path) -> str:
     if store_path is not None:
         rows.append(("input store used here", str(store_path)))
     rows.append(("navigation binning", m.get("nav_binning", "?")))
+    if m.get("detector_binning", 1) != 1:
+        rows.append(("detector binning", m.get("detector_binning")))
     if scan:
         rows.append(("scan (binned)", f"{scan[0]} × {scan[1]}"))
         rows.append(("patterns (binned)", scan[0] * scan[1]))

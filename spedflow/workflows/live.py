@@ -122,10 +122,10 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     ny, nx, ky, kx = arr.shape
     cy, cx = (arr.shards or arr.chunks)[:2]  # the unit a writer completes at once
     grid = (math.ceil(ny / cy), math.ceil(nx / cx))
-    per_block = cfg.preprocess.nav_binning == 1
+    per_block = cfg.preprocess.nav_binning == 1 and cfg.preprocess.detector_binning == 1
     if not per_block:
-        log.warning("live mode processes chunks as they land only without navigation binning; "
-                    "everything is computed when the scan is complete")
+        log.warning("live mode processes chunks as they land only without navigation or detector "
+                    "binning; everything is computed when the scan is complete")
     cache = StageCache(cache if cache is not None else Path(str(out) + ".cache"))
     plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
     validate(plan, cfg)  # parameters against the data's shape, before any chunk is processed

@@ -30,7 +30,8 @@ from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
 from ._common import (Plan, Rows, Timer, binned, measured_counts, resolved_bad_pixels,
-                      run_blocks, total, with_bad_pixels, write_result)
+                      run_blocks, total, with_bad_pixels, with_detector_binning,
+                      write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -115,14 +116,16 @@ def counts_of(plan, prep, pk, cache, sample=None):
     ``sample``), with a third item, the LoG noise factors per scale
     (:func:`spedflow.peaks.noise.log_noise_factors`), where the detector's point spread
     correlates its pixels' noise. Binning sums ``nav_binning**2`` patterns: the gain and
-    the factors stay, the read-out variance adds up."""
+    the factors stay, the read-out variance adds up (so does a given one over the
+    ``detector_binning**2`` pixels of a binned one; a measured one is measured binned)."""
     from ..peaks.kernels import log_sigmas
     from ..peaks.noise import log_noise_factors
     from ._common import noise_sample
     if pk.noise != "counting":
         return None
+    pixels = plan.detector_binning ** 2  # a given read-out variance is per raw pixel
     if pk.gain is not None:
-        gain, read_var = float(pk.gain), float(pk.read_variance or 0.0)
+        gain, read_var = float(pk.gain), float(pk.read_variance or 0.0) * pixels
     else:
         try:
             gain, read_var = measured_counts(plan, cache, sample)
@@ -130,7 +133,7 @@ def counts_of(plan, prep, pk, cache, sample=None):
             raise InputError(f"{e}; give the detector's data units per electron and read-out "
                              "variance as peaks.gain and peaks.read_variance (1 and 0 for a "
                              "counting detector) to go on") from None
-        read_var = read_var if pk.read_variance is None else float(pk.read_variance)
+        read_var = read_var if pk.read_variance is None else float(pk.read_variance) * pixels
     # the LoG noise of a detector whose point spread correlates neighbouring pixels
     sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
     st = cache.stage("noise_factors", plan.identity, "v1", sigmas, gain, read_var)
@@ -253,9 +256,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     timer = Timer()
     plan = with_bad_pixels(plan, cfg.preprocess, cache)
+    plan = with_detector_binning(plan, cfg.preprocess)
     r, clip = beam_radius_of(plan, cfg.preprocess, cache)
     prep = resolve_pre(cfg.preprocess, r)
-    pk = resolve_peaks(cfg.peaks, r, detector_shape=tuple(plan.array.shape[2:]))
+    pk = resolve_peaks(cfg.peaks, r, detector_shape=plan.detector_shape)
     vp = resolve_vectors(cfg.vectors, r)
     data = binned(plan, prep)
     ky, kx = data.shape[2:]
