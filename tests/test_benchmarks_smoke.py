@@ -301,3 +301,19 @@ def test_camera_benchmark_records_the_demo_counts_as_other_cameras():
     spread = bench_cameras._camera(raw, "spread", rng)
     assert spread.sum() == pytest.approx(raw.sum(), rel=1e-3)
     assert spread.var() < 0.5 * raw.var()
+
+
+def test_binning_benchmark_scores_each_factor(tmp_path):
+    import bench_binning
+    out = tmp_path / "b.json"
+    assert bench_binning.main(["--methods", "vdf", "--factors", "1", "2", "--scan", "24",
+                               "--detector", "96", "--work", str(tmp_path / "w"),
+                               "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["detector_binning"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 <= r["recall"] <= 1 and r["peak_rss_mb"] > 0
+    import zarr
+    g = zarr.open_group(str(tmp_path / "w" / "vdf_b2.zarr"), mode="r")
+    assert g["segments/patterns"].shape[1:] == (48, 48)
