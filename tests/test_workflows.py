@@ -138,6 +138,17 @@ def test_detector_binned_run_matches_the_unbinned_one(tmp_path, method):
         assert gain2 == pytest.approx(gain1, rel=0.1)  # counts stay counts
 
 
+def test_suggested_detector_binning_keeps_the_beam_and_the_detector_resolved():
+    from spedflow.workflows._common import suggested_detector_binning
+    assert suggested_detector_binning((128, 128), 20.0) == 1  # a small detector stays
+    assert suggested_detector_binning((256, 256), 7.9) == 1  # the beam would be < 4 px
+    assert suggested_detector_binning((256, 256), 8.0) == 2
+    assert suggested_detector_binning((1024, 1024), 24.0) == 6 - 2  # 6 does not divide 1024
+    assert suggested_detector_binning((1024, 1024), 100.0) == 8  # >= 128 px a side
+    assert suggested_detector_binning((512, 384), 30.0) == 2  # 3 does not divide 512
+    assert suggested_detector_binning((384, 384), 30.0) == 3
+
+
 @pytest.fixture(scope="module")
 def paper_like(tmp_path_factory):
     """The paper's layout at 10 crystals (the demo set): truth crystal 2 is the weak

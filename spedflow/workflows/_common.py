@@ -486,6 +486,36 @@ def with_detector_binning(plan: Plan, prep) -> Plan:
                                identity={**plan.identity, "detector_binning": d})
 
 
+#: :func:`suggested_detector_binning` keeps at least this beam radius (px) and this
+#: detector side (px) after binning.
+_SUGGEST_MIN_RADIUS, _SUGGEST_MIN_SIDE = 4.0, 128
+
+
+def suggested_detector_binning(detector_shape, radius: float) -> int:
+    """The largest factor dividing both detector sides that leaves the beam (and so the
+    spots) at least ``_SUGGEST_MIN_RADIUS`` px in radius and the detector at least
+    ``_SUGGEST_MIN_SIDE`` px a side; 1 when none does."""
+    ky, kx = (int(k) for k in detector_shape)
+    best = 1
+    for d in range(2, min(ky, kx) // _SUGGEST_MIN_SIDE + 1):
+        if ky % d == 0 and kx % d == 0 and radius / d >= _SUGGEST_MIN_RADIUS:
+            best = d
+    return best
+
+
+def note_detector_binning(plan: Plan, radius: float) -> None:
+    """Say when the patterns are sampled far finer than the beam needs (an unbinned run
+    on a large detector): the factor that would do the same work k^2 times faster."""
+    if plan.detector_binning != 1 or not np.isfinite(radius):
+        return
+    d = suggested_detector_binning(plan.detector_shape, radius)
+    if d > 1:
+        ky, kx = plan.detector_shape
+        log.warning("the beam spans %.1f px of a %d x %d px detector: --set "
+                 "preprocess.detector_binning=%d would do the same work on %dx fewer pixels",
+                 radius, ky, kx, d, d * d)
+
+
 def binned(plan: Plan, prep) -> da.Array:
     """The raw data binned in navigation space (float32 sums) as the first lazy step."""
     from ..preprocess import lazy as pre

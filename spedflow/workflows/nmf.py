@@ -23,8 +23,8 @@ from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
 from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, dark_level,
-                      resolved_bad_pixels, run_blocks, total, with_bad_pixels, with_detector_binning,
-                      write_result)
+                      note_detector_binning, resolved_bad_pixels, run_blocks, total,
+                      with_bad_pixels, with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -63,6 +63,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     plan = with_detector_binning(plan, cfg.preprocess)
     beam = beam_stage(plan, cfg.preprocess, cache, timer)
     r = beam.radius
+    note_detector_binning(plan, r)
     prep = resolve_pre(cfg.preprocess, r)
     data = binned(plan, prep)
     ny, nx, ky, kx = data.shape

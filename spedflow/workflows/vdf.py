@@ -29,9 +29,9 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import (Plan, Rows, Timer, binned, measured_counts, resolved_bad_pixels,
-                      run_blocks, total, with_bad_pixels, with_detector_binning,
-                      write_result)
+from ._common import (Plan, Rows, Timer, binned, measured_counts, note_detector_binning,
+                      resolved_bad_pixels, run_blocks, total, with_bad_pixels,
+                      with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -258,6 +258,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     plan = with_bad_pixels(plan, cfg.preprocess, cache)
     plan = with_detector_binning(plan, cfg.preprocess)
     r, clip = beam_radius_of(plan, cfg.preprocess, cache)
+    note_detector_binning(plan, r)
     prep = resolve_pre(cfg.preprocess, r)
     pk = resolve_peaks(cfg.peaks, r, detector_shape=plan.detector_shape)
     vp = resolve_vectors(cfg.vectors, r)
