@@ -6,10 +6,11 @@ import pytest
 from scipy import sparse
 
 from spedflow.errors import InputError, ParameterError
-from spedflow.segment import (VDFMergeParams, fold_fragments, member_positions,
-                              merge_vdf_segments, spot_offsets)
+from spedflow.segment import (VDFMergeParams, area_reflections, fold_fragments,
+                              member_positions, merge_vdf_segments, spot_offsets)
+from spedflow.segment._lattice import one_lattice
 
-from test_lattice import _bent_case, points, rotated
+from test_lattice import _bent_case, points, random_basis, rotated
 
 DET = (64, 48)
 SCAN = (9, 11)
@@ -96,6 +97,17 @@ def test_spot_offsets_check_their_input():
     empty, w = spot_offsets(segs[:0], source[:0], vectors, [table], detector_shape=DET,
                             scan_shape=SCAN, search_radius=4)
     assert empty.shape == (0, 2) and w.shape == (0,)
+    empty, _ = spot_offsets(np.zeros((0,) + SCAN), source[:0], vectors, [table],
+                            detector_shape=DET, scan_shape=SCAN, search_radius=4)
+    assert empty.shape == (0, 2)
+    outside = table.copy()
+    outside[0, 1] = SCAN[1]  # one column past the scan's edge
+    with pytest.raises(InputError, match="outside the 9 x 11 scan"):
+        spot_offsets(segs, source, vectors, [outside], detector_shape=DET, scan_shape=SCAN,
+                     search_radius=4)
+    with pytest.raises(InputError, match="outside"):
+        area_reflections(segs.toarray() > 0, vectors, [outside], scan_shape=SCAN,
+                         detector_shape=DET, radius=3)
 
 
 def test_member_positions_weigh_each_groups_own_segments():
@@ -131,3 +143,91 @@ def test_fold_fragments_indexes_where_the_spots_are_not_the_vectors():
     np.testing.assert_array_equal(folded.summed[0] > 0, a)
     with pytest.raises(InputError, match="measured"):
         fold_fragments(merged, images, p, measured=measured[:1])
+
+
+def test_area_reflections_equal_a_brute_force_loop():
+    rng = np.random.default_rng(5)
+    segs, source, vectors, table = _random_case(rng, n_peaks=1500)
+    masks = rng.random((4, SCAN[0] * SCAN[1])) < 0.4
+    radius = 3.0
+    counts, where = area_reflections(masks, vectors, np.array_split(table, 1), scan_shape=SCAN,
+                                     detector_shape=DET, radius=radius)
+    c = np.array([DET[0] // 2, DET[1] // 2])
+    want_n = np.zeros((4, len(vectors)), int)
+    want_g = np.zeros((4, len(vectors), 3))
+    for y in range(SCAN[0]):
+        for x in range(SCAN[1]):
+            here = table[(table[:, 0] == y) & (table[:, 1] == x) & (table[:, 4] > 0)]
+            seen = set()
+            for pk in here:
+                g = pk[2:4] - c
+                d = np.hypot(*(vectors - g).T)
+                if d.min() > radius:
+                    continue
+                v = int(np.argmin(d))
+                for m in range(4):
+                    if masks[m, y * SCAN[1] + x]:
+                        want_g[m, v] += [pk[4] * g[0], pk[4] * g[1], pk[4]]
+                        if v not in seen:
+                            want_n[m, v] += 1
+                seen.add(v)
+    np.testing.assert_array_equal(counts, want_n)
+    assert (want_n > 0).sum() > 10
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(where, want_g[..., :2] / want_g[..., 2:], rtol=1e-9)
+    # blocks of whole scan rows give the same
+    rows = [table[table[:, 0] == y] for y in range(SCAN[0])]
+    again, _ = area_reflections(masks, vectors, rows, scan_shape=SCAN, detector_shape=DET,
+                                radius=radius)
+    np.testing.assert_array_equal(again, counts)
+
+
+def test_one_lattice_tells_a_part_from_a_crystal_inside_and_from_a_twins_union():
+    rng = np.random.default_rng(2)
+    basis = random_basis(rng)
+    whole = points(basis, 45)
+    part = whole[rng.permutation(len(whole))[:len(whole) // 2]]
+    assert one_lattice(part, whole)
+    # a crystal inside: its own reflections besides the larger one's
+    own = rotated(points(random_basis(rng), 45, rmin=15), 23.0)
+    assert not one_lattice(np.vstack([part, own[:3]]), whole)
+    # the union of two crystals: each one's reflections index on the union's lattice
+    # only if the union has one; the other's do not index on the part's
+    other = rotated(whole, 31.0)
+    assert not one_lattice(whole, np.vstack([whole, other]))
+    assert not one_lattice(part[:2], whole)  # too few to tell
+
+
+def test_fold_fragments_folds_a_fringe_lit_by_one_pair_where_its_crystal_shows():
+    """A fragment lit by one Friedel pair (a thickness fringe of A): rule 4 cannot index
+    two vectors beyond chance; all of A's reflections show in the fragment's area, and
+    rule 5 folds it. A crystal there with reflections of its own stays."""
+    lattice = np.array([[12.0, 0.0], [0.0, 12.0]])
+    first = points(lattice, 30)
+    pair = np.array([[24.0, 12.0], [-24.0, -12.0]])
+    segs, src, vectors, images, a = _bent_case(first, pair)
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    assert len(merged.summed) == 2
+    assert len(fold_fragments(merged, images, p).summed) == 2
+    n, big = len(vectors), int(np.argmax([m.size for m in merged.members]))
+    counts = np.zeros((2, n), int)
+    where = np.broadcast_to(vectors, (2, n, 2)).copy()
+    sizes = (merged.summed.reshape(2, -1) > 0).sum(axis=1)
+    counts[:, :len(first)] = sizes[:, None]  # A's reflections show all over both areas
+    counts[:, len(first):] = sizes[:, None] // 2
+    folded = fold_fragments(merged, images, p, seen_in=(counts, where))
+    assert len(folded.summed) == 1
+    np.testing.assert_array_equal(folded.summed[0] > 0, a)
+    # the fragment's area shows reflections off A's lattice: a crystal of its own
+    small = 1 - big
+    own = rotated(points(random_basis(np.random.default_rng(0)), 40, rmin=15), 20.0)[:4]
+    vectors2 = np.vstack([vectors, own])
+    merged2 = merge_vdf_segments(segs, src, vectors2, p)
+    counts2 = np.concatenate([counts, np.zeros((2, len(own)), int)], axis=1)
+    counts2[small, n:] = sizes[small]
+    where2 = np.broadcast_to(vectors2, (2, len(vectors2), 2)).copy()
+    images2 = np.concatenate([images, np.zeros((len(own),) + images.shape[1:])])
+    assert len(fold_fragments(merged2, images2, p, seen_in=(counts2, where2)).summed) == 2
+    with pytest.raises(InputError, match="seen_in"):
+        fold_fragments(merged, images, p, seen_in=(counts[:1], where[:1]))

@@ -128,6 +128,8 @@ def test_detector_binned_run_matches_the_unbinned_one(tmp_path, method):
     assert g2["segments/patterns"].shape[1:] == (64, 64)
     scale1, scale2 = (g.attrs["spedflow"]["reciprocal_scale"]["value"] for g in (g1, g2))
     assert scale2 == pytest.approx(2 * scale1)
+    from spedflow.report._load import load_result  # the report and export read it as is
+    assert load_result(tmp_path / "r2.zarr").calibration.k_scale == pytest.approx(scale2)
     assert s1["recall"] >= 0.75, s1
     assert s2["recall"] >= s1["recall"] and s2["precision"] >= s1["precision"] - 0.2, (s1, s2)
     if method == "vdf":  # the vectors of the binned run, scaled back, are the full run's

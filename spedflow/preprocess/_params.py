@@ -61,7 +61,9 @@ class PreprocessParams:
         the spots resolved, not sampled finely, and every pass and the NMF's matrix
         shrink by the square of the factor. Bad pixels are repaired before binning
         (``bad_pixels`` lists raw detector pixels); every other length (beam radius,
-        sigmas, VDF radius) and the result's vectors and patterns are in binned pixels.
+        sigmas, VDF radius, and fixed tolerances such as ``merge.friedel_tolerance``,
+        which binning makes coarser in raw pixels) and the result's vectors and
+        patterns are in binned pixels.
     align : bool, default True
         Shift every pattern so its direct beam sits at ``(ky // 2, kx // 2)``.
     descan : {"none", "plane", "quadratic"}, default "quadratic"

@@ -208,7 +208,9 @@ def _calibration(meta: dict, input_meta: dict, pattern_shape, input_shape) -> Ca
         # the result patterns may be binned on the detector as well: derive the factor
         # from the input and result detector sizes when both are known, else from params
         factor = 1.0
-        if input_shape is not None and pattern_shape is not None and pattern_shape[0] > 0:
+        if "detector_binning" in meta and recip is meta.get("reciprocal_scale"):
+            pass  # the result's own scale, written per binned pixel (spedflow >= 0.16)
+        elif input_shape is not None and pattern_shape is not None and pattern_shape[0] > 0:
             factor = input_shape[-2] / pattern_shape[0]
         else:
             pre = (meta.get("params") or {}).get("preprocess") or {}

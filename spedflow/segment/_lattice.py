@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-__all__ = ["reciprocal_basis", "same_lattice", "second_lattice"]
+__all__ = ["reciprocal_basis", "same_lattice", "second_lattice", "one_lattice"]
 
 #: Basis vectors closer to parallel than this |sin(angle)| (15 degrees) span no
 #: reliable cell.
@@ -233,6 +233,37 @@ def same_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
     norms = np.hypot(on[:, 0], on[:, 1])
     cross = np.abs(on[:, None, 0] * on[None, :, 1] - on[:, None, 1] * on[None, :, 0])
     return bool((cross >= _MIN_SIN * norms[:, None] * norms[None, :]).any())
+
+
+#: :func:`one_lattice`: at least this fraction of the larger area's reflections must
+#: index on the smaller one's lattice (a stray at the edge of a large area may not).
+_REVERSE = 0.9
+
+
+def one_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
+                significance: float = 1e-3) -> bool:
+    """True when the reflections ``ga`` of one area and ``gb`` of a larger one are of
+    one crystal: every reflection of ``ga`` (at least three independent ones) lies on
+    ``gb``'s lattice, beyond chance at ``significance`` (the binomial test of
+    :func:`same_lattice`), and at least 90 % of ``gb``'s lie on ``ga``'s lattice.
+
+    Stricter than :func:`same_lattice`, for the reflections *seen* in an area (every
+    crystal there shows its own): a second crystal inside the area shows reflections
+    off the larger one's lattice, and an area over two crystals (a twin's halves, whose
+    lattices share a row and so a finer common lattice) shows reflections off either
+    half's.
+    """
+    basis_b = reciprocal_basis(gb, tolerance, bend)
+    basis_a = reciprocal_basis(ga, tolerance, bend)
+    if basis_a is None or basis_b is None:
+        return False
+    h, tol = _prepared(ga, tolerance, bend)
+    if len(h) < 3 or not _indexed(basis_b, h, tol).all():
+        return False
+    if _at_least(len(h), len(h), _chance(basis_b, h, tol)) > significance:
+        return False
+    hb, tol_b = _prepared(gb, tolerance, bend)
+    return bool(len(hb) and _indexed(basis_a, hb, tol_b).mean() >= _REVERSE)
 
 
 def second_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,

@@ -33,7 +33,7 @@ from scipy.spatial.distance import squareform
 from .._friedel import has_friedel_pair
 from ..config import check_range
 from ..errors import InputError, ParameterError
-from ._lattice import same_lattice
+from ._lattice import one_lattice, same_lattice
 from ._params import NMFMergeParams, VDFMergeParams
 from ._watershed import _stack
 
@@ -320,7 +320,7 @@ def _check_images(result: MergeResult, images) -> _Images:
 
 def fold_fragments(result: MergeResult, images: np.ndarray,
                    params: VDFMergeParams | None = None, *,
-                   measured: Sequence | None = None) -> MergeResult:
+                   measured: Sequence | None = None, seen_in: tuple | None = None) -> MergeResult:
     """Fold summed segments that are fragments of a larger crystal into it.
 
     The watershed of some VDF images cuts a crystal into parts (uneven thickness,
@@ -346,6 +346,14 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        their spots are, ``measured``; :func:`~spedflow.segment._lattice.same_lattice`, within
        ``params.lattice_bend`` of rotation, beyond chance at
        ``params.lattice_significance``).
+
+    or 5. 1 holds and the reflections seen in ``a``'s area are ``b``'s crystal's
+       (``seen_in``; :func:`~spedflow.segment._lattice.one_lattice`): those showing at
+       ``params.area_reflections`` of its positions or more, and ``a``'s own
+       (``measured``), all lie on the lattice of those seen in ``b``'s area, and nearly
+       all of ``b``'s on theirs. A part of a crystal whose thickness varies is lit by
+       one pair of reflections (thickness fringes): too few for rule 4, while all of
+       the crystal's reflections show in it. A crystal inside ``b`` shows its own.
 
     A fragment's vectors belong to the same crystal, whose thickness scales every
     reflection alike where diffraction is kinematic: their images follow ``b``'s
@@ -380,6 +388,10 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         centre (a neighbouring crystal's spot, picked as the vector, lies within the
         clustering radius of it); the vector is then off the crystal's lattice while
         the spot is on it. Default: the vectors themselves.
+    seen_in : (counts (n, N), positions (n, N, 2)), optional
+        Per summed segment and vector, the scan positions of its mask showing that
+        vector's reflection and their mean position
+        (:func:`~spedflow.segment.area_reflections`): rule 5. Default: no rule 5.
 
     Returns
     -------
@@ -403,6 +415,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
         raise InputError("`measured` must hold one (n_l, 2) array per summed segment, a row per "
                          "member vector")
     where = [dict(zip(m.tolist(), np.asarray(g, np.float64))) for m, g in zip(result.members, measured)]
+    seen = _seen(seen_in, area, len(result.vectors), params)
     segs = list(result.segment_members)
     alive = np.ones(n, dtype=bool)
     for a in sorted(range(n), key=lambda i: (area[i], i)):
@@ -419,7 +432,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             contained = inter[a, b] >= params.fragment_containment * area[a]
             if r > best_corr and (coincide or (contained and (
                     _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)
-                    or _on_lattice(where[a], where[b], params)))):
+                    or _on_lattice(where[a], where[b], params)
+                    or _one_crystal(seen[a], where[a], seen[b], params)))):
                 best, best_corr = b, r
         if best is None:
             continue
@@ -665,6 +679,36 @@ def _on_lattice(where_a: dict, where_b: dict, params) -> bool:
                         np.array([where_b[v] for v in sorted(where_b)]),
                         tolerance=params.friedel_tolerance, bend=params.lattice_bend,
                         significance=params.lattice_significance)
+
+
+def _seen(seen_in, sizes: np.ndarray, n_vectors: int, params) -> list:
+    """Per summed segment, the reflections seen at ``params.area_reflections`` of its
+    positions or more: vector -> mean position (empty dicts without ``seen_in``)."""
+    n = len(sizes)
+    if seen_in is None or params.area_reflections <= 0:
+        return [{} for _ in range(n)]
+    counts, positions = seen_in
+    counts, positions = np.asarray(counts), np.asarray(positions, np.float64)
+    if counts.shape != (n, n_vectors) or positions.shape != (n, n_vectors, 2):
+        raise InputError(f"`seen_in` must hold counts ({n}, {n_vectors}) and positions "
+                         f"({n}, {n_vectors}, 2), a row per summed segment")
+    out = []
+    for i in range(n):
+        often = np.flatnonzero((counts[i] >= params.area_reflections * sizes[i]) & (counts[i] > 0))
+        out.append({int(v): positions[i, v] for v in often})
+    return out
+
+
+def _one_crystal(seen_a: dict, where_a: dict, seen_b: dict, params) -> bool:
+    """Condition 5 of :func:`fold_fragments`: the reflections seen in a's area, and a's
+    own, are those of the crystal seen in b's."""
+    if not seen_a or not seen_b or params.lattice_significance <= 0:
+        return False
+    ga = {**where_a, **seen_a}  # a member seen often: where it is seen
+    return one_lattice(np.array([ga[v] for v in sorted(ga)]),
+                       np.array([seen_b[v] for v in sorted(seen_b)]),
+                       tolerance=params.friedel_tolerance, bend=params.lattice_bend,
+                       significance=params.lattice_significance)
 
 
 def _pearson_1d(x: np.ndarray, y: np.ndarray) -> float:

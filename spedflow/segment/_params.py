@@ -203,6 +203,13 @@ class VDFMergeParams:
         (:func:`~spedflow.segment.drop_shared_reflections`); a Friedel-only group needs
         one such crystal, if its images also follow that crystal's everywhere.
         Default 0.5: most of each crystal. Set above 1 to disable.
+    area_reflections : float
+        Fragment folding, rule 5 (:func:`~spedflow.segment.fold_fragments`): the
+        reflections seen in a segment's area are those found (by the peak finder) at
+        this fraction of its scan positions or more. A crystal's reflections show at
+        most positions it covers (thickness fringes and bending dim some of them over
+        parts); a neighbour's spots reach into its edge only, and noise peaks land on
+        a vector's position at random. Default 0.3. 0 disables rule 5.
     """
 
     corr_threshold: float = 0.7
@@ -217,8 +224,10 @@ class VDFMergeParams:
     shared_coverage: float = 0.5
     lattice_bend: float = 3.0
     lattice_significance: float = 1e-3
+    area_reflections: float = 0.3
 
     def __post_init__(self):
+        check_range("area_reflections", self.area_reflections, low=0, high=1)
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)

@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import InputError, ParameterError
 
-__all__ = ["spot_offsets", "member_positions"]
+__all__ = ["spot_offsets", "member_positions", "area_reflections"]
 
 
 def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iterable,
@@ -65,8 +65,10 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
     """
     if not search_radius > 0:
         raise ParameterError(f"`search_radius` must be > 0 (got {search_radius})")
-    seg = sparse.csr_matrix(segments.reshape(segments.shape[0], -1)
-                            if not sparse.issparse(segments) else segments)
+    if not sparse.issparse(segments):
+        segments = np.asarray(segments)
+        segments = segments.reshape(segments.shape[0], int(np.prod(segments.shape[1:])))
+    seg = sparse.csr_matrix(segments)
     seg.eliminate_zeros()
     m, n_pix = seg.shape
     ny, nx = (int(s) for s in scan_shape)
@@ -84,14 +86,16 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
     order = np.argsort(keys, kind="stable")
     keys, rows = keys[order], rows[order]
     acc = np.zeros((3, m))  # sum of w * dy, w * dx, w per segment
+    covered = np.zeros(n_pix, bool)  # positions inside some segment: the only peaks that count
+    covered[seg.indices] = True
     tree = cKDTree(vectors)
     # a peak within search_radius of k vectors has them all within 2 search_radius of
     # each other: the most vectors any peak can be near
     k_max = int(max(len(n) for n in tree.query_ball_point(vectors, 2.0 * search_radius)))
     c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
     for table in tables:
-        t = np.asarray(table, np.float64).reshape(-1, 5)
-        t = t[t[:, 4] > 0]
+        t = _in_scan(table, ny, nx)
+        t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
         if not len(t):
             continue
         g = t[:, 2:4] - c
@@ -159,3 +163,80 @@ def member_positions(members: Sequence, segment_members: Sequence, source: np.nd
             shift = np.where(w[:, None] > 0, shift / w[:, None], 0.0)
         out.append(vectors[mem] + shift)
     return tuple(out)
+
+
+def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
+                     scan_shape: tuple[int, int], detector_shape: tuple[int, int],
+                     radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """How often each vector's reflection shows in each mask's area, and where.
+
+    Each peak of positive intensity is assigned to the nearest vector within
+    ``radius`` (the clustering radius of the unique vectors). Per mask and vector: the
+    number of the mask's scan positions with a peak of that vector, and the
+    intensity-weighted mean position of those peaks.
+
+    Parameters
+    ----------
+    masks : (L, Y * X) bool array or scipy.sparse matrix
+    vectors : (N, 2) array
+        ``(gy, gx)`` relative to the beam at ``(ky // 2, kx // 2)``, px.
+    tables : iterable of (m, 5) arrays
+        Peak tables as for :func:`spot_offsets` (a scan position's peaks in one table).
+    scan_shape, detector_shape : (int, int)
+    radius : float
+
+    Returns
+    -------
+    counts : (L, N) numpy.ndarray of int64
+        Positions of each mask showing each vector's reflection.
+    positions : (L, N, 2) numpy.ndarray of float64
+        Their mean position, relative to the beam (NaN where the count is 0).
+    """
+    if not radius > 0:
+        raise ParameterError(f"`radius` must be > 0 (got {radius})")
+    m = sparse.csr_matrix(masks, dtype=np.float64)
+    m.data[:] = 1.0
+    n_l, n_pix = m.shape
+    ny, nx = (int(s) for s in scan_shape)
+    if n_pix != ny * nx:
+        raise InputError(f"`masks` have {n_pix} pixels per row; the scan {ny} x {nx} has {ny * nx}")
+    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+    n_v = len(vectors)
+    counts = np.zeros((n_l, n_v))
+    acc = np.zeros((3, n_l, n_v))
+    if n_l and n_v:
+        covered = np.asarray(m.sum(axis=0)).ravel() > 0
+        tree = cKDTree(vectors)
+        c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
+        for table in tables:
+            t = _in_scan(table, ny, nx)
+            t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
+            if not len(t):
+                continue
+            g = t[:, 2:4] - c
+            d, v = tree.query(g, distance_upper_bound=radius)
+            ok = np.isfinite(d)
+            if not ok.any():
+                continue
+            g, v, w = g[ok], v[ok], t[ok, 4]
+            pos = t[ok, 0].astype(np.int64) * nx + t[ok, 1].astype(np.int64)
+            shape = (n_pix, n_v)
+            # (position, vector) once for the counts, every peak for the positions
+            once = sparse.csr_matrix((np.ones(len(v)), (pos, v)), shape=shape)
+            once.data[:] = 1.0
+            counts += (m @ once).toarray()
+            for k, vals in enumerate((w * g[:, 0], w * g[:, 1], w)):
+                acc[k] += (m @ sparse.csr_matrix((vals, (pos, v)), shape=shape)).toarray()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        where = np.where(acc[2][..., None] > 0, np.stack([acc[0], acc[1]], -1) / acc[2][..., None],
+                         np.nan)
+    return counts.astype(np.int64), where
+
+
+def _in_scan(table, ny: int, nx: int) -> np.ndarray:
+    """A peak table as float64 (m, 5), refused if a row lies outside the scan."""
+    t = np.asarray(table, np.float64).reshape(-1, 5)
+    if len(t) and (t[:, 0].min() < 0 or t[:, 1].min() < 0 or t[:, 0].max() >= ny
+                   or t[:, 1].max() >= nx):
+        raise InputError(f"a peak table row lies outside the {ny} x {nx} scan")
+    return t

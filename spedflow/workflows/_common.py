@@ -511,7 +511,7 @@ def note_detector_binning(plan: Plan, radius: float) -> None:
     d = suggested_detector_binning(plan.detector_shape, radius)
     if d > 1:
         ky, kx = plan.detector_shape
-        log.warning("the beam spans %.1f px of a %d x %d px detector: --set "
+        log.warning("the beam's radius is %.1f px on a %d x %d px detector: --set "
                  "preprocess.detector_binning=%d would do the same work on %dx fewer pixels",
                  radius, ky, kx, d, d * d)
 

@@ -99,7 +99,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     stats = _load_stats(st_stats)
     if dark > 0 and not np.any(stats.row_sums > 0):
         raise InputError(f"nothing is left of the data once the dark level ({dark:.4g} units per "
-                         f"reading{' of the binned patterns' if prep.nav_binning > 1 else ''}) is "
+                         f"reading{' of the binned patterns' if prep.nav_binning > 1 or plan.detector_binning > 1 else ''}) is "
                          f"subtracted: every reading is at or below it; lower nmf.dark_level "
                          f"(or leave it unset to measure it)")
 
@@ -315,8 +315,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi)),
-                     # per raw pattern, as the parameter (binning adds it up)
-                     "dark_level": dark / prep.nav_binning ** 2},
+                     # per raw pattern and pixel, as the parameter (binning adds it up)
+                     "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
                    "merged": int(len(mf)), "segments": int(len(seg_maps))},

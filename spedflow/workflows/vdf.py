@@ -249,8 +249,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..preprocess import resolve as resolve_pre
     from ..segment import (drop_radial_pairs, drop_shared_reflections, fold_fragments,
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
-                           member_positions, spot_offsets, virtual_patterns,
-                           watershed_stack)
+                           area_reflections, member_positions, spot_offsets,
+                           virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -375,15 +375,25 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         merged = drop_shared_reflections(merged, images, cfg.merge)
         n_shared = n_groups - n_ring - len(merged.summed)
         n_merged = len(merged.summed)
-        # where the spots that light each group's segments are (a segment can be lit
-        # by its crystal's reflection off its vector's centre)
-        offsets, weights = spot_offsets(
-            segments, source, vectors,
-            _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
-            detector_shape=(ky, kx), scan_shape=(ny, nx), search_radius=2.0 * vd.radius)
-        measured = member_positions(merged.members, merged.segment_members, source, vectors,
-                                    offsets, weights)
-        merged = fold_fragments(merged, images, cfg.merge, measured=measured)
+        # the lattice rules of the folding look at the spots, from the peak table: where
+        # those lighting each group's segments are (a segment can be lit by its
+        # crystal's reflection off its vector's centre), and which reflections show in
+        # each group's area
+        measured = seen_in = None
+        if cfg.merge.lattice_significance > 0 and len(merged.summed) > 1:
+            def tables():
+                return _aligned_tables(paths, beam.measured, beam.used, (ky, kx),
+                                       pk.exclude_border)
+            offsets, weights = spot_offsets(segments, source, vectors, tables(),
+                                            detector_shape=(ky, kx), scan_shape=(ny, nx),
+                                            search_radius=2.0 * vd.radius)
+            measured = member_positions(merged.members, merged.segment_members, source,
+                                        vectors, offsets, weights)
+            if cfg.merge.area_reflections > 0:
+                seen_in = area_reflections(merged.summed.reshape(len(merged.summed), -1) > 0,
+                                           vectors, tables(), scan_shape=(ny, nx),
+                                           detector_shape=(ky, kx), radius=vp.cluster_radius)
+        merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
@@ -432,8 +442,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
-                     # per raw pattern, as the parameter (binning adds it up)
-                     "read_variance": None if counts is None else counts[1] / prep.nav_binning ** 2,
+                     # per raw pattern and pixel, as the parameter (binning adds it up)
+                     "read_variance": None if counts is None
+                     else counts[1] / prep.nav_binning ** 2 / plan.detector_binning ** 2,
                      # per LoG scale; empty: the pixels' noise is independent
                      "log_noise_factors": None if counts is None else list(counts[2:3] and counts[2])},
         "descan": beam.descan,
