@@ -173,3 +173,25 @@ def test_a_component_holding_a_second_lattice_is_not_joined():
     assert match[0, 2] >= p.spot_match
     with_test, _ = orientation_links(f, w, lattice_significance=p.lattice_significance, **kw)
     assert with_test[0, 1] and not with_test[0, 2]
+
+
+def test_drop_spanning_parts_drops_a_component_cut_into_parts_of_three_crystals():
+    from spedflow.segment._orientation import drop_spanning_parts
+    yy, xx = np.mgrid[:40, :60]
+
+    def disc(cy, cx, r):
+        return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(float)
+
+    crystals = [disc(10, 10, 8), disc(10, 40, 8), disc(30, 25, 8)]
+    parts = [disc(10, 8, 3), disc(10, 42, 3), disc(30, 25, 3)]  # one component's bands
+    maps = np.array(crystals + parts)
+    source = np.array([0, 1, 2, 3, 3, 3])
+    np.testing.assert_array_equal(drop_spanning_parts(maps, source, 0.8), [1, 1, 1, 0, 0, 0])
+    # parts inside two crystals only (a small crystal modelled with a band of another): kept
+    np.testing.assert_array_equal(drop_spanning_parts(maps[:5], source[:5], 0.8), [1] * 5)
+    # a part reaching out of its crystal is not inside it: two crystals left; disabled
+    # above 1
+    out = maps.copy()
+    out[5] = (disc(30, 25, 3) + disc(30, 45, 6)) > 0
+    assert drop_spanning_parts(out, source, 0.8).all()
+    assert drop_spanning_parts(maps, source, 1.5).all()

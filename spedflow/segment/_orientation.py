@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from ._lattice import second_lattice
 
-__all__ = ["factor_spots", "spot_match", "orientation_links", "join_groups"]
+__all__ = ["factor_spots", "spot_match", "orientation_links", "join_groups", "drop_spanning_parts"]
 
 #: Position scatter of a component's spot (a local maximum on the pixel grid), px.
 SPOT_TOLERANCE = 1.0
@@ -180,3 +180,56 @@ def _on_top(w_small, w_large, s_small, s_large, cover: float, gain: float) -> bo
         return False
     total = w_small + w_large
     return bool(total[s_small].mean() >= gain * total[rest].mean())
+
+
+
+#: :func:`drop_spanning_parts`: a component with parts inside this many crystals spans
+#: them. Two is not enough: NMF may model a small crystal lying on one crystal together
+#: with a band of another (seen on a nested, bent set), and the small crystal's segment,
+#: inside the first, is a crystal.
+_SPANNED = 3
+
+
+def drop_spanning_parts(maps: np.ndarray, source: np.ndarray,
+                        containment: float) -> np.ndarray:
+    """Which segments to keep: not the parts of a component that spans crystals.
+
+    A component whose loading covers parts of several crystals (the thick or thin band
+    that wedge-shaped crystals share: their intensities vary alike with thickness,
+    and one component models it in all of them) is cut by the watershed into one
+    segment per crystal, each inside that crystal's own segment. A segment lying at
+    least ``containment`` inside a segment of another component is such a part when
+    its component has segments inside ``_SPANNED`` (three) or more distinct segments of
+    other components; it is dropped (what it covers is covered). A crystal inside another
+    (one segment of its component) and segments of a component lying nowhere else are
+    kept.
+
+    Parameters
+    ----------
+    maps : (S, Y, X) array
+        Segment maps, 0 outside each segment.
+    source : (S,) int array
+        The (merged) component of each segment.
+    containment : float
+        Above 1 keeps every segment.
+
+    Returns
+    -------
+    (S,) bool
+    """
+    n = len(maps)
+    keep = np.ones(n, bool)
+    if n < 3 or containment > 1:
+        return keep
+    source = np.asarray(source)
+    flat = np.asarray(maps).reshape(n, -1) > 0
+    area = flat.sum(axis=1)
+    inter = flat.astype(np.float64) @ flat.T.astype(np.float64)
+    inside = (inter >= containment * area[:, None]) & (source[:, None] != source[None, :])
+    np.fill_diagonal(inside, False)
+    for c in np.unique(source):
+        parts = np.flatnonzero((source == c) & inside.any(axis=1))
+        containers = {int(np.argmax(np.where(inside[p], inter[p], -1))) for p in parts}
+        if len(containers) >= _SPANNED:
+            keep[parts] = False
+    return keep

@@ -278,6 +278,14 @@ class NMFMergeParams:
         rest of the other's support, lies on top of it (a second crystal of the same
         orientation) and is not joined to it: thickness components share a crystal's
         area (summed ratio 1.0-1.5 measured), overlapping crystals add (1.8-2.5).
+    fold_containment : float
+        After the watershed, a segment lying at least this fraction inside a segment of
+        another component is dropped when its own component has such segments inside
+        three or more crystals' segments
+        (:func:`~spedflow.segment._orientation.drop_spanning_parts`): a component of
+        the thickness band that wedge-shaped crystals share, cut into one part per
+        crystal. Default 0.8 (as ``VDFMergeParams.fragment_containment``). Above 1
+        disables.
     lattice_significance : float
         Nor is a component joined by its spots to another when its spots off the
         other's reciprocal lattice lie on a lattice of their own, beyond chance at this
@@ -294,6 +302,7 @@ class NMFMergeParams:
     on_top_cover: float = 0.8
     on_top_gain: float = 1.7
     lattice_significance: float = 1e-3
+    fold_containment: float = 0.8
 
     def __post_init__(self):
         check_range("pattern_threshold", self.pattern_threshold, low=-1, high=1, high_open=True)
@@ -302,6 +311,7 @@ class NMFMergeParams:
             check_range(name, getattr(self, name), low=0, high=1)
         check_range("support_level", self.support_level, low=0, high=1, low_open=True, high_open=True)
         check_range("on_top_gain", self.on_top_gain, low=1)
+        check_range("fold_containment", self.fold_containment, low=0, low_open=True)
         check_range("lattice_significance", self.lattice_significance, low=0, high=0.1)
 
 

@@ -275,6 +275,14 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             labels = np.zeros((0, ny, nx), np.int32)
             seg_maps, source = np.zeros((0, ny, nx), np.float32), np.zeros(0, int)
     seg_patterns = mf[source] if len(source) else np.zeros((0, ky, kx), np.float32)
+    n_seg = len(seg_maps)
+    if n_seg > 2:  # the parts of a component spanning crystals (a shared thickness band)
+        from ..segment._orientation import drop_spanning_parts
+        kept = np.flatnonzero(drop_spanning_parts(seg_maps, source, cfg.merge.fold_containment))
+        seg_maps, seg_patterns, source = seg_maps[kept], seg_patterns[kept], source[kept]
+        if len(kept) < n_seg:
+            log.info("%d segments dropped: parts of a component that spans several crystals, "
+                     "each inside one's segment (merge.fold_containment)", n_seg - len(kept))
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"
         from ..decompose._background import SUPPORT_REASON
