@@ -176,22 +176,42 @@ def test_a_component_holding_a_second_lattice_is_not_joined():
 
 
 def test_drop_spanning_parts_drops_a_component_cut_into_parts_of_three_crystals():
+    """A component whose pattern holds the spots of three crystals, cut into a part inside
+    each: dropped. Parts inside two crystals, parts reaching out, and a component of
+    crystals with spots of their own (precipitates of one orientation inside three
+    grains): kept."""
     from spedflow.segment._orientation import drop_spanning_parts
     yy, xx = np.mgrid[:40, :60]
+    ky = kx = 64
+    mask = np.hypot(*(np.indices((ky, kx)) - 32)) < 4
 
     def disc(cy, cx, r):
         return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(float)
 
+    def pattern(spots):
+        p = np.zeros((ky, kx))
+        for y, x in spots:
+            p[y - 1:y + 2, x - 1:x + 2] += 1.0
+        return p
+
+    own = [[(10, 20), (54, 44)], [(20, 50), (44, 14)], [(50, 30), (14, 34)]]
     crystals = [disc(10, 10, 8), disc(10, 40, 8), disc(30, 25, 8)]
-    parts = [disc(10, 8, 3), disc(10, 42, 3), disc(30, 25, 3)]  # one component's bands
+    parts = [disc(10, 8, 3), disc(10, 42, 3), disc(30, 25, 3)]
     maps = np.array(crystals + parts)
     source = np.array([0, 1, 2, 3, 3, 3])
-    np.testing.assert_array_equal(drop_spanning_parts(maps, source, 0.8), [1, 1, 1, 0, 0, 0])
-    # parts inside two crystals only (a small crystal modelled with a band of another): kept
-    np.testing.assert_array_equal(drop_spanning_parts(maps[:5], source[:5], 0.8), [1] * 5)
-    # a part reaching out of its crystal is not inside it: two crystals left; disabled
-    # above 1
+    mixed = pattern([s for o in own for s in o])  # the band's pattern: all three crystals' spots
+    patterns = np.array([pattern(o) for o in own] + [mixed] * 3)
+    kw = dict(mask=mask, radius=2.0, min_g=6.0, containment=0.8, match=0.5)
+    np.testing.assert_array_equal(drop_spanning_parts(maps, source, patterns, **kw),
+                                  [1, 1, 1, 0, 0, 0])
+    # inside two crystals only (a small crystal modelled with a band of another): kept
+    assert drop_spanning_parts(maps[:5], source[:5], patterns[:5], **kw).all()
+    # a part reaching out of its crystal is not inside it: two crystals left
     out = maps.copy()
     out[5] = (disc(30, 25, 3) + disc(30, 45, 6)) > 0
-    assert drop_spanning_parts(out, source, 0.8).all()
-    assert drop_spanning_parts(maps, source, 1.5).all()
+    assert drop_spanning_parts(out, source, patterns, **kw).all()
+    # precipitates of one orientation: their own spots, kept
+    precip = patterns.copy()
+    precip[3:] = pattern([(8, 8), (56, 56), (8, 56)])
+    assert drop_spanning_parts(maps, source, precip, **kw).all()
+    assert drop_spanning_parts(maps, source, patterns, **{**kw, "containment": 1.5}).all()

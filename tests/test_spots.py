@@ -231,3 +231,22 @@ def test_fold_fragments_folds_a_fringe_lit_by_one_pair_where_its_crystal_shows()
     assert len(fold_fragments(merged2, images2, p, seen_in=(counts2, where2)).summed) == 2
     with pytest.raises(InputError, match="seen_in"):
         fold_fragments(merged, images, p, seen_in=(counts[:1], where[:1]))
+
+
+def test_fold_fragments_keeps_a_weak_crystal_whose_area_shows_the_larger_ones_reflections():
+    """A weak crystal inside A lit by one pair on A's lattice (by chance): its spots are
+    found at few of its positions, so its area shows A's reflections only; its pair,
+    seen neither there nor in A's area, is no reflection of A, and rule 5 keeps it."""
+    lattice = np.array([[12.0, 0.0], [0.0, 12.0]])
+    first = points(lattice, 30)
+    pair = np.array([[24.0, 12.0], [-24.0, -12.0]])
+    segs, src, vectors, images, a = _bent_case(first, pair)
+    p = VDFMergeParams(vector_threshold=2)
+    merged = merge_vdf_segments(segs, src, vectors, p)
+    n = len(vectors)
+    sizes = (merged.summed.reshape(2, -1) > 0).sum(axis=1)
+    counts = np.zeros((2, n), int)
+    counts[:, :len(first)] = sizes[:, None]
+    counts[:, len(first):] = sizes[:, None] // 10  # the weak pair: rarely found
+    where = np.broadcast_to(vectors, (2, n, 2)).copy()
+    assert len(fold_fragments(merged, images, p, seen_in=(counts, where)).summed) == 2

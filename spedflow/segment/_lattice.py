@@ -244,8 +244,13 @@ def one_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
                 significance: float = 1e-3) -> bool:
     """True when the reflections ``ga`` of one area and ``gb`` of a larger one are of
     one crystal: every reflection of ``ga`` (at least three independent ones) lies on
-    ``gb``'s lattice, beyond chance at ``significance`` (the binomial test of
-    :func:`same_lattice`), and at least 90 % of ``gb``'s lie on ``ga``'s lattice.
+    ``gb``'s lattice, more of them than chance at ``significance`` would place there
+    (the binomial test of :func:`same_lattice`), and at least 90 % of ``gb``'s lie on
+    ``ga``'s lattice. Where ``ga`` holds ``gb``'s own reflections (the area lies on that
+    crystal) the test says they are that crystal's; it cannot tell whether one more
+    reflection among them, a pair of a weak crystal's, lies on the lattice by chance:
+    the caller must have seen that reflection as the crystal's (rule 5 of
+    :func:`~spedflow.segment.fold_fragments` asks that each be found at most positions).
 
     Stricter than :func:`same_lattice`, for the reflections *seen* in an area (every
     crystal there shows its own): a second crystal inside the area shows reflections

@@ -183,25 +183,28 @@ def _on_top(w_small, w_large, s_small, s_large, cover: float, gain: float) -> bo
 
 
 
-#: :func:`drop_spanning_parts`: a component with parts inside this many crystals spans
-#: them. Two is not enough: NMF may model a small crystal lying on one crystal together
-#: with a band of another (seen on a nested, bent set), and the small crystal's segment,
-#: inside the first, is a crystal.
+#: :func:`drop_spanning_parts`: a component with parts inside the segments of this many
+#: other components spans crystals. Two is not enough: NMF may model a small crystal
+#: lying on one crystal together with a band of another (seen on a nested, bent set),
+#: and the small crystal's segment, inside the first, is a crystal.
 _SPANNED = 3
 
 
-def drop_spanning_parts(maps: np.ndarray, source: np.ndarray,
-                        containment: float) -> np.ndarray:
+def drop_spanning_parts(maps: np.ndarray, source: np.ndarray, patterns: np.ndarray, *,
+                        mask: np.ndarray, radius: float, min_g: float, containment: float,
+                        match: float) -> np.ndarray:
     """Which segments to keep: not the parts of a component that spans crystals.
 
     A component whose loading covers parts of several crystals (the thick or thin band
     that wedge-shaped crystals share: their intensities vary alike with thickness,
     and one component models it in all of them) is cut by the watershed into one
-    segment per crystal, each inside that crystal's own segment. A segment lying at
-    least ``containment`` inside a segment of another component is such a part when
-    its component has segments inside ``_SPANNED`` (three) or more distinct segments of
-    other components; it is dropped (what it covers is covered). A crystal inside another
-    (one segment of its component) and segments of a component lying nowhere else are
+    segment per crystal, each inside that crystal's own segment, and its pattern holds
+    those crystals' spots. Its segments lying at least ``containment`` inside a segment
+    of another component are dropped (what they cover is covered) when they lie inside
+    segments of ``_SPANNED`` (three) or more other components and at least ``match`` of
+    its pattern's spot weight lies on those components' spots (:func:`spot_match`).
+    A crystal inside another (its component's only segment), and crystals of one
+    orientation inside several others (precipitates: their spots are their own) are
     kept.
 
     Parameters
@@ -210,26 +213,42 @@ def drop_spanning_parts(maps: np.ndarray, source: np.ndarray,
         Segment maps, 0 outside each segment.
     source : (S,) int array
         The (merged) component of each segment.
+    patterns : (S, ky, kx) array
+        Each segment's pattern (its component's).
+    mask, radius, min_g
+        As for :func:`factor_spots`.
     containment : float
         Above 1 keeps every segment.
+    match : float
 
     Returns
     -------
     (S,) bool
     """
+    from scipy import sparse
     n = len(maps)
     keep = np.ones(n, bool)
-    if n < 3 or containment > 1:
+    if n < _SPANNED + 1 or containment > 1:
         return keep
     source = np.asarray(source)
-    flat = np.asarray(maps).reshape(n, -1) > 0
-    area = flat.sum(axis=1)
-    inter = flat.astype(np.float64) @ flat.T.astype(np.float64)
+    flat = sparse.csr_matrix(np.asarray(maps).reshape(n, -1) > 0, dtype=np.float64)
+    area = np.asarray(flat.sum(axis=1)).ravel()
+    inter = (flat @ flat.T).toarray()
     inside = (inter >= containment * area[:, None]) & (source[:, None] != source[None, :])
-    np.fill_diagonal(inside, False)
+    spots = {}
+
+    def spots_of(i):
+        if i not in spots:
+            spots[i] = factor_spots(patterns[i], mask, radius=radius, min_g=min_g)
+        return spots[i]
+
     for c in np.unique(source):
         parts = np.flatnonzero((source == c) & inside.any(axis=1))
         containers = {int(np.argmax(np.where(inside[p], inter[p], -1))) for p in parts}
-        if len(containers) >= _SPANNED:
+        if len({int(source[b]) for b in containers}) < _SPANNED:
+            continue
+        pos, heights, _ = spots_of(int(parts[0]))
+        theirs = np.concatenate([spots_of(b)[LIT] for b in containers])
+        if spot_match(pos, heights, theirs, radius) >= match:
             keep[parts] = False
     return keep

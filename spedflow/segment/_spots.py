@@ -195,6 +195,7 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
     if not radius > 0:
         raise ParameterError(f"`radius` must be > 0 (got {radius})")
     m = sparse.csr_matrix(masks, dtype=np.float64)
+    m.eliminate_zeros()
     m.data[:] = 1.0
     n_l, n_pix = m.shape
     ny, nx = (int(s) for s in scan_shape)
@@ -206,6 +207,7 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
     acc = np.zeros((3, n_l, n_v))
     if n_l and n_v:
         covered = np.asarray(m.sum(axis=0)).ravel() > 0
+        by_position = m.T.tocsr()  # (positions, masks): a table's rows only, not all of m
         tree = cKDTree(vectors)
         c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
         for table in tables:
@@ -220,13 +222,15 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
                 continue
             g, v, w = g[ok], v[ok], t[ok, 4]
             pos = t[ok, 0].astype(np.int64) * nx + t[ok, 1].astype(np.int64)
-            shape = (n_pix, n_v)
+            here, row = np.unique(pos, return_inverse=True)  # this table's positions
+            m_t = by_position[here].T.tocsr()  # (masks, its positions)
+            shape = (len(here), n_v)
             # (position, vector) once for the counts, every peak for the positions
-            once = sparse.csr_matrix((np.ones(len(v)), (pos, v)), shape=shape)
+            once = sparse.csr_matrix((np.ones(len(v)), (row, v)), shape=shape)
             once.data[:] = 1.0
-            counts += (m @ once).toarray()
+            counts += (m_t @ once).toarray()
             for k, vals in enumerate((w * g[:, 0], w * g[:, 1], w)):
-                acc[k] += (m @ sparse.csr_matrix((vals, (pos, v)), shape=shape)).toarray()
+                acc[k] += (m_t @ sparse.csr_matrix((vals, (row, v)), shape=shape)).toarray()
     with np.errstate(invalid="ignore", divide="ignore"):
         where = np.where(acc[2][..., None] > 0, np.stack([acc[0], acc[1]], -1) / acc[2][..., None],
                          np.nan)

@@ -278,7 +278,12 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     n_seg = len(seg_maps)
     if n_seg > 2:  # the parts of a component spanning crystals (a shared thickness band)
         from ..segment._orientation import drop_spanning_parts
-        kept = np.flatnonzero(drop_spanning_parts(seg_maps, source, cfg.merge.fold_containment))
+        kept = np.flatnonzero(drop_spanning_parts(
+            seg_maps, source, seg_patterns, mask=cut, radius=r,
+            min_g=2 * float(np.sqrt(mask.sum() / np.pi)),
+            containment=cfg.merge.fold_containment, match=cfg.merge.spot_match))
+        for i in np.setdiff1d(np.arange(n_seg), kept):  # their regions leave the labels too
+            labels[source[i]][seg_maps[i] > 0] = 0
         seg_maps, seg_patterns, source = seg_maps[kept], seg_patterns[kept], source[kept]
         if len(kept) < n_seg:
             log.info("%d segments dropped: parts of a component that spans several crystals, "
@@ -327,7 +332,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
-                   "merged": int(len(mf)), "segments": int(len(seg_maps))},
+                   "merged": int(len(mf)), "spanning_parts_dropped": int(n_seg - len(seg_maps)),
+                   "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
 

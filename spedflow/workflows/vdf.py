@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+from scipy import sparse
 
 from .. import cluster
 from .._heap import return_free_heap
@@ -390,8 +391,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             measured = member_positions(merged.members, merged.segment_members, source,
                                         vectors, offsets, weights)
             if cfg.merge.area_reflections > 0:
-                seen_in = area_reflections(merged.summed.reshape(len(merged.summed), -1) > 0,
-                                           vectors, tables(), scan_shape=(ny, nx),
+                masks = sparse.csr_matrix(merged.summed.reshape(len(merged.summed), -1))
+                seen_in = area_reflections(masks, vectors, tables(), scan_shape=(ny, nx),
                                            detector_shape=(ky, kx), radius=vp.cluster_radius)
         merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in)
         sigma = pattern_sigma(cfg.merge, s_r)
