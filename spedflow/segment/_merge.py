@@ -350,7 +350,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     or 5. 1 holds and the reflections seen in ``a``'s area are ``b``'s crystal's
        (``seen_in``; :func:`~spedflow.segment._lattice.one_lattice`): those showing at
        ``params.area_reflections`` of its positions or more, and ``a``'s own
-       (``measured``; each seen that often in ``a``'s area or in ``b``'s), all lie on the
+       (``measured``; one of them at least seen that often in ``a``'s area or in
+       ``b``'s), all lie on the
        lattice of those seen in ``b``'s area, and nearly all of ``b``'s on theirs. A part of a crystal whose thickness varies is lit by
        one pair of reflections (thickness fringes): too few for rule 4, while all of
        the crystal's reflections show in it. A crystal inside ``b`` shows its own.
@@ -703,13 +704,15 @@ def _one_crystal(seen_a: dict, where_a: dict, seen_b: dict, params) -> bool:
     """Condition 5 of :func:`fold_fragments`: the reflections seen in a's area, and a's
     own, are those of the crystal seen in b's.
 
-    Each of a's own vectors must itself be seen often, in a's area or in b's: a band of
-    b's crystal is lit by reflections the peak finder finds there, while a weak crystal
-    inside b lights its vectors' discs without its spots being found at most of its
-    positions, and its area then shows b's reflections only."""
+    One of a's own vectors at least must itself be seen often, in a's area or in b's: a
+    band of b's crystal is lit by a reflection the peak finder finds there, while a weak
+    crystal inside b lights its vectors' discs without its spots being found at most of
+    its positions, and its area then shows b's reflections only. (Not every vector: a
+    segment lit by a neighbouring reflection off its vector's centre has its peaks
+    counted at that reflection's own vector, or at none.)"""
     if not seen_a or not seen_b or params.lattice_significance <= 0:
         return False
-    if any(v not in seen_a and v not in seen_b for v in where_a):
+    if not any(v in seen_a or v in seen_b for v in where_a):
         return False
     ga = {**where_a, **seen_a}  # a member seen often: where it is seen
     return one_lattice(np.array([ga[v] for v in sorted(ga)]),
