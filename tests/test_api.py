@@ -363,7 +363,18 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
     merged = merge_vdf_segments(segments, source, vectors, cfg.merge)
     merged = drop_radial_pairs(merged, stored, cfg.merge, radius=vd.radius)
     merged = drop_shared_reflections(merged, stored, cfg.merge)
-    merged = fold_fragments(merged, stored, cfg.merge)
+    # the folding's lattice rules look at the spots, from the stored peak table
+    from scipy import sparse
+    from spedflow.segment import area_reflections, member_positions, spot_offsets
+    table = [res["peaks"].values]
+    offsets, weights = spot_offsets(segments, source, vectors, table, detector_shape=(ky, kx),
+                                    scan_shape=(ny, nx), search_radius=2.0 * vd.radius)
+    measured = member_positions(merged.members, merged.segment_members, source, vectors,
+                                offsets, weights)
+    masks = sparse.csr_matrix(merged.summed.reshape(len(merged.summed), -1))
+    seen_in = area_reflections(masks, vectors, table, scan_shape=(ny, nx), detector_shape=(ky, kx),
+                               radius=attrs["resolved"]["vectors"]["cluster_radius"])
+    merged = fold_fragments(merged, stored, cfg.merge, measured=measured, seen_in=seen_in)
     assert len(merged.summed) == attrs["counts"]["segments"]
     np.testing.assert_allclose(merged.summed, res["segments/maps"].values, rtol=1e-5,
                                atol=1e-6 * float(merged.summed.max()))
