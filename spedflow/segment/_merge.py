@@ -343,18 +343,18 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        ``min(fragment_containment, coincident_iou)`` of its mask in ``b``'s).
 
     or 4. 1 holds and ``a``'s reflections lie on ``b``'s reciprocal lattice (where
-       their spots are, ``measured``; :func:`~spedflow.segment._lattice.same_lattice`, within
-       ``params.lattice_bend`` of rotation, beyond chance at
+       their spots are, ``measured``; :func:`~spedflow.segment._lattice.same_lattice`,
+       within ``params.lattice_bend`` of rotation, beyond chance at
        ``params.lattice_significance``).
 
     or 5. 1 holds and the reflections seen in ``a``'s area are ``b``'s crystal's
        (``seen_in``; :func:`~spedflow.segment._lattice.one_lattice`): those showing at
        ``params.area_reflections`` of its positions or more, and ``a``'s own
        (``measured``; one of them at least seen that often in ``a``'s area or in
-       ``b``'s), all lie on the
-       lattice of those seen in ``b``'s area, and nearly all of ``b``'s on theirs. A part of a crystal whose thickness varies is lit by
-       one pair of reflections (thickness fringes): too few for rule 4, while all of
-       the crystal's reflections show in it. A crystal inside ``b`` shows its own.
+       ``b``'s), all lie on the lattice of those seen in ``b``'s area, and nearly all
+       of ``b``'s on theirs. A part of a crystal whose thickness varies is lit by one
+       pair of reflections (thickness fringes): too few for rule 4, while all of the
+       crystal's reflections show in it. A crystal inside ``b`` shows its own.
 
     A fragment's vectors belong to the same crystal, whose thickness scales every
     reflection alike where diffraction is kinematic: their images follow ``b``'s

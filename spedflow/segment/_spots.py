@@ -92,13 +92,7 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
     # a peak within search_radius of k vectors has them all within 2 search_radius of
     # each other: the most vectors any peak can be near
     k_max = int(max(len(n) for n in tree.query_ball_point(vectors, 2.0 * search_radius)))
-    c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
-    for table in tables:
-        t = _in_scan(table, ny, nx)
-        t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
-        if not len(t):
-            continue
-        g = t[:, 2:4] - c
+    for t, g in _peaks_inside(tables, covered, (ny, nx), detector_shape):
         d, v = tree.query(g, k=k_max, distance_upper_bound=search_radius)
         d, v = d.reshape(len(g), k_max), v.reshape(len(g), k_max)
         near = np.isfinite(d)
@@ -209,13 +203,7 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
         covered = np.asarray(m.sum(axis=0)).ravel() > 0
         by_position = m.T.tocsr()  # (positions, masks): a table's rows only, not all of m
         tree = cKDTree(vectors)
-        c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
-        for table in tables:
-            t = _in_scan(table, ny, nx)
-            t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
-            if not len(t):
-                continue
-            g = t[:, 2:4] - c
+        for t, g in _peaks_inside(tables, covered, (ny, nx), detector_shape):
             d, v = tree.query(g, distance_upper_bound=radius)
             ok = np.isfinite(d)
             if not ok.any():
@@ -237,10 +225,17 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
     return counts.astype(np.int64), where
 
 
-def _in_scan(table, ny: int, nx: int) -> np.ndarray:
-    """A peak table as float64 (m, 5), refused if a row lies outside the scan."""
-    t = np.asarray(table, np.float64).reshape(-1, 5)
-    if len(t) and (t[:, 0].min() < 0 or t[:, 1].min() < 0 or t[:, 0].max() >= ny
-                   or t[:, 1].max() >= nx):
-        raise InputError(f"a peak table row lies outside the {ny} x {nx} scan")
-    return t
+def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_shape):
+    """Per table, its peaks of positive intensity at the positions ``covered`` (a flat
+    bool over the scan) as float64 rows, and their positions relative to the beam;
+    tables with none are skipped, a row outside the scan is refused."""
+    ny, nx = scan_shape
+    c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
+    for table in tables:
+        t = np.asarray(table, np.float64).reshape(-1, 5)
+        if len(t) and (t[:, 0].min() < 0 or t[:, 1].min() < 0 or t[:, 0].max() >= ny
+                       or t[:, 1].max() >= nx):
+            raise InputError(f"a peak table row lies outside the {ny} x {nx} scan")
+        t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
+        if len(t):
+            yield t, t[:, 2:4] - c

@@ -98,8 +98,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             st_stats.mark_complete()
     stats = _load_stats(st_stats)
     if dark > 0 and not np.any(stats.row_sums > 0):
+        binned_note = (" of the binned patterns" if prep.nav_binning > 1 or plan.detector_binning > 1
+                       else "")
         raise InputError(f"nothing is left of the data once the dark level ({dark:.4g} units per "
-                         f"reading{' of the binned patterns' if prep.nav_binning > 1 or plan.detector_binning > 1 else ''}) is "
+                         f"reading{binned_note}) is "
                          f"subtracted: every reading is at or below it; lower nmf.dark_level "
                          f"(or leave it unset to measure it)")
 

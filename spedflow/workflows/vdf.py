@@ -248,9 +248,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (drop_radial_pairs, drop_shared_reflections, fold_fragments,
-                           merge_vdf_segments, pattern_sigma, segments_from_labels,
-                           area_reflections, member_positions, spot_offsets,
+    from ..segment import (area_reflections, drop_radial_pairs, drop_shared_reflections,
+                           fold_fragments, member_positions, merge_vdf_segments,
+                           pattern_sigma, segments_from_labels, spot_offsets,
                            virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
