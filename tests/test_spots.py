@@ -198,24 +198,33 @@ def test_one_lattice_tells_a_part_from_a_crystal_inside_and_from_a_twins_union()
     assert not one_lattice(part[:2], whole)  # too few to tell
 
 
-def test_fold_fragments_folds_a_fringe_lit_by_one_pair_where_its_crystal_shows():
-    """A fragment lit by one Friedel pair (a thickness fringe of A): rule 4 cannot index
-    two vectors beyond chance; all of A's reflections show in the fragment's area, and
-    rule 5 folds it. A crystal there with reflections of its own stays."""
+def _one_pair_case(pair_share: int):
+    """A crystal A (a square lattice) and a part of it lit by one Friedel pair: the
+    merged groups, and what their areas show: A's reflections all over both, the pair
+    at 1 / ``pair_share`` of each area's positions."""
     lattice = np.array([[12.0, 0.0], [0.0, 12.0]])
     first = points(lattice, 30)
     pair = np.array([[24.0, 12.0], [-24.0, -12.0]])
     segs, src, vectors, images, a = _bent_case(first, pair)
     p = VDFMergeParams(vector_threshold=2)
     merged = merge_vdf_segments(segs, src, vectors, p)
+    n = len(vectors)
+    sizes = (merged.summed.reshape(2, -1) > 0).sum(axis=1)
+    counts = np.zeros((2, n), int)
+    counts[:, :len(first)] = sizes[:, None]
+    counts[:, len(first):] = sizes[:, None] // pair_share
+    where = np.broadcast_to(vectors, (2, n, 2)).copy()
+    return segs, src, vectors, images, a, p, merged, sizes, counts, where
+
+
+def test_fold_fragments_folds_a_fringe_lit_by_one_pair_where_its_crystal_shows():
+    """A fragment lit by one Friedel pair (a thickness fringe of A): rule 4 cannot index
+    two vectors beyond chance; all of A's reflections show in the fragment's area, and
+    rule 5 folds it. A crystal there with reflections of its own stays."""
+    segs, src, vectors, images, a, p, merged, sizes, counts, where = _one_pair_case(2)
     assert len(merged.summed) == 2
     assert len(fold_fragments(merged, images, p).summed) == 2
     n, big = len(vectors), int(np.argmax([m.size for m in merged.members]))
-    counts = np.zeros((2, n), int)
-    where = np.broadcast_to(vectors, (2, n, 2)).copy()
-    sizes = (merged.summed.reshape(2, -1) > 0).sum(axis=1)
-    counts[:, :len(first)] = sizes[:, None]  # A's reflections show all over both areas
-    counts[:, len(first):] = sizes[:, None] // 2
     folded = fold_fragments(merged, images, p, seen_in=(counts, where))
     assert len(folded.summed) == 1
     np.testing.assert_array_equal(folded.summed[0] > 0, a)
@@ -237,16 +246,5 @@ def test_fold_fragments_keeps_a_weak_crystal_whose_area_shows_the_larger_ones_re
     """A weak crystal inside A lit by one pair on A's lattice (by chance): its spots are
     found at few of its positions, so its area shows A's reflections only; its pair,
     seen neither there nor in A's area, is no reflection of A, and rule 5 keeps it."""
-    lattice = np.array([[12.0, 0.0], [0.0, 12.0]])
-    first = points(lattice, 30)
-    pair = np.array([[24.0, 12.0], [-24.0, -12.0]])
-    segs, src, vectors, images, a = _bent_case(first, pair)
-    p = VDFMergeParams(vector_threshold=2)
-    merged = merge_vdf_segments(segs, src, vectors, p)
-    n = len(vectors)
-    sizes = (merged.summed.reshape(2, -1) > 0).sum(axis=1)
-    counts = np.zeros((2, n), int)
-    counts[:, :len(first)] = sizes[:, None]
-    counts[:, len(first):] = sizes[:, None] // 10  # the weak pair: rarely found
-    where = np.broadcast_to(vectors, (2, n, 2)).copy()
+    _, _, _, images, _, p, merged, _, counts, where = _one_pair_case(10)  # rarely found
     assert len(fold_fragments(merged, images, p, seen_in=(counts, where)).summed) == 2

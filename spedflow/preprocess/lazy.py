@@ -104,8 +104,7 @@ def bin_nav(data: da.Array, factor: int) -> da.Array:
         ``factor == 1`` returns ``data`` cast to float32.
     """
     data = _check_data(data)
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
-        raise ParameterError(f"`factor` must be a whole number >= 1 (got {factor!r})")
+    _check_factor(factor)
     sy, sx = data.shape[:2]
     if sy % factor or sx % factor:
         raise ParameterError(f"nav binning `factor` {factor} does not divide the scan shape "
@@ -122,6 +121,12 @@ def bin_nav(data: da.Array, factor: int) -> da.Array:
               tuple(c // factor for c in data.chunks[1])) + data.chunks[2:]
     return data.map_blocks(kernels.bin_nav, factor, chunks=chunks, dtype=np.float32,
                            meta=_META4)
+
+
+def _check_factor(factor) -> None:
+    """A binning factor must be a whole number >= 1 (one-line ParameterError)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ParameterError(f"`factor` must be a whole number >= 1 (got {factor!r})")
 
 
 def bin_detector(data: da.Array, factor: int) -> da.Array:
@@ -141,8 +146,7 @@ def bin_detector(data: da.Array, factor: int) -> da.Array:
         ``factor == 1`` returns ``data`` cast to float32.
     """
     data = _check_data(data)
-    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
-        raise ParameterError(f"`factor` must be a whole number >= 1 (got {factor!r})")
+    _check_factor(factor)
     ky, kx = data.shape[2:]
     if ky % factor or kx % factor:
         raise ParameterError(f"detector binning `factor` {factor} does not divide the detector "

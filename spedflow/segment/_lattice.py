@@ -249,8 +249,9 @@ def one_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
     ``ga``'s lattice. Where ``ga`` holds ``gb``'s own reflections (the area lies on that
     crystal) the test says they are that crystal's; it cannot tell whether one more
     reflection among them, a pair of a weak crystal's, lies on the lattice by chance:
-    the caller must have seen that reflection as the crystal's (rule 5 of
-    :func:`~spedflow.segment.fold_fragments` asks that each be found at most positions).
+    the caller must have seen the area's light as the crystal's (rule 5 of
+    :func:`~spedflow.segment.fold_fragments` asks that one of the smaller group's own
+    vectors be found at most positions).
 
     Stricter than :func:`same_lattice`, for the reflections *seen* in an area (every
     crystal there shows its own): a second crystal inside the area shows reflections
@@ -258,17 +259,15 @@ def one_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
     lattices share a row and so a finer common lattice) shows reflections off either
     half's.
     """
-    basis_b = reciprocal_basis(gb, tolerance, bend)
-    basis_a = reciprocal_basis(ga, tolerance, bend)
-    if basis_a is None or basis_b is None:
-        return False
     h, tol = _prepared(ga, tolerance, bend)
-    if len(h) < 3 or not _indexed(basis_b, h, tol).all():
+    hb, tol_b = _prepared(gb, tolerance, bend)
+    basis_b = _best_basis(hb, tol_b)[0]  # reciprocal_basis(gb), its vectors prepared once
+    if basis_b is None or len(h) < 3 or not _indexed(basis_b, h, tol).all():
         return False
     if _at_least(len(h), len(h), _chance(basis_b, h, tol)) > significance:
         return False
-    hb, tol_b = _prepared(gb, tolerance, bend)
-    return bool(len(hb) and _indexed(basis_a, hb, tol_b).mean() >= _REVERSE)
+    basis_a = _best_basis(h, tol)[0]
+    return bool(basis_a is not None and _indexed(basis_a, hb, tol_b).mean() >= _REVERSE)
 
 
 def second_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,

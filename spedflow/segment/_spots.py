@@ -92,7 +92,7 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
     # a peak within search_radius of k vectors has them all within 2 search_radius of
     # each other: the most vectors any peak can be near
     k_max = int(max(len(n) for n in tree.query_ball_point(vectors, 2.0 * search_radius)))
-    for t, g in _peaks_inside(tables, covered, (ny, nx), detector_shape):
+    for t, g, at_pos in _peaks_inside(tables, covered, (ny, nx), detector_shape):
         d, v = tree.query(g, k=k_max, distance_upper_bound=search_radius)
         d, v = d.reshape(len(g), k_max), v.reshape(len(g), k_max)
         near = np.isfinite(d)
@@ -100,8 +100,7 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
             continue
         i = np.nonzero(near)[0]
         d, v = d[near], v[near].astype(np.int64)
-        pos = t[i, 0].astype(np.int64) * nx + t[i, 1].astype(np.int64)
-        key = v * n_pix + pos
+        key = v * n_pix + at_pos[i]
         first = np.lexsort((d, key))  # nearest peak first within each (vector, position)
         key, i, v = key[first], i[first], v[first]
         lead = np.ones(key.size, bool)
@@ -203,14 +202,13 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
         covered = np.asarray(m.sum(axis=0)).ravel() > 0
         by_position = m.T.tocsr()  # (positions, masks): a table's rows only, not all of m
         tree = cKDTree(vectors)
-        for t, g in _peaks_inside(tables, covered, (ny, nx), detector_shape):
+        for t, g, at_pos in _peaks_inside(tables, covered, (ny, nx), detector_shape):
             d, v = tree.query(g, distance_upper_bound=radius)
             ok = np.isfinite(d)
             if not ok.any():
                 continue
             g, v, w = g[ok], v[ok], t[ok, 4]
-            pos = t[ok, 0].astype(np.int64) * nx + t[ok, 1].astype(np.int64)
-            here, row = np.unique(pos, return_inverse=True)  # this table's positions
+            here, row = np.unique(at_pos[ok], return_inverse=True)  # this table's positions
             m_t = by_position[here].T.tocsr()  # (masks, its positions)
             shape = (len(here), n_v)
             # (position, vector) once for the counts, every peak for the positions
@@ -227,8 +225,9 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
 
 def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_shape):
     """Per table, its peaks of positive intensity at the positions ``covered`` (a flat
-    bool over the scan) as float64 rows, and their positions relative to the beam;
-    tables with none are skipped, a row outside the scan is refused."""
+    bool over the scan): as float64 rows, their positions relative to the beam, and
+    their flat scan positions; tables with none are skipped, a row outside the scan is
+    refused."""
     ny, nx = scan_shape
     c = np.array([detector_shape[0] // 2, detector_shape[1] // 2], np.float64)
     for table in tables:
@@ -236,6 +235,7 @@ def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_sh
         if len(t) and (t[:, 0].min() < 0 or t[:, 1].min() < 0 or t[:, 0].max() >= ny
                        or t[:, 1].max() >= nx):
             raise InputError(f"a peak table row lies outside the {ny} x {nx} scan")
-        t = t[(t[:, 4] > 0) & covered[t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)]]
-        if len(t):
-            yield t, t[:, 2:4] - c
+        pos = t[:, 0].astype(np.int64) * nx + t[:, 1].astype(np.int64)
+        keep = (t[:, 4] > 0) & covered[pos]
+        if keep.any():
+            yield t[keep], t[keep, 2:4] - c, pos[keep]
