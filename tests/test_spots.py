@@ -6,8 +6,9 @@ import pytest
 from scipy import sparse
 
 from spedflow.errors import InputError, ParameterError
-from spedflow.segment import (VDFMergeParams, area_reflections, fold_fragments,
-                              member_positions, merge_vdf_segments, spot_offsets)
+from spedflow.segment import (AreaReflections, SpotOffsets, VDFMergeParams, area_reflections,
+                              fold_fragments, member_positions, merge_vdf_segments,
+                              read_peak_tables, spot_offsets)
 from spedflow.segment._lattice import one_lattice
 
 from test_lattice import _bent_case, points, random_basis, rotated
@@ -180,6 +181,44 @@ def test_area_reflections_equal_a_brute_force_loop():
     again, _ = area_reflections(masks, vectors, rows, scan_shape=SCAN, detector_shape=DET,
                                 radius=radius)
     np.testing.assert_array_equal(again, counts)
+
+
+def test_one_read_of_the_tables_feeds_both_passes_as_two_reads_would():
+    rng = np.random.default_rng(9)
+    segs, source, vectors, table = _random_case(rng, n_peaks=1500)
+    # masks covering only part of what the segments cover, and positions no segment covers
+    masks = rng.random((3, SCAN[0] * SCAN[1])) < 0.3
+    masks[:, 0] = True
+    segs = segs.tolil()
+    segs[:, 0] = 0
+    segs = segs.tocsr()
+    want_o = spot_offsets(segs, source, vectors, [table], detector_shape=DET, scan_shape=SCAN,
+                          search_radius=5.0)
+    want_a = area_reflections(masks, vectors, [table], scan_shape=SCAN, detector_shape=DET,
+                              radius=3.0)
+    reads = []
+
+    def tables():  # blocks of whole scan rows, counted as they are read
+        for y in range(SCAN[0]):
+            reads.append(y)
+            yield table[table[:, 0] == y]
+
+    got_o, got_a = read_peak_tables(
+        tables(), [SpotOffsets(segs, source, vectors, scan_shape=SCAN, search_radius=5.0),
+                   AreaReflections(masks, vectors, scan_shape=SCAN, radius=3.0)],
+        scan_shape=SCAN, detector_shape=DET)
+    assert reads == list(range(SCAN[0]))  # each block read once
+    for got, want in zip(got_o + got_a, want_o + want_a):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # an accumulator left out gives None; with none at all nothing is read
+    none, (o, w) = read_peak_tables(
+        [table], [None, SpotOffsets(segs, source, vectors, scan_shape=SCAN, search_radius=5.0)],
+        scan_shape=SCAN, detector_shape=DET)
+    assert none is None
+    np.testing.assert_allclose(o, want_o[0], rtol=1e-12, atol=1e-12)
+    reads.clear()
+    assert read_peak_tables(tables(), [None], scan_shape=SCAN, detector_shape=DET) == [None]
+    assert reads == []
 
 
 def test_one_lattice_tells_a_part_from_a_crystal_inside_and_from_a_twins_union():

@@ -29,7 +29,8 @@ from scipy.spatial import cKDTree
 
 from ..errors import InputError, ParameterError
 
-__all__ = ["spot_offsets", "member_positions", "area_reflections"]
+__all__ = ["spot_offsets", "member_positions", "area_reflections", "SpotOffsets",
+           "AreaReflections", "read_peak_tables"]
 
 
 def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iterable,
@@ -63,60 +64,91 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
     weights : (M,) numpy.ndarray of float64
         ``sum_p w_p`` (0 for a segment without peaks): to combine segments' offsets.
     """
-    if not search_radius > 0:
-        raise ParameterError(f"`search_radius` must be > 0 (got {search_radius})")
-    if not sparse.issparse(segments):
-        segments = np.asarray(segments)
-        segments = segments.reshape(segments.shape[0], int(np.prod(segments.shape[1:])))
-    seg = sparse.csr_matrix(segments)
-    seg.eliminate_zeros()
-    m, n_pix = seg.shape
-    ny, nx = (int(s) for s in scan_shape)
-    if n_pix != ny * nx:
-        raise InputError(f"`segments` have {n_pix} pixels per row; the scan {ny} x {nx} has {ny * nx}")
-    source = np.asarray(source, np.int64)
-    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
-    if source.shape != (m,):
-        raise InputError(f"`source` (shape {source.shape}) must have one entry per segment ({m})")
-    if m == 0 or len(vectors) == 0:
-        return np.full((m, 2), np.nan), np.zeros(m)
-    # (vector, position) -> segment, by a sorted key: one segment of a vector per position
-    rows = np.repeat(np.arange(m), np.diff(seg.indptr))
-    keys = source[rows] * n_pix + seg.indices
-    order = np.argsort(keys, kind="stable")
-    keys, rows = keys[order], rows[order]
-    acc = np.zeros((3, m))  # sum of w * dy, w * dx, w per segment
-    covered = np.zeros(n_pix, bool)  # positions inside some segment: the only peaks that count
-    covered[seg.indices] = True
-    tree = cKDTree(vectors)
-    # a peak within search_radius of k vectors has them all within 2 search_radius of
-    # each other: the most vectors any peak can be near
-    k_max = int(max(len(n) for n in tree.query_ball_point(vectors, 2.0 * search_radius)))
-    for t, g, at_pos in _peaks_inside(tables, covered, (ny, nx), detector_shape):
-        d, v = tree.query(g, k=k_max, distance_upper_bound=search_radius)
+    acc = SpotOffsets(segments, source, vectors, scan_shape=scan_shape,
+                      search_radius=search_radius)
+    return read_peak_tables(tables, [acc], scan_shape=scan_shape,
+                            detector_shape=detector_shape)[0]
+
+
+class SpotOffsets:
+    """The accumulator of :func:`spot_offsets` (same parameters), fed by
+    :func:`read_peak_tables`: one read of the peak tables can feed several."""
+
+    def __init__(self, segments, source: np.ndarray, vectors: np.ndarray, *,
+                 scan_shape: tuple[int, int], search_radius: float):
+        if not search_radius > 0:
+            raise ParameterError(f"`search_radius` must be > 0 (got {search_radius})")
+        if not sparse.issparse(segments):
+            segments = np.asarray(segments)
+            segments = segments.reshape(segments.shape[0], int(np.prod(segments.shape[1:])))
+        seg = sparse.csr_matrix(segments)
+        seg.eliminate_zeros()
+        m, n_pix = seg.shape
+        ny, nx = (int(s) for s in scan_shape)
+        if n_pix != ny * nx:
+            raise InputError(f"`segments` have {n_pix} pixels per row; the scan {ny} x {nx} has "
+                             f"{ny * nx}")
+        source = np.asarray(source, np.int64)
+        self.vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+        if source.shape != (m,):
+            raise InputError(f"`source` (shape {source.shape}) must have one entry per segment "
+                             f"({m})")
+        self.m, self.n_pix, self.search_radius = m, n_pix, float(search_radius)
+        self.acc = np.zeros((3, m))  # sum of w * dy, w * dx, w per segment
+        # positions inside some segment: the only peaks that count
+        self.covered = np.zeros(n_pix, bool)
+        self.covered[seg.indices] = True
+        if m == 0 or len(self.vectors) == 0:
+            self.covered[:] = False
+            return
+        # (vector, position) -> segment, by a sorted key: one segment of a vector per position
+        rows = np.repeat(np.arange(m), np.diff(seg.indptr))
+        keys = source[rows] * n_pix + seg.indices
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.rows = keys[order], rows[order]
+        self.tree = cKDTree(self.vectors)
+        # a peak within search_radius of k vectors has them all within 2 search_radius of
+        # each other: the most vectors any peak can be near
+        self.k_max = int(max(len(n) for n in self.tree.query_ball_point(
+            self.vectors, 2.0 * search_radius)))
+
+    def add(self, t: np.ndarray, g: np.ndarray, at_pos: np.ndarray) -> None:
+        """Peaks ``t`` (rows of a table), at ``g`` relative to the beam, at flat scan
+        positions ``at_pos``; peaks outside every segment are ignored."""
+        inside = self.covered[at_pos]
+        if not inside.any():
+            return
+        t, g, at_pos = t[inside], g[inside], at_pos[inside]
+        k_max, n_pix, keys, rows = self.k_max, self.n_pix, self.keys, self.rows
+        d, v = self.tree.query(g, k=k_max, distance_upper_bound=self.search_radius)
         d, v = d.reshape(len(g), k_max), v.reshape(len(g), k_max)
         near = np.isfinite(d)
         if not near.any():
-            continue
+            return
         i = np.nonzero(near)[0]
         d, v = d[near], v[near].astype(np.int64)
         key = v * n_pix + at_pos[i]
-        first = np.lexsort((d, key))  # nearest peak first within each (vector, position)
+        # nearest peak first within each (vector, position): d / (2 search_radius) < 1/2
+        # orders within a key without reaching the next (exact below 2**52)
+        first = np.argsort(key + d / (2.0 * self.search_radius), kind="stable")
         key, i, v = key[first], i[first], v[first]
         lead = np.ones(key.size, bool)
         np.not_equal(key[1:], key[:-1], out=lead[1:])
         key, i, v = key[lead], i[lead], v[lead]
-        at = np.minimum(np.searchsorted(keys, key), max(keys.size - 1, 0))
-        hit = keys[at] == key if keys.size else np.zeros(key.size, bool)
+        at = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+        hit = keys[at] == key
         s, i, v = rows[at[hit]], i[hit], v[hit]
         w = t[i, 4]
-        dg = g[i] - vectors[v]
-        acc[0] += np.bincount(s, w * dg[:, 0], minlength=m)
-        acc[1] += np.bincount(s, w * dg[:, 1], minlength=m)
-        acc[2] += np.bincount(s, w, minlength=m)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        offsets = np.where(acc[2] > 0, acc[:2] / acc[2], np.nan).T
-    return offsets, acc[2]
+        dg = g[i] - self.vectors[v]
+        self.acc[0] += np.bincount(s, w * dg[:, 0], minlength=self.m)
+        self.acc[1] += np.bincount(s, w * dg[:, 1], minlength=self.m)
+        self.acc[2] += np.bincount(s, w, minlength=self.m)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        acc = self.acc
+        with np.errstate(invalid="ignore", divide="ignore"):
+            offsets = np.where(acc[2] > 0, acc[:2] / acc[2], np.nan).T
+        return offsets, acc[2].copy()
 
 
 def member_positions(members: Sequence, segment_members: Sequence, source: np.ndarray,
@@ -185,42 +217,80 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
     positions : (L, N, 2) numpy.ndarray of float64
         Their mean position, relative to the beam (NaN where the count is 0).
     """
-    if not radius > 0:
-        raise ParameterError(f"`radius` must be > 0 (got {radius})")
-    m = sparse.csr_matrix(masks, dtype=np.float64)
-    m.eliminate_zeros()
-    m.data[:] = 1.0
-    n_l, n_pix = m.shape
-    ny, nx = (int(s) for s in scan_shape)
-    if n_pix != ny * nx:
-        raise InputError(f"`masks` have {n_pix} pixels per row; the scan {ny} x {nx} has {ny * nx}")
-    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
-    n_v = len(vectors)
-    counts = np.zeros((n_l, n_v))
-    acc = np.zeros((3, n_l, n_v))
-    if n_l and n_v:
-        covered = np.asarray(m.sum(axis=0)).ravel() > 0
-        by_position = m.T.tocsr()  # (positions, masks): a table's rows only, not all of m
-        tree = cKDTree(vectors)
-        for t, g, at_pos in _peaks_inside(tables, covered, (ny, nx), detector_shape):
-            d, v = tree.query(g, distance_upper_bound=radius)
-            ok = np.isfinite(d)
-            if not ok.any():
-                continue
-            g, v, w = g[ok], v[ok], t[ok, 4]
-            here, row = np.unique(at_pos[ok], return_inverse=True)  # this table's positions
-            m_t = by_position[here].T.tocsr()  # (masks, its positions)
-            shape = (len(here), n_v)
-            # (position, vector) once for the counts, every peak for the positions
-            once = sparse.csr_matrix((np.ones(len(v)), (row, v)), shape=shape)
-            once.data[:] = 1.0
-            counts += (m_t @ once).toarray()
-            for k, vals in enumerate((w * g[:, 0], w * g[:, 1], w)):
-                acc[k] += (m_t @ sparse.csr_matrix((vals, (row, v)), shape=shape)).toarray()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        where = np.where(acc[2][..., None] > 0, np.stack([acc[0], acc[1]], -1) / acc[2][..., None],
-                         np.nan)
-    return counts.astype(np.int64), where
+    acc = AreaReflections(masks, vectors, scan_shape=scan_shape, radius=radius)
+    return read_peak_tables(tables, [acc], scan_shape=scan_shape,
+                            detector_shape=detector_shape)[0]
+
+
+class AreaReflections:
+    """The accumulator of :func:`area_reflections` (same parameters), fed by
+    :func:`read_peak_tables`."""
+
+    def __init__(self, masks, vectors: np.ndarray, *, scan_shape: tuple[int, int],
+                 radius: float):
+        if not radius > 0:
+            raise ParameterError(f"`radius` must be > 0 (got {radius})")
+        m = sparse.csr_matrix(masks, dtype=np.float64)
+        m.eliminate_zeros()
+        m.data[:] = 1.0
+        n_l, n_pix = m.shape
+        ny, nx = (int(s) for s in scan_shape)
+        if n_pix != ny * nx:
+            raise InputError(f"`masks` have {n_pix} pixels per row; the scan {ny} x {nx} has "
+                             f"{ny * nx}")
+        self.vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+        self.radius = float(radius)
+        n_v = len(self.vectors)
+        self.counts = np.zeros((n_l, n_v))
+        self.acc = np.zeros((3, n_l, n_v))
+        self.covered = np.asarray(m.sum(axis=0)).ravel() > 0
+        if not (n_l and n_v):
+            self.covered[:] = False
+            return
+        self.by_position = m.T.tocsr()  # (positions, masks): a table's rows only, not all of m
+        self.tree = cKDTree(self.vectors)
+
+    def add(self, t: np.ndarray, g: np.ndarray, at_pos: np.ndarray) -> None:
+        """Peaks as for :meth:`SpotOffsets.add`; peaks outside every mask are ignored."""
+        inside = self.covered[at_pos]
+        if not inside.any():
+            return
+        t, g, at_pos = t[inside], g[inside], at_pos[inside]
+        d, v = self.tree.query(g, distance_upper_bound=self.radius)
+        ok = np.isfinite(d)
+        if not ok.any():
+            return
+        g, v, w = g[ok], v[ok], t[ok, 4]
+        here, row = np.unique(at_pos[ok], return_inverse=True)  # this table's positions
+        m_t = self.by_position[here].T.tocsr()  # (masks, its positions)
+        shape = (len(here), len(self.vectors))
+        # (position, vector) once for the counts, every peak for the positions
+        once = sparse.csr_matrix((np.ones(len(v)), (row, v)), shape=shape)
+        once.data[:] = 1.0
+        self.counts += (m_t @ once).toarray()
+        for k, vals in enumerate((w * g[:, 0], w * g[:, 1], w)):
+            self.acc[k] += (m_t @ sparse.csr_matrix((vals, (row, v)), shape=shape)).toarray()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        acc = self.acc
+        with np.errstate(invalid="ignore", divide="ignore"):
+            where = np.where(acc[2][..., None] > 0,
+                             np.stack([acc[0], acc[1]], -1) / acc[2][..., None], np.nan)
+        return self.counts.astype(np.int64), where
+
+
+def read_peak_tables(tables: Iterable, accumulators: Sequence, *, scan_shape: tuple[int, int],
+                     detector_shape: tuple[int, int]) -> list:
+    """Read the peak tables once and feed every accumulator (:class:`SpotOffsets`,
+    :class:`AreaReflections`; ``None`` entries are skipped and give ``None``); their
+    results, in order."""
+    live = [a for a in accumulators if a is not None]
+    if live:
+        covered = np.logical_or.reduce([a.covered for a in live])
+        for t, g, at_pos in _peaks_inside(tables, covered, scan_shape, detector_shape):
+            for a in live:
+                a.add(t, g, at_pos)
+    return [None if a is None else a.result() for a in accumulators]
 
 
 def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_shape):

@@ -248,10 +248,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (area_reflections, drop_radial_pairs, drop_shared_reflections,
-                           fold_fragments, member_positions, merge_vdf_segments,
-                           pattern_sigma, segments_from_labels, spot_offsets,
-                           virtual_patterns, watershed_stack)
+    from ..segment import (AreaReflections, SpotOffsets, drop_radial_pairs,
+                           drop_shared_reflections, fold_fragments, member_positions,
+                           merge_vdf_segments, pattern_sigma, read_peak_tables,
+                           segments_from_labels, virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -382,18 +382,19 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         # each group's area
         measured = seen_in = None
         if cfg.merge.lattice_significance > 0 and len(merged.summed) > 1:
-            def tables():
-                return _aligned_tables(paths, beam.measured, beam.used, (ky, kx),
-                                       pk.exclude_border)
-            offsets, weights = spot_offsets(segments, source, vectors, tables(),
-                                            detector_shape=(ky, kx), scan_shape=(ny, nx),
-                                            search_radius=2.0 * vd.radius)
-            measured = member_positions(merged.members, merged.segment_members, source,
-                                        vectors, offsets, weights)
+            spots = SpotOffsets(segments, source, vectors, scan_shape=(ny, nx),
+                                search_radius=2.0 * vd.radius)
+            areas = None
             if cfg.merge.area_reflections > 0:
                 masks = sparse.csr_matrix(merged.summed.reshape(len(merged.summed), -1))
-                seen_in = area_reflections(masks, vectors, tables(), scan_shape=(ny, nx),
-                                           detector_shape=(ky, kx), radius=vp.cluster_radius)
+                areas = AreaReflections(masks, vectors, scan_shape=(ny, nx),
+                                        radius=vp.cluster_radius)
+            # one read of the peak tables feeds both
+            (offsets, weights), seen_in = read_peak_tables(
+                _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
+                [spots, areas], scan_shape=(ny, nx), detector_shape=(ky, kx))
+            measured = member_positions(merged.members, merged.segment_members, source,
+                                        vectors, offsets, weights)
         merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
