@@ -262,6 +262,19 @@ def test_nan_outside_the_sampled_chunks_is_refused_in_pass_1(stores, method):
     assert not out.exists()
 
 
+def test_nan_in_binned_patterns_is_named_by_its_raw_pixels(stores):
+    """With detector binning pass 1 sees binned patterns: the message names the raw
+    detector's pixels that went into the binned one, not the binned pixel's index."""
+    from spedflow.api import segment
+    arr = _unsampled_nan_store(stores)
+    out = stores["dir"] / "unsampled.binned.zarr"
+    with pytest.raises(InputError, match=r"first at scan position \(13, 17\), raw detector "
+                                         r"pixels \(30\.\.31, 30\.\.31\)"):
+        segment(arr, method="vdf", out=out, local=True, progress=False,
+                overrides={"preprocess": {"detector_binning": 2}})
+    assert not out.exists()
+
+
 def test_nan_refused_on_a_local_cluster_in_one_line(stores):
     """On worker processes the task's failure reaches the user as one line, not with
     the worker's ~15-line "Compute Failed" log of the task and its traceback."""

@@ -596,7 +596,7 @@ _PROFILE_PATTERNS = 1024
 
 
 def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, profile_stride=1,
-                annulus=None):
+                annulus=None, detector_binning=1):
     """The beam pass on one chunk: centres, the sampled beam profile, the pattern sum,
     and the radial profiles (or, if ``annulus = (inner, outer)`` is known already,
     just the annular VDF intensity they would give)."""
@@ -604,7 +604,7 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     frames = np.asarray(block, dtype=np.float32)
     total_ = pattern_sum(frames)
     if not np.isfinite(total_).all():
-        _refuse_nonfinite(frames, offset)
+        _refuse_nonfinite(frames, offset, detector_binning)
     c = pk.beam_centres(frames, beam_radius, reference=reference)
     # the radius needs an average profile only: every profile_stride-th position in
     # each scan direction (global indices, so the result does not depend on chunking)
@@ -622,14 +622,19 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     return out
 
 
-def _refuse_nonfinite(frames: np.ndarray, offset) -> None:
+def _refuse_nonfinite(frames: np.ndarray, offset, detector_binning: int = 1) -> None:
     """InputError naming the first pattern of a block (scan_y, scan_x, ky, kx) with a
     NaN or infinite value. The check before a run reads 5 chunks
     (:func:`_sample_check`); this catches the rest in pass 1, where each block's
-    pattern sum costs nothing extra, instead of a NaN VDF image failing at the end."""
+    pattern sum costs nothing extra, instead of a NaN VDF image failing at the end.
+    With ``detector_binning`` d > 1 the block holds binned patterns: the message names
+    the raw detector's d x d pixels."""
     y, x, ky, kx = (int(v) for v in np.argwhere(~np.isfinite(frames))[0])
+    d = int(detector_binning)
+    where = (f"detector pixel ({ky}, {kx})" if d == 1 else
+             f"raw detector pixels ({ky * d}..{ky * d + d - 1}, {kx * d}..{kx * d + d - 1})")
     raise InputError(f"the data hold NaN or infinite values, first at scan position "
-                     f"({offset[0] + y}, {offset[1] + x}), detector pixel ({ky}, {kx}) (the check "
+                     f"({offset[0] + y}, {offset[1] + x}), {where} (the check "
                      "before the run reads 5 chunks); clean or re-ingest the data first")
 
 
@@ -663,7 +668,8 @@ def beam_block_kwargs(plan: Plan, prep, *, annular: bool = False) -> dict:
                 reference=None if prep.beam_radius else _sample_mean(plan, prep),
                 n_bins=n_bins, max_radius=min(ky, kx) / 4,
                 profile_stride=max(1, int(np.sqrt(n / _PROFILE_PATTERNS))),
-                annulus=(2 * float(prep.beam_radius), n_bins) if annular else None)
+                annulus=(2 * float(prep.beam_radius), n_bins) if annular else None,
+                detector_binning=plan.detector_binning)
 
 
 def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
