@@ -532,6 +532,18 @@ def _valid(shift, n, ok):
         ok[i] = (i >= shift - eps) and (i <= n - 1 + shift + eps)
 
 
+@njit(cache=True, nogil=True)
+def _set_invalid(z, rowok, colok, value):
+    """In place: ``value`` in the rows and columns of ``z`` not ``rowok`` / ``colok``."""
+    ky, kx = z.shape
+    for y in range(ky):
+        if not rowok[y]:
+            z[y, :] = value
+    for x in range(kx):
+        if not colok[x]:
+            z[:, x] = value
+
+
 # ---------------------------------------------------------------------- fused
 @njit(cache=True, nogil=True, error_model="numpy")
 def _pass2_chunk(frames, shifts, order, starts, j0, j1, f, g, counts, gain, read_var,
@@ -555,10 +567,15 @@ def _pass2_chunk(frames, shifts, order, starts, j0, j1, f, g, counts, gain, read
     nv, nk = idx.shape
     for i in range(n):
         _shift_one(frames[i], shifts[i, 0], shifts[i, 1], z, row)
-        _ring_profile(zf, order, starts, counts, gain, read_var, xs, prof)
-        _subtract_rings(zf, prof, j0, j1, f, g)
         _valid(shifts[i, 0], ky, rowok)
         _valid(shifts[i, 1], kx, colok)
+        # beyond the detector's edge: left out of the ring background (NaN), then at it
+        # (0): the shift's fill of 0 is a step wherever the background is not 0 (a dark
+        # level left in the data), which the rings and the DoG carried into the discs
+        _set_invalid(z, rowok, colok, np.float32(np.nan))
+        _ring_profile(zf, order, starts, counts, gain, read_var, xs, prof)
+        _subtract_rings(zf, prof, j0, j1, f, g)
+        _set_invalid(z, rowok, colok, np.float32(0))
         for y in range(ky):
             _xpass(z[y], klow_x, pad, t[y])
         # G_high = A_y (B_y^T Z B_x) A_x^T, low rank

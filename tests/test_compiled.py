@@ -70,6 +70,24 @@ def test_compiled_pass2_equals_numpy(shape, dtype):
     assert not ref[2].any() and not fast[2].any()  # nothing left of a pattern shifted away
 
 
+def test_pass2_fill_beyond_the_detector_is_no_step_above_a_dark_level():
+    """A flat pattern at a dark level (63 units, as a camera whose offset was left in
+    the data), shifted by up to 3.4 px: the rows and columns shifted in from beyond
+    the detector are left out of the ring background and then sit at it, so no disc
+    of any ring lights up. Before, the shift's fill of 0 pulled every ring crossing it
+    below the real pixels and their discs summed ~95 units (the VDF workflow's
+    dark-level camera: false crystals where the descan is largest)."""
+    shape = (48, 48)
+    frames = np.full((6,) + shape, 63.0, np.float32)
+    centres = 24.0 + np.array([[1.5, 0.0], [-2.3, 0.7], [0.0, -3.4], [0.2, 0.1],
+                               [0.6, 0.6], [-1.0, 2.5]])
+    ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    masks = disc_masks(np.column_stack([19 * np.sin(ang), 19 * np.cos(ang)]), 2.5, shape)
+    fast, ref = _both(frames, centres, masks, sigma_low=1.0, sigma_high=8.0, counts=(1.0, 0.0))
+    # float32 rounding of 63 over a ~20-pixel disc
+    assert np.abs(fast).max() < 1e-3 and np.abs(ref).max() < 1e-3
+
+
 def test_compiled_pass2_is_used_only_where_it_applies(monkeypatch):
     frames, centres = _patterns((40, 40), 3, np.random.default_rng(0), np.uint16)
     masks = disc_masks([[5.0, 3.0]], 2.0, (40, 40))

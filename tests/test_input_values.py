@@ -75,12 +75,9 @@ def test_camera_with_its_dark_level_is_accepted(stores, method):
     a = evaluate(out, stores["dark"])
     b = evaluate(segment(stores["counts"], method=method, out=d / f"counts2.{method}.zarr",
                          local=True, progress=False), stores["counts"])
-    assert a["recall"] >= b["recall"] - 0.2
-    if method == "nmf":
-        assert a["precision"] >= b["precision"] - 0.2
-    else:  # a known gap (0.16.0): three extra groups on the dark-level camera, at 0.15.0
-        # too (0.50 then, 0.60 now), while the counts run's fragments now fold (1.00)
-        assert a["precision"] >= 0.5
+    # (VDF precision was 0.60 here until pass 2 left the shift's fill beyond the
+    # detector out of the ring background: its 0 was a step below the dark level)
+    assert a["recall"] >= b["recall"] - 0.2 and a["precision"] >= b["precision"] - 0.2
     assert a["recall"] >= 0.6
     got = zarr.open_group(str(out), mode="r").attrs["spedflow"]["resolved"]
     if method == "vdf":

@@ -244,7 +244,15 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
             out[s:s + batch] = z
             continue
         if counts is not None:
+            # beyond the detector's edge: left out of the ring background (NaN), then at
+            # it (0): the shift's fill of 0 is a step wherever the background is not 0 (a
+            # dark level left in the data), which the rings and the DoG carried into discs
+            off = None if shifts is None else ~np.logical_and(*_valid_mask(shape, shifts[s:s + batch]))
+            if off is not None and off.any():
+                z = np.where(off, np.float32(np.nan), z)
             z = z - rings.image(rings.background(z, counts[0], counts[1]))
+            if off is not None:
+                z[off] = 0
         if matrices:
             g_low, g_high = blur(z)
         else:
