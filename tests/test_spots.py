@@ -1,6 +1,8 @@
 """Where the spots lighting a VDF segment are (segment._spots): against a brute-force
 loop over segments, positions and peaks; and fragment folding on those positions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import sparse
@@ -287,3 +289,110 @@ def test_fold_fragments_keeps_a_weak_crystal_whose_area_shows_the_larger_ones_re
     seen neither there nor in A's area, is no reflection of A, and rule 5 keeps it."""
     _, _, _, images, _, p, merged, _, counts, where = _one_pair_case(10)  # rarely found
     assert len(fold_fragments(merged, images, p, seen_in=(counts, where)).summed) == 2
+
+
+def _side_by_side(left_vectors, right_vectors, *, gap=1, rng_seed=0):
+    """Two groups side by side on a 40 x 40 scan (the left and right halves of a disc,
+    ``gap`` columns apart), each lit by its own vectors, each area showing its own
+    vectors' reflections at every position: the MergeResult, images and ``seen_in``."""
+    from spedflow.segment import MergeResult
+    from test_merge import disc
+    xx = np.mgrid[:40, :40][1]
+    d = disc((20, 20), 12)
+    left, right = d & (xx < 20), d & (xx >= 19 + gap)
+    vectors = np.vstack([left_vectors, right_vectors]).astype(float)
+    n_l = len(left_vectors)
+    images = np.zeros((len(vectors), 40, 40))
+    images[:n_l], images[n_l:] = left * 5.0, right * 3.0
+    members = (np.arange(n_l), np.arange(n_l, len(vectors)))
+    merged = MergeResult(np.stack([left * 5.0, right * 3.0]).astype(np.float32), members,
+                         tuple(np.ones(m.size) for m in members),
+                         (np.array([0]), np.array([1])), vectors, 2)
+    counts = np.zeros((2, len(vectors)), int)
+    counts[0, :n_l], counts[1, n_l:] = left.sum(), right.sum()
+    where = np.broadcast_to(vectors, (2, len(vectors), 2)).copy()
+    return merged, images, (counts, where), left | right
+
+
+def test_rule_6_folds_the_halves_of_a_bent_crystal_and_nothing_else():
+    """Two halves side by side, each lit by its own reflections of one lattice (a bent
+    crystal excites different ones on each part): rule 6 folds them into their
+    union. Another orientation next to it, halves further apart than
+    ``adjacent_gap``, or the rule off: two crystals."""
+    rng = np.random.default_rng(4)
+    whole = rotated(points(random_basis(rng), 45), 0.0)
+    pick = rng.permutation(len(whole))
+    one, two = whole[pick[:len(whole) // 2]], whole[pick[len(whole) // 2:]]
+    assert one_lattice(one, two) and one_lattice(two, one)
+    p = VDFMergeParams(vector_threshold=2)
+    merged, images, seen_in, union = _side_by_side(one, two)
+    assert len(fold_fragments(merged, images, p).summed) == 2  # rules 1-5 see no containment
+    folded = fold_fragments(merged, images, p, seen_in=seen_in)
+    assert len(folded.summed) == 1
+    np.testing.assert_array_equal(folded.summed[0] > 0, union)
+    assert folded.members[0].tolist() == list(range(len(whole)))
+    # the other half at another orientation: a crystal of its own
+    merged, images, seen_in, _ = _side_by_side(one, rotated(two, 31.0))
+    assert len(fold_fragments(merged, images, p, seen_in=seen_in).summed) == 2
+    # 4 columns apart: within adjacent_gap = 5, not within 2; 0 turns the rule off
+    merged, images, seen_in, _ = _side_by_side(one, two, gap=4)
+    assert len(fold_fragments(merged, images, p, seen_in=seen_in).summed) == 2
+    wide = dataclasses.replace(p, adjacent_gap=5)
+    assert len(fold_fragments(merged, images, wide, seen_in=seen_in).summed) == 1
+    merged, images, seen_in, _ = _side_by_side(one, two)
+    off = dataclasses.replace(p, adjacent_gap=0)
+    assert len(fold_fragments(merged, images, off, seen_in=seen_in).summed) == 2
+
+
+def test_rule_5_leaves_out_an_overlapping_crystals_reflections_and_unlit_vectors():
+    """The fringe of crystal A (lit by one pair) overlaps crystal C, which lies mostly
+    outside A: the fringe's area shows C's reflections too. They are C's, not evidence
+    against the fringe being A's: rule 5 folds it. Without C's group they are
+    unexplained and it stays. An own vector of the fringe off A's lattice stays
+    against folding unless no spot was found near it (``lit``)."""
+    from spedflow.segment import MergeResult
+    segs, src, vectors, images, a, p, merged, sizes, counts, where = _one_pair_case(2)
+    big = int(np.argmax([m.size for m in merged.members]))
+    small = 1 - big
+    # C: another orientation, its mask the fringe's plus a region outside A
+    other = rotated(points(random_basis(np.random.default_rng(1)), 40, rmin=15), 17.0)[:6]
+    n = len(vectors)
+    vectors3 = np.vstack([vectors, other])
+    xx = np.mgrid[:40, :40][1]
+    fringe = merged.summed[small] > 0
+    c_mask = fringe | (xx >= 33)  # A is a disc of radius 12 about (20, 20)
+    assert (c_mask & a).sum() < 0.5 * c_mask.sum()  # C lies mostly outside A
+    images3 = np.concatenate([images, np.broadcast_to(c_mask * 4.0, (len(other), 40, 40))])
+    summed = np.concatenate([merged.summed, (c_mask * 4.0)[None]]).astype(np.float32)
+    members = merged.members + (np.arange(n, n + len(other)),)
+    merged3 = MergeResult(summed, members, tuple(np.ones(m.size) for m in members),
+                          merged.segment_members + (np.array([len(segs)]),), vectors3, 3)
+    sizes3 = (summed.reshape(3, -1) > 0).sum(axis=1)
+    counts3 = np.zeros((3, len(vectors3)), int)
+    counts3[:2, :n] = counts
+    counts3[small, n:] = sizes3[small]  # C's reflections show all over the fringe
+    counts3[2, n:] = sizes3[2]
+    where3 = np.broadcast_to(vectors3, (3, len(vectors3), 2)).copy()
+    folded = fold_fragments(merged3, images3, p, seen_in=(counts3, where3))
+    assert len(folded.summed) == 2  # the fringe went into A; C stays
+    # without C's group, C's reflections in the fringe's area are unexplained
+    alone = MergeResult(merged.summed, merged.members, merged.intensities,
+                        merged.segment_members, vectors3, 2)
+    images2 = np.concatenate([images, np.zeros((len(other), 40, 40))])
+    assert len(fold_fragments(alone, images2, p, seen_in=(counts3[:2], where3[:2])).summed) == 2
+    # an own vector of the fringe off A's lattice: it stays, unless no spot lit it
+    off = np.vstack([vectors, [[17.3, -6.1]]])
+    fr = MergeResult(merged.summed, tuple(np.append(m, n) if i == small else m
+                                          for i, m in enumerate(merged.members)),
+                     tuple(np.append(w, 1.0) if i == small else w
+                           for i, w in enumerate(merged.intensities)),
+                     merged.segment_members, off, 2)
+    images_off = np.concatenate([images, images[fr.members[small][0]][None]])
+    c4 = np.concatenate([counts, np.zeros((2, 1), int)], axis=1)
+    w4 = np.broadcast_to(off, (2, len(off), 2)).copy()
+    assert len(fold_fragments(fr, images_off, p, seen_in=(c4, w4)).summed) == 2
+    lit = [np.ones(m.size) for m in fr.members]
+    lit[small][-1] = 0.0  # no spot found near the stray vector in the fringe's segments
+    assert len(fold_fragments(fr, images_off, p, seen_in=(c4, w4), lit=lit).summed) == 1
+    with pytest.raises(InputError, match="lit"):
+        fold_fragments(fr, images_off, p, seen_in=(c4, w4), lit=lit[:1])

@@ -320,7 +320,8 @@ def _check_images(result: MergeResult, images) -> _Images:
 
 def fold_fragments(result: MergeResult, images: np.ndarray,
                    params: VDFMergeParams | None = None, *,
-                   measured: Sequence | None = None, seen_in: tuple | None = None) -> MergeResult:
+                   measured: Sequence | None = None, seen_in: tuple | None = None,
+                   lit: Sequence | None = None) -> MergeResult:
     """Fold summed segments that are fragments of a larger crystal into it.
 
     The watershed of some VDF images cuts a crystal into parts (uneven thickness,
@@ -355,6 +356,16 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        of ``b``'s on theirs. A part of a crystal whose thickness varies is lit by one
        pair of reflections (thickness fringes): too few for rule 4, while all of the
        crystal's reflections show in it. A crystal inside ``b`` shows its own.
+       Left out of the test: reflections that another group ``c`` overlapping ``a``
+       (and lying mostly outside ``b``) shows and ``b``'s area does not, since a crystal
+       overlapping in projection adds its own spots; and ``a``'s own vectors near
+       which no spot was found in any of its segments (``lit``).
+
+    or 6. ``a``'s and ``b``'s masks come within ``params.adjacent_gap`` scan positions
+       of each other (side by side: containment aside) and rule 5's test holds both
+       ways, ``a`` on ``b``'s lattice and ``b`` on ``a``'s: the halves of a bent crystal,
+       each lit by other reflections of it. Tested after rules 1-5, on what they left;
+       the folded mask is the union of both.
 
     A fragment's vectors belong to the same crystal, whose thickness scales every
     reflection alike where diffraction is kinematic: their images follow ``b``'s
@@ -392,7 +403,11 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     seen_in : (counts (n, N), positions (n, N, 2)), optional
         Per summed segment and vector, the scan positions of its mask showing that
         vector's reflection and their mean position
-        (:func:`~spedflow.segment.area_reflections`): rule 5. Default: no rule 5.
+        (:func:`~spedflow.segment.area_reflections`): rules 5 and 6. Default: neither.
+    lit : sequence of (n_l,) arrays, optional
+        Per summed segment and member vector, the intensity of the spots found near the
+        vector in its segments (:func:`~spedflow.segment.member_positions` with
+        ``return_weights``): rule 5 leaves out vectors with none. Default: none left out.
 
     Returns
     -------
@@ -406,7 +421,7 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     n = len(result.summed)
     if n < 2 or (params.fragment_containment > 1 and params.coincident_iou > 1):
         return result
-    masks, area, inter = _mask_overlaps(result)  # masks do not change when folding
+    masks, area, inter = _mask_overlaps(result)  # masks change in rule 6 only
     profile = np.stack([images.sum_of(m).astype(np.float32) for m in result.members])  # (n, P)
     summed = [s.reshape(-1).astype(np.float64) for s in result.summed]
     members = [dict(zip(m.tolist(), i.tolist())) for m, i in zip(result.members, result.intensities)]
@@ -417,8 +432,34 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
                          "member vector")
     where = [dict(zip(m.tolist(), np.asarray(g, np.float64))) for m, g in zip(result.members, measured)]
     seen = _seen(seen_in, area, len(result.vectors), params)
+    if lit is None:
+        lit = [np.ones(m.size) for m in result.members]
+    if len(lit) != n or any(np.shape(w) != (m.size,) for w, m in zip(lit, result.members)):
+        raise InputError("`lit` must hold one (n_l,) array per summed segment, an entry per "
+                         "member vector")
+    lit = [dict(zip(m.tolist(), np.asarray(w, np.float64).tolist())) for m, w in zip(result.members, lit)]
     segs = list(result.segment_members)
     alive = np.ones(n, dtype=bool)
+
+    def left_out(a, b):
+        """Rule 5's reflections of ``a`` that are no evidence for or against ``b``: those
+        of a crystal overlapping ``a`` in projection, and own vectors without a spot."""
+        skip = {v for v in where[a] if lit[a].get(v, 0.0) <= 0}
+        for c in np.flatnonzero(inter[a] > 0):
+            if c != a and c != b and alive[c] and inter[c, b] < 0.5 * area[c]:
+                skip |= (seen[c].keys() - seen[b].keys()) & (seen[a].keys() | where[a].keys())
+        return skip
+
+    def fold(a, best, *, union=False):
+        summed[best] = summed[best] + (summed[a] if union else summed[a] * masks[best])
+        for v, i in members[a].items():
+            members[best][v] = members[best].get(v, 0.0) + i
+            where[best].setdefault(v, where[a][v])
+            lit[best][v] = lit[best].get(v, 0.0) + lit[a][v]
+        segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
+        profile[best] = images.sum_of(sorted(members[best]))
+        alive[a] = False
+
     for a in sorted(range(n), key=lambda i: (area[i], i)):
         best, best_corr = None, -np.inf
         for b in np.flatnonzero(inter[a] >= min(params.fragment_containment,
@@ -434,22 +475,37 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             if r > best_corr and (coincide or (contained and (
                     _lights_up(profile[a], profile[b], masks[a], masks[b], r, params)
                     or _on_lattice(where[a], where[b], params)
-                    or _one_crystal(seen[a], where[a], seen[b], params)))):
+                    or _one_crystal(seen[a], where[a], seen[b], params, left_out(a, b))))):
                 best, best_corr = b, r
-        if best is None:
-            continue
-        summed[best] = summed[best] + summed[a] * masks[best]
-        for v, i in members[a].items():
-            members[best][v] = members[best].get(v, 0.0) + i
-            where[best].setdefault(v, where[a][v])
-        segs[best] = np.sort(np.concatenate([segs[best], segs[a]]))
-        profile[best] = images.sum_of(sorted(members[best]))
-        alive[a] = False
+        if best is not None:
+            fold(a, best)
+    # rule 6: parts side by side, one lattice both ways (masks grow by the union)
+    shape = result.summed.shape[1:]
+    folded = params.adjacent_gap > 0 and any(seen)
+    while folded:
+        folded = False
+        for a in sorted(np.flatnonzero(alive), key=lambda i: (area[i], i)):
+            near = ndimage.binary_dilation(masks[a].reshape(shape),
+                                           iterations=int(params.adjacent_gap)).ravel()
+            best, best_corr = None, -np.inf
+            for b in np.flatnonzero(alive & (masks & near).any(axis=1) & (area >= area[a])):
+                if b == a or not (_one_crystal(seen[a], where[a], seen[b], params, left_out(a, b))
+                                  and _one_crystal(seen[b], where[b], seen[a], params,
+                                                   left_out(b, a))):
+                    continue
+                r = _pearson_1d(profile[a], profile[b])
+                if r > best_corr:
+                    best, best_corr = b, r
+            if best is not None:
+                fold(a, best, union=True)
+                masks[best] |= masks[a]
+                area[best] = masks[best].sum()
+                folded = True
+                break
     keep = [i for i in range(n) if alive[i]]
     if len(keep) == n:
         return result
     order = sorted(keep, key=lambda i: (-summed[i].sum(), i))
-    shape = result.summed.shape[1:]
     return MergeResult(
         np.stack([summed[i] for i in order]).astype(np.float32).reshape((len(order),) + shape),
         tuple(np.array(sorted(members[i]), np.int64) for i in order),
@@ -700,7 +756,7 @@ def _seen(seen_in, sizes: np.ndarray, n_vectors: int, params) -> list:
     return out
 
 
-def _one_crystal(seen_a: dict, where_a: dict, seen_b: dict, params) -> bool:
+def _one_crystal(seen_a: dict, where_a: dict, seen_b: dict, params, skip=frozenset()) -> bool:
     """Condition 5 of :func:`fold_fragments`: the reflections seen in a's area, and a's
     own, are those of the crystal seen in b's.
 
@@ -709,12 +765,15 @@ def _one_crystal(seen_a: dict, where_a: dict, seen_b: dict, params) -> bool:
     crystal inside b lights its vectors' discs without its spots being found at most of
     its positions, and its area then shows b's reflections only. (Not every vector: a
     segment lit by a neighbouring reflection off its vector's centre has its peaks
-    counted at that reflection's own vector, or at none.)"""
+    counted at that reflection's own vector, or at none.) Vectors in ``skip`` are left
+    out of a's, own and seen, the guard's too."""
     if not seen_a or not seen_b or params.lattice_significance <= 0:
         return False
-    if not any(v in seen_a or v in seen_b for v in where_a):
+    own = {v: g for v, g in where_a.items() if v not in skip}
+    if not any(v in seen_a or v in seen_b for v in own):
         return False
-    ga = {**where_a, **seen_a}  # a member seen often: where it is seen
+    # a member seen often: where it is seen
+    ga = {**own, **{v: g for v, g in seen_a.items() if v not in skip}}
     return one_lattice(np.array([ga[v] for v in sorted(ga)]),
                        np.array([seen_b[v] for v in sorted(seen_b)]),
                        tolerance=params.friedel_tolerance, bend=params.lattice_bend,

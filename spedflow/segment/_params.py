@@ -210,6 +210,13 @@ class VDFMergeParams:
         most positions it covers (thickness fringes and bending dim some of them over
         parts); a neighbour's spots reach into its edge only, and noise peaks land on
         a vector's position at random. Default 0.3. 0 disables rule 5.
+    adjacent_gap : int
+        Fragment folding, rule 6 (:func:`~spedflow.segment.fold_fragments`): two groups
+        whose masks come within this many scan positions of each other, side by side
+        rather than one inside the other, are parts of one crystal when each one's
+        reflections (rule 5's test) lie on the other's lattice: the halves of a bent
+        crystal, each lit by other reflections of it. Default 2 (a watershed cut
+        line and a pixel of either edge). 0 disables rule 6.
     """
 
     corr_threshold: float = 0.7
@@ -225,9 +232,11 @@ class VDFMergeParams:
     lattice_bend: float = 3.0
     lattice_significance: float = 1e-3
     area_reflections: float = 0.3
+    adjacent_gap: int = 2
 
     def __post_init__(self):
         check_range("area_reflections", self.area_reflections, low=0, high=1)
+        check_range("adjacent_gap", self.adjacent_gap, low=0, integer=True)
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)

@@ -152,7 +152,8 @@ class SpotOffsets:
 
 
 def member_positions(members: Sequence, segment_members: Sequence, source: np.ndarray,
-                     vectors: np.ndarray, offsets: np.ndarray, weights: np.ndarray) -> tuple:
+                     vectors: np.ndarray, offsets: np.ndarray, weights: np.ndarray, *,
+                     return_weights: bool = False) -> tuple:
     """Where each group's reflections are: per member vector of each group, the vector
     moved by the weighted mean offset (:func:`spot_offsets`) of the group's segments of
     that vector; the vector itself where none of them has a peak near it.
@@ -167,15 +168,19 @@ def member_positions(members: Sequence, segment_members: Sequence, source: np.nd
     vectors : (N, 2) array
     offsets, weights : (M, 2) and (M,) arrays
         From :func:`spot_offsets`.
+    return_weights : bool
+        Also return, per group, the total intensity of the peaks found near each member
+        vector over its segments (0: no spot found near it anywhere in the group).
 
     Returns
     -------
-    tuple of (n_l, 2) numpy.ndarray of float64, aligned with ``members``.
+    tuple of (n_l, 2) numpy.ndarray of float64, aligned with ``members``; with
+    ``return_weights``, ``(positions, weights)``, weights a tuple of (n_l,) arrays.
     """
     source = np.asarray(source, np.int64)
     vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
     ok = np.isfinite(offsets).all(axis=1) & (weights > 0)
-    out = []
+    out, lit = [], []
     for mem, segs in zip(members, segment_members):
         mem = np.asarray(mem, np.int64)
         segs = np.asarray(segs, np.int64)
@@ -187,7 +192,8 @@ def member_positions(members: Sequence, segment_members: Sequence, source: np.nd
         with np.errstate(invalid="ignore", divide="ignore"):
             shift = np.where(w[:, None] > 0, shift / w[:, None], 0.0)
         out.append(vectors[mem] + shift)
-    return tuple(out)
+        lit.append(w)
+    return (tuple(out), tuple(lit)) if return_weights else tuple(out)
 
 
 def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,

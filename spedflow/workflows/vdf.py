@@ -380,7 +380,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         # those lighting each group's segments are (a segment can be lit by its
         # crystal's reflection off its vector's centre), and which reflections show in
         # each group's area
-        measured = seen_in = None
+        measured = seen_in = lit = None
         if cfg.merge.lattice_significance > 0 and len(merged.summed) > 1:
             spots = SpotOffsets(segments, source, vectors, scan_shape=(ny, nx),
                                 search_radius=2.0 * vd.radius)
@@ -393,9 +393,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             (offsets, weights), seen_in = read_peak_tables(
                 _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
                 [spots, areas], scan_shape=(ny, nx), detector_shape=(ky, kx))
-            measured = member_positions(merged.members, merged.segment_members, source,
-                                        vectors, offsets, weights)
-        merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in)
+            measured, lit = member_positions(merged.members, merged.segment_members, source,
+                                             vectors, offsets, weights, return_weights=True)
+        merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
+                                lit=lit)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
