@@ -479,16 +479,19 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
                 best, best_corr = b, r
         if best is not None:
             fold(a, best)
-    # rule 6: parts side by side, one lattice both ways (masks grow by the union)
+    # rule 6: parts side by side, one lattice both ways (masks grow by the union),
+    # smallest first, in passes until none folds
     shape = result.summed.shape[1:]
-    folded = params.adjacent_gap > 0 and any(seen)
+    folded = params.adjacent_gap > 0 and any(seen) and alive.sum() > 1
+    if folded:
+        near = _adjacent(masks, shape, int(params.adjacent_gap))
     while folded:
         folded = False
         for a in sorted(np.flatnonzero(alive), key=lambda i: (area[i], i)):
-            near = ndimage.binary_dilation(masks[a].reshape(shape),
-                                           iterations=int(params.adjacent_gap)).ravel()
+            if not alive[a]:
+                continue
             best, best_corr = None, -np.inf
-            for b in np.flatnonzero(alive & (masks & near).any(axis=1) & (area >= area[a])):
+            for b in np.flatnonzero(near[a] & alive & (area >= area[a])):
                 if b == a or not (_one_crystal(seen[a], where[a], seen[b], params, left_out(a, b))
                                   and _one_crystal(seen[b], where[b], seen[a], params,
                                                    left_out(b, a))):
@@ -500,8 +503,9 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
                 fold(a, best, union=True)
                 masks[best] |= masks[a]
                 area[best] = masks[best].sum()
+                near[best] |= near[a]
+                near[:, best] |= near[:, a]
                 folded = True
-                break
     keep = [i for i in range(n) if alive[i]]
     if len(keep) == n:
         return result
@@ -725,6 +729,15 @@ def _within_rim(mask_a: np.ndarray, mask_b: np.ndarray, shape) -> bool:
     cross = ndimage.generate_binary_structure(2, 1)
     return bool(not (a & ~ndimage.binary_dilation(b, cross)).any()
                 and not (b & ~ndimage.binary_dilation(a, cross)).any())
+
+
+def _adjacent(masks: np.ndarray, shape, gap: int) -> np.ndarray:
+    """(L, L) bool: which masks (L, P) come within ``gap`` scan positions (4-connected
+    steps) of each other, overlapping ones included."""
+    grown = np.stack([ndimage.binary_dilation(m.reshape(shape), iterations=gap).ravel()
+                      for m in masks])
+    return (sparse.csr_matrix(grown, dtype=np.float32)
+            @ sparse.csr_matrix(masks, dtype=np.float32).T).toarray() > 0
 
 
 def _on_lattice(where_a: dict, where_b: dict, params) -> bool:
