@@ -215,3 +215,50 @@ def test_drop_spanning_parts_drops_a_component_cut_into_parts_of_three_crystals(
     precip[3:] = pattern([(8, 8), (56, 56), (8, 56)])
     assert drop_spanning_parts(maps, source, precip, **kw).all()
     assert drop_spanning_parts(maps, source, patterns, **{**kw, "containment": 1.5}).all()
+
+
+def _crosstalk_case(real: bool):
+    """Crystal A over the left of the scan, B over the right; component 1 (B's pattern)
+    also takes a patch P inside A: a weak loading that is cross-talk (the data there
+    are A's alone) or, with ``real``, a second crystal of B's orientation lying on A
+    (the data there are A's plus B's)."""
+    rng = np.random.default_rng(8)
+    ga, _ = lattice(13.0, 0.3)
+    gb, _ = lattice(15.0, 1.4)
+    fa, fb = pattern(ga, rng.uniform(0.5, 1.0, len(ga))), pattern(gb, rng.uniform(0.5, 1.0, len(gb)))
+    yy, xx = np.indices(SCAN)
+    ra, rb = xx < 30, xx >= 32
+    patch = (abs(yy - 20) < 4) & (abs(xx - 15) < 4)
+    load = np.stack([ra * 1.0, rb * 1.0 + patch * (1.0 if real else 0.2)])
+    true = np.stack([ra * 1.0, rb * 1.0 + patch * (1.0 if real else 0.0)])
+    data = np.einsum("eyx,ekl->yxkl", true, np.stack([fa, fb])).reshape(-1, K, K)
+
+    def region_pattern(region):
+        return data[np.asarray(region).ravel()].mean(axis=0)
+
+    maps = np.stack([ra, rb, patch]).astype(float)  # A's segment covers the patch
+    mask = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
+    return maps, np.array([0, 1, 1]), region_pattern, np.stack([fa, fb]), load, [[0], [1]], mask
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_drop_duplicate_segments_drops_crosstalk_and_keeps_a_crystal_lying_on_another(real):
+    """A component's weak patch on another crystal, where the data show none of its own
+    reflections: dropped. A crystal of that orientation really lying there (the data
+    show its reflections at the model's intensity): kept. Segments not covered by
+    other components' are never tested."""
+    from spedflow.segment._orientation import covered_by_others, drop_duplicate_segments
+    maps, source, region_pattern, factors, loadings, groups, mask = _crosstalk_case(real)
+    np.testing.assert_array_equal(covered_by_others(maps, source, 0.8), [False, False, True])
+    keep, notes = drop_duplicate_segments(maps, source, region_pattern, factors, loadings, groups,
+                                          mask=mask, radius=R, min_g=2 * MASK_R, containment=0.8,
+                                          min_size=10)
+    np.testing.assert_array_equal(keep, [True, True, real])
+    (s, containers, n_own, shown, dropped), = notes
+    assert s == 2 and containers == [0] and n_own >= 4 and dropped is not real
+    assert (shown > 0.9) if real else (abs(shown) < 0.1)
+    # nothing to test without containment
+    keep, notes = drop_duplicate_segments(maps, source, region_pattern, factors, loadings, groups,
+                                          mask=mask, radius=R, min_g=2 * MASK_R, containment=1.5,
+                                          min_size=10)
+    assert keep.all() and notes == []

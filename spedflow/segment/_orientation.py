@@ -31,7 +31,8 @@ from scipy import ndimage
 
 from ._lattice import second_lattice
 
-__all__ = ["factor_spots", "spot_match", "orientation_links", "join_groups", "drop_spanning_parts"]
+__all__ = ["factor_spots", "azimuthal_residual", "spot_match", "orientation_links", "join_groups",
+           "drop_spanning_parts", "drop_duplicate_segments", "covered_by_others"]
 
 #: Position scatter of a component's spot (a local maximum on the pixel grid), px.
 SPOT_TOLERANCE = 1.0
@@ -53,21 +54,11 @@ def factor_spots(factor: np.ndarray, mask: np.ndarray, *, radius: float, min_g: 
     background; lit : (m, 2) float64, every local maximum above ``noise_k`` noise levels
     (without the ``rel`` floor): what another component's spots are matched against.
     """
-    f = np.asarray(factor, np.float64)
     keep = ~np.asarray(mask, bool)
-    ky, kx = f.shape
-    yy, xx = np.indices(f.shape)
+    ky, kx = keep.shape
+    yy, xx = np.indices(keep.shape)
     dist = np.hypot(yy - ky // 2, xx - kx // 2)
-    rb = np.rint(dist).astype(np.intp)
-    vals, bins = f[keep], rb[keep]
-    order = np.lexsort((vals, bins))
-    vals, bins = vals[order], bins[order]
-    starts = np.searchsorted(bins, np.arange(rb.max() + 1))
-    ends = np.searchsorted(bins, np.arange(rb.max() + 1), side="right")
-    med = np.zeros(rb.max() + 1)
-    filled = ends > starts
-    med[filled] = [np.median(vals[s:e]) for s, e in zip(starts[filled], ends[filled])]
-    res = np.where(keep, f - med[rb], 0.0)
+    res = azimuthal_residual(factor, mask)
     if not keep.any():
         return np.zeros((0, 2)), np.zeros(0), np.zeros((0, 2))
     r = res[keep]
@@ -80,6 +71,26 @@ def factor_spots(factor: np.ndarray, mask: np.ndarray, *, radius: float, min_g: 
     lit = peak & (res > noise_k * noise)
     peak &= res > max(noise_k * noise, rel * float(res[peak].max()))
     return np.argwhere(peak).astype(np.float64), res[peak], np.argwhere(lit).astype(np.float64)
+
+
+def azimuthal_residual(pattern: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``pattern`` minus its median on each 1-px ring about the detector centre (where
+    alignment puts the beam), outside ``mask``; 0 on ``mask``: float64, what
+    :func:`factor_spots` finds spots on."""
+    f = np.asarray(pattern, np.float64)
+    keep = ~np.asarray(mask, bool)
+    ky, kx = f.shape
+    yy, xx = np.indices(f.shape)
+    rb = np.rint(np.hypot(yy - ky // 2, xx - kx // 2)).astype(np.intp)
+    vals, bins = f[keep], rb[keep]
+    order = np.lexsort((vals, bins))
+    vals, bins = vals[order], bins[order]
+    starts = np.searchsorted(bins, np.arange(rb.max() + 1))
+    ends = np.searchsorted(bins, np.arange(rb.max() + 1), side="right")
+    med = np.zeros(rb.max() + 1)
+    filled = ends > starts
+    med[filled] = [np.median(vals[s:e]) for s, e in zip(starts[filled], ends[filled])]
+    return np.where(keep, f - med[rb], 0.0)
 
 
 def spot_match(pos_a: np.ndarray, h_a: np.ndarray, pos_b: np.ndarray, radius: float) -> float:
@@ -252,3 +263,99 @@ def drop_spanning_parts(maps: np.ndarray, source: np.ndarray, patterns: np.ndarr
         if spot_match(pos, heights, theirs, radius) >= match:
             keep[parts] = False
     return keep
+
+
+#: :func:`drop_duplicate_segments`: a segment whose area shows less than this fraction of
+#: the intensity its component predicts at the component's own reflections is cross-talk.
+_MIN_SHOWN = 0.5
+
+
+def drop_duplicate_segments(maps: np.ndarray, source: np.ndarray, region_pattern, factors,
+                            loadings, groups, *, mask: np.ndarray, radius: float, min_g: float,
+                            containment: float, min_size: int) -> tuple[np.ndarray, list]:
+    """Which segments to keep: not a segment where the data do not show its component.
+
+    NMF's components are not orthogonal: a component whose pattern shares reflections
+    with a crystal it does not model takes a small loading over that crystal
+    (cross-talk of the factorisation), and the watershed of its map cuts that into a
+    segment lying on a crystal that has a segment of its own. The model then claims
+    the component's *own* reflections there too, which the data do not show; where the
+    component's crystal is (alone, or lying on another crystal), they show at the
+    intensity the model gives them.
+
+    Segments are visited from the smallest up. A segment lying at least ``containment``
+    inside the union of the (still kept) segments of other components is tested: its
+    component's own reflections are the spots (:func:`factor_spots`) of the pattern the
+    model predicts over its area (its group's factors, each times its mean loading
+    there) lying farther than ``radius`` from every local maximum of the data's mean
+    pattern over the rest of those segments; the data's mean pattern over the segment,
+    background-subtracted as :func:`factor_spots` does and summed over a disc of
+    ``radius / 2`` at those spots, must reach ``_MIN_SHOWN`` (half) of the prediction.
+    A segment without own reflections, or whose rest has fewer than ``min_size``
+    positions, is kept.
+
+    ``region_pattern`` maps a (Y * X,) bool region to the data's mean pattern there (ky,
+    kx), in the units of ``factors`` (E, ky, kx) times ``loadings`` (E, Y, X); ``groups``
+    holds each merged component's indices into them. Returns the (S,) bool kept and,
+    per segment tested, ``(segment, containers, n_own, shown, dropped)``.
+    """
+    n = len(maps)
+    keep = np.ones(n, bool)
+    notes = []
+    if not covered_by_others(maps, source, containment).any():
+        return keep, notes
+    source = np.asarray(source)
+    sup = np.asarray(maps).reshape(n, -1) > 0
+    area = sup.sum(axis=1)
+    rd = max(1.0, radius / 2)
+    h = int(np.ceil(rd))
+    disc = (np.hypot(*np.mgrid[-h:h + 1, -h:h + 1]) <= rd).astype(np.float64)
+    flat_l = np.asarray(loadings).reshape(len(loadings), -1)
+    for s in np.argsort(area, kind="stable"):
+        others = [k for k in np.flatnonzero(keep)
+                  if source[k] != source[s] and (sup[k] & sup[s]).any()]
+        if not others:
+            continue
+        union = sup[others].any(axis=0)
+        if (union & sup[s]).sum() < containment * area[s]:
+            continue
+        rest = union & ~sup[s]
+        if rest.sum() < min_size:
+            continue
+        lit = factor_spots(region_pattern(rest), mask, radius=radius, min_g=min_g)[LIT]
+        pred = sum(float(flat_l[k][sup[s]].mean()) * np.asarray(factors[k], np.float64)
+                   for k in groups[source[s]])
+        pos = factor_spots(pred, mask, radius=radius, min_g=min_g)[0]
+        if len(pos) and len(lit):
+            d = np.hypot(pos[:, None, 0] - lit[None, :, 0], pos[:, None, 1] - lit[None, :, 1])
+            pos = pos[d.min(axis=1) > radius]
+        if not len(pos):
+            continue
+        iy, ix = pos[:, 0].astype(np.intp), pos[:, 1].astype(np.intp)
+        expect = ndimage.convolve(azimuthal_residual(pred, mask), disc, mode="constant")[iy, ix].sum()
+        seen = ndimage.convolve(azimuthal_residual(region_pattern(sup[s]), mask), disc,
+                                mode="constant")[iy, ix].sum()
+        if expect <= 0:
+            continue
+        shown = float(seen / expect)
+        drop = shown < _MIN_SHOWN
+        keep[s] = not drop
+        notes.append((int(s), [int(k) for k in others], int(len(pos)), shown, bool(drop)))
+    return keep, notes
+
+
+def covered_by_others(maps: np.ndarray, source: np.ndarray, containment: float) -> np.ndarray:
+    """(S,) bool: which segments lie at least ``containment`` inside the union of the
+    segments of other components (``source``: each segment's component group)."""
+    n = len(maps)
+    if n < 2 or containment > 1:
+        return np.zeros(n, bool)
+    source = np.asarray(source)
+    sup = np.asarray(maps).reshape(n, -1) > 0
+    out = np.zeros(n, bool)
+    for s in range(n):
+        others = sup[source != source[s]]
+        if len(others):
+            inside = (others.any(axis=0) & sup[s]).sum()
+            out[s] = inside >= containment * sup[s].sum() and inside > 0
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+from scipy import sparse
 
 from .. import cluster
 from ..decompose import NMFParams, ResidualParams, ScreeParams
@@ -290,6 +291,11 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         if len(kept) < n_seg:
             log.info("%d segments dropped: parts of a component that spans several crystals, "
                      "each inside one's segment (merge.fold_containment)", n_seg - len(kept))
+    n_dup = 0
+    if len(seg_maps) > 1 and cfg.merge.fold_containment <= 1:  # cross-talk parts on other crystals
+        seg_maps, seg_patterns, source, n_dup = _drop_duplicates(
+            seg_maps, seg_patterns, source, labels, matrix, order, stats, cut, mask, r, cfg,
+            factors[keep], loadings[keep], groups)
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"
         from ..decompose._background import SUPPORT_REASON
@@ -334,10 +340,71 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
-                   "merged": int(len(mf)), "spanning_parts_dropped": int(n_seg - len(seg_maps)),
+                   "merged": int(len(mf)), "spanning_parts_dropped": int(n_seg - len(seg_maps) - n_dup),
+                   "duplicates_dropped": int(n_dup),
                    "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
+
+
+def _drop_duplicates(seg_maps, seg_patterns, source, labels, matrix, order, stats, cut, mask, r, cfg,
+                     factors, loadings, groups):
+    """Drop segments whose area shows no crystal beyond the other components' segments
+    covering it (:func:`spedflow.segment._orientation.drop_duplicate_segments`), from
+    the data's mean patterns over regions (one pass over the normalised matrix, summing
+    the positions covered by each combination of segments)."""
+    import dask
+    from ..decompose import scale_factors
+    from ..segment._orientation import covered_by_others, drop_duplicate_segments
+    n = len(seg_maps)
+    sup = seg_maps.reshape(n, -1) > 0
+    # a segment can only be dropped when others' segments cover it: skip the pass if none is
+    if not covered_by_others(seg_maps, source, cfg.merge.fold_containment).any():
+        return seg_maps, seg_patterns, source, 0
+    covered = sup.any(axis=0)
+    atom = np.full(sup.shape[1], -1, np.int64)
+    _, atom[covered] = np.unique(sup[:, covered].T, axis=0, return_inverse=True)
+    n_atoms = int(atom.max()) + 1
+    a, b = scale_factors(stats)
+    a = np.asarray(a, np.float64).ravel()
+    atom_b, a_b = atom[order], a[order]  # block-major, as the matrix's rows
+
+    def sums(block, k0):  # per atom, the sum of its rows (times their scale factors)
+        ids, w = atom_b[k0:k0 + block.shape[0]], a_b[k0:k0 + block.shape[0]]
+        on = np.flatnonzero(ids >= 0)
+        pick = sparse.csr_matrix((w[on], (ids[on], on)), shape=(n_atoms, block.shape[0]))
+        return np.asarray(pick @ np.asarray(block, np.float64))
+
+    starts = np.concatenate([[0], np.cumsum(matrix.chunks[0])[:-1]])
+    parts = [dask.delayed(sums)(blk, int(k0)) for blk, k0 in zip(matrix.to_delayed().ravel(), starts)]
+    (tot,) = cluster.compute(dask.delayed(sum)(parts), label="segment patterns",
+                             n_patterns=int(sup.shape[1]))
+    tot = np.asarray(tot) * b[~cut][None]
+    count = np.bincount(atom[covered], minlength=n_atoms)
+
+    def region_pattern(region):
+        ids = np.unique(atom[region & covered])
+        out = np.zeros(cut.shape)
+        out[~cut] = tot[ids].sum(axis=0) / max(int(count[ids].sum()), 1)
+        return out
+
+    keep, notes = drop_duplicate_segments(
+        seg_maps, source, region_pattern, factors, loadings, groups, mask=cut, radius=r,
+        min_g=2 * float(np.sqrt(mask.sum() / np.pi)), containment=cfg.merge.fold_containment,
+        min_size=cfg.watershed.min_size)
+    for s, containers, n_own, shown, dropped in notes:
+        log.debug("segment %d (component group %d, %d positions) inside segments %s: its area "
+                  "shows %.2f of the intensity the model gives its %d own reflections%s", s,
+                  int(source[s]), int(sup[s].sum()), containers, shown, n_own,
+                  ": dropped (cross-talk)" if dropped else "")
+        if dropped:  # their regions leave the labels too
+            labels[source[s]][seg_maps[s] > 0] = 0
+    kept = np.flatnonzero(keep)
+    if len(kept) < n:
+        log.info("%d segments dropped: a component's weak part on other components' crystals, "
+                 "where the data do not show its own reflections (cross-talk of the factorisation)",
+                 n - len(kept))
+    return seg_maps[kept], seg_patterns[kept], source[kept], n - len(kept)
 
 
 def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
