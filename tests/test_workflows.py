@@ -311,6 +311,22 @@ def test_pass1_slabs_give_the_peaks_of_the_whole_chunk(tmp_path):
                                rtol=1e-5)
 
 
+def test_nmf_rank_at_its_limit_is_a_warning(tmp_path, sim_store, caplog):
+    """More crystals above the noise than nmf.max_components: the automatic rank is the
+    limit, not a measurement, and the run says so with the two parameters to raise. At
+    the defaults (a rank under the limit) it does not."""
+    import logging
+    for cap, warned in ((2, True), (30, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spedflow"):
+            spedflow.segment(sim_store, method="nmf", out=tmp_path / f"r{cap}.zarr", local=True,
+                             progress=False, overrides={"nmf": {"max_components": cap}})
+        hits = [r.message for r in caplog.records if "reaches its limit" in r.message]
+        assert bool(hits) is warned, [r.message for r in caplog.records]
+        if warned:
+            assert "nmf.max_components = 2" in hits[0] and "--set nmf.max_components=4" in hits[0]
+
+
 @pytest.mark.parametrize("method, reason, overrides", [
     ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
     ("nmf", "every NMF component was set aside", {"watershed": {"min_size": 1000}}),

@@ -157,6 +157,14 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         n_comp = min(cfg.nmf.max_components, int(np.ceil(n_svd * (1 + cfg.nmf.extra_components))),
                      min(matrix.shape))
         why = f"{why}; NMF gets {n_comp} (extra_components = {cfg.nmf.extra_components:.2f})"
+        if n_svd >= min(cfg.nmf.max_components, evr.size):  # the rank is a limit, not measured
+            log.warning("the scree's signal reaches its limit (%d components; nmf.max_components = "
+                        "%d, scree.n_components = %d): the scan may hold more crystals than NMF "
+                        "gets components, and one component then models parts of several; "
+                        "raise both (e.g. --set nmf.max_components=%d --set scree.n_components=%d)",
+                        n_svd, cfg.nmf.max_components, cfg.scree.n_components,
+                        2 * cfg.nmf.max_components,
+                        max(2 * cfg.scree.n_components, 2 * cfg.nmf.max_components + 10))
     else:
         n_comp, why = int(cfg.nmf.n_components), "set by the user"
     log.info("NMF with %d components (%s)", n_comp, why)
