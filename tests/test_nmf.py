@@ -154,3 +154,26 @@ def test_nmf_minibatch_runs():
 def test_nmf_bad(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         nmf(*args, **kwargs)
+
+
+def test_region_means_equal_the_mean_of_the_data_over_each_region():
+    """The mean pattern over a union of segments, from one tree-summed pass over a
+    block-major matrix of scaled rows: equal to the mean of the unscaled data over the
+    region's positions (brute force), for any blocking and row order."""
+    from spedflow.workflows.nmf import region_means
+    rng = np.random.default_rng(3)
+    n, shape = 60, (6, 7)
+    cut = np.zeros(shape, bool)
+    cut[3, 3] = cut[0, :2] = True
+    data = rng.poisson(5.0, (n,) + shape).astype(np.float64)
+    a, b = rng.uniform(0.5, 2, n), rng.uniform(0.5, 2, shape)
+    order = rng.permutation(n)  # the matrix's rows, as raster indices
+    rows = data[order][:, ~cut] / a[order, None] / b[~cut][None]
+    sup = rng.random((4, n)) < 0.3
+    sup[:, :3] = False  # positions no segment covers
+    for chunks in (7, 25, n):
+        pattern = region_means(da.from_array(rows.astype(np.float32), chunks=(chunks, -1)), order,
+                               a, b[~cut], cut, sup)
+        for region in (sup[0], sup[1] | sup[3], sup.any(axis=0)):
+            want = np.where(cut, 0.0, data[region].mean(axis=0))
+            np.testing.assert_allclose(pattern(region), want, rtol=1e-5)

@@ -361,7 +361,6 @@ def _drop_duplicates(seg_maps, seg_patterns, source, labels, matrix, order, stat
     covering it (:func:`spedflow.segment._orientation.drop_duplicate_segments`), from
     the data's mean patterns over regions (one pass over the normalised matrix, summing
     the positions covered by each combination of segments)."""
-    import dask
     from ..decompose import scale_factors
     from ..segment._orientation import covered_by_others, drop_duplicate_segments
     n = len(seg_maps)
@@ -369,33 +368,9 @@ def _drop_duplicates(seg_maps, seg_patterns, source, labels, matrix, order, stat
     # a segment can only be dropped when others' segments cover it: skip the pass if none is
     if not covered_by_others(seg_maps, source, cfg.merge.fold_containment).any():
         return seg_maps, seg_patterns, source, 0
-    covered = sup.any(axis=0)
-    atom = np.full(sup.shape[1], -1, np.int64)
-    _, atom[covered] = np.unique(sup[:, covered].T, axis=0, return_inverse=True)
-    n_atoms = int(atom.max()) + 1
     a, b = scale_factors(stats)
-    a = np.asarray(a, np.float64).ravel()
-    atom_b, a_b = atom[order], a[order]  # block-major, as the matrix's rows
-
-    def sums(block, k0):  # per atom, the sum of its rows (times their scale factors)
-        ids, w = atom_b[k0:k0 + block.shape[0]], a_b[k0:k0 + block.shape[0]]
-        on = np.flatnonzero(ids >= 0)
-        pick = sparse.csr_matrix((w[on], (ids[on], on)), shape=(n_atoms, block.shape[0]))
-        return np.asarray(pick @ np.asarray(block, np.float64))
-
-    starts = np.concatenate([[0], np.cumsum(matrix.chunks[0])[:-1]])
-    parts = [dask.delayed(sums)(blk, int(k0)) for blk, k0 in zip(matrix.to_delayed().ravel(), starts)]
-    (tot,) = cluster.compute(dask.delayed(sum)(parts), label="segment patterns",
-                             n_patterns=int(sup.shape[1]))
-    tot = np.asarray(tot) * b[~cut][None]
-    count = np.bincount(atom[covered], minlength=n_atoms)
-
-    def region_pattern(region):
-        ids = np.unique(atom[region & covered])
-        out = np.zeros(cut.shape)
-        out[~cut] = tot[ids].sum(axis=0) / max(int(count[ids].sum()), 1)
-        return out
-
+    region_pattern = region_means(matrix, order, np.asarray(a, np.float64).ravel(),
+                                  np.asarray(b, np.float64)[~cut], cut, sup)
     keep, notes = drop_duplicate_segments(
         seg_maps, source, region_pattern, factors, loadings, groups, mask=cut, radius=r,
         min_g=2 * float(np.sqrt(mask.sum() / np.pi)), containment=cfg.merge.fold_containment,
@@ -413,6 +388,51 @@ def _drop_duplicates(seg_maps, seg_patterns, source, labels, matrix, order, stat
                  "where the data do not show its own reflections (cross-talk of the factorisation)",
                  n - len(kept))
     return seg_maps[kept], seg_patterns[kept], source[kept], n - len(kept)
+
+
+def region_means(matrix, order: np.ndarray, row_scale: np.ndarray, col_scale: np.ndarray,
+                 cut: np.ndarray, sup: np.ndarray):
+    """The data's mean pattern over unions of segments, from one pass over the matrix.
+
+    ``matrix`` (N, P) dask array of rows ``order`` (raster indices) holds the patterns'
+    pixels outside ``cut`` divided by ``row_scale`` (per raster position) and
+    ``col_scale`` (per kept pixel); ``sup`` (S, N) the segments' supports over the
+    raster. The positions are grouped by which segments cover them (an "atom" per
+    pattern of cover) and each atom's rows summed, in a tree of tasks no larger than
+    two blocks' sums. Returns ``region_pattern(region)``: the (ky, kx) mean, 0 on
+    ``cut``, over the covered positions of a (N,) bool region (a union of segments).
+    """
+    import dask
+    covered = sup.any(axis=0)
+    atom = np.full(sup.shape[1], -1, np.int64)
+    _, atom[covered] = np.unique(sup[:, covered].T, axis=0, return_inverse=True)
+    n_atoms = int(atom.max()) + 1
+    atom_b, a_b = atom[order], row_scale[order]  # block-major, as the matrix's rows
+
+    def sums(block, k0):  # per atom, the sum of its rows (times their scales)
+        ids, w = atom_b[k0:k0 + block.shape[0]], a_b[k0:k0 + block.shape[0]]
+        on = np.flatnonzero(ids >= 0)
+        pick = sparse.csr_matrix((w[on], (ids[on], on)), shape=(n_atoms, block.shape[0]))
+        return np.asarray(pick @ np.asarray(block, np.float64))
+
+    if len(matrix.chunks[1]) > 1:  # whole rows per block
+        matrix = matrix.rechunk({1: -1})
+    starts = np.concatenate([[0], np.cumsum(matrix.chunks[0])[:-1]])
+    parts = [dask.delayed(sums)(blk, int(k0)) for blk, k0 in zip(matrix.to_delayed().ravel(), starts)]
+    while len(parts) > 1:
+        parts = [dask.delayed(np.add)(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    (tot,) = cluster.compute(parts[0], label="segment patterns", n_patterns=int(sup.shape[1]))
+    tot = np.asarray(tot) * col_scale[None]
+    count = np.bincount(atom[covered], minlength=n_atoms)
+
+    def region_pattern(region):
+        ids = np.unique(atom[region & covered])
+        out = np.zeros(cut.shape)
+        out[~cut] = tot[ids].sum(axis=0) / max(int(count[ids].sum()), 1)
+        return out
+
+    return region_pattern
 
 
 def _join_by_spots(factors, loadings, groups, cut, mask, r, params):
