@@ -200,14 +200,36 @@ def test_fused_equals_shift_then_dog_inside():
     z = np.stack([rng.poisson(1 + 80 * gauss(shape, c, 2.0) + 30 * gauss(shape, c + (9, 9), 1.5))
                   for c in centres]).astype(np.float32)
     fused = kernels.shift_and_subtract(z, centres, 1.0, 8.0)
-    # reference: linear shift (scipy), then the DoG formula, then zero fill
+    # reference: linear shift (scipy), the rows and columns shifted in from beyond the
+    # detector continued from the nearest one that is not (no step for the DoG), then
+    # the DoG formula, then zero fill
     for f, p, c in zip(fused, z, centres):
-        shifted = ndi.shift(p.astype(np.float64), (24 - c[0], 24 - c[1]), order=1,
-                            mode="grid-constant", cval=0.0)
+        d = (24 - c[0], 24 - c[1])
+        shifted = ndi.shift(p.astype(np.float64), d, order=1, mode="grid-constant", cval=0.0)
+        ok = [(np.arange(n) >= s - 1e-6) & (np.arange(n) <= n - 1 + s + 1e-6) for n, s in zip(shape, d)]
+        rows, cols = np.flatnonzero(ok[0]), np.flatnonzero(ok[1])
+        shifted = shifted[np.clip(np.arange(48), rows[0], rows[-1])]
+        shifted = shifted[:, np.clip(np.arange(48), cols[0], cols[-1])]
         ref, gap = _dog_reference(shifted, 1.0, 8.0)
         sl = (slice(5, -5), slice(5, -5))
         clear = gap[sl] > 1e-3
         np.testing.assert_allclose(f[sl][clear], ref[sl][clear], atol=2e-3)
+
+
+def test_shift_fill_is_no_step_for_the_dog_without_a_background_model():
+    """Without the ring background (``peaks.noise = "pattern"``), a flat pattern at any
+    level shifted by up to 3.4 px gives no DoG response: the rows and columns shifted in
+    from beyond the detector continue its edge. Before, their 0 was a step the DoG
+    spread ~8 px in, and a VDF disc 5 px from the edge summed up to 167 units at 63."""
+    from spedflow.vdf import disc_masks, preprocessed_sums
+    frames = np.full((6, 48, 48), 63.0, np.float32)
+    centres = 24.0 + np.array([[1.5, 0.0], [-2.3, 0.7], [0.0, -3.4], [0.2, 0.1],
+                               [0.6, 0.6], [-1.0, 2.5]])
+    out = kernels.shift_and_subtract(frames, centres, 1.0, 8.0)
+    assert np.abs(out).max() < 1e-4
+    ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    masks = disc_masks(np.column_stack([19 * np.sin(ang), 19 * np.cos(ang)]), 2.5, (48, 48))
+    assert np.abs(preprocessed_sums(frames, centres, masks, sigma_low=1.0, sigma_high=8.0)).max() < 1e-3
 
 
 # ------------------------------------------------------------------ beam centre

@@ -202,6 +202,19 @@ def _valid_mask(shape, shifts: np.ndarray) -> np.ndarray:
     return my[:, :, None], mx[:, None, :]
 
 
+def _continue_edges(z: np.ndarray, rows_ok: np.ndarray, cols_ok: np.ndarray) -> np.ndarray:
+    """``z`` (N, ky, kx) with each invalid row (column) replaced by the nearest valid one
+    of its pattern (``rows_ok`` (N, ky, 1), ``cols_ok`` (N, 1, kx) from
+    :func:`_valid_mask`); a pattern with no valid row or column is left as it is."""
+    def nearest(ok):  # per pattern, the index of the nearest valid entry, for every entry
+        idx = np.arange(ok.shape[1])[None]
+        first = np.where(ok.any(axis=1), ok.argmax(axis=1), 0)
+        last = np.where(ok.any(axis=1), ok.shape[1] - 1 - ok[:, ::-1].argmax(axis=1), ok.shape[1] - 1)
+        return np.clip(idx, first[:, None], last[:, None])
+    z = np.take_along_axis(z, nearest(rows_ok[:, :, 0])[:, :, None], axis=1)
+    return np.take_along_axis(z, nearest(cols_ok[:, 0, :])[:, None, :], axis=2)
+
+
 def _as_stack(frames) -> tuple[np.ndarray, tuple]:
     a = np.asarray(frames)
     return a.reshape((-1,) + a.shape[-2:]), a.shape[:-2]
@@ -253,6 +266,9 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
             z = z - rings.image(rings.background(z, counts[0], counts[1]))
             if off is not None:
                 z[off] = 0
+        elif shifts is not None:  # no background model: the edge's pixels continue into the
+            # fill, so that its 0 is no step for the DoG below any background level
+            z = _continue_edges(z, *_valid_mask(shape, shifts[s:s + batch]))
         if matrices:
             g_low, g_high = blur(z)
         else:
