@@ -805,6 +805,17 @@ def _pick_client(client, kwargs):
     return owner if isinstance(owner, Client) else None
 
 
+def scattered(values: list, *, broadcast: bool = False) -> list | None:
+    """``values`` sent to the workers of the client dask would use now, as futures to
+    put in a graph in their place (arrays the client makes between passes: inside the
+    graph they are shipped with it, and distributed warns of a large graph); None
+    without a distributed client (in-process, where the graph holds them at no cost)."""
+    cl = _pick_client(None, {})
+    if cl is None:
+        return None
+    return cl.scatter(values, broadcast=broadcast, hash=False)
+
+
 def _check_label(label, n_patterns):
     if not isinstance(label, str) or not label:
         raise ParameterError(f"`label` must be a non-empty string (got {label!r})")

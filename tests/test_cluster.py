@@ -133,6 +133,28 @@ def test_remote_scheduler_computes(processes, capsys):
     assert f"dask scheduler {processes.address}" in capsys.readouterr().err
 
 
+def test_randomised_svd_on_a_cluster_ships_its_matrices_beside_the_graph(processes):
+    """The scree's random starts and Q blocks (the client makes them between passes) go
+    to the workers as scattered data, not inside each pass's graph: no "Sending large
+    graph" warning at distributed's 10 MB threshold (lowered here to 200 kB to see it on
+    a small matrix), and the same result as in-process."""
+    import warnings
+
+    from spedflow.cluster import scattered
+    from spedflow.decompose._scree import randomized_svd
+    assert scattered([1]) is None  # in-process: nothing to ship
+    # made by the workers, so that the graph holds no data of its own
+    x = da.random.default_rng(0).standard_normal((3000, 400), chunks=(300, 400)).astype(np.float32)
+    u0, s0, v0 = randomized_svd(x, 20, n_power_iter=2)
+    with client_for(processes.address), dask.config.set(
+            {"distributed.admin.large-graph-warning-threshold": "200kB"}):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Sending large graph")
+            u1, s1, v1 = randomized_svd(x, 20, n_power_iter=2)
+    np.testing.assert_allclose(s1, s0, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(u1.T @ u0).diagonal(), 1, rtol=1e-5)
+
+
 def _blas_threads() -> list:
     from threadpoolctl import threadpool_info
     return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]

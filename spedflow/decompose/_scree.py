@@ -199,6 +199,7 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     import dask
     from dask import delayed
 
+    from ..cluster import scattered
     m = _as_dask_matrix(matrix)
     n, p = m.shape
     ell = int(min(k + n_oversamples, n, p))
@@ -210,7 +211,8 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     flips = tuple(f for _, f in variants)
 
     def right(mats):  # (P x l each; float32 once here, as every task would make them)
-        mats_d = delayed(tuple(np.asarray(a, np.float32) for a in mats), pure=True)
+        mats_d = tuple(np.asarray(a, np.float32) for a in mats)
+        mats_d = (scattered([mats_d], broadcast=True) or [delayed(mats_d, pure=True)])[0]
         parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, flips, mats_d, False)
                  for i, b in enumerate(blocks)]
         done = dask.compute(parts)[0]
@@ -223,13 +225,14 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     chains = np.array_split(np.arange(len(blocks)), n_chains)
 
     def left(qs):
+        pieces = [tuple(q[rows[i]:rows[i + 1]] for q in qs) for i in range(len(blocks))]
+        pieces = scattered(pieces) or pieces  # each block's rows of Q, to its task
         parts = []
         for chain in chains:
             total = None
             for i in chain:
                 total = delayed(_add_projection, pure=True)(
-                    total, blocks[i], int(rows[i]), mean_d, flips,
-                    tuple(q[rows[i]:rows[i + 1]] for q in qs), True)
+                    total, blocks[i], int(rows[i]), mean_d, flips, pieces[i], True)
             parts.append(total)
         return list(dask.compute(_tree_sum(parts))[0])
 
