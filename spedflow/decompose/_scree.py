@@ -211,8 +211,9 @@ def randomized_svds(matrix, k: int, variants, *, n_power_iter: int = 4,
     flips = tuple(f for _, f in variants)
 
     def right(mats):  # (P x l each; float32 once here, as every task would make them)
-        mats_d = tuple(np.asarray(a, np.float32) for a in mats)
-        mats_d = (scattered([mats_d], broadcast=True) or [delayed(mats_d, pure=True)])[0]
+        mats = tuple(np.asarray(a, np.float32) for a in mats)
+        shipped = scattered([mats], broadcast=True)
+        mats_d = shipped[0] if shipped else delayed(mats, pure=True)
         parts = [delayed(_project_block, pure=True)(b, int(rows[i]), mean_d, flips, mats_d, False)
                  for i, b in enumerate(blocks)]
         done = dask.compute(parts)[0]

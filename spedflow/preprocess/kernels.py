@@ -256,19 +256,21 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
         if not dog:
             out[s:s + batch] = z
             continue
+        # rows and columns whose source is beyond the detector's edge (the shift's fill of
+        # 0 is a step wherever the background is not 0, a dark level left in the data,
+        # which the rings and the DoG carried into the discs)
+        valid = None if shifts is None else _valid_mask(shape, shifts[s:s + batch])
         if counts is not None:
-            # beyond the detector's edge: left out of the ring background (NaN), then at
-            # it (0): the shift's fill of 0 is a step wherever the background is not 0 (a
-            # dark level left in the data), which the rings and the DoG carried into discs
-            off = None if shifts is None else ~np.logical_and(*_valid_mask(shape, shifts[s:s + batch]))
+            # left out of the ring background (NaN), then at it (0)
+            off = None if valid is None else ~np.logical_and(*valid)
             if off is not None and off.any():
                 z = np.where(off, np.float32(np.nan), z)
             z = z - rings.image(rings.background(z, counts[0], counts[1]))
             if off is not None:
                 z[off] = 0
-        elif shifts is not None:  # no background model: the edge's pixels continue into the
-            # fill, so that its 0 is no step for the DoG below any background level
-            z = _continue_edges(z, *_valid_mask(shape, shifts[s:s + batch]))
+        elif valid is not None:  # no background model: the edge's pixels continue into
+            # the fill, so that it is no step for the DoG below any background level
+            z = _continue_edges(z, *valid)
         if matrices:
             g_low, g_high = blur(z)
         else:
@@ -279,8 +281,8 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
         np.subtract(z, g_high, out=res, dtype=np.float32)
         np.maximum(res, 0, out=res)
         res *= g_low > g_high
-        if shifts is not None:
-            _zero_invalid(res, shifts[s:s + batch])
+        if valid is not None:
+            _zero_invalid(res, *valid)
     return out.reshape(lead + shape)
 
 
@@ -399,11 +401,10 @@ class _DoGMatrices:
         return g
 
 
-def _zero_invalid(res: np.ndarray, shifts: np.ndarray) -> None:
+def _zero_invalid(res: np.ndarray, my: np.ndarray, mx: np.ndarray) -> None:
     """Set to 0 the rows and columns of each ``res[i]`` whose source is off the
-    detector (:func:`_valid_mask`): a few edge strips, so slices, not full passes."""
-    n, ky, kx = res.shape
-    my, mx = _valid_mask((ky, kx), shifts)
+    detector (``my``, ``mx`` from :func:`_valid_mask`): a few edge strips, so slices,
+    not full passes."""
     for i in np.nonzero(~(my.all(axis=(1, 2)) & mx.all(axis=(1, 2))))[0]:
         res[i, ~my[i, :, 0]] = 0
         res[i, :, ~mx[i, 0, :]] = 0
