@@ -42,6 +42,8 @@ import math
 import numpy as np
 from numba import njit
 
+from ._jit import announce_compile
+
 __all__ = ["local_maxima", "ring_tables", "ring_residual", "Operators", "operators",
            "pass2_sums"]
 
@@ -83,6 +85,7 @@ def local_maxima(smooth: np.ndarray, profiles: np.ndarray, j0, j1, f, threshold,
         flat = np.empty(cap, np.int64)
         z = np.empty(cap, np.float32)
         scale = np.empty(cap, np.int64)
+        announce_compile(_maxima)
         m = _maxima(*args, flat, z, scale)
         if m >= 0:
             return flat[:m].astype(np.intp), z[:m], scale[:m].astype(np.intp)
@@ -327,6 +330,7 @@ def ring_residual(frames: np.ndarray, gain: float, read_var: float, offset=(0.0,
     residual = frames.copy()
     background = np.empty((len(frames), len(counts)), np.float32)
     if len(frames):
+        announce_compile(_ring_chunk)
         _ring_chunk(residual, order, starts, counts, j0, j1, f, g, float(gain),
                     float(read_var), background)
     return background, residual
@@ -359,8 +363,11 @@ class Operators:
             ring_tables((ky, kx))
         self.klow_y = _half_kernel(_wrap_blur_factors(ky, sigma_low), ky)
         self.klow_x = _half_kernel(_wrap_blur_factors(kx, sigma_low), kx)
-        ay, by = _wrap_blur_factors(ky, sigma_high)
-        ax, bx = _wrap_blur_factors(kx, sigma_high)
+        # G_high through its low-rank factors: products of rank r cost ~2 r n^2, the
+        # whole matrix's 2 n^3 (NumPy keeps the whole matrix above r = n / 4; a beam of
+        # 1.5 px radius gives r ~ n / 3, and the whole pass fell back to NumPy there)
+        ay, by = _wrap_blur_factors(ky, sigma_high, ky // 2)
+        ax, bx = _wrap_blur_factors(kx, sigma_high, kx // 2)
         self.ok = (self.klow_y is not None and self.klow_x is not None
                    and by is not None and bx is not None)
         if self.ok:
@@ -404,6 +411,7 @@ def pass2_sums(frames: np.ndarray, shifts: np.ndarray, ops: Operators, idx: np.n
     out = np.empty((len(frames), len(idx)), np.float32)
     if len(frames) == 0:
         return out
+    announce_compile(_pass2_chunk)
     _pass2_chunk(frames, np.ascontiguousarray(shifts, np.float64), ops.order, ops.starts,
                  ops.j0, ops.j1, ops.f, ops.g, ops.counts, float(gain), float(read_var),
                  ops.klow_y, ops.klow_x, ops.ay, ops.byt, ops.bx, ops.axt,

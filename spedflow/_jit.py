@@ -87,19 +87,36 @@ def _load_once(module: str):
         log.warning("compiled kernels unavailable, running the NumPy ones (%s: %s)",
                     type(e).__name__, e)
         return None
-    if _cache_missing(mod):
-        log.warning("compiling spedflow's kernels for this machine (once, ~10 s; numba "
-                    "keeps them on disk)")
     return mod
 
 
-def _cache_missing(mod) -> bool:
-    """True if numba's disk cache has no index for one of ``mod``'s kernels, i.e. the
-    first call compiles (a guess from numba's internals: False when it cannot tell)."""
+def announce_compile(kernel) -> None:
+    """Say, once per process, that spedflow's kernels are being compiled, just before
+    ``kernel`` (one of the slow-to-compile numba dispatchers) is first called with no
+    entry in numba's disk cache: a first run otherwise sits at 0 % for ~10 s without a
+    word. Asked by each kernel when it is about to run, not of all of them when the
+    module loads: a kernel a run never calls (pass 2's in the NMF workflow, or where
+    the compiled pass 2 does not apply) has no cache entry, and said "compiling" on
+    every run."""
+    global _announced
+    if _announced or kernel.signatures or not _cache_missing(kernel):
+        return
+    with _ANNOUNCE_LOCK:
+        if not _announced:
+            _announced = True
+            log.warning("compiling spedflow's kernels for this machine (once, ~10 s; numba "
+                        "keeps them on disk)")
+
+
+_announced = False
+_ANNOUNCE_LOCK = threading.Lock()
+
+
+def _cache_missing(kernel) -> bool:
+    """True if numba's disk cache has no index for ``kernel``, i.e. its first call
+    compiles (a guess from numba's internals: False when it cannot tell)."""
     try:
-        kernels = [getattr(mod, name) for name in ("_pass2_chunk", "_maxima", "_ring_chunk")
-                   if hasattr(mod, name)]
-        return any(not os.path.exists(k._cache._cache_file._index_path) for k in kernels)
+        return not os.path.exists(kernel._cache._cache_file._index_path)
     except Exception:
         return False
 

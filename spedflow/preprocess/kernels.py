@@ -287,20 +287,21 @@ def _pipeline(frames, centres, sigma_low, sigma_high, *, matrices: bool | None =
 
 
 @functools.lru_cache(maxsize=32)
-def _wrap_blur_factors(n: int, sigma: float) -> tuple[np.ndarray, np.ndarray | None]:
+def _wrap_blur_factors(n: int, sigma: float,
+                       max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The n x n circulant matrix ``M`` of the periodised Gaussian (``M @ v`` =
     ``gaussian_filter1d(v, sigma, mode="wrap")``, untruncated) as float32 factors.
 
     ``M`` is symmetric with eigenvalues the Gaussian's transfer function at the n
     frequencies of the DFT. A wide Gaussian keeps few of them (> ``_TRANSFER_EPS``);
-    then ``M = A @ B.T`` with ``B`` the (n, r) kept eigenvectors and ``A = B diag(h)``,
-    r << n. Otherwise returns ``(M, None)``.
+    when they are at most ``max_rank`` (default ``n // 4``), ``M = A @ B.T`` with ``B``
+    the (n, r) kept eigenvectors and ``A = B diag(h)``. Otherwise returns ``(M, None)``.
     """
     h = _gauss_transfer_1d(n, sigma, False)
     kernel = np.real(np.fft.ifft(h))  # the periodised, sampled, normalised Gaussian
     i = np.arange(n)
     m = kernel[(i[:, None] - i[None, :]) % n]
-    if np.count_nonzero(h > _TRANSFER_EPS * h.max()) <= n // 4:
+    if np.count_nonzero(h > _TRANSFER_EPS * h.max()) <= (n // 4 if max_rank is None else max_rank):
         w, v = np.linalg.eigh(m)
         keep = np.abs(w) > _TRANSFER_EPS * w.max()
         a, b = (v[:, keep] * w[keep]).astype(np.float32), v[:, keep].astype(np.float32)
