@@ -17,6 +17,7 @@ grains, wedges with thickness fringes, twins, a dense aggregate of small grains,
 grains of the same phase inside larger ones, a Medipix cross, a CCD with its dark level,
 a descan wandering with scan time; ~1 min to simulate), into ``work/third`` and
 ``results/third.json`` by default.
+``--simulator kinematic``: ``benchmarks/kinematic_sim.py``, real MgO/ZnO at random 3-D orientations.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: --simulator: its module in benchmarks/ and its default --work / --out names
-SIMULATORS = {"foreign": "foreign_sim", "third": "third_sim"}
+SIMULATORS = {"foreign": "foreign_sim", "third": "third_sim", "kinematic": "kinematic_sim"}
 
 
 def main(argv=None) -> int:

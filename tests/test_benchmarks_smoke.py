@@ -233,6 +233,31 @@ def test_third_simulator_nests_a_grain_of_the_same_phase_inside_each_bent_one(tm
     assert scores["n_truth"] == meta["n_grains"]
 
 
+def test_kinematic_simulator_makes_mgo_patterns_and_a_scorable_store(tmp_path):
+    """benchmarks/kinematic_sim.py: MgO 200 at 1/4.212 A^-1 x 2, no mixed-parity
+    reflection, 111 far weaker than 200; a zone-axis crystal at [001] shows the 200 family
+    strongest; a tiny set writes the truth spedflow.evaluate reads."""
+    import kinematic_sim as K
+
+    import spedflow
+    from spedflow.evaluate import evaluate
+    hkl, g, F2 = K.reflection_table("MgO", 1.0)
+    assert not (np.ptp(hkl % 2, axis=1) != 0).any()
+    i200 = np.nonzero((hkl == [2, 0, 0]).all(1))[0][0]
+    i111 = np.nonzero((hkl == [1, 1, 1]).all(1))[0][0]
+    assert abs(np.linalg.norm(g[i200]) - 2 / 4.212) < 1e-9 and F2[i111] < 0.1 * F2[i200]
+    R, _ = K.zone_rotation(np.random.default_rng(0), "MgO", "001", 0.0)
+    I = K.precession_intensity(g @ R.T, F2, [200.0], 1.0)[:, 0]
+    assert sorted(np.abs(hkl[np.argsort(-I)[:4]]).sum(1)) == [2, 2, 2, 2]
+    cfg = dict(K.SETS["mgo128"], scan=(24, 24), n=3, K=64, calib=0.03, seed=5)
+    meta = K.simulate("tiny", tmp_path, **cfg)
+    store = K.build("tiny", tmp_path)
+    assert meta["crystals"][0]["group"] == meta["crystals"][1]["group"]   # the overlapping pair
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                           progress=False)
+    assert evaluate(res, store)["n_truth"] == meta["n_crystals"]
+
+
 def test_rank_benchmark_counts_a_planted_rank_against_each_floor(tmp_path):
     """bench_rank on an NMF stage cache's matrix of planted rank 4 (plus Poisson noise):
     one rank per draw and per group of three, each the planted rank, written to JSON."""
