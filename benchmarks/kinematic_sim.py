@@ -20,8 +20,8 @@ intensities follow structure factors:
     precession circle. Spots sit at the projection g_xy (precession descanned).
   * orientation: a uniform random rotation (random unit quaternion) per crystal; per set
     one or two crystals within 2 deg of a low-index zone axis ([001], [011], [111], or
-    ZnO [0001]); in most sets two crystals of one orientation overlapping (the paper's
-    case), one group.
+    ZnO [0001]); in most sets two crystals of one orientation overlapping by 15-50 % of
+    the smaller one's area (the paper's case), one group.
   * crystals: MgO cubes / truncated octahedra ({100} + {111} half-spaces, faces jittered),
     ZnO hexagonal prisms, 8-40 nm, rotated with the lattice; the thickness along the beam
     at each scan position is the exact chord through the convex polyhedron; scan steps
@@ -259,10 +259,10 @@ def build_crystals(cfg, rng):
     def place(phase, R, size, zone, tilt, grp, near=None, max_ov=0.15):
         for attempt in range(400):
             N, d = crystal_faces(rng, phase, size)
-            if near is not None:   # overlap a given crystal by roughly a third
-                cy, cx = near
+            if near is not None:   # overlap a given crystal partly (checked below)
+                cy, cx = near["centre"]
                 a = rng.uniform(0, 2 * np.pi)
-                r = 0.55 * size / step
+                r = 0.5 * (near["size"] + size) / step * rng.uniform(0.45, 0.8)
                 c = (cy + r * np.sin(a), cx + r * np.cos(a))
             elif crystals and rng.random() < 0.4:   # touching a random earlier crystal
                 o = crystals[rng.integers(len(crystals))]
@@ -280,6 +280,14 @@ def build_crystals(cfg, rng):
             if np.ptp(ys) + 1 < 4 or np.ptp(xs) + 1 < 4 or ys.min() == 0 or xs.min() == 0 \
                     or ys.max() == Y - 1 or xs.max() == X - 1:
                 continue
+            if near is not None:
+                # the paper's case: a partial overlap, 15-50 % of the smaller crystal (a
+                # crystal of one orientation lying wholly inside another is a thicker
+                # patch of it to any method: nothing in the patterns tells them apart)
+                other = near["t"] > 0
+                frac = (other & mask).sum() / min(other.sum(), mask.sum())
+                if not 0.15 <= frac <= 0.5:
+                    continue
             if near is None and (occupied[mask] > 0).mean() > max_ov:
                 continue
             if near is None and crystals and max(((o["t"] > 0) & mask).sum() / (o["t"] > 0).sum()
@@ -309,7 +317,7 @@ def build_crystals(cfg, rng):
         c = place(phase, R, size, zone, tilt, group, max_ov=cfg.get("max_overlap", 0.15))
         if c is not None and cfg.get("pair") and i == 0:
             # the paper's case: a second crystal of the same orientation overlapping it
-            place(phase, R, rng.uniform(lo, hi), zone, tilt, group, near=c["centre"])
+            place(phase, R, rng.uniform(lo, hi), zone, tilt, group, near=c)
         group += 1
     return crystals
 
