@@ -532,3 +532,54 @@ def test_fill_beyond_copies_the_nearest_detector_pixel():
     fill_beyond(out, fill_boxes(whole, (9, 11)))
     for f, a, s in zip(frames, out, whole):
         np.testing.assert_array_equal(a, ndi.shift(f, s, order=0, mode="nearest"))
+
+
+def _dark_camera(rng, shape=(12, 24, 48, 48), beam=True):
+    """An 8-bit camera at its dark level (12 units, read-out sigma 1.5, 1.5 units per
+    count) seeing ~0.05 counts per pixel, and a saturated beam: no pixel but the
+    beam's varies enough to measure the gain on."""
+    ky, kx = shape[-2:]
+    mean = np.full(shape, 0.05)
+    if beam:
+        r = np.hypot(*np.mgrid[:ky, :kx] - np.array([ky // 2, kx // 2])[:, None, None])
+        mean = mean + 400.0 * (r <= 3)
+    v = 1.5 * rng.poisson(mean) + 12.0 + rng.normal(0, 1.5, shape)
+    return np.clip(np.round(v), 0, 255).astype(np.uint8)
+
+
+def test_count_scale_says_how_well_it_measured_the_gain():
+    """The relative standard error of the gain: small where a beam tail spreads the
+    pixels' means, large on a camera whose pixels all sit at its dark level but the
+    beam's (left out), where the gain it gives is a guess."""
+    rng = np.random.default_rng(12)
+    good = _scene(rng, 8 * 40, (48, 48), 1.0, 0.0).reshape(8, 40, 48, 48)
+    g, v, err = N.count_scale([good], return_error=True)
+    assert (g, v) == N.count_scale([good]) and g == pytest.approx(1.0, rel=0.05)
+    assert 0 < err < 0.02
+    _, _, err_dark = N.count_scale([_dark_camera(np.random.default_rng(13))], return_error=True)
+    assert err_dark > 0.1
+    assert N.count_scale([np.zeros((4, 6, 16, 16))], return_error=True) == (1.0, 0.0, 0.0)
+
+
+def test_a_poorly_measured_gain_is_warned_about(tmp_path, caplog):
+    """A run on such a camera says so, names the parameters to give, and says it again
+    when the measurement comes from the stage cache; a well-measured gain says nothing."""
+    import spedflow
+    from spedflow.workflows._cache import StageCache
+    from spedflow.workflows._common import measured_counts, prepare_run
+    np.save(tmp_path / "dark.npy", _dark_camera(np.random.default_rng(14)))
+    store = spedflow.ingest(tmp_path / "dark.npy", tmp_path / "dark.zarr", progress=False)
+    plan = prepare_run(store, tmp_path / "out.zarr")
+    cache = StageCache(tmp_path / "cache")
+    for _ in range(2):  # measured, then from the cache
+        caplog.clear()
+        measured_counts(plan, cache)
+        warned = [r.getMessage() for r in caplog.records if "poorly determined" in r.getMessage()]
+        assert len(warned) == 1 and "peaks.gain" in warned[0] and "peaks.read_variance" in warned[0]
+    rng = np.random.default_rng(15)
+    np.save(tmp_path / "good.npy", _scene(rng, 8 * 40, (48, 48), 1.0, 0.0).reshape(8, 40, 48, 48)
+            .astype(np.uint16))
+    store = spedflow.ingest(tmp_path / "good.npy", tmp_path / "good.zarr", progress=False)
+    caplog.clear()
+    measured_counts(prepare_run(store, tmp_path / "out2.zarr"), StageCache(tmp_path / "cache2"))
+    assert not [r for r in caplog.records if "poorly determined" in r.getMessage()]

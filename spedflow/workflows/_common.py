@@ -965,11 +965,24 @@ def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
     from ..peaks.noise import count_scale
     st = cache.stage("counts", plan.identity, "v2")  # v2: negative intercepts (a dark level)
     if not st.complete:
-        gain, read_var = count_scale(noise_sample(plan, sample))
-        st.save_attrs(gain=gain, read_var=read_var)
+        gain, read_var, error = count_scale(noise_sample(plan, sample), return_error=True)
+        st.save_attrs(gain=gain, read_var=read_var, relative_error=min(error, 1e3))  # (no inf in JSON)
         st.mark_complete()
     a = st.attrs()
+    error = a.get("relative_error")  # (not in entries of older code)
+    if error is not None and not error <= _GAIN_ERROR:
+        log.warning("the detector's gain is poorly determined by this data (%.3g data units "
+                    "per count, relative error %s): few pixels but the beam's vary enough to "
+                    "measure it on. If the camera's gain is known, give it as peaks.gain, and "
+                    "as peaks.read_variance its read-out variance less gain x its dark level "
+                    "(see `spedflow params vdf`)", a["gain"],
+                    f"{error:.0%}" if error < 10 else "over 1000 %")
     return float(a["gain"]), float(a["read_var"])
+
+
+#: :func:`measured_counts` warns when the gain's relative standard error exceeds this
+#: (at most 0.045 on every simulated detector with spots or a beam tail to measure on).
+_GAIN_ERROR = 0.1
 
 
 def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
