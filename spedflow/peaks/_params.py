@@ -89,7 +89,8 @@ class PeakParams:
         noise's variance, less ``gain`` times the dark level of a camera whose dark level
         (offset) was not subtracted, so negative for such a camera (a dark level of 20
         units with read-out sigma 3 at 1 unit per count: 9 - 20 = -11). ``None``:
-        measured with the gain, or 0 when the gain is given.
+        measured, with the gain, or with the gain held where it is given (0 where the
+        scan is too small to measure it on).
     ring_centres : int
         ("counting" only) Where the ring background is drawn about in patterns aligned
         by whole pixels, which leaves the beam up to half a pixel off the pixel grid:

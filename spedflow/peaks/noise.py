@@ -217,7 +217,7 @@ def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, th
     return out
 
 
-def count_scale(blocks, *, return_error: bool = False) -> tuple:
+def count_scale(blocks, *, gain: float | None = None, return_error: bool = False) -> tuple:
     """Data units per count ``g`` and read-out variance ``v`` of a detector, from blocks
     of its raw patterns ``(sy, sx, ky, kx)``.
 
@@ -260,7 +260,9 @@ def count_scale(blocks, *, return_error: bool = False) -> tuple:
     is a guess (3.6 units per count for 1.5 on an 8-bit camera of that kind).
     ``return_error`` adds the fit's relative standard error (the instrumental-variable
     estimator's, linearised): 0.1-0.02 or less on every simulated detector with spots
-    or a beam tail to fit, 0.6-1.7 on the two without.
+    or a beam tail to fit, 0.6-1.7 on the two without. A ``gain`` given (the camera's
+    known units per count) is held, and only the intercept is fitted: the darkest
+    readings fix it well, with or without a spread of brighter ones.
 
     Returns
     -------
@@ -309,9 +311,11 @@ def count_scale(blocks, *, return_error: bool = False) -> tuple:
     def floor(g):  # the lowest intercept the darkest readings allow
         return d0 - g * m0 if d0 < _DARK_DISPERSION * g * m0 else 0.0
 
-    gain, read_var = _iv_line(m, d, z, low, floor)
+    fixed = gain
+    gain, read_var = _iv_line(m, d, z, low, floor, fixed)
     if return_error:
-        return gain, read_var + 0.0, _iv_relative_error(m, d, z, low, gain, read_var)
+        error = 0.0 if fixed is not None else _iv_relative_error(m, d, z, low, gain, read_var)
+        return gain, read_var + 0.0, error
     return gain, read_var + 0.0  # (no -0.0)
 
 
@@ -332,9 +336,11 @@ def _iv_relative_error(m, d, z, low, gain, read_var) -> float:
     return float(np.sqrt((w * w * e * e * zc * zc).sum())) / den / gain if den > 0 else float("inf")
 
 
-def _iv_line(m, d, z, low, floor) -> tuple[float, float]:
+def _iv_line(m, d, z, low, floor, fixed=None) -> tuple[float, float]:
     """:func:`count_scale`'s weighted, trimmed instrumental-variable line of ``d`` on ``m``
-    (instrument ``z``; triples ``low``), its intercept at least ``floor(gain)``."""
+    (instrument ``z``; triples ``low``), its intercept at least ``floor(gain)``; with
+    ``fixed``, the line of that slope (its intercept only: the weighted mean of
+    ``d - fixed m``, trimmed and bounded the same way)."""
     # start from the untrimmed, unweighted fit, an overestimate of both (structure adds
     # to every difference), so the first cuts are loose and the fit shrinks onto the
     # noise (a start at v = 0 cut the dark pixels' differences hard where z is low and
@@ -344,7 +350,7 @@ def _iv_line(m, d, z, low, floor) -> tuple[float, float]:
     gain = float((d[low] - d[low].mean()) @ mz) / den if den > 0 else 0.0
     if not gain > 0:  # no usable spread of the mean: the plain ratio
         gain = float(d[low].sum() / max(np.abs(m[low]).sum(), 1e-12))
-    gain = max(gain, 1e-6)
+    gain = max(gain, 1e-6) if fixed is None else float(fixed)
     read_var = max(float(d[low].mean() - gain * m[low].mean()), floor(gain))
     for _ in range(50):
         level = np.maximum(gain * z + read_var, 0.0) + gain * gain
@@ -357,9 +363,12 @@ def _iv_line(m, d, z, low, floor) -> tuple[float, float]:
         mz, dz = (w * zk).sum() / sw, (w * dk).sum() / sw
         zc = zk - mz
         den = float((w * (mk - (w * mk).sum() / sw) * zc).sum())
-        if not den > 0:  # no spread of the mean to fit a slope on
+        if fixed is not None:
+            g_new = gain
+        elif not den > 0:  # no spread of the mean to fit a slope on
             break
-        g_new = float((w * (dk - dz) * zc).sum()) / den
+        else:
+            g_new = float((w * (dk - dz) * zc).sum()) / den
         v_new = dz - g_new * float((w * mk).sum() / sw)
         g_new = max(g_new, 1e-6)
         v_new = max(float(v_new), floor(g_new))

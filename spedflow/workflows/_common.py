@@ -958,14 +958,16 @@ def noise_sample(plan: Plan, sample=None):
     return plan.sample_blocks() if sample is None else sample
 
 
-def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
+def measured_counts(plan: Plan, cache, sample=None, gain=None) -> tuple[float, float]:
     """``(gain, read_var)`` of the detector's noise line per raw pattern
     (:func:`spedflow.peaks.noise.count_scale`), measured on :func:`noise_sample` and
-    cached."""
+    cached; with ``gain``, its intercept only (the gain held)."""
     from ..peaks.noise import count_scale
-    st = cache.stage("counts", plan.identity, "v2")  # v2: negative intercepts (a dark level)
+    # v2: negative intercepts (a dark level)
+    st = cache.stage("counts", plan.identity, "v2", *(() if gain is None else (float(gain),)))
     if not st.complete:
-        gain, read_var, error = count_scale(noise_sample(plan, sample), return_error=True)
+        gain, read_var, error = count_scale(noise_sample(plan, sample), gain=gain,
+                                            return_error=True)
         st.save_attrs(gain=gain, read_var=read_var, relative_error=min(error, 1e3))  # (no inf in JSON)
         st.mark_complete()
     a = st.attrs()
@@ -973,9 +975,8 @@ def measured_counts(plan: Plan, cache, sample=None) -> tuple[float, float]:
     if error is not None and not error <= _GAIN_ERROR:
         log.warning("the detector's gain is poorly determined by this data (%.3g data units "
                     "per count, relative error %s): few pixels but the beam's vary enough to "
-                    "measure it on. If the camera's gain is known, give it as peaks.gain, and "
-                    "as peaks.read_variance its read-out variance less gain x its dark level "
-                    "(see `spedflow params vdf`)", a["gain"],
+                    "measure it on. If the camera's gain is known, give it as peaks.gain (its "
+                    "dark level and read-out noise are then measured with it)", a["gain"],
                     f"{error:.0%}" if error < 10 else "over 1000 %")
     return float(a["gain"]), float(a["read_var"])
 

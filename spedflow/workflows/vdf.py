@@ -125,8 +125,14 @@ def counts_of(plan, prep, pk, cache, sample=None):
     if pk.noise != "counting":
         return None
     pixels = plan.detector_binning ** 2  # a given read-out variance is per raw pixel
-    if pk.gain is not None:
-        gain, read_var = float(pk.gain), float(pk.read_variance or 0.0) * pixels
+    if pk.gain is not None and pk.read_variance is not None:
+        gain, read_var = float(pk.gain), float(pk.read_variance) * pixels
+    elif pk.gain is not None:  # the intercept (read-out noise, a dark level) measured
+        gain = float(pk.gain)
+        try:
+            read_var = measured_counts(plan, cache, sample, gain=gain)[1]
+        except InputError:  # too few neighbouring positions: nothing to go by
+            read_var = 0.0
     else:
         try:
             gain, read_var = measured_counts(plan, cache, sample)
