@@ -810,3 +810,31 @@ def test_fold_fragments_joins_groups_on_one_small_mask_up_to_a_one_pixel_rim():
         assert len(fold_fragments(merged, images, p).summed) == (1 if joins else 2)
         off = dataclasses.replace(p, coincident_iou=1.5)
         assert len(fold_fragments(merged, images, off).summed) == 2
+
+
+def test_drop_rims_drops_a_crystals_rim_only():
+    """A group of two of a crystal's vectors lit in a ring about it (the probe's tail,
+    thickness fringes at its thin edge) is dropped; the same subset of vectors on a
+    crystal of its own away from the first, a ring of other vectors, and a subset lying
+    mostly beyond the rim width stay; ``rim_width = 0`` keeps all."""
+    from scipy import ndimage
+
+    from spedflow.segment import MergeResult, drop_rims
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 12, xx - 12)
+    crystal = r <= 6
+    ring = (r > 5) & (r <= 8.5)
+    far = np.hypot(yy - 32, xx - 30) <= 4                      # its own crystal
+    beyond = (np.hypot(yy - 12, xx - 22) <= 4.5) & ~crystal      # mostly > 3 px out
+    masks = np.stack([crystal, ring, far, ring, beyond]).astype(np.float32)
+    members = (np.arange(8), np.array([6, 7]), np.array([6, 7]), np.array([6, 9]),
+               np.array([1, 2]))
+    res = MergeResult(masks, members, tuple(np.ones(m.size) for m in members),
+                      tuple(np.array([i]) for i in range(5)), np.zeros((10, 2)), 5)
+    out = drop_rims(res, VDFMergeParams())
+    kept = [tuple(m) for m in out.members]
+    assert kept == [tuple(members[i]) for i in (0, 2, 3, 4)]
+    assert np.array_equal(out.summed, masks[[0, 2, 3, 4]])
+    assert drop_rims(res, VDFMergeParams(rim_width=0)) is res
+    near = (masks[4] > 0) & ndimage.binary_dilation(crystal, iterations=3)
+    assert near.sum() < 0.75 * masks[4].sum()  # the case is one the rule keeps

@@ -4,8 +4,9 @@ Kernels (NumPy) are in ``_watershed`` and ``_merge``; the dask wrapper is in
 ``lazy``.
 """
 
-from ._merge import (MergeResult, correlation_matrix, drop_radial_pairs, drop_shared_reflections,
-                     fold_fragments, merge_components, merge_vdf_segments, virtual_patterns)
+from ._merge import (MergeResult, correlation_matrix, drop_radial_pairs, drop_rims,
+                     drop_shared_reflections, fold_fragments, merge_components,
+                     merge_vdf_segments, virtual_patterns)
 from ._spots import (AreaReflections, SpotOffsets, area_reflections, member_positions,
                      read_peak_tables, spot_offsets)
 from ._params import NMFMergeParams, VDFMergeParams, WatershedParams, pattern_sigma
@@ -14,7 +15,7 @@ from .lazy import watershed_stack
 
 __all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "pattern_sigma",
            "watershed_image", "segments_from_labels", "watershed_stack",
-           "MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_shared_reflections",
-           "fold_fragments", "virtual_patterns", "merge_components",
+           "MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_rims",
+           "drop_shared_reflections", "fold_fragments", "virtual_patterns", "merge_components",
            "correlation_matrix", "spot_offsets", "member_positions",
            "area_reflections", "SpotOffsets", "AreaReflections", "read_peak_tables"]

@@ -217,6 +217,13 @@ class VDFMergeParams:
         reflections (rule 5's test) lie on the other's lattice: the halves of a bent
         crystal, each lit by other reflections of it. Default 2 (a watershed cut
         line and a pixel of either edge). 0 disables rule 6.
+    rim_width : int
+        A group all of whose vectors belong to a group with more vectors, and which
+        lies at least three quarters within this many scan positions of that group's
+        mask, is that crystal's rim, not a crystal (:func:`~spedflow.segment.drop_rims`):
+        a few of its reflections lit by the probe's tail beyond its edge, or by
+        thickness fringes at its thin edge, with nothing of their own. Default 3 (a
+        probe of about a scan step and the watershed's edge). 0 disables it.
     """
 
     corr_threshold: float = 0.7
@@ -233,10 +240,12 @@ class VDFMergeParams:
     lattice_significance: float = 1e-3
     area_reflections: float = 0.3
     adjacent_gap: int = 2
+    rim_width: int = 3
 
     def __post_init__(self):
         check_range("area_reflections", self.area_reflections, low=0, high=1)
         check_range("adjacent_gap", self.adjacent_gap, low=0, integer=True)
+        check_range("rim_width", self.rim_width, low=0, integer=True)
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)

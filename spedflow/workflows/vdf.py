@@ -254,7 +254,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..peaks.vectors import resolve as resolve_vectors
     from ..preprocess import lazy as pre
     from ..preprocess import resolve as resolve_pre
-    from ..segment import (AreaReflections, SpotOffsets, drop_radial_pairs,
+    from ..segment import (AreaReflections, SpotOffsets, drop_radial_pairs, drop_rims,
                            drop_shared_reflections, fold_fragments, member_positions,
                            merge_vdf_segments, pattern_sigma, read_peak_tables,
                            segments_from_labels, virtual_patterns, watershed_stack)
@@ -403,6 +403,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                                              vectors, offsets, weights, return_weights=True)
         merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
                                 lit=lit)
+        n_folded = n_merged - len(merged.summed)
+        # after the folding, which may give a crystal the vectors its rim shows
+        merged = drop_rims(merged, cfg.merge)
+        n_rims = n_merged - n_folded - len(merged.summed)
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
         table, inten = merged.membership_table()
@@ -412,8 +416,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_shared:
         log.info("%d groups dropped as reflections shared with better-supported crystals, "
                  "their vectors given to those crystals (merge.shared_coverage)", n_shared)
+    if n_rims:
+        log.info("%d groups dropped as the rims of crystals with more vectors, their vectors "
+                 "all those crystals' (merge.rim_width)", n_rims)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
-             len(merged.summed), n_merged - len(merged.summed))
+             len(merged.summed), n_folded)
     if not len(merged.summed):  # say why, not only "wrote"
         if not segments.shape[0]:
             log.warning("no crystal found: no VDF image held a region of at least "
@@ -459,9 +466,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "peaks": n_peaks, "vectors": int(len(vectors)),
                    "vdf_segments": int(segments.shape[0]), "groups": int(merged.n_groups),
-                   "fragments_folded": int(n_merged - len(merged.summed)),
+                   "fragments_folded": int(n_folded),
                    "friedel_ring_dropped": int(n_ring),
                    "shared_dropped": int(n_shared),
+                   "rims_dropped": int(n_rims),
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
