@@ -958,10 +958,13 @@ def noise_sample(plan: Plan, sample=None):
     return plan.sample_blocks() if sample is None else sample
 
 
-def measured_counts(plan: Plan, cache, sample=None, gain=None) -> tuple[float, float]:
+def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
+                    warn: bool = False) -> tuple[float, float]:
     """``(gain, read_var)`` of the detector's noise line per raw pattern
     (:func:`spedflow.peaks.noise.count_scale`), measured on :func:`noise_sample` and
-    cached; with ``gain``, its intercept only (the gain held)."""
+    cached; with ``gain``, its intercept only (the gain held). ``warn``: say so when
+    the gain is poorly determined (the VDF peak finder's noise unit follows it; the
+    NMF workflow's dark level, the line's crossing of 0, hardly does)."""
     from ..peaks.noise import count_scale
     # v2: negative intercepts (a dark level)
     st = cache.stage("counts", plan.identity, "v2", *(() if gain is None else (float(gain),)))
@@ -972,7 +975,7 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None) -> tuple[float, f
         st.mark_complete()
     a = st.attrs()
     error = a.get("relative_error")  # (not in entries of older code)
-    if error is not None and not error <= _GAIN_ERROR:
+    if warn and error is not None and not error <= _GAIN_ERROR:
         log.warning("the detector's gain is poorly determined by this data (%.3g data units "
                     "per count, relative error %s): few pixels but the beam's vary enough to "
                     "measure it on. If the camera's gain is known, give it as peaks.gain (its "

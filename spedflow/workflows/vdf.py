@@ -135,7 +135,7 @@ def counts_of(plan, prep, pk, cache, sample=None):
             read_var = 0.0
     else:
         try:
-            gain, read_var = measured_counts(plan, cache, sample)
+            gain, read_var = measured_counts(plan, cache, sample, warn=True)
         except InputError as e:
             raise InputError(f"{e}; give the detector's data units per electron and read-out "
                              "variance as peaks.gain and peaks.read_variance (1 and 0 for a "
