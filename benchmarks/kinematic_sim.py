@@ -483,19 +483,9 @@ def simulate(case, out, **cfg):
 
 
 def build(case, out):
-    import zarr
-    import spedflow
-    out = Path(out)
-    store = out / f"{case}.zarr"
-    spedflow.ingest(out / f"{case}.npy", store, overwrite=True, progress=False)
-    root = zarr.open_group(str(store), mode="r+")
-    truth = root.require_group("truth")
-    truth.create_array("masks", data=np.load(out / f"{case}_masks.npy"), overwrite=True)
-    truth.create_array("patterns", data=np.load(out / f"{case}_patterns.npy"), overwrite=True)
-    truth.create_array("groups", data=np.load(out / f"{case}_groups.npy"), overwrite=True)
-    truth.create_array("beam_centres", data=np.load(out / f"{case}_centres.npy"), overwrite=True)
-    (out / f"{case}.npy").unlink()
-    return store
+    """Ingest OUT/CASE.npy and write the truth beside it (as third_sim does)."""
+    from third_sim import build as third_build
+    return third_build(case, out)
 
 
 if __name__ == "__main__":

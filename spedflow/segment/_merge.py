@@ -70,6 +70,13 @@ class MergeResult:
     vectors: np.ndarray
     n_groups: int = 0
 
+    def kept(self, keep) -> "MergeResult":
+        """These groups less those not in ``keep`` (indices, in order)."""
+        return MergeResult(self.summed[keep], tuple(self.members[i] for i in keep),
+                           tuple(self.intensities[i] for i in keep),
+                           tuple(self.segment_members[i] for i in keep), self.vectors,
+                           self.n_groups)
+
     def membership_table(self) -> tuple[np.ndarray, np.ndarray]:
         """Flat membership for storage.
 
@@ -674,10 +681,7 @@ def drop_radial_pairs(result: MergeResult, images: np.ndarray,
             keep.append(i)
     if len(keep) == n:
         return result
-    return MergeResult(result.summed[keep], tuple(result.members[i] for i in keep),
-                       tuple(result.intensities[i] for i in keep),
-                       tuple(result.segment_members[i] for i in keep), result.vectors,
-                       result.n_groups)
+    return result.kept(keep)
 
 
 #: :func:`drop_rims`: the least fraction of a group's mask within ``rim_width`` of the
@@ -733,10 +737,7 @@ def drop_rims(result: MergeResult, params: VDFMergeParams | None = None) -> Merg
             keep.append(g)
     if len(keep) == n:
         return result
-    return MergeResult(result.summed[keep], tuple(result.members[i] for i in keep),
-                       tuple(result.intensities[i] for i in keep),
-                       tuple(result.segment_members[i] for i in keep), result.vectors,
-                       result.n_groups)
+    return result.kept(keep)
 
 
 #: Floor of the off-mask mean in :func:`_contrast`, relative to the image's mean: DoG
