@@ -322,12 +322,19 @@ def count_scale(blocks, *, gain: float | None = None, return_error: bool = False
     return gain, read_var + 0.0  # (no -0.0)
 
 
+def _trimmed(d, z, low, gain, read_var):
+    """The line ``gain z + read_var`` (floored at 0) plus ``gain^2``, the variance of
+    ``d`` it predicts, and which triples of ``low`` it keeps (``d`` within ``_TRIM``
+    times it)."""
+    level = np.maximum(gain * z + read_var, 0.0) + gain * gain
+    return level, (d <= _TRIM * level) & low
+
+
 def _iv_relative_error(m, d, z, low, gain, read_var) -> float:
     """Relative standard error of :func:`_iv_line`'s gain: on its last fit's triples and
     weights, ``sqrt(sum w^2 e^2 zc^2) / |sum w mc zc|`` over the gain (``e`` the
     residuals of ``d``; ``mc``, ``zc`` centred), the linearised IV estimator's."""
-    level = np.maximum(gain * z + read_var, 0.0) + gain * gain
-    keep = (d <= _TRIM * level) & low
+    level, keep = _trimmed(d, z, low, gain, read_var)
     if np.count_nonzero(keep) < 100:
         return float("inf")
     w = 1.0 / level[keep] ** 2
@@ -356,8 +363,7 @@ def _iv_line(m, d, z, low, floor, fixed=None) -> tuple[float, float]:
     gain = max(gain, 1e-6) if fixed is None else float(fixed)
     read_var = max(float(d[low].mean() - gain * m[low].mean()), floor(gain))
     for _ in range(50):
-        level = np.maximum(gain * z + read_var, 0.0) + gain * gain
-        keep = (d <= _TRIM * level) & low
+        level, keep = _trimmed(d, z, low, gain, read_var)
         if np.count_nonzero(keep) < 100:
             break
         w = 1.0 / level[keep] ** 2

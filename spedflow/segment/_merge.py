@@ -720,21 +720,20 @@ def drop_rims(result: MergeResult, params: VDFMergeParams | None = None) -> Merg
         return result
     masks = result.summed > 0
     sets = [frozenset(m.tolist()) for m in result.members]
-    grown = {}
-    keep = []
-    for g in range(n):
+    grown = {}  # each larger group's mask grown by rim_width, once
+
+    def is_rim(g):
         area = int(masks[g].sum())
-        rim = False
         for h in range(n):
             if h == g or not area or not sets[g] < sets[h]:
                 continue
             if h not in grown:
                 grown[h] = ndimage.binary_dilation(masks[h], iterations=params.rim_width)
             if (masks[g] & grown[h]).sum() >= _RIM_FRACTION * area:
-                rim = True
-                break
-        if not rim:
-            keep.append(g)
+                return True
+        return False
+
+    keep = [g for g in range(n) if not is_rim(g)]
     if len(keep) == n:
         return result
     return result.kept(keep)
