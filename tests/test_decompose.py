@@ -404,6 +404,30 @@ def test_classify_components():
     assert "whole scan" in out[0][1] and "empty" in out[2][1]
 
 
+def test_classify_components_keeps_large_discs_with_film():
+    """Six large discs (sigma 2.5 px) on one ring keep only ~0.6 of their energy out of
+    the ring's average; with the film ring NMF mixes into a crystal's component the
+    fraction drops to ~0.19: a crystal (the old threshold 0.25 set it aside). The film
+    ring and the beam halo alone, with counting noise, stay far below the threshold."""
+    k = 64
+    yy, xx = np.mgrid[:k, :k]
+    c = k // 2
+    r = np.hypot(yy - c, xx - c)
+    discs = sum(np.exp(-((yy - c - 20 * np.sin(a)) ** 2 + (xx - c - 20 * np.cos(a)) ** 2) / 12.5)
+                for a in np.arange(6) * np.pi / 3)
+    ring = 0.4 * np.exp(-(r - 22) ** 2 / 18)
+    halo = 1.2 * np.exp(-r / 8)
+    factors = np.random.default_rng(3).poisson(200 * np.array([discs + ring, ring, halo])) / 200
+    Y, X = np.mgrid[:20, :20]
+    small = (np.hypot(Y - 5, X - 5) < 4).astype(float)
+    mask = beam_mask((k, k), beam_radius=3)
+    frac = spot_fraction(factors, mask)
+    assert 0.15 < frac[0] < 0.25 and frac[1] < 0.05 and frac[2] < 0.05
+    out = classify_components(factors, np.array([small] * 3), beam_radius=3)
+    assert [keep for keep, _ in out] == [True, False, False]
+    assert NMFParams().min_spot_fraction == 0.15
+
+
 def _pedestal_loadings(sy=40, sx=40, seed=0):
     """Loading maps: a crystal on a pedestal, the film under it, the film with a bright spot."""
     rng = np.random.default_rng(seed)

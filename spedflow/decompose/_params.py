@@ -93,10 +93,11 @@ class NMFParams:
         (NMF splits a crystal whose intensity varies with thickness or bending, and
         needs parts for overlaps); the correlation merging joins split parts again.
         The paper used 11 components where its scree showed about 8.
-    min_spot_fraction : float, default 0.25
+    min_spot_fraction : float, default 0.15
         Components whose pattern has less than this share of its energy outside
         circular symmetry about the beam are set aside as vacuum / glare / film
-        (see :func:`spedflow.decompose.classify_components`).
+        (see :func:`spedflow.decompose.classify_components`: crystal components
+        with a strong beam halo or film ring mixed in measure from ~0.13 up).
     max_coverage : float, default 1/3
         Components whose loading stands out from its pedestal (by 10 % of the way
         to its maximum, :func:`spedflow.decompose.loading_coverage`) over more than
@@ -130,7 +131,7 @@ class NMFParams:
     init: str = "nndsvda"
     seed: int = 0
     extra_components: float = 1.0 / 3.0
-    min_spot_fraction: float = 0.25
+    min_spot_fraction: float = 0.15
     max_coverage: float = 1.0 / 3.0
     min_coherence: float = 0.5
     dark_level: float | None = None
