@@ -561,32 +561,50 @@ def test_count_scale_says_how_well_it_measured_the_gain():
     assert N.count_scale([np.zeros((4, 6, 16, 16))], return_error=True) == (1.0, 0.0, 0.0)
 
 
-def test_a_poorly_measured_gain_is_warned_about(tmp_path, caplog):
-    """A run on such a camera says so, names the parameters to give, and says it again
-    when the measurement comes from the stage cache; a well-measured gain says nothing."""
+def test_a_poorly_measured_gain_falls_back_to_the_pattern_noise(tmp_path, caplog):
+    """On such a camera the VDF peak finder builds no counting unit on the guessed gain:
+    it measures each pattern's own noise level (``noise = "pattern"``), says so and names
+    ``peaks.gain``, also when the measurement comes from the stage cache. A given gain
+    keeps counting statistics; a well-measured gain says nothing; the NMF workflow's
+    dark level reads the same measurement without a word of the VDF gain."""
     import spedflow
+    from spedflow.peaks import resolve as resolve_peaks
+    from spedflow.preprocess import PreprocessParams
+    from spedflow.preprocess import resolve as resolve_pre
     from spedflow.workflows._cache import StageCache
     from spedflow.workflows._common import measured_counts, prepare_run
-    np.save(tmp_path / "dark.npy", _dark_camera(np.random.default_rng(14)))
-    store = spedflow.ingest(tmp_path / "dark.npy", tmp_path / "dark.zarr", progress=False)
-    plan = prepare_run(store, tmp_path / "out.zarr")
+    from spedflow.workflows.vdf import noise_model
+    prep = resolve_pre(PreprocessParams(), 3.0)
+
+    def plan_of(name, data):
+        np.save(tmp_path / f"{name}.npy", data)
+        store = spedflow.ingest(tmp_path / f"{name}.npy", tmp_path / f"{name}.zarr", progress=False)
+        return prepare_run(store, tmp_path / f"{name}.out.zarr")
+
+    def model(plan, cache, **given):
+        pk = resolve_peaks(PeakParams(**given), 3.0, detector_shape=plan.detector_shape)
+        return noise_model(plan, prep, pk, cache)
+
+    def warned():
+        return [r.getMessage() for r in caplog.records if "poorly determined" in r.getMessage()]
+
+    plan = plan_of("dark", _dark_camera(np.random.default_rng(14)))
     cache = StageCache(tmp_path / "cache")
     for _ in range(2):  # measured, then from the cache
         caplog.clear()
-        measured_counts(plan, cache, warn=True)
-        warned = [r.getMessage() for r in caplog.records if "poorly determined" in r.getMessage()]
-        assert len(warned) == 1 and "peaks.gain" in warned[0]
+        pk, counts = model(plan, cache)
+        assert pk.noise == "pattern" and counts is None
+        assert len(warned()) == 1 and "peaks.gain" in warned()[0]
     caplog.clear()
-    measured_counts(plan, cache)  # the NMF workflow's dark level: no word of the VDF gain
-    assert not [r for r in caplog.records if "poorly determined" in r.getMessage()]
+    gain, _, error = measured_counts(plan, cache, return_error=True)  # NMF's dark level
+    assert error > 0.1 and not warned()
+    pk, counts = model(plan, StageCache(tmp_path / "cache2"), gain=1.5)
+    assert pk.noise == "counting" and counts[0] == 1.5 and not warned()
     rng = np.random.default_rng(15)
-    np.save(tmp_path / "good.npy", _scene(rng, 8 * 40, (48, 48), 1.0, 0.0).reshape(8, 40, 48, 48)
-            .astype(np.uint16))
-    store = spedflow.ingest(tmp_path / "good.npy", tmp_path / "good.zarr", progress=False)
-    caplog.clear()
-    measured_counts(prepare_run(store, tmp_path / "out2.zarr"), StageCache(tmp_path / "cache2"),
-                    warn=True)
-    assert not [r for r in caplog.records if "poorly determined" in r.getMessage()]
+    good = _scene(rng, 8 * 40, (48, 48), 1.0, 0.0).reshape(8, 40, 48, 48).astype(np.uint16)
+    pk, counts = model(plan_of("good", good), StageCache(tmp_path / "cache3"))
+    assert pk.noise == "counting" and counts[0] == pytest.approx(1.0, rel=0.05) and not warned()
+    assert len(counts) in (2, 3)  # (gain, read_var[, LoG noise factors]): no error item
 
 
 @pytest.mark.parametrize("gain,read_sd,dark", [(1.0, 3.0, 20.0), (4.0, 3.0, 50.0), (1.0, 0.0, 0.0)])

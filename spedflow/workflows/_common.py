@@ -959,12 +959,13 @@ def noise_sample(plan: Plan, sample=None):
 
 
 def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
-                    warn: bool = False) -> tuple[float, float]:
+                    return_error: bool = False) -> tuple:
     """``(gain, read_var)`` of the detector's noise line per raw pattern
     (:func:`spedflow.peaks.noise.count_scale`), measured on :func:`noise_sample` and
-    cached; with ``gain``, its intercept only (the gain held). ``warn``: say so when
-    the gain is poorly determined (the VDF peak finder's noise unit follows it; the
-    NMF workflow's dark level, the line's crossing of 0, hardly does)."""
+    cached; with ``gain``, its intercept only (the gain held). ``return_error``: a third
+    item, the gain's relative standard error (0 with ``gain`` given; the VDF peak
+    finder's noise unit follows the gain, the NMF workflow's dark level, the line's
+    crossing of 0, hardly does)."""
     from ..peaks.noise import count_scale
     # v2: negative intercepts (a dark level)
     st = cache.stage("counts", plan.identity, "v2", *(() if gain is None else (float(gain),)))
@@ -974,18 +975,14 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
         st.save_attrs(gain=gain, read_var=read_var, relative_error=min(error, 1e3))  # (no inf in JSON)
         st.mark_complete()
     a = st.attrs()
-    error = a.get("relative_error")  # (not in entries of older code)
-    if warn and error is not None and not error <= _GAIN_ERROR:
-        log.warning("the detector's gain is poorly determined by this data (%.3g data units "
-                    "per count, relative error %s): few pixels but the beam's vary enough to "
-                    "measure it on. If the camera's gain is known, give it as peaks.gain (its "
-                    "dark level and read-out noise are then measured with it)", a["gain"],
-                    f"{error:.0%}" if error < 10 else "over 1000 %")
-    return float(a["gain"]), float(a["read_var"])
+    out = (float(a["gain"]), float(a["read_var"]))
+    # (entries of older code hold no error: taken as measured well)
+    return out + (float(a.get("relative_error", 0.0)),) if return_error else out
 
 
-#: :func:`measured_counts` warns when the gain's relative standard error exceeds this
-#: (at most 0.045 on every simulated detector with spots or a beam tail to measure on).
+#: Above this relative standard error of a measured gain the VDF peak finder does not
+#: build its counting-noise unit on it (:func:`spedflow.workflows.vdf.noise_model`); it
+#: is at most 0.045 on every simulated detector with spots or a beam tail to measure on.
 _GAIN_ERROR = 0.1
 
 

@@ -330,10 +330,10 @@ def _start(plan, cfg, cache, state, method, r0, detector_shape, sample=None):
         # the same cache entry and arguments as the batch run's pass 1
         from ..peaks import resolve as resolve_peaks
         from ..peaks.vectors import resolve as resolve_vectors
-        from .vdf import counts_of, pass1_kwargs, scan_stage_of
+        from .vdf import noise_model, pass1_kwargs, scan_stage_of
         pk_params = resolve_peaks(cfg.peaks, r0, detector_shape=detector_shape)
         state["vp"] = resolve_vectors(cfg.vectors, r0)
-        counts = counts_of(plan, resolved, pk_params, cache, sample=sample)
+        pk_params, counts = noise_model(plan, resolved, pk_params, cache, sample=sample)
         state["scan"] = scan_stage_of(cache, plan, resolved, pk_params, counts)
         state["scan_kwargs"] = pass1_kwargs(plan, resolved, pk_params, counts)
         state["hist"] = 0.0

@@ -30,9 +30,9 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import (Plan, Rows, Timer, binned, measured_counts, note_detector_binning,
-                      resolved_bad_pixels, run_blocks, total, with_bad_pixels,
-                      with_detector_binning, write_result)
+from ._common import (_GAIN_ERROR, Plan, Rows, Timer, binned, measured_counts,
+                      note_detector_binning, resolved_bad_pixels, run_blocks, total,
+                      with_bad_pixels, with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -111,20 +111,45 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
 _SLAB = 64
 
 
+def noise_model(plan, prep, pk, cache, sample=None):
+    """The peak finder's noise model: ``(pk, counts)``, ``counts`` as :func:`counts_of`.
+
+    With ``peaks.noise = "counting"`` and no ``peaks.gain`` the detector's gain is
+    measured on the data. Where the data cannot tell it (its relative standard error
+    above 0.1: a camera on which nothing but the beam varies, such as an 8-bit camera
+    sitting at its dark level), a counting unit built on the guess would move the
+    threshold by the guess's error (on a simulated 8-bit camera, a gain 2.4x too high
+    hid 3 of 4 crystals), so the peak finder falls back to each pattern's own robust
+    noise level (``peaks.noise = "pattern"``, which needs no calibration) and says so.
+    """
+    counts = counts_of(plan, prep, pk, cache, sample)
+    if counts is None or counts[-1] <= _GAIN_ERROR:
+        return pk, counts if counts is None else counts[:-1]
+    log.warning("the detector's gain is poorly determined by this data (%.3g data units per "
+                "count, relative error %s): few pixels but the beam's vary enough to measure it "
+                "on. The peak threshold is measured against each pattern's own noise level "
+                "instead (peaks.noise = \"pattern\"); if the camera's gain is known, give it as "
+                "peaks.gain to use counting statistics", counts[0],
+                f"{counts[-1]:.0%}" if counts[-1] < 10 else "over 1000 %")
+    return dataclasses.replace(pk, noise="pattern"), None
+
+
 def counts_of(plan, prep, pk, cache, sample=None):
-    """``(gain, read_var)`` of the counting-noise model (None for ``noise = "pattern"``):
-    given, or measured on a few chunks (cached; live mode measures it on the blocks
-    ``sample``), with a third item, the LoG noise factors per scale
+    """``(gain, read_var, ..., error)`` of the counting-noise model (None for ``noise =
+    "pattern"``): given, or measured on a few chunks (cached; live mode measures it on
+    the blocks ``sample``), with the LoG noise factors per scale
     (:func:`spedflow.peaks.noise.log_noise_factors`), where the detector's point spread
     correlates its pixels' noise. Binning sums ``nav_binning**2`` patterns: the gain and
     the factors stay, the read-out variance adds up (so does a given one over the
-    ``detector_binning**2`` pixels of a binned one; a measured one is measured binned)."""
+    ``detector_binning**2`` pixels of a binned one; a measured one is measured binned).
+    The last item is the gain's relative standard error (0 where it is given)."""
     from ..peaks.kernels import log_sigmas
     from ..peaks.noise import log_noise_factors
     from ._common import noise_sample
     if pk.noise != "counting":
         return None
     pixels = plan.detector_binning ** 2  # a given read-out variance is per raw pixel
+    error = 0.0
     if pk.gain is not None and pk.read_variance is not None:
         gain, read_var = float(pk.gain), float(pk.read_variance) * pixels
     elif pk.gain is not None:  # the intercept (read-out noise, a dark level) measured
@@ -135,12 +160,14 @@ def counts_of(plan, prep, pk, cache, sample=None):
             read_var = 0.0
     else:
         try:
-            gain, read_var = measured_counts(plan, cache, sample, warn=True)
+            gain, read_var, error = measured_counts(plan, cache, sample, return_error=True)
         except InputError as e:
             raise InputError(f"{e}; give the detector's data units per electron and read-out "
                              "variance as peaks.gain and peaks.read_variance (1 and 0 for a "
                              "counting detector) to go on") from None
         read_var = read_var if pk.read_variance is None else float(pk.read_variance) * pixels
+        if error > _GAIN_ERROR:  # no unit is built on it (see noise_model)
+            return gain, read_var, error
     # the LoG noise of a detector whose point spread correlates neighbouring pixels
     sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
     st = cache.stage("noise_factors", plan.identity, "v1", sigmas, gain, read_var)
@@ -149,7 +176,7 @@ def counts_of(plan, prep, pk, cache, sample=None):
         st.mark_complete()
     factors = tuple(st.attrs()["factors"])
     counts = (gain, read_var * prep.nav_binning ** 2)
-    return counts + (factors,) if factors else counts
+    return counts + ((factors,) if factors else ()) + (error,)
 
 
 def _found_at(centres, detector_shape) -> np.ndarray:
@@ -275,7 +302,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 
     # pass 1: beam centres and the peaks of every pattern; the descan fit, and the
     # mergeable histogram of the peaks' aligned positions
-    counts = counts_of(plan, prep, pk, cache)
+    pk, counts = noise_model(plan, prep, pk, cache)
     if counts is not None:
         if counts[1] >= 0:
             log.info("detector: %.3g data units per count, read-out variance %.3g", *counts[:2])
