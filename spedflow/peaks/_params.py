@@ -83,7 +83,10 @@ class PeakParams:
         Data units per detected electron ("counting" only). ``None``: measured, with the
         read-out variance, from neighbouring scan positions
         (:func:`spedflow.peaks.noise.count_scale`); the result's attributes give both
-        (``resolved.gain``, ``resolved.read_variance``).
+        (``resolved.gain``, ``resolved.read_variance``). Where the data cannot tell it
+        (relative standard error above 0.1: nothing but the beam varies, as on an 8-bit
+        camera sitting at its dark level) the VDF workflow uses ``noise = "pattern"``
+        instead and says so (:func:`spedflow.workflows.vdf.noise_model`).
     read_variance : float or None
         Variance of a reading of 0, data units squared ("counting" only): the read-out
         noise's variance, less ``gain`` times the dark level of a camera whose dark level
