@@ -118,9 +118,10 @@ def noise_model(plan, prep, pk, cache, sample=None):
     measured on the data. Where the data cannot tell it (its relative standard error
     above 0.1: a camera on which nothing but the beam varies, such as an 8-bit camera
     sitting at its dark level), a counting unit built on the guess would move the
-    threshold by the guess's error (on a simulated 8-bit camera, a gain 2.4x too high
-    hid 3 of 4 crystals), so the peak finder falls back to each pattern's own robust
-    noise level (``peaks.noise = "pattern"``, which needs no calibration) and says so.
+    threshold by the guess's error (on a simulated 8-bit camera the gain came out 2.4x
+    too high and VDF found 1 of 4 visible crystals, 2 with the true gain), so the peak
+    finder falls back to each pattern's own robust noise level (``peaks.noise =
+    "pattern"``, which needs no calibration; 2 of 4 there) and says so.
     """
     counts = counts_of(plan, prep, pk, cache, sample)
     if counts is None or counts[-1] <= _GAIN_ERROR:
