@@ -596,7 +596,7 @@ def test_a_poorly_measured_gain_falls_back_to_the_pattern_noise(tmp_path, caplog
         assert pk.noise == "pattern" and counts is None
         assert len(warned()) == 1 and "peaks.gain" in warned()[0]
     caplog.clear()
-    gain, _, error = measured_counts(plan, cache, return_error=True)  # NMF's dark level
+    _, _, error = measured_counts(plan, cache, return_error=True)  # NMF's dark level
     assert error > 0.1 and not warned()
     pk, counts = model(plan, StageCache(tmp_path / "cache2"), gain=1.5)
     assert pk.noise == "counting" and counts[0] == 1.5 and not warned()
