@@ -167,7 +167,7 @@ def counts_of(plan, prep, pk, cache, sample=None):
                              "variance as peaks.gain and peaks.read_variance (1 and 0 for a "
                              "counting detector) to go on") from None
         read_var = read_var if pk.read_variance is None else float(pk.read_variance) * pixels
-        if error > _GAIN_ERROR:  # no unit is built on it (see noise_model)
+        if not error <= _GAIN_ERROR:  # (NaN too) no unit is built on it (see noise_model)
             return gain, read_var, error
     # the LoG noise of a detector whose point spread correlates neighbouring pixels
     sigmas = [float(x) for x in log_sigmas(pk.min_sigma, pk.max_sigma, pk.num_sigma)]
