@@ -65,7 +65,6 @@ truth/groups and truth/beam_centres; OUT_DIR/CASE_meta.json. ~10-60 s per set.
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -488,15 +487,14 @@ def build(case, out):
     return third_build(case, out)
 
 
+def _summary(meta) -> str:
+    cr = meta["crystals"]
+    return " ".join(str(x) for x in (
+        meta["n_crystals"], "crystals;", "refl>5%:", [c["n_refl_5"] for c in cr],
+        "refl>20%:", [c["n_refl_20"] for c in cr], "visible:", sum(c["visible"] for c in cr),
+        "groups:", [c["group"] for c in cr]))
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(SETS) if sys.argv[2] == "all" else sys.argv[2:]
-    for n in names:
-        t0 = time.time()
-        meta = simulate(n, out, **SETS[n])
-        build(n, out)
-        cr = meta["crystals"]
-        print(n, f"{time.time() - t0:.0f}s", meta["n_crystals"], "crystals;",
-              "refl>5%:", [c["n_refl_5"] for c in cr], "refl>20%:", [c["n_refl_20"] for c in cr],
-              "visible:", sum(c["visible"] for c in cr), "groups:", [c["group"] for c in cr], flush=True)
+    from third_sim import main
+    main(sys.argv, SETS, simulate, build, _summary)

@@ -405,12 +405,19 @@ def build(case, out):
     return store
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
+def main(argv, sets, simulate, build, summary) -> None:
+    """``python SIM.py OUT all|NAME ...``: simulate and ingest the named sets of ``sets``
+    into OUT, a line each (its time and ``summary(meta)``). Shared with kinematic_sim."""
+    out = Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    names = list(SETS) if sys.argv[2] == "all" else sys.argv[2:]
+    names = list(sets) if argv[2] == "all" else argv[2:]
     for n in names:
         t0 = time.time()
-        meta = simulate(n, out, **SETS[n])
+        meta = simulate(n, out, **sets[n])
         build(n, out)
-        print(n, f"{time.time() - t0:.0f}s", json.dumps({k: meta[k] for k in ("n_grains", "mask_px", "n_spots", "centre_range")}), flush=True)
+        print(n, f"{time.time() - t0:.0f}s", summary(meta), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv, SETS, simulate, build, lambda meta: json.dumps(
+        {k: meta[k] for k in ("n_grains", "mask_px", "n_spots", "centre_range")}))
