@@ -12,6 +12,12 @@ IoU and which truth crystals were missed (with their best IoU).
 
 ``--set KEY=VALUE`` (repeatable, as ``spedflow segment --set``) runs with other
 parameters; it needs its own ``--out`` (the default file holds the defaults' figures).
+
+``--suite variety`` runs eleven other sets of the same simulator instead (into
+``work/variety`` and ``results/variety.json``): detectors of 64 x 64 to 256 x 256 and
+96 x 160, a 40 x 100 scan, rods (two of one orientation side by side), thirty crystals,
+doses of 300 to 3000 counts per pattern (the default is 30,000), defects and 8-bit
+clipping together.
 """
 
 from __future__ import annotations
@@ -44,6 +50,22 @@ SETS = {
                    dead_pixels=8),
 }
 
+#: ``--suite variety``: each set varies one thing more than SETS does.
+VARIETY = {
+    "det256": dict(scan=(48, 48), detector=256, seed=11),
+    "det64": dict(scan=(64, 64), detector=64, seed=12),
+    "rods_side": dict(scan=(64, 64), shape="rod", seed=13),  # a pair side by side, 1 px apart
+    "thirty": dict(scan=(96, 96), crystals=30, seed=14),
+    "dose300": dict(scan=(64, 64), dose=300, seed=15),
+    "dose1000": dict(scan=(64, 64), dose=1000, seed=15),
+    "dose3000": dict(scan=(64, 64), dose=3000, seed=15),
+    "rect_scan": dict(scan=(40, 100), shape="mixed", seed=16),
+    "rect_det": dict(scan=(48, 48), detector=(96, 160), seed=17),
+    "defects8bit": dict(scan=(64, 64), hot_pixels=20, dead_pixels=20, saturate="8bit", seed=18),
+    "seed19": dict(scan=(64, 64), seed=19),
+}
+SUITES = {"quality": SETS, "variety": VARIETY}
+
 
 def main(argv=None) -> int:
     from _measure import check_checkout
@@ -52,33 +74,42 @@ def main(argv=None) -> int:
     check_checkout()
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=list(SUITES), default="quality")
     ap.add_argument("--methods", nargs="+", choices=["vdf", "nmf"], default=["vdf", "nmf"])
-    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "quality")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
+    ap.add_argument("--sets", nargs="+", help="names of the suite's sets (default: all)")
+    ap.add_argument("--work", type=Path, help="default: benchmarks/work/SUITE")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/SUITE.json")
     add_set_option(ap)
     args = ap.parse_args(argv)
-    overrides = parse_sets(ap, args, HERE / "results" / "quality.json")
+    sets = SUITES[args.suite]
+    unknown = sorted(set(args.sets or ()) - set(sets))
+    if unknown:
+        ap.error(f"unknown sets {unknown}; --suite {args.suite} has {list(sets)}")
+    args.sets = args.sets or list(sets)
+    args.work = args.work or HERE / "work" / args.suite
+    default_out = HERE / "results" / f"{args.suite}.json"
+    args.out = args.out or default_out
+    overrides = parse_sets(ap, args, default_out)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.sets:
         store = args.work / f"{name}.zarr"
         if not store.exists():
-            simulate(store, progress=False, **SETS[name])
+            simulate(store, progress=False, **sets[name])
         for method in args.methods:
             out = args.work / f"{name}.{method}.zarr"
             t0 = time.perf_counter()
             segment_fresh(store, out, method, overrides)
             s = evaluate(out, store)
-            row = {"set": name, "simulation": SETS[name], "method": method,
+            row = {"set": name, "simulation": sets[name], "method": method,
                    "seconds": round(time.perf_counter() - t0, 1), **score_fields(s)}
             if overrides:
                 row["overrides"] = overrides
             rows.append(row)
-            print(f"{name:8s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
+            print(f"{name:11s} {method}  recall {s['recall']:.2f}  precision {s['precision']:.2f}  "
                   f"mean IoU {s['mean_iou']:.2f}  missed {[m['truth'] for m in row['missed']]}",
                   flush=True)
-    write_rows(rows, args.out, SETS)
+    write_rows(rows, args.out, sets)
     return 0
 
 

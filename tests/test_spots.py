@@ -344,6 +344,36 @@ def test_rule_6_folds_the_halves_of_a_bent_crystal_and_nothing_else():
     assert len(fold_fragments(merged, images, off, seen_in=seen_in).summed) == 2
 
 
+
+def test_rule_6_keeps_two_crystals_of_one_orientation_side_by_side():
+    """Two crystals of one orientation side by side light the same reflections: every
+    vector's image shows both, cut by the watershed between them, and the correlation
+    merge gives one group per crystal with the same vectors. Each area shows the
+    other's lattice (it is the same one), but they are not a bent crystal's halves,
+    each lit by other reflections: two crystals. With ``adjacent_shared`` = 1 (rule 6
+    regardless of shared vectors) they fold, as before the test."""
+    from spedflow.segment import MergeResult
+    from test_merge import disc
+    rng = np.random.default_rng(7)
+    vectors = rotated(points(random_basis(rng), 45), 0.0).astype(float)
+    xx = np.mgrid[:40, :40][1]
+    left = disc((20, 11), 7) & (xx < 18)
+    right = disc((20, 25), 7) & (xx >= 19)  # one column between them
+    images = np.broadcast_to(left * 5.0 + right * 3.0, (len(vectors), 40, 40)).copy()
+    everyone = np.arange(len(vectors))
+    merged = MergeResult(np.stack([left * 5.0 * len(vectors), right * 3.0 * len(vectors)]
+                                  ).astype(np.float32), (everyone, everyone),
+                         (np.ones(everyone.size), np.ones(everyone.size)),
+                         (np.array([0]), np.array([1])), vectors, 2)
+    counts = np.stack([np.full(len(vectors), left.sum()), np.full(len(vectors), right.sum())])
+    seen_in = (counts, np.broadcast_to(vectors, (2, len(vectors), 2)).copy())
+    p = VDFMergeParams(vector_threshold=2)
+    assert len(fold_fragments(merged, images, p, seen_in=seen_in).summed) == 2
+    regardless = dataclasses.replace(p, adjacent_shared=1.0)
+    folded = fold_fragments(merged, images, regardless, seen_in=seen_in)
+    assert len(folded.summed) == 1
+    np.testing.assert_array_equal(folded.summed[0] > 0, left | right)
+
 def test_rule_5_leaves_out_an_overlapping_crystals_reflections_and_unlit_vectors():
     """The fringe of crystal A (lit by one pair) overlaps crystal C, which lies mostly
     outside A: the fringe's area shows C's reflections too. They are C's, not evidence

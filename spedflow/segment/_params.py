@@ -217,6 +217,14 @@ class VDFMergeParams:
         reflections (rule 5's test) lie on the other's lattice: the halves of a bent
         crystal, each lit by other reflections of it. Default 2 (a watershed cut
         line and a pixel of either edge). 0 disables rule 6.
+    adjacent_shared : float
+        Rule 6 folds two groups only when at most this fraction of the smaller one's
+        vectors are also the other's. A bent crystal's halves are each lit by
+        reflections of their own besides those they share; two crystals of one
+        orientation side by side are lit by the same reflections, and the watershed
+        cut every one of those images between them. Default 0.8: a bent crystal's halves shared 0.50-0.68 of
+        their vectors on the third simulator's bent sets, two rods of one orientation
+        side by side 0.97. 1 folds whatever the groups share.
     rim_width : int
         A group all of whose vectors belong to a group with more vectors, and which
         lies at least three quarters within this many scan positions of that group's
@@ -240,11 +248,13 @@ class VDFMergeParams:
     lattice_significance: float = 1e-3
     area_reflections: float = 0.3
     adjacent_gap: int = 2
+    adjacent_shared: float = 0.8
     rim_width: int = 3
 
     def __post_init__(self):
         check_range("area_reflections", self.area_reflections, low=0, high=1)
         check_range("adjacent_gap", self.adjacent_gap, low=0, integer=True)
+        check_range("adjacent_shared", self.adjacent_shared, low=0, high=1)
         check_range("rim_width", self.rim_width, low=0, integer=True)
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
