@@ -344,14 +344,13 @@ def test_rule_6_folds_the_halves_of_a_bent_crystal_and_nothing_else():
     assert len(fold_fragments(merged, images, off, seen_in=seen_in).summed) == 2
 
 
-
 def test_rule_6_keeps_two_crystals_of_one_orientation_side_by_side():
     """Two crystals of one orientation side by side light the same reflections: every
     vector's image shows both, cut by the watershed between them, and the correlation
     merge gives one group per crystal with the same vectors. Each area shows the
     other's lattice (it is the same one), but they are not a bent crystal's halves,
     each lit by other reflections: two crystals. With ``adjacent_shared`` = 1 (rule 6
-    regardless of shared vectors) they fold, as before the test."""
+    regardless of shared vectors) they fold, as in version 0.19."""
     from spedflow.segment import MergeResult
     from test_merge import disc
     rng = np.random.default_rng(7)
@@ -373,6 +372,7 @@ def test_rule_6_keeps_two_crystals_of_one_orientation_side_by_side():
     folded = fold_fragments(merged, images, regardless, seen_in=seen_in)
     assert len(folded.summed) == 1
     np.testing.assert_array_equal(folded.summed[0] > 0, left | right)
+
 
 def test_rule_5_leaves_out_an_overlapping_crystals_reflections_and_unlit_vectors():
     """The fringe of crystal A (lit by one pair) overlaps crystal C, which lies mostly

@@ -373,8 +373,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        ways, ``a`` on ``b``'s lattice and ``b`` on ``a``'s: the halves of a bent crystal,
        each lit by reflections of its own (at most ``params.adjacent_shared`` of the
        smaller one's vectors shared: two crystals of one orientation side by side are
-       lit by the same ones). Tested after rules 1-5, on what they left; the folded mask is the
-       union of both.
+       lit by the same ones). Tested after rules 1-5, on what they left; the folded
+       mask is the union of both.
 
     A fragment's vectors belong to the same crystal, whose thickness scales every
     reflection alike where diffraction is kinematic: their images follow ``b``'s
@@ -502,7 +502,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
             best, best_corr = None, -np.inf
             for b in np.flatnonzero(near[a] & alive & (area >= area[a])):
                 shared = len(members[a].keys() & members[b].keys())
-                if b == a or shared > params.adjacent_shared * min(len(members[a]), len(members[b])):
+                smaller = min(len(members[a]), len(members[b]))
+                if b == a or shared > params.adjacent_shared * smaller:
                     continue  # the same reflections on both sides: two crystals of one orientation
                 if not (_one_crystal(seen[a], where[a], seen[b], params, left_out(a, b))
                         and _one_crystal(seen[b], where[b], seen[a], params, left_out(b, a))):

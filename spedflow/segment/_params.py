@@ -222,9 +222,10 @@ class VDFMergeParams:
         vectors are also the other's. A bent crystal's halves are each lit by
         reflections of their own besides those they share; two crystals of one
         orientation side by side are lit by the same reflections, and the watershed
-        cut every one of those images between them. Default 0.8: a bent crystal's halves shared 0.50-0.68 of
-        their vectors on the third simulator's bent sets, two rods of one orientation
-        side by side 0.97. 1 folds whatever the groups share.
+        cut every one of those images between them. Default 0.8: a bent crystal's
+        halves shared 0.50-0.68 of their vectors on the third simulator's bent sets,
+        two rods of one orientation side by side 0.97. 1 folds whatever the groups
+        share.
     rim_width : int
         A group all of whose vectors belong to a group with more vectors, and which
         lies at least three quarters within this many scan positions of that group's
