@@ -102,6 +102,24 @@ def test_vdf_on_other_data(tmp_path, options):
     assert scores["precision"] >= 0.5, scores
 
 
+def test_vdf_keeps_two_rods_of_one_orientation_side_by_side_apart(tmp_path):
+    """Two rods of one orientation lying 1 px apart (crystals 0 and 1 of this scene) light
+    the same reflections: two crystals, each matched, not folded into one as the halves
+    of a bent crystal (``merge.adjacent_shared``; 0.19.0 gave one segment over both)."""
+    from scipy import ndimage as ndi
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(64, 64), detector=64,
+                              shape="rod", seed=13)
+    truth = zarr.open_group(str(store), mode="r")["truth"]
+    masks, groups = truth["masks"][:], truth["groups"][:]
+    # the scene this test is about: one orientation, apart, within rule 6's 2 positions
+    assert groups[0] == groups[1] and not (masks[0] & masks[1]).any()
+    assert (ndi.binary_dilation(masks[0], iterations=2) & masks[1]).any()
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True, progress=False)
+    scores = evaluate(res, store)
+    matched = {c["truth"]: c["iou"] for c in scores["per_crystal"] if c["segment"] is not None}
+    assert matched.get(0, 0) >= 0.8 and matched.get(1, 0) >= 0.8, scores["per_crystal"][:2]
+    assert scores["precision"] >= 0.9, scores
+
 def test_binned_run_scores_in_binned_coordinates(tmp_path, sim_store):
     res = spedflow.segment(sim_store, method="vdf", out=tmp_path / "b.zarr", local=True, progress=False,
                            overrides={"preprocess": {"nav_binning": 2}})
