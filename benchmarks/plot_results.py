@@ -7,6 +7,9 @@
 - ``reference.png``: spedflow vs the reference implementation (pyxem), per workflow:
   end-to-end and algorithm times and the speed-up.
 - ``strong_scaling.png``: wall time vs number of worker processes, with the ideal.
+- ``quality_sets.png`` (from ``benchmarks/results/`` itself): recall and precision of
+  both workflows on every set of each quality suite there (``quality.json``,
+  ``variety.json``, ``foreign.json``, ``third.json``, ``kinematic.json``).
 
 Each plot is drawn only if its JSON exists. ``python benchmarks/plot_results.py DIR``.
 """
@@ -190,6 +193,48 @@ def plot_strong(res: dict, out: Path) -> Path | None:
     return out
 
 
+#: Quality suites: JSON name and panel title.
+QUALITY_SUITES = (("quality.json", "own simulator: paper-like sets"),
+                  ("variety.json", "own simulator: variety"),
+                  ("foreign.json", "foreign simulator"),
+                  ("third.json", "third simulator"),
+                  ("kinematic.json", "kinematic MgO / ZnO (most crystals invisible)"))
+
+
+def plot_quality(folder: Path, out: Path) -> Path | None:
+    """Recall (filled) and precision (open) per set, VDF and NMF side by side, one panel
+    per quality suite found in ``folder``; each panel's title gives the means."""
+    suites = [(title, res["rows"]) for name, title in QUALITY_SUITES
+              if (res := _load(folder, name)) is not None and res.get("rows")]
+    if not suites:
+        return None
+    fig, axes = plt.subplots(len(suites), 1, figsize=(9, 2.3 * len(suites)), squeeze=False)
+    for ax, (title, rows) in zip(axes[:, 0], suites):
+        sets = list(dict.fromkeys(r["set"] for r in rows))
+        means = []
+        for k, m in enumerate(("vdf", "nmf")):
+            rs = {r["set"]: r for r in rows if r["method"] == m}
+            if not rs:
+                continue
+            xs = [i + (k - 0.5) * 0.25 for i, name in enumerate(sets) if name in rs]
+            got = [rs[name] for name in sets if name in rs]
+            ax.plot(xs, [r["recall"] for r in got], "o", color=COLORS[m], label=f"{m} recall")
+            ax.plot(xs, [r["precision"] for r in got], "o", mfc="none", color=COLORS[m],
+                    label=f"{m} precision")
+            means.append(f"{m} {sum(r['recall'] for r in got) / len(got):.2f} / "
+                         f"{sum(r['precision'] for r in got) / len(got):.2f}")
+        ax.set_xticks(range(len(sets)), sets, fontsize=7, rotation=20, ha="right")
+        ax.set_ylim(-0.05, 1.08)
+        ax.axhline(1.0, color="0.85", lw=0.8, zorder=0)
+        ax.set_ylabel("score", fontsize=8)
+        ax.set_title(f"{title}: mean recall / precision {', '.join(means)}", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_all(folder: str | Path) -> list[Path]:
     """Draw every plot whose JSON is in ``folder``; the PNG paths written."""
     folder = Path(folder)
@@ -203,6 +248,9 @@ def plot_all(folder: str | Path) -> list[Path]:
             p = fn(res, folder / png)
             if p:
                 made.append(p)
+    p = plot_quality(folder, folder / "quality_sets.png")
+    if p:
+        made.append(p)
     return made
 
 

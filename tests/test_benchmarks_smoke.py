@@ -138,6 +138,18 @@ def test_plots_from_results(tmp_path):
         _valid_png(p)
 
 
+def test_quality_plot_of_every_suite_found(tmp_path):
+    """quality_sets.png: one panel per quality suite whose JSON is in the folder (two
+    here, one of them VDF only), nothing when there is none."""
+    assert plot_results.plot_quality(tmp_path, tmp_path / "q.png") is None
+    rows = [{"set": s, "method": m, "recall": 0.5 + 0.1 * i, "precision": 1.0}
+            for i, s in enumerate(("a", "b", "c")) for m in ("vdf", "nmf")]
+    M.write_json(tmp_path / "quality.json", {"rows": rows})
+    M.write_json(tmp_path / "third.json", {"rows": [r for r in rows if r["method"] == "vdf"]})
+    made = plot_results.plot_all(tmp_path)
+    assert [p.name for p in made] == ["quality_sets.png"]
+    _valid_png(made[0])
+
 def test_quality_benchmark_keeps_the_rows_it_did_not_rerun(tmp_path):
     """`bench_quality.py --methods vdf` updates quality.json instead of dropping the NMF rows."""
     import bench_quality
