@@ -785,20 +785,23 @@ def test_merging_computes_a_dask_stack_once():
 
 def test_fold_fragments_joins_groups_on_one_small_mask_up_to_a_one_pixel_rim():
     """Two groups of one small crystal whose watershed outlines differ by a pixel all
-    round (IoU 0.51 < coincident_iou) are one crystal (rule 3); two pixels apart, or with
-    ``coincident_iou`` above 1, they stay apart. (The profiles are anti-correlated
-    fringes and the lattice rule is off: only the rim can join them.)"""
+    round (IoU 0.51 < coincident_iou) are one crystal (rule 3), also with a stray pixel
+    of noise beyond the rim; two pixels apart, or with ``coincident_iou`` above 1, they
+    stay apart. (The profiles are anti-correlated fringes and the lattice rule is off:
+    only the rim can join them.)"""
     yy, xx = np.mgrid[:40, :40]
     small = (np.abs(yy - 20) <= 2) & (np.abs(xx - 20) <= 2)          # 5 x 5
     rim = small.copy()
     for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
         rim |= np.roll(small, (dy, dx), axis=(0, 1))                 # grown by one pixel
     wide = (np.abs(yy - 20) <= 4) & (np.abs(xx - 20) <= 4)           # two pixels all round
+    stray = rim.copy()
+    stray[20, 26] = True                                             # 3 px beyond the rim
     fringe = np.cos(2 * np.pi * xx / 3.0)
     vectors = np.array([[10, 0], [-10, 0], [0, 10], [0, -10], [7, 7], [-7, -7], [7, -7],
                         [-7, 7]], float)
     p = VDFMergeParams(vector_threshold=2, lattice_significance=0.0)
-    for outer, joins in ((rim, True), (wide, False)):
+    for outer, joins in ((rim, True), (stray, True), (wide, False)):
         images = np.zeros((8, *SHAPE))
         images[:4] = small * (1.05 + fringe)
         images[4:] = outer * (1.05 - fringe)

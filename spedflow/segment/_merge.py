@@ -347,7 +347,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
     or 3. ``a``'s and ``b``'s masks coincide: their intersection over union is at least
        ``params.coincident_iou``, or (on small crystals, where a one-pixel rim is
        most of the area) at least 0.5 with each mask within one pixel (4-connected)
-       of the other (1 and 2 aside; like every candidate, ``a`` has at least
+       of the other, up to a stray pixel in twenty (1 and 2 aside; like every
+       candidate, ``a`` has at least
        ``min(fragment_containment, coincident_iou)`` of its mask in ``b``'s).
 
     or 4. 1 holds and ``a``'s reflections lie on ``b``'s reciprocal lattice (where
@@ -781,9 +782,16 @@ def _lights_up(pa, pb, in_a, in_b, r, params) -> bool:
     return bool(r_out > 0 and r_in <= params.fragment_contrast * r_out)
 
 
+#: A mask "lies within one pixel" of another with at most this fraction of its pixels
+#: (and at least one) beyond: a stray pixel of a noisy threshold does not break it.
+STRAY_FRACTION = 0.05
+
+
 def _within_rim(mask_a: np.ndarray, mask_b: np.ndarray, shape) -> bool:
     """Whether two flat masks (of a scan of ``shape``) each lie inside the other grown by
-    one pixel (4-connected): the same outline, up to where the watershed put its edge."""
+    one pixel (4-connected): the same outline, up to where the watershed put its edge,
+    and up to a stray pixel in twenty (``STRAY_FRACTION``, at least one), where noise
+    crossed the threshold away from the outline."""
     a, b = mask_a.reshape(shape), mask_b.reshape(shape)
     rows, cols = np.flatnonzero((a | b).any(axis=1)), np.flatnonzero((a | b).any(axis=0))
     if not rows.size:
@@ -791,8 +799,11 @@ def _within_rim(mask_a: np.ndarray, mask_b: np.ndarray, shape) -> bool:
     box = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
     a, b = a[box], b[box]
     cross = ndimage.generate_binary_structure(2, 1)
-    return bool(not (a & ~ndimage.binary_dilation(b, cross)).any()
-                and not (b & ~ndimage.binary_dilation(a, cross)).any())
+
+    def inside(x, y):
+        stray = int((x & ~ndimage.binary_dilation(y, cross)).sum())
+        return stray <= max(1, int(STRAY_FRACTION * x.sum()))
+    return inside(a, b) and inside(b, a)
 
 
 def _adjacent(masks: np.ndarray, shape, gap: int) -> np.ndarray:
