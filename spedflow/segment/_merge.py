@@ -348,8 +348,8 @@ def fold_fragments(result: MergeResult, images: np.ndarray,
        ``params.coincident_iou``, or (on small crystals, where a one-pixel rim is
        most of the area) at least 0.5 with each mask within one pixel (4-connected)
        of the other, up to a stray pixel in twenty (1 and 2 aside; like every
-       candidate, ``a`` has at least
-       ``min(fragment_containment, coincident_iou)`` of its mask in ``b``'s).
+       candidate, ``a`` has at least ``min(fragment_containment, coincident_iou)``
+       of its mask in ``b``'s).
 
     or 4. 1 holds and ``a``'s reflections lie on ``b``'s reciprocal lattice (where
        their spots are, ``measured``; :func:`~spedflow.segment._lattice.same_lattice`,
