@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     import importlib
     sys.path.insert(0, str(HERE))
     from _measure import check_checkout
-    from bench_quality import add_set_option, parse_sets, score_fields, segment_fresh, write_rows
+    from bench_quality import add_set_option, score_fields, segment_fresh, suite_args, write_rows
     check_checkout()
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,14 +50,7 @@ def main(argv=None) -> int:
     add_set_option(ap)
     args = ap.parse_args(argv)
     sim = importlib.import_module(SIMULATORS[args.simulator])
-    unknown = sorted(set(args.sets or ()) - set(sim.SETS))
-    if unknown:
-        ap.error(f"unknown sets {unknown}; {args.simulator} has {list(sim.SETS)}")
-    args.sets = args.sets or list(sim.SETS)
-    args.work = args.work or HERE / "work" / args.simulator
-    default_out = HERE / "results" / f"{args.simulator}.json"
-    args.out = args.out or default_out
-    overrides = parse_sets(ap, args, default_out)
+    overrides = suite_args(ap, args, sim.SETS, args.simulator, args.simulator)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.sets:

@@ -82,14 +82,7 @@ def main(argv=None) -> int:
     add_set_option(ap)
     args = ap.parse_args(argv)
     sets = SUITES[args.suite]
-    unknown = sorted(set(args.sets or ()) - set(sets))
-    if unknown:
-        ap.error(f"unknown sets {unknown}; --suite {args.suite} has {list(sets)}")
-    args.sets = args.sets or list(sets)
-    args.work = args.work or HERE / "work" / args.suite
-    default_out = HERE / "results" / f"{args.suite}.json"
-    args.out = args.out or default_out
-    overrides = parse_sets(ap, args, default_out)
+    overrides = suite_args(ap, args, sets, args.suite, f"--suite {args.suite}")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.sets:
@@ -121,6 +114,20 @@ def segment_fresh(store: Path, out: Path, method: str, overrides: dict | None = 
     shutil.rmtree(Path(str(out) + ".cache"), ignore_errors=True)
     spedflow.segment(store, method=method, out=out, local=True, progress=False,
                      overrides=overrides or None)
+
+
+def suite_args(ap, args, sets: dict, name: str, what: str) -> dict:
+    """Check ``--sets`` against ``sets`` and fill in the defaults: every set,
+    ``--work`` work/NAME, ``--out`` results/NAME.json; returns the ``--set`` overrides
+    (:func:`parse_sets`). ``what`` names the suite in the error."""
+    unknown = sorted(set(args.sets or ()) - set(sets))
+    if unknown:
+        ap.error(f"unknown sets {unknown}; {what} has {list(sets)}")
+    args.sets = args.sets or list(sets)
+    args.work = args.work or HERE / "work" / name
+    default_out = HERE / "results" / f"{name}.json"
+    args.out = args.out or default_out
+    return parse_sets(ap, args, default_out)
 
 
 def add_set_option(ap) -> None:
