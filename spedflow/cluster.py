@@ -430,7 +430,12 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
         for key, value in WORKER_MALLOC_ENV.items():
             if os.environ.get(key) == str(value):
                 del os.environ[key]
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env} if env else {}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env} if env else {}), \
+            warnings.catch_warnings():
+        # Another process may take port 8787 between our check and the scheduler's bind;
+        # distributed then moves to a free port with a three-line warning. The line
+        # printed below names the port the dashboard really has, so that warning is noise.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
             host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,

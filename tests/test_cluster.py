@@ -102,6 +102,22 @@ def test_local_cluster_listens_on_loopback_only(capsys):
                      r"\d+/status.*2 workers x 1 thread", err)
 
 
+def test_dashboard_port_taken_after_the_check_moves_without_a_warning(monkeypatch, recwarn):
+    """Another process may bind the dashboard port between our check and the scheduler's
+    bind (two runs started at once). The dashboard moves to a free port, and the user
+    sees the one line naming it, not distributed's three-line warning."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(cluster, "_dashboard_address", lambda: f"127.0.0.1:{port}")
+        with client_for(n_workers=1, memory_limit="600MB", quiet=True) as client:
+            moved = int(client.dashboard_link.split(":")[2].split("/")[0])
+    assert moved != port
+    assert not [w for w in recwarn if "already in use" in str(w.message)]
+
+
 def test_defaults_from_machine():
     mem = 64 * 2**30
     assert cluster.default_n_workers(memory=mem, cores=8) == 8
