@@ -980,12 +980,6 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
     return out + (float(a.get("relative_error", 0.0)),) if return_error else out
 
 
-#: Above this relative standard error of a measured gain the VDF peak finder does not
-#: build its counting-noise unit on it (:func:`spedflow.workflows.vdf.noise_model`); it
-#: is at most 0.045 on every simulated detector with spots or a beam tail to measure on.
-_GAIN_ERROR = 0.1
-
-
 def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
     """Dark level to subtract from the (binned) patterns before NMF's Poisson scaling.
 
