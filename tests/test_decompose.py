@@ -140,6 +140,27 @@ def test_normalised_matrix_brute_force(chunks):
     np.testing.assert_allclose(got, ref[:, ~mask.ravel()], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("unit", [1000.0, 1 / 37])
+def test_normalisation_takes_the_cameras_units_out(unit):
+    """Readings of ``unit`` data units per count, with ``stats.unit`` set, give the
+    normalised matrix of the counts; undone, the factors come back in the camera's units."""
+    data, _, _ = synth(2, sy=12, sx=8, k=10)
+    mask = beam_mask((10, 10), 2)
+    stats = poisson_statistics(data, mask)
+    scaled = poisson_statistics(data * unit, mask)._replace(unit=unit)
+    ref = normalised_matrix(data, stats, mask)
+    np.testing.assert_allclose(normalised_matrix(data * unit, scaled, mask), ref, rtol=1e-5,
+                               atol=1e-6 * float(ref.max()))
+    rng = np.random.default_rng(0)
+    w, h = rng.random((96, 3)), rng.random((3, int((~mask).sum())))
+    f, l = undo_normalisation(h, w, stats, mask)
+    fu, lu = undo_normalisation(h, w, scaled, mask)
+    np.testing.assert_allclose(lu, l, rtol=1e-6)
+    np.testing.assert_allclose(fu, unit * f, rtol=1e-5, atol=1e-6 * unit * float(f.max()))
+    with pytest.raises(ParameterError, match="units per count"):
+        normalised_matrix(data, stats._replace(unit=0.0), mask)
+
+
 def test_normalisation_zero_patterns_and_pixels_no_nan():
     data, _, _ = synth(2, sy=6, sx=6, k=10)
     data[2, 3] = 0                            # an all-zero pattern

@@ -120,6 +120,32 @@ def test_vdf_keeps_two_rods_of_one_orientation_side_by_side_apart(tmp_path):
     assert matched.get(0, 0) >= 0.8 and matched.get(1, 0) >= 0.8, scores["per_crystal"][:2]
     assert scores["precision"] >= 0.9, scores
 
+def test_nmf_does_not_depend_on_the_cameras_units(tmp_path):
+    """The same counts read by cameras of 1 and 1000 units per count: one result, the
+    patterns in each camera's units. (0.20.0 lost a crystal at 1000: the NMF's start
+    fills its zeros with the normalised matrix's mean, which scaled with the units while
+    the rest of the start scaled with their square root, and the residual search's count
+    limit was in data units.)"""
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(48, 48), detector=64,
+                              crystals=6, shape="mixed", seed=5)
+    counts = zarr.open_group(str(store), mode="r")["data"][:].astype(np.float32)
+    runs = []
+    for unit in (1, 1000):
+        src = spedflow.from_array(counts * np.float32(unit), tmp_path / f"u{unit}.zarr", progress=False)
+        res = spedflow.segment(src, method="nmf", out=tmp_path / f"u{unit}.nmf.zarr", local=True,
+                               progress=False)
+        runs.append(zarr.open_group(str(res), mode="r"))
+    (g1, g2) = runs
+    a1, a2 = g1.attrs["spedflow"], g2.attrs["spedflow"]
+    assert a2["resolved"]["count_unit"] == pytest.approx(1000 * a1["resolved"]["count_unit"], rel=1e-3)
+    assert a2["merge_groups"] == a1["merge_groups"] and a2["nmf_info"]["n_epochs"] == a1["nmf_info"]["n_epochs"]
+    m1, m2 = g1["segments/maps"][:], g2["segments/maps"][:]
+    assert len(m1) >= 4 and m1.shape == m2.shape
+    np.testing.assert_array_equal(m1 > 0, m2 > 0)
+    np.testing.assert_allclose(g2["segments/patterns"][:], 1000 * g1["segments/patterns"][:],
+                               rtol=1e-3, atol=1e-3 * float(g2["segments/patterns"][:].max()))
+
+
 def test_binned_run_scores_in_binned_coordinates(tmp_path, sim_store):
     res = spedflow.segment(sim_store, method="vdf", out=tmp_path / "b.zarr", local=True, progress=False,
                            overrides={"preprocess": {"nav_binning": 2}})

@@ -177,11 +177,15 @@ class PoissonStats(NamedTuple):
     row_sums : (scan_y, scan_x) float64, counts per pattern over unmasked pixels.
     col_sums : (ky, kx) float64, counts per detector pixel over the scan (0 where masked).
     n_negative : int, number of negative values that were clipped to 0.
+    unit : float, data units per detector count (the camera's gain; default 1: the
+        data are counts). The sums are in data units; :func:`scale_factors` takes the
+        unit out, so that the normalised matrix has unit noise variance in any units.
     """
 
     row_sums: np.ndarray
     col_sums: np.ndarray
     n_negative: int
+    unit: float = 1.0
 
 
 def poisson_partial(block: np.ndarray, mask: np.ndarray | None = None) -> PoissonStats:
@@ -266,14 +270,23 @@ def poisson_statistics(data, mask: np.ndarray | None = None) -> PoissonStats:
 def scale_factors(stats: PoissonStats) -> tuple[np.ndarray, np.ndarray]:
     """Row and column scales ``a`` (scan_y, scan_x) and ``b`` (ky, kx) (see module doc).
 
-    ``a = sqrt(r / mean(r))`` (dimensionless), ``b = sqrt(c / N)`` (sqrt counts);
-    zero sums give zero scales.
+    ``a = sqrt(r / mean(r))`` (dimensionless), ``b = sqrt(c u / N)`` (sqrt counts
+    times the data units ``u`` per count, ``stats.unit``): a reading ``x = u n`` of
+    ``n`` counts is normalised to ``n / (a sqrt(c / (u N)))``, counts over the square
+    root of their expected number, whatever the camera's units. (Without ``u`` the
+    normalised matrix of a camera giving 1000 units per count has noise variance 1000,
+    and the NMF's start, whose zeros are filled with the matrix's mean, is another.)
+    Zero sums give zero scales.
     """
     r = np.asarray(stats.row_sums, np.float64)
     c = np.asarray(stats.col_sums, np.float64)
     mean_r = r.mean()
     a = np.sqrt(r / mean_r) if mean_r > 0 else np.zeros_like(r)
-    b = np.sqrt(c / r.size)
+    unit = float(getattr(stats, "unit", 1.0))
+    if not (unit > 0 and np.isfinite(unit)):
+        raise ParameterError(f"`stats.unit` (data units per count) must be positive and finite "
+                             f"(got {unit!r})")
+    b = np.sqrt(c * unit / r.size)
     return a, b
 
 

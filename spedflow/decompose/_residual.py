@@ -75,6 +75,9 @@ class ResidualParams:
         over all N x P windows).
     min_counts : float, default 10
         Windows expecting fewer counts (sum over window of the model) are skipped.
+        Detector counts: the workflow divides the model, in data units, by the
+        detector's measured gain (1 where the data cannot tell it), so a camera's
+        units do not move the limit.
     max_pixels : int, default 512
         At most this many pixels (the most significant) enter the sub-matrix; fewer on
         scans so large that positions x pixels x 4 B would exceed 128 MB.

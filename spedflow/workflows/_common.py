@@ -980,6 +980,24 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
     return out + (float(a.get("relative_error", 0.0)),) if return_error else out
 
 
+#: Above this relative standard error a measured gain is not used: the VDF peak finder
+#: does not build its counting-noise unit on it (:func:`spedflow.workflows.vdf.noise_model`),
+#: and the NMF residual search counts in data units (:func:`count_unit`). It is at most
+#: 0.045 on every simulated detector with spots or a beam tail to measure on.
+GAIN_ERROR = 0.1
+
+
+def count_unit(plan: Plan, cache, sample=None) -> float:
+    """Data units per detector count: the gain measured by :func:`measured_counts`, or 1
+    where the data cannot tell it (too few scan positions, or a relative error above
+    ``GAIN_ERROR``). Binning sums counts and leaves the gain as it is."""
+    try:
+        gain, _, error = measured_counts(plan, cache, sample, return_error=True)
+    except InputError:
+        return 1.0
+    return float(gain) if error <= GAIN_ERROR and gain > 0 else 1.0
+
+
 def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:
     """Dark level to subtract from the (binned) patterns before NMF's Poisson scaling.
 

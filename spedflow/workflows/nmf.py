@@ -23,7 +23,8 @@ from ..errors import InputError
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
-from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, dark_level,
+from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, count_unit,
+                      dark_level,
                       note_detector_binning, resolved_bad_pixels, run_blocks, total,
                       with_bad_pixels, with_detector_binning, write_result)
 
@@ -97,7 +98,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             st_stats.save("col_sums", total(paths, "col_sums"))
             st_stats.save_attrs(n_negative=int(total(paths, "n_negative")))
             st_stats.mark_complete()
-    stats = _load_stats(st_stats)
+    # the camera's units per count: the normalised matrix is then in counts (unit noise
+    # variance) whatever the units, and so are the NMF's start and the residual's limit
+    unit = count_unit(plan, cache)
+    stats = _load_stats(st_stats)._replace(unit=unit)
     if dark > 0 and not np.any(stats.row_sums > 0):
         binned_note = (" of the binned patterns" if prep.nav_binning > 1 or plan.detector_binning > 1
                        else "")
@@ -110,7 +114,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # to the cache once, as (Y, X, P) blocks aligned with the data's chunks, so later
     # passes only read and decompress. The decompositions see its rows block by block
     # (block-major order); `order` maps those rows back to raster order.
-    st_matrix = cache.stage("matrix", st_stats.key, edge)
+    st_matrix = cache.stage("matrix", st_stats.key, edge, *([{"unit": unit}] if unit != 1 else []))
     target = st_matrix.path / "matrix.zarr"
     if not st_matrix.complete:
         with timer("matrix"):
@@ -191,11 +195,12 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     n_global = len(h)
     residual_info = {"enabled": cfg.residual.enabled}
     if cfg.residual.enabled:
+        # the screen's count threshold is in counts; the model times its scales, in data units
         st_res = cache.stage("residual", st_nmf.key, dataclasses.asdict(cfg.residual))
         if not st_res.complete:
             with timer("residual"):
                 h2, w2, sel, h2s, residual_info = residual_search(target, h, w_raster, stats, cut,
-                                                                  cfg.residual, (ny, nx))
+                                                                  cfg.residual, (ny, nx), unit)
                 st_res.save("factors", np.asarray(h2, np.float32))
                 st_res.save("loadings", np.asarray(w2, np.float32))
                 st_res.save("pixels", np.asarray(sel, np.int64))
@@ -344,6 +349,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi)),
+                     # data units per detector count the normalisation took out (1: not
+                     # measurable on these data, which are then taken as counts)
+                     "count_unit": unit,
                      # per raw pattern and pixel, as the parameter (binning adds it up)
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
@@ -518,12 +526,14 @@ def _set_aside_corrections(keep, reasons, n_global, h, w_raster, sel, h2s, host_
                 break
 
 
-def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
+def residual_search(path, h, w_raster, stats, mask, params, scan_shape, unit=1.0):
     """New components from the NMF residual (see :mod:`spedflow.decompose._residual`).
 
     Three passes over the stored normalised matrix: the pixel screen, the residual on
-    the kept pixels, the new components' full patterns. Returns normalised factors
-    (k, P), raster loadings (N, k) and a dict describing the search.
+    the kept pixels, the new components' full patterns. ``unit``: data units per
+    detector count (the matrix undone by its scales is in data units;
+    ``params.min_counts`` is in counts). Returns normalised factors (k, P), raster
+    loadings (N, k) and a dict describing the search.
     """
     import dask
     import zarr
@@ -548,7 +558,7 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
     h_d, b_d = dask.delayed(h, pure=True), dask.delayed(b, pure=True)
     parts = [dask.delayed(_screen_task, pure=True)(
         store, blk, hw, _padded(w3, *blk, hw), h_d, _padded(a2d, *blk, hw), b_d,
-        params.window, params.min_counts) for blk in blocks]
+        params.window, params.min_counts * unit) for blk in blocks]
     (scr,) = cluster.compute(dask.delayed(R.merge_screens)(*parts), label="residual screen",
                              n_patterns=ny * nx)
     c = scr["rr"] / scr["vv"] if scr["vv"] > 0 else 1.0
@@ -560,7 +570,8 @@ def residual_search(path, h, w_raster, stats, mask, params, scan_shape):
     cap = int(min(params.max_pixels, max(2, _SUBMATRIX_BYTES // (4 * ny * nx))))
     if len(sel) > cap:
         sel = np.sort(sel[np.argsort(zmax[sel])[::-1][:cap]])
-    info = {"noise_factor": float(c), "threshold": thr, "n_pixels": int(len(sel)),
+    info = {"noise_factor": float(c), "count_unit": float(unit), "threshold": thr,
+            "n_pixels": int(len(sel)),
             "pixel_cap": cap, "max_z": float(np.max(zmax)) if zmax.size else 0.0}
     empty = (np.zeros((0, p), np.float32), np.zeros((ny * nx, 0), np.float32),
              np.asarray(sel, np.int64), np.zeros((0, len(sel)), np.float32))

@@ -30,7 +30,7 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import (Plan, Rows, Timer, binned, measured_counts,
+from ._common import (GAIN_ERROR, Plan, Rows, Timer, binned, measured_counts,
                       note_detector_binning, resolved_bad_pixels, run_blocks, total,
                       with_bad_pixels, with_detector_binning, write_result)
 
@@ -109,12 +109,6 @@ def _beam_peaks_block(block, offset, *, beam, sigmas, params, counts=None, clip=
 
 #: Patterns shifted, background-subtracted and searched for peaks at a time in pass 1.
 _SLAB = 64
-
-
-#: Above this relative standard error of a measured gain the peak finder does not build
-#: its counting-noise unit on it (:func:`noise_model`); it is at most 0.045 on every
-#: simulated detector with spots or a beam tail to measure on.
-GAIN_ERROR = 0.1
 
 
 def noise_model(plan, prep, pk, cache, sample=None):
