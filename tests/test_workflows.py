@@ -371,6 +371,27 @@ def test_nmf_rank_at_its_limit_is_a_warning(tmp_path, sim_store, caplog):
             assert "nmf.max_components = 2" in hits[0] and "--set nmf.max_components=4" in hits[0]
 
 
+def test_data_stored_detector_first_are_warned_about(tmp_path, caplog):
+    """A set written (ky, kx, scan_y, scan_x) and read scan-first holds real-space images
+    where the patterns should be: its mean "pattern" is flat, with no direct beam, and
+    the run says which axes to move. The same data the right way round: no warning."""
+    import logging
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(40, 40), detector=48,
+                              crystals=4, seed=2)
+    data = zarr.open_group(str(store), mode="r")["data"][:]
+    swapped = spedflow.from_array(np.ascontiguousarray(np.moveaxis(data, (2, 3), (0, 1))),
+                                  tmp_path / "t.zarr", progress=False)
+    for src, warned in ((swapped, True), (store, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spedflow"):
+            spedflow.segment(src, method="nmf", out=tmp_path / f"{src.stem}.nmf.zarr", local=True,
+                             progress=False)
+        hits = [r.message for r in caplog.records if "mean pattern is flat" in r.message]
+        assert bool(hits) is warned, [r.message for r in caplog.records]
+        if warned:
+            assert "(scan_y, scan_x, ky, kx)" in hits[0] and "numpy.moveaxis" in hits[0]
+
+
 @pytest.mark.parametrize("method, reason, overrides", [
     ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
     ("nmf", "every NMF component was set aside", {"watershed": {"min_size": 1000}}),

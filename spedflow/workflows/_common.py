@@ -728,6 +728,13 @@ def finish_beam(paths, data: da.Array, prep):
         log.warning("no direct beam where the beam finder settled (the mean pattern there is "
                     "%.0f %% of its brightest; a beam stop?): the patterns are not aligned, as "
                     "with preprocess.align = false", 100 * level)
+    contrast = beam_contrast(mean, measured)
+    if level >= NO_BEAM_LEVEL and contrast < FLAT_PATTERN:
+        log.warning("the mean pattern is flat: where the beam finder settled it is %.2f times its "
+                    "average, where a direct beam is 8 to thousands of times. Are the axes in "
+                    "the order (scan_y, scan_x, ky, kx)? Data written detector-first (ky, kx, "
+                    "scan_y, scan_x) read that way are images, not patterns: move the axes "
+                    "(numpy.moveaxis(data, (0, 1), (2, 3))) and ingest again", contrast)
     if not prep.align or level < NO_BEAM_LEVEL:
         used = np.broadcast_to(np.array([ky // 2, kx // 2], float), measured.shape).copy()
         descan = {"model": "none (align = false)" if not prep.align else
@@ -810,6 +817,28 @@ def beam_level(mean: np.ndarray, measured: np.ndarray) -> float:
         return 0.0
     iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, (ky, kx)))
     return float(box[iy, ix]) / top
+
+
+#: The mean pattern at the beam centre (3 x 3 means) below this many times the mean
+#: pattern's average is flat, no direct beam: 8.4 to thousands on every benchmark set
+#: (8-bit cameras and CCDs with a dark level the lowest), 1.0 on a data set stored with
+#: its axes detector-first, whose "patterns" are real-space images.
+FLAT_PATTERN = 2.0
+
+
+def beam_contrast(mean: np.ndarray, measured: np.ndarray) -> float:
+    """The mean pattern's 3 x 3 mean at the median measured beam centre over the mean
+    pattern's average (NaN where the average is not positive or no centre was found)."""
+    from scipy import ndimage as ndi
+    mean = np.asarray(mean, np.float64)
+    m = np.asarray(measured, float).reshape(-1, 2)
+    m = m[np.isfinite(m).all(axis=1)]
+    average = float(mean.mean()) if mean.size else 0.0
+    if not len(m) or not average > 0:
+        return float("nan")
+    c = np.median(m, axis=0)
+    iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, mean.shape))
+    return float(ndi.uniform_filter(mean, 3, mode="nearest")[iy, ix]) / average
 
 
 #: Below this fraction of patterns with a measured beam centre, the descan fit is
