@@ -67,6 +67,9 @@ def test_few_measured_beam_centres_are_warned_about(caplog):
     with caplog.at_level("WARNING", logger="spedflow"):
         assert found_fraction(m) == pytest.approx(0.8)
     assert caplog.text == ""
+    with caplog.at_level("INFO", logger="spedflow"):  # -v counts them (dropped frames?)
+        found_fraction(m)
+    assert "no beam centre found in 20 of 100 patterns" in caplog.text
 
 
 def test_collected_warnings_are_kept_and_replayed(tmp_path, caplog):

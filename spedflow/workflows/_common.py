@@ -855,6 +855,10 @@ def found_fraction(measured: np.ndarray) -> float:
     if frac < MIN_CENTRES_FOUND:
         log.warning("the beam centre was found in only %.0f %% of the patterns: the descan is "
                     "extrapolated over the rest (check preprocess.beam_radius)", 100 * frac)
+    elif not ok.all():
+        log.info("no beam centre found in %d of %d patterns (empty or dropped frames, a beam off "
+                 "the detector?): NaN in the result's beam/centres; the descan fit aligns them",
+                 int((~ok).sum()), ok.size)
     return frac
 
 
