@@ -394,6 +394,9 @@ def test_data_stored_detector_first_are_warned_about(tmp_path, caplog):
 
 @pytest.mark.parametrize("method, reason, overrides", [
     ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
+    # no vector at all: an empty result too, not an error (an amorphous region of a batch)
+    ("vdf", "no diffraction vector, a place on the detector with peaks in "
+            "vectors.min_patterns = 10 patterns", {"peaks": {"threshold": 1e6}}),
     ("nmf", "every NMF component was set aside", {"watershed": {"min_size": 1000}}),
     # crystals' components taken for the support: the warning names the parameter
     ("nmf", "covers more than nmf.max_coverage = 0.01 of the scan: if one crystal fills most of "
@@ -409,3 +412,4 @@ def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, ov
     assert spedflow.open_result(res)["segments/maps"].shape[0] == 0
     assert any("no crystal found" in r.message and reason in r.message for r in caplog.records), \
         [r.message for r in caplog.records]
+    assert sum("no crystal found" in r.message for r in caplog.records) == 1

@@ -353,90 +353,104 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if glare > 0:
         log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
                  "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
-    if len(vectors) == 0:
-        raise InputError("no diffraction vectors were found: the data may hold no crystals, or the "
-                         "peak threshold is too high (see `spedflow params vdf`, section [peaks])")
-    log.info("found %d unique diffraction vectors", len(vectors))
+    if len(vectors) == 0:  # a result all the same: none, and why (as NMF does)
+        log.warning("no crystal found: no diffraction vector, a place on the detector with peaks "
+                    "in vectors.min_patterns = %d patterns or more: the data may hold no crystals, "
+                    "or their spots lie under the peak threshold (peaks.threshold; see `spedflow "
+                    "params vdf`, section [peaks])", vp.min_patterns)
+    else:
+        log.info("found %d unique diffraction vectors", len(vectors))
 
-    # pass 2: VDF images of all vectors in one pass
-    # (pass 2 uses the noise line only: not the LoG factors, counts[2])
-    st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep),
-                         None if counts is None else counts[:2], vectors, dataclasses.asdict(vd))
-    if not st_vdf.complete:
-        with timer("vdf"):
-            if prep.align:  # one task per chunk: preprocess a slab, integrate its discs
-                images = vdfl.preprocessed_vdf_images(data, beam.used, prep, vectors, vd.radius,
-                                                      counts=counts[:2] if counts else None,
-                                                      subpixel=vd.subpixel)
-            else:
-                images = vdfl.vdf_images(pre.preprocess(data, beam.used, prep), vectors,
-                                         vd.radius, subpixel=vd.subpixel)
-            # the workers write the stack, one image per stored chunk (what the watershed
-            # and the merging read); the pass's blocks hold all vectors of a patch of the
-            # scan, so they are regrouped in the workers' memory into slabs of whole
-            # images first. Nothing of the stack comes to the client.
-            target = create_array(st_vdf.group(), "images", images.shape, np.float32,
-                                  chunks=(1, ny, nx), overwrite=True)
-            images = images.astype(np.float32)
-            cluster.store(images.rechunk(slab_chunks(images)), target, label="VDF images",
-                          n_patterns=ny * nx)
-            st_vdf.mark_complete()
-    # from here on the image stack stays on disk: the client reads an image when it needs it
-    images = st_vdf.group("r")["images"]
+    paths = sorted((st_scan.path / "blocks").glob("*.npz"))  # pass 1's peaks, per chunk
+    if len(vectors):
+        # pass 2: VDF images of all vectors in one pass
+        # (pass 2 uses the noise line only: not the LoG factors, counts[2])
+        st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep),
+                             None if counts is None else counts[:2], vectors, dataclasses.asdict(vd))
+        if not st_vdf.complete:
+            with timer("vdf"):
+                if prep.align:  # one task per chunk: preprocess a slab, integrate its discs
+                    images = vdfl.preprocessed_vdf_images(data, beam.used, prep, vectors, vd.radius,
+                                                          counts=counts[:2] if counts else None,
+                                                          subpixel=vd.subpixel)
+                else:
+                    images = vdfl.vdf_images(pre.preprocess(data, beam.used, prep), vectors,
+                                             vd.radius, subpixel=vd.subpixel)
+                # the workers write the stack, one image per stored chunk (what the watershed
+                # and the merging read); the pass's blocks hold all vectors of a patch of the
+                # scan, so they are regrouped in the workers' memory into slabs of whole
+                # images first. Nothing of the stack comes to the client.
+                target = create_array(st_vdf.group(), "images", images.shape, np.float32,
+                                      chunks=(1, ny, nx), overwrite=True)
+                images = images.astype(np.float32)
+                cluster.store(images.rechunk(slab_chunks(images)), target, label="VDF images",
+                              n_patterns=ny * nx)
+                st_vdf.mark_complete()
+        # from here on the image stack stays on disk: the client reads an image when it needs it
+        images = st_vdf.group("r")["images"]
 
-    # watershed of every VDF image, each image a task that reads its image from the
-    # stage cache and writes its labels there: shipping the stack inside the graph puts
-    # all of it on every worker (215 MB for 205 vectors on a 512 x 512 scan), and
-    # gathering the labels would hold a second stack here
-    st_ws = cache.stage("watershed", st_vdf.key, dataclasses.asdict(cfg.watershed))
-    with timer("watershed"):
-        if not st_ws.complete:
-            stack = da.from_zarr(images).rechunk((1, ny, nx))
-            target = create_array(st_ws.group(), "labels", stack.shape, np.int32,
-                                  chunks=(1, ny, nx), overwrite=True)
-            cluster.store(watershed_stack(stack, cfg.watershed), target, label="watershed")
-            st_ws.mark_complete()
-        labels = st_ws.group("r")["labels"]
-        segments, source = segments_from_labels(images, labels, sparse=True)
-        return_free_heap()
-    log.info("%d VDF image segments", segments.shape[0])
+        # watershed of every VDF image, each image a task that reads its image from the
+        # stage cache and writes its labels there: shipping the stack inside the graph puts
+        # all of it on every worker (215 MB for 205 vectors on a 512 x 512 scan), and
+        # gathering the labels would hold a second stack here
+        st_ws = cache.stage("watershed", st_vdf.key, dataclasses.asdict(cfg.watershed))
+        with timer("watershed"):
+            if not st_ws.complete:
+                stack = da.from_zarr(images).rechunk((1, ny, nx))
+                target = create_array(st_ws.group(), "labels", stack.shape, np.int32,
+                                      chunks=(1, ny, nx), overwrite=True)
+                cluster.store(watershed_stack(stack, cfg.watershed), target, label="watershed")
+                st_ws.mark_complete()
+            labels = st_ws.group("r")["labels"]
+            segments, source = segments_from_labels(images, labels, sparse=True)
+            return_free_heap()
+        log.info("%d VDF image segments", segments.shape[0])
 
-    paths = sorted((st_scan.path / "blocks").glob("*.npz"))
-    with timer("merge"):
-        merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
-        n_groups = len(merged.summed)
-        merged = drop_radial_pairs(merged, images, cfg.merge, radius=vd.radius)
-        n_ring = n_groups - len(merged.summed)
-        merged = drop_shared_reflections(merged, images, cfg.merge)
-        n_shared = n_groups - n_ring - len(merged.summed)
-        n_merged = len(merged.summed)
-        # the lattice rules of the folding look at the spots, from the peak table: where
-        # those lighting each group's segments are (a segment can be lit by its
-        # crystal's reflection off its vector's centre), and which reflections show in
-        # each group's area
-        measured = seen_in = lit = None
-        if cfg.merge.lattice_significance > 0 and len(merged.summed) > 1:
-            spots = SpotOffsets(segments, source, vectors, scan_shape=(ny, nx),
-                                search_radius=2.0 * vd.radius)
-            areas = None
-            if cfg.merge.area_reflections > 0:
-                masks = sparse.csr_matrix(merged.summed.reshape(len(merged.summed), -1))
-                areas = AreaReflections(masks, vectors, scan_shape=(ny, nx),
-                                        radius=vp.cluster_radius)
-            # one read of the peak tables feeds both
-            (offsets, weights), seen_in = read_peak_tables(
-                _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
-                [spots, areas], scan_shape=(ny, nx), detector_shape=(ky, kx))
-            measured, lit = member_positions(merged.members, merged.segment_members, source,
-                                             vectors, offsets, weights, return_weights=True)
-        merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
-                                lit=lit)
-        n_folded = n_merged - len(merged.summed)
-        # after the folding, which may give a crystal the vectors its rim shows
-        merged = drop_rims(merged, cfg.merge)
-        n_rims = n_merged - n_folded - len(merged.summed)
+        with timer("merge"):
+            merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
+            n_groups = len(merged.summed)
+            merged = drop_radial_pairs(merged, images, cfg.merge, radius=vd.radius)
+            n_ring = n_groups - len(merged.summed)
+            merged = drop_shared_reflections(merged, images, cfg.merge)
+            n_shared = n_groups - n_ring - len(merged.summed)
+            n_merged = len(merged.summed)
+            # the lattice rules of the folding look at the spots, from the peak table: where
+            # those lighting each group's segments are (a segment can be lit by its
+            # crystal's reflection off its vector's centre), and which reflections show in
+            # each group's area
+            measured = seen_in = lit = None
+            if cfg.merge.lattice_significance > 0 and len(merged.summed) > 1:
+                spots = SpotOffsets(segments, source, vectors, scan_shape=(ny, nx),
+                                    search_radius=2.0 * vd.radius)
+                areas = None
+                if cfg.merge.area_reflections > 0:
+                    masks = sparse.csr_matrix(merged.summed.reshape(len(merged.summed), -1))
+                    areas = AreaReflections(masks, vectors, scan_shape=(ny, nx),
+                                            radius=vp.cluster_radius)
+                # one read of the peak tables feeds both
+                (offsets, weights), seen_in = read_peak_tables(
+                    _aligned_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border),
+                    [spots, areas], scan_shape=(ny, nx), detector_shape=(ky, kx))
+                measured, lit = member_positions(merged.members, merged.segment_members, source,
+                                                 vectors, offsets, weights, return_weights=True)
+            merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
+                                    lit=lit)
+            n_folded = n_merged - len(merged.summed)
+            # after the folding, which may give a crystal the vectors its rim shows
+            merged = drop_rims(merged, cfg.merge)
+            n_rims = n_merged - n_folded - len(merged.summed)
+            sigma = pattern_sigma(cfg.merge, s_r)
+            patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
+            table, inten = merged.membership_table()
+    else:  # no vectors: empty images, labels and groups
+        images = np.zeros((0, ny, nx), np.float32)
+        labels = np.zeros((0, ny, nx), np.int32)
+        segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
+        merged = merge_vdf_segments(segments, np.zeros(0, np.int64), vectors, cfg.merge,
+                                    scan_shape=(ny, nx))
+        n_ring = n_shared = n_folded = n_rims = 0
         sigma = pattern_sigma(cfg.merge, s_r)
-        patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
+        patterns = np.zeros((0, ky, kx), np.float32)
         table, inten = merged.membership_table()
     if n_ring:
         log.info("%d Friedel-pair groups dropped: no brighter than the other vectors on their ring "
@@ -449,7 +463,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                  "all those crystals' (merge.rim_width)", n_rims)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_folded)
-    if not len(merged.summed):  # say why, not only "wrote"
+    if not len(merged.summed) and len(vectors):  # say why, not only "wrote"
         if not segments.shape[0]:
             log.warning("no crystal found: no VDF image held a region of at least "
                         "watershed.min_size = %d scan positions above its threshold (a scan "
