@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = add("evaluate", "Score a result against the simulated truth stored in the input store.")
     c.add_argument("result", help="result store (from segment)")
-    c.add_argument("store", help="the simulated input store it was made from (holds truth/)")
+    c.add_argument("store", nargs="?", default=None,
+                   help="the simulated input store it was made from (holds truth/; default: the "
+                        "input the result records)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     c = add("params", "Print the default parameter file of a workflow (TOML).")

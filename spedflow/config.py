@@ -71,8 +71,11 @@ def params_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"[{where}] " if where else ""
+        # a workflow's configuration holds sections (each a dataclass), a section parameters
+        kind = ("section" if fields and all(_dataclass_type(cls, f) is not None
+                                            for f in fields.values()) else "parameter")
         raise ParameterError(
-            f"{prefix}unknown parameter {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+            f"{prefix}unknown {kind} {unknown[0]!r}; known: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         f = fields[name]

@@ -61,7 +61,9 @@ def bin_masks(masks: np.ndarray, out_shape: tuple[int, int], nav_binning=1) -> n
     for name, n, b, o in (("Y", Y, by, oy), ("X", X, bx, ox)):
         if o not in (n // b, math.ceil(n / b)):
             raise InputError(f"result scan size {o} along {name} does not match the truth's {n} "
-                             f"binned by {b} (expected {n // b} or {math.ceil(n / b)})")
+                             f"binned by {b} (expected "
+                             + (f"{n // b}" if n % b == 0 else f"{n // b} or {math.ceil(n / b)}")
+                             + "): was it made from another store?")
     if (by, bx) == (1, 1):
         return masks.copy()
     pad = np.zeros((C, oy * by, ox * bx), bool)
@@ -239,7 +241,7 @@ def _array(group: zarr.Group, name: str, where: str, hint: str) -> np.ndarray:
     return arr[...]
 
 
-def evaluate(result_path, store_path, *, iou_threshold: float = 0.5) -> dict:
+def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dict:
     """Score a result store against the truth in the simulated input store.
 
     Parameters
@@ -247,9 +249,9 @@ def evaluate(result_path, store_path, *, iou_threshold: float = 0.5) -> dict:
     result_path : path
         Result store with ``segments/maps`` (S, Y', X'), ``segments/patterns``
         (S, Ky', Kx') and attrs ``spedflow.nav_binning``.
-    store_path : path
+    store_path : path, optional
         Input store made by ``spedflow simulate`` (has ``truth/masks`` and
-        ``truth/patterns``).
+        ``truth/patterns``). Default: the input the result records, if it exists.
     iou_threshold : float
         See :func:`score_segmentation`.
 
@@ -266,10 +268,20 @@ def evaluate(result_path, store_path, *, iou_threshold: float = 0.5) -> dict:
     """
     check_range("iou_threshold", iou_threshold, low=0, high=1, low_open=True)
     res = _open(result_path, "result")
+    if store_path is None:
+        from .report._load import input_store_path
+        store_path = input_store_path(dict(res.attrs.get("spedflow", {})), result_path)
+        if store_path is None:
+            raise InputError(f"result {str(result_path)!r} does not record an input store that "
+                             "exists here; give the simulated store it was made from")
     store = _open(store_path, "store")
     if "truth" not in store:
+        swapped = "truth" in res and dict(store.attrs.get("spedflow", {})).get("kind") == "result"
         raise InputError(f"store {str(store_path)!r} has no truth/ group; only stores made by "
-                         "`spedflow simulate` can be evaluated")
+                         "`spedflow simulate` can be evaluated" + (
+                             f" (it is a result, and {str(result_path)!r} the simulated store: "
+                             "the arguments are the other way round, RESULT then STORE)"
+                             if swapped else ""))
     rwhere, twhere = str(result_path), f"{store_path}/truth"
     maps = _array(res, "segments/maps", rwhere, "is it a spedflow result store?")
     patterns = _array(res, "segments/patterns", rwhere, "is it a spedflow result store?")

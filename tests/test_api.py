@@ -239,7 +239,7 @@ def test_default_config_toml_round_trip(tmp_path, method):
 
 @pytest.mark.parametrize("args, kwargs, match", [
     (("vdf", {"peaks": {"treshold": 5}}), {}, "unknown parameter 'treshold'"),
-    (("vdf", {"peeks": {}}), {}, "unknown parameter 'peeks'"),
+    (("vdf", {"peeks": {}}), {}, "unknown section 'peeks'"),
     (("nmf",), {"overrides": {"nmf": {"n_component": 3}}}, "unknown parameter 'n_component'"),
     (("vdf", {"peaks": {"threshold": "high"}}), {}, "threshold"),
     (("vdf", {"peaks": {"num_sigma": 2.5}}), {}, "num_sigma"),

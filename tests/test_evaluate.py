@@ -159,6 +159,15 @@ def test_evaluate_store(sim_store, tmp_path):
     assert s["groups"] == g["truth/groups"][...].tolist()
     text = format_evaluation(s)
     assert "recall 1.000" in text and len(text.splitlines()) == 4 + len(masks)
+    # the store defaults to the input the result records
+    with pytest.raises(InputError, match="does not record an input store"):
+        evaluate(res)
+    r = zarr.open_group(str(res), mode="r+")
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": str(sim_store)}
+    assert evaluate(res)["recall"] == 1.0
+    # the two the wrong way round: said so
+    with pytest.raises(InputError, match="the arguments are the other way round"):
+        evaluate(sim_store, res)
 
 
 def test_evaluate_errors(sim_store, tmp_path):
