@@ -724,3 +724,27 @@ def test_n_threads_positive():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(_ingest._n_threads(), int)
+
+
+def test_ingest_warns_of_nan_in_some_patterns_only(tmp_path):
+    """NaN in a dropped frame is warned about at ingest (segment refuses it); a detector
+    pixel NaN in every pattern (a bad pixel, which segment repairs) and integer data are
+    not."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(3.0, (6, 5, 8, 8)).astype(np.float32)
+    clean = x.copy()
+    clean[..., 2, 3] = np.nan                  # a dead pixel, NaN in every pattern
+    np.save(tmp_path / "clean.npy", clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ingest(tmp_path / "clean.npy", tmp_path / "clean.zarr", progress=False)
+        np.save(tmp_path / "int.npy", x.astype(np.uint16))
+        ingest(tmp_path / "int.npy", tmp_path / "int.zarr", progress=False)
+    dropped = clean.copy()
+    dropped[4, 1] = np.nan                     # a dropped frame
+    np.save(tmp_path / "dropped.npy", dropped)
+    small = dict(chunk_bytes=2 * 2 * 8 * 8 * 4, progress=False)  # several chunks summed
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite values at 63 detector pixels in "
+                      r"some patterns only \(pixel \(0, 0\) in 1 of 30\)"):
+        out = ingest(tmp_path / "dropped.npy", tmp_path / "dropped.zarr", **small)
+    _check_store(out, dropped)

@@ -144,19 +144,27 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
         blocks = data.to_delayed()
         per_batch = 4 * _n_threads()
         written = 0
+        # per detector pixel, the patterns written in this run where it is NaN or infinite
+        nonfinite, n_patterns = np.zeros(data.shape[2:], np.int64), 0
         try:
             for b in range(0, len(todo), per_batch):
                 batch = todo[b:b + per_batch]
                 tasks = [dask.delayed(_write_unit, pure=False)(
                     blocks[i, j, 0, 0], str(tmp), _region(i, j, unit, data.shape), native.str,
                     str(tmp / _STATE / "done" / f"{i}.{j}")) for i, j in batch]
-                dask.compute(*tasks)
+                for i, j in batch:
+                    r = _region(i, j, unit, data.shape)
+                    n_patterns += (r[0].stop - r[0].start) * (r[1].stop - r[1].start)
+                for counts in dask.compute(*tasks):
+                    if isinstance(counts, np.ndarray):
+                        nonfinite += counts
                 written += len(batch)
                 bar.update(len(batch))
                 if _on_batch_done is not None:
                     _on_batch_done(written)
         finally:
             bar.close()
+        _warn_nonfinite(nonfinite, n_patterns, dest)
         group = zarr.open_group(str(tmp), mode="r+")
         group.attrs["spedflow"] = {**attrs, "complete": True}
         shutil.rmtree(tmp / _STATE)
@@ -165,13 +173,32 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
 
 # --------------------------------------------------------------------------- pieces
 
-def _write_unit(block: np.ndarray, store: str, region: tuple, dtype: str, marker: str) -> int:
-    """Write one block (one task), then mark it done."""
+def _write_unit(block: np.ndarray, store: str, region: tuple, dtype: str, marker: str):
+    """Write one block (one task), then mark it done. Returns, for float data, the
+    number of the block's patterns in which each detector pixel is NaN or infinite
+    ((ky, kx) int64), else 1."""
     arr = zarr.open_array(store, path=DATA, mode="r+")
-    arr[region] = np.ascontiguousarray(block, dtype=np.dtype(dtype))
+    block = np.ascontiguousarray(block, dtype=np.dtype(dtype))
+    arr[region] = block
     with open(marker, "w"):
         pass
-    return 1
+    if block.dtype.kind not in "fc":
+        return 1
+    return np.count_nonzero(~np.isfinite(block), axis=(0, 1)).astype(np.int64)
+
+
+def _warn_nonfinite(nonfinite: np.ndarray, n_patterns: int, dest: Path) -> None:
+    """Warn when some patterns hold NaN or infinite values at pixels that are not
+    NaN in every pattern (those ``segment`` repairs as bad pixels): it refuses them."""
+    some = (nonfinite > 0) & (nonfinite < n_patterns)
+    if not some.any():
+        return
+    ky, kx = np.argwhere(some)[0]
+    warnings.warn(f"{str(dest)!r}: NaN or infinite values at {int(some.sum())} detector pixels in "
+                  f"some patterns only (pixel ({ky}, {kx}) in {int(nonfinite[ky, kx])} of "
+                  f"{n_patterns}), which `spedflow segment` refuses: replace them (e.g. "
+                  f"numpy.nan_to_num) and write the store with spedflow.from_array",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _region(i: int, j: int, unit, shape) -> tuple[slice, ...]:
