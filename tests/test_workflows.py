@@ -228,6 +228,9 @@ def test_info_says_what_a_result_found(results, key):
     assert "computed   " in text and all(f"{k} {v:.1f}" in text for k, v in attrs["timings"].items())
     if key[1] == "nmf":
         assert f"rank       {attrs['n_components_reason']}" in text
+        extra = len(attrs["residual_components"])  # the residual search's count too
+        assert (f"({attrs['counts']['components']} components"
+                + (f" + {extra} from the residual search" if extra else "") + ", ") in text
         for item in attrs["components_set_aside"]:
             assert f" component {item['component']}: {item['reason']}" in text
     else:
@@ -238,6 +241,7 @@ def test_info_says_what_a_result_found(results, key):
     {"components_set_aside": {"3": "noise"}, "timings": {"a": "x"}, "counts": [1, 2]},
     {"components_set_aside": ["noise"], "timings": [1.0], "counts": None, "n_components_reason": 3},
     {"method": None},
+    {"method": "nmf", "residual_components": 2},
 ])
 def test_info_describes_results_with_unexpected_attributes(odd):
     """Attributes written by hand or by another version: described as far as they can be."""

@@ -59,7 +59,8 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     }
     if meta.get("kind") == "result":  # what the run found, and why (from its attributes)
         info["result"] = {k: meta.get(k) for k in ("method", "counts", "n_components_reason",
-                                                    "components_set_aside", "timings")}
+                                                    "components_set_aside", "residual_components",
+                                                    "timings")}
     data = next((a for a in arrays if a["name"] == DATA), None)
     if data is not None:
         info["data"] = data
@@ -106,8 +107,11 @@ def _result_lines(res: dict | None) -> list[str]:
     if res.get("method") == "vdf":
         found = f"{c.get('vectors', '?')} vectors, {c.get('peaks', '?')} peaks"
     else:
-        found = (f"{c.get('components', '?')} components, {c.get('kept', '?')} kept, "
-                 f"merged into {c.get('merged', '?')}")
+        extra = res.get("residual_components")
+        extra = (f" + {len(extra)} from the residual search"
+                 if isinstance(extra, list) and extra else "")
+        found = (f"{c.get('components', '?')} components{extra}, {c.get('kept', '?')} kept, "
+                 f"merged into {c.get('merged', '?')}, each map cut into its crystals")
     lines = [f"method     {res.get('method')}: {c.get('segments', '?')} segments "
              f"in {c.get('patterns', '?')} patterns ({found})"]
     if isinstance(res.get("n_components_reason"), str):
