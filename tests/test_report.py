@@ -502,3 +502,16 @@ def test_parameters_show_the_values_the_run_used(tmp_path, fast_png):
     assert rows["measured: beam_radius"][1] == "2.978"
     assert rows["measured: gain"][1] == "7.25"
     assert rows["peaks.gain"] == ("auto", "7.25")  # measured, recorded at the top
+
+
+def test_a_long_title_fits_a_one_segment_figure():
+    """A one-segment grid is about two inches wide: its title is wrapped to fit, not cut
+    at both ends (a line scan's report showed "nt maps (top) and patterns (b")."""
+    from spedflow.report._figures import fig_segments, figure_png
+    from spedflow.report._load import Calibration
+    fig = fig_segments(np.ones((1, 1, 48)), np.ones((1, 64, 64)), Calibration(),
+                       title="VDF segments: segment maps (top) and patterns (bottom)")
+    figure_png(fig)  # lays the figure out
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+    assert "\n" in fig._suptitle.get_text()

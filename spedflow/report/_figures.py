@@ -342,7 +342,7 @@ def fig_nmf_components(factors: np.ndarray, loadings: np.ndarray | None, cal: Ca
                 sp.set_edgecolor(colour)
                 sp.set_linewidth(2.0 if aside else 0.5)
     what = "patterns (top, gamma 0.5) and loading maps (bottom)" if rows == 2 else "patterns"
-    fig.suptitle(f"NMF components: {what}; set-aside components in red{suffix}", fontsize=10)
+    _suptitle(fig, f"NMF components: {what}; set-aside components in red{suffix}", fontsize=10)
     return fig
 
 
@@ -389,7 +389,7 @@ def fig_segments(maps: np.ndarray, patterns: np.ndarray, cal: Calibration, *,
             for sp in ax.spines.values():
                 sp.set_edgecolor(colours[i])
                 sp.set_linewidth(1.5)
-    fig.suptitle(f"{title}{suffix}", fontsize=10)
+    _suptitle(fig, f"{title}{suffix}", fontsize=10)
     return fig
 
 
@@ -554,6 +554,13 @@ def normalise_outside(stack: np.ndarray, exclude: np.ndarray) -> np.ndarray:
 def _t(text) -> str:
     """A store string made safe for matplotlib text (``$`` would start mathtext)."""
     return str(text).replace("$", r"\$")
+
+
+def _suptitle(fig: Figure, text: str, *, fontsize: float) -> None:
+    """A figure title wrapped to the figure's width (a one-segment grid is ~2 inches
+    wide: a long title on one line was cut at both ends)."""
+    chars = max(12, int(fig.get_figwidth() * 120 / fontsize))  # ~0.6 em per character
+    fig.suptitle(_wrap(text, chars), fontsize=fontsize)
 
 
 def _wrap(text: str, width: int) -> str:
