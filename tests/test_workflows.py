@@ -396,6 +396,24 @@ def test_data_stored_detector_first_are_warned_about(tmp_path, caplog):
             assert "(scan_y, scan_x, ky, kx)" in hits[0] and "numpy.moveaxis" in hits[0]
 
 
+def test_a_vdf_disc_reaching_the_direct_beam_is_warned_about(tmp_path, sim_store, caplog):
+    """A VDF radius reaching from the nearest vector into the direct beam images the bright
+    field there (a radius of 20 px on a 64 px detector); the defaults never do."""
+    import logging
+    for radius, warned in ((20.0, True), (None, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spedflow"):
+            res = spedflow.segment(sim_store, method="vdf", out=tmp_path / f"r{radius}.zarr",
+                                   local=True, progress=False,
+                                   overrides={"vdf": {"radius": radius}} if radius else None)
+        hits = [r.message for r in caplog.records if "reaches the direct beam" in r.message]
+        assert bool(hits) is warned, [r.message for r in caplog.records]
+        if warned:
+            a = zarr.open_group(str(res), mode="r").attrs["spedflow"]["resolved"]
+            reach = np.hypot(*zarr.open_group(str(res), mode="r")["vectors"][:].T).min()
+            assert f"keep the radius under {reach - a['beam_radius']:.1f} px" in hits[0]
+
+
 @pytest.mark.parametrize("method, reason, overrides", [
     ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
     # no vector at all: an empty result too, not an error (an amorphous region of a batch)

@@ -350,6 +350,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_found > len(vectors):
         log.info("%d vectors on circularly symmetric rings (film) dropped", n_found - len(vectors))
     log.info("spot HWHM %.2f px (beam radius %.2f px): VDF disc radius %.2f px", hwhm, r, vd.radius)
+    if len(vectors):  # a disc reaching the direct beam images the bright field, not a spot
+        reach = float(np.hypot(*np.asarray(vectors, np.float64).T).min()) - r
+        if vd.radius > reach:
+            log.warning("vdf.radius = %.3g px reaches the direct beam from the nearest vector "
+                        "(%.1f px from the beam centre, the beam %.2f px in radius): those VDF "
+                        "images hold the bright field; keep the radius under %.1f px",
+                        vd.radius, reach + r, r, max(reach, 0.0))
     if glare > 0:
         log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
                  "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
