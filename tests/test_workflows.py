@@ -144,6 +144,12 @@ def test_nmf_does_not_depend_on_the_cameras_units(tmp_path):
     np.testing.assert_array_equal(m1 > 0, m2 > 0)
     np.testing.assert_allclose(g2["segments/patterns"][:], 1000 * g1["segments/patterns"][:],
                                rtol=1e-3, atol=1e-3 * float(g2["segments/patterns"][:].max()))
+    # a camera whose gain the data cannot tell: given, it is used as it is
+    res = spedflow.segment(tmp_path / "u1000.zarr", method="nmf", out=tmp_path / "given.zarr",
+                           local=True, progress=False, overrides={"nmf": {"gain": 1000.0}})
+    g3 = zarr.open_group(str(res), mode="r")
+    assert g3.attrs["spedflow"]["resolved"]["count_unit"] == 1000.0
+    np.testing.assert_array_equal(g3["segments/maps"][:] > 0, m1 > 0)
 
 
 def test_binned_run_scores_in_binned_coordinates(tmp_path, sim_store):

@@ -119,6 +119,12 @@ class NMFParams:
         level (offset) of a camera that reads it with no electron, left in the data.
         None: measured from the detector's noise (:func:`spedflow.workflows._common.dark_level`;
         0 for counting detectors and dark-subtracted cameras). 0: none.
+    gain : float or None, default None
+        Data units per detector count (electron), taken out of the Poisson scaling so
+        that the factorisation sees counts (``resolved.count_unit``). None: measured
+        from the detector's noise, and 1 where the data cannot tell it (a relative
+        error above 0.1, warned about by the VDF workflow; an 8-bit camera whose pixels
+        sit at its dark level). Give it for such a camera.
     """
 
     n_components: int | None = None
@@ -135,6 +141,7 @@ class NMFParams:
     max_coverage: float = 1.0 / 3.0
     min_coherence: float = 0.5
     dark_level: float | None = None
+    gain: float | None = None
 
     def __post_init__(self):
         check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
@@ -151,6 +158,7 @@ class NMFParams:
             raise ParameterError(f"`init` must be one of {', '.join(_INITS)} (got {self.init!r})")
         check_range("seed", self.seed, low=0, integer=True)
         check_range("dark_level", self.dark_level, low=0, allow_none=True)
+        check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
         check_range("extra_components", self.extra_components, low=0, high=4)
         check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
         check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)

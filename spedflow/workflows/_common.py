@@ -1020,10 +1020,13 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
 GAIN_ERROR = 0.1
 
 
-def count_unit(plan: Plan, cache, sample=None) -> float:
-    """Data units per detector count: the gain measured by :func:`measured_counts`, or 1
-    where the data cannot tell it (too few scan positions, or a relative error above
-    ``GAIN_ERROR``). Binning sums counts and leaves the gain as it is."""
+def count_unit(plan: Plan, cache, sample=None, given=None) -> float:
+    """Data units per detector count: ``given``, else the gain measured by
+    :func:`measured_counts`, or 1 where the data cannot tell it (too few scan positions,
+    or a relative error above ``GAIN_ERROR``). Binning sums counts and leaves the gain
+    as it is."""
+    if given is not None:
+        return float(given)
     try:
         gain, _, error = measured_counts(plan, cache, sample, return_error=True)
     except InputError:

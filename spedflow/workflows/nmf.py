@@ -100,7 +100,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             st_stats.mark_complete()
     # the camera's units per count: the normalised matrix is then in counts (unit noise
     # variance) whatever the units, and so are the NMF's start and the residual's limit
-    unit = count_unit(plan, cache)
+    unit = count_unit(plan, cache, given=cfg.nmf.gain)
     stats = _load_stats(st_stats)._replace(unit=unit)
     if dark > 0 and not np.any(stats.row_sums > 0):
         binned_note = (" of the binned patterns" if prep.nav_binning > 1 or plan.detector_binning > 1
@@ -175,9 +175,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
 
     # the thresholds that judge the components after the factorisation are not part of
     # its key: changing one re-runs the judging (every run does), not the NMF
-    # (the dark level subtracted is in the Poisson statistics' key, which the matrix's holds)
+    # (the dark level subtracted is in the Poisson statistics' key, which the matrix's
+    # holds; so is the count unit, given or measured)
     factorisation = {k: v for k, v in dataclasses.asdict(cfg.nmf).items()
-                     if k not in _JUDGING and k != "dark_level"}
+                     if k not in _JUDGING and k not in ("dark_level", "gain")}
     st_nmf = cache.stage("nmf", st_matrix.key, factorisation, n_comp)
     if not st_nmf.complete:
         with timer("nmf"):
