@@ -24,8 +24,7 @@ from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
 from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, count_unit,
-                      dark_level,
-                      note_detector_binning, resolved_bad_pixels, run_blocks, total,
+                      dark_level, note_detector_binning, resolved_bad_pixels, run_blocks, total,
                       with_bad_pixels, with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
@@ -350,8 +349,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "beam_mask_radius": float(np.sqrt(mask.sum() / np.pi)),
-                     # data units per detector count the normalisation took out (1: not
-                     # measurable on these data, which are then taken as counts)
+                     # data units per detector count the normalisation took out: nmf.gain,
+                     # or measured (1 where these data cannot tell it: taken as counts)
                      "count_unit": unit,
                      # per raw pattern and pixel, as the parameter (binning adds it up)
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
