@@ -149,12 +149,12 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
         try:
             for b in range(0, len(todo), per_batch):
                 batch = todo[b:b + per_batch]
+                regions = [_region(i, j, unit, data.shape) for i, j in batch]
                 tasks = [dask.delayed(_write_unit, pure=False)(
-                    blocks[i, j, 0, 0], str(tmp), _region(i, j, unit, data.shape), native.str,
-                    str(tmp / _STATE / "done" / f"{i}.{j}")) for i, j in batch]
-                for i, j in batch:
-                    r = _region(i, j, unit, data.shape)
-                    n_patterns += (r[0].stop - r[0].start) * (r[1].stop - r[1].start)
+                    blocks[i, j, 0, 0], str(tmp), r, native.str,
+                    str(tmp / _STATE / "done" / f"{i}.{j}")) for (i, j), r in zip(batch, regions)]
+                n_patterns += sum((r[0].stop - r[0].start) * (r[1].stop - r[1].start)
+                                  for r in regions)
                 for counts in dask.compute(*tasks):
                     if isinstance(counts, np.ndarray):
                         nonfinite += counts

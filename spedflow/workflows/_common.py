@@ -799,24 +799,30 @@ def centre_scatter(measured: np.ndarray) -> float:
 NO_BEAM_LEVEL = 0.1
 
 
+def _box_at_beam(mean: np.ndarray, measured: np.ndarray):
+    """The mean pattern's 3 x 3 means (``box``) and their value at the median measured
+    beam centre: ``(value, box)``, or None where no centre was measured."""
+    from scipy import ndimage as ndi
+    m = np.asarray(measured, float).reshape(-1, 2)
+    m = m[np.isfinite(m).all(axis=1)]
+    if len(m) == 0:
+        return None
+    box = ndi.uniform_filter(np.asarray(mean, np.float64), 3, mode="nearest")
+    iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(np.median(m, axis=0), box.shape))
+    return float(box[iy, ix]), box
+
+
 def beam_level(mean: np.ndarray, measured: np.ndarray) -> float:
     """The mean pattern's level (3 x 3 pixels) at the median measured beam centre, as a
     fraction of its brightest 3 x 3 pixels. The direct beam is the brightest thing a
     diffraction pattern holds (the glare of a clipped one the flattest): about 1 where
     the finder found it. Where the beam is stopped, the finder settles somewhere dark."""
-    ky, kx = mean.shape
-    m = np.asarray(measured, float).reshape(-1, 2)
-    m = m[np.isfinite(m).all(axis=1)]
-    if len(m) == 0:
+    at = _box_at_beam(mean, measured)
+    if at is None:
         return 0.0
-    from scipy import ndimage as ndi
-    c = np.median(m, axis=0)
-    box = ndi.uniform_filter(np.asarray(mean, np.float64), 3, mode="nearest")  # 3 x 3 means:
-    top = float(box.max())  # one bright pixel (a hot one missed) cannot be the brightest
-    if not np.isfinite(c).all() or top <= 0:
-        return 0.0
-    iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, (ky, kx)))
-    return float(box[iy, ix]) / top
+    value, box = at
+    top = float(box.max())  # 3 x 3 means: one bright pixel (a hot one missed) is not the brightest
+    return value / top if top > 0 else 0.0
 
 
 #: The mean pattern at the beam centre (3 x 3 means) below this many times the mean
@@ -829,16 +835,9 @@ FLAT_PATTERN = 2.0
 def beam_contrast(mean: np.ndarray, measured: np.ndarray) -> float:
     """The mean pattern's 3 x 3 mean at the median measured beam centre over the mean
     pattern's average (NaN where the average is not positive or no centre was found)."""
-    from scipy import ndimage as ndi
-    mean = np.asarray(mean, np.float64)
-    m = np.asarray(measured, float).reshape(-1, 2)
-    m = m[np.isfinite(m).all(axis=1)]
-    average = float(mean.mean()) if mean.size else 0.0
-    if not len(m) or not average > 0:
-        return float("nan")
-    c = np.median(m, axis=0)
-    iy, ix = (int(np.clip(round(v), 0, n - 1)) for v, n in zip(c, mean.shape))
-    return float(ndi.uniform_filter(mean, 3, mode="nearest")[iy, ix]) / average
+    average = float(np.mean(mean, dtype=np.float64)) if np.size(mean) else 0.0
+    at = _box_at_beam(mean, measured)
+    return at[0] / average if at is not None and average > 0 else float("nan")
 
 
 #: Below this fraction of patterns with a measured beam centre, the descan fit is

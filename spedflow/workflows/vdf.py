@@ -360,16 +360,9 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if glare > 0:
         log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
                  "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
-    if len(vectors) == 0:  # a result all the same: none, and why (as NMF does)
-        log.warning("no crystal found: no diffraction vector, a place on the detector with peaks "
-                    "in vectors.min_patterns = %d patterns or more: the data may hold no crystals, "
-                    "or their spots lie under the peak threshold (peaks.threshold; see `spedflow "
-                    "params vdf`, section [peaks])", vp.min_patterns)
-    else:
-        log.info("found %d unique diffraction vectors", len(vectors))
-
     paths = sorted((st_scan.path / "blocks").glob("*.npz"))  # pass 1's peaks, per chunk
     if len(vectors):
+        log.info("found %d unique diffraction vectors", len(vectors))
         # pass 2: VDF images of all vectors in one pass
         # (pass 2 uses the noise line only: not the LoG factors, counts[2])
         st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep),
@@ -449,7 +442,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             sigma = pattern_sigma(cfg.merge, s_r)
             patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
             table, inten = merged.membership_table()
-    else:  # no vectors: empty images, labels and groups
+    else:  # no vectors: a result all the same (empty), and why, as NMF does
+        log.warning("no crystal found: no diffraction vector, a place on the detector with peaks "
+                    "in vectors.min_patterns = %d patterns or more: the data may hold no crystals, "
+                    "or their spots lie under the peak threshold (peaks.threshold; see `spedflow "
+                    "params vdf`, section [peaks])", vp.min_patterns)
         images = np.zeros((0, ny, nx), np.float32)
         labels = np.zeros((0, ny, nx), np.int32)
         segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
