@@ -10,7 +10,8 @@ import pytest
 
 from spedflow.errors import ParameterError
 from spedflow.segment import VDFMergeParams, fold_fragments, merge_vdf_segments
-from spedflow.segment._lattice import _chance, reciprocal_basis, same_lattice, second_lattice
+from spedflow.segment._lattice import (_chance, off_lattice, reciprocal_basis, same_lattice,
+                                       second_lattice)
 
 from test_merge import SHAPE, disc
 
@@ -234,6 +235,43 @@ def test_second_lattice_finds_another_crystal_among_the_vectors():
     # thin part does not excite): the rest is the same crystal, not a second one
     n1 = np.rint(np.linalg.solve(basis, mine.T)).T[:, 0]
     assert not second_lattice(mine, mine[n1 % 2 == 0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_off_lattice_tells_a_crystal_of_few_reflections(seed):
+    """A crystal showing two independent reflections and their Friedel mates (too few
+    for a cell of its own, so :func:`second_lattice` cannot see it) at a random
+    orientation is off another crystal's lattice, unless one of its vectors indexes
+    there by chance (brute force decides); the lattice's own points, bent by 2
+    degrees, with a stray, are not. Nothing is off a lattice that ``gb`` does not clearly hold
+    (two vectors; four, a cell that could be chance), nor is ``ga`` of one independent
+    vector (a systematic row ``n g``)."""
+    rng = np.random.default_rng(seed)
+    basis = random_basis(rng)
+    gb = points(basis, 70)                                      # a clear lattice
+    other = random_basis(rng)
+    two = other[:, 0], other[:, 0] + other[:, 1]
+    few = np.array([two[0], two[1], -two[0], -two[1]])
+    on = sum(_indexed_brute(basis, g) for g in two)
+    assert off_lattice(few, gb) == (on == 0)                    # fewer than half index
+    own = rotated(points(basis, 45), 2.0)                       # >= 5 independent vectors
+    assert not off_lattice(np.vstack([own, rng.uniform(-40, 40, (1, 2))]), gb)
+    centres = own[3:9] + (basis[:, 0] + basis[:, 1]) / 2        # at the cells' centres
+    assert off_lattice(np.vstack([own[:3], centres]), gb)       # mostly off
+    assert not off_lattice(few, gb[:2])
+    short = points(basis, 50)
+    short = short[np.argsort(np.hypot(*short.T))][:8]           # 4 vectors and their mates
+    assert not off_lattice(centres, short)
+    row = np.array([n * two[0] for n in (-3, -2, -1, 1, 2, 3)])
+    assert not off_lattice(row, gb)
+
+
+def _indexed_brute(basis, g, tol=1.0, bend=3.0):
+    """Whether ``g`` lies within the lattice test's tolerance of a point of ``basis``'s
+    lattice (every point to 15 steps tried: brute force)."""
+    pts = points(basis, 400)
+    t = tol + np.hypot(*g) * np.sin(np.radians(bend))
+    return bool((np.hypot(*(pts - g).T) <= t).any())
 
 
 def test_repeated_vectors_are_no_new_evidence():

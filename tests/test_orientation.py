@@ -175,6 +175,41 @@ def test_a_component_holding_a_second_lattice_is_not_joined():
     assert with_test[0, 1] and not with_test[0, 2]
 
 
+def test_a_crystal_of_few_reflections_beside_another_is_not_joined():
+    """A crystal showing two reflections and their Friedel mates (too few for a
+    lattice of its own) touching A's thin edge, each component carrying the other's
+    spots weakly (cross-talk, 4 % of its own, as NMF leaves where crystals meet): the
+    spots match both ways, but the few lie off A's lattice, so it is not joined to A
+    (a foreign simulator's set lost such a crystal into its neighbour). A's two
+    thickness components still are."""
+    rng = np.random.default_rng(5)
+    ga, _ = lattice(13.0, 0.3)
+    other, _ = lattice(17.0, 0.9, gamma=np.radians(100))
+    gf = np.vstack([other[:2], -other[:2]])
+    yy, xx = np.indices(SCAN)
+    a_mask = disc(20, 18, 11)
+    ramp = np.clip((xx - 14) / 8, 0, 1)
+    ia = rng.uniform(0.05, 1, len(ga))
+    talk = 0.04
+    f = np.stack([pattern(ga, ia) + pattern(gf, talk * np.ones(len(gf))),
+                  pattern(ga, 1.05 - ia),
+                  pattern(gf, np.ones(len(gf))) + pattern(ga, talk * np.ones(len(ga)))])
+    f = f + 0.002 * rng.random(f.shape)
+    w = np.stack([a_mask * ramp, a_mask * (1 - ramp), disc(20, 33, 5) * 1.0]).astype(float)
+    w = w + 0.002 * rng.random(w.shape)
+    w /= w.reshape(len(w), -1).max(axis=1)[:, None, None]
+    cut = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
+    p = NMFMergeParams()
+    kw = dict(mask=cut, radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
+              support_level=p.support_level, nested_cover=p.on_top_cover,
+              nested_gain=p.on_top_gain)
+    without, match = orientation_links(f, w, **kw)
+    assert without[0, 2] and match[0, 2] >= p.spot_match   # the premise: spots alone join it
+    assert len(factor_spots(f[2], cut, radius=R, min_g=2 * MASK_R)[0]) == len(gf)
+    with_test, _ = orientation_links(f, w, lattice_significance=p.lattice_significance, **kw)
+    assert with_test[0, 1] and not with_test[0, 2]
+
+
 def test_drop_spanning_parts_drops_a_component_cut_into_parts_of_three_crystals():
     """A component whose pattern holds the spots of three crystals, cut into a part inside
     each: dropped. Parts inside two crystals, parts reaching out, and a component of

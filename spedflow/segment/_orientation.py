@@ -17,7 +17,10 @@ joins them when
    another one's support where the two loadings sum to ``nested_gain`` times their sum
    over the rest of it is a second crystal of the same orientation over the first (the
    benchmark layout's overlapping pair: summed ratio 1.8-2.5), not a thickness
-   component, which trades area with the other (ratio 1.0-1.5 measured).
+   component, which trades area with the other (ratio 1.0-1.5 measured); and
+4. (with ``lattice_significance``) their spots lie on one lattice: neither holds a
+   second lattice beside the other's spots, nor lies mostly off the other's clear
+   lattice (:func:`orientation_links`).
 
 Crystals of different orientations share few spot positions (a twin shares one
 systematic row: about a third); crystals of one orientation apart in the scan do not
@@ -29,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ._lattice import second_lattice
+from ._lattice import off_lattice, second_lattice
 
 __all__ = ["factor_spots", "azimuthal_residual", "spot_match", "orientation_links", "join_groups",
            "drop_spanning_parts", "drop_duplicate_segments", "covered_by_others"]
@@ -115,7 +118,12 @@ def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.nda
     spots off the other's reciprocal lattice lie on a lattice of their own at that
     significance (:func:`~spedflow.segment._lattice.second_lattice`): a component of a
     small crystal lying on a larger one carries the larger one's spots too, and
-    matches them, but it holds a second crystal.
+    matches them, but it holds a second crystal. Nor when most of either one's spots
+    lie off a clear lattice of the other's (:func:`~spedflow.segment._lattice.off_lattice`):
+    NMF leaves each of two touching crystals' components a weak copy of the other's
+    spots (cross-talk), so their spots match both ways, and a crystal showing too few
+    reflections for a cell of its own was joined to its neighbour (a foreign
+    simulator's set lost a crystal of two independent reflections that way).
 
     Returns
     -------
@@ -144,6 +152,8 @@ def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.nda
                 continue
             if lattice_significance > 0 and any(
                     second_lattice(spots[p][0] - centre, spots[q][0] - centre,
+                                   tolerance=SPOT_TOLERANCE, significance=lattice_significance)
+                    or off_lattice(spots[p][0] - centre, spots[q][0] - centre,
                                    tolerance=SPOT_TOLERANCE, significance=lattice_significance)
                     for p, q in ((i, j), (j, i))):
                 continue

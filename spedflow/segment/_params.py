@@ -320,7 +320,9 @@ class NMFMergeParams:
         other's reciprocal lattice lie on a lattice of their own, beyond chance at this
         probability (:func:`~spedflow.segment._lattice.second_lattice`): a component of
         a small crystal lying on a larger one carries the larger one's spots too (they
-        shine where it is) beside its own. Default 1e-3; 0 disables.
+        shine where it is) beside its own; nor when fewer than half of its spots lie
+        on the other's lattice, where that lattice is this clear
+        (:func:`~spedflow.segment._lattice.off_lattice`). Default 1e-3; 0 disables.
     """
 
     pattern_threshold: float = 0.45
