@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def _write_result(path, maps, patterns, nav_binning):
     return path
 
 
-def test_evaluate_store(sim_store, tmp_path):
+def test_evaluate_store(sim_store, tmp_path, monkeypatch):
     g = zarr.open_group(str(sim_store), mode="r")
     masks, pats = g["truth/masks"][...], g["truth/patterns"][...]
     maps = bin_masks(masks, (24, 24), 2).astype(np.float32)
@@ -164,6 +165,19 @@ def test_evaluate_store(sim_store, tmp_path):
         evaluate(res)
     r = zarr.open_group(str(res), mode="r+")
     r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": str(sim_store)}
+    assert evaluate(res)["recall"] == 1.0
+    # a relative path, as a run records it: relative to the directory the run started
+    # in, or the store beside the result (`spedflow demo` ran as `spedflow-demo/...`)
+    run = tmp_path / "run"
+    run.mkdir()
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": os.path.relpath(sim_store, run)}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="does not record an input store"):
+        evaluate(res)
+    monkeypatch.chdir(run)
+    assert evaluate(res)["recall"] == 1.0
+    (tmp_path / "sim.zarr").symlink_to(sim_store, target_is_directory=True)
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": "elsewhere/sim.zarr"}
     assert evaluate(res)["recall"] == 1.0
     # the two the wrong way round: said so
     with pytest.raises(InputError, match="the arguments are the other way round"):

@@ -221,15 +221,24 @@ def _calibration(meta: dict, input_meta: dict, pattern_shape, input_shape) -> Ca
 
 
 def input_store_path(meta: dict, result_path) -> str | None:
-    """The input store recorded in the result attrs, if it exists on this machine."""
+    """The input store recorded in the result attrs, if it exists on this machine.
+
+    A run records the path it was given, which may be relative to the directory it ran
+    in. Such a path is looked for relative to the result's folder, then by its name
+    beside the result (``spedflow demo`` writes both into one folder), then relative
+    to the current directory."""
     inp = meta.get("input")
     cand = inp if isinstance(inp, str) else (_first([inp], ("path", "store", "url")) if isinstance(inp, dict) else None)
     if not isinstance(cand, str) or not cand:
         return None
     p = Path(cand)
-    if not p.is_absolute():
-        p = Path(result_path).parent / p
-    return str(p) if p.exists() else None
+    if p.is_absolute():
+        return str(p) if p.exists() else None
+    here = Path(result_path).parent
+    for q in (here / p, here / p.name, p):
+        if q.exists():
+            return str(q)
+    return None
 
 
 def _peak_table(group: zarr.Group, notes: _Notes):
