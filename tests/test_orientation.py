@@ -153,26 +153,38 @@ def test_a_component_holding_a_second_lattice_is_not_joined():
     rng = np.random.default_rng(4)
     ga, _ = lattice(13.0, 0.3)
     gf, _ = lattice(13.0, 0.3 + np.radians(30))
-    yy, xx = np.indices(SCAN)
-    a_mask = disc(20, 18, 11)
-    ramp = np.clip((xx - 14) / 8, 0, 1)
     ia = rng.uniform(0.05, 1, len(ga))
     f = np.stack([pattern(ga, ia), pattern(ga, 1.05 - ia),
                   pattern(ga, np.ones(len(ga))) + pattern(gf, 0.8 * np.ones(len(gf)))])
     f = f + 0.01 * rng.random(f.shape)
-    w = np.stack([a_mask * ramp, a_mask * (1 - ramp), disc(20, 30, 4) * 1.0]).astype(float)
+    without, match, with_test = _links_beside_a(f, disc(20, 30, 4), rng)
+    assert without[0, 1] and without[0, 2]          # the premise: spots alone join it
+    assert match[0, 2] >= NMFMergeParams().spot_match
+    assert with_test[0, 1] and not with_test[0, 2]
+
+
+def _links_beside_a(f, third, rng):
+    """:func:`orientation_links` of A's two thickness components (``f[0]``, ``f[1]``;
+    loadings a ramp and its complement over A's disc) and a third component (``f[2]``,
+    loading ``third``): the links without the lattice tests, the spot matches, and the
+    links with them (the default ``lattice_significance``)."""
+    _, xx = np.indices(SCAN)
+    a_mask = disc(20, 18, 11)
+    ramp = np.clip((xx - 14) / 8, 0, 1)
+    w = np.stack([a_mask * ramp, a_mask * (1 - ramp), third * 1.0]).astype(float)
     w = w + 0.002 * rng.random(w.shape)
     w /= w.reshape(len(w), -1).max(axis=1)[:, None, None]
-    cut = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
     p = NMFMergeParams()
-    kw = dict(mask=cut, radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
+    kw = dict(mask=_beam_cut(), radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
               support_level=p.support_level, nested_cover=p.on_top_cover,
               nested_gain=p.on_top_gain)
     without, match = orientation_links(f, w, **kw)
-    assert without[0, 1] and without[0, 2]          # the premise: spots alone join it
-    assert match[0, 2] >= p.spot_match
     with_test, _ = orientation_links(f, w, lattice_significance=p.lattice_significance, **kw)
-    assert with_test[0, 1] and not with_test[0, 2]
+    return without, match, with_test
+
+
+def _beam_cut():
+    return np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
 
 
 def test_a_crystal_of_few_reflections_beside_another_is_not_joined():
@@ -186,27 +198,16 @@ def test_a_crystal_of_few_reflections_beside_another_is_not_joined():
     ga, _ = lattice(13.0, 0.3)
     other, _ = lattice(17.0, 0.9, gamma=np.radians(100))
     gf = np.vstack([other[:2], -other[:2]])
-    yy, xx = np.indices(SCAN)
-    a_mask = disc(20, 18, 11)
-    ramp = np.clip((xx - 14) / 8, 0, 1)
     ia = rng.uniform(0.05, 1, len(ga))
     talk = 0.04
     f = np.stack([pattern(ga, ia) + pattern(gf, talk * np.ones(len(gf))),
                   pattern(ga, 1.05 - ia),
                   pattern(gf, np.ones(len(gf))) + pattern(ga, talk * np.ones(len(ga)))])
     f = f + 0.002 * rng.random(f.shape)
-    w = np.stack([a_mask * ramp, a_mask * (1 - ramp), disc(20, 33, 5) * 1.0]).astype(float)
-    w = w + 0.002 * rng.random(w.shape)
-    w /= w.reshape(len(w), -1).max(axis=1)[:, None, None]
-    cut = np.hypot(*(np.indices((K, K)) - K // 2)) <= MASK_R
-    p = NMFMergeParams()
-    kw = dict(mask=cut, radius=R, min_g=2 * MASK_R, spot_threshold=p.spot_match,
-              support_level=p.support_level, nested_cover=p.on_top_cover,
-              nested_gain=p.on_top_gain)
-    without, match = orientation_links(f, w, **kw)
-    assert without[0, 2] and match[0, 2] >= p.spot_match   # the premise: spots alone join it
-    assert len(factor_spots(f[2], cut, radius=R, min_g=2 * MASK_R)[0]) == len(gf)
-    with_test, _ = orientation_links(f, w, lattice_significance=p.lattice_significance, **kw)
+    without, match, with_test = _links_beside_a(f, disc(20, 33, 5), rng)
+    assert without[0, 2] and match[0, 2] >= NMFMergeParams().spot_match  # the premise
+    # (its own spots are only its four: A's weak copies are under the 5 % floor)
+    assert len(factor_spots(f[2], _beam_cut(), radius=R, min_g=2 * MASK_R)[0]) == len(gf)
     assert with_test[0, 1] and not with_test[0, 2]
 
 
