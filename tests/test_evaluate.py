@@ -176,9 +176,18 @@ def test_evaluate_store(sim_store, tmp_path, monkeypatch):
         evaluate(res)
     monkeypatch.chdir(run)
     assert evaluate(res)["recall"] == 1.0
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "sim.zarr").symlink_to(sim_store, target_is_directory=True)
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": "sub/sim.zarr"}
+    assert evaluate(res)["recall"] == 1.0                   # relative to the result's folder
     (tmp_path / "sim.zarr").symlink_to(sim_store, target_is_directory=True)
-    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": "elsewhere/sim.zarr"}
-    assert evaluate(res)["recall"] == 1.0
+    for moved in ("elsewhere/sim.zarr", "/no/such/folder/sim.zarr"):
+        r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": moved}
+        assert evaluate(res)["recall"] == 1.0               # by its name beside the result
+    # a recorded name that is the result's own is not the input
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "input": "elsewhere/r.zarr"}
+    with pytest.raises(InputError, match="does not record an input store"):
+        evaluate(res)
     # the two the wrong way round: said so
     with pytest.raises(InputError, match="the arguments are the other way round"):
         evaluate(sim_store, res)

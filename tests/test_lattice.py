@@ -256,14 +256,24 @@ def test_off_lattice_tells_a_crystal_of_few_reflections(seed):
     assert off_lattice(few, gb) == (on == 0)                    # fewer than half index
     own = rotated(points(basis, 45), 2.0)                       # >= 5 independent vectors
     assert not off_lattice(np.vstack([own, rng.uniform(-40, 40, (1, 2))]), gb)
-    centres = own[3:9] + (basis[:, 0] + basis[:, 1]) / 2        # at the cells' centres
-    assert off_lattice(np.vstack([own[:3], centres]), gb)       # mostly off
+    turned = rotated(points(basis, 45), 37.0)                    # its phase at another angle
+    assert off_lattice(np.vstack([own[:2], turned]), gb)        # mostly off
     assert not off_lattice(few, gb[:2])
     short = points(basis, 50)
     short = short[np.argsort(np.hypot(*short.T))][:8]           # 4 vectors and their mates
-    assert not off_lattice(centres, short)
+    assert not off_lattice(turned, short)
     row = np.array([n * two[0] for n in (-3, -2, -1, 1, 2, 3)])
     assert not off_lattice(row, gb)
+    # half on it is not "fewer than half": one reflection of the lattice, one off
+    off = turned[[not _indexed_brute(basis, g) for g in turned]]
+    half = np.array([gb[np.argmin(np.hypot(*gb.T))], off[0]])
+    assert not off_lattice(half, gb) and off_lattice(off[:2], gb)
+    # a lattice holding a fifth of strays (a component mixing crystals) is no judge
+    mixed = np.vstack([gb, rotated(gb, 37.0)[: len(gb) // 4]])
+    assert not off_lattice(few, mixed)
+    # the part of the crystal that excites only every other row is on it
+    n = np.rint(np.linalg.solve(basis, own.T)).T
+    assert not off_lattice(own, own[(n[:, 0] + n[:, 1]) % 2 == 0])
 
 
 def _indexed_brute(basis, g, tol=1.0, bend=3.0):

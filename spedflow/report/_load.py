@@ -224,19 +224,22 @@ def input_store_path(meta: dict, result_path) -> str | None:
     """The input store recorded in the result attrs, if it exists on this machine.
 
     A run records the path it was given, which may be relative to the directory it ran
-    in. Such a path is looked for relative to the result's folder, then by its name
-    beside the result (``spedflow demo`` writes both into one folder), then relative
-    to the current directory."""
+    in. A relative path is looked for relative to the result's folder, then to the
+    current directory; any path, then by its name beside the result (``spedflow
+    demo`` writes both into one folder, which may have moved). The result itself is
+    never taken for its input."""
     inp = meta.get("input")
     cand = inp if isinstance(inp, str) else (_first([inp], ("path", "store", "url")) if isinstance(inp, dict) else None)
     if not isinstance(cand, str) or not cand:
         return None
     p = Path(cand)
-    if p.is_absolute():
-        return str(p) if p.exists() else None
     here = Path(result_path).parent
-    for q in (here / p, here / p.name, p):
-        if q.exists():
+    tries = [p] if p.is_absolute() else [here / p, p]
+    if p.name not in ("", ".", ".."):
+        tries.append(here / p.name)
+    own = Path(result_path).resolve()
+    for q in tries:
+        if q.exists() and q.resolve() != own:
             return str(q)
     return None
 

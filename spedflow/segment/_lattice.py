@@ -313,16 +313,19 @@ def off_lattice(ga, gb, tolerance: float = 1.0, bend: float = 3.0,
 
     Unlike :func:`second_lattice` this needs no cell of ``ga``'s own: a crystal that
     shows two independent reflections beside a larger one is told from it by those
-    alone lying off the larger one's lattice.
+    alone lying off the larger one's lattice. Where ``ga`` has a cell of its own that
+    is commensurate with ``gb``'s (one a sublattice of the other: the part of one
+    crystal that excites every other row), it is not off.
     """
     hb, tol_b = _prepared(gb, tolerance, bend)
     basis, chance = _best_basis(hb, tol_b)
     if basis is None or chance > significance or _indexed(basis, hb, tol_b).mean() < _SELF_INDEXED:
         return False
     h, tol = _prepared(ga, tolerance, bend)
-    if len(h) < 2:
+    if len(h) < 2 or 2 * int(_indexed(basis, h, tol).sum()) >= len(h):
         return False
-    return 2 * int(_indexed(basis, h, tol).sum()) < len(h)
+    own = _best_basis(h, tol)[0]
+    return own is None or not _commensurate(basis, own, bend)
 
 
 def _commensurate(b1: np.ndarray, b2: np.ndarray, bend: float) -> bool:

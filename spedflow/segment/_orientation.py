@@ -123,7 +123,10 @@ def orientation_links(factors: np.ndarray, loadings: np.ndarray, *, mask: np.nda
     NMF leaves each of two touching crystals' components a weak copy of the other's
     spots (cross-talk), so their spots match both ways, and a crystal showing too few
     reflections for a cell of its own was joined to its neighbour (a foreign
-    simulator's set lost a crystal of two independent reflections that way).
+    simulator's set lost a crystal of two independent reflections that way). This
+    holds while the copies stay under :func:`factor_spots`' floor (``rel``, 5 % of a
+    component's strongest spot); stronger copies count among each one's own spots,
+    and such a pair is joined as before.
 
     Returns
     -------
