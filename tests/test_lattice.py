@@ -272,8 +272,13 @@ def test_off_lattice_tells_a_crystal_of_few_reflections(seed):
     mixed = np.vstack([gb, rotated(gb, 37.0)[: len(gb) // 4]])
     assert not off_lattice(few, mixed)
     # the part of the crystal that excites only every other row is on it
-    n = np.rint(np.linalg.solve(basis, own.T)).T
-    assert not off_lattice(own, own[(n[:, 0] + n[:, 1]) % 2 == 0])
+    wide = points(basis, 90)                                    # a clear sublattice too
+    n = np.rint(np.linalg.solve(basis, wide.T)).T
+    even = (n[:, 0] + n[:, 1]) % 2 == 0
+    assert not off_lattice(wide, wide[even])
+    # even the part showing only the other rows, none of them on the first part's
+    # lattice: its cell is the crystal's, commensurate with it
+    assert not off_lattice(wide[~even], wide[even])
 
 
 def _indexed_brute(basis, g, tol=1.0, bend=3.0):
