@@ -282,7 +282,7 @@ def scale_factors(stats: PoissonStats) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(stats.col_sums, np.float64)
     mean_r = r.mean()
     a = np.sqrt(r / mean_r) if mean_r > 0 else np.zeros_like(r)
-    unit = float(getattr(stats, "unit", 1.0))
+    unit = float(stats.unit)
     if not (unit > 0 and np.isfinite(unit)):
         raise ParameterError(f"`stats.unit` (data units per count) must be positive and finite "
                              f"(got {unit!r})")
