@@ -18,6 +18,9 @@ parameters; it needs its own ``--out`` (the default file holds the defaults' fig
 96 x 160, a 40 x 100 scan, rods (two of one orientation side by side), thirty crystals,
 doses of 300 to 3000 counts per pattern (the default is 30,000), defects and 8-bit
 clipping together.
+
+``--suite lowdose`` runs 300, 1000 and 3000 counts per pattern on four other scenes
+(seeds 31-34; ``work/lowdose``, ``results/lowdose.json``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,11 @@ VARIETY = {
     "defects8bit": dict(scan=(64, 64), hot_pixels=20, dead_pixels=20, saturate="8bit", seed=18),
     "seed19": dict(scan=(64, 64), seed=19),
 }
-SUITES = {"quality": SETS, "variety": VARIETY}
+#: ``--suite lowdose``: the variety suite's three doses on four more scenes, to tell a
+#: change at low dose from the luck of one scene (session 31).
+LOWDOSE = {f"d{dose}_s{seed}": dict(scan=(64, 64), dose=dose, seed=seed)
+           for seed in (31, 32, 33, 34) for dose in (300, 1000, 3000)}
+SUITES = {"quality": SETS, "variety": VARIETY, "lowdose": LOWDOSE}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@
 - ``strong_scaling.png``: wall time vs number of worker processes, with the ideal.
 - ``quality_sets.png`` (from ``benchmarks/results/`` itself): recall and precision of
   both workflows on every set of each quality suite there (``quality.json``,
-  ``variety.json``, ``foreign.json``, ``third.json``, ``kinematic.json``).
+  ``variety.json``, ``foreign.json``, ``third.json``, ``kinematic.json``, ``lowdose.json``).
 
 Each plot is drawn only if its JSON exists. ``python benchmarks/plot_results.py DIR``.
 """
@@ -198,7 +198,8 @@ QUALITY_SUITES = (("quality.json", "own simulator: paper-like sets"),
                   ("variety.json", "own simulator: variety"),
                   ("foreign.json", "foreign simulator"),
                   ("third.json", "third simulator"),
-                  ("kinematic.json", "kinematic MgO / ZnO (most crystals invisible)"))
+                  ("kinematic.json", "kinematic MgO / ZnO (most crystals invisible)"),
+                  ("lowdose.json", "own simulator: 300 / 1000 / 3000 counts per pattern"))
 
 
 def plot_quality(folder: Path, out: Path) -> Path | None:

@@ -469,3 +469,96 @@ def test_noisy_crystal_just_under_forty_pixels_is_one_segment(seed):
     assert auto.max() == 1
     assert (truth & (auto == 1)).sum() / (truth | (auto == 1)).sum() > 0.85
     assert watershed_image(img, WatershedParams(smooth=0)).max() > 5
+
+
+def _square_on_noise(rng, contrast, ramp=0.0, shape=(96, 96)):
+    """A 40 px square of mean ``contrast`` (a linear thickness ramp of +-``ramp`` across
+    it) on white Gaussian noise of standard deviation 1."""
+    truth = np.zeros(shape, bool)
+    truth[28:68, 20:60] = True
+    x = np.linspace(-1.0, 1.0, shape[1])[None, :]
+    signal = np.where(truth, contrast * (1.0 + ramp * x), 0.0)
+    return truth, signal + rng.normal(size=shape)
+
+
+@pytest.mark.parametrize("contrast", [1.5, 2.0, 3.0, 6.0])
+def test_image_snr_is_the_contrast_over_the_noise(contrast):
+    """On a crystal of contrast C over noise of 1, with a thickness ramp (structure,
+    not noise: the second differences it is measured by do not see it), the pixel
+    signal-to-noise ratio is C within 10 %; a crystal buried in noise measures under
+    the ``snr_floor`` of 2, so it would be smoothed."""
+    from spedflow.segment._watershed import image_snr
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        _, img = _square_on_noise(rng, contrast, ramp=0.3)
+        assert image_snr(img) == pytest.approx(contrast, rel=0.1)
+        # the ratio does not depend on the image's units or offset
+        assert image_snr(7.0 * img + 100.0) == pytest.approx(image_snr(img), rel=1e-6)
+    _, buried = _square_on_noise(np.random.default_rng(0), 0.5)
+    assert image_snr(buried) < 2.0
+    assert image_snr(np.zeros((20, 20))) == np.inf
+
+
+@pytest.mark.parametrize("profile", [[100, 100], [40, 100, 40], [30, 90, 100, 90, 30]])
+def test_a_thin_bright_crystal_is_not_taken_for_noise(profile):
+    """Rods 2-5 px wide at ~100 counts: their profile across the rod curves sharply,
+    which second differences across it would count as noise; measured along the rod
+    they stand well over an ``snr_floor`` of 2 and are not smoothed (the labels equal
+    those without the rule)."""
+    from spedflow.segment._watershed import image_snr
+    rng = np.random.default_rng(2)
+    rod = np.zeros((48, 48))
+    rod[10:38, 20:20 + len(profile)] = profile
+    img = rng.poisson(rod + 0.3).astype(float)
+    assert image_snr(img) > 3.0
+    np.testing.assert_array_equal(watershed_image(img, WatershedParams(snr_floor=2)),
+                                  watershed_image(img))
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.3, 0.6, 0.95])
+def test_gaussian_width_for_noise_equals_scipy_on_white_noise(factor):
+    """The width's Gaussian (scipy's filter, on white noise) divides the noise's standard
+    deviation by ``1 / factor``."""
+    from spedflow.segment._watershed import gaussian_width_for_noise
+    sigma = gaussian_width_for_noise(factor)
+    noise = np.random.default_rng(1).normal(size=(1024, 1024))
+    assert ndi.gaussian_filter(noise, sigma).std() / noise.std() == pytest.approx(factor, rel=0.03)
+
+
+def test_noise_smooth_width_lifts_noisy_images_to_the_target_and_ramps_to_none():
+    """Under 0.75 of the floor the width lifts the ratio to ``SNR_TARGET`` (5); none from
+    the floor up; continuous and non-increasing in the ratio in between."""
+    from spedflow.segment._watershed import (_MAX_NOISE_SMOOTH, SNR_TARGET,
+                                             gaussian_width_for_noise, noise_smooth_width)
+    for snr in (0.5, 1.0, 1.5):
+        assert noise_smooth_width(snr, 2.0) == gaussian_width_for_noise(snr / SNR_TARGET)
+    assert noise_smooth_width(2.0, 2.0) == 0.0
+    assert noise_smooth_width(5.0, 2.0) == 0.0
+    assert noise_smooth_width(np.inf, 2.0) == 0.0
+    assert noise_smooth_width(1.0, 0.0) == 0.0  # the rule switched off
+    r = np.linspace(0.05, 2.5, 2000)
+    w = np.array([noise_smooth_width(v, 2.0) for v in r])
+    assert (np.diff(w) <= 0).all()
+    assert np.abs(np.diff(w)[r[1:] > 1.0]).max() < 0.01  # no step where the ramp starts or ends
+    assert noise_smooth_width(1e-3, 2.0) == _MAX_NOISE_SMOOTH
+    with pytest.raises(ParameterError, match="snr_floor"):
+        WatershedParams(snr_floor=-1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_crystal_in_low_dose_noise_is_one_segment(seed):
+    """A 24 px crystal at ~3 counts per scan position over 0.5 (a pixel signal-to-noise
+    ratio ~1.3, as in VDF images at a few hundred counts per pattern): too small for the
+    size-based width, so without the noise rule (the default) its holes and bridges
+    cut it into pieces; with ``snr_floor=2`` the crystal is one segment."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((64, 64), bool)
+    truth[20:44, 18:42] = True
+    img = rng.poisson(np.where(truth, 3.0, 0.5)).astype(float)
+
+    def best_iou(labels):
+        return max((truth & (labels == k)).sum() / (truth | (labels == k)).sum()
+                   for k in range(1, labels.max() + 1))
+
+    assert best_iou(watershed_image(img, WatershedParams(snr_floor=2))) > 0.9
+    assert best_iou(watershed_image(img)) < 0.6

@@ -42,6 +42,23 @@ class WatershedParams:
         pixels (hundreds of pieces per VDF image on a 512 x 512 scan of the
         ten-crystal simulation without it). Segment intensities are always taken from
         the unsmoothed image.
+    snr_floor : float
+        For low-dose data. With ``smooth`` None, an image whose pixel signal-to-noise
+        ratio is below this is smoothed by the Gaussian that lifts it to 5 (Rose's
+        criterion), but by no more than a sixth of the largest inscribed radius of its
+        crystals; the wider of that and the size-based width is used, and from
+        ``0.75 * snr_floor`` up to ``snr_floor`` the width ramps down to none
+        (``segment._watershed.noise_smooth_width``). The ratio
+        (``segment._watershed.image_snr``) is the mean of the threshold mask minus the
+        mean outside it, over the noise of the mask's interior (second differences,
+        which a thickness gradient does not enter). 0 (default) switches the rule
+        off. 2 is the value to try at a few hundred to a few thousand counts per
+        pattern: at a ratio of 2 a crystal's typical pixel lies one noise level above
+        a threshold midway between crystal and background, so about one pixel in six
+        of each class falls on the wrong side, and the watershed cuts crystals into
+        pieces too small to correlate. It is not the default because it costs small
+        grains at full dose, whose few pixels it measures as noisier than they are
+        (benchmarks/README.md, session 31).
     min_distance : float or None
         Markers closer than this (scan pixels) are one crystal. ``None`` (default)
         derives it per pair of markers from the mask itself: two markers are merged
@@ -86,6 +103,7 @@ class WatershedParams:
 
     threshold: str = "li"
     smooth: float | None = None
+    snr_floor: float = 0.0
     min_distance: float | None = None
     neck_ratio: float = math.sqrt(3.0) / 2.0
     min_size: int = 10
@@ -99,6 +117,7 @@ class WatershedParams:
             raise ParameterError(f"`threshold` must be one of {', '.join(THRESHOLD_METHODS)} "
                                  f"(got {self.threshold!r})")
         check_range("smooth", self.smooth, low=0, high=50, allow_none=True)
+        check_range("snr_floor", self.snr_floor, low=0, high=100)
         check_range("min_distance", self.min_distance, low=0, allow_none=True)
         check_range("neck_ratio", self.neck_ratio, low=0, high=1, low_open=True)
         check_range("min_size", self.min_size, low=1, integer=True)
