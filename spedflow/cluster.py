@@ -562,6 +562,19 @@ def _release_workers(client) -> None:
         logging.getLogger("spedflow").debug("worker plugin not removed: %s", exc)
 
 
+def scheduler_workers(client) -> dict:
+    """The scheduler's workers now, ``{address: info}``, asked of the scheduler itself.
+
+    ``Client.scheduler_info()`` returns the client's cached copy when its query fails
+    (an ``OSError``, logged at debug level), and the copy the client's periodic refresh
+    keeps lists no workers: a passing network hiccup would read as "no workers" (a
+    run's memory budget taken from the client's machine, its warm-up skipped; seen
+    once in a test under load). Asked directly, a failure raises instead.
+    """
+    info = client.sync(client.scheduler.identity, n_workers=-1)
+    return dict(info.get("workers", {}))
+
+
 def _warm_up(client) -> None:
     """One import task per worker, not waited for; then each loads the compiled kernels
     (:func:`spedflow._jit.warm_up`: ~0.5 s per process from numba's cache, ~10 s of
@@ -571,7 +584,12 @@ def _warm_up(client) -> None:
 
     from ._jit import warm_up
     _prepare_workers(client)
-    for addr in client.scheduler_info()["workers"]:
+    try:
+        workers = scheduler_workers(client)
+    except Exception as exc:  # a hiccup: the workers then load the kernels in their first tasks
+        logging.getLogger("spedflow").debug("workers not warmed up: %s", exc)
+        return
+    for addr in workers:
         fire_and_forget(client.submit(_import_modules, _WORKER_MODULES, workers=[addr],
                                       allow_other_workers=False, pure=False))
         fire_and_forget(client.submit(warm_up, workers=[addr], allow_other_workers=False,
@@ -1011,7 +1029,7 @@ def wait_for(client, futures, *, no_workers_timeout: float | None = None,
 
     limit = NO_WORKERS_TIMEOUT if no_workers_timeout is None else no_workers_timeout
     plimit = PAUSED_TIMEOUT if paused_timeout is None else paused_timeout
-    empty_since = paused_since = None
+    empty_since = paused_since = unreachable_since = None
     done_before = -1
     while True:
         try:
@@ -1019,11 +1037,15 @@ def wait_for(client, futures, *, no_workers_timeout: float | None = None,
             return
         except TimeoutError:
             pass
-        try:
-            workers = client.scheduler_info().get("workers", {})
-        except Exception:  # pragma: no cover - scheduler unreachable: let gather raise
-            return
         now = time.monotonic()
+        try:
+            workers = scheduler_workers(client)
+        except Exception:  # the scheduler unreachable: for a moment, or gone
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > limit:  # pragma: no cover - let gather raise
+                return
+            continue
+        unreachable_since = None
         if workers:
             empty_since = None
             done = sum(f.done() for f in futures)
@@ -1090,7 +1112,7 @@ def worker_memory() -> tuple[int, int]:
     if client is not None:
         try:
             limits = [int(w.get("memory_limit") or 0)
-                      for w in client.scheduler_info()["workers"].values()]
+                      for w in scheduler_workers(client).values()]
         except Exception:  # pragma: no cover - scheduler went away
             return 0, 0
         limits = [max(0, lim - WORKER_BASELINE) for lim in limits if lim > 0]

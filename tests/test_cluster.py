@@ -17,7 +17,8 @@ from dask.utils import parse_bytes
 from cluster_utils import ProcessCluster, free_port
 from spedflow import cluster
 from spedflow.cluster import (client_for, compute, local_scheduler, parse_memory_limit,
-                              persist_with_progress, resolve_address, set_progress)
+                              persist_with_progress, resolve_address, scheduler_workers,
+                              set_progress)
 from spedflow.errors import InputError, ParameterError
 
 BAR = r"{label}: \[#+\s*\] 100% \d+ {unit}/s in \d+s"
@@ -79,7 +80,7 @@ def test_local_cluster_listens_on_loopback_only(capsys):
         assert local.scheduler_address.startswith("tcp://127.0.0.1:")
         # asked of the scheduler itself: Client.scheduler_info() returns its cached copy,
         # which lists no workers, when the query fails (seen once under a full xdist run)
-        workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+        workers = scheduler_workers(client)
         assert len(workers) == 2
         for addr, info in workers.items():
             assert addr.startswith("tcp://127.0.0.1:")
