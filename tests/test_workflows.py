@@ -420,6 +420,30 @@ def test_a_vdf_disc_reaching_the_direct_beam_is_warned_about(tmp_path, sim_store
             assert f"keep the radius under {reach - a['beam_radius']:.1f} px" in hits[0]
 
 
+@pytest.mark.parametrize("max_coverage, warned", [(0.08, True), (None, False)])
+def test_crystals_set_aside_for_their_coverage_are_named(tmp_path, sim_store, max_coverage,
+                                                         warned, caplog):
+    """NMF components with clear spots set aside as support for covering more than
+    ``nmf.max_coverage`` of the scan (crystals larger than the workflow assumes) are named
+    in a warning even when other crystals are found; none at the defaults here."""
+    import logging
+
+    from spedflow.decompose._background import SUPPORT_REASON
+    overrides = {"nmf": {"max_coverage": max_coverage}} if max_coverage else None
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        res = spedflow.segment(sim_store, method="nmf", out=tmp_path / "r.zarr", local=True,
+                               progress=False, overrides=overrides)
+    a = zarr.open_group(str(res), mode="r").attrs["spedflow"]
+    aside = [d["component"] for d in a["components_set_aside"]
+             if d["reason"].startswith(SUPPORT_REASON)]
+    hits = [r.message for r in caplog.records if "have sharp spots" in r.message
+            or "has sharp spots" in r.message]
+    assert bool(hits) is warned and bool(aside) is warned
+    if warned:
+        assert spedflow.open_result(res)["segments/maps"].shape[0] > 0  # others were found
+        assert f"components {', '.join(map(str, aside))} have sharp spots" in hits[0]
+
+
 @pytest.mark.parametrize("method, reason, overrides", [
     ("vdf", "watershed.min_size = 1000", {"watershed": {"min_size": 1000}}),
     # no vector at all: an empty result too, not an error (an amorphous region of a batch)
