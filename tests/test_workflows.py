@@ -420,6 +420,43 @@ def test_a_vdf_disc_reaching_the_direct_beam_is_warned_about(tmp_path, sim_store
             assert f"keep the radius under {reach - a['beam_radius']:.1f} px" in hits[0]
 
 
+@pytest.fixture(scope="module")
+def low_dose_store(tmp_path_factory):
+    """300 counts per pattern (the simulator's default is 30,000)."""
+    from spedflow.simulate import simulate
+    return simulate(tmp_path_factory.mktemp("lowdose") / "d300.zarr", scan=(40, 40), detector=64,
+                    crystals=6, seed=3, dose=300, progress=False)
+
+
+@pytest.mark.parametrize("which, overrides, warned", [
+    ("low", None, True),
+    ("low", {"watershed": {"snr_floor": 2.0}}, False),  # the advice taken: said no more
+    ("full", None, False),
+])
+def test_noisy_vdf_images_are_pointed_out(tmp_path, sim_store, low_dose_store, which, overrides,
+                                          warned, caplog):
+    """At 300 counts per pattern the VDF images' median pixel signal-to-noise ratio
+    (recorded as ``resolved.vdf_image_snr``, measured by ``image_snr`` on a sample) is
+    under 2 and the run says what to try; at full dose it is well over 2 and it does not."""
+    import logging
+
+    from spedflow.segment._watershed import image_snr
+    store = low_dose_store if which == "low" else sim_store
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                               progress=False, overrides=overrides)
+    g = zarr.open_group(str(res), mode="r")
+    snr = g.attrs["spedflow"]["resolved"]["vdf_image_snr"]
+    images = g["vdf/images"][:]
+    if len(images) <= 32:  # the sample is every image: the median of image_snr over them
+        assert snr == pytest.approx(float(np.median([image_snr(im) for im in images])))
+    assert (snr < 2.0) is (which == "low")
+    hits = [r.message for r in caplog.records if "VDF images are noisy" in r.message]
+    assert bool(hits) is warned
+    if warned:
+        assert f"ratio {snr:.2f}" in hits[0] and "watershed.snr_floor=2" in hits[0]
+
+
 @pytest.mark.parametrize("max_coverage, warned", [(0.08, True), (None, False)])
 def test_crystals_set_aside_for_their_coverage_are_named(tmp_path, sim_store, max_coverage,
                                                          warned, caplog):

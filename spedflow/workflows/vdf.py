@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,6 +389,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                 st_vdf.mark_complete()
         # from here on the image stack stays on disk: the client reads an image when it needs it
         images = st_vdf.group("r")["images"]
+        image_snr = _note_noisy_images(images, cfg.watershed)
 
         # watershed of every VDF image, each image a task that reads its image from the
         # stage cache and writes its labels there: shipping the stack inside the graph puts
@@ -448,6 +450,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                     "or their spots lie under the peak threshold (peaks.threshold; see `spedflow "
                     "params vdf`, section [peaks])", vp.min_patterns)
         images = np.zeros((0, ny, nx), np.float32)
+        image_snr = None
         labels = np.zeros((0, ny, nx), np.int32)
         segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
         merged = merge_vdf_segments(segments, np.zeros(0, np.int64), vectors, cfg.merge,
@@ -501,6 +504,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "resolved": {"beam_radius": r, "glare_radius": glare, "spot_hwhm": hwhm, "spot_radius": s_r, "preprocess": dataclasses.asdict(prep),
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
+                     "vdf_image_snr": image_snr,
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
@@ -519,6 +523,35 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
+
+
+#: At most this many VDF images, evenly spread over the stack, are measured for
+#: :func:`_note_noisy_images` (a 512 x 512 image takes ~20 ms).
+_SNR_SAMPLE = 32
+#: Under this median pixel signal-to-noise ratio the VDF images are noise-dominated
+#: (``segment._watershed.image_snr``; over all images of a set, the median is 2.3 or
+#: more on every full-dose benchmark set of four simulators but one of 3-6 px grains,
+#: 1.8; 0.5-1.9 at 300-1000 counts per pattern, 2.0-3.0 at 3000).
+NOISY_IMAGES = 2.0
+
+
+def _note_noisy_images(images, ws) -> float | None:
+    """The median pixel signal-to-noise ratio of up to ``_SNR_SAMPLE`` of the VDF
+    ``images`` (a Zarr array, read image by image), and a warning with what to do when
+    it is under :data:`NOISY_IMAGES` and the watershed's noise rule is off."""
+    from ..segment._watershed import image_snr
+    n = images.shape[0]
+    if n == 0:
+        return None
+    picks = np.unique(np.linspace(0, n - 1, min(n, _SNR_SAMPLE)).round().astype(int))
+    values = [image_snr(images[int(i)], ws.threshold) for i in picks]
+    snr = float(np.median(values))
+    if snr < NOISY_IMAGES and ws.snr_floor == 0 and ws.smooth is None:
+        log.warning("the VDF images are noisy (median pixel signal-to-noise ratio %.2f over %d "
+                    "of them): as at low dose, the watershed may cut crystals into pieces. "
+                    "Try --set watershed.snr_floor=2 (smooths the noisiest images) or "
+                    "--method nmf (pools every pattern)", snr, len(picks))
+    return snr if math.isfinite(snr) else None
 
 
 def _aligned_tables(paths, measured, used, detector_shape, border):
