@@ -51,6 +51,8 @@ SMOOTH_FRACTION = 20.0
 SMOOTH_FULL_RADIUS = SMOOTH_FRACTION
 # Median absolute deviation -> standard deviation of Gaussian noise.
 _MAD_TO_SIGMA = 1.4826
+# The standard deviation of a standard normal variable's central 98 %.
+_TRIMMED_STD = 0.9346
 # Distance-transform dynamics below one pixel are discretisation, not shape.
 _MIN_NECK_DEPTH = 1.0
 
@@ -301,9 +303,6 @@ def _gaussian_noise_factor(sigma: float) -> float:
     w /= w.sum()
     return float(np.sum(w * w))
 
-
-#: The standard deviation of a standard normal variable's central 98 %.
-_TRIMMED_STD = 0.9346
 
 #: The widest smoothing the noise rule asks for (px); an image that needs more is noise.
 _MAX_NOISE_SMOOTH = 4.0
