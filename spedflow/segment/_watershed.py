@@ -364,8 +364,14 @@ def _noise_rule_width(image: np.ndarray, params: WatershedParams) -> float:
     width = noise_smooth_width(_snr(image, classes), params.snr_floor)
     if width == 0:
         return 0.0
-    core = ndi.binary_opening(ndi.binary_fill_holes(classes), _EIGHT)
-    return min(width, float(ndi.distance_transform_edt(core).max()) / NOISE_SMOOTH_FRACTION)
+    return min(width, _inscribed_radius(classes) / NOISE_SMOOTH_FRACTION)
+
+
+def _inscribed_radius(mask: np.ndarray) -> float:
+    """The largest inscribed radius (px) of ``mask`` with its holes filled and features
+    under 3 px removed (an opening): the size of its largest crystal."""
+    core = ndi.binary_opening(ndi.binary_fill_holes(mask), _EIGHT)
+    return float(ndi.distance_transform_edt(core).max())
 
 
 def _smoothed_mask(image: np.ndarray, params: WatershedParams):
@@ -391,8 +397,7 @@ def _smoothed_mask(image: np.ndarray, params: WatershedParams):
     sigma = params.smooth
     if sigma is None:
         mask = _threshold_mask(image, params.threshold)
-        core = ndi.binary_opening(ndi.binary_fill_holes(mask), _EIGHT)
-        sigma = auto_smooth_width(float(ndi.distance_transform_edt(core).max()))
+        sigma = auto_smooth_width(_inscribed_radius(mask))
         if params.snr_floor > 0:
             sigma = max(sigma, _noise_rule_width(image, params))
         if sigma == 0:

@@ -768,10 +768,12 @@ def _warn_of_large_crystals(reasons, cfg) -> None:
     scan of four crystals of 19-32 positions across: NMF 1 found, VDF 3)."""
     from ..decompose._background import SUPPORT_REASON
     spotty = [i for i, why in enumerate(reasons) if why.startswith(SUPPORT_REASON)]
-    if spotty:
-        log.warning("NMF component%s %s %s sharp spots but cover%s more than nmf.max_coverage = "
-                    "%.2f of the scan and %s set aside as support; if crystals here are that "
-                    "large, run --method vdf (or raise nmf.max_coverage)",
-                    "s" if len(spotty) > 1 else "", ", ".join(map(str, spotty)),
-                    "have" if len(spotty) > 1 else "has", "" if len(spotty) > 1 else "s",
-                    cfg.nmf.max_coverage, "were" if len(spotty) > 1 else "was")
+    if not spotty:
+        return
+    names = ", ".join(map(str, spotty))
+    which = (f"components {names} have sharp spots but cover" if len(spotty) > 1 else
+             f"component {names} has sharp spots but covers")
+    log.warning("NMF %s more than nmf.max_coverage = %.2f of the scan and %s set aside as "
+                "support; if crystals here are that large, run --method vdf (or raise "
+                "nmf.max_coverage)", which, cfg.nmf.max_coverage,
+                "were" if len(spotty) > 1 else "was")
