@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy import special
 from scipy.spatial import cKDTree
 
 from ..config import check_range
@@ -32,6 +33,13 @@ __all__ = ["VectorParams", "resolve", "peak_histogram", "merge", "unique_vectors
 #: Poisson standard deviations (5: with ~1e3 background maxima on a histogram,
 #: fewer than 1e-3 false vectors).
 _SIGNIFICANCE = 5.0
+#: ... or its core alone must be as improbable under the Poisson floor as a
+#: 5-sigma Gaussian excess (one-sided tail 2.9e-7), counted exactly.
+_FALSE_ALARM = float(special.ndtr(-_SIGNIFICANCE))
+#: Radius of the core, in position scatters: the aperture that maximises the
+#: signal-to-noise ratio of a 2-D Gaussian cluster on a flat floor (1.585 sigma,
+#: 71.5 % of its peaks).
+_CORE = 1.585
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,44 @@ def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     return np.where(ok, vals, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
 
 
+def _core_significant(hist, cy, cx, per_bin, scatter_bins) -> np.ndarray:
+    """Whether the peaks in each cluster's core (a disc of :data:`_CORE` position
+    scatters, at least one bin, about its maximum ``(cy, cx)``) are too many for the
+    Poisson floor of ``per_bin`` per bin: P(N >= count) <= :data:`_FALSE_ALARM`.
+
+    A weak reflection (a small or thin crystal's) holds few peaks, tightly clustered;
+    over the whole disc of ``cluster_radius`` (the spot radius, several scatters)
+    the floor's fluctuation hides them, in its core they stand out."""
+    oy, ox = _disc_offsets(max(_CORE * scatter_bins, 1.0))
+    yy, xx = cy[:, None] + oy[None, :], cx[:, None] + ox[None, :]
+    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
+    count = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
+                                  np.clip(xx, 0, hist.shape[1] - 1)], 0.0).sum(axis=1)
+    # P(N >= count) = P(N > count - 1); a floor of 0 makes any peak significant
+    expected = np.maximum(per_bin * inside.sum(axis=1), 1e-300)
+    tail = special.pdtrc(np.maximum(np.round(count) - 1, 0), expected)
+    return (count >= 1) & (tail <= _FALSE_ALARM)
+
+
+def _resolved(smooth, cy, cx, floor, which) -> np.ndarray:
+    """Whether each maximum ``which`` of ``smooth`` at ``(cy, cx)`` is resolved from the
+    nearest stronger one: along the straight path between them, ``smooth`` falls to
+    at most halfway between its height and ``floor`` (the floor per bin), the
+    half-maximum criterion of two resolved peaks. Entries not in ``which`` are True."""
+    out = np.ones(len(cy), bool)
+    height = smooth[cy, cx]
+    pts = np.column_stack([cy, cx]).astype(np.float64)
+    for i in which:
+        stronger = np.flatnonzero(height > height[i])
+        if len(stronger) == 0:
+            continue
+        j = stronger[np.argmin(np.hypot(*(pts[stronger] - pts[i]).T))]
+        t = np.linspace(0.0, 1.0, int(np.ceil(np.hypot(*(pts[j] - pts[i])))) + 1)[:, None]
+        path = np.rint(pts[i] + t * (pts[j] - pts[i])).astype(np.intp)
+        out[i] = smooth[path[:, 0], path[:, 1]].min() - floor[i] <= 0.5 * (height[i] - floor[i])
+    return out
+
+
 def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
                    oversample: int | None = None, params: VectorParams | None = None,
                    beam_radius: float | None = None, cluster_radius: float | None = None,
@@ -259,10 +305,13 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     """Unique diffraction vectors from a merged peak histogram (``finalize`` step).
 
     The histogram is smoothed by a Gaussian of the expected position ``scatter``;
-    its local maxima (within ``cluster_radius``) whose disc of ``cluster_radius``
-    in the *unsmoothed* histogram holds at least ``min_patterns`` peaks more than
-    the local floor of randomly placed peaks (trimmed mean of an annulus 2-4
-    cluster radii out), and 5 Poisson standard deviations above it, are
+    its local maxima (within two scatters; one on a stronger maximum's flank within
+    ``cluster_radius`` only if resolved from it, :func:`_resolved`) whose disc of
+    ``cluster_radius`` in the *unsmoothed* histogram holds at least
+    ``min_patterns`` peaks more than the local floor of randomly placed peaks
+    (trimmed mean of an annulus 2-4 cluster radii out), and either 5 Poisson
+    standard deviations above it or a core (1.585 scatters about the maximum) as
+    improbable under the floor's Poisson law (:func:`_core_significant`), are
     clusters. A cluster's centre is the weighted mean of the bin
     centres within ``cluster_radius`` of the maximum (sub-pixel). Of two centres
     closer than ``cluster_radius`` the weaker is dropped. Finally the direct beam
@@ -325,8 +374,17 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     rb = p.cluster_radius * o  # cluster radius in bins
     smooth = ndi.gaussian_filter(hist, p.scatter * o, mode="constant") if p.scatter > 0 else hist
     oy, ox = _disc_offsets(rb)
-    peak = (smooth == _disc_maximum(smooth, rb)) & (smooth > 0)
+    # Local maxima within twice the positions' scatter: closer clusters blur into one
+    # maximum anyway. Not only within cluster_radius: a weak cluster one to two
+    # cluster radii from a strong one (a weak crystal's reflection beside a strong
+    # crystal's) lies on the strong one's flank and is no maximum within that. Such a
+    # "shadowed" maximum is a cluster of its own only when the histogram falls at
+    # least halfway to the floor between it and the stronger one (:func:`_resolved`):
+    # a bent crystal's reflection that moves across the scan leaves a ridge of peaks,
+    # not two clusters. Centres closer than cluster_radius are still merged below.
+    peak = (smooth == _disc_maximum(smooth, min(rb, max(2.0 * p.scatter, 1.0) * o))) & (smooth > 0)
     cy, cx = np.nonzero(peak)
+    shadowed = smooth[cy, cx] < _disc_maximum(smooth, rb)[cy, cx]
     if len(cy) == 0:
         return (empty, np.zeros(0)) if return_support else empty
 
@@ -344,7 +402,9 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     per_bin = _annulus_floor(hist, cy, cx, rb)
     floor = per_bin * len(oy)
     excess = support - floor
-    keep = (excess >= p.min_patterns) & (excess >= _SIGNIFICANCE * np.sqrt(floor))
+    keep = (excess >= p.min_patterns) & ((excess >= _SIGNIFICANCE * np.sqrt(floor))
+                                         | _core_significant(hist, cy, cx, per_bin, p.scatter * o))
+    keep &= _resolved(smooth, cy, cx, per_bin, np.flatnonzero(shadowed & keep))
     cy, cx, w, yy, xx = cy[keep], cx[keep], w[keep], yy[keep], xx[keep]
     support, per_bin = excess[keep], per_bin[keep]
     if len(cy) == 0:
