@@ -258,6 +258,21 @@ def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     return np.where(ok, vals, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
 
 
+def _disc_counts(hist, cy, cx, radius: float) -> np.ndarray:
+    """Sum of ``hist`` over the disc of ``radius`` (bins) about each ``(cy, cx)``;
+    bins beyond the histogram's edge count 0. Returns (counts, bins inside)."""
+    oy, ox = _disc_offsets(radius)
+    yy, xx = cy[:, None] + oy[None, :], cx[:, None] + ox[None, :]
+    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
+    count = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
+                                  np.clip(xx, 0, hist.shape[1] - 1)], 0.0).sum(axis=1)
+    return count, inside.sum(axis=1)
+
+
+def _core_radius(scatter_bins: float) -> float:
+    return max(_CORE * scatter_bins, 1.0)
+
+
 def _core_significant(hist, cy, cx, per_bin, scatter_bins) -> np.ndarray:
     """Whether the peaks in each cluster's core (a disc of :data:`_CORE` position
     scatters, at least one bin, about its maximum ``(cy, cx)``) are too many for the
@@ -266,33 +281,32 @@ def _core_significant(hist, cy, cx, per_bin, scatter_bins) -> np.ndarray:
     A weak reflection (a small or thin crystal's) holds few peaks, tightly clustered;
     over the whole disc of ``cluster_radius`` (the spot radius, several scatters)
     the floor's fluctuation hides them, in its core they stand out."""
-    oy, ox = _disc_offsets(max(_CORE * scatter_bins, 1.0))
-    yy, xx = cy[:, None] + oy[None, :], cx[:, None] + ox[None, :]
-    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
-    count = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
-                                  np.clip(xx, 0, hist.shape[1] - 1)], 0.0).sum(axis=1)
+    count, n_bins = _disc_counts(hist, cy, cx, _core_radius(scatter_bins))
+    expected = np.maximum(per_bin * n_bins, 1e-300)
     # P(N >= count) = P(N > count - 1); a floor of 0 makes any peak significant
-    expected = np.maximum(per_bin * inside.sum(axis=1), 1e-300)
     tail = special.pdtrc(np.maximum(np.round(count) - 1, 0), expected)
     return (count >= 1) & (tail <= _FALSE_ALARM)
 
 
-def _resolved(smooth, cy, cx, floor, which) -> np.ndarray:
-    """Whether each maximum ``which`` of ``smooth`` at ``(cy, cx)`` is resolved from the
-    nearest stronger one: along the straight path between them, ``smooth`` falls to
-    at most halfway between its height and ``floor`` (the floor per bin), the
-    half-maximum criterion of two resolved peaks. Entries not in ``which`` are True."""
+def _resolved(smooth, cy, cx, floor, rb: float) -> np.ndarray:
+    """Whether each maximum ``(cy, cx)`` of ``smooth`` is resolved from what overshadows
+    it (the highest bin of ``smooth`` within ``rb`` of it, on a stronger cluster or its
+    flank): along the straight path there, ``smooth`` falls to at most halfway between
+    the maximum's height and ``floor`` (per bin), the half-maximum criterion of two
+    resolved peaks. A ridge of peaks (a reflection moving across a bent crystal) stays
+    above it; the gap between two clusters falls below it."""
     out = np.ones(len(cy), bool)
-    height = smooth[cy, cx]
-    pts = np.column_stack([cy, cx]).astype(np.float64)
-    for i in which:
-        stronger = np.flatnonzero(height > height[i])
-        if len(stronger) == 0:
-            continue
-        j = stronger[np.argmin(np.hypot(*(pts[stronger] - pts[i]).T))]
-        t = np.linspace(0.0, 1.0, int(np.ceil(np.hypot(*(pts[j] - pts[i])))) + 1)[:, None]
-        path = np.rint(pts[i] + t * (pts[j] - pts[i])).astype(np.intp)
-        out[i] = smooth[path[:, 0], path[:, 1]].min() - floor[i] <= 0.5 * (height[i] - floor[i])
+    oy, ox = _disc_offsets(rb)
+    for i, (y, x) in enumerate(zip(cy, cx)):
+        yy, xx = y + oy, x + ox
+        ok = (yy >= 0) & (yy < smooth.shape[0]) & (xx >= 0) & (xx < smooth.shape[1])
+        k = np.argmax(smooth[yy[ok], xx[ok]])
+        ty, tx = yy[ok][k], xx[ok][k]
+        t = np.linspace(0.0, 1.0, int(np.ceil(np.hypot(ty - y, tx - x))) + 1)
+        py = np.rint(y + t * (ty - y)).astype(np.intp)
+        px = np.rint(x + t * (tx - x)).astype(np.intp)
+        height = smooth[y, x]
+        out[i] = smooth[py, px].min() - floor[i] <= 0.5 * (height - floor[i])
     return out
 
 
@@ -305,8 +319,9 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     """Unique diffraction vectors from a merged peak histogram (``finalize`` step).
 
     The histogram is smoothed by a Gaussian of the expected position ``scatter``;
-    its local maxima (within two scatters; one on a stronger maximum's flank within
-    ``cluster_radius`` only if resolved from it, :func:`_resolved`) whose disc of
+    its local maxima (within ``cluster_radius``; and within two scatters, at least
+    1 px, when resolved from the stronger cluster on whose flank they lie and
+    significant in their core, :func:`_resolved`) whose disc of
     ``cluster_radius`` in the *unsmoothed* histogram holds at least
     ``min_patterns`` peaks more than the local floor of randomly placed peaks
     (trimmed mean of an annulus 2-4 cluster radii out), and either 5 Poisson
@@ -374,17 +389,24 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     rb = p.cluster_radius * o  # cluster radius in bins
     smooth = ndi.gaussian_filter(hist, p.scatter * o, mode="constant") if p.scatter > 0 else hist
     oy, ox = _disc_offsets(rb)
-    # Local maxima within twice the positions' scatter: closer clusters blur into one
-    # maximum anyway. Not only within cluster_radius: a weak cluster one to two
-    # cluster radii from a strong one (a weak crystal's reflection beside a strong
-    # crystal's) lies on the strong one's flank and is no maximum within that. Such a
-    # "shadowed" maximum is a cluster of its own only when the histogram falls at
-    # least halfway to the floor between it and the stronger one (:func:`_resolved`):
-    # a bent crystal's reflection that moves across the scan leaves a ridge of peaks,
-    # not two clusters. Centres closer than cluster_radius are still merged below.
-    peak = (smooth == _disc_maximum(smooth, min(rb, max(2.0 * p.scatter, 1.0) * o))) & (smooth > 0)
-    cy, cx = np.nonzero(peak)
-    shadowed = smooth[cy, cx] < _disc_maximum(smooth, rb)[cy, cx]
+    # Local maxima within cluster_radius, as clusters. A weak cluster one to two cluster
+    # radii from a strong one (a weak crystal's reflection beside a strong crystal's)
+    # lies on the strong one's flank and is no maximum within that: maxima within
+    # twice the positions' scatter (closer clusters blur into one anyway) are added as
+    # "shadowed" candidates when their core holds at least half of min_patterns peaks
+    # (a cluster of min_patterns peaks puts 71.5 % in it; noise bumps do not come
+    # near), and they must pass the exact core test and be resolved from what
+    # overshadows them (:func:`_resolved`). Centres closer than cluster_radius are
+    # still merged below.
+    primary = (smooth == _disc_maximum(smooth, rb)) & (smooth > 0)
+    cy, cx = np.nonzero(primary)
+    shadowed = np.zeros(len(cy), bool)
+    rm = max(2.0 * p.scatter, 1.0) * o
+    if rm < rb:
+        sy, sx = np.nonzero((smooth == _disc_maximum(smooth, rm)) & (smooth > 0) & ~primary)
+        enough = _disc_counts(hist, sy, sx, _core_radius(p.scatter * o))[0] >= 0.5 * p.min_patterns
+        cy, cx = np.concatenate([cy, sy[enough]]), np.concatenate([cx, sx[enough]])
+        shadowed = np.concatenate([shadowed, np.ones(int(enough.sum()), bool)])
     if len(cy) == 0:
         return (empty, np.zeros(0)) if return_support else empty
 
@@ -402,9 +424,11 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
     per_bin = _annulus_floor(hist, cy, cx, rb)
     floor = per_bin * len(oy)
     excess = support - floor
-    keep = (excess >= p.min_patterns) & ((excess >= _SIGNIFICANCE * np.sqrt(floor))
-                                         | _core_significant(hist, cy, cx, per_bin, p.scatter * o))
-    keep &= _resolved(smooth, cy, cx, per_bin, np.flatnonzero(shadowed & keep))
+    core = _core_significant(hist, cy, cx, per_bin, p.scatter * o)
+    disc = ~shadowed & (excess >= _SIGNIFICANCE * np.sqrt(floor))
+    keep = (excess >= p.min_patterns) & (core | disc)
+    check = np.flatnonzero(shadowed & keep)
+    keep[check] = _resolved(smooth, cy[check], cx[check], per_bin[check], rb)
     cy, cx, w, yy, xx = cy[keep], cx[keep], w[keep], yy[keep], xx[keep]
     support, per_bin = excess[keep], per_bin[keep]
     if len(cy) == 0:
