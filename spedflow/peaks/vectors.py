@@ -258,7 +258,7 @@ def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     return np.where(ok, vals, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
 
 
-def _disc_counts(hist, cy, cx, radius: float) -> np.ndarray:
+def _disc_counts(hist, cy, cx, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Sum of ``hist`` over the disc of ``radius`` (bins) about each ``(cy, cx)``;
     bins beyond the histogram's edge count 0. Returns (counts, bins inside)."""
     oy, ox = _disc_offsets(radius)
