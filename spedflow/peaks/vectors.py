@@ -235,6 +235,17 @@ def _disc_maximum(img: np.ndarray, radius: float) -> np.ndarray:
     return out
 
 
+def _gather(hist, cy, cx, oy, ox, fill: float):
+    """``hist`` at the offsets ``(oy, ox)`` about each ``(cy, cx)``: (rows, columns,
+    inside the histogram, values), one row per centre; ``fill`` beyond the edge."""
+    yy = cy[:, None] + oy[None, :]
+    xx = cx[:, None] + ox[None, :]
+    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
+    vals = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
+                                 np.clip(xx, 0, hist.shape[1] - 1)], fill)
+    return yy, xx, inside, vals
+
+
 def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     """Per-bin background of ``hist`` around each (cy, cx), from an annulus.
 
@@ -247,12 +258,7 @@ def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
     oy, ox = (a.ravel() for a in np.meshgrid(o, o, indexing="ij"))
     d2 = oy ** 2 + ox ** 2
     ring = (d2 >= (2 * rb) ** 2) & (d2 <= (4 * rb) ** 2)
-    oy, ox = oy[ring], ox[ring]
-    yy = cy[:, None] + oy[None, :]
-    xx = cx[:, None] + ox[None, :]
-    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
-    vals = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
-                                 np.clip(xx, 0, hist.shape[1] - 1)], np.nan)
+    _, _, inside, vals = _gather(hist, cy, cx, oy[ring], ox[ring], np.nan)
     med = np.nanmedian(vals, axis=1)
     ok = inside & (vals <= (med + 5.0 * np.sqrt(med) + 2.0)[:, None])
     return np.where(ok, vals, 0.0).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
@@ -261,12 +267,8 @@ def _annulus_floor(hist: np.ndarray, cy, cx, rb: float) -> np.ndarray:
 def _disc_counts(hist, cy, cx, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Sum of ``hist`` over the disc of ``radius`` (bins) about each ``(cy, cx)``;
     bins beyond the histogram's edge count 0. Returns (counts, bins inside)."""
-    oy, ox = _disc_offsets(radius)
-    yy, xx = cy[:, None] + oy[None, :], cx[:, None] + ox[None, :]
-    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
-    count = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1),
-                                  np.clip(xx, 0, hist.shape[1] - 1)], 0.0).sum(axis=1)
-    return count, inside.sum(axis=1)
+    _, _, inside, vals = _gather(hist, cy, cx, *_disc_offsets(radius), 0.0)
+    return vals.sum(axis=1), inside.sum(axis=1)
 
 
 def _core_radius(scatter_bins: float) -> float:
@@ -411,10 +413,7 @@ def unique_vectors(hist: np.ndarray, *, detector_shape: tuple[int, int],
         return (empty, np.zeros(0)) if return_support else empty
 
     # support and weighted centre over the disc of cluster_radius in the raw histogram
-    yy = cy[:, None] + oy[None, :]
-    xx = cx[:, None] + ox[None, :]
-    inside = (yy >= 0) & (yy < hist.shape[0]) & (xx >= 0) & (xx < hist.shape[1])
-    w = np.where(inside, hist[np.clip(yy, 0, hist.shape[0] - 1), np.clip(xx, 0, hist.shape[1] - 1)], 0.0)
+    yy, xx, inside, w = _gather(hist, cy, cx, oy, ox, 0.0)
     support = w.sum(axis=1)
     # Peaks at random positions (noise, film, diffuse residue) give the histogram a
     # smooth floor whose fluctuations have local maxima too: a cluster must stand
