@@ -179,10 +179,11 @@ def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_
                                        and not os.environ.get("SPEDFLOW_SCHEDULER")
                                        and _small(plan)):
         ctx = cluster.given_client(client) if client is not None else cluster.local_scheduler()
-    else:
-        ctx = cluster.client_for(scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
-                                 memory_limit=memory_limit, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
-                                 tls_key=tls_key, quiet=not progress)
+    else:  # the cluster starts while the client measures the data's sample (cluster.starting)
+        ctx = cluster.starting(cluster.client_for(
+            scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit, tls_ca_file=tls_ca_file, tls_cert=tls_cert,
+            tls_key=tls_key, quiet=not progress))
     # one BLAS thread per dask thread: the workers already use every core
     from threadpoolctl import threadpool_limits
     with ctx, threadpool_limits(limits=1):

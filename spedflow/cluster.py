@@ -70,7 +70,8 @@ from .config import check_range
 from .errors import ClusterError, InputError, ParameterError
 
 __all__ = [
-    "client_for", "compute", "store", "persist_with_progress", "local_scheduler", "set_progress",
+    "client_for", "starting", "ready", "compute", "store", "persist_with_progress",
+    "local_scheduler", "set_progress",
     "progress_switched",
     "progress_enabled", "parse_memory_limit", "resolve_address", "default_n_workers",
     "ENV_SCHEDULER", "MIN_WORKER_MEMORY", "WORKER_MALLOC_ENV", "MALLOC_MIN_WORKER_MEMORY",
@@ -264,6 +265,11 @@ def _normalise_address(addr: str, source: str) -> str:
         addr = "tcp://" + addr
     if not rest or rest.startswith(":"):
         raise ParameterError(f"`{source}` must look like tcp://HOST:PORT (got {addr!r})")
+    if _scheme(addr) != "inproc":  # the network protocols: HOST:PORT, a whole-number port
+        port = rest.rpartition(":")[2] if ":" in rest else ""
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ParameterError(f"`{source}` must look like tcp://HOST:PORT with a port number "
+                                 f"from 1 to 65535 (got {addr!r})")
     return addr
 
 
@@ -310,15 +316,16 @@ def _build_security(security, tls_ca_file, tls_cert, tls_key):
 
 # --------------------------------------------------------------------------- client_for
 
-@contextmanager
 def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
                threads_per_worker: int | None = None,
                memory_limit: str | int | None = None, security=None,
                tls_ca_file: str | os.PathLike | None = None,
                tls_cert: str | os.PathLike | None = None,
                tls_key: str | os.PathLike | None = None, dashboard: bool = True,
-               quiet: bool = False, timeout: float = _DEFAULT_TIMEOUT) -> Iterator[Any]:
-    """A :class:`distributed.Client` for the run; closes it (and any cluster) on exit.
+               quiet: bool = False, timeout: float = _DEFAULT_TIMEOUT):
+    """A context manager yielding a :class:`distributed.Client` for the run; it closes
+    the client (and any cluster it started) on exit. The arguments are checked here,
+    at the call, before anything starts.
 
     Parameters
     ----------
@@ -362,8 +369,6 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
     ParameterError
         Bad address, worker counts or memory limit.
     """
-    from distributed import Client, LocalCluster
-
     check_range("n_workers", n_workers, low=1, integer=True, allow_none=True)
     check_range("threads_per_worker", threads_per_worker, low=1, integer=True,
                 allow_none=True)
@@ -378,7 +383,7 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
         given = [k for k, v in local_only.items() if v is not None]
         if given:
             warnings.warn(f"{', '.join(given)} apply to a local cluster only; ignored for "
-                          f"the scheduler at {address}", RuntimeWarning, stacklevel=3)
+                          f"the scheduler at {address}", RuntimeWarning, stacklevel=2)
         scheme = _scheme(address)
         if scheme in ("tls", "wss"):
             if not sec.tls_ca_file or not sec.tls_client_cert:
@@ -395,25 +400,42 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
             raise InputError(
                 f"dask config requires encryption (distributed.comm.require-encryption) "
                 f"but the scheduler address {address} is not tls://")
-        client = _connect(Client, address, sec, timeout)
-        try:
-            _prepare_workers(client)
-            if not quiet:
-                _announce(client, address)
-            yield client
-        finally:
-            _release_workers(client)
-            client.close()
-        return
+        return _remote_client(address, sec, timeout, quiet)
 
     n = int(n_workers) if n_workers is not None else default_n_workers()
     threads = int(threads_per_worker) if threads_per_worker is not None else 1
     mem = parse_memory_limit(memory_limit, n)
-    kwargs: dict[str, Any] = {}
     if explicit_tls:
         raise ParameterError(
             "TLS certificates were given without a scheduler address; they are for a "
             "tls:// scheduler (a local cluster listens on 127.0.0.1 only)")
+    return _local_client(n, threads, mem, sec, dashboard, quiet)
+
+
+@contextmanager
+def _remote_client(address: str, sec, timeout: float, quiet: bool) -> Iterator[Any]:
+    """:func:`client_for` with a scheduler address (its arguments checked)."""
+    from distributed import Client
+
+    client = _connect(Client, address, sec, timeout)
+    try:
+        _prepare_workers(client)
+        if not quiet:
+            _announce(client, address)
+        yield client
+    finally:
+        _release_workers(client)
+        client.close()
+
+
+@contextmanager
+def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
+                  quiet: bool) -> Iterator[Any]:
+    """:func:`client_for`'s local cluster of ``n`` workers of ``threads`` threads and
+    ``mem`` bytes each (its arguments checked)."""
+    from distributed import Client, LocalCluster
+
+    kwargs: dict[str, Any] = {}
     if sec.require_encryption:
         # The dask config demands encryption: encrypt the local cluster too, with the
         # configured scheduler/worker certificates or temporary self-signed ones.
@@ -454,6 +476,55 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
             client.close()
     finally:
         cluster.close()
+
+
+#: The start of the run's cluster while the client does its first work
+#: (:func:`starting`), or None.
+_starting = None
+
+
+@contextmanager
+def starting(context) -> Iterator[None]:
+    """Enter ``context`` (a :func:`client_for`) in a thread while the body runs, and
+    exit it after the body, as ``with context:`` would.
+
+    Starting a local cluster takes ~2 s (processes, imports) that the client used to
+    wait out before the stages measured on a sample of the data (the bad pixels, the
+    beam radius, the detector's noise), which need no cluster and take ~1-2 s. Every
+    dask call made through this module waits for the start first (:func:`ready`), and
+    the workflows call it before their first pass, so nothing big runs in the client.
+    The start's error (an unreachable scheduler) is raised by the first call that
+    waits; an error of the body is raised as it is, after the cluster is closed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _starting
+    pool = ThreadPoolExecutor(1, thread_name_prefix="spedflow-cluster-start")
+    entered = pool.submit(context.__enter__)
+    pool.shutdown(wait=False)
+    _starting = entered
+    try:
+        yield
+    except BaseException:
+        _starting = None
+        failure = sys.exc_info()
+        try:
+            entered.result()
+        except BaseException:  # the start failed too (the same error if the body waited)
+            raise failure[1] from None
+        context.__exit__(*failure)
+        raise
+    _starting = None
+    entered.result()  # the body needed no cluster: the start's error, if any
+    context.__exit__(None, None, None)
+
+
+def ready() -> None:
+    """Wait for the cluster :func:`starting` is bringing up (raising its start's error);
+    nothing to do otherwise."""
+    entered = _starting
+    if entered is not None:
+        entered.result()
 
 
 #: Modules the workflows' tasks import: fresh local workers load them while the client
@@ -810,7 +881,9 @@ def _distributed_bar_class():
 
 
 def _pick_client(client, kwargs):
-    """The distributed Client dask would use for this call, or None for local."""
+    """The distributed Client dask would use for this call, or None for local (once
+    the run's cluster has started: :func:`ready`)."""
+    ready()
     if client is not None:
         return client
     try:

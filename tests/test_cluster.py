@@ -241,6 +241,62 @@ def test_unreachable_scheduler_is_input_error():
             pass
 
 
+def test_started_cluster_serves_the_body_and_closes_after_it():
+    """``cluster.starting``: the body runs while a real local cluster starts; the
+    module's dask calls wait for it and run there; it is closed after the body."""
+    seen = {}
+    with cluster.starting(client_for(n_workers=1, memory_limit="1GB", quiet=True,
+                                     dashboard=False)):
+        seen["body_started"] = time.monotonic()
+        x = da.arange(1000, chunks=100)
+        (total,) = compute(x.sum(), label="sum")  # waits for the cluster (cluster.ready)
+        client = cluster._pick_client(None, {})
+        seen["workers"] = len(scheduler_workers(client))
+        seen["processed"] = sum(client.run(lambda dask_worker: dask_worker.state.transition_counter)
+                                .values())
+    assert total == 499500
+    assert seen["workers"] == 1 and seen["processed"] > 0  # it ran on the cluster's worker
+    assert client.status == "closed"
+    assert cluster._starting is None
+    assert cluster._pick_client(None, {}) is None  # dask runs locally again
+
+
+def test_error_in_the_body_closes_the_started_cluster():
+    with pytest.raises(ValueError, match="in the body"):
+        with cluster.starting(client_for(n_workers=1, memory_limit="1GB", quiet=True,
+                                         dashboard=False)):
+            cluster.ready()
+            client = cluster._pick_client(None, {})
+            raise ValueError("in the body")
+    assert client.status == "closed"
+    assert cluster._starting is None
+
+
+def test_start_that_fails_is_raised_where_the_cluster_is_needed():
+    """An unreachable scheduler: the body's first dask call raises the start's error;
+    an error of the body before that is the one raised."""
+    port = free_port()
+    after = []
+    with pytest.raises(InputError, match=rf"cannot connect .*127\.0\.0\.1:{port}"):
+        with cluster.starting(client_for(f"tcp://127.0.0.1:{port}", timeout=1)):
+            compute(da.ones(4).sum(), label="sum")
+            after.append("computed")
+    assert after == []
+    with pytest.raises(KeyError, match="before the cluster"):
+        with cluster.starting(client_for(f"tcp://127.0.0.1:{port}", timeout=1)):
+            raise KeyError("before the cluster")
+    assert cluster._starting is None
+
+
+def test_bad_cluster_arguments_raise_before_anything_starts():
+    """client_for checks its arguments at the call (so ``spedflow.segment`` refuses
+    them before it reads any data), not when the cluster is entered."""
+    with pytest.raises(ParameterError, match="memory_limit"):
+        client_for(memory_limit="lots")
+    with pytest.raises(ParameterError, match="port number"):
+        client_for("h:bar")
+
+
 def test_remote_ignores_local_only_options(processes):
     with pytest.warns(RuntimeWarning, match="n_workers, memory_limit apply to a local"):
         with client_for(processes.address, n_workers=3, memory_limit="2GB", quiet=True):
@@ -258,6 +314,10 @@ def test_remote_ignores_local_only_options(processes):
     (ParameterError, {"scheduler": "http://h:8786"}, r"unknown protocol 'http'"),
     (ParameterError, {"scheduler": ":8786"}, r"must look like tcp://HOST:PORT"),
     (ParameterError, {"scheduler": 8786}, r"must be an address string"),
+    (ParameterError, {"scheduler": "h:bar"}, r"with a port number from 1 to 65535"),
+    (ParameterError, {"scheduler": "tcp://h"}, r"with a port number from 1 to 65535"),
+    (ParameterError, {"scheduler": "h:8786/x"}, r"with a port number"),
+    (ParameterError, {"scheduler": "[::1]:70000"}, r"with a port number"),
     (InputError, {"scheduler": "tls://127.0.0.1:1"}, r"uses TLS but no client certificate"),
     (InputError, {"scheduler": "tls://127.0.0.1:1", "tls_ca_file": "/nonexistent/ca.pem",
                   "tls_cert": "/nonexistent/c.pem"}, r"`tls_ca_file` file .* does not exist"),

@@ -217,6 +217,20 @@ def test_log_noise_factors_measure_a_point_spread(psf, shape):
         assert f == pytest.approx(w if w >= N._CORRELATED else 1.0, rel=0.15)
 
 
+@pytest.mark.parametrize("shape,h", [((24, 24), 2), ((20, 31), 4), ((9, 12), 1)])
+def test_summed_variance_equals_the_sum_of_the_convolutions(shape, h):
+    """The LoG noise factors' denominator, one weighted sum per image, equals
+    convolving each image with the squared weights and summing over the kept pixels
+    (scipy's convolution; a kernel without symmetry, so a flip would show)."""
+    rng = np.random.default_rng(h)
+    var = rng.gamma(2.0, 3.0, (5,) + shape).astype(np.float32)
+    w2 = rng.random((2 * h + 1, 2 * h + 1))
+    ok = rng.random((shape[0] - 2, shape[1] - 2)) < 0.6
+    want = [ndi.convolve(v.astype(np.float64), w2, mode="constant")[1:-1, 1:-1][ok].sum()
+            for v in var]
+    np.testing.assert_allclose(N._summed_variance(var, w2, ok), want, rtol=1e-10)
+
+
 def test_log_noise_factors_of_tiny_inputs_are_none():
     """Detectors too small for the LoG's support, scans of one position: nothing to
     measure, no factor (and no error)."""

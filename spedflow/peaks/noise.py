@@ -444,14 +444,13 @@ def log_noise_factors(blocks, sigmas, gain: float, read_var: float) -> tuple[flo
             w2, h = _squared_log_kernel(ky, kx, s)
             if h < 1:  # a detector too small for the LoG's support
                 continue
-            v = _convolve_same(var, w2)[:, 1:-1, 1:-1]
             ok = ~ndimage.binary_dilation(core, np.ones((3, 3), bool), iterations=h)[1:-1, 1:-1]
             ok[:h] = ok[-h:] = False
             ok[:, :h] = ok[:, -h:] = False
             if ok.sum() < 64:
                 continue
             num = (r[:, ok].astype(np.float64) ** 2).sum(axis=1)
-            den = 2 * v[:, ok].astype(np.float64).sum(axis=1)
+            den = 2 * _summed_variance(var, w2, ok)
             ratios[i].extend((num[den > 0] / den[den > 0]).tolist())
     if min(len(r) for r in ratios) < _MIN_FACTOR_PAIRS:
         return ()
@@ -471,10 +470,20 @@ def _squared_log_kernel(ky: int, kx: int, sigma: float) -> tuple[np.ndarray, int
     return w[cy - h:cy + h + 1, cx - h:cx + h + 1], h
 
 
-def _convolve_same(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Each of ``images`` (n, ky, kx) convolved with ``kernel``, zero outside, same size."""
-    from scipy.signal import fftconvolve
-    return fftconvolve(images, kernel[None], mode="same", axes=(1, 2))
+def _summed_variance(var: np.ndarray, w2: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per image of ``var`` (n, ky, kx), the sum over the interior pixels ``ok``
+    (ky - 2, kx - 2) of ``var`` convolved with ``w2`` (odd-sized, zero outside the
+    detector): the independent-pixel variance of the LoG response summed over ``ok``.
+
+    The sum is linear in ``var``, so it is one weighted sum per image: each pixel's
+    variance counts with the sum of the kernel's weights that reach ``ok`` from it
+    (``ok`` correlated with ``w2``), which is computed once, not one convolution per
+    image (equal to rounding; ``tests/test_noise.py`` compares with the convolutions).
+    """
+    inside = np.zeros(var.shape[1:], np.float64)
+    inside[1:-1, 1:-1] = ok
+    weight = ndimage.correlate(inside, np.asarray(w2, np.float64), mode="constant", cval=0.0)
+    return var.reshape(len(var), -1).astype(np.float64) @ weight.ravel()
 
 
 def _fill_empty(mean: np.ndarray) -> np.ndarray:

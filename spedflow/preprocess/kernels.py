@@ -28,7 +28,6 @@ Conventions
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -1356,10 +1355,8 @@ def _line_test(logr: np.ndarray, floor: float = 0.0):
     has = n_u > 0
     if has.any():
         l = logr[has]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            m = np.nanmedian(l, 1)
-            sd[has] = 1.4826 * np.nanmedian(np.abs(l - m[:, None]), 1)
+        m = _row_nanmedian(l)
+        sd[has] = 1.4826 * _row_nanmedian(np.abs(l - m[:, None]))
         med[has] = m
         side = ok[has] & (np.sign(np.nan_to_num(l)) == np.sign(m)[:, None]) & \
             (np.abs(np.nan_to_num(l)) >= np.abs(m)[:, None] / 2)
@@ -1369,6 +1366,17 @@ def _line_test(logr: np.ndarray, floor: float = 0.0):
     defect = ((n_u >= min(LINE_MIN_SEGMENTS, logr.shape[1])) & (a >= np.log(LINE_MIN_GAIN))
               & (a <= np.log(LINE_MAX_GAIN)) & (frac >= LINE_CONSISTENCY) & (a >= LINE_Z * se))
     return med, se, defect
+
+
+def _row_nanmedian(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, 1)`` of a 2-D array, NaN for rows without a number, and without
+    NumPy's warning about them (no ``warnings.catch_warnings``: it is not thread-safe,
+    and this runs while a local cluster starts in another thread)."""
+    out = np.full(a.shape[0], np.nan)
+    some = ~np.isnan(a).all(axis=1)
+    if some.any():
+        out[some] = np.nanmedian(a[some], 1)
+    return out
 
 
 def _screen_ratios(m: np.ndarray) -> np.ndarray:
@@ -1384,9 +1392,7 @@ def _noise_floor(m: np.ndarray) -> float:
     if m.shape[0] < 3:
         return 0.0
     l = _screen_ratios(m)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        sd = 1.4826 * np.nanmedian(np.abs(l - np.nanmedian(l, 1)[:, None]), 1)
+    sd = 1.4826 * _row_nanmedian(np.abs(l - _row_nanmedian(l)[:, None]))
     sd = sd[np.isfinite(sd)]
     return float(np.median(sd)) if len(sd) else 0.0
 

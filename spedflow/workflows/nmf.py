@@ -62,6 +62,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     timer = Timer()
     plan = with_bad_pixels(plan, cfg.preprocess, cache)
     plan = with_detector_binning(plan, cfg.preprocess)
+    cluster.ready()  # the bad-pixel sample ran while a local cluster started
     beam = beam_stage(plan, cfg.preprocess, cache, timer)
     r = beam.radius
     note_detector_binning(plan, r)

@@ -316,6 +316,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             log.info("detector: its point spread correlates neighbouring pixels' noise; the "
                      "peak finder's noise variance is %s times that of independent pixels",
                      " / ".join(f"{f:.3g}" for f in counts[2]))
+    cluster.ready()  # the sample's stages ran while a local cluster started
     beam, hist, mean_dog, st_scan, glare, n_peaks = _beam_peaks_stage(
         plan, data, prep, pk, vp, cache, timer, counts, clip)
 
