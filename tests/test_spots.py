@@ -9,8 +9,8 @@ from scipy import sparse
 
 from spedflow.errors import InputError, ParameterError
 from spedflow.segment import (AreaReflections, SpotOffsets, VDFMergeParams, area_reflections,
-                              fold_fragments, member_positions, merge_vdf_segments,
-                              read_peak_tables, spot_offsets)
+                              feed_peak_tables, fold_fragments, member_positions,
+                              merge_vdf_segments, read_peak_tables, spot_offsets)
 from spedflow.segment._lattice import one_lattice
 
 from test_lattice import _bent_case, points, random_basis, rotated
@@ -221,6 +221,39 @@ def test_one_read_of_the_tables_feeds_both_passes_as_two_reads_would():
     reads.clear()
     assert read_peak_tables(tables(), [None], scan_shape=SCAN, detector_shape=DET) == [None]
     assert reads == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_parts_fed_apart_and_absorbed_equal_one_read(seed):
+    """The accumulators' reduction in parts (each a ``zeroed`` copy fed some of the
+    tables, in another process: pickled there and back), joined by ``absorb`` in any
+    grouping, gives what one read of all the tables gives, and leaves the templates
+    unfed."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    segs, source, vectors, table = _random_case(rng, n_peaks=1500)
+    masks = rng.random((3, SCAN[0] * SCAN[1])) < 0.4
+    rows = [table[table[:, 0] == y] for y in range(SCAN[0])]
+
+    def fresh():
+        return [SpotOffsets(segs, source, vectors, scan_shape=SCAN, search_radius=5.0),
+                AreaReflections(masks, vectors, scan_shape=SCAN, radius=3.0)]
+
+    want = read_peak_tables(rows, fresh(), scan_shape=SCAN, detector_shape=DET)
+    templates = fresh()
+    cuts = np.sort(rng.choice(np.arange(1, SCAN[0]), 3, replace=False))
+    parts = []
+    for group in np.split(np.arange(SCAN[0]), cuts):
+        part = pickle.loads(pickle.dumps([a.zeroed() for a in templates]))
+        feed_peak_tables([rows[y] for y in group], part, scan_shape=SCAN, detector_shape=DET)
+        parts.append(pickle.loads(pickle.dumps(part)))
+    total = parts.pop()
+    for part in parts:
+        total = [a.absorb(b) for a, b in zip(total, part)]
+    got = [a.result() for a in total]
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    assert not templates[0].acc.any() and not templates[1].counts.any()
 
 
 def test_one_lattice_tells_a_part_from_a_crystal_inside_and_from_a_twins_union():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
 import spedflow
+from spedflow import cluster
 from spedflow.evaluate import evaluate
 
 
@@ -502,3 +504,33 @@ def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, ov
     assert any("no crystal found" in r.message and reason in r.message for r in caplog.records), \
         [r.message for r in caplog.records]
     assert sum("no crystal found" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("group", [1, 3, 1000])
+def test_reductions_over_the_peak_tables_equal_one_read(results, monkeypatch, group):
+    """The peak histogram summed in parts over groups of blocks (any group size, the
+    parts added in a tree) equals one read of every table, and the result's."""
+    from spedflow.peaks import peak_histogram
+    from spedflow.workflows import vdf as V
+    path, _ = results["mgo", "vdf"]
+    g = zarr.open_group(str(path), mode="r")
+    resolved = g.attrs["spedflow"]["resolved"]
+    border, o = resolved["peaks"]["exclude_border"], resolved["vectors"]["oversample"]
+    paths = sorted(Path(str(path) + ".cache").glob("beam_peaks-*/blocks/*.npz"))
+    assert len(paths) > 3
+    measured, used = g["beam/centres"][...], g["beam/fitted"][...]
+    det = tuple(g["segments/patterns"].shape[1:])
+    want, n = 0, 0
+    for t in V._aligned_tables(paths, measured, used, det, border):
+        want = want + peak_histogram(t, det, oversample=o)
+        n += len(t)
+    monkeypatch.setattr(V, "_TABLE_GROUP", group)
+    with cluster.local_scheduler():
+        hist, count = V._over_tables(paths, measured, used, det, border, V._histogram_of, det, o,
+                                     label="peak histogram")
+        empty, none = V._over_tables([], measured, used, det, border, V._histogram_of, det, o,
+                                     label="peak histogram")
+    assert count == n == g["peaks"].shape[0] and n > 0
+    np.testing.assert_array_equal(hist, want)
+    np.testing.assert_array_equal(hist.astype(np.float32), g["overview/peak_histogram"][...])
+    assert none == 0 and not empty.any() and empty.shape == want.shape

@@ -7,8 +7,8 @@ Kernels (NumPy) are in ``_watershed`` and ``_merge``; the dask wrapper is in
 from ._merge import (MergeResult, correlation_matrix, drop_radial_pairs, drop_rims,
                      drop_shared_reflections, fold_fragments, merge_components,
                      merge_vdf_segments, virtual_patterns)
-from ._spots import (AreaReflections, SpotOffsets, area_reflections, member_positions,
-                     read_peak_tables, spot_offsets)
+from ._spots import (AreaReflections, SpotOffsets, area_reflections, feed_peak_tables,
+                     member_positions, read_peak_tables, spot_offsets)
 from ._params import NMFMergeParams, VDFMergeParams, WatershedParams, pattern_sigma
 from ._watershed import segments_from_labels, watershed_image
 from .lazy import watershed_stack
@@ -18,4 +18,5 @@ __all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "pattern_sigma
            "MergeResult", "merge_vdf_segments", "drop_radial_pairs", "drop_rims",
            "drop_shared_reflections", "fold_fragments", "virtual_patterns", "merge_components",
            "correlation_matrix", "spot_offsets", "member_positions",
-           "area_reflections", "SpotOffsets", "AreaReflections", "read_peak_tables"]
+           "area_reflections", "SpotOffsets", "AreaReflections", "read_peak_tables",
+           "feed_peak_tables"]

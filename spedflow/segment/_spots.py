@@ -21,6 +21,7 @@ has it where that spot is.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -30,7 +31,32 @@ from scipy.spatial import cKDTree
 from ..errors import InputError, ParameterError
 
 __all__ = ["spot_offsets", "member_positions", "area_reflections", "SpotOffsets",
-           "AreaReflections", "read_peak_tables"]
+           "AreaReflections", "read_peak_tables", "feed_peak_tables"]
+
+
+class _Sums:
+    """What both accumulators share: sums over the peak tables that can be taken in
+    parts (on other tables, in other processes) and added up."""
+
+    #: the arrays :meth:`add` adds into
+    _SUMS: tuple[str, ...] = ()
+
+    def zeroed(self):
+        """A copy that shares the lookup structures and starts its sums at 0: one part of
+        a reduction over the peak tables, to be fed other tables and joined by
+        :meth:`absorb`."""
+        part = copy.copy(self)
+        for name in self._SUMS:
+            setattr(part, name, np.zeros_like(getattr(self, name)))
+        return part
+
+    def absorb(self, other) -> "_Sums":
+        """Add the sums of ``other`` (a :meth:`zeroed` part of this one) to this one's;
+        returns this one."""
+        for name in self._SUMS:
+            mine = getattr(self, name)
+            np.add(mine, getattr(other, name), out=mine)
+        return self
 
 
 def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iterable,
@@ -70,9 +96,11 @@ def spot_offsets(segments, source: np.ndarray, vectors: np.ndarray, tables: Iter
                             detector_shape=detector_shape)[0]
 
 
-class SpotOffsets:
+class SpotOffsets(_Sums):
     """The accumulator of :func:`spot_offsets` (same parameters), fed by
     :func:`read_peak_tables`: one read of the peak tables can feed several."""
+
+    _SUMS = ("acc",)
 
     def __init__(self, segments, source: np.ndarray, vectors: np.ndarray, *,
                  scan_shape: tuple[int, int], search_radius: float):
@@ -228,9 +256,11 @@ def area_reflections(masks, vectors: np.ndarray, tables: Iterable, *,
                             detector_shape=detector_shape)[0]
 
 
-class AreaReflections:
+class AreaReflections(_Sums):
     """The accumulator of :func:`area_reflections` (same parameters), fed by
     :func:`read_peak_tables`."""
+
+    _SUMS = ("counts", "acc")
 
     def __init__(self, masks, vectors: np.ndarray, *, scan_shape: tuple[int, int],
                  radius: float):
@@ -290,13 +320,21 @@ def read_peak_tables(tables: Iterable, accumulators: Sequence, *, scan_shape: tu
     """Read the peak tables once and feed every accumulator (:class:`SpotOffsets`,
     :class:`AreaReflections`; ``None`` entries are skipped and give ``None``); their
     results, in order."""
+    feed_peak_tables(tables, accumulators, scan_shape=scan_shape, detector_shape=detector_shape)
+    return [None if a is None else a.result() for a in accumulators]
+
+
+def feed_peak_tables(tables: Iterable, accumulators: Sequence, *, scan_shape: tuple[int, int],
+                     detector_shape: tuple[int, int]) -> list:
+    """:func:`read_peak_tables` without the results: the accumulators, fed (a part of a
+    reduction, see :meth:`SpotOffsets.zeroed`)."""
     live = [a for a in accumulators if a is not None]
     if live:
         covered = np.logical_or.reduce([a.covered for a in live])
         for t, g, at_pos in _peaks_inside(tables, covered, scan_shape, detector_shape):
             for a in live:
                 a.add(t, g, at_pos)
-    return [None if a is None else a.result() for a in accumulators]
+    return list(accumulators)
 
 
 def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_shape):
