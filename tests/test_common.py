@@ -119,8 +119,41 @@ def test_prune_stale_removes_only_complete_stages_of_other_code(tmp_path):
     removed, freed = cache.prune_stale()
     assert removed == 2 and freed >= 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [mine.path.name, "poisson-fedcba9876543210", "notes", ".lock"])
+        [mine.path.name, "poisson-fedcba9876543210", "notes", ".lock", ".writer"])
     assert mine.complete and cache.prune_stale() == (0, 0)
+
+
+def test_a_second_run_on_one_cache_waits_for_the_first(tmp_path, caplog):
+    """Two runs on one stage cache (the same result, or the same --cache): the second
+    waits, saying so, until the first (another process) has ended, then goes on."""
+    import subprocess
+    import sys
+    import time
+
+    from spedflow.workflows._cache import StageCache
+    cache = tmp_path / "c"
+    first = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from spedflow.workflows._cache import StageCache\n"
+         f"with StageCache({str(cache)!r}).in_use():\n"
+         "    print('holding', flush=True); time.sleep(2.0)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="spedflow"):
+            with StageCache(cache).in_use():
+                waited = time.monotonic() - t0
+    finally:
+        first.wait(timeout=30)
+    assert waited > 1.0  # the first held the cache for 2 s after saying so
+    assert any("another spedflow run is using the stage cache" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spedflow"):
+        with StageCache(cache).in_use():  # nobody else: no wait, no message
+            pass
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("sizes", [[], [0, 0], [3], [5, 0, 7, 2, 11, 1], [20]])

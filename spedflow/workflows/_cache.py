@@ -17,6 +17,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -165,18 +166,38 @@ class StageCache:
 
     @contextlib.contextmanager
     def in_use(self):
-        """Hold a shared lock on the cache (``<cache>/.lock``) while a run uses it: a run
-        of other code that finishes meanwhile then skips its :meth:`prune_stale`, and
-        deletes nothing this one reads. Without ``fcntl`` (Windows) or where the folder
-        cannot be written, no lock, and :meth:`prune_stale` then prunes nothing."""
-        fh = _lock_file(self.root)
+        """Hold the cache while a run uses it.
+
+        - One run at a time writes it (``<cache>/.writer``, exclusive): a second run on
+          the same cache (the same result, or the same ``--cache``) waits for the first
+          to end, says so, and then reuses what it wrote. Two runs that computed one
+          stage at once overwrote each other's arrays and left a stage marked complete
+          without its watershed labels, which every later run then failed on.
+        - A shared lock (``<cache>/.lock``): a run of other code that finishes meanwhile
+          skips its :meth:`prune_stale`, and deletes nothing this one reads.
+
+        Without ``fcntl`` (Windows) or where the folder cannot be written, no locks, and
+        :meth:`prune_stale` then prunes nothing."""
+        writer = _lock_file(self.root, ".writer")
+        fh = None
         try:
+            if writer is not None:
+                try:
+                    fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    logging.getLogger("spedflow").warning(
+                        "another spedflow run is using the stage cache %s (the same result, or "
+                        "the same --cache): waiting for it to end, then reusing what it wrote",
+                        self.root)
+                    fcntl.flock(writer, fcntl.LOCK_EX)
+            fh = _lock_file(self.root)
             if fh is not None:
                 fcntl.flock(fh, fcntl.LOCK_SH)
             yield self
         finally:
-            if fh is not None:
-                fh.close()  # releases the lock
+            for f in (fh, writer):
+                if f is not None:
+                    f.close()  # releases its lock
 
     def prune_stale(self) -> tuple[int, int]:
         """Remove the complete stages written by other spedflow code (another version, an
@@ -221,12 +242,12 @@ class StageCache:
 _STAGE_DIR = re.compile(r"[a-z0-9_]+-[0-9a-f]{16}")
 
 
-def _lock_file(root: Path):
-    """``<root>/.lock`` opened for locking, or None (no ``fcntl``, or not writable)."""
+def _lock_file(root: Path, name: str = ".lock"):
+    """``<root>/<name>`` opened for locking, or None (no ``fcntl``, or not writable)."""
     if fcntl is None:
         return None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return open(root / ".lock", "a+b")
+        return open(root / name, "a+b")
     except OSError:
         return None
