@@ -50,12 +50,17 @@ class _Sums:
             setattr(part, name, np.zeros_like(getattr(self, name)))
         return part
 
+    def sums(self) -> tuple:
+        """The sums alone (a part's result to ship back: the lookup structures it
+        shares with the others are far larger)."""
+        return tuple(getattr(self, name) for name in self._SUMS)
+
     def absorb(self, other) -> "_Sums":
-        """Add the sums of ``other`` (a :meth:`zeroed` part of this one) to this one's;
-        returns this one."""
-        for name in self._SUMS:
-            mine = getattr(self, name)
-            np.add(mine, getattr(other, name), out=mine)
+        """Add the sums of ``other`` (a :meth:`zeroed` part of this one, or its
+        :meth:`sums`) to this one's; returns this one."""
+        theirs = other if isinstance(other, tuple) else other.sums()
+        for mine, more in zip(self.sums(), theirs):
+            np.add(mine, more, out=mine)
         return self
 
 

@@ -429,10 +429,11 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                     areas = AreaReflections(masks, vectors, scan_shape=(ny, nx),
                                             radius=vp.cluster_radius)
                 # one read of the peak tables feeds both, in parts on the workers
-                fed = _over_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border,
-                                   _feed_group, [spots, areas], (ny, nx), (ky, kx),
-                                   label="spots of the segments")
-                (offsets, weights), seen_in = [None if a is None else a.result() for a in fed]
+                sums = _over_tables(paths, beam.measured, beam.used, (ky, kx), pk.exclude_border,
+                                    _feed_group, [spots, areas], (ny, nx), (ky, kx),
+                                    label="spots of the segments")
+                (offsets, weights), seen_in = [None if a is None else a.absorb(s).result()
+                                               for a, s in zip([spots, areas], sums)]
                 measured, lit = member_positions(merged.members, merged.segment_members, source,
                                                  vectors, offsets, weights, return_weights=True)
             merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
@@ -600,14 +601,11 @@ def _part_of_group(paths, used, found_at, detector_shape, border, part, *args):
 
 def _add(a, b):
     """The sum of two parts of :func:`_over_tables`: arrays and numbers added,
-    accumulators absorbed (:meth:`~spedflow.segment.SpotOffsets.absorb`), sequences
-    item by item, None kept."""
+    sequences item by item, None kept."""
     if a is None:
         return b
     if isinstance(a, (list, tuple)):
         return type(a)(_add(x, y) for x, y in zip(a, b))
-    if hasattr(a, "absorb"):
-        return a.absorb(b)
     return a + b
 
 
@@ -623,8 +621,10 @@ def _histogram_of(tables, detector_shape, oversample):
 
 
 def _feed_group(tables, accumulators, scan_shape, detector_shape):
-    """A part of the merge's read of the peak tables: zeroed copies of the
-    ``accumulators`` (None kept), fed (:func:`~spedflow.segment.feed_peak_tables`)."""
+    """A part of the merge's read of the peak tables: the sums of zeroed copies of the
+    ``accumulators`` (None kept), fed (:func:`~spedflow.segment.feed_peak_tables`), for
+    the accumulators to :meth:`~spedflow.segment.SpotOffsets.absorb`."""
     from ..segment import feed_peak_tables
     parts = [None if a is None else a.zeroed() for a in accumulators]
-    return feed_peak_tables(tables, parts, scan_shape=scan_shape, detector_shape=detector_shape)
+    feed_peak_tables(tables, parts, scan_shape=scan_shape, detector_shape=detector_shape)
+    return [None if a is None else a.sums() for a in parts]
