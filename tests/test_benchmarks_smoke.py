@@ -354,3 +354,23 @@ def test_binning_benchmark_scores_each_factor(tmp_path):
     import zarr
     g = zarr.open_group(str(tmp_path / "w" / "vdf_b2.zarr"), mode="r")
     assert g["segments/patterns"].shape[1:] == (48, 48)
+
+
+def test_a_twins_shared_reflections_make_no_crystal_of_their_own(tmp_path):
+    """benchmarks/third_sim.py's twins (mirror bicrystals sharing every third row of
+    reflections): the shared reflections' VDF images show both halves, and their group
+    covers the pair. One half came in fragments, each with fewer vectors than that
+    group, so the shared-reflection rule let it stand before the folding joined them
+    (10 segments for 9 crystals); judged again after the folding it goes."""
+    import third_sim
+
+    import spedflow
+    from spedflow.evaluate import evaluate
+    meta = third_sim.simulate("twin_s13", tmp_path, scan=(40, 40), det="counting", K=96,
+                              p2p=1.0, dose=2e4, seed=13)
+    store = third_sim.build("twin_s13", tmp_path)
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                           progress=False)
+    scores = evaluate(res, store)
+    assert scores["n_truth"] == meta["n_grains"] == 9
+    assert scores["n_matched"] == 9 and scores["n_segments"] == 9

@@ -439,6 +439,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             merged = fold_fragments(merged, images, cfg.merge, measured=measured, seen_in=seen_in,
                                     lit=lit)
             n_folded = n_merged - len(merged.summed)
+            # the shared reflections again, of the folded crystals: a crystal whose fragments
+            # each had fewer vectors than the union of it and its twin (their shared
+            # reflections' group) now has more, and the union goes
+            n_before = len(merged.summed)
+            merged = drop_shared_reflections(merged, images, cfg.merge)
+            n_shared += n_before - len(merged.summed)
+            n_merged -= n_before - len(merged.summed)
             # after the folding, which may give a crystal the vectors its rim shows
             merged = drop_rims(merged, cfg.merge)
             n_rims = n_merged - n_folded - len(merged.summed)
