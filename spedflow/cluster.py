@@ -112,6 +112,24 @@ MALLOC_MIN_WORKER_MEMORY = 2 * 2**30
 _progress = True
 
 
+class _RoutineShuffles(logging.Filter):
+    """Drops the two warnings distributed's scheduler logs for every p2p rechunk (the VDF
+    image stack's regrouping), its start and its end ("Shuffle ... initialized by task
+    ...", "Shuffle ... deactivated due to stimulus ..."): routine events, which printed
+    on every run, under ``-q`` too, as if something had gone wrong. Its other warnings
+    stay."""
+
+    ROUTINE = ("Shuffle %s initialized by task", "Shuffle %s deactivated due to stimulus")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.ROUTINE))
+
+
+#: the logger of distributed's shuffle on the scheduler (in this process for a local cluster)
+_SHUFFLE_LOGGER = "distributed.shuffle._scheduler_plugin"
+logging.getLogger(_SHUFFLE_LOGGER).addFilter(_RoutineShuffles())
+
+
 def worker_environ() -> dict:
     """The nanny's ``pre-spawn-environ`` for spedflow's local workers.
 

@@ -598,3 +598,18 @@ def test_a_cluster_whose_workers_stay_paused_fails_instead_of_hanging():
         client.run(lambda dask_worker: delattr(dask_worker, "_spedflow_test_hold"))
         cl.wait_for(client, futures, paused_timeout=30.0, poll=0.5)  # it resumes and finishes
         assert client.gather(futures) == [10.0]
+
+
+def test_routine_shuffle_warnings_are_not_shown(caplog):
+    """A p2p rechunk on a real local cluster: distributed's scheduler logs its start and
+    end as warnings; they are dropped, as routine (its other warnings are not)."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        with client_for(n_workers=1, memory_limit="1GB", quiet=True, dashboard=False):
+            x = da.ones((64, 64), chunks=(8, 64)).rechunk((64, 8), method="p2p")
+            (total,) = compute(x.sum(), label="sum")
+    assert total == 64 * 64
+    shuffle = [r for r in caplog.records if r.name == cluster._SHUFFLE_LOGGER]
+    assert not [r for r in shuffle if "Shuffle" in r.getMessage()], [r.getMessage() for r in shuffle]
+    logging.getLogger(cluster._SHUFFLE_LOGGER).warning("Shuffle %s failed", "x")  # others pass
+    assert any(r.getMessage() == "Shuffle x failed" for r in caplog.records)
