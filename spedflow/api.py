@@ -158,6 +158,8 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     """
     if method not in ("vdf", "nmf"):
         raise ParameterError(f"`method` must be 'vdf' or 'nmf' (got {method!r})")
+    _check_where(client, local, scheduler, n_workers, threads_per_worker, memory_limit,
+                 (tls_ca_file, tls_cert, tls_key))
     cfg = load_config(method, config, overrides)
     from .workflows._common import prepare_run, validate
     plan = prepare_run(store, out, overwrite=overwrite)  # validates before any cluster starts
@@ -169,6 +171,24 @@ def segment(store, *, method: str = "vdf", out, config=None, overrides: Mapping 
     with cluster.progress_switched(progress):
         return _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,
                     memory_limit, tls_ca_file, tls_cert, tls_key, progress)
+
+
+def _check_where(client, local, scheduler, n_workers, threads_per_worker, memory_limit,
+                 tls) -> None:
+    """Refuse where-to-run arguments that contradict each other (they were ignored)."""
+    from . import cluster
+    named = {"scheduler (--scheduler)": scheduler, "n_workers (--workers)": n_workers,
+             "threads_per_worker (--threads)": threads_per_worker,
+             "memory_limit (--memory-limit)": memory_limit,
+             "a TLS file (--tls-*)": next((t for t in tls if t is not None), None)}
+    given = [k for k, v in named.items() if v is not None]
+    if local and given:
+        raise ParameterError(f"`local=True` (--no-cluster) runs in this process, and "
+                             f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a "
+                             "cluster: give one or the other")
+    if client is None and any(t is not None for t in tls) and cluster.resolve_address(scheduler) is None:
+        raise ParameterError("TLS certificates were given without a scheduler address; they are "
+                             "for a tls:// scheduler (--scheduler tls://HOST:PORT)")
 
 
 def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -144,6 +145,29 @@ def test_segment_bad_input(sim_store, tmp_path, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         spedflow.segment(sim_store, out=out, local=True, progress=False, **kwargs)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(local=True, n_workers=2), r"runs in this process, and n_workers \(--workers\) is for"),
+    (dict(local=True, scheduler="tcp://127.0.0.1:1"), r"scheduler \(--scheduler\) is for a"),
+    (dict(local=True, threads_per_worker=1, memory_limit="2GB"),
+     r"threads_per_worker \(--threads\), memory_limit \(--memory-limit\) are for a cluster"),
+    (dict(local=True, tls_cert="c.pem"), r"a TLS file \(--tls-\*\) is for a cluster"),
+    (dict(tls_cert="c.pem"), r"TLS certificates were given without a scheduler address"),
+])
+def test_segment_refuses_contradicting_places_to_run(sim_store, tmp_path, kwargs, match,
+                                                     monkeypatch):
+    """Arguments for a cluster with ``local=True`` (--no-cluster), or TLS files without a
+    scheduler on data small enough to run in this process, were ignored: refused, before
+    anything is read or written, here and in live mode."""
+    from spedflow.workflows.live import watch
+    monkeypatch.delenv("SPEDFLOW_SCHEDULER", raising=False)
+    out = tmp_path / "r.zarr"
+    with pytest.raises(ParameterError, match=match):
+        spedflow.segment(sim_store, out=out, progress=False, **kwargs)
+    with pytest.raises(ParameterError, match=match):
+        watch(sim_store, out=out, progress=False, timeout=1, **kwargs)
+    assert not out.exists() and not Path(str(out) + ".cache").exists()
 
 
 @pytest.mark.parametrize("where", ["store", "out"])

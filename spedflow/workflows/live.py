@@ -101,10 +101,17 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     -------
     Path of the result store.
     """
-    from ..api import load_config, segment
+    from ..api import _check_where, load_config, segment
     from ..io import check_destination, check_side_directory
     from ._common import Plan, check_whole_patterns, store_identity, validate
 
+    # the final run: in this process unless told where (checked now, not after the session)
+    where = {"client", "scheduler", "n_workers", "threads_per_worker", "memory_limit",
+             "tls_ca_file", "tls_cert", "tls_key", "local"}
+    segment_kwargs = ({} if where & segment_kwargs.keys() else {"local": True}) | segment_kwargs
+    _check_where(*(segment_kwargs.get(k) for k in ("client", "local", "scheduler", "n_workers",
+                                                   "threads_per_worker", "memory_limit")),
+                 tuple(segment_kwargs.get(k) for k in ("tls_ca_file", "tls_cert", "tls_key")))
     check_destination(out, overwrite, sources=[store], replaces="result")
     if cache is not None:
         check_side_directory(cache, what="the stage cache", sources=[store, out])
@@ -187,7 +194,7 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(cfg.preprocess,
                                                                       beam_radius=state["beam_radius"]))
     return segment(store, method=method, out=out, config=cfg, cache=cache.root, overwrite=overwrite,
-                   progress=progress, **({"local": True} | segment_kwargs))
+                   progress=progress, **segment_kwargs)
 
 
 def _live_sample(arr, landed, chunks, last):
