@@ -497,8 +497,9 @@ def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
 
 
 #: The start of the run's cluster while the client does its first work
-#: (:func:`starting`), or None.
+#: (:func:`starting`), or None; the thread it runs in.
 _starting = None
+_START_THREAD = "spedflow-cluster-start"
 
 
 @contextmanager
@@ -517,7 +518,7 @@ def starting(context) -> Iterator[None]:
     from concurrent.futures import ThreadPoolExecutor
 
     global _starting
-    pool = ThreadPoolExecutor(1, thread_name_prefix="spedflow-cluster-start")
+    pool = ThreadPoolExecutor(1, thread_name_prefix=_START_THREAD)
     entered = pool.submit(context.__enter__)
     pool.shutdown(wait=False)
     _starting = entered
@@ -541,7 +542,8 @@ def ready() -> None:
     """Wait for the cluster :func:`starting` is bringing up (raising its start's error);
     nothing to do otherwise."""
     entered = _starting
-    if entered is not None:
+    # (not from the starting thread itself, which would wait for its own end)
+    if entered is not None and not threading.current_thread().name.startswith(_START_THREAD):
         entered.result()
 
 
