@@ -629,6 +629,30 @@ def drop_shared_reflections(result: MergeResult, images: np.ndarray,
                        result.n_groups)
 
 
+def split_overlapping(result: MergeResult, params: VDFMergeParams | None = None) -> MergeResult:
+    """Cut each group that is two crystals of one orientation overlapping in two
+    (:func:`~spedflow.segment.overlap_cut` with ``params.overlap_contrast``).
+
+    Both parts keep the group's vectors and input segments (one orientation, the same
+    reflections); each vector's intensity is scaled by the part's share of the group's
+    summed map, so both virtual patterns keep the group's relative intensities.
+    """
+    from ._overlap import split_overlaps
+    params = VDFMergeParams() if params is None else params
+    if not len(result.summed) or params.overlap_contrast <= 0:
+        return result
+    summed, origin = split_overlaps(result.summed, params.overlap_contrast)
+    if len(origin) == len(result.summed):
+        return result
+    totals = result.summed.reshape(len(result.summed), -1).sum(axis=1, dtype=np.float64)
+    share = summed.reshape(len(summed), -1).sum(axis=1, dtype=np.float64) / np.where(
+        totals[origin] > 0, totals[origin], 1.0)
+    return MergeResult(summed, tuple(result.members[g] for g in origin),
+                       tuple(result.intensities[g] * f for g, f in zip(origin, share)),
+                       tuple(result.segment_members[g] for g in origin), result.vectors,
+                       result.n_groups)
+
+
 def drop_radial_pairs(result: MergeResult, images: np.ndarray,
                       params: VDFMergeParams | None = None, *, radius: float) -> MergeResult:
     """Drop groups kept by the Friedel rule alone whose signal is not azimuthally local.

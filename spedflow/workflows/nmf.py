@@ -311,6 +311,15 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         seg_maps, seg_patterns, source, n_dup = _drop_duplicates(
             seg_maps, seg_patterns, source, labels, matrix, order, stats, cut, mask, r, cfg,
             factors[keep], loadings[keep], groups)
+    if len(seg_maps) and cfg.merge.overlap_contrast > 0:  # crystals of one orientation overlapping
+        from ..segment import split_overlaps
+        seg_maps, origin = split_overlaps(seg_maps, cfg.merge.overlap_contrast)
+        if len(origin) > len(seg_patterns):
+            n_cut = len(origin) - len(seg_patterns)
+            log.info("%d segment%s cut in two: crystals of one orientation overlapping (the "
+                     "lens between two notches of the outline brighter than either side; "
+                     "merge.overlap_contrast)", n_cut, "s" if n_cut > 1 else "")
+        seg_patterns, source = seg_patterns[origin], np.asarray(source)[origin]
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"
         from ..decompose._background import SUPPORT_REASON

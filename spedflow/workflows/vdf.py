@@ -284,7 +284,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..segment import (AreaReflections, SpotOffsets, drop_radial_pairs, drop_rims,
                            drop_shared_reflections, fold_fragments, member_positions,
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
-                           virtual_patterns, watershed_stack)
+                           split_overlapping, virtual_patterns, watershed_stack)
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -449,6 +449,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             # after the folding, which may give a crystal the vectors its rim shows
             merged = drop_rims(merged, cfg.merge)
             n_rims = n_merged - n_folded - len(merged.summed)
+            # two crystals of one orientation overlapping: one group, cut where it shows
+            n_before = len(merged.summed)
+            merged = split_overlapping(merged, cfg.merge)
+            n_split = len(merged.summed) - n_before
             sigma = pattern_sigma(cfg.merge, s_r)
             patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
             table, inten = merged.membership_table()
@@ -463,7 +467,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
         merged = merge_vdf_segments(segments, np.zeros(0, np.int64), vectors, cfg.merge,
                                     scan_shape=(ny, nx))
-        n_ring = n_shared = n_folded = n_rims = 0
+        n_ring = n_shared = n_folded = n_rims = n_split = 0
         sigma = pattern_sigma(cfg.merge, s_r)
         patterns = np.zeros((0, ky, kx), np.float32)
         table, inten = merged.membership_table()
@@ -476,6 +480,10 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_rims:
         log.info("%d groups dropped as the rims of crystals with more vectors, their vectors "
                  "all those crystals' (merge.rim_width)", n_rims)
+    if n_split:
+        log.info("%d segment%s cut in two: crystals of one orientation overlapping (the lens "
+                 "between two notches of the outline brighter than either side; "
+                 "merge.overlap_contrast)", n_split, "s" if n_split > 1 else "")
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_folded)
     if not len(merged.summed) and len(vectors):  # say why, not only "wrote"

@@ -1,0 +1,119 @@
+"""Two crystals of one orientation overlapping, found in one segment and cut in two.
+
+Crystals of one orientation light the same reflections, so their VDF images (and NMF
+loading maps) are one image, and where two of them overlap the watershed gives one
+segment for both (the paper's P3 / P4). Two things still tell such a segment from one
+crystal:
+
+- its outline: the union of two convex crystals has two notches where their outlines
+  cross, and nothing else (a crystal in projection is convex);
+- its intensity: where the two overlap, the beam crosses both, and their intensities
+  add: the lens between the notches is brighter than the crystal on either side of it.
+
+:func:`overlap_cut` cuts a segment along the chord joining its two notches when both hold.
+Each part is then one crystal, less the half of the lens on the other's side. On every
+cached VDF and NMF result of the benchmark suites (four simulators, 98 results each) it
+cut the five such unions whose notches were at least 2 scan positions deep, and nothing
+else: the unions had a contrast of 1.6-2.1, single crystals with two notches 0.7-1.03
+(session 33, benchmarks/README.md). Unions whose notches the probe's blur and the
+threshold fill in (1-1.4 positions deep, most of them) stay one segment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+#: A notch counts when it reaches this many scan positions into the convex hull ...
+NOTCH_DEPTH = 2.0
+#: ... and this fraction of the square root of the segment's area (larger segments'
+#: pixelated outlines have deeper random dents).
+NOTCH_FRACTION = 0.08
+#: Each part must hold at least this fraction of the segment.
+MIN_PART = 0.15
+#: The lens: within this many positions of the chord; the sides: beyond LENS_GAP.
+LENS_HALF_WIDTH = 1.5
+LENS_GAP = 3.0
+
+
+def overlap_cut(image: np.ndarray, contrast: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two parts of a segment that is two convex crystals overlapping, or None.
+
+    Parameters
+    ----------
+    image : (Y, X) array
+        The segment's map (its intensity; the segment is where it is > 0).
+    contrast : float
+        How many times the median intensity within ``LENS_HALF_WIDTH`` of the chord
+        between the two notches must exceed the median intensity on each side (beyond
+        ``LENS_GAP`` of it). 0 never cuts.
+
+    Returns
+    -------
+    (part_a, part_b) bool arrays, or None
+        The segment's positions on either side of the chord, when its outline has
+        exactly two notches at least ``max(NOTCH_DEPTH, NOTCH_FRACTION * sqrt(area))``
+        deep (the convex hull's distance to its edge at the notch's deepest point), each
+        side holds ``MIN_PART`` of it and the lens is ``contrast`` times as bright.
+    """
+    from skimage.morphology import convex_hull_image
+    image = np.asarray(image, np.float64)
+    seg = image > 0
+    area = int(seg.sum())
+    if contrast <= 0 or area < 20:
+        return None
+    hull = convex_hull_image(seg)
+    notches, n = ndimage.label(hull & ~seg)
+    if n < 2:
+        return None
+    depth = ndimage.distance_transform_edt(np.pad(hull, 1))[1:-1, 1:-1]
+    deep = max(NOTCH_DEPTH, NOTCH_FRACTION * np.sqrt(area))
+    points = []
+    for k in range(1, n + 1):
+        d = np.where(notches == k, depth, -1.0)
+        at = np.unravel_index(int(np.argmax(d)), d.shape)
+        if d[at] >= deep:
+            points.append(np.array(at, np.float64))
+    if len(points) != 2:
+        return None
+    chord = points[1] - points[0]
+    length = float(np.hypot(*chord))
+    if length == 0:
+        return None
+    yy, xx = np.nonzero(seg)
+    side = (chord[0] * (xx - points[0][1]) - chord[1] * (yy - points[0][0])) / length
+    a, b = side >= 0, side < 0  # (positions on the chord go to the first part)
+    if a.sum() < MIN_PART * area or b.sum() < MIN_PART * area:
+        return None
+    values = image[yy, xx]
+    lens, left, right = (np.abs(side) <= LENS_HALF_WIDTH), side > LENS_GAP, side < -LENS_GAP
+    if not (lens.any() and left.any() and right.any()):
+        return None
+    flank = max(np.median(values[left]), np.median(values[right]))
+    if not np.median(values[lens]) >= contrast * flank:
+        return None
+    parts = np.zeros((2,) + seg.shape, bool)
+    parts[0][yy[a], xx[a]] = True
+    parts[1][yy[b], xx[b]] = True
+    return parts[0], parts[1]
+
+
+def split_overlaps(maps: np.ndarray, contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every map of ``maps`` (S, Y, X) that :func:`overlap_cut` cuts, replaced by its two
+    parts (the map on each), in place and in order.
+
+    Returns
+    -------
+    new_maps : (S', Y, X) array of ``maps``' dtype
+    origin : (S',) int64 array
+        The index into ``maps`` each new map comes from.
+    """
+    maps = np.asarray(maps)
+    out, origin = [], []
+    for i, m in enumerate(maps):
+        cut = overlap_cut(m, contrast)
+        for part in ((np.ones(m.shape, bool),) if cut is None else cut):
+            out.append(np.where(part, m, 0).astype(maps.dtype) if cut is not None else m)
+            origin.append(i)
+    new = np.stack(out) if out else maps[:0].copy()
+    return new, np.asarray(origin, np.int64)
