@@ -206,8 +206,8 @@ def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_
             tls_key=tls_key, quiet=not progress))
     # one BLAS thread per dask thread: the workers already use every core
     from threadpoolctl import threadpool_limits
-    with ctx, threadpool_limits(limits=1):
-        return run_workflow(method, plan, cfg, cache=cache)
+    with threadpool_limits(limits=1):
+        return run_workflow(method, plan, cfg, cache=cache, context=ctx)
 
 
 def _small(plan) -> bool:

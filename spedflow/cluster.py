@@ -128,6 +128,12 @@ class _RoutineShuffles(logging.Filter):
 #: the logger of distributed's shuffle on the scheduler (in this process for a local cluster)
 _SHUFFLE_LOGGER = "distributed.shuffle._scheduler_plugin"
 logging.getLogger(_SHUFFLE_LOGGER).addFilter(_RoutineShuffles())
+# Another process may take port 8787 between our check and the scheduler's bind;
+# distributed then moves to a free port with a three-line warning. The line spedflow
+# prints names the port the dashboard really has, so that warning is noise. A filter
+# for good, not a `catch_warnings` block: the cluster starts in a thread
+# (:func:`starting`), and those blocks are not thread-safe.
+warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
 
 
 def worker_environ() -> dict:
@@ -470,12 +476,7 @@ def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
         for key, value in WORKER_MALLOC_ENV.items():
             if os.environ.get(key) == str(value):
                 del os.environ[key]
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env} if env else {}), \
-            warnings.catch_warnings():
-        # Another process may take port 8787 between our check and the scheduler's bind;
-        # distributed then moves to a free port with a three-line warning. The line
-        # printed below names the port the dashboard really has, so that warning is noise.
-        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env} if env else {}):
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
             host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
@@ -513,7 +514,8 @@ def starting(context) -> Iterator[None]:
     dask call made through this module waits for the start first (:func:`ready`), and
     the workflows call it before their first pass, so nothing big runs in the client.
     The start's error (an unreachable scheduler) is raised by the first call that
-    waits; an error of the body is raised as it is, after the cluster is closed.
+    waits; an error of the body is raised as it is, after the cluster is closed. One
+    run at a time per process (the start is module state, as dask's default client is).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -526,16 +528,29 @@ def starting(context) -> Iterator[None]:
         yield
     except BaseException:
         _starting = None
-        failure = sys.exc_info()
-        try:
-            entered.result()
-        except BaseException:  # the start failed too (the same error if the body waited)
-            raise failure[1] from None
-        context.__exit__(*failure)
+        _exit_after_start(context, entered, sys.exc_info())  # the body's error is the one raised
         raise
     _starting = None
-    entered.result()  # the body needed no cluster: the start's error, if any
-    context.__exit__(None, None, None)
+    error = _exit_after_start(context, entered, (None, None, None))
+    if error is not None:  # the body needed no cluster, and the start failed
+        raise error
+
+
+def _exit_after_start(context, entered, exc_info) -> BaseException | None:
+    """Exit ``context`` once :func:`starting` has entered it (waiting for that) with
+    ``exc_info``; return the start's own error instead, if it failed (nothing to exit).
+    If the wait is interrupted (Ctrl-C), the start's thread exits it when it is done."""
+    try:
+        error = entered.exception()  # waits; the start's error, not raised
+    except BaseException:
+        def exit_later(done):
+            if not done.cancelled() and done.exception() is None:
+                context.__exit__(None, None, None)
+        entered.add_done_callback(exit_later)
+        raise
+    if error is None:
+        context.__exit__(*exc_info)
+    return error
 
 
 def ready() -> None:

@@ -142,18 +142,18 @@ def test_a_second_run_on_one_cache_waits_for_the_first(tmp_path, caplog):
         assert first.stdout.readline().strip() == "holding"
         t0 = time.monotonic()
         with caplog.at_level("WARNING", logger="spedflow"):
-            with StageCache(cache).in_use():
+            with StageCache(cache).in_use() as said:
                 waited = time.monotonic() - t0
     finally:
         first.wait(timeout=30)
-    assert waited > 1.0  # the first held the cache for 2 s after saying so
+    assert waited > 1.0 and said is True  # the first held the cache for 2 s after saying so
     assert any("another spedflow run is using the stage cache" in r.getMessage()
                for r in caplog.records)
     caplog.clear()
     with caplog.at_level("WARNING", logger="spedflow"):
-        with StageCache(cache).in_use():  # nobody else: no wait, no message
+        with StageCache(cache).in_use() as said:  # nobody else: no wait, no message
             pass
-    assert not caplog.records
+    assert not caplog.records and said is False
 
 
 @pytest.mark.parametrize("sizes", [[], [0, 0], [3], [5, 0, 7, 2, 11, 1], [20]])

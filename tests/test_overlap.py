@@ -110,10 +110,15 @@ def test_split_overlapping_gives_both_parts_the_groups_vectors():
                          (np.array([0, 1]), np.array([2])), np.zeros((5, 2)), 2)
     out = split_overlapping(result, VDFMergeParams())
     assert len(out.summed) == 3
-    assert [m.tolist() for m in out.members] == [[0, 1, 2], [0, 1, 2], [3, 4]]
+    assert sorted(m.tolist() for m in out.members) == [[0, 1, 2], [0, 1, 2], [3, 4]]
+    totals = out.summed.reshape(3, -1).sum(axis=1)
+    assert (np.diff(totals) <= 0).all()  # by decreasing total, as MergeResult says
+    p, q = [i for i, m in enumerate(out.members) if m.tolist() == [0, 1, 2]]
+    np.testing.assert_array_equal(out.summed[p] + out.summed[q], pair)
+    assert [out.segment_members[i].tolist() for i in (p, q)] == [[0, 1], [0, 1]]
     # the intensities split by each part's share, in the group's proportions
-    np.testing.assert_allclose(out.intensities[0] + out.intensities[1], [3.0, 2.0, 1.0])
-    np.testing.assert_allclose(out.intensities[0] / out.intensities[0][0], [1, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(out.intensities[p] + out.intensities[q], [3.0, 2.0, 1.0])
+    np.testing.assert_allclose(out.intensities[p] / out.intensities[p][0], [1, 2 / 3, 1 / 3])
     assert split_overlapping(result, VDFMergeParams(overlap_contrast=0)) is result
 
 
@@ -123,3 +128,26 @@ def test_overlap_contrast_is_0_or_at_least_1(cls):
         with pytest.raises(ParameterError, match="overlap_contrast"):
             cls(overlap_contrast=bad)
     assert cls(overlap_contrast=0).overlap_contrast == 0
+
+
+def test_holes_in_a_map_are_no_notches():
+    """A zero or NaN reading inside a union leaves the cut as it is, and a hole beside
+    one real notch of a single crystal makes no cut (holes are filled, notches are open
+    to the hull's edge)."""
+    rng = np.random.default_rng(6)
+    a, b = _square(20, 20, 8, 0.3), _square(27, 29, 8, 0.3)
+    img = _image([a, b], rng)
+    want = overlap_cut(img, 1.3)
+    assert want is not None
+    for bad in (0.0, np.nan):
+        holed = img.copy()
+        holed[24, 24] = bad
+        got = overlap_cut(holed, 1.3)
+        assert got is not None
+        assert ((got[0] | got[1]) == (want[0] | want[1]) & (holed > 0)).all()
+    one = _ellipse(24, 24, 12, 16) & ~_ellipse(24, 43, 8, 8)  # one notch
+    img = _image([one], rng)
+    yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1]]
+    img = img * (1 + (np.abs(xx - 24) < 2))  # a bright band
+    img[np.hypot(yy - 24, xx - 12) <= 3] = 0  # and a hole across from the notch
+    assert overlap_cut(img, 1.3) is None

@@ -645,11 +645,12 @@ def split_overlapping(result: MergeResult, params: VDFMergeParams | None = None)
     if len(origin) == len(result.summed):
         return result
     totals = result.summed.reshape(len(result.summed), -1).sum(axis=1, dtype=np.float64)
-    share = summed.reshape(len(summed), -1).sum(axis=1, dtype=np.float64) / np.where(
-        totals[origin] > 0, totals[origin], 1.0)
-    return MergeResult(summed, tuple(result.members[g] for g in origin),
-                       tuple(result.intensities[g] * f for g, f in zip(origin, share)),
-                       tuple(result.segment_members[g] for g in origin), result.vectors,
+    parts = summed.reshape(len(summed), -1).sum(axis=1, dtype=np.float64)
+    share = parts / np.where(totals[origin] > 0, totals[origin], 1.0)
+    order = np.argsort(-parts, kind="stable")  # by decreasing total, as documented
+    return MergeResult(summed[order], tuple(result.members[origin[i]] for i in order),
+                       tuple(result.intensities[origin[i]] * share[i] for i in order),
+                       tuple(result.segment_members[origin[i]] for i in order), result.vectors,
                        result.n_groups)
 
 

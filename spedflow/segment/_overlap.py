@@ -62,18 +62,26 @@ def overlap_cut(image: np.ndarray, contrast: float) -> tuple[np.ndarray, np.ndar
     area = int(seg.sum())
     if contrast <= 0 or area < 20:
         return None
-    hull = convex_hull_image(seg)
-    notches, n = ndimage.label(hull & ~seg)
+    box = ndimage.find_objects(seg.astype(np.int8))[0]  # the segment's box, 1 position wider
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+    origin = np.array([box[0].start, box[1].start])
+    local = image[box]
+    # a hole in the map (a zero reading, a NaN) is no notch: notches are the hull's
+    # deficits open to its edge
+    filled = ndimage.binary_fill_holes(local > 0)
+    hull = convex_hull_image(filled)
+    notches, n = ndimage.label(hull & ~filled)
     if n < 2:
         return None
     depth = ndimage.distance_transform_edt(np.pad(hull, 1))[1:-1, 1:-1]
+    rim = hull & ~ndimage.binary_erosion(hull, border_value=0)
     deep = max(NOTCH_DEPTH, NOTCH_FRACTION * np.sqrt(area))
-    points = []
-    for k in range(1, n + 1):
-        d = np.where(notches == k, depth, -1.0)
-        at = np.unravel_index(int(np.argmax(d)), d.shape)
-        if d[at] >= deep:
-            points.append(np.array(at, np.float64))
+    labels = np.arange(1, n + 1)
+    at = ndimage.maximum_position(depth, notches, labels)
+    most = ndimage.maximum(depth, notches, labels)
+    open_ = ndimage.maximum(rim, notches, labels)
+    points = [np.array(p, np.float64) + origin for p, d, o in zip(at, most, open_)
+              if d >= deep and o]
     if len(points) != 2:
         return None
     chord = points[1] - points[0]

@@ -92,16 +92,23 @@ def _wrap(text: str, width: int = 86) -> list[str]:
     return textwrap.wrap(text, width) if text else []
 
 
-def run_workflow(method: str, plan, cfg, *, cache=None) -> Path:
-    """Run ``method`` on a prepared plan inside the current dask context."""
+def run_workflow(method: str, plan, cfg, *, cache=None, context=None) -> Path:
+    """Run ``method`` on a prepared plan: in the current dask context, or in ``context``
+    (e.g. :func:`spedflow.cluster.client_for`'s), entered once this run holds its stage
+    cache, so that a second run on the same cache waits before it starts a cluster."""
+    import contextlib
     cache = StageCache(cache if cache is not None else Path(str(plan.out) + ".cache"))
     if method == "vdf":
         from .vdf import run_vdf as run
     else:
         from .nmf import run_nmf as run
+    from ..io import check_destination
     from ._common import note_rewrites
-    with cache.in_use():
-        out = run(note_rewrites(plan, cache), cfg, cache)
+    with cache.in_use() as waited:
+        if waited:  # the run waited for may have written this very result
+            check_destination(plan.out, plan.overwrite, sources=[plan.store], replaces="result")
+        with context if context is not None else contextlib.nullcontext():
+            out = run(note_rewrites(plan, cache), cfg, cache)
     removed, freed = cache.prune_stale()
     if removed:
         log.info("stage cache: removed %d stages written by other spedflow code (%.1f MB)",

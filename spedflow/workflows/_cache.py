@@ -177,10 +177,15 @@ class StageCache:
           skips its :meth:`prune_stale`, and deletes nothing this one reads.
 
         Without ``fcntl`` (Windows) or where the folder cannot be written, no locks, and
-        :meth:`prune_stale` then prunes nothing."""
-        writer = _lock_file(self.root, ".writer")
-        fh = None
+        :meth:`prune_stale` then prunes nothing. Yields whether it waited for another run.
+        Live mode (``spedflow watch``) writes its blocks without these locks."""
+        fh = _lock_file(self.root)  # the shared lock first: no prune while this run waits
+        writer = None
+        waited = False
         try:
+            if fh is not None:
+                fcntl.flock(fh, fcntl.LOCK_SH)
+            writer = _lock_file(self.root, ".writer")
             if writer is not None:
                 try:
                     fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -190,12 +195,10 @@ class StageCache:
                         "the same --cache): waiting for it to end, then reusing what it wrote",
                         self.root)
                     fcntl.flock(writer, fcntl.LOCK_EX)
-            fh = _lock_file(self.root)
-            if fh is not None:
-                fcntl.flock(fh, fcntl.LOCK_SH)
-            yield self
+                    waited = True
+            yield waited
         finally:
-            for f in (fh, writer):
+            for f in (writer, fh):
                 if f is not None:
                     f.close()  # releases its lock
 

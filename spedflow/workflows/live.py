@@ -108,7 +108,8 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     # the final run: in this process unless told where (checked now, not after the session)
     where = {"client", "scheduler", "n_workers", "threads_per_worker", "memory_limit",
              "tls_ca_file", "tls_cert", "tls_key", "local"}
-    segment_kwargs = ({} if where & segment_kwargs.keys() else {"local": True}) | segment_kwargs
+    given = {k for k, v in segment_kwargs.items() if v is not None}
+    segment_kwargs = ({} if where & given else {"local": True}) | segment_kwargs
     _check_where(*(segment_kwargs.get(k) for k in ("client", "local", "scheduler", "n_workers",
                                                    "threads_per_worker", "memory_limit")),
                  tuple(segment_kwargs.get(k) for k in ("tls_ca_file", "tls_cert", "tls_key")))

@@ -311,11 +311,12 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         seg_maps, seg_patterns, source, n_dup = _drop_duplicates(
             seg_maps, seg_patterns, source, labels, matrix, order, stats, cut, mask, r, cfg,
             factors[keep], loadings[keep], groups)
+    n_cut = 0
     if len(seg_maps) and cfg.merge.overlap_contrast > 0:  # crystals of one orientation overlapping
         from ..segment import split_overlaps
         seg_maps, origin = split_overlaps(seg_maps, cfg.merge.overlap_contrast)
-        if len(origin) > len(seg_patterns):
-            n_cut = len(origin) - len(seg_patterns)
+        n_cut = len(origin) - len(seg_patterns)
+        if n_cut:
             log.info("%d segment%s cut in two: crystals of one orientation overlapping (the "
                      "lens between two notches of the outline brighter than either side; "
                      "merge.overlap_contrast)", n_cut, "s" if n_cut > 1 else "")
@@ -367,8 +368,9 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
-                   "merged": int(len(mf)), "spanning_parts_dropped": int(n_seg - len(seg_maps) - n_dup),
-                   "duplicates_dropped": int(n_dup),
+                   "merged": int(len(mf)),
+                   "spanning_parts_dropped": int(n_seg - (len(seg_maps) - n_cut) - n_dup),
+                   "duplicates_dropped": int(n_dup), "overlaps_cut": int(n_cut),
                    "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)

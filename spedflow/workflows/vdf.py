@@ -535,7 +535,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                    "fragments_folded": int(n_folded),
                    "friedel_ring_dropped": int(n_ring),
                    "shared_dropped": int(n_shared),
-                   "rims_dropped": int(n_rims),
+                   "rims_dropped": int(n_rims), "overlaps_cut": int(n_split),
                    "segments": int(len(merged.summed))},
     }
     return write_result(plan, "vdf", cfg, arrays, attrs, timer)
