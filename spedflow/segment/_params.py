@@ -257,9 +257,10 @@ class VDFMergeParams:
         positions deep) and which is at least this many times as bright along the chord
         joining them as on both sides of it is two crystals of one orientation
         overlapping, their intensities adding where they overlap, and is cut along that
-        chord (:func:`~spedflow.segment.overlap_cut`). Default 1.3: such unions showed
-        1.6-2.1 on the benchmark suites, single crystals with two notches at most 1.03.
-        0 disables.
+        chord (:func:`~spedflow.segment.overlap_cut`). Default 1.5: such unions showed
+        1.6-2.1 on the benchmark suites, single crystals with two notches at most 1.03,
+        and a union of two crystals of different orientations along a bright thickness
+        fringe 1.3-1.5. 0 disables.
     """
 
     corr_threshold: float = 0.7
@@ -278,7 +279,7 @@ class VDFMergeParams:
     adjacent_gap: int = 2
     adjacent_shared: float = 0.8
     rim_width: int = 3
-    overlap_contrast: float = 1.3
+    overlap_contrast: float = 1.5
 
     def __post_init__(self):
         _check_overlap_contrast(self.overlap_contrast)
@@ -357,9 +358,10 @@ class NMFMergeParams:
         positions deep) and which is at least this many times as bright along the chord
         joining them as on both sides of it is two crystals of one orientation
         overlapping, their intensities adding where they overlap, and is cut along that
-        chord (:func:`~spedflow.segment.overlap_cut`). Default 1.3: such unions showed
-        1.6-2.1 on the benchmark suites, single crystals with two notches at most 1.03.
-        0 disables.
+        chord (:func:`~spedflow.segment.overlap_cut`). Default 1.5: such unions showed
+        1.6-2.1 on the benchmark suites, single crystals with two notches at most 1.03,
+        and a union of two crystals of different orientations along a bright thickness
+        fringe 1.3-1.5. 0 disables.
     """
 
     pattern_threshold: float = 0.45
@@ -371,7 +373,7 @@ class NMFMergeParams:
     on_top_gain: float = 1.7
     lattice_significance: float = 1e-3
     fold_containment: float = 0.8
-    overlap_contrast: float = 1.3
+    overlap_contrast: float = 1.5
 
     def __post_init__(self):
         _check_overlap_contrast(self.overlap_contrast)
