@@ -14,8 +14,9 @@ crystal:
 Each part is then one crystal, less the half of the lens on the other's side. On every
 cached VDF and NMF result of the benchmark suites (four simulators, 98 results each) it
 cut the five such unions whose notches were at least 2 scan positions deep, and nothing
-else: the unions had a contrast of 1.6-2.1, single crystals with two notches 0.7-1.03
-(session 33, benchmarks/README.md). Unions whose notches the probe's blur and the
+else: the unions had a contrast of 1.6-2.1, single crystals with two notches 0.7-1.03,
+and a union of two crystals of different orientations along a bright thickness fringe
+(a duplicate segment already) 1.3-1.5 (session 33, benchmarks/README.md). Unions whose notches the probe's blur and the
 threshold fill in (1-1.4 positions deep, most of them) stay one segment.
 """
 
