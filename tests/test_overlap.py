@@ -151,3 +151,15 @@ def test_holes_in_a_map_are_no_notches():
     img = img * (1 + (np.abs(xx - 24) < 2))  # a bright band
     img[np.hypot(yy - 24, xx - 12) <= 3] = 0  # and a hole across from the notch
     assert overlap_cut(img, 1.3) is None
+
+
+def test_a_noisy_map_is_not_cut(monkeypatch):
+    """Under Rose's criterion (a pixel signal-to-noise ratio of 5) notches and a lens
+    may be the noise's: no cut, though the shape and the lens would do."""
+    from spedflow.segment import _overlap as O
+    rng = np.random.default_rng(7)
+    a, b = _square(20, 20, 9, 0.3), _square(28, 30, 9, 0.3)
+    noisy = _image([a, b], rng, noise=0.35)
+    assert overlap_cut(noisy, 1.5) is None
+    monkeypatch.setattr(O, "MIN_SNR", 0.0)
+    assert overlap_cut(noisy, 1.5) is not None
