@@ -128,12 +128,6 @@ class _RoutineShuffles(logging.Filter):
 #: the logger of distributed's shuffle on the scheduler (in this process for a local cluster)
 _SHUFFLE_LOGGER = "distributed.shuffle._scheduler_plugin"
 logging.getLogger(_SHUFFLE_LOGGER).addFilter(_RoutineShuffles())
-# Another process may take port 8787 between our check and the scheduler's bind;
-# distributed then moves to a free port with a three-line warning. The line spedflow
-# prints names the port the dashboard really has, so that warning is noise. A filter
-# for good, not a `catch_warnings` block: the cluster starts in a thread
-# (:func:`starting`), and those blocks are not thread-safe.
-warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
 
 
 def worker_environ() -> dict:
@@ -433,6 +427,13 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
         raise ParameterError(
             "TLS certificates were given without a scheduler address; they are for a "
             "tls:// scheduler (a local cluster listens on 127.0.0.1 only)")
+    # Another process may take port 8787 between our check and the scheduler's bind;
+    # distributed then moves to a free port with a three-line warning. The line spedflow
+    # prints names the port the dashboard really has, so that warning is noise. A filter
+    # set here, in the caller's thread, and kept: not a `catch_warnings` block around the
+    # start, which runs in a thread of its own (:func:`starting`), and those blocks are
+    # not thread-safe.
+    warnings.filterwarnings("ignore", message=r"Port \d+ is already in use")
     return _local_client(n, threads, mem, sec, dashboard, quiet)
 
 
