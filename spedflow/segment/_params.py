@@ -354,14 +354,10 @@ class NMFMergeParams:
         on the other's lattice, where that lattice is this clear
         (:func:`~spedflow.segment._lattice.off_lattice`). Default 1e-3; 0 disables.
     overlap_contrast : float
-        A final segment whose outline has exactly two notches (at least 2 scan
-        positions deep) and which is at least this many times as bright along the chord
-        joining them as on both sides of it is two crystals of one orientation
-        overlapping, their intensities adding where they overlap, and is cut along that
-        chord (:func:`~spedflow.segment.overlap_cut`). Default 1.5: such unions showed
-        1.6-2.1 on the benchmark suites, single crystals with two notches at most 1.03,
-        and a union of two crystals of different orientations along a bright thickness
-        fringe 1.3-1.5. 0 disables.
+        A final segment that is two crystals of one orientation overlapping, told by two
+        notches of its outline and a lens between them this many times as bright as
+        either side, is cut in two, as in the VDF workflow (there, the full description:
+        ``VDFMergeParams.overlap_contrast``). Default 1.5; 0 disables.
     """
 
     pattern_threshold: float = 0.45
