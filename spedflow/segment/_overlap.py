@@ -22,6 +22,8 @@ threshold fill in (1-1.4 positions deep, most of them) stay one segment.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy import ndimage
 
@@ -130,8 +132,17 @@ def split_overlaps(maps: np.ndarray, contrast: float) -> tuple[np.ndarray, np.nd
     out, origin = [], []
     for i, m in enumerate(maps):
         cut = overlap_cut(m, contrast)
-        for part in ((np.ones(m.shape, bool),) if cut is None else cut):
-            out.append(np.where(part, m, 0).astype(maps.dtype) if cut is not None else m)
-            origin.append(i)
+        parts = [m] if cut is None else [np.where(part, m, 0).astype(maps.dtype) for part in cut]
+        out += parts
+        origin += [i] * len(parts)
     new = np.stack(out) if out else maps[:0].copy()
     return new, np.asarray(origin, np.int64)
+
+
+def note_cuts(n: int) -> None:
+    """Say how many segments :func:`split_overlaps` cut (both workflows say it alike)."""
+    if n:
+        logging.getLogger("spedflow").info(
+            "%d segment%s cut in two: crystals of one orientation overlapping (the lens "
+            "between two notches of the outline brighter than either side; "
+            "merge.overlap_contrast)", n, "s" if n > 1 else "")

@@ -313,13 +313,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
             factors[keep], loadings[keep], groups)
     n_cut = 0
     if len(seg_maps) and cfg.merge.overlap_contrast > 0:  # crystals of one orientation overlapping
-        from ..segment import split_overlaps
+        from ..segment._overlap import note_cuts, split_overlaps
         seg_maps, origin = split_overlaps(seg_maps, cfg.merge.overlap_contrast)
         n_cut = len(origin) - len(seg_patterns)
-        if n_cut:
-            log.info("%d segment%s cut in two: crystals of one orientation overlapping (the "
-                     "lens between two notches of the outline brighter than either side; "
-                     "merge.overlap_contrast)", n_cut, "s" if n_cut > 1 else "")
+        note_cuts(n_cut)
         seg_patterns, source = seg_patterns[origin], np.asarray(source)[origin]
     log.info("%d segments", len(seg_maps))
     if not len(seg_maps):  # say why, not only "wrote"

@@ -285,6 +285,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                            drop_shared_reflections, fold_fragments, member_positions,
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
                            split_overlapping, virtual_patterns, watershed_stack)
+    from ..segment._overlap import note_cuts
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
 
@@ -480,10 +481,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     if n_rims:
         log.info("%d groups dropped as the rims of crystals with more vectors, their vectors "
                  "all those crystals' (merge.rim_width)", n_rims)
-    if n_split:
-        log.info("%d segment%s cut in two: crystals of one orientation overlapping (the lens "
-                 "between two notches of the outline brighter than either side; "
-                 "merge.overlap_contrast)", n_split, "s" if n_split > 1 else "")
+    note_cuts(n_split)
     log.info("%d crystals after correlation merging (%d fragments folded into larger crystals)",
              len(merged.summed), n_folded)
     if not len(merged.summed) and len(vectors):  # say why, not only "wrote"
@@ -596,12 +594,9 @@ def _over_tables(paths, measured, used, detector_shape, border, part, *args, lab
     found_at = _found_at(measured, detector_shape)
     shared = [used, found_at, *args]
     used, found_at, *args = cluster.scattered(shared) or shared
-    parts = [dask.delayed(_part_of_group, pure=False)(
+    parts = [dask.delayed(_part_of_group, pure=False)(  # (one empty group without paths)
         paths[i:i + _TABLE_GROUP], used, found_at, detector_shape, border, part, *args)
-        for i in range(0, len(paths), _TABLE_GROUP)]
-    if not parts:
-        parts = [dask.delayed(_part_of_group, pure=False)(
-            [], used, found_at, detector_shape, border, part, *args)]
+        for i in range(0, max(len(paths), 1), _TABLE_GROUP)]
     while len(parts) > 1:
         parts = [dask.delayed(_add, pure=False)(*parts[i:i + 2]) if i + 1 < len(parts)
                  else parts[i] for i in range(0, len(parts), 2)]
