@@ -21,6 +21,9 @@ clipping together.
 
 ``--suite lowdose`` runs 300, 1000 and 3000 counts per pattern on four other scenes
 (seeds 31-34; ``work/lowdose``, ``results/lowdose.json``).
+
+``--suite largegrains`` runs eight scans of three or four crystals 30-70 % of the scan's side
+across (seeds 41-48; ``work/largegrains``, ``results/largegrains.json``).
 """
 
 from __future__ import annotations
@@ -71,7 +74,15 @@ VARIETY = {
 #: change at low dose from the luck of one scene (session 31).
 LOWDOSE = {f"d{dose}_s{seed}": dict(scan=(64, 64), dose=dose, seed=seed)
            for seed in (31, 32, 33, 34) for dose in (300, 1000, 3000)}
-SUITES = {"quality": SETS, "variety": VARIETY, "lowdose": LOWDOSE}
+#: ``--suite largegrains``: a few crystals 30-70 % of the scan's side across (a pair of one
+#: orientation among them), where one crystal's loading map can cover more of the scan
+#: than ``nmf.max_coverage`` and most of its watershed mask (session 34).
+LARGEGRAINS = {
+    **{f"four_s{seed}": dict(scan=(64, 64), crystals=4, size_range=(0.3, 0.5), seed=seed)
+       for seed in (41, 42, 43, 44)},
+    **{f"three_s{seed}": dict(scan=(64, 64), crystals=3, size_range=(0.45, 0.7), seed=seed)
+       for seed in (45, 46, 47, 48)}}
+SUITES = {"quality": SETS, "variety": VARIETY, "lowdose": LOWDOSE, "largegrains": LARGEGRAINS}
 
 
 def main(argv=None) -> int:

@@ -479,11 +479,32 @@ def test_classify_components_crystal_on_pedestal():
     f = _factors()
     loads, _, _ = _pedestal_loadings()
     weak = 0.5 * f[0] / np.sqrt(np.sum(f[0] ** 2)) + 0.6 * f[2] / np.sqrt(np.sum(f[2] ** 2))
-    # crystal on a pedestal; spots (a mixture) spread over the film; textured film
-    out = classify_components(np.array([f[4], f[2], weak]), loads[[0, 1, 1]], beam_radius=1.5,
+    mixture = f[2] + 0.2 * f[0]  # spots with the film's ring: spot fraction ~0.53
+    # crystal on a pedestal; spots mixed with the film spread over it; textured film
+    out = classify_components(np.array([f[4], mixture, weak]), loads[[0, 1, 1]], beam_radius=1.5,
                               max_coverage=NMFParams().max_coverage)
     assert [k for k, _ in out] == [True, False, False]
     assert "crystal" in out[0][1] and "support" in out[1][1] and "textured" in out[2][1]
+
+
+@pytest.mark.parametrize("ring, kept", [(0.0, True), (0.1, True), (0.15, False), (0.2, False)])
+def test_classify_components_large_crystal(ring, kept):
+    """Spots over most of the scan are a crystal larger than ``max_coverage`` when they
+    hold at least ``crystal_spot_fraction`` (2/3) of the pattern's energy (pure spots:
+    0.92; with a film ring of 0.1 of their height: 0.75); with more of the ring mixed in
+    (0.64, 0.53) they are support, as they all are with ``crystal_spot_fraction`` = 1."""
+    f = _factors()
+    loads, _, _ = _pedestal_loadings()
+    pattern = f[2] + ring * f[0]
+    assert bool(spot_fraction(pattern[None], beam_mask((40, 40), 1.5))[0]
+                >= NMFParams().crystal_spot_fraction) is kept
+    out = classify_components(pattern[None], loads[[1]], beam_radius=1.5,
+                              max_coverage=NMFParams().max_coverage)
+    assert loading_coverage(loads[[1]])[0] > 0.6 and bool(out[0][0]) is kept
+    assert ("larger than max_coverage" in out[0][1]) is kept
+    strict = classify_components(pattern[None], loads[[1]], beam_radius=1.5,
+                                 max_coverage=NMFParams().max_coverage, crystal_spot_fraction=1.0)
+    assert strict[0][0] is False and "support" in strict[0][1]
 
 
 def _moran_brute_force(w, region):

@@ -371,9 +371,9 @@ def test_min_snr_drops_pedestal_segments_by_their_median():
     image[40, 30] = 0.5  # the edge of a crystal the pedestal swallowed
     flooded[pedestal] = 2
     p = WatershedParams(min_size=5, marker_radius=1, min_snr=10)
-    kept = _filter_segments(image, flooded, set(), p, None, noise)
+    kept = _filter_segments(image, flooded, set(), p, None, noise, noise)
     np.testing.assert_array_equal(kept > 0, crystal)  # the pedestal went, the crystal stayed
-    loose = _filter_segments(image, flooded, set(), dataclasses.replace(p, min_snr=0), None, 0.0)
+    loose = _filter_segments(image, flooded, set(), dataclasses.replace(p, min_snr=0), None, 0.0, 0.0)
     assert set(np.unique(loose)) == {0, 1, 2}
     # a crystal over 60 % of the scan, cut into two segments: each stands ~0.5 above the
     # rest of the map, where the whole map's median (the crystal's own level) gives ~0
@@ -562,3 +562,46 @@ def test_a_crystal_in_low_dose_noise_is_one_segment(seed):
 
     assert best_iou(watershed_image(img, WatershedParams(snr_floor=2))) > 0.9
     assert best_iou(watershed_image(img)) < 0.6
+
+
+def _ramp_crystal(cover_cols, seed=0, n=64):
+    """A loading map: a crystal whose thickness falls 1.2 -> 0 across columns
+    ``< cover_cols`` (a wedge), on a background of |N(0, 0.004)| (NMF's near-zero
+    outside it)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n]
+    image = np.abs(rng.normal(0, 0.004, (n, n)))
+    crystal = (xx < cover_cols) & (yy > 2) & (yy < n - 3)
+    image[crystal] += 1.2 * (1 - xx[crystal] / cover_cols)
+    return image, crystal
+
+
+def test_background_noise_where_a_crystal_covers_much_of_the_map():
+    """A wedge over 57 % of the map, 48 % above Li's threshold: its ramp is most of the
+    whole map's median absolute deviation (~65x the background's), in whose unit its
+    peak is ~5, under ``min_snr``. Over 40 % of the map under the mask, the background
+    is measured alone (1.4826 x its MAD, by brute force) and the crystal is kept. Under
+    40 %, and where the background is exact zeros, the whole map's value is kept."""
+    from spedflow.segment._watershed import _smoothed_mask, background_noise
+    p = WatershedParams(min_snr=10)
+    image, crystal = _ramp_crystal(40)
+    _, mask = _smoothed_mask(image, p)
+    assert crystal.mean() > 0.5 and 0.4 <= mask.mean() < 0.5
+    whole = 1.4826 * np.median(np.abs(image - np.median(image)))
+    rest = image[~mask]
+    brute = 1.4826 * np.median(np.abs(rest - np.median(rest)))
+    assert background_noise(image, mask) == pytest.approx(brute, rel=1e-6)
+    assert brute < 0.004 and whole > 30 * brute
+    assert image.max() < p.min_snr * whole  # the whole map's unit drops the crystal
+    lab = watershed_image(image, p)
+    assert lab.max() == 1 and ((lab > 0) & crystal).sum() / ((lab > 0) | crystal).sum() > 0.75
+    # a wedge over a sixth of the map: the whole map's deviation, as before
+    small, _ = _ramp_crystal(10)
+    _, mask = _smoothed_mask(small, p)
+    assert mask.mean() < 0.4
+    assert background_noise(small, mask) == 1.4826 * np.median(np.abs(small - np.median(small)))
+    # a background of exact zeros reads 0: not a noise level, the whole map's is kept
+    zeros = np.where(crystal, image, 0.0)
+    _, mask = _smoothed_mask(zeros, p)
+    assert mask.mean() >= 0.4
+    assert background_noise(zeros, mask) == 1.4826 * np.median(np.abs(zeros - np.median(zeros))) > 0

@@ -231,6 +231,26 @@ def test_two_overlapping_crystals_of_one_orientation_are_both_found(paper_like, 
                if d["truth"] in (0, 1)) == 1
 
 
+@pytest.mark.parametrize("seed", [1, 3])
+def test_nmf_finds_crystals_over_half_of_the_scan(tmp_path, seed):
+    """Three crystals 45-70 % of a 40 x 40 scan's side across, one covering about half
+    of it. Their components cover more than ``nmf.max_coverage``, and their spots hold
+    most of their patterns (``nmf.crystal_spot_fraction``): all three are found. With
+    the coverage rule alone they were set aside as support (one found); with the whole
+    map's deviation as the watershed's noise the wedge over half of its loading map was
+    dropped by ``min_snr`` (two found)."""
+    store = spedflow.simulate(tmp_path / "big.zarr", progress=False, scan=(40, 40), detector=64,
+                              crystals=3, seed=seed, size_range=(0.45, 0.7))
+    res = spedflow.segment(store, method="nmf", out=tmp_path / "r.zarr", local=True,
+                           progress=False, cache=tmp_path / "cache")
+    scores = evaluate(res, store)
+    assert scores["recall"] == 1 and scores["precision"] == 1, scores
+    strict = spedflow.segment(store, method="nmf", out=tmp_path / "s.zarr", local=True,
+                              progress=False, overrides={"nmf": {"crystal_spot_fraction": 1.0}},
+                              cache=tmp_path / "cache")
+    assert evaluate(strict, store)["recall"] <= 1 / 3
+
+
 def test_nmf_finds_the_weak_crystal(paper_like, tmp_path):
     """Below the global noise edge, found by the residual search (issue #4's target)."""
     res = spedflow.segment(paper_like, method="nmf", out=tmp_path / "n.zarr", local=True,
@@ -484,11 +504,14 @@ def test_crystals_set_aside_for_their_coverage_are_named(tmp_path, sim_store, ma
                                                          warned, caplog):
     """NMF components with clear spots set aside as support for covering more than
     ``nmf.max_coverage`` of the scan (crystals larger than the workflow assumes) are named
-    in a warning even when other crystals are found; none at the defaults here."""
+    in a warning even when other crystals are found; none at the defaults here. (Their
+    spots dominate their patterns: ``crystal_spot_fraction`` = 1 lets the coverage rule
+    judge them.)"""
     import logging
 
     from spedflow.decompose._background import SUPPORT_REASON
-    overrides = {"nmf": {"max_coverage": max_coverage}} if max_coverage else None
+    overrides = ({"nmf": {"max_coverage": max_coverage, "crystal_spot_fraction": 1.0}}
+                 if max_coverage else None)
     with caplog.at_level(logging.WARNING, logger="spedflow"):
         res = spedflow.segment(sim_store, method="nmf", out=tmp_path / "r.zarr", local=True,
                                progress=False, overrides=overrides)
@@ -511,7 +534,7 @@ def test_crystals_set_aside_for_their_coverage_are_named(tmp_path, sim_store, ma
     ("nmf", "every NMF component was set aside", {"watershed": {"min_size": 1000}}),
     # crystals' components taken for the support: the warning names the parameter
     ("nmf", "covers more than nmf.max_coverage = 0.01 of the scan: if one crystal fills most of "
-            "the scan, raise it", {"nmf": {"max_coverage": 0.01}}),
+            "the scan, raise it", {"nmf": {"max_coverage": 0.01, "crystal_spot_fraction": 1.0}}),
 ])
 def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, overrides, caplog):
     """A run that finds no crystal writes its (empty) result and warns with the reason,

@@ -47,7 +47,7 @@ class NMFConfig:
 
 
 #: NMFParams fields used only to judge the components (set aside as background or noise).
-_JUDGING = ("min_spot_fraction", "max_coverage", "min_coherence")
+_JUDGING = ("min_spot_fraction", "max_coverage", "crystal_spot_fraction", "min_coherence")
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
@@ -228,7 +228,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         else:
             verdicts = classify_components(factors, loadings, beam_radius=r, mask=cut,
                                            min_spot_fraction=cfg.nmf.min_spot_fraction,
-                                           max_coverage=cfg.nmf.max_coverage)
+                                           max_coverage=cfg.nmf.max_coverage,
+                                           crystal_spot_fraction=cfg.nmf.crystal_spot_fraction)
         keep = np.array([v[0] for v in verdicts], bool)
         reasons = [v[1] for v in verdicts]
         _warn_of_large_crystals(reasons, cfg)
@@ -772,9 +773,10 @@ def _load_stats(stage):
 def _warn_of_large_crystals(reasons, cfg) -> None:
     """Say when components with clear spots were set aside for their coverage: the
     workflow assumes each crystal occupies a minority of the scan (``nmf.max_coverage``,
-    and the watershed's noise measure of a loading map), and a crystal, or a pair of one
-    orientation, over more than a third of it is then lost without a word (a simulated
-    scan of four crystals of 19-32 positions across: NMF 1 found, VDF 3)."""
+    and the watershed's noise measure of a loading map). A component whose spots hold
+    at least ``nmf.crystal_spot_fraction`` of its energy is kept however large; one with
+    clear spots under that, over more than a third of the scan, may be a large crystal
+    with much of the film mixed in, and would be lost without a word."""
     from ..decompose._background import SUPPORT_REASON
     spotty = [i for i, why in enumerate(reasons) if why.startswith(SUPPORT_REASON)]
     if not spotty:
