@@ -580,8 +580,9 @@ def test_background_noise_where_a_crystal_covers_much_of_the_map():
     """A wedge over 57 % of the map, 48 % above Li's threshold: its ramp is most of the
     whole map's median absolute deviation (~65x the background's), in whose unit its
     peak is ~5, under ``min_snr``. Over 40 % of the map under the mask, the background
-    is measured alone (1.4826 x its MAD, by brute force) and the crystal is kept. Under
-    40 %, and where the background is exact zeros, the whole map's value is kept."""
+    is measured alone (1.4826 x its MAD, by brute force) and the crystal is kept; over
+    50 %, for the median test too. Under 40 %, and where the background is exact
+    zeros, the whole map's value is kept."""
     from spedflow.segment._watershed import _smoothed_mask, background_noise
     p = WatershedParams(min_snr=10)
     image, crystal = _ramp_crystal(40)
@@ -595,6 +596,20 @@ def test_background_noise_where_a_crystal_covers_much_of_the_map():
     assert image.max() < p.min_snr * whole  # the whole map's unit drops the crystal
     lab = watershed_image(image, p)
     assert lab.max() == 1 and ((lab > 0) & crystal).sum() / ((lab > 0) | crystal).sum() > 0.75
+    # a wedge over 74 % of the map, 57 % above Li's threshold: past the median absolute
+    # deviation's breakdown point the median test measures in the background's noise too
+    # (in the whole map's deviation, the crystal's own contrast, it stood ~1 above the rest)
+    wide, wedge = _ramp_crystal(52)
+    _, mask = _smoothed_mask(wide, p)
+    assert mask.mean() > 0.5
+    spread = 1.4826 * np.median(np.abs(wide - np.median(wide)))
+    rest = wide[~mask]
+    assert background_noise(wide, mask, share=0.5) == pytest.approx(
+        1.4826 * np.median(np.abs(rest - np.median(rest))), rel=1e-6)
+    inside = wedge & mask
+    assert np.median(wide[inside]) - np.median(wide[~inside]) < 3 * spread
+    lab = watershed_image(wide, p)
+    assert lab.max() == 1 and ((lab > 0) & wedge).sum() / ((lab > 0) | wedge).sum() > 0.7
     # a wedge over a sixth of the map: the whole map's deviation, as before
     small, _ = _ramp_crystal(10)
     _, mask = _smoothed_mask(small, p)

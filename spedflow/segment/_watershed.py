@@ -96,35 +96,40 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     flooded = watershed(sobel(smooth), markers=seeds, mask=mask)
     noise = spread = 0.0
     if params.min_snr > 0:
-        spread = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
-        noise = background_noise(image, mask, spread)
+        whole = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+        noise = background_noise(image, mask, whole)
+        spread = background_noise(image, mask, whole, share=0.5)
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise, spread)
 
 
 #: The fewest background pixels :func:`background_noise` measures the noise on.
 _MIN_BACKGROUND = 64
-#: The share of the image under the threshold mask from which :func:`background_noise`
-#: measures the background alone: there a Gaussian background's median absolute
-#: deviation, taken over the whole image, is at least doubled by the crystals' pixels.
-_MASK_SHARE = 0.4
 
 
-def background_noise(image: np.ndarray, mask: np.ndarray, whole: float | None = None) -> float:
+def background_noise(image: np.ndarray, mask: np.ndarray, whole: float | None = None, *,
+                     share: float = 0.4) -> float:
     """Robust standard deviation of an image's background noise (``min_snr``'s unit).
 
     1.4826 x the median absolute deviation of the whole image (``whole``, if already
     measured), which crystals inflate little while they cover a small part of it. With
     a share ``e`` of bright crystal pixels the deviation's median is the background's
     ``0.5 / (1 - e)`` quantile: 1.4x its true value for a Gaussian background at ``e`` =
-    0.25, 2x at 0.4, and the crystals' own contrast from 0.5 on (a crystal over 46 % of
-    an NMF loading map, a thickness ramp, measured 34x its background's noise, and its
-    segment was dropped). Where the threshold ``mask`` covers 40 % or more, the
-    background outside it is measured alone, if it holds at least 64 pixels and does
-    not read 0 (NMF's exact zeros are not a measure of noise).
+    0.25, 2x at 0.4, and the crystals' own contrast from 0.5 on, the median absolute
+    deviation's breakdown point (a crystal over 46 % of an NMF loading map, a thickness
+    ramp, measured 34x its background's noise, and its segment was dropped). Where the
+    threshold ``mask`` covers ``share`` of the image or more, the background outside it
+    is measured alone, if it holds at least 64 pixels and does not read 0 (NMF's exact
+    zeros are not a measure of noise).
+
+    The watershed's peak test (``min_snr``) uses ``share`` = 0.4, where the whole
+    image's value is at least doubled; its median test (:data:`MEDIAN_SNR`), calibrated
+    on the whole image's value, keeps it up to the breakdown point, 0.5 (a mixture of
+    spots and film over 43 % of a loading map measured ~3 background noise levels over
+    the rest, as far as the test's threshold, and ~1 in the whole map's unit).
     """
     if whole is None:
         whole = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
-    if mask.mean() < _MASK_SHARE or np.count_nonzero(~mask) < _MIN_BACKGROUND:
+    if mask.mean() < share or np.count_nonzero(~mask) < _MIN_BACKGROUND:
         return whole
     rest = image[~mask]
     outside = _MAD_TO_SIGMA * float(np.median(np.abs(rest - np.median(rest))))
@@ -575,8 +580,9 @@ def _passes(basins: np.ndarray, dist: np.ndarray):
     return key[first] // stride, key[first] % stride, h[first]
 
 
-#: With ``min_snr``, a segment's median must also stand this many times the whole image's
-#: robust spread above the median of the rest of its image (:func:`_typical_above_rest`).
+#: With ``min_snr``, a segment's median must also stand this many noise levels above the
+#: median of the rest of its image (:func:`_typical_above_rest`; the noise as
+#: :func:`background_noise` with ``share`` = 0.5).
 MEDIAN_SNR = 3.0
 
 
@@ -603,11 +609,9 @@ def _filter_segments(image, flooded, excluded, params, intensity_scale, noise,
                      spread) -> np.ndarray:
     """Drop border, small, faint and noise-level segments; renumber the rest 1..K.
 
-    ``noise`` is the background's (:func:`background_noise`), the unit of a segment's
-    peak; ``spread`` the whole image's robust standard deviation, the unit of its median
-    over the rest, in which :data:`MEDIAN_SNR` was measured (a segment cut from a
-    pedestal sits ~1 above the rest in it, and ~3 in the background's noise where a
-    mixture covers 43 % of a map)."""
+    ``noise`` and ``spread`` are :func:`background_noise` at the shares of the image
+    under the mask from which the peak test (0.4) and the median test (0.5) measure
+    the background alone."""
     n = int(flooded.max())
     idx = np.arange(1, n + 1)
     size = np.bincount(flooded.ravel(), minlength=n + 1)[1:]

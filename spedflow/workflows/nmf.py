@@ -51,8 +51,8 @@ _JUDGING = ("min_spot_fraction", "max_coverage", "crystal_spot_fraction", "min_c
 
 
 def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
-    from ..decompose import (beam_mask, choose_n_components, edge_mask, loading_coverage, nmf,
-                             scree, spatial_coherence, undo_normalisation)
+    from ..decompose import (beam_mask, choose_n_components, classify_components, edge_mask,
+                             loading_coverage, nmf, scree, spatial_coherence, undo_normalisation)
     from ..decompose._scree import min_block_rows
     from ..errors import ParameterError
     from ..preprocess import lazy as pre
@@ -221,15 +221,10 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     loadings = loadings.reshape(-1, ny, nx)
 
     with timer("classify"):
-        try:
-            from ..decompose import classify_components
-        except ImportError:  # not available yet: keep every component
-            verdicts = [(True, "kept (no classifier)")] * len(factors)
-        else:
-            verdicts = classify_components(factors, loadings, beam_radius=r, mask=cut,
-                                           min_spot_fraction=cfg.nmf.min_spot_fraction,
-                                           max_coverage=cfg.nmf.max_coverage,
-                                           crystal_spot_fraction=cfg.nmf.crystal_spot_fraction)
+        verdicts = classify_components(factors, loadings, beam_radius=r, mask=cut,
+                                       min_spot_fraction=cfg.nmf.min_spot_fraction,
+                                       max_coverage=cfg.nmf.max_coverage,
+                                       crystal_spot_fraction=cfg.nmf.crystal_spot_fraction)
         keep = np.array([v[0] for v in verdicts], bool)
         reasons = [v[1] for v in verdicts]
         _warn_of_large_crystals(reasons, cfg)
