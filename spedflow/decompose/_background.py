@@ -36,8 +36,8 @@ Two measurable properties separate them from crystal components:
   mixture of crystals' spots with the support carries the film's ring and the beam's
   halo with them, and measured 0.18-0.57 over the benchmark suites (32 components);
   a component whose spots hold at least ``crystal_spot_fraction`` = 2/3 of its
-  energy is a crystal larger than the workflow assumes (four-crystal scans of
-  crystals 19-32 positions across: 0.82-0.94) and is kept.
+  energy is a crystal larger than the workflow assumes (scans of three or four
+  crystals 19-45 positions across: 0.76-0.94) and is kept.
 
 A third property, used by the NMF workflow after these two, separates crystals from
 noise: the **spatial coherence** of the loading map where it is strong

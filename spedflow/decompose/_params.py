@@ -101,12 +101,11 @@ class NMFParams:
     max_coverage : float, default 1/3
         Components whose loading stands out from its pedestal (by 10 % of the way
         to its maximum, :func:`spedflow.decompose.loading_coverage`) over more than
-        this fraction of the scan are set aside, whatever their spots, as support
-        (film, vacuum) or as a mixture dominated by it: nanocrystal segmentation is
+        this fraction of the scan are set aside as support (film, vacuum) or as a
+        mixture dominated by it, unless their spots dominate their pattern: nanocrystal segmentation is
         asked of scans in which each crystal occupies a minority of the positions,
         while the film and the vacuum are everywhere else. Components whose spots
-        dominate their pattern (``crystal_spot_fraction``) are kept whatever their
-        coverage.
+        dominate their pattern (``crystal_spot_fraction``) are kept, however large.
     crystal_spot_fraction : float, default 2/3
         Components whose spots hold at least this share of their pattern's energy
         (twice the circularly symmetric part) are crystals however much of the scan
@@ -114,8 +113,8 @@ class NMFParams:
         ``max_coverage`` of it. A mixture of spots with the support, which the
         coverage rule is for, carries the film's ring and the beam's halo: the 32
         spotty components over a third of the scan in the benchmark suites measured
-        0.18-0.57 (one of them a crystal), the large crystals of four-crystal scans
-        0.82-0.94. 1 applies the coverage rule to every component.
+        0.18-0.57 (one of them a crystal), the large crystals of scans of three or four
+        crystals 0.76-0.94. 1 applies the coverage rule to every component.
     min_coherence : float, default 0.5
         Components whose loading map, where it is strong, is less than this fraction
         as spatially coherent as a compact region of that size

@@ -93,10 +93,11 @@ class WatershedParams:
     min_snr : float
         Segments whose maximum is below ``min_snr`` times the noise of their image are
         dropped; the noise is the robust standard deviation of the whole image
-        (1.4826 x its median absolute deviation; crystals covering less than half of
-        a map do not inflate it), of the background outside the threshold mask where
-        that covers half or more (``background_noise`` in segment/_watershed.py). 0 keeps all (the VDF default: the vector
-        and correlation thresholds sort out noise there). The NMF workflow uses 10:
+        (1.4826 x its median absolute deviation), or of the background outside the
+        threshold mask where that covers 40 % of the image or more, which would
+        inflate the whole image's (``background_noise`` in segment/_watershed.py).
+        0 keeps all (the VDF default: the vector and correlation thresholds sort out
+        noise there). The NMF workflow uses 10:
         a spare component fits noise, and the watershed of its loading map finds a
         scatter of small blobs a few noise levels high, while a crystal's segment
         stands tens to thousands of noise levels above its background.

@@ -766,12 +766,12 @@ def _load_stats(stage):
 
 
 def _warn_of_large_crystals(reasons, cfg) -> None:
-    """Say when components with clear spots were set aside for their coverage: the
-    workflow assumes each crystal occupies a minority of the scan (``nmf.max_coverage``,
-    and the watershed's noise measure of a loading map). A component whose spots hold
-    at least ``nmf.crystal_spot_fraction`` of its energy is kept however large; one with
-    clear spots under that, over more than a third of the scan, may be a large crystal
-    with much of the film mixed in, and would be lost without a word."""
+    """Say when components with clear spots were set aside for their coverage
+    (``nmf.max_coverage``). A component whose spots hold at least
+    ``nmf.crystal_spot_fraction`` of its energy is kept however large; one with clear
+    spots under that, over more than a third of the scan, may be a large crystal (or a
+    pair of one orientation) with much of the film mixed in, and would be lost without
+    a word."""
     from ..decompose._background import SUPPORT_REASON
     spotty = [i for i, why in enumerate(reasons) if why.startswith(SUPPORT_REASON)]
     if not spotty:
