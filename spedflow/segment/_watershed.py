@@ -96,7 +96,7 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     flooded = watershed(sobel(smooth), markers=seeds, mask=mask)
     noise = spread = 0.0
     if params.min_snr > 0:
-        whole = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+        whole = _robust_std(image)
         noise = background_noise(image, mask, whole)
         spread = background_noise(image, mask, whole, share=0.5)
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise, spread)
@@ -128,12 +128,16 @@ def background_noise(image: np.ndarray, mask: np.ndarray, whole: float | None = 
     the rest, as far as the test's threshold, and ~1 in the whole map's unit).
     """
     if whole is None:
-        whole = _MAD_TO_SIGMA * float(np.median(np.abs(image - np.median(image))))
+        whole = _robust_std(image)
     if mask.mean() < share or np.count_nonzero(~mask) < _MIN_BACKGROUND:
         return whole
-    rest = image[~mask]
-    outside = _MAD_TO_SIGMA * float(np.median(np.abs(rest - np.median(rest))))
+    outside = _robust_std(image[~mask])
     return outside if outside > 0 else whole
+
+
+def _robust_std(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of Gaussian noise."""
+    return _MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values))))
 
 
 def segments_from_labels(images, labels, *, sparse: bool = False, batch_bytes: int = 32 * 2**20):
