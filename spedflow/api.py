@@ -186,9 +186,9 @@ def _check_where(client, local, scheduler, n_workers, threads_per_worker, memory
         raise ParameterError(f"`local=True` (--no-cluster) runs in this process, and "
                              f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a "
                              "cluster: give one or the other")
-    if client is None and any(t is not None for t in tls) and cluster.resolve_address(scheduler) is None:
-        raise ParameterError("TLS certificates were given without a scheduler address; they are "
-                             "for a tls:// scheduler (--scheduler tls://HOST:PORT)")
+    if client is None:
+        cluster.refuse_tls_without_scheduler(cluster.resolve_address(scheduler),
+                                             any(t is not None for t in tls))
 
 
 def _run(method, plan, cfg, cache, client, local, scheduler, n_workers, threads_per_worker,

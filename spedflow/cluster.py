@@ -251,6 +251,17 @@ def _fmt_bytes(n: float) -> str:
 
 # --------------------------------------------------------------------------- addresses
 
+def refuse_tls_without_scheduler(address: str | None, tls_given: bool) -> None:
+    """TLS certificates are for a ``tls://`` scheduler: refuse them without a scheduler
+    address (``address`` as :func:`resolve_address` gives it), where a local cluster,
+    which listens on 127.0.0.1 only, would ignore them."""
+    if tls_given and address is None:
+        raise ParameterError(
+            "TLS certificates were given without a scheduler address; they are for a "
+            "tls:// scheduler (--scheduler tls://HOST:PORT; a local cluster listens on "
+            "127.0.0.1 only)")
+
+
 def resolve_address(scheduler: str | None = None) -> str | None:
     """The scheduler address to use, or None for a new local cluster.
 
@@ -423,10 +434,7 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
     n = int(n_workers) if n_workers is not None else default_n_workers()
     threads = int(threads_per_worker) if threads_per_worker is not None else 1
     mem = parse_memory_limit(memory_limit, n)
-    if explicit_tls:
-        raise ParameterError(
-            "TLS certificates were given without a scheduler address; they are for a "
-            "tls:// scheduler (a local cluster listens on 127.0.0.1 only)")
+    refuse_tls_without_scheduler(address, explicit_tls)
     # Another process may take port 8787 between our check and the scheduler's bind;
     # distributed then moves to a free port with a three-line warning. The line spedflow
     # prints names the port the dashboard really has, so that warning is noise. A filter
