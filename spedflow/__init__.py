@@ -22,7 +22,10 @@ a lazy HyperSpy signal).
 
 import importlib as _importlib
 
+from . import _interrupt
 from ._version import __version__
+
+_interrupt.install_for_command()  # before the second of imports below
 
 __all__ = [
     "__version__", "ingest", "simulate", "open_store", "open_result", "segment", "load_config",

@@ -212,6 +212,8 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     logging.getLogger().setLevel(level)  # also where the root logger had handlers already
     for handler in logging.getLogger().handlers:  # libraries' own loggers (distributed's
         handler.setLevel(level)                    # INFO) reach the root handler too
+        if _not_cancelled not in handler.filters:
+            handler.addFilter(_not_cancelled)
     if verbose < 2:
         quieter = max(level, logging.WARNING)
         logging.getLogger("distributed").setLevel(quieter)  # if it is imported already
@@ -225,6 +227,13 @@ def _setup_logging(verbose: int, quiet: int) -> None:
         warnings.simplefilter("ignore")
     else:
         warnings.formatwarning = lambda m, c, f, l, line=None: f"spedflow: warning: {m}\n"
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """Drop a library's log of a task cancelled while the command stops (after Ctrl-C,
+    distributed logged the scheduler's cancelled progress feed with its traceback)."""
+    import asyncio
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def _progress(args) -> bool:
@@ -252,7 +261,7 @@ _MISSING = object()
 
 @contextlib.contextmanager
 def _caller_settings_kept():
-    """On exit, the root logger's level, handlers and their levels, the ``distributed``
+    """On exit, the root logger's level, handlers and their levels and filters, the ``distributed``
     logger's level, dask's ``logging.distributed`` setting and the warning filters and
     format are as they were on entry (what :func:`_setup_logging` changes)."""
     import warnings
@@ -260,6 +269,7 @@ def _caller_settings_kept():
     import dask
     root = logging.getLogger()
     level, handlers, levels = root.level, list(root.handlers), [h.level for h in root.handlers]
+    handler_filters = [list(h.filters) for h in handlers]
     distributed = logging.getLogger("distributed").level
     filters, formatwarning = list(warnings.filters), warnings.formatwarning
     saved = dask.config.config.get("logging", _MISSING)
@@ -270,8 +280,9 @@ def _caller_settings_kept():
         for h in list(root.handlers):
             if h not in handlers:  # basicConfig's, added for this command
                 root.removeHandler(h)
-        for h, lv in zip(handlers, levels):
+        for h, lv, fs in zip(handlers, levels, handler_filters):
             h.setLevel(lv)
+            h.filters[:] = fs
         root.setLevel(level)
         logging.getLogger("distributed").setLevel(distributed)
         warnings.filters[:] = filters
@@ -291,6 +302,9 @@ def _dispatch(args) -> int:
         return 0
     except KeyboardInterrupt:
         print("spedflow: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        from ._interrupt import is_command
+        if is_command():  # zarr's reads cut short leave asyncio tasks that it reports at
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # exit ("destroyed")
         return EXIT_INTERRUPT
     except (SpedflowError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:

@@ -489,6 +489,7 @@ def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=threads, processes=True, memory_limit=mem,
             host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
+            preload=["spedflow._interrupt"],  # workers leave the terminal's Ctrl-C to us
             **kwargs)
     try:
         client = Client(cluster, security=kwargs.get("security"), set_as_default=True)

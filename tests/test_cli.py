@@ -250,7 +250,7 @@ def test_quiet_is_for_that_command_only(sim_store, capsys, flags):
 
     def state():
         return (root.level, list(root.handlers), [h.level for h in root.handlers],
-                logging.getLogger("distributed").level, list(warnings.filters),
+                [list(h.filters) for h in root.handlers], logging.getLogger("distributed").level, list(warnings.filters),
                 warnings.formatwarning, dask.config.get("logging.distributed", None))
 
     before = state()
@@ -303,3 +303,82 @@ def test_verbose_run_on_a_local_cluster_shows_spedflow_not_distributed(tmp_path,
     assert run.returncode == 0, run.stderr[-2000:]
     assert "stage beam_peaks done" in run.stderr
     assert "Scheduler at" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def _command_script(tmp_path):
+    """A script named ``spedflow`` that runs the command, as pip's console script does
+    (whose worker processes import it again, under the ``__main__`` guard)."""
+    script = tmp_path / "spedflow"
+    script.write_text("import sys\nfrom spedflow.cli import main\nif __name__ == '__main__':\n"
+                      "    sys.exit(main())\n")
+    return script
+
+
+def _interrupt_group(proc) -> None:
+    """Ctrl-C at a terminal: SIGINT to every process of the command's group."""
+    import os
+    import signal
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, sim_store, how):
+    """Ctrl-C in the command's first second (numpy, scipy, dask imports, before main()
+    runs): one line, no traceback, and the process ends by the interrupt."""
+    import subprocess
+    import time
+    cmd = ([sys.executable, str(_command_script(tmp_path))] if how == "script"
+           else [sys.executable, "-m", "spedflow"])
+    proc = subprocess.Popen(cmd + ["info", str(sim_store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.2)  # python itself is up; spedflow's imports are not done
+    _interrupt_group(proc)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # the machine imported everything in 0.2 s: nothing to check
+        pytest.skip("the command finished before the interrupt")
+    assert proc.returncode in (130, -2), err
+    assert err == "spedflow: interrupted\n" or err.startswith("spedflow: interrupted"), err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_during_a_local_cluster_run_is_one_line(tmp_path, sim_store):
+    """Ctrl-C once a local cluster runs the workflow: the workers (which get the
+    terminal's SIGINT too) leave it to the command, which closes them and says one
+    line; no worker traceback or cancelled-task warnings."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, str(_command_script(tmp_path)), "segment", str(sim_store),
+                             "--out", str(tmp_path / "r.zarr"), "--workers", "2", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # until the first progress bar: the workers compute
+        lines.append(line)
+        if "patterns/s" in line or "tasks/s" in line:
+            break
+    _interrupt_group(proc)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt")
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "CancelledError" not in err, err[-3000:]
+    assert err.rstrip().endswith("spedflow: interrupted; finished stages are kept and a rerun resumes"), err[-3000:]
+
+
+@pytest.mark.parametrize("argv, orig, expected", [
+    (["/venv/bin/spedflow", "segment"], ["/venv/bin/python", "/venv/bin/spedflow", "segment"], True),
+    (["-m", "segment"], ["python", "-m", "spedflow", "segment"], True),       # while importing
+    (["/src/spedflow/__main__.py", "segment"], ["python", "-X", "dev", "-m", "spedflow"], True),
+    (["-m"], ["python", "-mspedflow"], True),
+    (["-m"], ["python", "-m", "pytest"], False),
+    (["notebook.py"], ["python", "notebook.py"], False),
+    (["-c"], ["python", "-c", "import spedflow"], False),
+    ([""], ["python"], False),                                               # the REPL
+])
+def test_is_command_tells_the_command_from_other_users_of_spedflow(argv, orig, expected):
+    """Only the ``spedflow`` command (script or ``-m``) swaps the interrupt traceback for
+    a line; a notebook or a script importing spedflow keeps Python's own."""
+    from spedflow._interrupt import is_command
+    assert is_command(argv, orig) is expected

@@ -1,0 +1,81 @@
+"""Ctrl-C while the ``spedflow`` command is still importing its libraries: one line.
+
+The command's own Ctrl-C handling (:func:`spedflow.cli.main`) starts only once the
+package is imported, about a second of numpy, scipy, dask and zarr imports in which an
+interrupt used to print a 40-line traceback from inside scipy. When this process *is*
+the command (the ``spedflow`` script or ``python -m spedflow``), an interrupt that
+nothing caught prints ``spedflow: interrupted`` instead; the process still ends by
+SIGINT (exit status 130 in a shell), as Python ends it for an uncaught interrupt. In
+any other process (a notebook, a script importing spedflow) nothing is changed.
+
+Ctrl-C reaches every process of the terminal's foreground group, the workers of a
+local cluster too, which printed their own tracebacks and warnings while the command
+was shutting them down. The command's local clusters preload :func:`dask_setup` into
+their workers, which makes them ignore SIGINT: the command stops them itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["install_for_command", "is_command", "dask_setup"]
+
+
+def is_command(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> bool:
+    """Whether this process runs the ``spedflow`` command, or is a worker process it
+    spawned (which inherits its ``sys.argv``): ``sys.argv[0]`` is the installed script
+    or ``spedflow/__main__.py``, or the interpreter was started with ``-m spedflow``."""
+    argv = sys.argv if argv is None else argv
+    orig = getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv
+    first = os.path.normpath(argv[0]) if argv and argv[0] else ""
+    if (os.path.splitext(os.path.basename(first))[0] in ("spedflow", "spedflow-script")
+            or first.endswith(os.path.join("spedflow", "__main__.py"))):
+        return True
+    for i, arg in enumerate(orig):
+        if arg == "-m":
+            return i + 1 < len(orig) and orig[i + 1] == "spedflow"
+        if arg.startswith("-m"):
+            return arg[2:] == "spedflow"
+        if arg == "-c" or (i > 0 and not arg.startswith("-")):  # a script or code: not us
+            return False
+    return False
+
+
+def install_for_command() -> None:
+    """Chain a :data:`sys.excepthook` for an uncaught :class:`KeyboardInterrupt` if
+    this process is the command or one of its workers (:func:`is_command`): the
+    command prints one line; a worker, interrupted while it starts, prints nothing
+    (the command says it)."""
+    if not is_command():
+        return
+    import multiprocessing
+    worker = multiprocessing.current_process().name != "MainProcess"  # set before a spawned
+    previous = sys.excepthook                                  # process imports the script
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            if not worker:
+                print("spedflow: interrupted", file=sys.stderr)
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def dask_setup(worker) -> None:
+    """Preload of the workers of the command's local clusters (``LocalCluster(preload=
+    ["spedflow._interrupt"])``): ignore SIGINT, which the terminal sends them with the
+    command's; the command closes them."""
+    import logging
+    import signal
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the process's main thread: leave it
+        pass
+    # the tasks the command cancels as it stops are each reported as a warning
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled)
+
+
+def _not_cancelled(record) -> bool:
+    return "ended with CancelledError" not in record.getMessage()
