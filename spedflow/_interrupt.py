@@ -32,13 +32,16 @@ def is_command(argv: list[str] | None = None, orig_argv: list[str] | None = None
     if (os.path.splitext(os.path.basename(first))[0] in ("spedflow", "spedflow-script")
             or first.endswith(os.path.join("spedflow", "__main__.py"))):
         return True
-    for i, arg in enumerate(orig):
+    i = 1  # the interpreter's options, up to -m MODULE, -c CODE or a script
+    while i < len(orig):
+        arg = orig[i]
         if arg == "-m":
             return i + 1 < len(orig) and orig[i + 1] == "spedflow"
         if arg.startswith("-m"):
             return arg[2:] == "spedflow"
-        if arg == "-c" or (i > 0 and not arg.startswith("-")):  # a script or code: not us
+        if arg.startswith("-c") or not arg.startswith("-") or arg == "-":
             return False
+        i += 2 if arg in ("-X", "-W") else 1  # options with a separate value
     return False
 
 

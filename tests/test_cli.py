@@ -372,6 +372,8 @@ def test_ctrl_c_during_a_local_cluster_run_is_one_line(tmp_path, sim_store):
     (["-m", "segment"], ["python", "-m", "spedflow", "segment"], True),       # while importing
     (["/src/spedflow/__main__.py", "segment"], ["python", "-X", "dev", "-m", "spedflow"], True),
     (["-m"], ["python", "-mspedflow"], True),
+    (["-m"], ["python", "-X", "importtime", "-W", "error", "-B", "-m", "spedflow"], True),
+    (["-m"], ["python", "-X", "dev", "-m", "spedflowx"], False),
     (["-m"], ["python", "-m", "pytest"], False),
     (["notebook.py"], ["python", "notebook.py"], False),
     (["-c"], ["python", "-c", "import spedflow"], False),
