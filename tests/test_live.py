@@ -208,3 +208,39 @@ def test_store_identity_ignores_attributes_written_later(tmp_path):
     before = store_identity(tmp_path / "s.zarr", a, {})
     g.attrs["spedflow"] = {"kind": "input", "complete": True, "source": "writer"}
     assert store_identity(tmp_path / "s.zarr", a, dict(g.attrs["spedflow"])) == before
+
+
+def test_watch_waits_for_a_run_holding_its_cache(tmp_path, caplog):
+    """Live mode writes its blocks under the cache's writer lock, as a batch run does:
+    while another run holds the cache it writes nothing, says why, and goes on after."""
+    import threading
+    import time
+
+    from spedflow.simulate import simulate
+    from spedflow.workflows._cache import StageCache
+    from spedflow.workflows.live import watch
+    store = simulate(tmp_path / "s.zarr", scan=(16, 16), detector=32, crystals=2, seed=4,
+                     progress=False)
+    out = tmp_path / "r.zarr"
+    cache = StageCache(tmp_path / "r.zarr.cache")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(watch(store, method="vdf", out=out, poll=0.05, timeout=60, progress=False))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    caplog.set_level("WARNING", logger="spedflow")
+    with cache.in_use():  # another run (of this process, on its own file handles)
+        t = threading.Thread(target=run)
+        t.start()
+        t0 = time.monotonic()
+        while "another spedflow run is using the stage cache" not in caplog.text:
+            assert time.monotonic() - t0 < 120 and t.is_alive(), (errors, caplog.text)
+            time.sleep(0.05)
+        assert not list(cache.root.glob("*/blocks/*.npz"))  # nothing written while held
+    t.join(timeout=300)
+    assert not errors, errors
+    assert results and zarr.open_group(str(results[0]), mode="r")["segments/maps"].shape[1:] == (16, 16)
+    assert list(cache.root.glob("beam_peaks-*/blocks/*.npz"))

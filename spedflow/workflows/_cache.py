@@ -178,7 +178,7 @@ class StageCache:
 
         Without ``fcntl`` (Windows) or where the folder cannot be written, no locks, and
         :meth:`prune_stale` then prunes nothing. Yields whether it waited for another run.
-        Live mode (``spedflow watch``) writes its blocks without these locks."""
+        Live mode (``spedflow watch``) holds them while it writes its blocks."""
         fh = _lock_file(self.root)  # the shared lock first: no prune while this run waits
         writer = None
         waited = False

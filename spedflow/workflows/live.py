@@ -138,55 +138,58 @@ def watch(store, *, method: str = "vdf", out, config=None, overrides=None, poll:
     plan = Plan(str(store), Path(out), arr, meta, overwrite, store_identity(store, arr, meta))
     validate(plan, cfg)  # parameters against the data's shape, before any chunk is processed
 
-    done: set = set()
-    waiting: list = []  # landed chunks held back until the sample to start from is complete
-    tried = 0  # waiting[:tried] were a sample without a beam
-    state: dict = {}
-    last_new = time.monotonic()
-    t0 = time.monotonic()
-    while True:
-        new = sorted(landed_chunks(arr) - done)
-        for i, j in new:
-            sl = (slice(i * cy, (i + 1) * cy), slice(j * cx, (j + 1) * cx))
-            try:
-                block = np.asarray(arr[sl])
-            except Exception:  # still being written (checksum does not match yet)
-                continue
-            done.add((i, j))
-            last_new = time.monotonic()
-            if not per_block:
-                continue
-            if "beam_radius" not in state:
-                waiting.append((i, j))
-                # a sample that showed no beam (blanked at the start of a scan) is not
-                # tried again: the next one is made of the chunks landed since
-                sample = _live_sample(arr, waiting[tried:], (cy, cx), len(done) == grid[0] * grid[1])
-                if sample is None:
+    # the blocks go into the cache under its writer's lock, as a batch run's do (a batch
+    # run on the same result waits; the final run below takes the lock itself)
+    with cache.in_use():
+        done: set = set()
+        waiting: list = []  # landed chunks held back until the sample to start from is complete
+        tried = 0  # waiting[:tried] were a sample without a beam
+        state: dict = {}
+        last_new = time.monotonic()
+        t0 = time.monotonic()
+        while True:
+            new = sorted(landed_chunks(arr) - done)
+            for i, j in new:
+                sl = (slice(i * cy, (i + 1) * cy), slice(j * cx, (j + 1) * cx))
+                try:
+                    block = np.asarray(arr[sl])
+                except Exception:  # still being written (checksum does not match yet)
                     continue
-                if not _begin(plan, cfg, cache, state, method, sample):
-                    tried = len(waiting)
+                done.add((i, j))
+                last_new = time.monotonic()
+                if not per_block:
                     continue
-                for a, b in waiting[:-1]:  # the chunks held back, read again
-                    _process_block(np.asarray(arr[a * cy:(a + 1) * cy, b * cx:(b + 1) * cx]),
-                                   (a, b), (a * cy, b * cx), cfg, state, method)
-                waiting.clear()
-            _process_block(block, (i, j), (i * cy, j * cx), cfg, state, method)
-        if progress and new:
-            rate = len(done) * cy * cx / max(time.monotonic() - t0, 1e-9)
-            extra = f", {state['n_vectors']} vectors so far" if "n_vectors" in state else ""
-            print(f"\rwatch: {len(done)}/{grid[0] * grid[1]} chunks, {rate:.0f} patterns/s{extra}   ",
-                  end="", file=sys.stderr, flush=True)
-        import zarr
-        group = zarr.open_group(str(store), mode="r")  # re-read the attributes
-        complete = bool(dict(group.attrs.get("spedflow", {})).get("complete"))
-        if len(done) == grid[0] * grid[1] and (complete or not new):
-            break
-        if time.monotonic() - last_new > timeout:
-            raise InputError(f"no new chunk landed in {timeout:.0f} s ({len(done)} of "
-                             f"{grid[0] * grid[1]} present); the acquisition seems to have stopped")
-        time.sleep(poll)
-    if progress:
-        print(file=sys.stderr)
+                if "beam_radius" not in state:
+                    waiting.append((i, j))
+                    # a sample that showed no beam (blanked at the start of a scan) is not
+                    # tried again: the next one is made of the chunks landed since
+                    sample = _live_sample(arr, waiting[tried:], (cy, cx), len(done) == grid[0] * grid[1])
+                    if sample is None:
+                        continue
+                    if not _begin(plan, cfg, cache, state, method, sample):
+                        tried = len(waiting)
+                        continue
+                    for a, b in waiting[:-1]:  # the chunks held back, read again
+                        _process_block(np.asarray(arr[a * cy:(a + 1) * cy, b * cx:(b + 1) * cx]),
+                                       (a, b), (a * cy, b * cx), cfg, state, method)
+                    waiting.clear()
+                _process_block(block, (i, j), (i * cy, j * cx), cfg, state, method)
+            if progress and new:
+                rate = len(done) * cy * cx / max(time.monotonic() - t0, 1e-9)
+                extra = f", {state['n_vectors']} vectors so far" if "n_vectors" in state else ""
+                print(f"\rwatch: {len(done)}/{grid[0] * grid[1]} chunks, {rate:.0f} patterns/s{extra}   ",
+                      end="", file=sys.stderr, flush=True)
+            import zarr
+            group = zarr.open_group(str(store), mode="r")  # re-read the attributes
+            complete = bool(dict(group.attrs.get("spedflow", {})).get("complete"))
+            if len(done) == grid[0] * grid[1] and (complete or not new):
+                break
+            if time.monotonic() - last_new > timeout:
+                raise InputError(f"no new chunk landed in {timeout:.0f} s ({len(done)} of "
+                                 f"{grid[0] * grid[1]} present); the acquisition seems to have stopped")
+            time.sleep(poll)
+        if progress:
+            print(file=sys.stderr)
     if "plan" in state:  # the pixels repaired live (found, given and NaN ones): the same keys
         bad = state["plan"].bad_pixels
         cfg = dataclasses.replace(cfg, preprocess=dataclasses.replace(
