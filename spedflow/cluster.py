@@ -445,6 +445,38 @@ def client_for(scheduler: str | None = None, *, n_workers: int | None = None,
     return _local_client(n, threads, mem, sec, dashboard, quiet)
 
 
+def _quiet_distributed() -> None:
+    """In a worker: only distributed's critical messages from now on."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+def _hush(client) -> None:
+    """After Ctrl-C, before a local cluster closes: its workers (which ignore the
+    terminal's SIGINT, :func:`spedflow._interrupt.dask_setup`) log only critical
+    messages, not the heartbeats and task results the closing scheduler no longer takes.
+    Best effort: whatever goes wrong, the cluster is closed next all the same."""
+    try:
+        client.run(_quiet_distributed)
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C, a closed comm: close regardless
+        pass
+
+
+@contextmanager
+def _distributed_logs_hushed(on: list) -> Iterator[None]:
+    """While a local cluster closes after Ctrl-C (``on`` non-empty), this process's
+    distributed logger (the scheduler's and nannies' messages) at critical only."""
+    if not on:
+        yield
+        return
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @contextmanager
 def _remote_client(address: str, sec, timeout: float, quiet: bool) -> Iterator[Any]:
     """:func:`client_for` with a scheduler address (its arguments checked)."""
@@ -491,6 +523,7 @@ def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
             host="127.0.0.1", dashboard_address=dash, worker_dashboard_address=None,
             preload=["spedflow._interrupt"],  # workers leave the terminal's Ctrl-C to us
             **kwargs)
+    hushed = []  # set on Ctrl-C: the close that follows is not reported line by line
     try:
         client = Client(cluster, security=kwargs.get("security"), set_as_default=True)
         _warm_up(client)
@@ -501,10 +534,15 @@ def _local_client(n: int, threads: int, mem: int, sec, dashboard: bool,
                                 f"thread{'s' if threads != 1 else ''}, "
                                 f"{_fmt_bytes(mem)} each")
             yield client
+        except KeyboardInterrupt:
+            hushed.append(True)
+            _hush(client)  # its workers, stopped mid-task, report every broken comm
+            raise
         finally:
             client.close()
     finally:
-        cluster.close()
+        with _distributed_logs_hushed(hushed):
+            cluster.close()
 
 
 #: The start of the run's cluster while the client does its first work
