@@ -841,3 +841,110 @@ def test_drop_rims_drops_a_crystals_rim_only():
     assert drop_rims(res, VDFMergeParams(rim_width=0)) is res
     near = (masks[4] > 0) & ndimage.binary_dilation(crystal, iterations=3)
     assert near.sum() < 0.75 * masks[4].sum()  # the case is one the rule keeps
+
+
+# --- noise-corrected correlation (segment_reliability) ------------------------------
+
+def _reliability_brute(segments):
+    """segment_reliability written out for dense (M, Y, X) segments, one loop each."""
+    from spedflow.segment._merge import _MIN_NOISE_PAIRS, RELIABILITY_FLOOR
+    out = []
+    from scipy import ndimage
+    for s in segments:
+        s = s.astype(np.float64)
+        m = ndimage.binary_erosion(s != 0, border_value=0)  # all four neighbours inside
+        d = list(s[:, 1:][m[:, 1:] & m[:, :-1]] - s[:, :-1][m[:, 1:] & m[:, :-1]])
+        d += list(s[1:][m[1:] & m[:-1]] - s[:-1][m[1:] & m[:-1]])
+        m = s != 0
+        d = np.asarray(d)
+        if d.size < _MIN_NOISE_PAIRS:
+            out.append(np.nan)
+            continue
+        sigma2 = (1.4826 * np.median(np.abs(d - np.median(d)))) ** 2 / 2
+        rel = 1 - m.sum() * sigma2 / (s.size * s.var())
+        out.append(float(np.clip(rel, RELIABILITY_FLOOR, 1.0)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("block", [1 << 20, 150])  # one block; several (a row per block too)
+def test_segment_reliability_equals_a_brute_force_loop_dense_and_sparse(block, monkeypatch):
+    from scipy import sparse
+
+    from spedflow.segment import _merge
+    from spedflow.segment._merge import segment_reliability
+    monkeypatch.setattr(_merge, "_BLOCK_VALUES", block)
+    rng = np.random.default_rng(3)
+    segs = []
+    for k, (c, r, snr) in enumerate([((10, 10), 7, 20.0), ((20, 25), 9, 1.0), ((30, 8), 6, 3.0),
+                                     ((5, 35), 1, 1.0), ((39, 39), 3, 2.0)]):
+        m = disc(c, r)
+        segs.append(np.where(m, 10.0 + rng.normal(0, 10.0 / snr, SHAPE), 0.0))
+    segs = np.stack(segs).astype(np.float32)  # as the workflow's segments
+    want = _reliability_brute(segs)
+    flat = segs.reshape(len(segs), -1)
+    np.testing.assert_allclose(segment_reliability(flat, SHAPE), want, rtol=1e-10)
+    np.testing.assert_allclose(segment_reliability(sparse.csr_matrix(flat), SHAPE), want, rtol=1e-10)
+    assert want[0] > 0.95 and np.isnan(want[3])  # little noise; too few pairs to tell
+
+
+def test_noise_corrected_correlation_recovers_the_signals_correlation():
+    """Two noisy copies of one crystal's segment (signal-to-noise 2, as at low dose)
+    correlate well below the noise-free copies; divided by sqrt(rel_a rel_b) they come
+    back to it (Spearman's correction), within the scatter of the estimate."""
+    from spedflow.segment._merge import _disattenuated, segment_reliability
+    rng = np.random.default_rng(7)
+    shape = (64, 64)
+    m = disc((32, 30), 14, shape)
+    yy, xx = np.indices(shape)
+    signal = np.where(m, 5.0 + 0.1 * (yy - 32), 0.0)  # a thickness ramp
+    clean = np.stack([signal, 0.8 * signal])
+    noisy = np.stack([np.where(m, s + rng.normal(0, 5.0 / 2.0, shape), 0.0) for s in clean])
+    c_clean = correlation_matrix(clean)[0, 1]
+    c_noisy = correlation_matrix(noisy)[0, 1]
+    rel = segment_reliability(noisy.reshape(2, -1), shape)
+    c_fixed = _disattenuated(correlation_matrix(noisy), rel)[0, 1]
+    assert c_noisy < c_clean - 0.1
+    assert abs(c_fixed - c_clean) < 0.05, (c_noisy, c_fixed, c_clean)
+
+
+@pytest.mark.parametrize("corrected, image_snr, n_crystals", [
+    (True, None, 2), (False, 1.0, 0),
+    ("auto", 1.0, 2),    # the images noise-dominated (under NOISY_IMAGES): corrected
+    ("auto", 3.0, 0),    # not: the paper's comparison
+    ("auto", None, 0),   # not known: the paper's
+])
+def test_low_dose_segments_of_one_crystal_merge_when_noise_corrected(corrected, image_snr,
+                                                                     n_crystals):
+    """Two crystals, four vectors each, every VDF segment its crystal's mask with pixel
+    noise of signal-to-noise 1.5: their segments correlate ~0.6 (< 0.7) and no group
+    reaches four vectors; corrected for the noise they form the two crystals, and the
+    two crystals (overlapping a little) stay apart."""
+    rng = np.random.default_rng(11)
+    masks = [disc((12, 12), 9), disc((26, 26), 9)]
+    segs, src = [], []
+    for k, m in enumerate(masks):
+        for v in range(4):
+            segs.append(np.where(m, np.clip(10.0 + rng.normal(0, 10.0 / 1.5, SHAPE), 0.1, None), 0.0))
+            src.append(4 * k + v)
+    vectors = np.array([[10.0 * np.cos(a), 10.0 * np.sin(a)] for a in np.linspace(0, 6, 8)])
+    params = VDFMergeParams(noise_corrected=corrected, friedel_tolerance=0)
+    res = merge_vdf_segments(np.stack(segs), np.array(src), vectors, params, image_snr=image_snr)
+    assert len(res.members) == n_crystals
+    if n_crystals:
+        assert sorted(tuple(m) for m in res.members) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "AUTO"])
+def test_noise_corrected_takes_true_false_or_auto(value):
+    with pytest.raises(ParameterError, match="noise_corrected"):
+        VDFMergeParams(noise_corrected=value)
+
+
+def test_a_pair_is_corrected_only_where_both_segments_noise_is_measured():
+    """A grain too small to measure its noise on keeps its measured correlation with
+    every segment (the other's reliability alone does not lift it)."""
+    from spedflow.segment._merge import _disattenuated
+    corr = np.array([[1.0, 0.6, 0.6], [0.6, 1.0, 0.6], [0.6, 0.6, 1.0]])
+    out = _disattenuated(corr, np.array([0.64, np.nan, 0.81]))
+    np.testing.assert_allclose(out, [[1, 0.6, 0.6 / np.sqrt(0.64 * 0.81)],
+                                     [0.6, 1, 0.6], [0.6 / np.sqrt(0.64 * 0.81), 0.6, 1]])

@@ -282,6 +282,14 @@ def auto_smooth_width(radius: float) -> float:
     return max(0.0, (radius - start) / (full - start)) * (full / SMOOTH_FRACTION)
 
 
+#: Under this median pixel signal-to-noise ratio (:func:`image_snr`) a set's VDF images
+#: are noise-dominated (over all images of a set, the median is 2.3 or more on every
+#: full-dose benchmark set of four simulators but one of 3-6 px grains, 1.8; 0.5-1.9 at
+#: 300-1000 counts per pattern, 2.0-3.0 at 3000): the VDF workflow warns, and its
+#: merge corrects the segments' correlations for their noise (``merge.noise_corrected``).
+NOISY_IMAGES = 2.0
+
+
 def image_snr(image: np.ndarray, method: str = "li") -> float:
     """The pixel signal-to-noise ratio of ``image`` (``inf`` where it cannot be measured).
 

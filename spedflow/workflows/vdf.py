@@ -285,6 +285,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                            drop_shared_reflections, fold_fragments, member_positions,
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
                            split_overlapping, virtual_patterns, watershed_stack)
+    from ..segment._merge import noise_corrected
     from ..segment._overlap import note_cuts
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
@@ -408,8 +409,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             return_free_heap()
         log.info("%d VDF image segments", segments.shape[0])
 
+        if noise_corrected(cfg.merge, image_snr) and cfg.merge.noise_corrected == "auto":
+            log.info("segment correlations corrected for the images' pixel noise (median "
+                     "signal-to-noise ratio %.2f; merge.noise_corrected)", image_snr)
         with timer("merge"):
-            merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx))
+            merged = merge_vdf_segments(segments, source, vectors, cfg.merge, scan_shape=(ny, nx),
+                                        image_snr=image_snr)
             n_groups = len(merged.summed)
             merged = drop_radial_pairs(merged, images, cfg.merge, radius=vd.radius)
             n_ring = n_groups - len(merged.summed)
@@ -519,6 +524,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "vdf_image_snr": image_snr,
+                     "merge_noise_corrected": noise_corrected(cfg.merge, image_snr),
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
@@ -542,18 +548,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 #: At most this many VDF images, evenly spread over the stack, are measured for
 #: :func:`_note_noisy_images` (a 512 x 512 image takes ~20 ms).
 _SNR_SAMPLE = 32
-#: Under this median pixel signal-to-noise ratio the VDF images are noise-dominated
-#: (``segment._watershed.image_snr``; over all images of a set, the median is 2.3 or
-#: more on every full-dose benchmark set of four simulators but one of 3-6 px grains,
-#: 1.8; 0.5-1.9 at 300-1000 counts per pattern, 2.0-3.0 at 3000).
-NOISY_IMAGES = 2.0
 
 
 def _note_noisy_images(images, ws) -> float | None:
     """The median pixel signal-to-noise ratio of up to ``_SNR_SAMPLE`` of the VDF
     ``images`` (a Zarr array, read image by image), and a warning with what to do when
     it is under :data:`NOISY_IMAGES` and the watershed's noise rule is off."""
-    from ..segment._watershed import image_snr
+    from ..segment._watershed import NOISY_IMAGES, image_snr
     n = images.shape[0]
     if n == 0:
         return None
