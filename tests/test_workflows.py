@@ -493,6 +493,8 @@ def test_noisy_vdf_images_are_pointed_out(tmp_path, sim_store, low_dose_store, w
     if len(images) <= 32:  # the sample is every image: the median of image_snr over them
         assert snr == pytest.approx(float(np.median([image_snr(im) for im in images])))
     assert (snr < 2.0) is (which == "low")
+    # the merge's noise correction ("auto") follows the same measure
+    assert g.attrs["spedflow"]["resolved"]["merge_noise_corrected"] is (which == "low")
     hits = [r.message for r in caplog.records if "VDF images are noisy" in r.message]
     assert bool(hits) is warned
     if warned:
