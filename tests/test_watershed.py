@@ -620,3 +620,28 @@ def test_background_noise_where_a_crystal_covers_much_of_the_map():
     _, mask = _smoothed_mask(zeros, p)
     assert mask.mean() >= 0.4
     assert background_noise(zeros, mask) == 1.4826 * np.median(np.abs(zeros - np.median(zeros))) > 0
+
+
+@pytest.mark.parametrize("given, snr, want", [
+    (None, 0.5, 2.0), (None, 0.99, 2.0),   # noise above signal: the noise rule on
+    (None, 1.0, 0.0), (None, 5.6, 0.0),    # not: the paper's watershed
+    (None, None, 0.0),                     # no images measured
+    (0.0, 0.5, 0.0), (3.0, 5.6, 3.0),      # given: kept
+])
+def test_automatic_snr_floor_follows_the_images_noise(given, snr, want):
+    from spedflow.segment._watershed import resolved_watershed
+    p = resolved_watershed(WatershedParams(snr_floor=given), snr)
+    assert p.snr_floor == want
+    assert dataclasses.replace(p, snr_floor=given) == WatershedParams(snr_floor=given)
+
+
+def test_unresolved_snr_floor_is_off_outside_the_vdf_workflow():
+    """NMF's loading maps and ``watershed_image`` take the default (None) as 0."""
+    rng = np.random.default_rng(2)
+    img = rng.normal(0, 1.0, (48, 48))
+    img[10:30, 12:34] += 1.2  # a noisy crystal: the rule would smooth it
+    assert WatershedParams().snr_floor is None
+    np.testing.assert_array_equal(watershed_image(img, WatershedParams()),
+                                  watershed_image(img, WatershedParams(snr_floor=0.0)))
+    assert not np.array_equal(watershed_image(img, WatershedParams()),
+                              watershed_image(img, WatershedParams(snr_floor=2.0)))

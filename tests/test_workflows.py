@@ -493,12 +493,37 @@ def test_noisy_vdf_images_are_pointed_out(tmp_path, sim_store, low_dose_store, w
     if len(images) <= 32:  # the sample is every image: the median of image_snr over them
         assert snr == pytest.approx(float(np.median([image_snr(im) for im in images])))
     assert (snr < 2.0) is (which == "low")
-    # the merge's noise correction ("auto") follows the same measure
+    # the merge's noise correction ("auto") follows the same measure; the watershed's
+    # noise rule stays off over a ratio of 1 unless given
     assert g.attrs["spedflow"]["resolved"]["merge_noise_corrected"] is (which == "low")
+    assert g.attrs["spedflow"]["resolved"]["watershed_snr_floor"] == (
+        2.0 if overrides else 0.0)
     hits = [r.message for r in caplog.records if "VDF images are noisy" in r.message]
     assert bool(hits) is warned
     if warned:
         assert f"ratio {snr:.2f}" in hits[0] and "watershed.snr_floor=2" in hits[0]
+
+
+def test_images_mostly_noise_switch_the_noise_rule_on(tmp_path, caplog):
+    """At 100 counts per pattern the VDF images' median pixel signal-to-noise ratio is
+    under 1: the default watershed.snr_floor (None) becomes 2, as given explicitly (the
+    same segments), the merge corrects for the noise, and the run says so."""
+    import logging
+
+    from spedflow.simulate import simulate
+    store = simulate(tmp_path / "d100.zarr", scan=(40, 40), detector=64, crystals=6, seed=3,
+                     dose=100, progress=False)
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        auto = spedflow.segment(store, method="vdf", out=tmp_path / "auto.zarr", local=True,
+                                progress=False)
+    given = spedflow.segment(store, method="vdf", out=tmp_path / "given.zarr", local=True,
+                             progress=False, overrides={"watershed": {"snr_floor": 2.0}})
+    a, g = (zarr.open_group(str(r), mode="r") for r in (auto, given))
+    res = a.attrs["spedflow"]["resolved"]
+    assert res["vdf_image_snr"] < 1.0
+    assert res["watershed_snr_floor"] == 2.0 and res["merge_noise_corrected"] is True
+    np.testing.assert_array_equal(a["segments/maps"][:], g["segments/maps"][:])
+    assert any("mostly noise" in r.message and "snr_floor = 2" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("max_coverage, warned", [(0.08, True), (None, False)])

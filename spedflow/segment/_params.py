@@ -52,7 +52,12 @@ class WatershedParams:
         (``segment._watershed.image_snr``) is the mean of the threshold mask minus the
         mean outside it, over the noise of the mask's interior (second differences,
         which a thickness gradient does not enter). 0 (default) switches the rule
-        off. 2 is the value to try at a few hundred to a few thousand counts per
+        off. ``None`` (default): the VDF workflow uses 2 where its images' median pixel
+        signal-to-noise ratio is under 1 (:data:`~spedflow.segment._watershed.NOISE_BOUND`:
+        noise above signal, every crystal's mask in pieces; on the benchmark sets only
+        at 300 counts per pattern, which it took from 11 to 16 of 40 crystals), 0
+        otherwise; elsewhere (NMF's loading maps, ``watershed_image``) None is 0.
+        2 is the value to try at a few hundred to a few thousand counts per
         pattern: at a ratio of 2 a crystal's typical pixel lies one noise level above
         a threshold midway between crystal and background, so about one pixel in six
         of each class falls on the wrong side, and the watershed cuts crystals into
@@ -105,7 +110,7 @@ class WatershedParams:
 
     threshold: str = "li"
     smooth: float | None = None
-    snr_floor: float = 0.0
+    snr_floor: float | None = None
     min_distance: float | None = None
     neck_ratio: float = math.sqrt(3.0) / 2.0
     min_size: int = 10
@@ -119,7 +124,7 @@ class WatershedParams:
             raise ParameterError(f"`threshold` must be one of {', '.join(THRESHOLD_METHODS)} "
                                  f"(got {self.threshold!r})")
         check_range("smooth", self.smooth, low=0, high=50, allow_none=True)
-        check_range("snr_floor", self.snr_floor, low=0, high=100)
+        check_range("snr_floor", self.snr_floor, low=0, high=100, allow_none=True)
         check_range("min_distance", self.min_distance, low=0, allow_none=True)
         check_range("neck_ratio", self.neck_ratio, low=0, high=1, low_open=True)
         check_range("min_size", self.min_size, low=1, integer=True)

@@ -288,6 +288,22 @@ def auto_smooth_width(radius: float) -> float:
 #: 300-1000 counts per pattern, 2.0-3.0 at 3000): the VDF workflow warns, and its
 #: merge corrects the segments' correlations for their noise (``merge.noise_corrected``).
 NOISY_IMAGES = 2.0
+#: Under this median pixel signal-to-noise ratio noise outweighs a VDF image's signal:
+#: the VDF workflow's automatic ``WatershedParams.snr_floor`` (None) is then 2.
+NOISE_BOUND = 1.0
+#: ``WatershedParams.snr_floor`` the VDF workflow uses under :data:`NOISE_BOUND`.
+AUTO_SNR_FLOOR = 2.0
+
+
+def resolved_watershed(params, image_snr: float | None):
+    """``params`` (a :class:`~spedflow.segment.WatershedParams`) with an automatic
+    ``snr_floor`` (None) resolved for VDF images whose median pixel signal-to-noise
+    ratio is ``image_snr``: :data:`AUTO_SNR_FLOOR` under :data:`NOISE_BOUND`, else 0."""
+    import dataclasses
+    if params.snr_floor is not None:
+        return params
+    low = image_snr is not None and image_snr < NOISE_BOUND
+    return dataclasses.replace(params, snr_floor=AUTO_SNR_FLOOR if low else 0.0)
 
 
 def image_snr(image: np.ndarray, method: str = "li") -> float:
@@ -447,7 +463,7 @@ def _smoothed_mask(image: np.ndarray, params: WatershedParams):
     if sigma is None:
         mask = _threshold_mask(image, params.threshold)
         sigma = auto_smooth_width(_inscribed_radius(mask))
-        if params.snr_floor > 0:
+        if params.snr_floor:  # None (automatic, resolved by the VDF workflow) is off here
             sigma = max(sigma, _noise_rule_width(image, params))
         if sigma == 0:
             return image, mask

@@ -286,6 +286,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                            merge_vdf_segments, pattern_sigma, segments_from_labels,
                            split_overlapping, virtual_patterns, watershed_stack)
     from ..segment._merge import noise_corrected
+    from ..segment._watershed import resolved_watershed
     from ..segment._overlap import note_cuts
     from ..vdf import lazy as vdfl
     from ..vdf import resolve as resolve_vdf
@@ -390,19 +391,21 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                 st_vdf.mark_complete()
         # from here on the image stack stays on disk: the client reads an image when it needs it
         images = st_vdf.group("r")["images"]
-        image_snr = _note_noisy_images(images, cfg.watershed)
+        image_snr = _images_snr(images, cfg.watershed.threshold)
+        ws = resolved_watershed(cfg.watershed, image_snr)  # the automatic snr_floor
+        _note_noisy_images(image_snr, ws, auto=cfg.watershed.snr_floor is None)
 
         # watershed of every VDF image, each image a task that reads its image from the
         # stage cache and writes its labels there: shipping the stack inside the graph puts
         # all of it on every worker (215 MB for 205 vectors on a 512 x 512 scan), and
         # gathering the labels would hold a second stack here
-        st_ws = cache.stage("watershed", st_vdf.key, dataclasses.asdict(cfg.watershed))
+        st_ws = cache.stage("watershed", st_vdf.key, dataclasses.asdict(ws))
         with timer("watershed"):
             if not st_ws.complete:
                 stack = da.from_zarr(images).rechunk((1, ny, nx))
                 target = create_array(st_ws.group(), "labels", stack.shape, np.int32,
                                       chunks=(1, ny, nx), overwrite=True)
-                cluster.store(watershed_stack(stack, cfg.watershed), target, label="watershed")
+                cluster.store(watershed_stack(stack, ws), target, label="watershed")
                 st_ws.mark_complete()
             labels = st_ws.group("r")["labels"]
             segments, source = segments_from_labels(images, labels, sparse=True)
@@ -525,6 +528,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "vdf_image_snr": image_snr,
                      "merge_noise_corrected": noise_corrected(cfg.merge, image_snr),
+                     "watershed_snr_floor": ws.snr_floor,
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
                      "gain": None if counts is None else counts[0],
@@ -550,23 +554,37 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
 _SNR_SAMPLE = 32
 
 
-def _note_noisy_images(images, ws) -> float | None:
+def _images_snr(images, threshold: str) -> float | None:
     """The median pixel signal-to-noise ratio of up to ``_SNR_SAMPLE`` of the VDF
-    ``images`` (a Zarr array, read image by image), and a warning with what to do when
-    it is under :data:`NOISY_IMAGES` and the watershed's noise rule is off."""
-    from ..segment._watershed import NOISY_IMAGES, image_snr
+    ``images`` (a Zarr array, read image by image; None if there are none), their
+    masks by the watershed's ``threshold`` method."""
+    from ..segment._watershed import image_snr
     n = images.shape[0]
     if n == 0:
         return None
     picks = np.unique(np.linspace(0, n - 1, min(n, _SNR_SAMPLE)).round().astype(int))
-    values = [image_snr(images[int(i)], ws.threshold) for i in picks]
-    snr = float(np.median(values))
-    if snr < NOISY_IMAGES and ws.snr_floor == 0 and ws.smooth is None:
-        log.warning("the VDF images are noisy (median pixel signal-to-noise ratio %.2f over %d "
-                    "of them): as at low dose, the watershed may cut crystals into pieces. "
-                    "Try --set watershed.snr_floor=2 (smooths the noisiest images) or "
-                    "--method nmf (pools every pattern)", snr, len(picks))
+    snr = float(np.median([image_snr(images[int(i)], threshold) for i in picks]))
     return snr if math.isfinite(snr) else None
+
+
+def _note_noisy_images(snr: float | None, ws, *, auto: bool) -> None:
+    """Say what the VDF images' median pixel signal-to-noise ratio ``snr`` means: under
+    :data:`~spedflow.segment._watershed.NOISY_IMAGES` with the watershed's noise rule
+    off (``ws``, resolved), what to try; with the rule switched on automatically, that
+    it is (``auto``)."""
+    from ..segment._watershed import NOISY_IMAGES
+    if snr is None:
+        return
+    if snr < NOISY_IMAGES and ws.snr_floor == 0 and ws.smooth is None:
+        log.warning("the VDF images are noisy (median pixel signal-to-noise ratio %.2f): as "
+                    "at low dose, the watershed may cut crystals into pieces. Try --set "
+                    "watershed.snr_floor=2 (smooths the noisiest images) or --method nmf "
+                    "(pools every pattern)", snr)
+    elif auto and ws.snr_floor > 0:
+        log.warning("the VDF images are mostly noise (median pixel signal-to-noise ratio "
+                    "%.2f): each is smoothed until its crystals hold together "
+                    "(watershed.snr_floor = %g; --method nmf pools every pattern)", snr,
+                    ws.snr_floor)
 
 
 def _aligned_tables(paths, measured, used, detector_shape, border, *, found_at=None):
