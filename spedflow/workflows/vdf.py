@@ -472,6 +472,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                     "params vdf`, section [peaks])", vp.min_patterns)
         images = np.zeros((0, ny, nx), np.float32)
         image_snr = None
+        ws = resolved_watershed(cfg.watershed, None)  # no images: the rule as given, else off
         labels = np.zeros((0, ny, nx), np.int32)
         segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
         merged = merge_vdf_segments(segments, np.zeros(0, np.int64), vectors, cfg.merge,
