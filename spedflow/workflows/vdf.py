@@ -581,7 +581,7 @@ def _note_noisy_images(snr: float | None, ws, *, auto: bool) -> None:
                     "at low dose, the watershed may cut crystals into pieces. Try --set "
                     "watershed.snr_floor=2 (smooths the noisiest images) or --method nmf "
                     "(pools every pattern)", snr)
-    elif auto and ws.snr_floor > 0:
+    elif auto and ws.snr_floor > 0 and ws.smooth is None:  # the rule acts only then
         log.warning("the VDF images are mostly noise (median pixel signal-to-noise ratio "
                     "%.2f): each is smoothed until its crystals hold together "
                     "(watershed.snr_floor = %g; --method nmf pools every pattern)", snr,
