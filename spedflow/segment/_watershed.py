@@ -98,7 +98,8 @@ def watershed_image(image: np.ndarray, params: WatershedParams | None = None, *,
     if params.min_snr > 0:
         whole = _robust_std(image)
         noise = background_noise(image, mask, whole)
-        spread = background_noise(image, mask, whole, share=0.5)
+        # the median test's unit (share 0.5): the same background measure from half on
+        spread = noise if mask.mean() >= 0.5 else whole
     return _filter_segments(image, flooded, excluded, params, intensity_scale, noise, spread)
 
 
