@@ -77,8 +77,9 @@ def dask_setup(worker) -> None:
     except ValueError:  # not the process's main thread: leave it
         pass
     # the tasks the command cancels as it stops are each reported as a warning
-    logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled)
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled_task)
 
 
-def _not_cancelled(record) -> bool:
+def _not_cancelled_task(record) -> bool:
+    """Drop a worker's log line of a task that ended cancelled (the command's stop)."""
     return "ended with CancelledError" not in record.getMessage()

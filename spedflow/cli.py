@@ -212,8 +212,8 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     logging.getLogger().setLevel(level)  # also where the root logger had handlers already
     for handler in logging.getLogger().handlers:  # libraries' own loggers (distributed's
         handler.setLevel(level)                    # INFO) reach the root handler too
-        if _not_cancelled not in handler.filters:
-            handler.addFilter(_not_cancelled)
+        if _no_cancel_traceback not in handler.filters:
+            handler.addFilter(_no_cancel_traceback)
     if verbose < 2:
         quieter = max(level, logging.WARNING)
         logging.getLogger("distributed").setLevel(quieter)  # if it is imported already
@@ -229,7 +229,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
         warnings.formatwarning = lambda m, c, f, l, line=None: f"spedflow: warning: {m}\n"
 
 
-def _not_cancelled(record: logging.LogRecord) -> bool:
+def _no_cancel_traceback(record: logging.LogRecord) -> bool:
     """Drop a library's log of a task cancelled while the command stops (after Ctrl-C,
     distributed logged the scheduler's cancelled progress feed with its traceback)."""
     import asyncio

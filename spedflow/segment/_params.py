@@ -42,7 +42,7 @@ class WatershedParams:
         pixels (hundreds of pieces per VDF image on a 512 x 512 scan of the
         ten-crystal simulation without it). Segment intensities are always taken from
         the unsmoothed image.
-    snr_floor : float
+    snr_floor : float or None
         For low-dose data. With ``smooth`` None, an image whose pixel signal-to-noise
         ratio is below this is smoothed by the Gaussian that lifts it to 5 (Rose's
         criterion), but by no more than a sixth of the largest inscribed radius of its
@@ -51,19 +51,19 @@ class WatershedParams:
         (``segment._watershed.noise_smooth_width``). The ratio
         (``segment._watershed.image_snr``) is the mean of the threshold mask minus the
         mean outside it, over the noise of the mask's interior (second differences,
-        which a thickness gradient does not enter). 0 (default) switches the rule
-        off. ``None`` (default): the VDF workflow uses 2 where its images' median pixel
+        which a thickness gradient does not enter). 0 switches the rule off.
+        ``None`` (default): the VDF workflow uses 2 where its images' median pixel
         signal-to-noise ratio is under 1 (:data:`~spedflow.segment._watershed.NOISE_BOUND`:
         noise above signal, every crystal's mask in pieces; on the benchmark sets only
         at 300 counts per pattern, which it took from 11 to 16 of 40 crystals), 0
         otherwise; elsewhere (NMF's loading maps, ``watershed_image``) None is 0.
-        2 is the value to try at a few hundred to a few thousand counts per
-        pattern: at a ratio of 2 a crystal's typical pixel lies one noise level above
-        a threshold midway between crystal and background, so about one pixel in six
-        of each class falls on the wrong side, and the watershed cuts crystals into
-        pieces too small to correlate. It is not the default because it costs small
-        grains at full dose, whose few pixels it measures as noisier than they are
-        (benchmarks/README.md, session 31).
+        At a ratio of 2 a crystal's typical pixel lies one noise level above a
+        threshold midway between crystal and background, so about one pixel in six of
+        each class falls on the wrong side, and the watershed cuts crystals into pieces
+        too small to correlate; 2 is the value to try at a few hundred to a few
+        thousand counts per pattern. It is not used above a median ratio of 1 because
+        it costs small grains at full dose, whose few pixels it measures as noisier
+        than they are (benchmarks/README.md, session 31).
     min_distance : float or None
         Markers closer than this (scan pixels) are one crystal. ``None`` (default)
         derives it per pair of markers from the mask itself: two markers are merged

@@ -412,7 +412,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             return_free_heap()
         log.info("%d VDF image segments", segments.shape[0])
 
-        if noise_corrected(cfg.merge, image_snr) and cfg.merge.noise_corrected == "auto":
+        corrected = noise_corrected(cfg.merge, image_snr)
+        if corrected and cfg.merge.noise_corrected == "auto":
             log.info("segment correlations corrected for the images' pixel noise (median "
                      "signal-to-noise ratio %.2f; merge.noise_corrected)", image_snr)
         with timer("merge"):
@@ -473,6 +474,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         images = np.zeros((0, ny, nx), np.float32)
         image_snr = None
         ws = resolved_watershed(cfg.watershed, None)  # no images: the rule as given, else off
+        corrected = noise_corrected(cfg.merge, None)
         labels = np.zeros((0, ny, nx), np.int32)
         segments = sparse.csr_matrix((0, ny * nx), dtype=np.float32)
         merged = merge_vdf_segments(segments, np.zeros(0, np.int64), vectors, cfg.merge,
@@ -528,7 +530,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "peaks": dataclasses.asdict(pk), "vectors": dataclasses.asdict(vp),
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "vdf_image_snr": image_snr,
-                     "merge_noise_corrected": noise_corrected(cfg.merge, image_snr),
+                     "merge_noise_corrected": corrected,
                      "watershed_snr_floor": ws.snr_floor,
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
