@@ -22,6 +22,10 @@ clipping together.
 ``--suite lowdose`` runs 300, 1000 and 3000 counts per pattern on four other scenes
 (seeds 31-34; ``work/lowdose``, ``results/lowdose.json``).
 
+``--suite flicker`` runs three scenes (seeds 0, 3, 19) with a beam current that varies
+from line to line, from position to position, or drifts down over the scan
+(``work/flicker``, ``results/flicker.json``).
+
 ``--suite largegrains`` runs eight scans of three or four crystals 30-70 % of the scan's side
 across (seeds 41-48; ``work/largegrains``, ``results/largegrains.json``).
 """
@@ -82,13 +86,53 @@ LARGEGRAINS = {
        for seed in (41, 42, 43, 44)},
     **{f"three_s{seed}": dict(scan=(64, 64), crystals=3, size_range=(0.45, 0.7), seed=seed)
        for seed in (45, 46, 47, 48)}}
-SUITES = {"quality": SETS, "variety": VARIETY, "lowdose": LOWDOSE, "largegrains": LARGEGRAINS}
+#: ``--suite flicker``: the beam current varies during the scan (a cold field-emission
+#: gun), made by binomial thinning of the simulated counts (still Poisson, at the lower
+#: dose) by a factor per scan position (``flicker``: :func:`flicker_factors`).
+FLICKER = {f"{mode}_s{seed}": dict(scan=(64, 64), seed=seed, flicker=mode)
+           for seed in (0, 3, 19) for mode in ("rows", "pixels", "drift")}
+SUITES = {"quality": SETS, "variety": VARIETY, "lowdose": LOWDOSE, "largegrains": LARGEGRAINS,
+          "flicker": FLICKER}
+
+
+def flicker_factors(mode: str, shape, seed: int) -> np.ndarray:
+    """Dose factors in (0, 1] per scan position: "rows" one per scan line, uniform in
+    0.6-1 (slow-scan flicker); "pixels" one per position (fast flicker); "drift" a decay
+    to half over the scan with five 15 % drops at random times (a cold field-emission
+    gun's current after its flash), scaled to a largest factor of 1."""
+    rng = np.random.default_rng(1000 + seed)
+    ny, nx = shape
+    if mode == "rows":
+        return np.repeat(rng.uniform(0.6, 1.0, (ny, 1)), nx, axis=1)
+    if mode == "pixels":
+        return rng.uniform(0.6, 1.0, (ny, nx))
+    if mode == "drift":
+        f = 1.0 - 0.5 * np.arange(ny * nx) / (ny * nx)
+        for j in rng.integers(0, ny * nx, 5):
+            f[j:] *= 0.85
+        return (f / f.max()).reshape(ny, nx)
+    raise ValueError(f"unknown flicker mode {mode!r}")
+
+
+def simulate_set(store: Path, options: dict) -> None:
+    """``spedflow.simulate`` with ``options``; a ``flicker`` option thins the counts of
+    every pattern by its factor (binomial: a Poisson count stays Poisson)."""
+    import zarr
+    from spedflow.simulate import simulate
+    options = dict(options)
+    mode = options.pop("flicker", None)
+    simulate(store, progress=False, **options)
+    if mode is not None:
+        data = zarr.open_group(str(store), mode="r+")["data"]
+        a = data[:]
+        f = flicker_factors(mode, a.shape[:2], options.get("seed", 0))
+        rng = np.random.default_rng(2000 + options.get("seed", 0))
+        data[:] = rng.binomial(a.astype(np.int64), f[:, :, None, None]).astype(a.dtype)
 
 
 def main(argv=None) -> int:
     from _measure import check_checkout
     from spedflow.evaluate import evaluate
-    from spedflow.simulate import simulate
     check_checkout()
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +150,7 @@ def main(argv=None) -> int:
     for name in args.sets:
         store = args.work / f"{name}.zarr"
         if not store.exists():
-            simulate(store, progress=False, **sets[name])
+            simulate_set(store, sets[name])
         for method in args.methods:
             out = args.work / f"{name}.{method}.zarr"
             t0 = time.perf_counter()

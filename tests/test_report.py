@@ -94,6 +94,9 @@ def make_fake_result(path, method="vdf", *, scan=(12, 14), k=(32, 32), drop=(), 
             k[1] // 2 + 0.02 * np.arange(nx)[None, :] + np.zeros((ny, 1))), -1).astype(np.float32),
     }
     arrays["beam/fitted"] = np.full((ny, nx, 2), k[0] // 2, np.float32)
+    # each pattern's total: a beam current flickering from line to line
+    arrays["overview/total_counts"] = np.repeat(
+        1e4 * (1 + 0.1 * (-1.0) ** np.arange(ny))[:, None], nx, axis=1).astype(np.float32)
     if method == "vdf":
         peaks = []
         for (y, x) in np.argwhere(weights.max(0) > 0):
@@ -201,8 +204,8 @@ def fast_png(monkeypatch):
 
 # --------------------------------------------------------------------------- tests
 
-VDF_FIGS = {"overview", "segments", "vectors", "beam"}
-NMF_FIGS = {"overview", "scree", "nmf_components", "segments", "beam"}
+VDF_FIGS = {"overview", "segments", "vectors", "beam", "dose"}
+NMF_FIGS = {"overview", "scree", "nmf_components", "segments", "beam", "dose"}
 
 
 @pytest.mark.parametrize("method,expected", [("vdf", VDF_FIGS | {"differences"}),
@@ -313,6 +316,7 @@ def test_evaluation_attrs_are_shown(tmp_path, fast_png):
 @pytest.mark.parametrize("method,drop,missing", [
     ("vdf", ("overview/annular_vdf",), set()),                 # falls back to the maps
     ("vdf", ("beam/centres",), {"beam"}),
+    ("vdf", ("overview/total_counts",), {"dose"}),              # a result before 0.28
     ("vdf", ("vectors", "peaks", "overview/peak_histogram"), {"vectors"}),
     ("vdf", ("overview/peak_histogram",), set()),               # histogram from the peaks
     ("vdf", ("segments/maps",), {"overview", "segments"}),

@@ -160,3 +160,57 @@ def test_preprocessed_images_equal_preprocess_then_vdf(frames, chunks, counts, m
     with pytest.raises(ParameterError, match="align"):
         preprocessed_vdf_images(d, centres, PreprocessParams(align=False, dog_sigma_low=1.0,
                                                              dog_sigma_high=8.0), VECTORS, 2.5)
+
+
+# ------------------------------------------------------------------ dose normalisation
+def test_dose_spread_leaves_out_counting_noise():
+    """Totals of a steady beam spread by counting noise only: ~0 beyond it, in any
+    camera units (gain) and with a camera's read-out noise; a flickering beam's spread
+    is the flicker's own robust spread."""
+    from spedflow.vdf import dose_spread
+    rng = np.random.default_rng(1)
+    steady = rng.poisson(30_000, (64, 64)).astype(float)
+    rel, spread, noise = dose_spread(steady, gain=1.0)
+    assert spread < 0.002 and abs(np.median(rel) - 1) < 1e-12
+    assert noise == pytest.approx(1 / np.sqrt(30_000), rel=0.01)
+    assert dose_spread(2.5 * steady, gain=2.5)[1] < 0.002  # 2.5 units per electron
+    # read-out noise of 3 units on each of 16384 pixels, at 3,000 counts per pattern
+    cam = rng.poisson(3_000, (64, 64)) + rng.normal(0, 3 * np.sqrt(128 * 128), (64, 64))
+    assert dose_spread(cam, gain=1.0, read_var=9.0, n_pixels=128 * 128)[1] < 0.005
+    assert dose_spread(cam, gain=1.0)[1] > 0.02  # the read-out noise unaccounted for
+    f = rng.uniform(0.6, 1.0, (64, 64))
+    rel, spread, _ = dose_spread(rng.poisson(30_000 * f).astype(float), gain=1.0)
+    g = f / np.median(f)
+    assert spread == pytest.approx(1.4826 * np.median(np.abs(g - 1)), rel=0.05)
+    np.testing.assert_allclose(rel, g, rtol=0.03)
+    assert np.isnan(dose_spread(steady, gain=None)[1])  # the counting noise unknown
+
+
+def test_dose_spread_guards_empty_and_blanked_patterns():
+    from spedflow.vdf import dose_spread
+    t = np.full((8, 8), 1000.0)
+    t[0, 0], t[0, 1], t[0, 2] = 0.0, np.nan, 10.0  # empty, broken, a blanked beam
+    rel, _, _ = dose_spread(t, gain=1.0)
+    assert rel[0, 0] == 1 and rel[0, 1] == 1 and rel[0, 2] == pytest.approx(0.2)
+    rel, spread, _ = dose_spread(t[:3, :3], gain=1.0)  # too few totals to measure
+    assert np.isnan(spread) and (rel == 1).all()
+
+
+@pytest.mark.parametrize("normalize, spread, noise, clipped, seen, expected", [
+    ("auto", 0.20, 0.006, False, True, True),
+    ("auto", 0.05, 0.006, False, True, False),    # counting noise and crystals only
+    ("auto", 0.12, 0.15, False, True, False),     # ~50 counts: the totals noisier than that
+    ("auto", 0.20, 0.006, True, True, False),     # a clipped beam: the total follows the crystals
+    ("auto", 0.20, 0.006, False, False, False),   # a beam stop
+    ("auto", float("nan"), float("nan"), False, True, False),  # gain unknown
+    (True, 0.0, 0.0, True, False, True),
+    (False, 0.5, 0.0, False, True, False),
+])
+def test_dose_normalised_rule(normalize, spread, noise, clipped, seen, expected):
+    from spedflow.vdf import dose_normalised
+    assert dose_normalised(normalize, spread, noise, clipped=clipped, beam_seen=seen) is expected
+
+
+def test_normalize_must_be_a_bool_or_auto():
+    with pytest.raises(ParameterError, match="normalize"):
+        VDFParams(normalize="yes")

@@ -45,12 +45,18 @@ def test_result_contract(results, key):
         assert g["vdf/images"].shape == (len(v), ny, nx)
         assert g["peaks"].shape[1] == 5
         assert attrs["resolved"]["glare_radius"] == 0  # no clipped beam: no glare
+        # a steady beam: the totals spread by counting noise only, nothing normalised
+        assert g["overview/total_counts"].shape == (ny, nx)
+        assert attrs["resolved"]["vdf_dose_normalized"] is False
+        assert attrs["resolved"]["dose_spread"] < 0.01
         # virtual patterns: spots at the member vectors, relative to the centre
         table = g["vdf/segment_vectors"][:]
         for s in range(len(maps)):
             for gy, gx in np.rint(v[table[table[:, 0] == s, 1]]).astype(int)[:3]:
                 assert pats[s, ky // 2 + gy, kx // 2 + gx] > 0
     else:
+        assert attrs["resolved"]["nmf_dose_normalized"] is False
+        assert g["overview/total_counts"].shape == (ny, nx)
         e = attrs["n_components"] + len(attrs["residual_components"])  # global + residual search
         assert g["nmf/factors"].shape == (e, ky, kx) and g["nmf/loadings"].shape == (e, ny, nx)
         assert len(attrs["components_set_aside"]) >= 1  # the film/vacuum support
@@ -102,6 +108,62 @@ def test_vdf_on_other_data(tmp_path, options):
     scores = evaluate(res, store)
     assert scores["recall"] >= 0.5, scores
     assert scores["precision"] >= 0.5, scores
+
+
+def test_images_and_loadings_are_divided_by_a_flickering_beams_dose(tmp_path):
+    """A beam current that flickers from one scan line to the next (a cold field-emission
+    gun): every other line at 60 % of the dose, by binomial thinning of the simulated
+    counts (still Poisson). The VDF images are divided by each pattern's total: the odd
+    lines' share of the image intensity is the even lines', not 60 % of it (which
+    ``vdf.normalize = false`` keeps, from the same pass 1); so are NMF's loading maps."""
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(24, 24), detector=64,
+                              crystals=4, seed=2)
+    data = zarr.open_group(str(store), mode="r+")["data"]
+    a = data[:]
+    f = np.broadcast_to(np.where(np.arange(24) % 2, 0.6, 1.0)[:, None, None, None], a.shape)
+    data[:] = np.random.default_rng(0).binomial(a.astype(np.int64), f).astype(a.dtype)
+
+    def odd_over_even(res):
+        g = zarr.open_group(str(res), mode="r")
+        im = g["vdf/images"][:].sum(0)
+        return im[1::2].sum() / im[0::2].sum(), g.attrs["spedflow"]["resolved"]
+
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True, progress=False)
+    ratio, resolved = odd_over_even(res)
+    assert resolved["vdf_dose_normalized"] is True and resolved["dose_spread"] > 0.15
+    assert ratio == pytest.approx(1.0, abs=0.06)
+    totals = zarr.open_group(str(res), mode="r")["overview/total_counts"][:]
+    np.testing.assert_allclose(totals, data[:].sum(axis=(2, 3)), rtol=1e-5)
+    off = spedflow.segment(store, method="vdf", out=tmp_path / "off.zarr", local=True,
+                           progress=False, overrides={"vdf": {"normalize": False}})
+    ratio, resolved = odd_over_even(off)
+    assert resolved["vdf_dose_normalized"] is False and ratio == pytest.approx(0.6, abs=0.06)
+    # NMF: the loading maps of the kept components, divided likewise
+    res = spedflow.segment(store, method="nmf", out=tmp_path / "n.zarr", local=True, progress=False)
+    g = zarr.open_group(str(res), mode="r")
+    assert g.attrs["spedflow"]["resolved"]["nmf_dose_normalized"] is True
+    w = g["nmf/loadings"][:][g.attrs["spedflow"]["components_kept"]].sum(0)
+    assert w[1::2].sum() / w[0::2].sum() == pytest.approx(1.0, abs=0.06)
+
+
+def test_a_clipped_beams_totals_are_not_taken_for_the_dose(tmp_path, caplog):
+    """The same flicker on a camera that clips the beam (every pattern's beam core at
+    one value): the totals still spread with the flicker, but no longer measure the
+    dose (the clipped beam's counts are lost, and a clipped camera's totals follow the
+    crystals even under a steady beam). Not normalised, and the log says why."""
+    import logging
+    store = spedflow.simulate(tmp_path / "s.zarr", progress=False, scan=(24, 24), detector=64,
+                              crystals=4, seed=2)
+    data = zarr.open_group(str(store), mode="r+")["data"]
+    a = data[:]
+    f = np.broadcast_to(np.where(np.arange(24) % 2, 0.6, 1.0)[:, None, None, None], a.shape)
+    thinned = np.random.default_rng(0).binomial(a.astype(np.int64), f)
+    data[:] = np.minimum(thinned, a.max() // 4).astype(a.dtype)
+    caplog.set_level(logging.INFO, logger="spedflow")
+    res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True, progress=False)
+    resolved = zarr.open_group(str(res), mode="r").attrs["spedflow"]["resolved"]
+    assert resolved["dose_spread"] > 0.1 and resolved["vdf_dose_normalized"] is False
+    assert "the beam is clipped" in caplog.text
 
 
 def test_vdf_keeps_two_rods_of_one_orientation_side_by_side_apart(tmp_path):

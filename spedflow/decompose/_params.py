@@ -134,6 +134,13 @@ class NMFParams:
         from the detector's noise, and 1 where the data cannot tell it (a relative
         error above 0.1, warned about by the VDF workflow; an 8-bit camera whose pixels
         sit at its dark level). Give it for such a camera.
+    normalize : bool or "auto", default "auto"
+        Divide every component's loading map by each pattern's dose (its total counts
+        over the scan's median total), as ``vdf.normalize`` does the VDF images: a beam
+        current that varies during the scan scales each pattern's loadings with it.
+        "auto": where the totals spread by more than
+        :data:`spedflow.vdf.DOSE_SPREAD` beyond counting noise, the beam is seen and
+        not clipped (:func:`spedflow.vdf.dose_normalised`).
     """
 
     n_components: int | None = None
@@ -152,6 +159,7 @@ class NMFParams:
     min_coherence: float = 0.5
     dark_level: float | None = None
     gain: float | None = None
+    normalize: bool | str = "auto"
 
     def __post_init__(self):
         check_range("n_components", self.n_components, low=1, integer=True, allow_none=True)
@@ -169,6 +177,9 @@ class NMFParams:
         check_range("seed", self.seed, low=0, integer=True)
         check_range("dark_level", self.dark_level, low=0, allow_none=True)
         check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
+        if not (isinstance(self.normalize, bool) or self.normalize == "auto"):
+            raise ParameterError(f"`normalize` must be true, false or \"auto\" "
+                                 f"(got {self.normalize!r})")
         check_range("extra_components", self.extra_components, low=0, high=4)
         check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
         check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)

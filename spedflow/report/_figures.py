@@ -478,6 +478,34 @@ def fig_beam(centres: np.ndarray, fitted: np.ndarray | None, cal: Calibration) -
     return fig
 
 
+def fig_dose(totals: np.ndarray, cal: Calibration, *, normalised: bool | None = None) -> Figure:
+    """Each pattern's total counts over the scan, relative to the median: the dose where
+    the detector clips nothing (a beam current that flickered or drifted shows as lines
+    or a gradient), and a histogram of it.
+
+    Parameters
+    ----------
+    totals : (Y, X) array
+        ``overview/total_counts``.
+    normalised : bool or None
+        Whether the images or loading maps were divided by it (said in the title).
+    """
+    t = np.asarray(totals, np.float64)
+    ok = np.isfinite(t) & (t > 0)
+    rel = t / np.median(t[ok]) if ok.any() else np.ones_like(t)
+    fig = _new_figure(8.6, 3.9)
+    ax0, ax1 = fig.subplots(1, 2)
+    im = ax0.imshow(rel, cmap="viridis", extent=_map_extent(t.shape, cal), interpolation="nearest")
+    fig.colorbar(im, ax=ax0, shrink=0.8, label="total / median")
+    _map_axes(ax0, t.shape, cal, axes=True)
+    ax1.hist(rel[ok].ravel(), bins=min(100, max(10, int(ok.sum() ** 0.5))), color="0.3")
+    ax1.set_xlabel("total / median")
+    ax1.set_ylabel("patterns")
+    what = {True: " (images divided by it)", False: " (not normalised)", None: ""}[normalised]
+    fig.suptitle("each pattern's total counts: the dose" + what, fontsize=11)
+    return fig
+
+
 def fig_differences(data: np.ndarray, patterns: np.ndarray, positions: np.ndarray,
                     cal: Calibration, *, beam_radius: float, label: str) -> Figure:
     """Data pattern, segment pattern and their normalised difference (Figs. 4D, 6B).

@@ -291,6 +291,24 @@ def _make_figures(v: ResultView, rep: _Report, store_path) -> None:
     else:
         rep.skip(title, "no beam/centres")
 
+    title = "Dose: each pattern's total counts"
+    if v.totals is not None:
+        resolved = v.meta.get("resolved") if isinstance(v.meta.get("resolved"), dict) else {}
+        normalised = resolved.get("vdf_dose_normalized", resolved.get("nmf_dose_normalized"))
+        spread = resolved.get("dose_spread")
+        rep.add("dose", title,
+                "Each pattern's total counts over the median: where the detector clips nothing "
+                "and no beam stop is in, the incident dose. A beam current that flickered or "
+                "drifted during the scan shows as lines, speckle or a gradient; crystals show "
+                "faintly where they scatter past the detector's edge."
+                + (f" Spread beyond counting noise: {100 * spread:.1f} %." if spread is not None
+                   else "")
+                + (" The VDF images / loading maps were divided by it (normalize)."
+                   if normalised else ""),
+                lambda: F.fig_dose(v.totals, cal, normalised=normalised))
+    else:
+        rep.skip(title, "no overview/total_counts (a result of spedflow before 0.28)")
+
     title = "Difference patterns (cf. Figs. 4D, 6B)"
     if store_path is None:
         rep.skip(title, "no input store given (store_path) or found at the result's input path")

@@ -67,6 +67,7 @@ class ResultView:
     maps: np.ndarray | None = None            # (S, Y, X) float32
     patterns: np.ndarray | None = None        # (S, Ky, Kx) float32
     annular: np.ndarray | None = None         # (Y, X)
+    totals: np.ndarray | None = None          # (Y, X) each pattern's total counts
     mean_pattern: np.ndarray | None = None    # (Ky, Kx)
     beam_centres: np.ndarray | None = None    # (Y, X, 2)
     beam_fitted: np.ndarray | None = None     # (Y, X, 2)
@@ -304,6 +305,7 @@ def load_result(path, *, store_path=None, segments_only: bool = False) -> Result
     v.patterns = _array(g, "segments/patterns", 3, notes)
     if not segments_only:
         v.annular = _array(g, "overview/annular_vdf", 2, notes)
+        v.totals = _array(g, "overview/total_counts", 2, notes)
         v.mean_pattern = _array(g, "overview/mean_pattern", 2, notes)
         v.beam_centres = _array(g, "beam/centres", 3, notes)
         v.beam_fitted = _array(g, "beam/fitted", 3, notes)

@@ -18,7 +18,7 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["VDFParams", "resolve", "disc_masks", "annulus_mask", "apply_masks", "vdf_sums",
-           "annular_sums", "preprocessed_sums"]
+           "annular_sums", "preprocessed_sums", "dose_spread", "dose_normalised", "DOSE_SPREAD"]
 
 #: Sub-samples per pixel along each axis for the area-weighted (sub-pixel) masks:
 #: the covered area of each pixel is known to 1/64 of a pixel.
@@ -41,15 +41,30 @@ class VDFParams:
         use the pixels whose centres lie inside (False). True: the sum then does
         not jump when a vector moves by a fraction of a pixel, and the disc area is
         exactly ``pi r^2``.
+    normalize : bool or "auto"
+        Divide every VDF image by each pattern's dose: its total counts over the
+        scan's median total (:func:`dose_spread`). Electrons are counted wherever
+        they land, so on a detector that clips nothing the total is the incident
+        dose, and a beam current that flickers or decays during the scan (a cold
+        field-emission gun) scales every pattern, and the VDF images line by line:
+        stripes that break a crystal's threshold mask. "auto" (default): on where the
+        totals spread (robust relative standard deviation) beyond their counting noise
+        by more than :data:`DOSE_SPREAD` (10 %) and more than that noise itself, the
+        detector's gain is known, the beam is seen and not clipped (a clipped beam or
+        a beam stop takes the dose out of the total, which then follows the crystals).
     """
 
     radius: float | None = None
     subpixel: bool = True
+    normalize: bool | str = "auto"
 
     def __post_init__(self):
         check_range("radius", self.radius, low=0, low_open=True, allow_none=True)
         if not isinstance(self.subpixel, bool):
             raise ParameterError(f"`subpixel` must be true or false (got {self.subpixel!r})")
+        if not (isinstance(self.normalize, bool) or self.normalize == "auto"):
+            raise ParameterError(f"`normalize` must be true, false or \"auto\" "
+                                 f"(got {self.normalize!r})")
 
 
 def resolve(params: VDFParams, spot_radius: float | None = None) -> VDFParams:
@@ -60,6 +75,75 @@ def resolve(params: VDFParams, spot_radius: float | None = None) -> VDFParams:
         return params
     check_range("spot_radius", spot_radius, low=0, low_open=True)
     return dataclasses.replace(params, radius=float(spot_radius))
+
+
+#: ``normalize = "auto"`` acts where the patterns' totals spread by more than this
+#: (robust relative standard deviation beyond counting noise). A scan whose electrons
+#: all reach the detector keeps its totals to counting noise (0.6 % at 30,000 counts),
+#: but crystals that scatter past the detector's edge, or a simulator whose spots do
+#: not take their counts from the beam, make totals that follow the crystals (2-8 % on
+#: another simulator's sets, benchmarks/README.md, session 36), and dividing by those
+#: dims the crystals. A beam current that drifts or flickers by 6 % left the
+#: segmentation as it was, by 16-55 % it cost crystals: 10 % lies between.
+DOSE_SPREAD = 0.10
+#: Patterns that got less than this fraction of the median dose (a blanked beam at the
+#: start of a line) are scaled up by at most its inverse, not by their own noise.
+_MIN_DOSE = 0.2
+
+
+def dose_spread(totals, gain: float | None = None, read_var: float = 0.0,
+                n_pixels: int = 0) -> tuple[np.ndarray, float, float]:
+    """Each pattern's dose relative to the scan, and the spread of the doses beyond
+    counting noise.
+
+    Parameters
+    ----------
+    totals : (Y, X) array
+        Each pattern's total (data units).
+    gain : float, optional
+        Data units per detected electron; None: unknown (the spread is then NaN).
+    read_var : float
+        Read-out variance per pixel, data units squared (a camera's; 0 for a counting
+        detector), with ``n_pixels`` pixels per pattern.
+
+    Returns
+    -------
+    rel : (Y, X) float64
+        ``totals / median(totals)``, at least :data:`_MIN_DOSE`; 1 where a total is
+        not positive or not finite.
+    spread : float
+        Robust relative standard deviation of the totals (1.4826 x the median absolute
+        deviation of ``rel``) with the counting noise's share removed in quadrature:
+        ``sqrt(max(s^2 - (gain / m + n_pixels read_var / m^2), 0))`` for the median
+        total ``m``. NaN with fewer than 16 usable totals or without ``gain``.
+    noise : float
+        The relative counting noise of a total, ``sqrt(gain / m + n_pixels read_var /
+        m^2)``: what dividing by the totals adds to every pixel (NaN as ``spread``).
+    """
+    t = np.asarray(totals, np.float64)
+    ok = np.isfinite(t) & (t > 0)
+    nan = float("nan")
+    if ok.sum() < 16:
+        return np.ones(t.shape), nan, nan
+    m = float(np.median(t[ok]))
+    rel = np.where(ok, t / m, 1.0)
+    if gain is None or not np.isfinite(gain) or gain <= 0:
+        return np.maximum(rel, _MIN_DOSE), nan, nan
+    s = 1.4826 * float(np.median(np.abs(rel[ok] - 1.0)))
+    noise = float(gain) / m + n_pixels * float(read_var) / m ** 2
+    return np.maximum(rel, _MIN_DOSE), math.sqrt(max(s * s - noise, 0.0)), math.sqrt(noise)
+
+
+def dose_normalised(normalize, spread: float, noise: float = 0.0, *, clipped: bool,
+                    beam_seen: bool) -> bool:
+    """``VDFParams.normalize`` resolved: "auto" is on where ``spread``
+    (:func:`dose_spread`) exceeds both :data:`DOSE_SPREAD` and the totals' own counting
+    noise ``noise`` (below it, dividing by them adds more noise than it takes out of the
+    dose: a few hundred counts per pattern), the beam is seen and not clipped."""
+    if normalize != "auto":
+        return bool(normalize)
+    return bool(beam_seen and not clipped and np.isfinite(spread)
+                and spread > max(DOSE_SPREAD, noise))
 
 
 def _check_detector(detector_shape) -> tuple[int, int]:

@@ -467,12 +467,55 @@ class BeamInfo:
     descan: dict              # fit statistics
     key: str = ""             # the beam stage's cache key: later stages depend on it
     annular: np.ndarray | None = None  # (Y', X') annular VDF image (when no profiles)
+    totals: np.ndarray | None = None   # (Y', X') each pattern's total (data units)
 
     def annular_image(self) -> np.ndarray:
         """The annular VDF overview: rings from twice the beam radius outwards."""
         if self.annular is not None:
             return self.annular
         return annular_image(self.profiles, 2 * self.radius, self.profiles.shape[-1])
+
+
+def beam_clipped(plan: Plan, cache) -> bool:
+    """Whether the direct beam is clipped (saturated) in the patterns of ``plan``'s
+    sample (:func:`~spedflow.preprocess.kernels.beam_saturated`). Cached."""
+    st = cache.stage("clipped", plan.identity)
+    if not st.complete:
+        from ..preprocess import kernels as pk
+        frames = stacked_frames(list(plan.sample_blocks()))
+        mean = frames.mean(0, dtype=np.float64).astype(np.float32)
+        centres = pk.beam_centres(frames, None, reference=mean)
+        st.save_attrs(clipped=bool(pk.beam_saturated(frames, centres)))
+        st.mark_complete()
+    return bool(st.attrs()["clipped"])
+
+
+def dose_normalisation(beam: BeamInfo, normalize, plan: Plan, cache, *, gain: float | None,
+                       read_var: float = 0.0, dark: float = 0.0, what: str, param: str):
+    """Each pattern's dose relative to the scan (its total over the median), the spread
+    of the doses beyond counting noise, and whether ``what`` is divided by them
+    (``normalize`` resolved, :func:`spedflow.vdf.dose_normalised`; whether the beam is
+    clipped is looked at, on the sample, only where that decides). ``dark``: a dark
+    level per reading left in the data (its share of each total is taken out first)."""
+    from ..vdf import DOSE_SPREAD, dose_normalised, dose_spread
+    ky, kx = beam.mean_pattern.shape
+    dose, spread, noise = dose_spread(beam.totals - dark * ky * kx, gain, read_var, ky * kx)
+    seen = beam_level(beam.mean_pattern, beam.measured) >= NO_BEAM_LEVEL
+    clipped = False
+    if normalize == "auto" and dose_normalised(normalize, spread, noise, clipped=False,
+                                               beam_seen=seen):
+        clipped = beam_clipped(plan, cache)
+    normalised = dose_normalised(normalize, spread, noise, clipped=clipped, beam_seen=seen)
+    if np.isfinite(spread) and spread > max(DOSE_SPREAD, noise):
+        if normalised:
+            log.info("the patterns' total counts vary by %.1f %% beyond counting noise (beam "
+                     "current): %s divided by each pattern's dose (%s)", 100 * spread, what, param)
+        else:
+            why = ("the beam is clipped, its total is no measure of the dose" if clipped
+                   else "no direct beam is seen (a beam stop?)" if not seen else f"{param} = false")
+            log.info("the patterns' total counts vary by %.1f %% beyond counting noise; %s not "
+                     "normalised: %s", 100 * spread, what, why)
+    return dose, spread, normalised
 
 
 def with_detector_binning(plan: Plan, prep) -> Plan:
@@ -598,8 +641,8 @@ _PROFILE_PATTERNS = 1024
 def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, profile_stride=1,
                 annulus=None, detector_binning=1):
     """The beam pass on one chunk: centres, the sampled beam profile, the pattern sum,
-    and the radial profiles (or, if ``annulus = (inner, outer)`` is known already,
-    just the annular VDF intensity they would give)."""
+    each pattern's total, and the radial profiles (or, if ``annulus = (inner, outer)``
+    is known already, just the annular VDF intensity they would give)."""
     from ..preprocess import kernels as pk
     frames = np.asarray(block, dtype=np.float32)
     total_ = pattern_sum(frames)
@@ -614,7 +657,9 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
     sample = np.ix_(ys, xs)
     out = {"centres": c.astype(np.float32),
            "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
-           "sum": total_}
+           "sum": total_,
+           # each pattern's total: the incident dose where nothing is clipped or blocked
+           "total": frames.sum(axis=(-2, -1), dtype=np.float64)}
     if annulus is None:
         out["profiles"] = radial_profiles(frames, c, n_bins)
     else:
@@ -650,7 +695,8 @@ def beam_stage_of(plan: Plan, prep, cache: StageCache):
     """The beam stage's cache entry (shared by the batch run and live mode)."""
     return cache.stage("beam", plan.identity, {"nav_binning": prep.nav_binning,
                                                "descan": prep.descan, "align": prep.align,
-                                               "beam_radius": prep.beam_radius})
+                                               "beam_radius": prep.beam_radius},
+                       "totals")  # with each pattern's total
 
 
 def beam_block_kwargs(plan: Plan, prep, *, annular: bool = False) -> dict:
@@ -696,6 +742,7 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
             stage.save("used", np.asarray(used, np.float32))
             stage.save("profiles", prof)
             stage.save("mean_pattern", mean.astype(np.float32))
+            stage.save("totals", assemble(paths, "total", (ny, nx), data.chunks[:2]))
             stage.save_attrs(radius=radius, descan=descan, warnings=notes)
             stage.mark_complete()
     else:
@@ -703,7 +750,7 @@ def beam_stage(plan: Plan, prep, cache: StageCache, timer: Timer) -> BeamInfo:
     a = stage.attrs()
     return BeamInfo(stage.load("measured"), stage.load("used"), float(a["radius"]),
                     stage.load("profiles"), stage.load("mean_pattern"), a.get("descan", {}),
-                    stage.key)
+                    stage.key, totals=stage.load("totals"))
 
 
 def finish_beam(paths, data: da.Array, prep):

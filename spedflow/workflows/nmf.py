@@ -24,8 +24,9 @@ from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
 from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, count_unit,
-                      dark_level, note_detector_binning, resolved_bad_pixels, run_blocks, total,
-                      with_bad_pixels, with_detector_binning, write_result)
+                      dark_level, dose_normalisation, note_detector_binning,
+                      resolved_bad_pixels, run_blocks, total, with_bad_pixels,
+                      with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -178,7 +179,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # (the dark level subtracted is in the Poisson statistics' key, which the matrix's
     # holds; so is the count unit, given or measured)
     factorisation = {k: v for k, v in dataclasses.asdict(cfg.nmf).items()
-                     if k not in _JUDGING and k not in ("dark_level", "gain")}
+                     if k not in _JUDGING and k not in ("dark_level", "gain", "normalize")}
     st_nmf = cache.stage("nmf", st_matrix.key, factorisation, n_comp)
     if not st_nmf.complete:
         with timer("nmf"):
@@ -219,6 +220,12 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     factors, loadings = undo_normalisation(h, w_raster, stats, cut)
     factors = factors.reshape(-1, ky, kx)
     loadings = loadings.reshape(-1, ny, nx)
+    # a beam current that varied during the scan scales each pattern's loadings with it
+    dose, spread, normalised = dose_normalisation(beam, cfg.nmf.normalize, plan, cache, gain=unit,
+                                                  dark=dark, what="loading maps",
+                                                  param="nmf.normalize")
+    if normalised:
+        loadings = loadings / dose.astype(loadings.dtype)[None]
 
     with timer("classify"):
         verdicts = classify_components(factors, loadings, beam_radius=r, mask=cut,
@@ -342,6 +349,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
         "beam/centres": beam.measured.astype(np.float32),
         "beam/fitted": beam.used.astype(np.float32),
         "overview/annular_vdf": annular_image(beam.profiles, 2 * r, beam.profiles.shape[-1]),
+        "overview/total_counts": beam.totals.astype(np.float32),
         "overview/mean_pattern": beam.mean_pattern,
     }
     attrs = {
@@ -357,6 +365,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      # data units per detector count the normalisation took out: nmf.gain,
                      # or measured (1 where these data cannot tell it: taken as counts)
                      "count_unit": unit,
+                     "dose_spread": spread if np.isfinite(spread) else None,
+                     "nmf_dose_normalized": normalised,
                      # per raw pattern and pixel, as the parameter (binning adds it up)
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,

@@ -32,9 +32,9 @@ from ..preprocess import PreprocessParams
 from ..segment import VDFMergeParams, WatershedParams
 from ..vdf import VDFParams
 from ._cache import StageCache, load_block, slab_chunks
-from ._common import (GAIN_ERROR, Plan, Rows, Timer, binned, measured_counts,
-                      note_detector_binning, resolved_bad_pixels, run_blocks, total,
-                      with_bad_pixels, with_detector_binning, write_result)
+from ._common import (GAIN_ERROR, Plan, Rows, Timer, binned, dose_normalisation,
+                      measured_counts, note_detector_binning, resolved_bad_pixels, run_blocks,
+                      total, with_bad_pixels, with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -215,7 +215,7 @@ def scan_stage_of(cache, plan, prep, pk, counts, clip=None):
                        {"nav_binning": prep.nav_binning, "beam_radius": prep.beam_radius,
                         "dog": [prep.dog_sigma_low, prep.dog_sigma_high], "counts": counts,
                         "clip": clip},
-                       dataclasses.asdict(pk))
+                       dataclasses.asdict(pk), "totals")  # blocks with each pattern's total
 
 
 def pass1_kwargs(plan, prep, pk, counts, clip=None) -> dict:
@@ -229,7 +229,7 @@ def pass1_kwargs(plan, prep, pk, counts, clip=None) -> dict:
 
 def peaks_stage_of(cache, scan, prep, vp):
     """The finalize of pass 1: descan fit, peaks in the aligned frame, their histogram."""
-    return cache.stage("peaks", "v4", scan.key, {"descan": prep.descan, "align": prep.align},
+    return cache.stage("peaks", "v5", scan.key, {"descan": prep.descan, "align": prep.align},
                        vp.oversample)
 
 
@@ -238,7 +238,7 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts, clip=None)
     aligned positions), the mean background-subtracted pattern, pass 1's stage, the
     largest radius of a clipped glare (0 without ``clip``) and the number of peaks in
     the aligned peak table."""
-    from ._common import BeamInfo, collected_warnings, finish_beam, replay_warnings
+    from ._common import BeamInfo, assemble, collected_warnings, finish_beam, replay_warnings
     ny, nx, ky, kx = data.shape
     scan = scan_stage_of(cache, plan, prep, pk, counts, clip)
     st = peaks_stage_of(cache, scan, prep, vp)
@@ -258,6 +258,7 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts, clip=None)
             st.save("measured", measured)
             st.save("used", used)
             st.save("annular", prof)
+            st.save("totals", assemble(paths, "total", (ny, nx), data.chunks[:2]))
             st.save("mean_pattern", mean.astype(np.float32))
             st.save("hist", hist)
             st.save("mean_dog", total(paths, "dog_sum") / (ny * nx))
@@ -269,7 +270,7 @@ def _beam_peaks_stage(plan, data, prep, pk, vp, cache, timer, counts, clip=None)
         replay_warnings(st)
     beam = BeamInfo(st.load("measured"), st.load("used"), float(prep.beam_radius), None,
                     st.load("mean_pattern"), st.attrs().get("descan", {}), st.key,
-                    annular=st.load("annular"))
+                    annular=st.load("annular"), totals=st.load("totals"))
     a = st.attrs()
     return (beam, st.load("hist"), st.load("mean_dog"), scan, float(a.get("glare", 0.0)),
             int(a["n_peaks"]))
@@ -364,12 +365,18 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
                  "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
     paths = sorted((st_scan.path / "blocks").glob("*.npz"))  # pass 1's peaks, per chunk
+    dose, spread, normalised = dose_normalisation(
+        beam, vd.normalize, plan, cache, gain=None if counts is None else counts[0],
+        read_var=0.0 if counts is None else max(counts[1], 0.0), what="VDF images",
+        param="vdf.normalize")
     if len(vectors):
         log.info("found %d unique diffraction vectors", len(vectors))
         # pass 2: VDF images of all vectors in one pass
         # (pass 2 uses the noise line only: not the LoG factors, counts[2])
         st_vdf = cache.stage("vdf", plan.identity, dataclasses.asdict(prep),
-                             None if counts is None else counts[:2], vectors, dataclasses.asdict(vd))
+                             None if counts is None else counts[:2], vectors,
+                             {k: v for k, v in dataclasses.asdict(vd).items() if k != "normalize"},
+                             {"dose_normalised": normalised})  # the rule resolved
         if not st_vdf.complete:
             with timer("vdf"):
                 if prep.align:  # one task per chunk: preprocess a slab, integrate its discs
@@ -386,6 +393,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                 target = create_array(st_vdf.group(), "images", images.shape, np.float32,
                                       chunks=(1, ny, nx), overwrite=True)
                 images = images.astype(np.float32)
+                if normalised:  # each pattern's VDF sums over its dose (vdf.normalize)
+                    images = images * (1.0 / dose).astype(np.float32)[None]
                 cluster.store(images.rechunk(slab_chunks(images)), target, label="VDF images",
                               n_patterns=ny * nx)
                 st_vdf.mark_complete()
@@ -522,6 +531,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         "beam/centres": beam.measured.astype(np.float32),
         "beam/fitted": beam.used.astype(np.float32),
         "overview/annular_vdf": beam.annular_image(),
+        "overview/total_counts": beam.totals.astype(np.float32),
         "overview/mean_pattern": beam.mean_pattern,
         "overview/peak_histogram": hist.astype(np.float32),
     }
@@ -531,6 +541,8 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
                      "vdf": dataclasses.asdict(vd), "pattern_sigma": sigma,
                      "vdf_image_snr": image_snr,
                      "merge_noise_corrected": corrected,
+                     "dose_spread": spread if np.isfinite(spread) else None,
+                     "vdf_dose_normalized": normalised,
                      "watershed_snr_floor": ws.snr_floor,
                      "bad_pixels": resolved_bad_pixels(plan),
                      "line_gains": plan.identity.get("line_gains", {}),
