@@ -69,6 +69,9 @@ def open_result(path) -> dict:
         "peaks": ("peak", "column"),
         "beam/centres": ("scan_y", "scan_x", "yx"),
         "beam/fitted": ("scan_y", "scan_x", "yx"),
+        "overview/annular_vdf": ("scan_y", "scan_x"),
+        "overview/total_counts": ("scan_y", "scan_x"),
+        "overview/mean_pattern": ("ky", "kx"),
     }
     for name, arr in _walk_arrays(g):
         dims = dims_by_name.get(name, tuple(f"{name.replace('/', '_')}_{i}" for i in range(arr.ndim)))

@@ -365,9 +365,12 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         log.info("clipped glare up to %.1f px from the beam: vectors within %.1f px of it left out "
                  "(vectors.beam_exclusion_radius)", glare, vp.beam_exclusion_radius)
     paths = sorted((st_scan.path / "blocks").glob("*.npz"))  # pass 1's peaks, per chunk
+    # (a noise line of negative intercept is a dark level left in the data: -v / g per
+    # reading, taken out of the totals as NMF takes it out of the data)
     dose, spread, normalised = dose_normalisation(
         beam, vd.normalize, plan, cache, gain=None if counts is None else counts[0],
-        read_var=0.0 if counts is None else max(counts[1], 0.0), what="VDF images",
+        read_var=0.0 if counts is None else max(counts[1], 0.0),
+        dark=0.0 if counts is None else max(-counts[1], 0.0) / counts[0], what="VDF images",
         param="vdf.normalize")
     if len(vectors):
         log.info("found %d unique diffraction vectors", len(vectors))
