@@ -138,9 +138,10 @@ class NMFParams:
         Divide every component's loading map by each pattern's dose (its total counts
         over the scan's median total), as ``vdf.normalize`` does the VDF images: a beam
         current that varies during the scan scales each pattern's loadings with it.
-        "auto": where the totals spread by more than
-        :data:`spedflow.vdf.DOSE_SPREAD` beyond counting noise, the beam is seen and
-        not clipped (:func:`spedflow.vdf.dose_normalised`).
+        "auto": where the totals spread beyond counting noise by more than
+        :data:`spedflow.vdf.DOSE_SPREAD` (10 %) and more than that noise, the gain is
+        given (``gain``) or measured, the beam is seen and not clipped
+        (:func:`spedflow.vdf.dose_normalised`).
     """
 
     n_components: int | None = None

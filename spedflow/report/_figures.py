@@ -501,7 +501,7 @@ def fig_dose(totals: np.ndarray, cal: Calibration, *, normalised: bool | None = 
     ax1.hist(rel[ok].ravel(), bins=min(100, max(10, int(ok.sum() ** 0.5))), color="0.3")
     ax1.set_xlabel("total / median")
     ax1.set_ylabel("patterns")
-    what = {True: " (images divided by it)", False: " (not normalised)", None: ""}[normalised]
+    what = {True: " (divided out)", False: " (not divided out)", None: ""}[normalised]
     fig.suptitle("each pattern's total counts: the dose" + what, fontsize=11)
     return fig
 
