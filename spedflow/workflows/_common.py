@@ -478,7 +478,9 @@ class BeamInfo:
 
 def beam_clipped(plan: Plan, cache) -> bool:
     """Whether the direct beam is clipped (saturated) in the patterns of ``plan``'s
-    sample (:func:`~spedflow.preprocess.kernels.beam_saturated`). Cached."""
+    sample (:func:`~spedflow.preprocess.kernels.beam_saturated`). Cached. Give the plan
+    as read, before :func:`with_bad_pixels`: a line-gain correction through the beam
+    (a Medipix cross) moves the clipped value on its lines."""
     st = cache.stage("clipped", plan.identity)
     if not st.complete:
         from ..preprocess import kernels as pk
@@ -495,8 +497,9 @@ def dose_normalisation(beam: BeamInfo, normalize, plan: Plan, cache, *, gain: fl
     """Each pattern's dose relative to the scan (its total over the median), the spread
     of the doses beyond counting noise, and whether ``what`` is divided by them
     (``normalize`` resolved, :func:`spedflow.vdf.dose_normalised`; whether the beam is
-    clipped is looked at, on the sample, only where that decides). ``dark``: a dark
-    level per reading left in the data (its share of each total is taken out first)."""
+    clipped is looked at, on ``plan``'s sample as read (:func:`beam_clipped`), only
+    where that decides). ``dark``: a dark level per reading left in the data (its share
+    of each total is taken out first)."""
     from ..vdf import DOSE_SPREAD, dose_normalised, dose_spread
     ky, kx = beam.mean_pattern.shape
     dose, spread, noise = dose_spread(beam.totals - dark * ky * kx, gain, read_var, ky * kx)

@@ -61,6 +61,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     from ..segment import merge_components, segments_from_labels, watershed_stack
 
     timer = Timer()
+    as_read = plan  # the clipping test reads values as stored (before line gains)
     plan = with_bad_pixels(plan, cfg.preprocess, cache)
     plan = with_detector_binning(plan, cfg.preprocess)
     cluster.ready()  # the bad-pixel sample ran while a local cluster started
@@ -223,7 +224,8 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     # a beam current that varied during the scan scales each pattern's loadings with it
     # (only with a gain given or measured: count_unit's fallback of 1 is no noise scale)
     gain, read_var = _known_gain(plan, cache, cfg.nmf.gain)
-    dose, spread, normalised = dose_normalisation(beam, cfg.nmf.normalize, plan, cache, gain=gain,
+    dose, spread, normalised = dose_normalisation(beam, cfg.nmf.normalize, as_read, cache,
+                                                  gain=gain,
                                                   read_var=read_var * prep.nav_binning ** 2,
                                                   dark=dark,
                                                   what="loading maps", param="nmf.normalize")

@@ -293,6 +293,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     from ..vdf import resolve as resolve_vdf
 
     timer = Timer()
+    as_read = plan  # the clipping test reads values as stored (before line gains)
     plan = with_bad_pixels(plan, cfg.preprocess, cache)
     plan = with_detector_binning(plan, cfg.preprocess)
     r, clip = beam_radius_of(plan, cfg.preprocess, cache)
@@ -368,7 +369,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
     # (a noise line of negative intercept is a dark level left in the data: -v / g per
     # reading, taken out of the totals as NMF takes it out of the data)
     dose, spread, normalised = dose_normalisation(
-        beam, vd.normalize, plan, cache, gain=None if counts is None else counts[0],
+        beam, vd.normalize, as_read, cache, gain=None if counts is None else counts[0],
         read_var=0.0 if counts is None else max(counts[1], 0.0),
         dark=0.0 if counts is None else max(-counts[1], 0.0) / counts[0], what="VDF images",
         param="vdf.normalize")
