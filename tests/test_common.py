@@ -253,3 +253,12 @@ def test_stage_keys_change_with_the_code_not_only_the_version(tmp_path):
     assert edited[0].split("+")[0] == same[0].split("+")[0]  # the same version
     assert edited != same and edited[1] != same[1]
     assert keys(tmp_path / "same") == same  # and stable
+
+
+def test_pattern_totals_equal_a_float64_sum():
+    from spedflow.workflows._common import pattern_totals
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(3.0, (5, 7, 33, 40)).astype(np.float32)
+    got = pattern_totals(frames)
+    assert got.shape == (5, 7) and got.dtype == np.float64
+    np.testing.assert_allclose(got, frames.sum(axis=(-2, -1), dtype=np.float64), rtol=1e-6)

@@ -662,7 +662,7 @@ def _beam_block(block, offset, *, beam_radius, reference, n_bins, max_radius, pr
            "beam_profile": pk.beam_profile(frames[sample], c[sample], max_radius),
            "sum": total_,
            # each pattern's total: the incident dose where nothing is clipped or blocked
-           "total": frames.sum(axis=(-2, -1), dtype=np.float64)}
+           "total": pattern_totals(frames)}
     if annulus is None:
         out["profiles"] = radial_profiles(frames, c, n_bins)
     else:
@@ -684,6 +684,15 @@ def _refuse_nonfinite(frames: np.ndarray, offset, detector_binning: int = 1) -> 
     raise InputError(f"the data hold NaN or infinite values, first at scan position "
                      f"({offset[0] + y}, {offset[1] + x}), {where} (the check "
                      "before the run reads 5 chunks); clean or re-ingest the data first")
+
+
+def pattern_totals(frames: np.ndarray) -> np.ndarray:
+    """(..., ) float64 total of each pattern of a block (..., ky, kx): one BLAS
+    matrix-vector product in float32 (~2e-7 relative; 0.6 ms for 506 patterns of
+    128 x 128, where ``sum(dtype=float64)`` took 4.5)."""
+    ky, kx = frames.shape[-2:]
+    f = np.asarray(frames, dtype=np.float32).reshape(-1, ky * kx)
+    return (f @ np.ones(ky * kx, np.float32)).astype(np.float64).reshape(frames.shape[:-2])
 
 
 def pattern_sum(frames: np.ndarray) -> np.ndarray:
