@@ -18,7 +18,8 @@ from ..config import check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["VDFParams", "resolve", "disc_masks", "annulus_mask", "apply_masks", "vdf_sums",
-           "annular_sums", "preprocessed_sums", "dose_spread", "dose_normalised", "DOSE_SPREAD"]
+           "annular_sums", "preprocessed_sums", "dose_spread", "dose_varies", "dose_normalised",
+           "DOSE_SPREAD"]
 
 #: Sub-samples per pixel along each axis for the area-weighted (sub-pixel) masks:
 #: the covered area of each pixel is known to 1/64 of a pixel.
@@ -134,16 +135,21 @@ def dose_spread(totals, gain: float | None = None, read_var: float = 0.0,
     return np.maximum(rel, _MIN_DOSE), math.sqrt(max(s * s - noise, 0.0)), math.sqrt(noise)
 
 
+def dose_varies(spread: float, noise: float = 0.0) -> bool:
+    """Whether the doses' ``spread`` (:func:`dose_spread`) exceeds both
+    :data:`DOSE_SPREAD` and the totals' own counting noise ``noise`` (below it, dividing
+    by them adds more noise than it takes out of the dose: a few hundred counts per
+    pattern); False where it is not known (NaN)."""
+    return bool(np.isfinite(spread) and spread > max(DOSE_SPREAD, noise))
+
+
 def dose_normalised(normalize, spread: float, noise: float = 0.0, *, clipped: bool,
                     beam_seen: bool) -> bool:
-    """``VDFParams.normalize`` resolved: "auto" is on where ``spread``
-    (:func:`dose_spread`) exceeds both :data:`DOSE_SPREAD` and the totals' own counting
-    noise ``noise`` (below it, dividing by them adds more noise than it takes out of the
-    dose: a few hundred counts per pattern), the beam is seen and not clipped."""
+    """``VDFParams.normalize`` resolved: "auto" is on where the doses vary
+    (:func:`dose_varies`), the beam is seen and not clipped."""
     if normalize != "auto":
         return bool(normalize)
-    return bool(beam_seen and not clipped and np.isfinite(spread)
-                and spread > max(DOSE_SPREAD, noise))
+    return bool(beam_seen and not clipped and dose_varies(spread, noise))
 
 
 def _check_detector(detector_shape) -> tuple[int, int]:

@@ -500,16 +500,15 @@ def dose_normalisation(beam: BeamInfo, normalize, plan: Plan, cache, *, gain: fl
     clipped is looked at, on ``plan``'s sample as read (:func:`beam_clipped`), only
     where that decides). ``dark``: a dark level per reading left in the data (its share
     of each total is taken out first)."""
-    from ..vdf import DOSE_SPREAD, dose_normalised, dose_spread
+    from ..vdf import dose_normalised, dose_spread, dose_varies
     ky, kx = beam.mean_pattern.shape
     dose, spread, noise = dose_spread(beam.totals - dark * ky * kx, gain, read_var, ky * kx)
     seen = beam_level(beam.mean_pattern, beam.measured) >= NO_BEAM_LEVEL
-    clipped = False
-    if normalize == "auto" and dose_normalised(normalize, spread, noise, clipped=False,
-                                               beam_seen=seen):
-        clipped = beam_clipped(plan, cache)
-    normalised = dose_normalised(normalize, spread, noise, clipped=clipped, beam_seen=seen)
-    if np.isfinite(spread) and spread > max(DOSE_SPREAD, noise):
+    normalised = dose_normalised(normalize, spread, noise, clipped=False, beam_seen=seen)
+    # the sample is read for the clipping test only where it decides
+    clipped = normalize == "auto" and normalised and beam_clipped(plan, cache)
+    normalised = normalised and not clipped
+    if dose_varies(spread, noise):
         if normalised:
             log.info("the patterns' total counts vary by %.1f %% beyond counting noise (beam "
                      "current): %s divided by each pattern's dose (%s)", 100 * spread, what, param)
@@ -1078,18 +1077,28 @@ def measured_counts(plan: Plan, cache, sample=None, gain=None, *,
 GAIN_ERROR = 0.1
 
 
-def count_unit(plan: Plan, cache, sample=None, given=None) -> float:
-    """Data units per detector count: ``given``, else the gain measured by
-    :func:`measured_counts`, or 1 where the data cannot tell it (too few scan positions,
-    or a relative error above ``GAIN_ERROR``). Binning sums counts and leaves the gain
-    as it is."""
+def known_counts(plan: Plan, cache, sample=None, given=None) -> tuple[float | None, float]:
+    """``(gain, read_var)``: ``given`` (no read-out variance), else the noise line of
+    :func:`measured_counts` where its gain is well determined; ``(None, 0)`` where the
+    data cannot tell it (too few scan positions, or a relative error above
+    ``GAIN_ERROR``). The read-out variance is at least 0 (a negative intercept is a
+    dark level, :func:`dark_level`)."""
     if given is not None:
-        return float(given)
+        return float(given), 0.0
     try:
-        gain, _, error = measured_counts(plan, cache, sample, return_error=True)
+        gain, read_var, error = measured_counts(plan, cache, sample, return_error=True)
     except InputError:
-        return 1.0
-    return float(gain) if error <= GAIN_ERROR and gain > 0 else 1.0
+        return None, 0.0
+    if not (error <= GAIN_ERROR and gain > 0):
+        return None, 0.0
+    return float(gain), max(float(read_var), 0.0)
+
+
+def count_unit(plan: Plan, cache, sample=None, given=None) -> float:
+    """Data units per detector count: the gain of :func:`known_counts`, or 1 where the
+    data cannot tell it. Binning sums counts and leaves the gain as it is."""
+    gain = known_counts(plan, cache, sample, given)[0]
+    return 1.0 if gain is None else gain
 
 
 def dark_level(plan: Plan, prep, cache, given=None, sample=None) -> float:

@@ -23,10 +23,10 @@ from ..errors import InputError
 from ..preprocess import PreprocessParams
 from ..segment import NMFMergeParams, WatershedParams
 from ._cache import StageCache
-from ._common import (GAIN_ERROR, Plan, Timer, annular_image, assemble, beam_stage, binned,
-                      count_unit, dark_level, dose_normalisation, measured_counts,
-                      note_detector_binning, resolved_bad_pixels, run_blocks, total,
-                      with_bad_pixels, with_detector_binning, write_result)
+from ._common import (Plan, Timer, annular_image, assemble, beam_stage, binned, count_unit,
+                      dark_level, dose_normalisation, known_counts, note_detector_binning,
+                      resolved_bad_pixels, run_blocks, total, with_bad_pixels,
+                      with_detector_binning, write_result)
 
 log = logging.getLogger("spedflow")
 
@@ -223,7 +223,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
     loadings = loadings.reshape(-1, ny, nx)
     # a beam current that varied during the scan scales each pattern's loadings with it
     # (only with a gain given or measured: count_unit's fallback of 1 is no noise scale)
-    gain, read_var = _known_gain(plan, cache, cfg.nmf.gain)
+    gain, read_var = known_counts(plan, cache, given=cfg.nmf.gain)
     dose, spread, normalised = dose_normalisation(beam, cfg.nmf.normalize, as_read, cache,
                                                   gain=gain,
                                                   read_var=read_var * prep.nav_binning ** 2,
@@ -383,22 +383,6 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                    "segments": int(len(seg_maps))},
     }
     return write_result(plan, "nmf", cfg, arrays, attrs, timer)
-
-
-def _known_gain(plan, cache, given) -> tuple[float | None, float]:
-    """``(gain, read_var)`` for the dose rule: ``nmf.gain`` if given (no read-out
-    variance), else the measured noise line where its gain is well determined
-    (``GAIN_ERROR``), else ``(None, 0)``: the totals' counting noise is then unknown and
-    "auto" stays off, as in the VDF workflow."""
-    if given is not None:
-        return float(given), 0.0
-    try:
-        gain, read_var, error = measured_counts(plan, cache, return_error=True)
-    except InputError:
-        return None, 0.0
-    if not (error <= GAIN_ERROR and gain > 0):
-        return None, 0.0
-    return float(gain), max(float(read_var), 0.0)
 
 
 def _drop_duplicates(seg_maps, seg_patterns, source, labels, matrix, order, stats, cut, mask, r, cfg,
