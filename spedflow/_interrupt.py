@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["install_for_command", "is_command", "dask_setup"]
+__all__ = ["install_for_command", "is_command", "exit_now", "dask_setup"]
 
 
 def is_command(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> bool:
@@ -64,6 +64,30 @@ def install_for_command() -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def exit_now(code: int) -> None:
+    """End the command's process at once with ``code``, after its output is flushed.
+
+    A Python process ending normally first waits for every thread it started: the
+    threaded scheduler's tasks still running when Ctrl-C came (a chunk's kernels, or
+    numba compiling them on a first run: 5-10 s, longer on a busy machine) held the
+    command for as long after it had said "interrupted". Nothing is lost by not
+    waiting: a block of pass 1 is written under a temporary name and renamed when
+    whole, an ingest marks a unit done only after writing it, a download appends to
+    its ``.part`` file, and a stage or a result counts only once marked complete. The
+    stage cache's locks are released and a local cluster is closed before this runs;
+    a worker process whose nanny dies with this process ends too (distributed's
+    parent watch). Only for the command (:func:`is_command`), never in a notebook.
+    """
+    import logging
+    logging.shutdown()  # flush the log handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):  # closed or replaced
+            pass
+    os._exit(code)
 
 
 def dask_setup(worker) -> None:

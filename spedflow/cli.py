@@ -302,9 +302,9 @@ def _dispatch(args) -> int:
         return 0
     except KeyboardInterrupt:
         print("spedflow: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
-        from ._interrupt import is_command
-        if is_command():  # zarr's reads cut short leave asyncio tasks that it reports at
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # exit ("destroyed")
+        from ._interrupt import exit_now, is_command
+        if is_command():
+            exit_now(EXIT_INTERRUPT)
         return EXIT_INTERRUPT
     except (SpedflowError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
             NotADirectoryError) as exc:

@@ -321,6 +321,19 @@ def _interrupt_group(proc) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
+def _interrupt_at_first_bar(proc, timeout: float) -> str:
+    """Ctrl-C once the command's first progress bar is drawn (its tasks are running);
+    return everything it wrote on stderr."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "patterns/s" in line or "tasks/s" in line:
+            break
+    _interrupt_group(proc)
+    _, rest = proc.communicate(timeout=timeout)
+    return "".join(lines) + rest
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
 @pytest.mark.parametrize("how", ["script", "-m"])
 def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, sim_store, how):
@@ -352,19 +365,39 @@ def test_ctrl_c_during_a_local_cluster_run_is_one_line(tmp_path, sim_store):
                              "--out", str(tmp_path / "r.zarr"), "--workers", "2", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    lines = []
-    for line in proc.stderr:  # until the first progress bar: the workers compute
-        lines.append(line)
-        if "patterns/s" in line or "tasks/s" in line:
-            break
-    _interrupt_group(proc)
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(lines) + rest
+    err = _interrupt_at_first_bar(proc, timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt")
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "CancelledError" not in err, err[-3000:]
     assert err.rstrip().endswith("spedflow: interrupted; finished stages are kept and a rerun resumes"), err[-3000:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_does_not_wait_for_work_still_running_in_threads(tmp_path, sim_store):
+    """An in-process run (--no-cluster) interrupted while its threads still work (a
+    chunk's kernels, numba compiling them on a first run) ends at once: Python's own
+    exit waits for every thread, which held the command long after "interrupted". Here
+    the command's process also runs a thread that would hold it for 10 minutes."""
+    import subprocess
+    script = tmp_path / "spedflow"
+    script.write_text("import sys, threading, time\nfrom spedflow.cli import main\n"
+                      "if __name__ == '__main__':\n"
+                      "    threading.Thread(target=time.sleep, args=(600,)).start()\n"
+                      "    sys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, str(script), "segment", str(sim_store), "--out",
+                             str(tmp_path / "r.zarr"), "--no-cluster"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        err = _interrupt_at_first_bar(proc, timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the interrupted command waited for its threads")
+    assert proc.returncode == 130, err[-3000:]
+    assert err.rstrip().endswith("spedflow: interrupted; finished stages are kept and a rerun resumes"), err[-3000:]
+    assert not (tmp_path / "r.zarr").exists()
 
 
 @pytest.mark.parametrize("argv, orig, expected", [

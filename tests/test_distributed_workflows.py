@@ -248,6 +248,9 @@ def test_interrupted_local_run_resumes(store, reference, tmp_path):
     blocks = sorted((scan / "blocks").glob("*.npz"))
     assert 1 <= len(blocks) < 16
     before = _mtimes([radius / "COMPLETE", *blocks])
+    # a block the interrupt cut short mid-write (the command does not wait for its threads)
+    torn = scan / "blocks" / "3_3.npz.tmp4242"
+    torn.write_bytes(b"half a block")
 
     text = _run_cli(args, tmp_path / "second.log")
     # (a) the measured radius and the finished blocks were reused, not recomputed
@@ -256,6 +259,7 @@ def test_interrupted_local_run_resumes(store, reference, tmp_path):
     assert m and int(m.group(1)) >= len(blocks), text[-2000:]
     assert _one_stage(cache, "radius") == radius and _one_stage(cache, "beam_peaks") == scan
     assert len(list((scan / "blocks").glob("*.npz"))) == 16
+    assert not torn.exists()
     # (c) the resumed result equals a clean run's, bit for bit
     assert not Path(str(out) + ".partial").exists()
     _assert_same_result(out, reference["vdf"])

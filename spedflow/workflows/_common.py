@@ -579,6 +579,8 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
     """
     blocks = data.to_delayed()
     offsets = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:2]]
+    for part in (stage.path / "blocks").glob("*.npz.tmp*"):  # of a run ended mid-write
+        part.unlink(missing_ok=True)
     paths, todo = [], []
     for i in range(blocks.shape[0]):
         for j in range(blocks.shape[1]):
