@@ -330,16 +330,15 @@ def read_peak_tables(tables: Iterable, accumulators: Sequence, *, scan_shape: tu
 
 
 def feed_peak_tables(tables: Iterable, accumulators: Sequence, *, scan_shape: tuple[int, int],
-                     detector_shape: tuple[int, int]) -> list:
-    """:func:`read_peak_tables` without the results: the accumulators, fed (a part of a
-    reduction, see :meth:`SpotOffsets.zeroed`)."""
+                     detector_shape: tuple[int, int]) -> None:
+    """:func:`read_peak_tables` without the results: feed the accumulators in place (a
+    part of a reduction, see :meth:`SpotOffsets.zeroed`)."""
     live = [a for a in accumulators if a is not None]
     if live:
         covered = np.logical_or.reduce([a.covered for a in live])
         for t, g, at_pos in _peaks_inside(tables, covered, scan_shape, detector_shape):
             for a in live:
                 a.add(t, g, at_pos)
-    return list(accumulators)
 
 
 def _peaks_inside(tables: Iterable, covered: np.ndarray, scan_shape, detector_shape):

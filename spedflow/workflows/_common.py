@@ -485,9 +485,7 @@ def beam_clipped(plan: Plan, cache) -> bool:
     if not st.complete:
         from ..preprocess import kernels as pk
         frames = stacked_frames(list(plan.sample_blocks()))
-        mean = frames.mean(0, dtype=np.float64).astype(np.float32)
-        centres = pk.beam_centres(frames, None, reference=mean)
-        st.save_attrs(clipped=bool(pk.beam_saturated(frames, centres)))
+        st.save_attrs(clipped=bool(pk.beam_saturated(frames, _sample_centres(frames))))
         st.mark_complete()
     return bool(st.attrs()["clipped"])
 
@@ -1224,8 +1222,7 @@ def beam_scales(frames: np.ndarray) -> tuple[float, float | None]:
     """
     from ..preprocess import kernels as pk
     ky, kx = frames.shape[-2:]
-    mean = frames.mean(0, dtype=np.float64).astype(np.float32)
-    c = pk.beam_centres(frames, None, reference=mean)
+    c = _sample_centres(frames)
     radius = pk.radius_from_profile(pk.beam_profile(frames, c, min(ky, kx) / 4), default=np.nan)
     if np.isfinite(radius) and pk.beam_saturated(frames, c):
         spots = pk.spot_scale(frames, c, exclude=radius)
@@ -1238,6 +1235,14 @@ def beam_scales(frames: np.ndarray) -> tuple[float, float | None]:
                     "centre comes from the plateau's edge, and intensities at the beam are not "
                     "measured", float(frames.max()))
     return float(radius), None
+
+
+def _sample_centres(frames: np.ndarray) -> np.ndarray:
+    """The beam centres of a sample's patterns (n, ky, kx), found with a provisional
+    radius from the sample's mean pattern (as pass 1 does before the radius is known)."""
+    from ..preprocess import kernels as pk
+    mean = frames.mean(0, dtype=np.float64).astype(np.float32)
+    return pk.beam_centres(frames, None, reference=mean)
 
 
 def annular_image(profiles: np.ndarray, inner: float, outer: float) -> np.ndarray:
