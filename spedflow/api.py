@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import ParameterError
+from .errors import InputError, ParameterError
 
 __all__ = ["open_store", "open_result", "segment", "load_config"]
 
@@ -36,17 +36,26 @@ def open_store(path, *, array: str = "data"):
     from .io import open_input
     arr, meta = open_input(path, array=array)
     data = da.from_zarr(arr)
-    coords = {}
-    step = meta.get("scan_step") or {}
-    rec = meta.get("reciprocal_scale") or {}
-    for dim, n, cal in (("scan_y", data.shape[0], step), ("scan_x", data.shape[1], step),
-                        ("ky", data.shape[2], rec), ("kx", data.shape[3], rec)):
-        scale = float(cal.get("value", 1.0) or 1.0)
-        origin = -(n // 2) * scale if dim in ("ky", "kx") else 0.0
-        coords[dim] = xr.Variable(dim, origin + scale * np.arange(n),
-                                  attrs={"units": cal.get("units", "px")})
-    return xr.DataArray(data, dims=("scan_y", "scan_x", "ky", "kx"), coords=coords,
+    dims = ("scan_y", "scan_x", "ky", "kx")
+    coords = {dim: _axis(dim, n, meta) for dim, n in zip(dims, data.shape)}
+    return xr.DataArray(data, dims=dims, coords=coords,
                         name="patterns", attrs={"spedflow": meta, "path": str(path)})
+
+
+def _axis(dim: str, n: int, meta: dict, nav_binning: int = 1):
+    """Coordinates of axis ``dim`` (scan_y, scan_x, ky or kx) of ``n`` pixels, in the
+    units of the store's (or result's) calibration, else pixels: scan axes from 0 in
+    steps of the scan step (times ``nav_binning``), detector axes centred on the beam
+    at ``n // 2``."""
+    import xarray as xr
+    scan = dim.startswith("scan")
+    cal = (meta.get("scan_step") if scan else meta.get("reciprocal_scale")) or {}
+    if cal.get("value"):
+        scale, units = float(cal["value"]) * (nav_binning if scan else 1), cal.get("units", "px")
+    else:
+        scale, units = float(nav_binning if scan else 1), "px"
+    origin = 0.0 if scan else -(n // 2) * scale
+    return xr.Variable(dim, origin + scale * np.arange(n), attrs={"units": units})
 
 
 def open_result(path) -> dict:
@@ -56,7 +65,13 @@ def open_result(path) -> dict:
     import xarray as xr
     from .io._store import _open_group, _walk_arrays
     g = _open_group(path)
-    out: dict[str, Any] = {"attrs": dict(g.attrs.get("spedflow", {}))}
+    meta = dict(g.attrs.get("spedflow", {}))
+    if meta.get("kind") != "result" and "segments" not in g:
+        raise InputError(f"{str(path)!r} is not a spedflow result (made by `spedflow segment`); "
+                         "open an input store with spedflow.open_store")
+    out: dict[str, Any] = {"attrs": meta}
+    nav = meta.get("nav_binning") or 1
+    nav = int(nav[0] if isinstance(nav, (list, tuple)) else nav)
     dims_by_name = {
         "segments/maps": ("segment", "scan_y", "scan_x"),
         "segments/patterns": ("segment", "ky", "kx"),
@@ -77,7 +92,10 @@ def open_result(path) -> dict:
         dims = dims_by_name.get(name, tuple(f"{name.replace('/', '_')}_{i}" for i in range(arr.ndim)))
         if len(dims) != arr.ndim:
             dims = tuple(f"dim_{i}" for i in range(arr.ndim))
-        out[name] = xr.DataArray(da.from_zarr(arr), dims=dims, name=name, attrs=dict(arr.attrs))
+        coords = {d: _axis(d, n, meta, nav) for d, n in zip(dims, arr.shape)
+                  if d in ("scan_y", "scan_x", "ky", "kx")}
+        out[name] = xr.DataArray(da.from_zarr(arr), dims=dims, coords=coords, name=name,
+                                 attrs=dict(arr.attrs))
     return out
 
 

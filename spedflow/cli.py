@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -43,12 +44,17 @@ def _scan(text: str) -> tuple[int, int]:
     return s  # type: ignore[return-value]
 
 
-def _calibration(text: str) -> tuple[float, str]:
-    value, _, units = text.partition(":")
-    try:
-        return float(value), units.strip() or "px"
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected VALUE[:UNITS] like 0.032:1/A, got {text!r}")
+def _calibration(example: str):
+    """The argument type of a calibration, VALUE[:UNITS] (also ``VALUE UNITS`` or
+    ``VALUEUNITS``, as in 3.03nm). A bare number is passed on as a number: the API's
+    default units (nm for a scan step, 1/nm for a detector scale)."""
+    def parse(text: str) -> tuple[float, str] | float:
+        m = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:?\s*(\S*)\s*", text)
+        if not m:
+            raise argparse.ArgumentTypeError(f"expected VALUE[:UNITS] like {example}, got {text!r}")
+        return (float(m.group(1)), m.group(2)) if m.group(2) else float(m.group(1))
+    parse.__name__ = "calibration"  # argparse names the type in its message
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -98,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, help_):
         return sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=fmt)
 
+    p.command_parser = sub.choices.__getitem__  # the parser of one command, by name
+
 
     c = add("ingest", "Stream a 4-D data set (npy, raw, zarr, blo, mib, hspy, zspy, emd, fpd hdf5) into a chunked Zarr v3 store.")
     c.add_argument("src", help="source file or store")
@@ -110,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "by row; needed for a stack of patterns (N, KY, KX) (1,N for a line scan)")
     c.add_argument("--chunk-mb", type=float, default=16.0, help="target uncompressed chunk size in MB")
     c.add_argument("--shards", type=_shape, help="optional shard shape Y,X,KY,KX (multiples of the chunks)")
-    c.add_argument("--scan-step", type=_calibration, help="override the scan step, VALUE[:UNITS] e.g. 3.03:nm")
-    c.add_argument("--reciprocal-scale", type=_calibration, help="override the detector calibration per pixel, e.g. 0.03246:1/A")
+    c.add_argument("--scan-step", type=_calibration("3.03:nm"),
+                   help="override the scan step, VALUE[:UNITS] e.g. 3.03:nm (nm if no units)")
+    c.add_argument("--reciprocal-scale", type=_calibration("0.03246:1/A"),
+                   help="override the detector calibration per pixel, VALUE[:UNITS] e.g. 0.03246:1/A "
+                        "(1/nm if no units)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     c = add("simulate", "Write a simulated SPED data set of overlapping nanocrystals with ground truth.")
@@ -242,7 +253,9 @@ def _progress(args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, which names its own --help
+        parser.command_parser(args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     # -v / -q and the warning format are for this command only: main() called from
     # Python (a notebook, a test) leaves the caller's logging, warnings and progress
     # settings as it found them
@@ -293,6 +306,12 @@ def _caller_settings_kept():
             dask.config.config["logging"] = saved
 
 
+#: What an interrupted command leaves for its rerun to resume from (none: starts afresh).
+_KEPT_ON_INTERRUPT = {"segment": "finished stages are", "watch": "finished stages are",
+                      "demo": "finished stages are", "ingest": "the chunks written are",
+                      "fetch": "the part downloaded is"}
+
+
 def _dispatch(args) -> int:
     """Run the command; every user mistake becomes one line on stderr and exit 2."""
     try:
@@ -301,7 +320,9 @@ def _dispatch(args) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("spedflow: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        kept = _KEPT_ON_INTERRUPT.get(args.command)
+        print("spedflow: interrupted" + (f"; {kept} kept and a rerun resumes" if kept else ""),
+              file=sys.stderr)
         from ._interrupt import exit_now, is_command
         if is_command():
             exit_now(EXIT_INTERRUPT)
@@ -350,7 +371,9 @@ def cmd_ingest(args) -> int:
 
 
 def _calib_dict(c):
-    return None if c is None else {"value": c[0], "units": c[1]}
+    if c is None or isinstance(c, float):  # a bare number: the API's default units
+        return c
+    return {"value": c[0], "units": c[1]}
 
 
 def cmd_simulate(args) -> int:
@@ -425,12 +448,26 @@ def cmd_segment(args) -> int:
         threads_per_worker=args.threads, memory_limit=args.memory_limit, local=_local(args),
         tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         progress=_progress(args))
-    print(f"wrote {result}")
+    print(f"wrote {result}: {_found(result)}")
     if args.report:
         from .report import write_report
         html = write_report(result, args.report, store_path=args.store)
         print(f"report: {Path(html).resolve()}")
     return 0
+
+
+def _found(result) -> str:
+    """What a run found, in a few words (from the result's counts)."""
+    import zarr
+    meta = dict(zarr.open_group(str(result), mode="r").attrs.get("spedflow", {}))
+    counts = meta.get("counts") or {}
+    n = counts.get("segments", 0)
+    text = f"{n} crystal{'s' if n != 1 else ''} (segments)"
+    if meta.get("method") == "vdf" and "vectors" in counts:
+        return text + f" from {counts['vectors']} diffraction vectors"
+    if meta.get("method") == "nmf" and "components" in counts:
+        return text + f" from {counts.get('kept', 0)} of {counts['components']} NMF components"
+    return text
 
 
 def cmd_evaluate(args) -> int:
@@ -481,7 +518,7 @@ def cmd_watch(args) -> int:
     result = watch(args.store, method=args.method, out=args.out, config=args.config,
                    overrides=_parse_set(args.set), poll=args.poll,
                    timeout=args.timeout, overwrite=args.overwrite, progress=_progress(args))
-    print(f"wrote {result}")
+    print(f"wrote {result}: {_found(result)}")
     return 0
 
 

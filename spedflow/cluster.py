@@ -885,7 +885,8 @@ class _ProgressLine:
     def finish(self, done: int | None = None, total: int | None = None,
                ok: bool = True) -> None:
         """Write the final line once (later calls do nothing); counts default to
-        the last update's."""
+        the last update's. A bar that did not finish ends "FAILED", or "interrupted"
+        when it is called while a Ctrl-C unwinds the computation."""
         with self._lock:
             if self.finished:
                 return
@@ -894,7 +895,8 @@ class _ProgressLine:
                 done, total = self._last if self._last[1] else (1, 1)
             line = self.format(done, total, time.perf_counter() - self.start)
             if not ok:
-                line += " FAILED"
+                stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt)
+                line += " interrupted" if stopped else " FAILED"
             self._write(("\r" if self.tty else "") + line + "\n")
 
     def _write(self, text: str) -> None:

@@ -258,8 +258,10 @@ def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dic
     Returns
     -------
     dict
-        :func:`score_segmentation`'s scores plus ``result``, ``store`` and
-        ``groups`` (the truth orientation group of each crystal).
+        :func:`score_segmentation`'s scores plus ``result``, ``store``, ``groups`` (the
+        truth orientation group of each crystal), ``method`` (the result's workflow),
+        ``areas`` (each crystal's scan positions at the result's binning) and
+        ``min_size`` (the result's ``watershed.min_size``).
 
     Raises
     ------
@@ -268,6 +270,10 @@ def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dic
     """
     check_range("iou_threshold", iou_threshold, low=0, high=1, low_open=True)
     res = _open(result_path, "result")
+    kind = dict(res.attrs.get("spedflow", {})).get("kind")
+    if kind is not None and kind != "result" and "segments" not in res and store_path is None:
+        raise InputError(f"{str(result_path)!r} is an input store, not a result: give the result "
+                         "of `spedflow segment` first, then the simulated store (RESULT [STORE])")
     if store_path is None:
         from .report._load import input_store_path
         store_path = input_store_path(dict(res.attrs.get("spedflow", {})), result_path)
@@ -308,12 +314,20 @@ def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dic
     scores["result"] = str(result_path)
     scores["store"] = str(store_path)
     scores["groups"] = groups.tolist() if groups is not None else None
+    scores["method"] = meta.get("method")
+    # what a reader needs to see why a crystal was missed (format_evaluation's notes)
+    scores["areas"] = bin_masks(masks, maps.shape[1:], nav).sum(axis=(1, 2)).tolist()
+    scores["min_size"] = ((meta.get("params") or {}).get("watershed") or {}).get("min_size")
     return scores
 
 
 def format_evaluation(scores: dict) -> str:
     """A short text table of :func:`evaluate`'s or :func:`score_segmentation`'s scores."""
-    lines = [
+    lines = []
+    if scores.get("result"):
+        method = f"{scores['method'].upper()} result" if scores.get("method") else "result"
+        lines.append(f"{method} {scores['result']} against the truth of {scores['store']}")
+    lines += [
         f"truth crystals {scores['n_truth']}, segments {scores['n_segments']}, "
         f"matched {scores['n_matched']} (IoU >= {scores['iou_threshold']:g})",
         f"recall {scores['recall']:.3f}  precision {scores['precision']:.3f}  "
@@ -330,4 +344,31 @@ def format_evaluation(scores: dict) -> str:
                      f"{row['iou']:>6.3f} {row['best_iou']:>8.3f} {corr:>6}")
     if scores.get("unmatched_segments"):
         lines.append(f"unmatched segments: {', '.join(map(str, scores['unmatched_segments']))}")
+    if any(g is not None for g in groups):
+        lines.append("group: the truth's orientation; crystals of one group share their "
+                     "diffraction spots")
+    lines += _miss_notes(scores, groups)
     return "\n".join(lines)
+
+
+def _miss_notes(scores: dict, groups: list) -> list[str]:
+    """One line per crystal without a match that says what may explain it: smaller than
+    the watershed's smallest segment, or of one orientation with a matched crystal (the
+    VDF images and the NMF components of one orientation are one)."""
+    rows, areas, min_size = scores["per_crystal"], scores.get("areas"), scores.get("min_size")
+    matched = {r["truth"] for r in rows if r["segment"] is not None}
+    notes = []
+    for r, g in zip(rows, groups):
+        if r["segment"] is not None:
+            continue
+        c = r["truth"]
+        if areas is not None and min_size is not None and areas[c] < min_size:
+            notes.append(f"crystal {c}: {areas[c]} scan positions, under watershed.min_size = "
+                         f"{min_size}")
+        elif g is not None:
+            twins = [t for t, h in zip((q["truth"] for q in rows), groups) if h == g and t in matched]
+            if twins:
+                notes.append(f"crystal {c}: of one orientation with crystal {twins[0]}, which is "
+                             "matched; their diffraction spots are the same, so one segment may "
+                             "cover both")
+    return notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import shutil
 from pathlib import Path
 
 import dask
@@ -109,6 +110,38 @@ def test_segment_vdf_result_layout(vdf_result, sim_store):
     assert spedflow.load_config("vdf", attrs["params"]) == spedflow.load_config("vdf")
     maps = res["segments/maps"].values
     assert np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_result_arrays_have_the_scans_and_detectors_calibration(vdf_result, sim_store, tmp_path):
+    """Scan axes in the input's scan step times the result's navigation binning, detector
+    axes in its reciprocal scale centred on the beam: the store's own coordinates."""
+    x = spedflow.open_store(sim_store)
+    res = spedflow.open_result(vdf_result)
+    for name in ("segments/maps", "vdf/images", "beam/centres"):
+        for dim in ("scan_y", "scan_x"):
+            np.testing.assert_allclose(res[name][dim].values, x[dim].values)
+            assert res[name][dim].attrs == x[dim].attrs
+    for dim in ("ky", "kx"):
+        np.testing.assert_allclose(res["segments/patterns"][dim].values, x[dim].values)
+        assert res["segments/patterns"][dim].attrs == x[dim].attrs
+    # a result binned 2x: every scan pixel two steps wide
+    binned = tmp_path / "binned.zarr"
+    shutil.copytree(vdf_result, binned)
+    g = zarr.open_group(str(binned), mode="r+")
+    g.attrs["spedflow"] = {**g.attrs["spedflow"], "nav_binning": 2}
+    step = x.attrs["spedflow"]["scan_step"]["value"]
+    np.testing.assert_allclose(np.diff(spedflow.open_result(binned)["segments/maps"]["scan_x"].values),
+                               2 * step)
+
+
+def test_open_result_refuses_an_input_store_and_segment_a_result(vdf_result, sim_store, tmp_path):
+    with pytest.raises(InputError, match="is not a spedflow result .*spedflow.open_store"):
+        spedflow.open_result(sim_store)
+    with pytest.raises(InputError, match="is a result of `spedflow segment`, not an input store: "
+                                         "give the store of the data"):
+        spedflow.segment(vdf_result, method="vdf", out=tmp_path / "again.zarr", local=True,
+                         progress=False)
+    assert not (tmp_path / "again.zarr").exists()
 
 
 def test_segment_nmf_result_layout(tiny_store, tmp_path):

@@ -3,6 +3,7 @@ traceback, and nothing that existed before is modified."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -104,7 +105,8 @@ CASES = [
                                     "preprocess.dog_sigma_low=-1"], "dog_sigma_low"),
     ("segment-bad-method", ["segment", "{s}", "--out", "{d}/r12.zarr", "--method", "pca"], "method"),
     ("segment-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13.zarr", "--set",
-                                      "preprocess.nav_binning=5", "--no-cluster"], "nav_binning"),
+                                      "preprocess.nav_binning=5", "--no-cluster"],
+     "factors that do: 2, 3, 4, 6, 8, 12, 16, 24, 48; or crop the scan"),
     ("segment-detector-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13b.zarr", "--set",
                                                "preprocess.detector_binning=5", "--no-cluster"],
      "does not divide the detector"),
@@ -122,6 +124,13 @@ CASES = [
      "not a spedflow result store"),
     ("segment-overwrite-an-input-store", ["segment", "{s}", "--out", "{d}/zeros.zarr", "--overwrite"],
      "not a spedflow result store"),
+    ("segment-set-value-apart", ["segment", "{s}", "--out", "{d}/r25.zarr", "--set", "vdf.radius", "2"],
+     "unrecognized arguments: 2 (see `spedflow segment --help`)"),
+    ("ingest-scan-step-not-a-length", ["ingest", "{d}/good.npy", "{d}/o9.zarr", "--scan-step", "3.03:1/A"],
+     "`scan_step` units '1/A' are not a length"),
+    ("ingest-reciprocal-scale-not-a-number", ["ingest", "{d}/good.npy", "{d}/o10.zarr",
+                                              "--reciprocal-scale", "x:1/A"], "like 0.03246:1/A"),
+    ("evaluate-an-input-store", ["evaluate", "{s}"], "is an input store, not a result"),
     ("segment-disc-wider-than-detector", ["segment", "{s}", "--out", "{d}/r15.zarr", "--set",
                                           "vdf.radius=500", "--no-cluster"], "vdf.radius"),
     ("segment-infinite-radius", ["segment", "{s}", "--out", "{d}/r16.zarr", "--set", "vdf.radius=inf",
@@ -281,6 +290,44 @@ def test_segment_runs_in_process_unless_a_cluster_is_asked_for(argv, local):
     assert _local(args) is local
 
 
+def test_segment_says_what_it_found(tmp_path, capsys):
+    """The run's one line on stdout names the result and what it holds (the counts the
+    result records), without -v."""
+    import zarr
+
+    from spedflow.simulate import simulate
+    store = simulate(tmp_path / "tiny.zarr", scan=(16, 16), detector=32, crystals=3, seed=2,
+                     progress=False)
+    capsys.readouterr()
+    out = tmp_path / "r.zarr"
+    assert main(["segment", str(store), "--out", str(out), "--no-cluster", "-q"]) == 0
+    counts = zarr.open_group(str(out), mode="r").attrs["spedflow"]["counts"]
+    n = counts["segments"]
+    assert capsys.readouterr().out == (f"wrote {out}: {n} crystal{'s' if n != 1 else ''} "
+                                       f"(segments) from {counts['vectors']} diffraction vectors\n")
+    # an NMF result's counts: its kept components
+    from spedflow.cli import _found
+    g = zarr.open_group(str(tmp_path / "nmf.zarr"), mode="w")
+    g.attrs["spedflow"] = {"kind": "result", "method": "nmf",
+                           "counts": {"segments": 1, "components": 9, "kept": 4}}
+    assert _found(tmp_path / "nmf.zarr") == "1 crystal (segments) from 4 of 9 NMF components"
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("3.03", {"value": 3.03, "units": "nm"}),              # the API's default units
+    ("3.03:nm", {"value": 3.03, "units": "nm"}),
+    ("3.03nm", {"value": 3.03, "units": "nm"}),
+    ("30.3 A", {"value": 30.3, "units": "A"}),
+    ("1e1:pm", {"value": 10.0, "units": "pm"}),
+])
+def test_scan_step_takes_units_in_several_spellings(given, expected, tmp_path):
+    import zarr
+    np.save(tmp_path / "x.npy", np.ones((2, 3, 8, 8), np.uint16))
+    assert main(["ingest", str(tmp_path / "x.npy"), str(tmp_path / "x.zarr"), "--scan-step", given,
+                 "-q"]) == 0
+    assert zarr.open_group(str(tmp_path / "x.zarr"), mode="r").attrs["spedflow"]["scan_step"] == expected
+
+
 def test_simulate_takes_a_rectangular_detector_and_a_crystal_shape(tmp_path, capsys):
     """The CLI offers what the Python API does: a non-square detector and rod/sphere crystals."""
     import zarr
@@ -319,6 +366,28 @@ def _interrupt_group(proc) -> None:
     import os
     import signal
     os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize("command, line", [
+    ("segment", "spedflow: interrupted; finished stages are kept and a rerun resumes"),
+    ("ingest", "spedflow: interrupted; the chunks written are kept and a rerun resumes"),
+    ("fetch", "spedflow: interrupted; the part downloaded is kept and a rerun resumes"),
+    ("simulate", "spedflow: interrupted"),
+    ("info", "spedflow: interrupted"),
+])
+def test_an_interrupt_says_what_a_rerun_resumes_from(command, line, monkeypatch, capsys):
+    """Each command's Ctrl-C line names what it keeps (in its own words), or nothing where
+    a rerun starts afresh; exit status 130. (Called in-process: the command itself also
+    ends its process at once, see the tests above.)"""
+    from spedflow import cli
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, command, stopped)
+    args = argparse.Namespace(command=command, verbose=0)
+    assert cli._dispatch(args) == 130
+    assert capsys.readouterr().err == line + "\n"
 
 
 def _interrupt_at_first_bar(proc, timeout: float) -> str:

@@ -479,6 +479,16 @@ def test_errors_propagate_and_bar_says_failed(processes, capsys):
             compute(x.sum(), label="remote")
     err = capsys.readouterr().err
     assert re.search(r"local: .* FAILED", err) and re.search(r"remote: .* FAILED", err)
+    # a Ctrl-C is no failure: the bar says it was interrupted
+    y = da.ones(20, chunks=5).map_blocks(_ctrl_c, meta=np.array((), float))
+    with pytest.raises(KeyboardInterrupt):
+        compute(y.sum(), label="stopped", scheduler="synchronous")
+    err = capsys.readouterr().err
+    assert re.search(r"^stopped: .* interrupted$", err, re.M) and "FAILED" not in err, err
+
+
+def _ctrl_c(block):
+    raise KeyboardInterrupt
 
 
 def test_persist_with_progress(processes, capsys):

@@ -159,7 +159,8 @@ def test_evaluate_store(sim_store, tmp_path, monkeypatch):
     assert s["mean_correlation"] == pytest.approx(1.0, abs=1e-6)
     assert s["groups"] == g["truth/groups"][...].tolist()
     text = format_evaluation(s)
-    assert "recall 1.000" in text and len(text.splitlines()) == 4 + len(masks)
+    assert "recall 1.000" in text and len(text.splitlines()) == 6 + len(masks)
+    assert text.splitlines()[0] == f"result {res} against the truth of {sim_store}"
     # the store defaults to the input the result records
     with pytest.raises(InputError, match="does not record an input store"):
         evaluate(res)
@@ -193,6 +194,36 @@ def test_evaluate_store(sim_store, tmp_path, monkeypatch):
         evaluate(sim_store, res)
 
 
+def test_the_table_says_why_a_crystal_was_missed(sim_store, tmp_path):
+    """A crystal under the watershed's smallest segment, and one of the orientation of a
+    matched crystal, are each named with the reason; the method heads the table."""
+    g = zarr.open_group(str(sim_store), mode="r")
+    masks, pats, groups = g["truth/masks"][...], g["truth/patterns"][...], g["truth/groups"][...]
+    areas = masks.sum(axis=(1, 2))
+    _, counts = np.unique(groups, return_counts=True)
+    twin = int(np.flatnonzero(counts[groups] > 1)[0])         # one of a pair of one orientation
+    small = int(np.argmin(np.where(counts[groups] > 1, np.inf, areas)))  # of its own orientation
+    keep = [c for c in range(len(masks)) if c not in (twin, small)]
+    res = _write_result(tmp_path / "r.zarr", masks[keep].astype(np.float32), pats[keep], 1)
+    r = zarr.open_group(str(res), mode="r+")
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "method": "vdf",
+                           "params": {"watershed": {"min_size": int(areas[small]) + 1}}}
+    s = evaluate(res, sim_store)
+    assert s["areas"] == areas.tolist() and s["min_size"] == areas[small] + 1
+    lines = format_evaluation(s).splitlines()
+    assert lines[0].startswith("VDF result ")
+    assert f"crystal {small}: {areas[small]} scan positions, under watershed.min_size = " \
+           f"{areas[small] + 1}" in lines
+    partner = next(c for c in keep if groups[c] == groups[twin])
+    assert any(line.startswith(f"crystal {twin}: of one orientation with crystal {partner}, "
+                               "which is matched") for line in lines)
+    assert sum(line.startswith("crystal ") and ":" in line for line in lines) == 2
+    # a larger min_size than the small crystal's area, no note for it
+    r.attrs["spedflow"] = {**r.attrs["spedflow"], "params": {"watershed": {"min_size": 1}}}
+    assert not any(line.startswith(f"crystal {small}:")
+                   for line in format_evaluation(evaluate(res, sim_store)).splitlines())
+
+
 def test_evaluate_errors(sim_store, tmp_path):
     g = zarr.open_group(str(sim_store), mode="r")
     pats = g["truth/patterns"][...]
@@ -207,6 +238,8 @@ def test_evaluate_errors(sim_store, tmp_path):
         evaluate(tmp_path / "missing.zarr", sim_store)
     with pytest.raises(InputError, match="has no 'segments/maps'"):
         evaluate(tmp_path / "plain.zarr", sim_store)
+    with pytest.raises(InputError, match="is an input store, not a result: give the result"):
+        evaluate(sim_store)
     bad = _write_result(tmp_path / "b.zarr", np.zeros((1, 48, 48)), np.zeros((1, 30, 30)), 1)
     with pytest.raises(InputError, match="not an integer detector binning"):
         evaluate(bad, sim_store)

@@ -366,8 +366,15 @@ def test_stack_with_scan_shape(tmp_path, scan):
 def test_scan_shape_rerasters_and_is_checked(tmp_path):
     x = _data((2, 6, 6, 8))
     np.save(tmp_path / "x.npy", x)
-    arr, _ = open_source(tmp_path / "x.npy", scan=(3, 4))  # a scan recorded with the wrong shape
+    with pytest.warns(RuntimeWarning, match=r"has a 2 x 6 scan; the scan shape given, 3 x 4, "
+                                            "re-rasters its patterns row by row"):
+        arr, _ = open_source(tmp_path / "x.npy", scan=(3, 4))  # a scan recorded with the wrong shape
     np.testing.assert_array_equal(arr.compute(), x.reshape(3, 4, 6, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file's own scan shape, or a stack's: no warning
+        assert open_source(tmp_path / "x.npy", scan=(2, 6))[0].shape == (2, 6, 6, 8)
+        np.save(tmp_path / "stack.npy", x.reshape(12, 6, 8))
+        assert open_source(tmp_path / "stack.npy", scan=(3, 4))[0].shape == (3, 4, 6, 8)
     np.save(tmp_path / "prime.npy", x.reshape(12, 6, 8)[:11])
     assert open_source(tmp_path / "prime.npy")[0].shape == (1, 11, 6, 8)  # only a line is possible
     np.save(tmp_path / "one.npy", x[:1, 0])

@@ -136,6 +136,11 @@ def _to_4d(arr: da.Array, signal_axes, where: str, scan=None) -> da.Array:
         if scan[0] * scan[1] != n:
             raise ParameterError(f"`scan` {scan[0]} x {scan[1]} is {scan[0] * scan[1]} positions, but {where} "
                                  f"holds {n} patterns (shape {arr.shape})")
+        nav = tuple(s for s in arr.shape[:-2] if s != 1)
+        if len(nav) == 2 and nav != tuple(scan):  # a scan the file has: re-rastered
+            warnings.warn(f"{where} has a {nav[0]} x {nav[1]} scan; the scan shape given, {scan[0]} x {scan[1]}, "
+                          "re-rasters its patterns row by row (right only if the file's scan shape "
+                          "was recorded wrongly)", RuntimeWarning, stacklevel=3)
         return arr.reshape(tuple(scan) + arr.shape[-2:])
     if nd == 2 or (nd == 3 and arr.shape[0] == 1):
         warnings.warn(f"{where} holds a single {arr.shape[-2:]} pattern; treating it as a 1 x 1 scan",

@@ -262,6 +262,11 @@ def open_input(path, *, array: str = DATA):
     """
     g = _open_group(path)
     if array not in g:
+        meta = dict(g.attrs.get("spedflow", {}))
+        if meta.get("kind") == "result":
+            made = meta.get("input") if isinstance(meta.get("input"), str) else None
+            raise InputError(f"{str(path)!r} is a result of `spedflow segment`, not an input store: "
+                             "give the store of the data" + (f" ({made})" if made else ""))
         raise InputError(f"store {str(path)!r} has no array {array!r}; is it a spedflow store "
                          "(made by `spedflow ingest` or `spedflow simulate`)?")
     arr = g[array]

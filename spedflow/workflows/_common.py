@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -214,8 +215,12 @@ def validate(plan: "Plan", cfg) -> None:
     ny, nx, raw_ky, raw_kx = plan.array.shape
     b = cfg.preprocess.nav_binning
     if ny % b or nx % b:
+        g = math.gcd(ny, nx)
+        divisors = ", ".join(str(k) for k in range(2, g + 1) if g % k == 0) or "none"
         raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
-                             f"({ny}, {nx}); choose a divisor or crop the scan")
+                             f"({ny}, {nx}); factors that do: {divisors}; or crop the scan (in "
+                             f"Python: spedflow.from_array(spedflow.open_store(STORE).data[:{ny - ny % b}, "
+                             f":{nx - nx % b}], NEW_STORE))")
     d = cfg.preprocess.detector_binning
     if raw_ky % d or raw_kx % d:
         raise ParameterError(f"`preprocess.detector_binning` = {d} does not divide the detector "
