@@ -331,7 +331,7 @@ def _dispatch(args) -> int:
             NotADirectoryError) as exc:
         if args.verbose:
             raise
-        print(f"spedflow: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"spedflow: error: {_cli_words(_one_line(exc), args.command)}", file=sys.stderr)
         return EXIT_USER
     except ValueError as exc:
         if args.verbose:
@@ -349,6 +349,36 @@ def _dispatch(args) -> int:
         print(f"spedflow: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with -v for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+
+
+#: Parameter names of the Python API that a command's option spells otherwise.
+_OPTION_OF = {"out_dir": "--out", "n_workers": "--workers", "threads_per_worker": "--threads"}
+
+
+def _cli_words(text: str, command: str | None) -> str:
+    """An error message of the Python API in the command's words: a parameter named in
+    backticks that is one of ``command``'s options becomes the option (`scan_step` ->
+    `--scan-step`); ``name=(...)`` examples become ``--name ...``."""
+    if not command:
+        return text
+    try:
+        sub = build_parser().command_parser(command)
+    except KeyError:
+        return text
+    options = {a.dest: a.option_strings[-1] for a in sub._actions
+               if any(o.startswith("--") for o in a.option_strings)}
+    options.update({k: v for k, v in _OPTION_OF.items() if v in options.values()})
+
+    def example(m):  # shape=(256, 256, 128, 128) -> --shape 256,256,128,128
+        value = m.group(2).strip("()").replace(" ", "")
+        return f"{options[m.group(1)]} {value}"
+
+    names = "|".join(re.escape(n) for n in sorted(options, key=len, reverse=True))
+    if not names:
+        return text
+    text = re.sub(rf"\b({names})=(\([^)]*\)|'[^']*'|\S+?)(?=[,)\s]|$)", example, text)
+    text = re.sub(r"(--[\w-]+ \S+?), (?=--)", r"\1 ", text)  # options one after the other
+    return re.sub(rf"`({names})`", lambda m: f"`{options[m.group(1)]}`", text)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -266,6 +266,8 @@ def test_every_parameter_is_explained_in_the_defaults_file(method):
             assert f.name in about and len(about[f.name]) > 10, (cls.__name__, f.name)
             first_words = " ".join(about[f.name].split()[:4])
             assert first_words in " ".join(line.lstrip("# ") for line in text.splitlines()), f.name
+    if method == "vdf":  # parameters described together (min_sigma, max_sigma): said once
+        assert text.count("# Smallest and largest Gaussian scale of the LoG") == 1
 
 
 def test_parameter_summaries_reads_numpy_docstrings():

@@ -73,7 +73,8 @@ CASES = [
     ("ingest-unknown-format", ["ingest", "{d}/notes.xyz", "{d}/o2.zarr"], "xyz"),
     ("ingest-empty", ["ingest", "{d}/empty.npy", "{d}/o3.zarr"], "empty"),
     ("ingest-pickle", ["ingest", "{d}/obj.npy", "{d}/o4.zarr"], "only integer or float"),
-    ("ingest-raw-no-shape", ["ingest", "{d}/raw.bin", "{d}/o5.zarr", "--dtype", "uint16"], "shape"),
+    ("ingest-raw-no-shape", ["ingest", "{d}/raw.bin", "{d}/o5.zarr", "--dtype", "uint16"],
+     "needs `--shape` and `--dtype` (e.g. --shape 256,256,128,128 --dtype '<u2')"),  # the CLI's words
     ("ingest-raw-size-mismatch", ["ingest", "{d}/raw.bin", "{d}/o6.zarr", "--shape", "4,4,16,16",
                                   "--dtype", "uint16"], "bytes"),
     ("ingest-dest-exists", ["ingest", "{d}/good.npy", "{d}/exists.zarr"], "exists"),
@@ -127,7 +128,7 @@ CASES = [
     ("segment-set-value-apart", ["segment", "{s}", "--out", "{d}/r25.zarr", "--set", "vdf.radius", "2"],
      "unrecognized arguments: 2 (see `spedflow segment --help`)"),
     ("ingest-scan-step-not-a-length", ["ingest", "{d}/good.npy", "{d}/o9.zarr", "--scan-step", "3.03:1/A"],
-     "`scan_step` units '1/A' are not a length"),
+     "`--scan-step` units '1/A' are not a length"),
     ("ingest-reciprocal-scale-not-a-number", ["ingest", "{d}/good.npy", "{d}/o10.zarr",
                                               "--reciprocal-scale", "x:1/A"], "like 0.03246:1/A"),
     ("evaluate-an-input-store", ["evaluate", "{s}"], "is an input store, not a result"),

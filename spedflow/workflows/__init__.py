@@ -41,9 +41,12 @@ def default_config_toml(method: str) -> str:
         sub = getattr(cfg, section.name)
         about = parameter_summaries(type(sub))
         lines.append(f"[{section.name}]")
+        said = None
         for f in dataclasses.fields(sub):
-            for text in _wrap(about.get(f.name, "")):
-                lines.append(f"# {text}")
+            if about.get(f.name) != said:  # parameters described together: said once
+                for text in _wrap(about.get(f.name, "")):
+                    lines.append(f"# {text}")
+            said = about.get(f.name)
             if getattr(sub, f.name) is None:
                 lines.append(f"# {f.name} = (derived from the data; set a value to fix it)")
             else:
