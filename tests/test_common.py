@@ -262,3 +262,43 @@ def test_pattern_totals_equal_a_float64_sum():
     got = pattern_totals(frames)
     assert got.shape == (5, 7) and got.dtype == np.float64
     np.testing.assert_allclose(got, frames.sum(axis=(-2, -1), dtype=np.float64), rtol=1e-6)
+
+
+def _block_sums(block, offset):
+    return {"sum": np.asarray(block, np.float64).sum(axis=(2, 3)), "offset": np.asarray(offset)}
+
+
+def test_run_blocks_resumes_block_by_block_and_says_so(tmp_path, capsys, caplog):
+    """Blocks written before (an interrupted run) are kept and not recomputed; the run
+    says it resumes next to its progress bar; a torn temporary file is removed."""
+    import logging
+
+    import dask
+    import dask.array as da
+
+    from spedflow import cluster
+    from spedflow.workflows._cache import StageCache, load_block
+    from spedflow.workflows._common import run_blocks
+
+    data = da.from_array(np.arange(4 * 6 * 3 * 3, dtype=np.uint16).reshape(4, 6, 3, 3),
+                         chunks=(2, 3, 3, 3))
+    stage = StageCache(tmp_path).stage("test", "key")
+    with dask.config.set(scheduler="synchronous"):
+        paths = run_blocks(stage, data, _block_sums, label="sums", n_patterns=24)
+    assert len(paths) == 4 and capsys.readouterr().err.count("resuming") == 0
+    for p in paths[1:]:  # as if interrupted after the first block
+        p.unlink()
+    first = paths[0].stat().st_mtime_ns
+    torn = paths[0].with_name("1_1.npz.tmp77")
+    torn.write_bytes(b"half")
+    caplog.set_level(logging.WARNING, logger="spedflow")  # the default: -v logs it instead
+    cluster.set_progress(True)
+    with dask.config.set(scheduler="synchronous"):
+        again = run_blocks(stage, data, _block_sums, label="sums", n_patterns=24)
+    assert again == paths and paths[0].stat().st_mtime_ns == first and not torn.exists()
+    assert "sums: resuming, 1 of 4 blocks finished before" in capsys.readouterr().err
+    whole = np.arange(4 * 6 * 3 * 3, dtype=np.float64).reshape(4, 6, 3, 3).sum(axis=(2, 3))
+    for p, (i, j) in zip(paths, [(0, 0), (0, 3), (2, 0), (2, 3)]):
+        b = load_block(p)
+        np.testing.assert_array_equal(b["sum"], whole[i:i + 2, j:j + 3])
+        assert tuple(b["offset"]) == (i, j)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,6 +596,10 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
                     kwargs))
     if len(todo) < len(paths):
         log.info("%s: reusing %d of %d finished blocks", label, len(paths) - len(todo), len(paths))
+        if todo and cluster.progress_enabled() and not log.isEnabledFor(logging.INFO):
+            # an interrupted run resumed: said beside the progress bar (-v logs it above)
+            print(f"{label}: resuming, {len(paths) - len(todo)} of {len(paths)} blocks finished "
+                  "before", file=sys.stderr)
     if todo:
         cluster.compute(*todo, label=label, n_patterns=n_patterns * len(todo) // len(paths))
     return paths
