@@ -478,7 +478,7 @@ def cmd_segment(args) -> int:
         threads_per_worker=args.threads, memory_limit=args.memory_limit, local=_local(args),
         tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         progress=_progress(args))
-    print(f"wrote {result}: {_found(result)}")
+    _say_wrote(result)
     if args.report:
         from .report import write_report
         html = write_report(result, args.report, store_path=args.store)
@@ -486,10 +486,19 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _say_wrote(result) -> None:
+    found = _found(result)
+    print(f"wrote {result}" + (f": {found}" if found else ""))
+
+
 def _found(result) -> str:
-    """What a run found, in a few words (from the result's counts)."""
+    """What a run found, in a few words (from the result's counts; "" where they cannot
+    be read: the result is written, its summary is not worth an error)."""
     import zarr
-    meta = dict(zarr.open_group(str(result), mode="r").attrs.get("spedflow", {}))
+    try:
+        meta = dict(zarr.open_group(str(result), mode="r").attrs.get("spedflow", {}))
+    except Exception:  # noqa: BLE001
+        return ""
     counts = meta.get("counts") or {}
     n = counts.get("segments", 0)
     text = f"{n} crystal{'s' if n != 1 else ''} (segments)"
@@ -548,7 +557,7 @@ def cmd_watch(args) -> int:
     result = watch(args.store, method=args.method, out=args.out, config=args.config,
                    overrides=_parse_set(args.set), poll=args.poll,
                    timeout=args.timeout, overwrite=args.overwrite, progress=_progress(args))
-    print(f"wrote {result}: {_found(result)}")
+    _say_wrote(result)
     return 0
 
 
