@@ -76,11 +76,27 @@ def exit_now(code: int) -> None:
     waiting: a block of pass 1 is written under a temporary name and renamed when
     whole, an ingest marks a unit done only after writing it, a download appends to
     its ``.part`` file, and a stage or a result counts only once marked complete. The
-    stage cache's locks are released and a local cluster is closed before this runs;
+    stage cache's locks are released and a local cluster is closed before this runs,
+    or, if Ctrl-C came while it was still starting, by its start's thread, which this
+    waits for (:func:`spedflow.cluster.wait_for_closing`); a close that a second Ctrl-C
+    cut short is finished here, as Python's exit would (a further Ctrl-C ends the wait);
     a worker process whose nanny dies with this process ends too (distributed's
     parent watch). Only for the command (:func:`is_command`), never in a notebook.
     """
     import logging
+    try:
+        cluster = sys.modules.get("spedflow.cluster")
+        if cluster is not None:
+            cluster.wait_for_closing()
+        spec = sys.modules.get("distributed.deploy.spec")
+        for c in list(getattr(getattr(spec, "SpecCluster", None), "_instances", ())):
+            # a close a second Ctrl-C cut short: finished as Python's exit would
+            # (distributed's atexit, which os._exit skips), with a shorter timeout
+            if getattr(c, "shutdown_on_close", False) and \
+                    getattr(getattr(c, "status", None), "name", "closed") != "closed":
+                c.close(timeout=3)
+    except (KeyboardInterrupt, Exception):  # noqa: BLE001 (a further Ctrl-C: end now)
+        pass
     logging.shutdown()  # flush the log handlers
     for stream in (sys.stdout, sys.stderr):
         try:

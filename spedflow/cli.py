@@ -49,7 +49,8 @@ def _calibration(example: str):
     ``VALUEUNITS``, as in 3.03nm). A bare number is passed on as a number: the API's
     default units (nm for a scan step, 1/nm for a detector scale)."""
     def parse(text: str) -> tuple[float, str] | float:
-        m = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:?\s*(\S*)\s*", text)
+        m = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:?\s*"
+                         r"((?:[^\W\d_]|1/)\S*)?\s*", text)  # units: a letter first, or 1/
         if not m:
             raise argparse.ArgumentTypeError(f"expected VALUE[:UNITS] like {example}, got {text!r}")
         return (float(m.group(1)), m.group(2)) if m.group(2) else float(m.group(1))
@@ -309,7 +310,7 @@ def _caller_settings_kept():
 #: What an interrupted command leaves for its rerun to resume from (none: starts afresh).
 _KEPT_ON_INTERRUPT = {"segment": "finished stages are", "watch": "finished stages are",
                       "demo": "finished stages are", "ingest": "the chunks written are",
-                      "fetch": "the part downloaded is"}
+                      "fetch": "the download and ingest done so far are"}
 
 
 def _dispatch(args) -> int:
@@ -358,7 +359,8 @@ _OPTION_OF = {"out_dir": "--out", "n_workers": "--workers", "threads_per_worker"
 def _cli_words(text: str, command: str | None) -> str:
     """An error message of the Python API in the command's words: a parameter named in
     backticks that is one of ``command``'s options becomes the option (`scan_step` ->
-    `--scan-step`); ``name=(...)`` examples become ``--name ...``."""
+    `--scan-step`). Only backticked names: the rest of a message quotes paths and the
+    user's own input, which must stay as given."""
     if not command:
         return text
     try:
@@ -368,16 +370,9 @@ def _cli_words(text: str, command: str | None) -> str:
     options = {a.dest: a.option_strings[-1] for a in sub._actions
                if any(o.startswith("--") for o in a.option_strings)}
     options.update({k: v for k, v in _OPTION_OF.items() if v in options.values()})
-
-    def example(m):  # shape=(256, 256, 128, 128) -> --shape 256,256,128,128
-        value = m.group(2).strip("()").replace(" ", "")
-        return f"{options[m.group(1)]} {value}"
-
-    names = "|".join(re.escape(n) for n in sorted(options, key=len, reverse=True))
-    if not names:
+    if not options:
         return text
-    text = re.sub(rf"\b({names})=(\([^)]*\)|'[^']*'|\S+?)(?=[,)\s]|$)", example, text)
-    text = re.sub(r"(--[\w-]+ \S+?), (?=--)", r"\1 ", text)  # options one after the other
+    names = "|".join(re.escape(n) for n in sorted(options, key=len, reverse=True))
     return re.sub(rf"`({names})`", lambda m: f"`{options[m.group(1)]}`", text)
 
 
@@ -496,16 +491,19 @@ def _found(result) -> str:
     be read: the result is written, its summary is not worth an error)."""
     import zarr
     try:
-        meta = dict(zarr.open_group(str(result), mode="r").attrs.get("spedflow", {}))
+        meta = zarr.open_group(str(result), mode="r").attrs.get("spedflow")
     except Exception:  # noqa: BLE001
         return ""
-    counts = meta.get("counts") or {}
-    n = counts.get("segments", 0)
+    counts = meta.get("counts") if isinstance(meta, dict) else None
+    if not isinstance(counts, dict) or not isinstance(counts.get("segments"), int):
+        return ""
+    n = counts["segments"]
     text = f"{n} crystal{'s' if n != 1 else ''} (segments)"
-    if meta.get("method") == "vdf" and "vectors" in counts:
+    if meta.get("method") == "vdf" and isinstance(counts.get("vectors"), int):
         return text + f" from {counts['vectors']} diffraction vectors"
-    if meta.get("method") == "nmf" and "components" in counts:
-        return text + f" from {counts.get('kept', 0)} of {counts['components']} NMF components"
+    if meta.get("method") == "nmf" and isinstance(counts.get("components"), int) \
+            and isinstance(counts.get("kept"), int):
+        return text + f" from {counts['kept']} of {counts['components']} NMF components"
     return text
 
 

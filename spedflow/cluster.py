@@ -591,14 +591,35 @@ def _exit_after_start(context, entered, exc_info) -> BaseException | None:
     try:
         error = entered.exception()  # waits; the start's error, not raised
     except BaseException:
+        closed = threading.Event()
+
         def exit_later(done):
-            if not done.cancelled() and done.exception() is None:
-                context.__exit__(None, None, None)
+            try:
+                if not done.cancelled() and done.exception() is None:
+                    context.__exit__(None, None, None)
+            finally:
+                closed.set()
+        _closing.append(closed)
         entered.add_done_callback(exit_later)
         raise
     if error is None:
         context.__exit__(*exc_info)
     return error
+
+
+#: Clusters whose interrupted start closes them once they are up (events set when closed).
+_closing: list[threading.Event] = []
+
+
+def wait_for_closing(timeout: float = 30.0) -> None:
+    """Wait, at most ``timeout`` s, for the clusters a start interrupted by Ctrl-C is
+    still to close (:func:`starting`): the command ends its process at once after an
+    interrupt (:func:`spedflow._interrupt.exit_now`), which would otherwise cut that
+    close short (the workers end with their nannies anyway, but Python's resource
+    tracker then reports the cluster's semaphores as leaked)."""
+    deadline = time.monotonic() + timeout
+    for closed in list(_closing):
+        closed.wait(max(0.0, deadline - time.monotonic()))
 
 
 def ready() -> None:

@@ -151,7 +151,8 @@ def score_segmentation(maps: np.ndarray, patterns: np.ndarray, truth_masks: np.n
         ``mean_correlation`` (matched pairs), ``iou`` (C, S) list of lists,
         ``per_crystal`` list of dicts ``{truth, segment, iou, best_iou,
         correlation}`` (segment and correlation None when unmatched),
-        ``unmatched_segments``, and the settings used. Every ratio is 0 (never
+        ``unmatched_segments``, ``areas`` (each crystal's scan positions at the
+        result's binning), and the settings used. Every ratio is 0 (never
         NaN) when its denominator is 0.
     """
     maps = np.asarray(maps)
@@ -215,6 +216,7 @@ def score_segmentation(maps: np.ndarray, patterns: np.ndarray, truth_masks: np.n
         "per_crystal": per,
         "unmatched_segments": [s for s in range(S) if s not in matched_segments],
         "iou": iou.tolist(),
+        "areas": t.sum(axis=1).astype(int).tolist(),
         "iou_threshold": float(iou_threshold), "nav_binning": list(binning),
         "exclude_radius": float(exclude_radius),
     }
@@ -259,9 +261,8 @@ def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dic
     -------
     dict
         :func:`score_segmentation`'s scores plus ``result``, ``store``, ``groups`` (the
-        truth orientation group of each crystal), ``method`` (the result's workflow),
-        ``areas`` (each crystal's scan positions at the result's binning) and
-        ``min_size`` (the result's ``watershed.min_size``).
+        truth orientation group of each crystal), ``method`` (the result's workflow)
+        and ``min_size`` (the result's ``watershed.min_size``).
 
     Raises
     ------
@@ -316,7 +317,6 @@ def evaluate(result_path, store_path=None, *, iou_threshold: float = 0.5) -> dic
     scores["groups"] = groups.tolist() if groups is not None else None
     scores["method"] = meta.get("method")
     # what a reader needs to see why a crystal was missed (format_evaluation's notes)
-    scores["areas"] = bin_masks(masks, maps.shape[1:], nav).sum(axis=(1, 2)).tolist()
     scores["min_size"] = ((meta.get("params") or {}).get("watershed") or {}).get("min_size")
     return scores
 

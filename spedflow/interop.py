@@ -36,10 +36,11 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
 
     Parameters
     ----------
-    data : (scan_y, scan_x, ky, kx) numpy.ndarray, dask.array.Array or HyperSpy signal
+    data : (scan_y, scan_x, ky, kx) numpy.ndarray, dask.array.Array, xarray.DataArray or HyperSpy signal
         A HyperSpy ``Signal2D`` with two navigation axes; its axes calibration is used
         unless ``scan_step`` / ``reciprocal_scale`` are given. A lazy signal stays lazy:
-        it is streamed chunk by chunk.
+        it is streamed chunk by chunk. An ``xarray.DataArray`` of :func:`spedflow.open_store`
+        (a crop of a scan: ``open_store(STORE)[:200, :256]``) keeps its store's calibration.
     dest : path of the store to create.
     scan_step, reciprocal_scale : float, (value, units) or {"value", "units"}, optional
 
@@ -58,6 +59,14 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         reciprocal_scale = reciprocal_scale or {"value": float(sig[0].scale), "units": str(sig[0].units)}
         source = f"hyperspy signal {getattr(data.metadata.General, 'title', '')!s}"
         data = data.data  # hyperspy stores (nav_y, nav_x, sig_y, sig_x) in array order
+    elif hasattr(data, "dims") and hasattr(data, "attrs") and hasattr(data, "data"):  # xarray
+        given = (data.attrs or {}).get("spedflow") or {}
+        for_step, for_scale = given.get("scan_step") or {}, given.get("reciprocal_scale") or {}
+        scan_step = scan_step or (for_step if for_step.get("value") else None)
+        reciprocal_scale = reciprocal_scale or (for_scale if for_scale.get("value") else None)
+        if given.get("source"):
+            source = f"a part of {given['source']}"
+        data = data.data
     if isinstance(data, np.ndarray):
         arr = da.from_array(data, chunks=nav_chunks(data.shape, data.dtype) if data.ndim == 4 else -1)
     elif isinstance(data, da.Array):

@@ -130,8 +130,9 @@ def test_result_arrays_have_the_scans_and_detectors_calibration(vdf_result, sim_
     g = zarr.open_group(str(binned), mode="r+")
     g.attrs["spedflow"] = {**g.attrs["spedflow"], "nav_binning": 2}
     step = x.attrs["spedflow"]["scan_step"]["value"]
-    np.testing.assert_allclose(np.diff(spedflow.open_result(binned)["segments/maps"]["scan_x"].values),
-                               2 * step)
+    scan_x = spedflow.open_result(binned)["segments/maps"]["scan_x"].values
+    np.testing.assert_allclose(np.diff(scan_x), 2 * step)
+    assert scan_x[0] == pytest.approx(0.5 * step)  # the centre of raw positions 0 and 1
 
 
 def test_open_result_refuses_an_input_store_and_segment_a_result(vdf_result, sim_store, tmp_path):
@@ -456,6 +457,18 @@ def test_from_array_round_trip(tmp_path, as_dask):
     np.testing.assert_allclose(np.diff(x.ky.values), 0.05)
     assert x.ky.attrs["units"] == "1/nm"
     assert x.attrs["spedflow"]["complete"] is True
+
+
+def test_a_crop_of_a_store_keeps_its_calibration(sim_store, tmp_path):
+    """``from_array(open_store(S)[...])``, the crop the binning error suggests: the part's
+    patterns, the store's scan step and detector scale, read lazily."""
+    x = spedflow.open_store(sim_store)
+    part = spedflow.from_array(x[:20, 4:28], tmp_path / "crop.zarr", progress=False)
+    y = spedflow.open_store(part)
+    np.testing.assert_array_equal(y.values, x[:20, 4:28].values)
+    for name in ("scan_step", "reciprocal_scale"):
+        assert y.attrs["spedflow"][name] == x.attrs["spedflow"][name]
+    assert y.attrs["spedflow"]["source"].startswith("a part of ")
 
 
 @pytest.mark.parametrize("data, exc, match", [

@@ -74,7 +74,7 @@ CASES = [
     ("ingest-empty", ["ingest", "{d}/empty.npy", "{d}/o3.zarr"], "empty"),
     ("ingest-pickle", ["ingest", "{d}/obj.npy", "{d}/o4.zarr"], "only integer or float"),
     ("ingest-raw-no-shape", ["ingest", "{d}/raw.bin", "{d}/o5.zarr", "--dtype", "uint16"],
-     "needs `--shape` and `--dtype` (e.g. --shape 256,256,128,128 --dtype '<u2')"),  # the CLI's words
+     "needs `--shape` and `--dtype`: the array's shape"),  # the CLI's words
     ("ingest-raw-size-mismatch", ["ingest", "{d}/raw.bin", "{d}/o6.zarr", "--shape", "4,4,16,16",
                                   "--dtype", "uint16"], "bytes"),
     ("ingest-dest-exists", ["ingest", "{d}/good.npy", "{d}/exists.zarr"], "exists"),
@@ -107,7 +107,7 @@ CASES = [
     ("segment-bad-method", ["segment", "{s}", "--out", "{d}/r12.zarr", "--method", "pca"], "method"),
     ("segment-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13.zarr", "--set",
                                       "preprocess.nav_binning=5", "--no-cluster"],
-     "factors that do: 2, 3, 4, 6, 8, 12, 16, 24, 48; or crop the scan"),
+     "factors that do: 2, 3, 4, 6; or crop the scan"),
     ("segment-detector-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13b.zarr", "--set",
                                                "preprocess.detector_binning=5", "--no-cluster"],
      "does not divide the detector"),
@@ -132,6 +132,12 @@ CASES = [
     ("ingest-reciprocal-scale-not-a-number", ["ingest", "{d}/good.npy", "{d}/o10.zarr",
                                               "--reciprocal-scale", "x:1/A"], "like 0.03246:1/A"),
     ("evaluate-an-input-store", ["evaluate", "{s}"], "is an input store, not a result"),
+    # the user's own words and paths are quoted as given, not taken for options
+    ("segment-set-without-section", ["segment", "{s}", "--out", "{d}/r26.zarr", "--set", "method=nmf"],
+     "--set expects SECTION.KEY=VALUE, got 'method=nmf'"),
+    ("segment-missing-store-with-key-value-path", ["segment", "{d}/method=vdf/x.zarr", "--out",
+                                                   "{d}/r27.zarr"], "method=vdf/x.zarr' does not exist"),
+    ("simulate-dest-exists-hint", ["simulate", "{d}/exists.zarr", "--scan", "8"], "overwrite=True in Python"),
     ("segment-disc-wider-than-detector", ["segment", "{s}", "--out", "{d}/r15.zarr", "--set",
                                           "vdf.radius=500", "--no-cluster"], "vdf.radius"),
     ("segment-infinite-radius", ["segment", "{s}", "--out", "{d}/r16.zarr", "--set", "vdf.radius=inf",
@@ -312,6 +318,11 @@ def test_segment_says_what_it_found(tmp_path, capsys):
     g.attrs["spedflow"] = {"kind": "result", "method": "nmf",
                            "counts": {"segments": 1, "components": 9, "kept": 4}}
     assert _found(tmp_path / "nmf.zarr") == "1 crystal (segments) from 4 of 9 NMF components"
+    # a result of another form: nothing said, and no error after a written run
+    for attrs in ({"kind": "result", "counts": "?"}, {"kind": "result"}, {}):
+        g.attrs["spedflow"] = attrs
+        assert _found(tmp_path / "nmf.zarr") == ""
+    assert _found(tmp_path / "missing.zarr") == ""
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -372,7 +383,7 @@ def _interrupt_group(proc) -> None:
 @pytest.mark.parametrize("command, line", [
     ("segment", "spedflow: interrupted; finished stages are kept and a rerun resumes"),
     ("ingest", "spedflow: interrupted; the chunks written are kept and a rerun resumes"),
-    ("fetch", "spedflow: interrupted; the part downloaded is kept and a rerun resumes"),
+    ("fetch", "spedflow: interrupted; the download and ingest done so far are kept and a rerun resumes"),
     ("simulate", "spedflow: interrupted"),
     ("info", "spedflow: interrupted"),
 ])

@@ -285,15 +285,14 @@ def test_run_blocks_resumes_block_by_block_and_says_so(tmp_path, capsys, caplog)
     stage = StageCache(tmp_path).stage("test", "key")
     with dask.config.set(scheduler="synchronous"):
         paths = run_blocks(stage, data, _block_sums, label="sums", n_patterns=24)
-    assert len(paths) == 4 and capsys.readouterr().err.count("resuming") == 0
+    assert len(paths) == 4
     for p in paths[1:]:  # as if interrupted after the first block
         p.unlink()
     first = paths[0].stat().st_mtime_ns
     torn = paths[0].with_name("1_1.npz.tmp77")
     torn.write_bytes(b"half")
     caplog.set_level(logging.WARNING, logger="spedflow")  # the default: -v logs it instead
-    cluster.set_progress(True)
-    with dask.config.set(scheduler="synchronous"):
+    with cluster.progress_switched(True), dask.config.set(scheduler="synchronous"):
         again = run_blocks(stage, data, _block_sums, label="sums", n_patterns=24)
     assert again == paths and paths[0].stat().st_mtime_ns == first and not torn.exists()
     assert "sums: resuming, 1 of 4 blocks finished before" in capsys.readouterr().err

@@ -261,7 +261,9 @@ def _read_npy(path: Path, *, chunks, signal_axes, scan=None, **_):
 def _read_raw(path: Path, *, shape=None, dtype=None, offset=0, chunks, signal_axes, scan=None, **_):
     where = f"{str(path)!r}"
     if shape is None or dtype is None:
-        raise ParameterError(f"raw binary {where} needs `shape` and `dtype` (e.g. shape=(256, 256, 128, 128), dtype='<u2')")
+        raise ParameterError(f"raw binary {where} needs `shape` and `dtype`: the array's shape in "
+                             "the file and its element type, e.g. 256,256,128,128 and '<u2' "
+                             "(little-endian 16-bit)")
     try:
         dtype_ = np.dtype(dtype)
     except TypeError:

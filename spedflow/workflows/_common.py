@@ -216,11 +216,12 @@ def validate(plan: "Plan", cfg) -> None:
     ny, nx, raw_ky, raw_kx = plan.array.shape
     b = cfg.preprocess.nav_binning
     if ny % b or nx % b:
-        g = math.gcd(ny, nx)
-        divisors = ", ".join(str(k) for k in range(2, g + 1) if g % k == 0) or "none"
+        g = math.gcd(ny, nx)  # factors that divide both and leave at least 8 x 8 positions
+        divisors = ", ".join(str(k) for k in range(2, g + 1)
+                             if g % k == 0 and min(ny, nx) // k >= 8) or "none"
         raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
                              f"({ny}, {nx}); factors that do: {divisors}; or crop the scan (in "
-                             f"Python: spedflow.from_array(spedflow.open_store(STORE).data[:{ny - ny % b}, "
+                             f"Python: spedflow.from_array(spedflow.open_store(STORE)[:{ny - ny % b}, "
                              f":{nx - nx % b}], NEW_STORE))")
     d = cfg.preprocess.detector_binning
     if raw_ky % d or raw_kx % d:
@@ -584,7 +585,10 @@ def run_blocks(stage, data: da.Array, fn, *, label: str, n_patterns: int, **kwar
     blocks = data.to_delayed()
     offsets = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:2]]
     for part in (stage.path / "blocks").glob("*.npz.tmp*"):  # of a run ended mid-write
-        part.unlink(missing_ok=True)
+        try:
+            part.unlink(missing_ok=True)
+        except OSError:  # still open elsewhere (Windows): left
+            pass
     paths, todo = [], []
     for i in range(blocks.shape[0]):
         for j in range(blocks.shape[1]):
