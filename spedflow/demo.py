@@ -31,6 +31,9 @@ def run_demo(out="spedflow-demo", *, scan=(64, 64), detector: int = 128, seed: i
             _say(f"{store} was simulated with {made}; simulating it again with {wanted}", progress)
         _say(f"simulating {scan[0]}x{scan[1]} patterns of {detector}x{detector} px -> {store}", progress)
         simulate(store, scan=scan, detector=detector, seed=seed, overwrite=True, progress=progress)
+    else:
+        _say(f"reusing {store}, simulated before with these settings (--overwrite simulates it "
+             "again; the workflows reuse their finished stages too)", progress)
     rows = []
     for method in ("vdf", "nmf"):
         result = out / f"{method}-result.zarr"

@@ -26,3 +26,9 @@ def test_demo_follows_its_options_in_an_existing_folder(tmp_path, capsys):
     run_demo(tmp_path, seed=1, **kw)
     assert _made(tmp_path / "simulated.zarr") == seed1
     assert (tmp_path / "index.html").is_file()
+    out = capsys.readouterr()
+    assert out.out.count("VDF result ") == out.out.count("NMF result ") == 2  # tables headed
+    # with progress on, the reuse is said
+    run_demo(tmp_path, seed=1, scan=(24, 24), detector=32, progress=True)
+    assert _made(tmp_path / "simulated.zarr") == seed1
+    assert f"reusing {tmp_path / 'simulated.zarr'}, simulated before" in capsys.readouterr().err
