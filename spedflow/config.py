@@ -45,6 +45,12 @@ def check_range(name: str, value, *, low=None, high=None, low_open=False,
         raise ParameterError(f"`{name}` must be {rel} {high} (got {value!r})")
 
 
+def check_auto_switch(name: str, value) -> None:
+    """Validate a switch that is true, false or "auto" (resolved from the data)."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ParameterError(f"`{name}` must be true, false or \"auto\" (got {value!r})")
+
+
 def params_to_dict(params) -> dict:
     """A nested plain dict (TOML/JSON-able) of a params dataclass; None omitted."""
     out = {}

@@ -214,3 +214,14 @@ def test_dose_normalised_rule(normalize, spread, noise, clipped, seen, expected)
 def test_normalize_must_be_a_bool_or_auto():
     with pytest.raises(ParameterError, match="normalize"):
         VDFParams(normalize="yes")
+    # the switches of "auto" that the data resolve share one check and one message
+    from spedflow.decompose import NMFParams
+    from spedflow.segment import VDFMergeParams
+    for cls, name in ((VDFParams, "normalize"), (NMFParams, "normalize"),
+                      (VDFMergeParams, "noise_corrected")):
+        for bad in ("yes", 1, None):
+            with pytest.raises(ParameterError, match=rf'^`{name}` must be true, false or "auto" '
+                                                     rf"\(got {bad!r}\)$"):
+                cls(**{name: bad})
+        for good in (True, False, "auto"):
+            assert getattr(cls(**{name: good}), name) == good

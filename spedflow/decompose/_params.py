@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check_range
+from ..config import check_auto_switch, check_range
 from ..errors import ParameterError
 
 __all__ = ["NMFParams", "ScreeParams"]
@@ -178,9 +178,7 @@ class NMFParams:
         check_range("seed", self.seed, low=0, integer=True)
         check_range("dark_level", self.dark_level, low=0, allow_none=True)
         check_range("gain", self.gain, low=0, low_open=True, allow_none=True)
-        if not (isinstance(self.normalize, bool) or self.normalize == "auto"):
-            raise ParameterError(f"`normalize` must be true, false or \"auto\" "
-                                 f"(got {self.normalize!r})")
+        check_auto_switch("normalize", self.normalize)
         check_range("extra_components", self.extra_components, low=0, high=4)
         check_range("min_spot_fraction", self.min_spot_fraction, low=0, high=1)
         check_range("max_coverage", self.max_coverage, low=0, high=1, low_open=True)

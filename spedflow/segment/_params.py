@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import check_range
+from ..config import check_auto_switch, check_range
 from ..errors import ParameterError
 
 __all__ = ["WatershedParams", "VDFMergeParams", "NMFMergeParams", "THRESHOLD_METHODS",
@@ -308,9 +308,7 @@ class VDFMergeParams:
         check_range("adjacent_shared", self.adjacent_shared, low=0, high=1)
         check_range("rim_width", self.rim_width, low=0, integer=True)
         check_range("corr_threshold", self.corr_threshold, low=-1, high=1, high_open=True)
-        if not (isinstance(self.noise_corrected, bool) or self.noise_corrected == "auto"):
-            raise ParameterError(f"`noise_corrected` must be true, false or \"auto\" "
-                                 f"(got {self.noise_corrected!r})")
+        check_auto_switch("noise_corrected", self.noise_corrected)
         check_range("friedel_ring_contrast", self.friedel_ring_contrast, low=0)
         check_range("fragment_containment", self.fragment_containment, low=0, low_open=True)
         check_range("fragment_contrast", self.fragment_contrast, low=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ..config import check_range
+from ..config import check_auto_switch, check_range
 from ..errors import InputError, ParameterError
 
 __all__ = ["VDFParams", "resolve", "disc_masks", "annulus_mask", "apply_masks", "vdf_sums",
@@ -63,9 +63,7 @@ class VDFParams:
         check_range("radius", self.radius, low=0, low_open=True, allow_none=True)
         if not isinstance(self.subpixel, bool):
             raise ParameterError(f"`subpixel` must be true or false (got {self.subpixel!r})")
-        if not (isinstance(self.normalize, bool) or self.normalize == "auto"):
-            raise ParameterError(f"`normalize` must be true, false or \"auto\" "
-                                 f"(got {self.normalize!r})")
+        check_auto_switch("normalize", self.normalize)
 
 
 def resolve(params: VDFParams, spot_radius: float | None = None) -> VDFParams:
