@@ -8,6 +8,14 @@ status. With `--fresh-numba-cache` every run compiles spedflow's kernels again (
 the process for seconds after it had said "interrupted".
 
     python benchmarks/bench_interrupt.py --runs 12 --fresh-numba-cache   # -> results/interrupt.json
+
+With `--double-during-cluster-start` the command starts a local cluster (`--workers 2
+--threads 1`) and gets Ctrl-C twice, 0.3 s apart, to its whole process group (as from a
+terminal) 2.6-3.6 s after it started, while the cluster comes up: the time from the second
+interrupt to the exit, and whether anything printed "leaked" (distributed's semaphores,
+when a close is cut short).
+
+    python benchmarks/bench_interrupt.py --runs 8 --double-during-cluster-start --out results/interrupt_cluster_start.json
 """
 
 from __future__ import annotations
@@ -66,6 +74,36 @@ def one_run(store: Path, work: Path, *, fresh_cache: bool, max_delay: float, tim
             "said": (work / "log.txt").read_text().strip().splitlines()[-1:]}
 
 
+def double_during_start(store: Path, work: Path, *, timeout: float) -> dict:
+    out = work / "r.zarr"
+    log = open(work / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "spedflow", "segment", str(store), "--method",
+                             "vdf", "--out", str(out), "--workers", "2", "--threads", "1"],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+                            preexec_fn=_child_start)
+    first = random.uniform(2.6, 3.6)
+    time.sleep(first)
+    for _ in range(2):
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            break
+        sent = time.monotonic()
+        time.sleep(0.3)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
+    log.close()
+    text = (work / "log.txt").read_text()
+    return {"returncode": code, "exit_s": round(max(0.0, time.monotonic() - sent), 3),
+            "interrupted_after_s": round(first, 3), "leaked": "leaked" in text,
+            "said": text.strip().splitlines()[-1:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=12)
@@ -73,6 +111,8 @@ def main() -> None:
                     help="compile the kernels in every run (a first run on a machine)")
     ap.add_argument("--max-delay", type=float, default=2.5,
                     help="the interrupt comes 0..this many s after pass 1's first block")
+    ap.add_argument("--double-during-cluster-start", action="store_true",
+                    help="two Ctrl-C while a local cluster starts (see the module's notes)")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "interrupt.json")
@@ -91,8 +131,11 @@ def main() -> None:
         for i in range(args.runs):
             work = root / f"run{i}"
             work.mkdir()
-            runs.append(one_run(store, work, fresh_cache=args.fresh_numba_cache,
-                                max_delay=args.max_delay, timeout=args.timeout))
+            if args.double_during_cluster_start:
+                runs.append(double_during_start(store, work, timeout=args.timeout))
+            else:
+                runs.append(one_run(store, work, fresh_cache=args.fresh_numba_cache,
+                                    max_delay=args.max_delay, timeout=args.timeout))
             print(i, runs[-1], file=sys.stderr, flush=True)
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -102,7 +145,8 @@ def main() -> None:
                "exit_130": sum(r.get("returncode") == 130 for r in runs),
                "hung": sum("exit_s" in r and r["returncode"] is None for r in runs),
                "exit_s_median": statistics.median(times) if times else None,
-               "exit_s_max": max(times) if times else None}
+               "exit_s_max": max(times) if times else None,
+               "leaked": sum(bool(r.get("leaked")) for r in runs)}
     result = {"step": "interrupt", "machine": machine(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "summary": summary, "runs": runs}
