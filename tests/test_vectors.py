@@ -217,6 +217,43 @@ def test_ring_vectors_dropped_on_a_smooth_ring_kept_on_a_ring_of_spots():
     assert keep.tolist() == [True]
 
 
+def test_ring_of_evenly_spaced_spots_is_kept_given_the_position_scatter():
+    """Two crystals of one phase, 30 degrees apart, on a small detector: their twelve
+    first-order spots sit 6 px apart on a ring of |g| = 11.5 px. Discs of the clustering
+    radius (3.2 px) join them into an even ring and every vector was dropped as film;
+    discs of 3 position scatters keep each spot apart. A smooth ring's noise cluster is
+    dropped with either disc."""
+    from spedflow.peaks import drop_ring_vectors, ring_contrast
+    rng = np.random.default_rng(5)
+    ang = np.deg2rad(np.arange(0, 360, 30))
+    v = np.column_stack([11.5 * np.sin(ang), 11.5 * np.cos(ang)])
+    h = _ring_hist(rng, k=64, spots=[(gy, gx, 110) for gy, gx in v])
+    _, keep = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10)
+    assert not keep.any()  # the even ring of the wide discs
+    _, keep = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10, scatter=0.3)
+    assert keep.all()
+    # the disc is max(1, 3 scatter) px, never wider than the clustering radius
+    s1, r1 = ring_contrast(h, v, oversample=2, radius=1.0)
+    support, ring = ring_contrast(h, v, oversample=2, radius=max(1.0, 3 * 0.3))
+    np.testing.assert_array_equal(support, s1)
+    assert (ring == 0).all() and (support >= 100).all()
+    _, wide = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10, scatter=2.0)
+    assert not wide.any()
+    # an amorphous ring's densest place (where a noise maximum is picked) is dropped, a
+    # real vector on the ring is kept
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        h = _ring_hist(rng, spots=[(-20.0, -12.0, 40)], amorphous=4.0)
+        a = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+        circle = np.column_stack([30 * np.sin(a), 30 * np.cos(a)])
+        s, _ = ring_contrast(h, circle, oversample=2, radius=1.0)
+        far = np.hypot(*(circle - [-20.0, -12.0]).T) > 4  # away from the real vector
+        densest = circle[far][np.argmax(s[far])]
+        _, keep = drop_ring_vectors(h, np.array([densest, [-20.0, -12.0]]), oversample=2,
+                                    radius=2.0, min_patterns=10, scatter=0.3)
+        assert keep.tolist() == [False, True]
+
+
 @pytest.mark.parametrize("sigma", [0.3, 0.6, 1.0])
 def test_position_scatter_recovers_the_spread_of_peak_positions(sigma):
     from spedflow.peaks import position_scatter

@@ -143,10 +143,21 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     return support.astype(float), ring.astype(float)
 
 
-def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patterns: int):
+def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patterns: int,
+                      scatter: float | None = None):
     """Keep the vectors that stand out of their ring: ``support - ring >= max(min_patterns,
     5 sqrt(ring))`` (the same Poisson test as against the local floor, with the
-    azimuthal floor instead). Returns ``(kept vectors, keep mask)``."""
+    azimuthal floor instead). Returns ``(kept vectors, keep mask)``.
+
+    The counts are taken in discs of ``radius`` (the clustering radius), or, where the
+    peak positions' ``scatter`` (px per axis, :func:`position_scatter`) is known, of
+    ``max(1, 3 scatter)`` px if that is smaller: a reflection's peaks lie within 3 scatter
+    of it (99 % of a 2-D Gaussian), and a disc as wide as a spot joins the spots that
+    crystals of one phase share at one ``|g|`` (twelve spots on a ring of 72 px on a
+    64 px detector) into a ring as even as a film's.
+    """
+    if scatter is not None and np.isfinite(scatter) and scatter > 0:
+        radius = min(float(radius), max(1.0, 3.0 * float(scatter)))
     support, ring = ring_contrast(hist, vectors, oversample=oversample, radius=radius)
     keep = (support - ring) >= np.maximum(min_patterns, 5.0 * np.sqrt(ring))
     return np.asarray(vectors)[keep], keep
