@@ -503,6 +503,10 @@ def _found(result) -> str:
         return text + f" from {counts['vectors']} diffraction vectors"
     if meta.get("method") == "nmf" and isinstance(counts.get("components"), int) \
             and isinstance(counts.get("kept"), int):
+        extra = counts.get("residual_components")  # the residual search's, after the global ones
+        if isinstance(extra, int) and extra > 0:
+            return text + (f" from {counts['kept']} of {counts['components'] + extra} NMF "
+                           f"components ({extra} from the residual search)")
         return text + f" from {counts['kept']} of {counts['components']} NMF components"
     return text
 

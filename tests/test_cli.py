@@ -318,6 +318,12 @@ def test_segment_says_what_it_found(tmp_path, capsys):
     g.attrs["spedflow"] = {"kind": "result", "method": "nmf",
                            "counts": {"segments": 1, "components": 9, "kept": 4}}
     assert _found(tmp_path / "nmf.zarr") == "1 crystal (segments) from 4 of 9 NMF components"
+    # components the residual search added count among those it chose from
+    g.attrs["spedflow"] = {"kind": "result", "method": "nmf",
+                           "counts": {"segments": 2, "components": 1, "kept": 2,
+                                      "residual_components": 1}}
+    assert _found(tmp_path / "nmf.zarr") == ("2 crystals (segments) from 2 of 2 NMF components "
+                                             "(1 from the residual search)")
     # a result of another form: nothing said, and no error after a written run
     for attrs in ({"kind": "result", "counts": "?"}, {"kind": "result"}, {}):
         g.attrs["spedflow"] = attrs

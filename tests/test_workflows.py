@@ -658,6 +658,33 @@ def test_a_run_without_crystals_says_why(tmp_path, sim_store, method, reason, ov
     assert sum("no crystal found" in r.message for r in caplog.records) == 1
 
 
+def test_vectors_all_on_an_even_ring_are_named_as_such(tmp_path, caplog):
+    """Amorphous speckle (15 random speckles per pattern on a ring of |g| = 14 px): the
+    peak histogram's ring holds local maxima that are vectors by the local test, none
+    standing out of its ring. The warning says they were found and dropped as a film's,
+    not that there was no vector."""
+    import logging
+    rng = np.random.default_rng(0)
+    k = 48
+    yy, xx = np.mgrid[:k, :k]
+    base = 1000 / (1 + np.exp((np.hypot(yy - 24, xx - 24) - 3) / 0.5)) + 0.05
+    data = np.empty((24, 24, k, k))
+    for i in np.ndindex(24, 24):
+        a, g = rng.uniform(0, 2 * np.pi, 15), 14 + rng.normal(0, 0.5, 15)
+        cy, cx = 24 + g * np.sin(a), 24 + g * np.cos(a)
+        speckle = 80 * np.exp(-((yy[None] - cy[:, None, None]) ** 2
+                                + (xx[None] - cx[:, None, None]) ** 2) / 2).sum(0)
+        data[i] = base + speckle
+    store = spedflow.from_array(rng.poisson(data).astype(np.uint16), tmp_path / "film.zarr")
+    with caplog.at_level(logging.WARNING, logger="spedflow"):
+        res = spedflow.segment(store, method="vdf", out=tmp_path / "r.zarr", local=True,
+                               progress=False)
+    counts = zarr.open_group(str(res), mode="r").attrs["spedflow"]["counts"]
+    assert counts["vectors"] == 0 and counts["segments"] == 0
+    hits = [r.message for r in caplog.records if "no crystal found" in r.message]
+    assert len(hits) == 1 and "diffraction vectors found lie on rings of peaks" in hits[0], hits
+
+
 @pytest.mark.parametrize("group", [1, 3, 1000])
 def test_reductions_over_the_peak_tables_equal_one_read(results, monkeypatch, group):
     """The peak histogram summed in parts over groups of blocks (any group size, the

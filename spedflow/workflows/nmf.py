@@ -377,6 +377,7 @@ def run_nmf(plan: Plan, cfg: NMFConfig, cache: StageCache) -> Path:
                      "dark_level": dark / prep.nav_binning ** 2 / plan.detector_binning ** 2},
         "descan": beam.descan,
         "counts": {"patterns": int(ny * nx), "components": n_comp, "kept": int(keep.sum()),
+                   "residual_components": int(len(factors) - n_global),
                    "merged": int(len(mf)),
                    "spanning_parts_dropped": int(n_seg - (len(seg_maps) - n_cut) - n_dup),
                    "duplicates_dropped": int(n_dup), "overlaps_cut": int(n_cut),

@@ -481,10 +481,17 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             patterns = virtual_patterns(vectors, merged.members, merged.intensities, (ky, kx), sigma)
             table, inten = merged.membership_table()
     else:  # no vectors: a result all the same (empty), and why, as NMF does
-        log.warning("no crystal found: no diffraction vector, a place on the detector with peaks "
-                    "in vectors.min_patterns = %d patterns or more: the data may hold no crystals, "
-                    "or their spots lie under the peak threshold (peaks.threshold; see `spedflow "
-                    "params vdf`, section [peaks])", vp.min_patterns)
+        if n_found:  # every vector found lay on an even ring
+            log.warning("no crystal found: the %d diffraction vectors found lie on rings of peaks "
+                        "as even as an amorphous film's (none stands out of its |g| by "
+                        "vectors.min_patterns = %d patterns and 5 sigma): the data may hold no "
+                        "crystals, or so many of one phase that their spots fill their rings "
+                        "(try --method nmf)", n_found, vp.min_patterns)
+        else:
+            log.warning("no crystal found: no diffraction vector, a place on the detector with "
+                        "peaks in vectors.min_patterns = %d patterns or more: the data may hold no "
+                        "crystals, or their spots lie under the peak threshold (peaks.threshold; "
+                        "see `spedflow params vdf`, section [peaks])", vp.min_patterns)
         images = np.zeros((0, ny, nx), np.float32)
         image_snr = None
         ws = resolved_watershed(cfg.watershed, None)  # no images: the rule as given, else off
