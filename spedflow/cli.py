@@ -48,9 +48,10 @@ def _calibration(example: str):
     """The argument type of a calibration, VALUE[:UNITS] (also ``VALUE UNITS`` or
     ``VALUEUNITS``, as in 3.03nm). A bare number is passed on as a number: the API's
     default units (nm for a scan step, 1/nm for a detector scale)."""
+    from .config import CALIBRATION_TEXT
+
     def parse(text: str) -> tuple[float, str] | float:
-        m = re.fullmatch(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:?\s*"
-                         r"((?:[^\W\d_]|1/)\S*)?\s*", text)  # units: a letter first, or 1/
+        m = CALIBRATION_TEXT.fullmatch(text)
         if not m:
             raise argparse.ArgumentTypeError(f"expected VALUE[:UNITS] like {example}, got {text!r}")
         return (float(m.group(1)), m.group(2)) if m.group(2) else float(m.group(1))

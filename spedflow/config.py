@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ParameterError
+
+#: A calibration as text (``--scan-step``, ``scan_step=`` of ingest / from_array): a
+#: number, then its units (a letter first, or 1/) after a space, a colon or nothing:
+#: "3.03 nm", "3.03:nm", "3.03nm", "0.032:1/A".
+CALIBRATION_TEXT = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*:?\s*"
+                              r"((?:[^\W\d_]|1/)\S*)?\s*")
 
 __all__ = ["params_from_dict", "params_to_dict", "check_range"]
 
@@ -80,6 +87,13 @@ def params_from_dict(cls, data: Mapping[str, Any] | None, *, where: str = ""):
         # a workflow's configuration holds sections (each a dataclass), a section parameters
         kind = ("section" if fields and all(_dataclass_type(cls, f) is not None
                                             for f in fields.values()) else "parameter")
+        name = unknown[0]
+        if kind == "section" and not isinstance(data[name], Mapping):  # `key = value` on top
+            owners = [f.name for f in fields.values()
+                      if name in {g.name for g in dataclasses.fields(_dataclass_type(cls, f))}]
+            where_it = (f"it is a parameter of {', '.join(f'[{o}]' for o in owners)}"
+                        if owners else f"the sections are {', '.join(sorted(fields))}")
+            raise ParameterError(f"{prefix}`{name}` lies outside any [section]; {where_it}")
         raise ParameterError(
             f"{prefix}unknown {kind} {unknown[0]!r}; known: {', '.join(sorted(fields))}")
     kwargs = {}
@@ -117,8 +131,8 @@ def read_toml(path: str | Path) -> dict:
     if not p.is_file():
         raise ParameterError(f"config file {str(p)!r} does not exist")
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        # a byte-order mark (Windows editors write one) is no TOML, and no content either
+        return tomllib.loads(p.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ParameterError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:

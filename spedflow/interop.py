@@ -20,14 +20,35 @@ from .io._store import check_4d
 __all__ = ["from_array", "to_hyperspy"]
 
 
-def _calib(value, default_units):
-    if value is None:
-        return {"value": 1.0, "units": "px"}
-    if isinstance(value, dict):
-        return {"value": float(value["value"]), "units": str(value.get("units", default_units))}
-    if isinstance(value, (tuple, list)):
-        return {"value": float(value[0]), "units": str(value[1])}
-    return {"value": float(value), "units": default_units}
+def _calib(name, value, default_units):
+    """A calibration as ``ingest`` takes it (checked the same way); none: 1 px."""
+    from .io._ingest import _parse_calibration
+    parsed = _parse_calibration(name, value, default_units)
+    return {"value": 1.0, "units": "px"} if parsed is None else parsed
+
+
+def _stride(data, dims, stored) -> float:
+    """How many of the store's steps one step of a crop's axes ``dims`` spans (1 for a
+    plain crop, 2 for ``[::2]``), from its coordinates; refused where the axes' steps
+    differ or are uneven (one calibration holds one step)."""
+    factors = []
+    for d in dims:
+        c = np.asarray(data.coords[d].values, np.float64) if d in data.coords else None
+        if c is None or c.size < 2:
+            continue
+        steps = np.abs(np.diff(c))
+        if not np.allclose(steps, steps[0], rtol=1e-6, atol=0):
+            raise ParameterError(f"the array's {d} positions are not evenly spaced (a crop by a "
+                                 f"list of indices): its calibration would not be one step")
+        factors.append(steps[0] / stored)
+    if not factors:
+        return 1.0
+    if not np.allclose(factors, factors[0], rtol=1e-6):
+        raise ParameterError(f"the array's {' and '.join(dims)} are cropped with different steps "
+                             f"({' and '.join(f'{f:g}' for f in factors)} of the store's): a "
+                             f"calibration holds one step for both")
+    f = float(factors[0])
+    return float(round(f)) if abs(f - round(f)) < 1e-6 * f else f  # a slice's stride: whole
 
 
 def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scale=None,
@@ -42,7 +63,10 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         it is streamed chunk by chunk. An ``xarray.DataArray`` of :func:`spedflow.open_store`
         (a crop of a scan: ``open_store(STORE)[:200, :256]``) keeps its store's calibration.
     dest : path of the store to create.
-    scan_step, reciprocal_scale : float, (value, units) or {"value", "units"}, optional
+    scan_step, reciprocal_scale : float, (value, units), {"value", "units"} or "value units", optional
+        As for :func:`spedflow.ingest` ("3.03 nm", "3.03:nm", (3.03, "nm"); a number is
+        in nm, 1/nm); none: 1 px. A crop with a stride (``[::2]``) of an
+        ``open_store`` array takes that many of the store's steps.
 
     Returns
     -------
@@ -62,8 +86,13 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
     elif hasattr(data, "dims") and hasattr(data, "attrs") and hasattr(data, "data"):  # xarray
         given = (data.attrs or {}).get("spedflow") or {}
         for_step, for_scale = given.get("scan_step") or {}, given.get("reciprocal_scale") or {}
-        scan_step = scan_step or (for_step if for_step.get("value") else None)
-        reciprocal_scale = reciprocal_scale or (for_scale if for_scale.get("value") else None)
+        # a crop with a stride ([::2]) has a step of that many of the store's
+        if scan_step is None and for_step.get("value"):
+            scan_step = {**for_step, "value": for_step["value"]
+                         * _stride(data, ("scan_y", "scan_x"), for_step["value"])}
+        if reciprocal_scale is None and for_scale.get("value"):
+            reciprocal_scale = {**for_scale, "value": for_scale["value"]
+                                * _stride(data, ("ky", "kx"), for_scale["value"])}
         if given.get("source"):
             source = f"a part of {given['source']}"
         data = data.data
@@ -80,12 +109,14 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
     arr = arr.rechunk(chunks)
     meta = {"kind": "input", "version": __version__, "source": source, "format": "array",
             "original_shape": list(arr.shape), "original_dtype": str(arr.dtype),
-            "scan_step": _calib(scan_step, "nm"), "reciprocal_scale": _calib(reciprocal_scale, "1/nm"),
+            "scan_step": _calib("scan_step", scan_step, "nm"),
+            "reciprocal_scale": _calib("reciprocal_scale", reciprocal_scale, "1/nm"),
             "created": creation_stamp(), "complete": False}
-    with atomic_store(dest, overwrite=overwrite, replaces="input") as tmp:
+    from . import cluster
+    with atomic_store(dest, overwrite=overwrite, replaces="input") as tmp, \
+            cluster.progress_switched(progress):
         root = zarr.open_group(str(tmp), mode="w")
         z = create_array(root, DATA, arr.shape, arr.dtype, chunks=chunks)
-        from . import cluster
         cluster.store(arr, z, label="write store", n_patterns=int(arr.shape[0] * arr.shape[1]))
         root.attrs["spedflow"] = {**meta, "complete": True}
     return Path(dest)

@@ -300,6 +300,10 @@ def test_default_config_toml_round_trip(tmp_path, method):
 @pytest.mark.parametrize("args, kwargs, match", [
     (("vdf", {"peaks": {"treshold": 5}}), {}, "unknown parameter 'treshold'"),
     (("vdf", {"peeks": {}}), {}, "unknown section 'peeks'"),
+    # a parameter above every [section] header: where it belongs
+    (("vdf", {"threshold": 3}), {},
+     r"`threshold` lies outside any \[section\]; it is a parameter of \[peaks\], \[watershed\]"),
+    (("vdf", {"bogus": 3}), {}, r"`bogus` lies outside any \[section\]; the sections are merge"),
     (("nmf",), {"overrides": {"nmf": {"n_component": 3}}}, "unknown parameter 'n_component'"),
     (("vdf", {"peaks": {"threshold": "high"}}), {}, "threshold"),
     (("vdf", {"peaks": {"num_sigma": 2.5}}), {}, "num_sigma"),
@@ -321,6 +325,10 @@ def test_load_config_bad_toml(tmp_path):
     bad.write_text("[peaks\nthreshold = \n")
     with pytest.raises(ParameterError, match="not valid TOML"):
         spedflow.load_config("vdf", bad)
+    # a byte-order mark, as Windows editors write, is read past
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[peaks]\nthreshold = 5\n")
+    assert spedflow.load_config("vdf", bom).peaks.threshold == 5
 
 
 # ------------------------------------------------------------- stage by stage == one call
@@ -470,6 +478,45 @@ def test_a_crop_of_a_store_keeps_its_calibration(sim_store, tmp_path):
     for name in ("scan_step", "reciprocal_scale"):
         assert y.attrs["spedflow"][name] == x.attrs["spedflow"][name]
     assert y.attrs["spedflow"]["source"].startswith("a part of ")
+    # a crop with a stride: its step is that many of the store's
+    step, scale = (x.attrs["spedflow"][k]["value"] for k in ("scan_step", "reciprocal_scale"))
+    assert step and scale  # the simulated store is calibrated
+    for crop, f_scan, f_det in [(x[::2, ::2], 2, 1), (x[1:, :, ::2, ::2], 1, 2),
+                                (x[::-3, ::3], 3, 1)]:
+        y = spedflow.open_store(spedflow.from_array(crop, tmp_path / "s.zarr", overwrite=True,
+                                                    progress=False))
+        assert y.attrs["spedflow"]["scan_step"]["value"] == pytest.approx(f_scan * step, rel=1e-12)
+        assert y.attrs["spedflow"]["reciprocal_scale"]["value"] == pytest.approx(f_det * scale,
+                                                                                 rel=1e-12)
+        np.testing.assert_allclose(np.diff(y.scan_x.values), f_scan * step)
+    # one step cannot describe axes cropped unlike each other, or uneven positions
+    with pytest.raises(ParameterError, match="cropped with different steps"):
+        spedflow.from_array(x[::2, ::3], tmp_path / "u.zarr", progress=False)
+    with pytest.raises(ParameterError, match="not evenly spaced"):
+        spedflow.from_array(x[[0, 1, 5]], tmp_path / "u.zarr", progress=False)
+    assert not (tmp_path / "u.zarr").exists()
+
+
+@pytest.mark.parametrize("text", ["2.5 nm", "2.5:nm", "2.5nm", (2.5, "nm"),
+                                  {"value": 2.5, "units": "nm"}])
+def test_from_array_takes_the_calibrations_ingest_takes(tmp_path, text, capsys):
+    arr = np.ones((2, 2, 4, 4), np.uint16)
+    y = spedflow.open_store(spedflow.from_array(arr, tmp_path / "a.zarr", scan_step=text,
+                                                reciprocal_scale="0.03:1/A", progress=False))
+    assert "write store" not in capsys.readouterr().err  # progress=False: no bar
+    assert y.attrs["spedflow"]["scan_step"] == {"value": 2.5, "units": "nm"}
+    assert y.attrs["spedflow"]["reciprocal_scale"] == {"value": 0.03, "units": "1/A"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(scan_step=-3), "must be > 0"), (dict(scan_step=0), "must be > 0"),
+    (dict(scan_step="3 parsecs"), "are not a length"), (dict(reciprocal_scale="big"), "must look like"),
+])
+def test_from_array_refuses_a_bad_calibration(tmp_path, kw, match):
+    with pytest.raises(ParameterError, match=match):
+        spedflow.from_array(np.ones((2, 2, 4, 4), np.uint16), tmp_path / "a.zarr",
+                            progress=False, **kw)
+    assert not (tmp_path / "a.zarr").exists()
 
 
 @pytest.mark.parametrize("data, exc, match", [

@@ -317,7 +317,8 @@ def scree(matrix, n_components: int = 50, *, n_power_iter: int = 4, n_oversample
     mean, sumsq = dask.compute(m64.mean(axis=0), (m64 ** 2).sum())
     total = float(sumsq - n * np.dot(mean, mean))
     if total <= 0:
-        raise InputError("`matrix` has no variance (all patterns identical)")
+        raise InputError("every pattern is the same (no variance over the scan): there is no "
+                         "component to find")
     oversamples = int(max(min(n_oversamples, min(n, p) - k), 0))
     # the data and (with noise_edge) its sign-flipped null share every pass; the null
     # has the same subspace size as the scree itself: the randomised estimates of a

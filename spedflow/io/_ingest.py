@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..config import check_range
+from ..config import CALIBRATION_TEXT, check_range
 from ..errors import ParameterError
 from ._progress import ProgressBar
 from ._readers import open_source
@@ -280,12 +280,11 @@ def _parse_calibration(name: str, value, default_units: str) -> dict | None:
     if value is None:
         return None
     units = default_units
-    if isinstance(value, str):
-        parts = value.split(None, 1)
-        try:
-            value, units = float(parts[0]), (parts[1].strip() if len(parts) > 1 else default_units)
-        except (ValueError, IndexError):
-            raise ParameterError(f"`{name}` must look like '12.8 nm' (got {value!r})") from None
+    if isinstance(value, str):  # "12.8 nm", "12.8:nm", "12.8nm" (as the command takes it)
+        m = CALIBRATION_TEXT.fullmatch(value)
+        if not m:
+            raise ParameterError(f"`{name}` must look like '12.8 nm' (got {value!r})")
+        value, units = float(m.group(1)), (m.group(2) or default_units)
     elif isinstance(value, dict):
         if set(value) != {"value", "units"}:
             raise ParameterError(f"`{name}` must have keys value and units (got {sorted(value)})")

@@ -215,6 +215,9 @@ def validate(plan: "Plan", cfg) -> None:
     problem found is named, in one line (a small scan can break several limits)."""
     ny, nx, raw_ky, raw_kx = plan.array.shape
     b = cfg.preprocess.nav_binning
+    if b > min(ny, nx):
+        raise ParameterError(f"`preprocess.nav_binning` = {b} is larger than the scan "
+                             f"({ny}, {nx}): binned, no scan position would be left")
     if ny % b or nx % b:
         g = math.gcd(ny, nx)  # factors that divide both and leave at least 8 x 8 positions
         divisors = ", ".join(str(k) for k in range(2, g + 1)
@@ -225,8 +228,11 @@ def validate(plan: "Plan", cfg) -> None:
                              f":{nx - nx % b}], NEW_STORE))")
     d = cfg.preprocess.detector_binning
     if raw_ky % d or raw_kx % d:
+        g = math.gcd(raw_ky, raw_kx)
+        divisors = ", ".join(str(k) for k in range(2, g + 1)
+                             if g % k == 0 and min(raw_ky, raw_kx) // k >= _MIN_BINNED_SIDE)
         raise ParameterError(f"`preprocess.detector_binning` = {d} does not divide the detector "
-                             f"shape ({raw_ky}, {raw_kx}); choose a divisor")
+                             f"shape ({raw_ky}, {raw_kx}); factors that do: {divisors or 'none'}")
     ky, kx = raw_ky // d, raw_kx // d
     problems = []
     if d > 1 and min(ky, kx) < _MIN_BINNED_SIDE:
