@@ -394,8 +394,7 @@ def test_stage_by_stage_reproduces_vdf_workflow(sim_store, vdf_result):
         vectors = peaks.unique_vectors(hist, detector_shape=(ky, kx), params=vp)
     # vectors that do not stand out of their ring (film) are dropped
     vectors, _ = peaks.drop_ring_vectors(hist, vectors, oversample=vp.oversample,
-                                         radius=vp.cluster_radius, min_patterns=vp.min_patterns,
-                                         scatter=vp.scatter)
+                                         radius=vp.cluster_radius, min_patterns=vp.min_patterns)
 
     res = spedflow.open_result(vdf_result)
     attrs = res["attrs"]

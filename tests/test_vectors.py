@@ -217,28 +217,33 @@ def test_ring_vectors_dropped_on_a_smooth_ring_kept_on_a_ring_of_spots():
     assert keep.tolist() == [True]
 
 
-def test_ring_of_evenly_spaced_spots_is_kept_given_the_position_scatter():
+def test_ring_of_evenly_spaced_spots_is_kept_with_discs_of_their_own_scatter():
     """Two crystals of one phase, 30 degrees apart, on a small detector: their twelve
     first-order spots sit 6 px apart on a ring of |g| = 11.5 px. Discs of the clustering
-    radius (3.2 px) join them into an even ring and every vector was dropped as film;
-    discs of 3 position scatters keep each spot apart. A smooth ring's noise cluster is
+    radius (3.2 px) join them into an even ring (every vector was dropped as film);
+    discs of 3 times each vector's own scatter keep each spot apart, and a weak spot far
+    out whose peaks scatter 1.2 px keeps its support. A smooth ring's noise maximum is
     dropped with either disc."""
-    from spedflow.peaks import drop_ring_vectors, ring_contrast
+    from spedflow.peaks import drop_ring_vectors, ring_contrast, vector_scatter
     rng = np.random.default_rng(5)
     ang = np.deg2rad(np.arange(0, 360, 30))
     v = np.column_stack([11.5 * np.sin(ang), 11.5 * np.cos(ang)])
-    h = _ring_hist(rng, k=64, spots=[(gy, gx, 110) for gy, gx in v])
-    _, keep = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10)
-    assert not keep.any()  # the even ring of the wide discs
-    _, keep = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10, scatter=0.3)
+    spots = _ring_hist(rng, k=64, spots=[(gy, gx, 110) for gy, gx in v])
+    support, ring = ring_contrast(spots, v, oversample=2, radius=3.2)
+    assert (support - ring < 10).all()  # the wide discs: an even ring
+    # a weak reflection at |g| = 28 whose 20 peaks scatter by 1.2 px
+    weak = peak_histogram(np.column_stack([np.zeros((20, 2)), rng.normal([32 + 28, 32], 1.2, (20, 2)),
+                                           np.ones(20)]), (64, 64), 2)
+    h = spots + weak
+    vv = np.vstack([v, [[28.0, 0.0]]])
+    s = vector_scatter(h, vv, oversample=2, radius=3.2)
+    assert s[:12] == pytest.approx(np.sqrt(0.3 ** 2 + 0.25 / 12), rel=0.25)
+    assert s[12] == pytest.approx(1.2, rel=0.3)
+    _, keep = drop_ring_vectors(h, vv, oversample=2, radius=3.2, min_patterns=10)
     assert keep.all()
-    # the disc is max(1, 3 scatter) px, never wider than the clustering radius
-    s1, r1 = ring_contrast(h, v, oversample=2, radius=1.0)
-    support, ring = ring_contrast(h, v, oversample=2, radius=max(1.0, 3 * 0.3))
-    np.testing.assert_array_equal(support, s1)
-    assert (ring == 0).all() and (support >= 100).all()
-    _, wide = drop_ring_vectors(h, v, oversample=2, radius=3.2, min_patterns=10, scatter=2.0)
-    assert not wide.any()
+    # ... which one disc of 3 times the strong spots' scatter would lose
+    s1, r1 = ring_contrast(h, vv, oversample=2, radius=1.0)
+    assert s1[12] - r1[12] < 10
     # an amorphous ring's densest place (where a noise maximum is picked) is dropped, a
     # real vector on the ring is kept
     for seed in range(5):
@@ -246,11 +251,11 @@ def test_ring_of_evenly_spaced_spots_is_kept_given_the_position_scatter():
         h = _ring_hist(rng, spots=[(-20.0, -12.0, 40)], amorphous=4.0)
         a = np.linspace(0, 2 * np.pi, 720, endpoint=False)
         circle = np.column_stack([30 * np.sin(a), 30 * np.cos(a)])
-        s, _ = ring_contrast(h, circle, oversample=2, radius=1.0)
+        s, _ = ring_contrast(h, circle, oversample=2, radius=2.0)
         far = np.hypot(*(circle - [-20.0, -12.0]).T) > 4  # away from the real vector
         densest = circle[far][np.argmax(s[far])]
         _, keep = drop_ring_vectors(h, np.array([densest, [-20.0, -12.0]]), oversample=2,
-                                    radius=2.0, min_patterns=10, scatter=0.3)
+                                    radius=2.0, min_patterns=10)
         assert keep.tolist() == [False, True]
 
 

@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from ..errors import ParameterError
 
-__all__ = ["spot_radius", "ring_contrast", "drop_ring_vectors", "position_scatter"]
+__all__ = ["spot_radius", "ring_contrast", "drop_ring_vectors", "position_scatter",
+           "vector_scatter"]
 
 
 def spot_radius(mean_pattern: np.ndarray, vectors: np.ndarray, beam_radius: float,
@@ -108,6 +109,8 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     Parameters
     ----------
     hist : (ky * o, kx * o) merged peak histogram; vectors : (N, 2) relative to the beam.
+    radius : float or (N,) floats
+        The discs' radius (px), one for all or one per vector.
     n_angles : int, optional
         Positions on each ring; default one per histogram bin of arc (at least 64).
 
@@ -121,46 +124,87 @@ def ring_contrast(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, rad
     v = np.asarray(vectors, float).reshape(-1, 2)
     if len(v) == 0:
         return np.zeros(0), np.zeros(0)
-    rr = int(np.ceil(radius * o))
-    # the count in the disc about every bin, once (zeros beyond the histogram; a margin
-    # of rr bins, so that discs centred off the histogram still count what they reach)
-    sums = disc_sum_filter(np.pad(hist, rr), radius * o)
-
-    def counts(points):  # points (..., 2) relative to the beam, px
-        iy, ix = _nearest_bin(points, (ky, kx), o)
-        iy, ix = iy + rr, ix + rr
-        ny, nx = sums.shape
-        ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
-        return np.where(ok, sums[np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)], 0.0)
-
-    support = counts(v)
+    radii = np.broadcast_to(np.asarray(radius, float), (len(v),))
     g = np.hypot(v[:, 0], v[:, 1])
     n = n_angles if n_angles is not None else max(64, int(np.ceil(2 * np.pi * g.max() * o)))
     ang = np.arctan2(v[:, 0], v[:, 1])[:, None] + np.linspace(0, 2 * np.pi, n, endpoint=False)[None]
     ring_pts = np.stack([g[:, None] * np.sin(ang), g[:, None] * np.cos(ang)], -1)
-    q = np.quantile(counts(ring_pts), _RING_QUANTILE, axis=1)
+    support, q = np.zeros(len(v)), np.zeros(len(v))
+    for r in np.unique(radii):  # one disc filter per radius
+        rr = int(np.ceil(r * o))
+        # the count in the disc about every bin (zeros beyond the histogram; a margin of
+        # rr bins, so that discs centred off the histogram still count what they reach)
+        sums = disc_sum_filter(np.pad(hist, rr), r * o)
+
+        def counts(points):  # points (..., 2) relative to the beam, px
+            iy, ix = _nearest_bin(points, (ky, kx), o)
+            iy, ix = iy + rr, ix + rr
+            ny, nx = sums.shape
+            ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+            return np.where(ok, sums[np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)], 0.0)
+
+        at = radii == r
+        support[at] = counts(v[at])
+        q[at] = np.quantile(counts(ring_pts[at]), _RING_QUANTILE, axis=1)
     ring = q + _RING_Z * np.sqrt(q)
-    return support.astype(float), ring.astype(float)
+    return support, ring
 
 
-def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patterns: int,
-                      scatter: float | None = None):
+def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patterns: int):
     """Keep the vectors that stand out of their ring: ``support - ring >= max(min_patterns,
     5 sqrt(ring))`` (the same Poisson test as against the local floor, with the
     azimuthal floor instead). Returns ``(kept vectors, keep mask)``.
 
-    The counts are taken in discs of ``radius`` (the clustering radius), or, where the
-    peak positions' ``scatter`` (px per axis, :func:`position_scatter`) is known, of
-    ``max(1, 3 scatter)`` px if that is smaller: a reflection's peaks lie within 3 scatter
-    of it (99 % of a 2-D Gaussian), and a disc as wide as a spot joins the spots that
-    crystals of one phase share at one ``|g|`` (twelve spots on a ring of 72 px on a
-    64 px detector) into a ring as even as a film's.
+    The counts are taken in discs of ``radius`` (the clustering radius), and a vector
+    that does not stand out so is tested again in a disc of 3 times its own peaks'
+    scatter (:func:`vector_scatter`; 99 % of a 2-D Gaussian), at least 1 px: discs as
+    wide as a spot join the spots that crystals of one phase share at one ``|g|``
+    (twelve spots on a ring of 72 px on a 64 px detector) into a ring as even as a
+    film's. A film ring's noise cluster, whose peaks spread over the whole disc, keeps
+    the full width in both tests.
     """
-    if scatter is not None and np.isfinite(scatter) and scatter > 0:
-        radius = min(float(radius), max(1.0, 3.0 * float(scatter)))
-    support, ring = ring_contrast(hist, vectors, oversample=oversample, radius=radius)
-    keep = (support - ring) >= np.maximum(min_patterns, 5.0 * np.sqrt(ring))
+    o = int(oversample)
+
+    def stands_out(discs):
+        support, ring = ring_contrast(hist, vectors, oversample=o, radius=discs)
+        return (support - ring) >= np.maximum(min_patterns, 5.0 * np.sqrt(ring))
+
+    s = vector_scatter(hist, vectors, oversample=o, radius=radius)
+    own = np.where(np.isfinite(s), np.clip(3.0 * s, 1.0, radius), radius)
+    own = np.minimum(np.ceil(own * o) / o, radius)  # whole bins: a few disc filters
+    keep = stands_out(radius)
+    if not keep.all():
+        keep |= stands_out(own)
     return np.asarray(vectors)[keep], keep
+
+
+def vector_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int,
+                   radius: float) -> np.ndarray:
+    """Standard deviation (px, per axis) of the peak positions about each vector: the
+    second moment, about their weighted centre, of the histogram's bins within ``radius``
+    of it (``E[r^2] = 2 sigma^2`` for a 2-D Gaussian). NaN where the disc is empty."""
+    return np.sqrt(_scatter_variances(hist, vectors, oversample, radius)) / int(oversample)
+
+
+def _scatter_variances(hist, vectors, oversample: int, radius: float) -> np.ndarray:
+    """:func:`vector_scatter` squared, in histogram bins squared."""
+    hist = np.asarray(hist, float)
+    o = int(oversample)
+    ky, kx = hist.shape[0] // o, hist.shape[1] // o
+    v = np.asarray(vectors, float).reshape(-1, 2)
+    rr = int(np.ceil(radius * o))
+    dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    inside = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
+    out = np.full(len(v), np.nan)
+    for i, (cy, cx) in enumerate(zip(*_nearest_bin(v, (ky, kx), o))):
+        y, x = cy + dy, cx + dx
+        ok = inside & (y >= 0) & (y < hist.shape[0]) & (x >= 0) & (x < hist.shape[1])
+        w = hist[y[ok], x[ok]]
+        if w.sum() <= 0:
+            continue
+        my, mx = (w * y[ok]).sum() / w.sum(), (w * x[ok]).sum() / w.sum()
+        out[i] = (w * ((y[ok] - my) ** 2 + (x[ok] - mx) ** 2)).sum() / w.sum() / 2
+    return out
 
 
 def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, radius: float,
@@ -176,25 +220,10 @@ def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, 
     size instead merges the clusters of neighbouring reflections of different
     crystals into one maximum. NaN without vectors.
     """
-    hist = np.asarray(hist, float)
     o = int(oversample)
-    ky, kx = hist.shape[0] // o, hist.shape[1] // o
-    v = np.asarray(vectors, float).reshape(-1, 2)[:n_max]
-    if len(v) == 0:
-        return float("nan")
-    rr = int(np.ceil(radius * o))
-    dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
-    inside = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
-    var = []
-    for cy, cx in zip(*_nearest_bin(v, (ky, kx), o)):
-        y, x = cy + dy, cx + dx
-        ok = inside & (y >= 0) & (y < hist.shape[0]) & (x >= 0) & (x < hist.shape[1])
-        w = hist[y[ok], x[ok]]
-        if w.sum() <= 0:
-            continue
-        my, mx = (w * y[ok]).sum() / w.sum(), (w * x[ok]).sum() / w.sum()
-        var.append((w * ((y[ok] - my) ** 2 + (x[ok] - mx) ** 2)).sum() / w.sum() / 2)
-    if not var:
+    var = _scatter_variances(hist, np.asarray(vectors, float).reshape(-1, 2)[:n_max], o, radius)
+    var = var[np.isfinite(var)]
+    if not len(var):
         return float("nan")
     sigma = float(np.sqrt(np.median(var))) / o
     return float(np.clip(sigma, 0.5 / o, radius / 2))

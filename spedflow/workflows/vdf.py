@@ -350,8 +350,7 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
         vectors = unique_vectors(hist, detector_shape=(ky, kx), oversample=vp.oversample, params=vp)
         n_found = len(vectors)
         vectors, _ = drop_ring_vectors(hist, vectors, oversample=vp.oversample,
-                                       radius=vp.cluster_radius, min_patterns=vp.min_patterns,
-                                       scatter=vp.scatter)
+                                       radius=vp.cluster_radius, min_patterns=vp.min_patterns)
         vd = resolve_vdf(cfg.vdf, s_r)
     if n_found > len(vectors):
         log.info("%d vectors on circularly symmetric rings (film) dropped", n_found - len(vectors))
