@@ -232,6 +232,20 @@ def test_shapes_thickness():
             assert lo * c["size"] - 1 <= c["thickness_max"] <= hi * c["size"] + 1e-6, (shape, c)
 
 
+@pytest.mark.parametrize("detector", [16, 24])
+def test_a_small_detector_keeps_a_beam_the_workflow_measures(tmp_path, detector):
+    """The optics scale with the detector but no finer than on 32 px: on 16 px the beam
+    was 0.375 px, one bright pixel, and `segment` refused the data it had made."""
+    import spedflow
+    from spedflow.simulate._scene import make_scene
+    assert make_scene((8, 8), (detector, detector), 1, 0, SimParams())["optics"]["beam_radius"] == 0.75
+    assert make_scene((8, 8), (64, 64), 1, 0, SimParams())["optics"]["beam_radius"] == 1.5
+    store = simulate(tmp_path / "s.zarr", scan=(24, 24), detector=detector, crystals=3, seed=0,
+                     progress=False)
+    res = spedflow.segment(store, out=tmp_path / "r.zarr", local=True, progress=False)
+    assert spedflow.evaluate(res)["n_matched"] >= 1
+
+
 def test_zero_crystals():
     data, truth = simulate_array(scan=(8, 8), detector=32, crystals=0)
     assert truth["masks"].shape == (0, 8, 8) and truth["patterns"].shape == (0, 32, 32)

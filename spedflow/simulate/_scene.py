@@ -28,6 +28,7 @@ __all__ = ["SimParams", "make_scene", "scene_attrs", "SHAPES", "SATURATE"]
 SHAPES = ("cube", "sphere", "rod", "mixed")
 SATURATE = ("none", "8bit")
 _REF_DETECTOR = 128.0  # detector width at which the px values below are quoted
+_MIN_OPTICS_DETECTOR = 32  # smaller detectors keep the optics' sizes of this one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +250,9 @@ def make_scene(scan: tuple[int, int], detector: tuple[int, int], crystals: int, 
     rng = np.random.default_rng([int(seed), 0x5CE4E])
     Y, X = scan
     Ky, Kx = detector
-    kscale = min(Ky, Kx) / _REF_DETECTOR
+    # the optics' sizes scale with the detector, as a camera length would, but no finer
+    # than on a 32 px detector: a beam of under 0.75 px would be one bright pixel
+    kscale = max(min(Ky, Kx), _MIN_OPTICS_DETECTOR) / _REF_DETECTOR
     smin = min(Y, X)
     sigma = params.spot_sigma if params.spot_sigma is not None else 1.2 * kscale
     beam_r = params.beam_radius if params.beam_radius is not None else 3.0 * kscale
