@@ -104,6 +104,8 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         raise ParameterError(f"`data` must be a numpy/dask array or a HyperSpy signal "
                              f"(got {type(data).__name__})")
     check_4d(arr, "`data`")
+    if arr.dtype == np.float16:  # half precision overflows in the sums of a few patterns
+        arr = arr.astype(np.float32)
     import zarr
     chunks = nav_chunks(arr.shape, arr.dtype)
     arr = arr.rechunk(chunks)

@@ -112,6 +112,31 @@ def test_point_spread_of_a_scintillator_is_measured(stores):
     assert a["recall"] >= b["recall"] - 0.2 and a["precision"] >= b["precision"] - 0.2
 
 
+def test_half_precision_data_is_stored_in_single(stores):
+    """float16 patterns (a camera's export) overflow in the sums of a few patterns: ingest
+    and from_array store them as float32, the original type recorded, and both
+    workflows run on them without a numerical warning, as on the counts."""
+    import warnings
+
+    import spedflow
+    raw = zarr.open_group(str(stores["counts"]), mode="r")["data"][:]
+    half = raw.astype(np.float16)
+    np.save(stores["dir"] / "half.npy", half)
+    made = [spedflow.ingest(stores["dir"] / "half.npy", stores["dir"] / "half.zarr", progress=False),
+            spedflow.from_array(half, stores["dir"] / "half_a.zarr", progress=False)]
+    for path in made:
+        x = spedflow.open_store(path)
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(x.values, half.astype(np.float32))
+    assert np.dtype(spedflow.open_store(made[0]).attrs["spedflow"]["original_dtype"]) == np.float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for method in ("vdf", "nmf"):
+            res = spedflow.segment(made[0], method=method, out=stores["dir"] / f"half_{method}.zarr",
+                                   local=True, progress=False)
+            assert spedflow.open_result(res)["segments/maps"].shape[0] >= 3
+
+
 def test_values_far_below_zero_are_refused(stores):
     from spedflow.api import segment
     with pytest.raises(InputError, match="not intensities or read-out noise"):

@@ -116,6 +116,8 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
             continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     native = data.dtype.newbyteorder("=")
+    if native == np.float16:  # half precision overflows in the sums of a few patterns
+        native = np.dtype(np.float32)
     if cal["reciprocal_scale"] is None:
         meta["reciprocal_scale"] = _reciprocal_from_file(meta["reciprocal_scale"], meta["source"])
     for k, v in cal.items():
