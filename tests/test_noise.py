@@ -107,29 +107,6 @@ def test_log_moments_equal_scipy_filters(sigma):
     assert s3 == pytest.approx((w ** 3).sum(), rel=1e-3)
 
 
-@pytest.mark.parametrize("shape,sigma", [((40, 52), 1.2), ((33, 33), 2.0)])
-def test_ring_spread_equals_the_convolution_of_the_background(shape, sigma):
-    """The LoG response's variance (its third cumulant) per ring, for a background that
-    is one value per ring: the ring means of the background image convolved with the
-    squared (cubed) weights, on the rings the kernel reaches only detector pixels from."""
-    rng = np.random.default_rng(11)
-    ky, kx = shape
-    rings = N.ring_model(shape)
-    b = rng.gamma(0.5, 2.0, rings.n_rings)
-    image = b[rings.ring].reshape(shape)
-    delta = np.zeros((2 * ky + 1, 2 * kx + 1))
-    delta[ky, kx] = 1
-    w = -ndi.laplace(ndi.gaussian_filter(delta, sigma, mode="constant", truncate=3.5))
-    h = int(np.ceil(4.5 * sigma)) + 2
-    r = _radius(shape)
-    for power in (2, 3):
-        conv = ndi.convolve(image, w ** power, mode="constant")
-        m = N._ring_spread(shape, (0.0, 0.0), sigma)[power - 2]
-        for j in range(1, min(ky, kx) // 2 - h):
-            ring = np.rint(r) == j
-            assert (m @ b)[j] == pytest.approx(conv[ring].mean(), rel=1e-3), (power, j)
-
-
 def _scene(rng, n, shape, gain, read_sd):
     """Counts of a smooth, slowly varying mean (a beam tail and a film ring) at
     neighbouring scan positions, scaled by ``gain``, plus read-out noise."""
@@ -395,23 +372,17 @@ def test_count_scale_needs_neighbouring_positions():
         N.count_scale([np.full((4, 6, 16, 16), 7, np.uint16)])
 
 
-@pytest.mark.parametrize("level", [0.02, 0.5, 20.0, "beam", "ring"])
+@pytest.mark.parametrize("level", [0.02, 0.5, 20.0, "beam"])
 def test_counting_threshold_keeps_false_peaks_rare(level):
     """Pure counting noise: the default threshold allows ~0.01 noise peaks per pattern
     (Bonferroni, so fewer); here at most 0.05 for every background, a bright beam with
-    its tail included, and a film ring with steep flanks into no background at all,
-    where the LoG's weights on the ring's side carry the response's noise (0.7 false
-    peaks per pattern with the noise of each pixel's own ring)."""
+    its tail included."""
     rng = np.random.default_rng(5)
     shape = (64, 64)
     r = _radius(shape)
-    mean = {"beam": 2000 * (r <= 3) + 30 * np.exp(-r / 4) + 0.02,
-            "ring": 2000 * (r <= 3) + 20 * np.exp(-(r - 20) ** 2 / 8)}.get(level)
-    mean = np.full(shape, level) if mean is None else mean
+    mean = (2000 * (r <= 3) + 30 * np.exp(-r / 4) + 0.02) if level == "beam" else np.full(shape, level)
     frames = rng.poisson(mean, (400,) + shape).astype(np.float32)
-    # the ring's case at the scales a beam of 3.2 px gives (they reach further)
-    p = PeakParams(min_sigma=1.1 if level == "ring" else 0.7,
-                   max_sigma=2.2 if level == "ring" else 1.4, exclude_border=2)
+    p = PeakParams(min_sigma=0.7, max_sigma=1.4, exclude_border=2)
     sig = log_sigmas(p.min_sigma, p.max_sigma, p.num_sigma)
     from spedflow.peaks import default_threshold
     t, residual = N.find_peaks_counting(frames, sig, threshold=default_threshold(64, 64, 2),
@@ -423,22 +394,21 @@ def test_counting_threshold_keeps_false_peaks_rare(level):
 
 def test_counting_threshold_finds_a_weak_spot_next_to_the_beam():
     """A 60-count spot 10 px from a beam of 2000 counts per pixel: the paper's DoG spreads
-    the beam over it and zeroes it; the counting model finds it in most patterns (171 of
-    200 here; the beam tail's variance, which its LoG sums, counted or not)."""
+    the beam over it and zeroes it; the counting model finds it in nine patterns of ten."""
     rng = np.random.default_rng(6)
     shape = (64, 64)
     r = _radius(shape)
     yy, xx = np.mgrid[:64, :64]
     spot = 60 / (2 * np.pi * 1.2 ** 2) * np.exp(-((yy - 32) ** 2 + (xx - 42) ** 2) / (2 * 1.2 ** 2))
     mean = 2000 * (r <= 3) + 30 * np.exp(-r / 4) + 0.05 + spot
-    frames = rng.poisson(mean, (200,) + shape).astype(np.float32)
+    frames = rng.poisson(mean, (50,) + shape).astype(np.float32)
     sig = log_sigmas(0.85, 1.7, 2)
     from spedflow.peaks import default_threshold
     thr = default_threshold(64, 64, 2)
     t, _ = N.find_peaks_counting(frames, sig, threshold=thr, exclude_border=2, gain=1.0,
                                  read_var=0.0)
     near = np.hypot(t[:, 1] - 32, t[:, 2] - 42) < 2
-    assert len(np.unique(t[near, 0])) >= 0.8 * len(frames)
+    assert len(np.unique(t[near, 0])) >= 0.9 * len(frames)
     dog = pk.subtract_background_dog(frames, 1.5, 12.0)
     old = K.find_peaks_log(dog, sig, threshold=thr, exclude_border=2)
     assert np.count_nonzero(np.hypot(old[:, 1] - 32, old[:, 2] - 42) < 2) <= 0.1 * len(frames)

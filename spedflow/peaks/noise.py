@@ -10,15 +10,11 @@ amorphous film's rings and the thermal diffuse background are all circular about
 it. So per pattern, the background is the mean of each 1-px ring about
 ``(ky // 2, kx // 2)``, the bright outliers (spots) clipped at a Poisson bound.
 
-The LoG response ``R = w * (z - b)`` of the residual then has, at a pixel ``p``, mean 0,
-variance ``sum_q w(p - q)^2 (g b(q) + v)`` and third cumulant ``sum_q w(p - q)^3 g^2 b(q)``:
-on a flat background ``b`` that is ``S2 (g b + v)`` and ``S3 g^2 b`` (``S2``, ``S3``: the
-sums of the squared and cubed LoG weights), and where the background falls steeply with
-radius (the beam's edge, a film ring's flank) the brighter rings the weights reach set
-it, not ``p``'s own (:func:`_ring_spread`; with ``p``'s ring alone, a ring's dark side
-gave 0.7 noise peaks per pattern). Its tail is that of a gamma distribution of this
-skewness (:func:`spedflow.peaks.kernels._skewed_quantile`), so each ring gets its own
-noise unit. This is what a single noise level per pattern
+The LoG response ``R = w * (z - b)`` of the residual then has, at a pixel where the
+background is ``b``, mean 0, variance ``S2 (g b + v)`` and third cumulant ``S3 g^2 b``
+(``S2``, ``S3``: the sums of the squared and cubed LoG weights). Its tail is that of
+a gamma distribution of this skewness (:func:`spedflow.peaks.kernels._skewed_quantile`),
+so each ring gets its own noise unit. This is what a single noise level per pattern
 cannot give: next to the beam, where the background is tens of counts, and in the
 dark outer rings, where it is a few hundredths of a count and a lone count is not a
 spot, the same threshold then means the same false-alarm rate.
@@ -88,7 +84,6 @@ class RingModel:
                              indexing="ij")
         r = np.hypot(yy, xx).ravel()
         self.shape = (ky, kx)
-        self.offset = (oy, ox)
         self.ring = np.rint(r).astype(np.intp)
         self.n_rings = int(self.ring.max()) + 1
         self.counts = np.maximum(np.bincount(self.ring, minlength=self.n_rings), 1)
@@ -183,63 +178,14 @@ def _log_weights(ky: int, kx: int, sigma: float) -> np.ndarray:
     return w[0].astype(np.float64)
 
 
-@functools.lru_cache(maxsize=32)
-def _ring_spread(shape: tuple, offset: tuple, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(M2, M3)``, each (n_rings, n_rings): ``(Mk @ b)[j]`` is ``sum_q w(p - q)^k b(q)``
-    for the finder's LoG weights ``w`` at ``sigma``, averaged over the pixels ``p`` of
-    ring ``j`` of :func:`ring_model` ``(shape, offset)``, for a background ``b`` of one
-    value per ring (``b(q)`` that of ``q``'s ring).
-
-    ``M2 @ b`` is the variance of the LoG response on ring ``j`` per unit of counting
-    variance, ``M3 @ b`` its third cumulant: the response sums the pixels about ``p``,
-    and where the background changes steeply with radius (the beam's edge, the flank of
-    a film ring) the neighbouring rings' counts are not those of ``p``'s ring. Summed
-    over the displacements that stay on the detector (one pass over the detector per
-    displacement of the kernel: 0.9 s at 512 x 512 px and sigma 4), then each row scaled
-    to the whole kernel's sum (:func:`log_moments`; the finder's own edge handling
-    holds the rest), so that a flat background gives the unit it always had.
-    """
-    ky, kx = shape
-    rings = ring_model(shape, offset)
-    w = _log_weights(ky, kx, float(sigma)).T  # (ky - 2, kx - 2), a count at (ky // 2, kx // 2)
-    h = int(np.ceil(4.5 * sigma)) + 2  # beyond the Gaussians' truncation and the Laplacian
-    cy, cx = ky // 2 - 1, kx // 2 - 1  # that count, in the interior's coordinates
-    n = rings.n_rings
-    ring = rings.ring.reshape(ky, kx).astype(np.int64)
-    m2, m3 = np.zeros(n * n), np.zeros(n * n)
-    for dy in range(max(-h, -cy), min(h, w.shape[0] - 1 - cy) + 1):
-        for dx in range(max(-h, -cx), min(h, w.shape[1] - 1 - cx) + 1):
-            k = float(w[cy + dy, cx + dx])
-            if k == 0 or abs(dy) >= ky or abs(dx) >= kx:
-                continue
-            # the pixel pairs (p, q = p - d) on the detector, counted by their rings
-            p = ring[max(dy, 0):ky + min(dy, 0), max(dx, 0):kx + min(dx, 0)]
-            q = ring[max(-dy, 0):ky + min(-dy, 0), max(-dx, 0):kx + min(-dx, 0)]
-            pairs = np.bincount((p * n + q).ravel(), minlength=n * n)
-            m2 += k * k * pairs
-            m3 += k * k * k * pairs
-    out = []
-    for m, total in zip((m2, m3), log_moments(ky, kx, float(sigma))):
-        m = m.reshape(n, n) / rings.counts[:, None]
-        rows = m.sum(axis=1)
-        ok = rows > 0
-        m[ok] *= (total / rows[ok])[:, None]
-        lone = np.flatnonzero(~ok)  # a ring without pixel pairs: its own background
-        m[lone, lone] = total
-        m.flags.writeable = False
-        out.append(m)
-    return out[0], out[1]
-
-
 def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, threshold: float,
                 shape, rings=None, factors=()) -> np.ndarray:
     """Noise unit of the LoG response per scale, pattern and ring.
 
     ``R / unit > threshold`` holds exactly when ``R`` exceeds the gamma quantile, with
     the tail probability of ``threshold`` Gaussian sigmas, of counting noise on the
-    backgrounds of the rings the LoG's weights reach (see the module notes). The
-    background is floored at one count per ring (``g / pixels``): an empty ring's rate
-    is not known to be lower.
+    ring's background (see the module notes). The background is floored at one count
+    per ring (``g / pixels``): an empty ring's rate is not known to be lower.
     ``factors`` (one per scale, or empty: all 1) are for a detector whose point spread
     correlates neighbouring pixels' noise (:func:`log_noise_factors`): the LoG, which
     sums over many pixels, sees counts of ``factor`` times the pixels' gain (the point
@@ -257,32 +203,21 @@ def noise_units(background: np.ndarray, gain: float, read_var: float, sigmas, th
     b = np.maximum(np.asarray(background, np.float64) + min(read_var, 0.0) / gain,
                    gain / rings.counts[None, :])
     read_var = max(read_var, 0.0)
+    # the gamma quantile is a smooth function of log b: evaluated on a grid of
+    # backgrounds spanning this batch and interpolated (the exact one per ring and
+    # pattern costs as much as the LoG itself)
+    grid = np.geomspace(b.min(), max(b.max(), 1.0001 * b.min()), _QUANTILE_GRID)
     out = np.empty((len(sigmas),) + b.shape, np.float32)
     factors = tuple(factors) or (1.0,) * len(sigmas)
     for i, s in enumerate(sigmas):
-        s2, _ = log_moments(shape[0], shape[1], float(s))
+        s2, s3 = log_moments(shape[0], shape[1], float(s))
         f = float(factors[i])  # the LoG sees counts f times the pixels' gain (see above)
-        # the response's variance and third cumulant over the rings its weights reach
-        m2, m3 = _ring_spread(rings.shape, rings.offset, float(s))
-        var = f * (gain * (b @ m2.T) + s2 * read_var)
-        k3 = f * f * gain * gain * (b @ m3.T)
-        skew = np.where(var > 0, k3 / np.maximum(var, 1e-300) ** 1.5, 0.0)
-        out[i] = np.sqrt(np.maximum(var, 0)) * _quantile_of_skew(threshold, skew) / threshold
+        s2, s3 = s2 * f, s3 * f * f
+        var_grid = s2 * (gain * grid + read_var)
+        q = _k._skewed_quantile(threshold, s3 * gain * gain * grid / var_grid ** 1.5)
+        q_at = np.interp(np.log(b), np.log(grid), q)
+        out[i] = np.sqrt(s2 * (gain * b + read_var)) * q_at / threshold
     return out
-
-
-def _quantile_of_skew(threshold: float, skew: np.ndarray) -> np.ndarray:
-    """:func:`~spedflow.peaks.kernels._skewed_quantile` of every ``skew``, evaluated on a
-    grid spanning them and interpolated in ``log skew`` (the exact one per ring and
-    pattern costs as much as the LoG itself); ``threshold`` itself where the skew is
-    under 1e-3."""
-    pos = skew > 1e-3
-    q = np.full(skew.shape, float(threshold))
-    if pos.any():
-        lo, hi = float(skew[pos].min()), float(skew[pos].max())
-        grid = np.geomspace(lo, max(hi, 1.0001 * lo), _QUANTILE_GRID)
-        q[pos] = np.interp(np.log(skew[pos]), np.log(grid), _k._skewed_quantile(threshold, grid))
-    return q
 
 
 def count_scale(blocks, *, gain: float | None = None, return_error: bool = False) -> tuple:
