@@ -180,14 +180,25 @@ def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patt
 
 def vector_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int,
                    radius: float) -> np.ndarray:
-    """Standard deviation (px, per axis) of the peak positions about each vector: the
-    second moment, about their weighted centre, of the histogram's bins within ``radius``
-    of it (``E[r^2] = 2 sigma^2`` for a 2-D Gaussian). NaN where the disc is empty."""
-    return np.sqrt(_scatter_variances(hist, vectors, oversample, radius)) / int(oversample)
+    """Standard deviation (px, per axis) of the peak positions about each vector, from
+    the histogram's bins within ``radius`` of it: the weighted median distance from
+    their weighted centre over ``sqrt(2 ln 2)`` (the median radius of a 2-D Gaussian).
+    The median, not the second moment: the stray peaks of a film ring or another
+    reflection inside the disc, a few at up to ``radius``, would inflate the moment of a
+    tight spot several times over. NaN where the disc is empty."""
+    o = int(oversample)
+    out = np.full(len(np.asarray(vectors).reshape(-1, 2)), np.nan)
+    for i, y, x, w in _disc_windows(hist, vectors, o, radius):
+        d = np.hypot(y - (w * y).sum() / w.sum(), x - (w * x).sum() / w.sum())
+        order = np.argsort(d, kind="stable")
+        cum = np.cumsum(w[order])
+        out[i] = d[order][np.searchsorted(cum, cum[-1] / 2)] / np.sqrt(2 * np.log(2)) / o
+    return out
 
 
-def _scatter_variances(hist, vectors, oversample: int, radius: float) -> np.ndarray:
-    """:func:`vector_scatter` squared, in histogram bins squared."""
+def _disc_windows(hist, vectors, oversample: int, radius: float):
+    """``(i, y, x, w)`` for each vector ``i`` whose disc of ``radius`` (px) holds
+    histogram weight: the bins' coordinates and weights."""
     hist = np.asarray(hist, float)
     o = int(oversample)
     ky, kx = hist.shape[0] // o, hist.shape[1] // o
@@ -195,16 +206,12 @@ def _scatter_variances(hist, vectors, oversample: int, radius: float) -> np.ndar
     rr = int(np.ceil(radius * o))
     dy, dx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
     inside = (dy ** 2 + dx ** 2) <= (radius * o) ** 2
-    out = np.full(len(v), np.nan)
     for i, (cy, cx) in enumerate(zip(*_nearest_bin(v, (ky, kx), o))):
         y, x = cy + dy, cx + dx
         ok = inside & (y >= 0) & (y < hist.shape[0]) & (x >= 0) & (x < hist.shape[1])
         w = hist[y[ok], x[ok]]
-        if w.sum() <= 0:
-            continue
-        my, mx = (w * y[ok]).sum() / w.sum(), (w * x[ok]).sum() / w.sum()
-        out[i] = (w * ((y[ok] - my) ** 2 + (x[ok] - mx) ** 2)).sum() / w.sum() / 2
-    return out
+        if w.sum() > 0:
+            yield i, y[ok], x[ok], w
 
 
 def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, radius: float,
@@ -221,9 +228,12 @@ def position_scatter(hist: np.ndarray, vectors: np.ndarray, *, oversample: int, 
     crystals into one maximum. NaN without vectors.
     """
     o = int(oversample)
-    var = _scatter_variances(hist, np.asarray(vectors, float).reshape(-1, 2)[:n_max], o, radius)
-    var = var[np.isfinite(var)]
-    if not len(var):
+    var = []
+    for _, y, x, w in _disc_windows(hist, np.asarray(vectors, float).reshape(-1, 2)[:n_max], o,
+                                    radius):
+        my, mx = (w * y).sum() / w.sum(), (w * x).sum() / w.sum()
+        var.append((w * ((y - my) ** 2 + (x - mx) ** 2)).sum() / w.sum() / 2)
+    if not var:
         return float("nan")
     sigma = float(np.sqrt(np.median(var))) / o
     return float(np.clip(sigma, 0.5 / o, radius / 2))
