@@ -37,6 +37,9 @@ def _stride(data, dims, stored) -> float:
         if c is None or c.size < 2:
             continue
         steps = np.abs(np.diff(c))
+        if not steps.all():
+            raise ParameterError(f"the array repeats {d} positions: a crop by a list of "
+                                 f"indices with repeats has no calibration of one step")
         if not np.allclose(steps, steps[0], rtol=1e-6, atol=0):
             raise ParameterError(f"the array's {d} positions are not evenly spaced (a crop by a "
                                  f"list of indices): its calibration would not be one step")
@@ -78,9 +81,14 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         if am.navigation_dimension != 2 or am.signal_dimension != 2:
             raise InputError(f"the signal must have 2 navigation and 2 signal axes "
                              f"(got {am.navigation_dimension} and {am.signal_dimension})")
+        from .io._readers import _calibration
         nav, sig = am.navigation_axes, am.signal_axes
-        scan_step = scan_step or {"value": float(nav[0].scale), "units": str(nav[0].units)}
-        reciprocal_scale = reciprocal_scale or {"value": float(sig[0].scale), "units": str(sig[0].units)}
+        # an axis without units (HyperSpy's "<undefined>") or scale is uncalibrated: px
+        for_step, for_scale = (_calibration(a.scale, a.units) for a in (nav[0], sig[0]))
+        if scan_step is None and for_step["value"] is not None:
+            scan_step = {"value": for_step["value"], "units": for_step["units"]}
+        if reciprocal_scale is None and for_scale["value"] is not None:
+            reciprocal_scale = {"value": for_scale["value"], "units": for_scale["units"]}
         source = f"hyperspy signal {getattr(data.metadata.General, 'title', '')!s}"
         data = data.data  # hyperspy stores (nav_y, nav_x, sig_y, sig_x) in array order
     elif hasattr(data, "dims") and hasattr(data, "attrs") and hasattr(data, "data"):  # xarray
@@ -104,13 +112,14 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         raise ParameterError(f"`data` must be a numpy/dask array or a HyperSpy signal "
                              f"(got {type(data).__name__})")
     check_4d(arr, "`data`")
+    original_dtype = str(arr.dtype)
     if arr.dtype == np.float16:  # half precision overflows in the sums of a few patterns
         arr = arr.astype(np.float32)
     import zarr
     chunks = nav_chunks(arr.shape, arr.dtype)
     arr = arr.rechunk(chunks)
     meta = {"kind": "input", "version": __version__, "source": source, "format": "array",
-            "original_shape": list(arr.shape), "original_dtype": str(arr.dtype),
+            "original_shape": list(arr.shape), "original_dtype": original_dtype,
             "scan_step": _calib("scan_step", scan_step, "nm"),
             "reciprocal_scale": _calib("reciprocal_scale", reciprocal_scale, "1/nm"),
             "created": creation_stamp(), "complete": False}

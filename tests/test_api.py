@@ -493,6 +493,8 @@ def test_a_crop_of_a_store_keeps_its_calibration(sim_store, tmp_path):
         spedflow.from_array(x[::2, ::3], tmp_path / "u.zarr", progress=False)
     with pytest.raises(ParameterError, match="not evenly spaced"):
         spedflow.from_array(x[[0, 1, 5]], tmp_path / "u.zarr", progress=False)
+    with pytest.raises(ParameterError, match="repeats scan_y positions"):
+        spedflow.from_array(x[[0, 0]], tmp_path / "u.zarr", progress=False)
     assert not (tmp_path / "u.zarr").exists()
 
 
@@ -505,6 +507,28 @@ def test_from_array_takes_the_calibrations_ingest_takes(tmp_path, text, capsys):
     assert "write store" not in capsys.readouterr().err  # progress=False: no bar
     assert y.attrs["spedflow"]["scan_step"] == {"value": 2.5, "units": "nm"}
     assert y.attrs["spedflow"]["reciprocal_scale"] == {"value": 0.03, "units": "1/A"}
+
+
+def test_from_array_of_a_signal_without_calibration(tmp_path):
+    """A HyperSpy signal (here its attributes only: HyperSpy is optional) whose axes are
+    uncalibrated ("<undefined>" units, scale 1) or run backwards (a negative scale)."""
+    from types import SimpleNamespace as NS
+    arr = np.ones((2, 3, 4, 4), np.uint16)
+
+    def signal(nav, sig):
+        axes = NS(navigation_dimension=2, signal_dimension=2,
+                  navigation_axes=[NS(scale=nav[0], units=nav[1])] * 2,
+                  signal_axes=[NS(scale=sig[0], units=sig[1])] * 2)
+        return NS(axes_manager=axes, data=arr, metadata=NS(General=NS(title="t")))
+
+    y = spedflow.open_store(spedflow.from_array(signal((1.0, "<undefined>"), (1.0, "")),
+                                                tmp_path / "a.zarr", progress=False))
+    assert y.attrs["spedflow"]["scan_step"] == {"value": 1.0, "units": "px"}
+    assert y.attrs["spedflow"]["reciprocal_scale"] == {"value": 1.0, "units": "px"}
+    y = spedflow.open_store(spedflow.from_array(signal((-2.5, "nm"), (0.03, "1/nm")),
+                                                tmp_path / "b.zarr", progress=False))
+    assert y.attrs["spedflow"]["scan_step"] == {"value": 2.5, "units": "nm"}
+    assert y.attrs["spedflow"]["reciprocal_scale"] == {"value": 0.03, "units": "1/nm"}
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -107,10 +107,11 @@ CASES = [
     ("segment-bad-method", ["segment", "{s}", "--out", "{d}/r12.zarr", "--method", "pca"], "method"),
     ("segment-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13.zarr", "--set",
                                       "preprocess.nav_binning=5", "--no-cluster"],
-     "factors that do: 2, 3, 4, 6; or crop the scan"),
+     "factors that do and leave 8 x 8 positions or more: 2, 3, 4, 6; or crop the scan"),
     ("segment-detector-binning-not-dividing", ["segment", "{s}", "--out", "{d}/r13b.zarr", "--set",
                                                "preprocess.detector_binning=5", "--no-cluster"],
-     "does not divide the detector shape (64, 64); factors that do: 2"),
+     "does not divide the detector shape (64, 64); factors that do and leave 32 px or more "
+     "a side: 2"),
     ("segment-binning-beyond-the-scan", ["segment", "{s}", "--out", "{d}/r13d.zarr", "--set",
                                          "preprocess.nav_binning=60", "--no-cluster"],
      "larger than the scan (48, 48): binned, no scan position would be left"),

@@ -128,7 +128,8 @@ def test_half_precision_data_is_stored_in_single(stores):
         x = spedflow.open_store(path)
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x.values, half.astype(np.float32))
-    assert np.dtype(spedflow.open_store(made[0]).attrs["spedflow"]["original_dtype"]) == np.float16
+    for path in made:
+        assert np.dtype(spedflow.open_store(path).attrs["spedflow"]["original_dtype"]) == np.float16
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for method in ("vdf", "nmf"):

@@ -81,7 +81,8 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     -------
     pathlib.Path
         ``dest``. Its ``data`` array has the source's values and dtype (native byte
-        order), shape (scan_y, scan_x, ky, kx); attrs ``spedflow`` as in docs/DESIGN.md.
+        order; float16 as float32), shape (scan_y, scan_x, ky, kx); attrs ``spedflow`` as
+        in docs/DESIGN.md.
 
     Raises
     ------
@@ -104,7 +105,7 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
     with warnings.catch_warnings():  # the shape and dtype, for the chunking: warned below
         warnings.simplefilter("ignore")
         data, meta = open_source(srcp, **reader_kwargs)
-    chunks = nav_chunks(data.shape, data.dtype, int(chunk_bytes))
+    chunks = nav_chunks(data.shape, _stored_dtype(data.dtype), int(chunk_bytes))
     shards = _check_shards(shards, chunks, data.shape)
     unit = shards or chunks
     with warnings.catch_warnings(record=True) as caught:
@@ -115,9 +116,7 @@ def ingest(src: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool =
         if any(f"{axis} scale" in str(w.message) and cal[key] is not None for axis, key in given.items()):
             continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    native = data.dtype.newbyteorder("=")
-    if native == np.float16:  # half precision overflows in the sums of a few patterns
-        native = np.dtype(np.float32)
+    native = _stored_dtype(data.dtype)
     if cal["reciprocal_scale"] is None:
         meta["reciprocal_scale"] = _reciprocal_from_file(meta["reciprocal_scale"], meta["source"])
     for k, v in cal.items():
@@ -275,6 +274,13 @@ def _reciprocal_from_file(cal: dict, source: str) -> dict:
                   f"a reciprocal-space scale ({units} is {kind}); left unset: give it with --reciprocal-scale "
                   f"VALUE:UNITS (`reciprocal_scale=` in Python), e.g. 0.032:1/A", RuntimeWarning, stacklevel=3)
     return {"value": None, "units": None}
+
+
+def _stored_dtype(dtype) -> np.dtype:
+    """The type a store holds data of ``dtype`` in: native byte order, and float16 as
+    float32 (half precision overflows in the sums of a few patterns)."""
+    native = np.dtype(dtype).newbyteorder("=")
+    return np.dtype(np.float32) if native == np.float16 else native
 
 
 def _parse_calibration(name: str, value, default_units: str) -> dict | None:

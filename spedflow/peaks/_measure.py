@@ -159,9 +159,11 @@ def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patt
     that does not stand out so is tested again in a disc of 3 times its own peaks'
     scatter (:func:`vector_scatter`; 99 % of a 2-D Gaussian), at least 1 px: discs as
     wide as a spot join the spots that crystals of one phase share at one ``|g|``
-    (twelve spots on a ring of 72 px on a 64 px detector) into a ring as even as a
-    film's. A film ring's noise cluster, whose peaks spread over the whole disc, keeps
-    the full width in both tests.
+    (twelve spots 6 px apart on the ring of |g| = 11.5 px of a 64 px detector) into a
+    ring as even as a film's. A film ring's noise cluster, whose peaks spread over the
+    whole disc, keeps the full width in both tests; a cluster of about ``min_patterns``
+    peaks as tight as a reflection's on a film ring may pass the second where it failed
+    the first.
     """
     o = int(oversample)
 

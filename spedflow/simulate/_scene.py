@@ -9,7 +9,8 @@ rendered block by block from it, so the data do not depend on the chunking.
 Lengths scale with the set: crystal sizes with the scan, everything in
 reciprocal space (lattice spacing, spot width, beam radius, descan, ring radii)
 with the detector, taking the paper's 1-1.5 px spots and 2-4 px beam on a
-128 px detector as the reference.
+128 px detector as the reference; the optics' sizes (spot width, beam radius, descan)
+no finer than on a 32 px detector (a smaller one's beam would be one bright pixel).
 """
 
 from __future__ import annotations
@@ -59,14 +60,15 @@ class SimParams:
         7-15 % (MgO {200} at 0.47/A is ~10 % of a 144 px detector at 0.032/A/px).
     spot_sigma : float or None
         Gaussian width of a spot, detector px. None: 1.2 px per 128 px of
-        detector (precession integrates the spot to about the probe's
+        detector, at least 0.3 px (precession integrates the spot to about the probe's
         convergence disc, ~1-1.5 px at 128 px).
     beam_radius : float or None
         Radius of the direct-beam disc (convergence), detector px. None: 3 px
-        per 128 px.
+        per 128 px, at least 0.75 px.
     descan : float or None
         Largest wander of the beam over the scan from its position at the scan
-        centre (smooth linear + quadratic), detector px. None: 3 px per 128 px.
+        centre (smooth linear + quadratic), detector px. None: 3 px per 128 px,
+        at least 0.75 px.
     scatter_fraction : float
         Fraction of the incident beam scattered into Bragg spots by the
         strongest crystal at its thickest point (kinematic-like, 0.3).

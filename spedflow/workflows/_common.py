@@ -210,6 +210,14 @@ def note_rewrites(plan: "Plan", cache: StageCache) -> "Plan":
 _MIN_BINNED_SIDE = 32
 
 
+def _factors(a: int, b: int, least: int) -> str:
+    """The binning factors that divide both ``a`` and ``b`` and leave at least ``least``
+    of the smaller, listed ("none" if there is none)."""
+    g = math.gcd(a, b)
+    return ", ".join(str(k) for k in range(2, g + 1) if g % k == 0 and min(a, b) // k >= least) \
+        or "none"
+
+
 def validate(plan: "Plan", cfg) -> None:
     """Check parameters against the data's shape before anything is computed; every
     problem found is named, in one line (a small scan can break several limits)."""
@@ -219,20 +227,17 @@ def validate(plan: "Plan", cfg) -> None:
         raise ParameterError(f"`preprocess.nav_binning` = {b} is larger than the scan "
                              f"({ny}, {nx}): binned, no scan position would be left")
     if ny % b or nx % b:
-        g = math.gcd(ny, nx)  # factors that divide both and leave at least 8 x 8 positions
-        divisors = ", ".join(str(k) for k in range(2, g + 1)
-                             if g % k == 0 and min(ny, nx) // k >= 8) or "none"
         raise ParameterError(f"`preprocess.nav_binning` = {b} does not divide the scan shape "
-                             f"({ny}, {nx}); factors that do: {divisors}; or crop the scan (in "
+                             f"({ny}, {nx}); factors that do and leave 8 x 8 positions or more: "
+                             f"{_factors(ny, nx, 8)}; or crop the scan (in "
                              f"Python: spedflow.from_array(spedflow.open_store(STORE)[:{ny - ny % b}, "
                              f":{nx - nx % b}], NEW_STORE))")
     d = cfg.preprocess.detector_binning
     if raw_ky % d or raw_kx % d:
-        g = math.gcd(raw_ky, raw_kx)
-        divisors = ", ".join(str(k) for k in range(2, g + 1)
-                             if g % k == 0 and min(raw_ky, raw_kx) // k >= _MIN_BINNED_SIDE)
         raise ParameterError(f"`preprocess.detector_binning` = {d} does not divide the detector "
-                             f"shape ({raw_ky}, {raw_kx}); factors that do: {divisors or 'none'}")
+                             f"shape ({raw_ky}, {raw_kx}); factors that do and leave "
+                             f"{_MIN_BINNED_SIDE} px or more a side: "
+                             f"{_factors(raw_ky, raw_kx, _MIN_BINNED_SIDE)}")
     ky, kx = raw_ky // d, raw_kx // d
     problems = []
     if d > 1 and min(ky, kx) < _MIN_BINNED_SIDE:

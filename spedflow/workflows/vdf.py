@@ -481,11 +481,13 @@ def run_vdf(plan: Plan, cfg: VDFConfig, cache: StageCache) -> Path:
             table, inten = merged.membership_table()
     else:  # no vectors: a result all the same (empty), and why, as NMF does
         if n_found:  # every vector found lay on an even ring
-            log.warning("no crystal found: the %d diffraction vectors found lie on rings of peaks "
-                        "as even as an amorphous film's (none stands out of its |g| by "
-                        "vectors.min_patterns = %d patterns and 5 sigma): the data may hold no "
-                        "crystals, or so many of one phase that their spots fill their rings "
-                        "(try --method nmf)", n_found, vp.min_patterns)
+            log.warning("no crystal found: the %s found lie%s on rings of peaks as even as an "
+                        "amorphous film's (none stands out of its |g| by vectors.min_patterns = "
+                        "%d patterns and 5 sigma): the data may hold no crystals, or so many of "
+                        "one phase that their spots fill their rings (the NMF workflow does not "
+                        "need vectors)", "diffraction vector" if n_found == 1 else
+                        f"{n_found} diffraction vectors", "s" if n_found == 1 else "",
+                        vp.min_patterns)
         else:
             log.warning("no crystal found: no diffraction vector, a place on the detector with "
                         "peaks in vectors.min_patterns = %d patterns or more: the data may hold no "
