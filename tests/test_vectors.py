@@ -249,6 +249,18 @@ def test_ring_of_evenly_spaced_spots_is_kept_with_discs_of_their_own_scatter():
     # ... which one disc of 3 times the strong spots' scatter would lose
     s1, r1 = ring_contrast(h, vv, oversample=2, radius=1.0)
     assert s1[12] - r1[12] < 10
+    # the second test is for rings their own spots made even: a vector failing alone
+    # where the others on its ring stand out keeps the first test's verdict
+    rng = np.random.default_rng(1)
+    ang = np.deg2rad(np.arange(0, 360, 60))
+    strong = [(30 * np.sin(a), 30 * np.cos(a), 200) for a in ang]
+    lone = (30 * np.sin(np.pi / 6), 30 * np.cos(np.pi / 6), 25)
+    h = _ring_hist(rng, spots=strong + [lone], amorphous=6.0)
+    vl = np.array([[gy, gx] for gy, gx, _ in strong + [lone]])
+    s1, r1 = ring_contrast(h, vl[-1:], oversample=2, radius=1.0)
+    assert s1[0] - r1[0] >= max(10, 5 * np.sqrt(r1[0]))  # it would pass in its own disc
+    _, keep = drop_ring_vectors(h, vl, oversample=2, radius=2.0, min_patterns=10)
+    assert keep.tolist() == [True] * 6 + [False]
     # an amorphous ring's densest place (where a noise maximum is picked) is dropped, a
     # real vector on the ring is kept
     for seed in range(5):

@@ -156,8 +156,9 @@ def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patt
     azimuthal floor instead). Returns ``(kept vectors, keep mask)``.
 
     The counts are taken in discs of ``radius`` (the clustering radius), and a vector
-    that does not stand out so is tested again in a disc of 3 times its own peaks'
-    scatter (:func:`vector_scatter`; 99 % of a 2-D Gaussian), at least 1 px: discs as
+    that does not stand out so, on a ring where at least half the vectors (within
+    ``radius`` in ``|g|``) do not either, is tested again in a disc of 3 times its own
+    peaks' scatter (:func:`vector_scatter`; 99 % of a 2-D Gaussian), at least 1 px: discs as
     wide as a spot join the spots that crystals of one phase share at one ``|g|``
     (twelve spots 6 px apart on the ring of |g| = 11.5 px of a 64 px detector) into a
     ring as even as a film's. A film ring's noise cluster, whose peaks spread over the
@@ -171,12 +172,16 @@ def drop_ring_vectors(hist, vectors, *, oversample: int, radius: float, min_patt
         support, ring = ring_contrast(hist, vectors, oversample=o, radius=discs)
         return (support - ring) >= np.maximum(min_patterns, 5.0 * np.sqrt(ring))
 
-    s = vector_scatter(hist, vectors, oversample=o, radius=radius)
-    own = np.where(np.isfinite(s), np.clip(3.0 * s, 1.0, radius), radius)
-    own = np.minimum(np.ceil(own * o) / o, radius)  # whole bins: a few disc filters
     keep = stands_out(radius)
-    if not keep.all():
-        keep |= stands_out(own)
+    # a ring that its own spots made even: most of the vectors at its |g| fail together
+    g = np.hypot(*np.asarray(vectors, float).reshape(-1, 2).T)
+    crowded = np.array([not k and np.mean(~keep[np.abs(g - gi) <= radius]) >= 0.5
+                        for gi, k in zip(g, keep)], bool)
+    if crowded.any():
+        s = vector_scatter(hist, vectors, oversample=o, radius=radius)
+        own = np.where(np.isfinite(s), np.clip(3.0 * s, 1.0, radius), radius)
+        own = np.minimum(np.ceil(own * o) / o, radius)  # whole bins: a few disc filters
+        keep |= crowded & stands_out(own)
     return np.asarray(vectors)[keep], keep
 
 
