@@ -66,7 +66,7 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
         it is streamed chunk by chunk. An ``xarray.DataArray`` of :func:`spedflow.open_store`
         (a crop of a scan: ``open_store(STORE)[:200, :256]``) keeps its store's calibration.
     dest : path of the store to create.
-    scan_step, reciprocal_scale : float, (value, units), {"value", "units"} or "value units", optional
+    scan_step, reciprocal_scale : float, (value, units), {"value", "units"} or str, optional
         As for :func:`spedflow.ingest` ("3.03 nm", "3.03:nm", (3.03, "nm"); a number is
         in nm, 1/nm); none: 1 px. A crop with a stride (``[::2]``) of an
         ``open_store`` array takes that many of the store's steps.

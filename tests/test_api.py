@@ -533,7 +533,8 @@ def test_from_array_of_a_signal_without_calibration(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(scan_step=-3), "must be > 0"), (dict(scan_step=0), "must be > 0"),
-    (dict(scan_step="3 parsecs"), "are not a length"), (dict(reciprocal_scale="big"), "must look like"),
+    (dict(scan_step="3 parsecs"), "are not a length"),
+    (dict(reciprocal_scale="big"), "must look like"),
 ])
 def test_from_array_refuses_a_bad_calibration(tmp_path, kw, match):
     with pytest.raises(ParameterError, match=match):

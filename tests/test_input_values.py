@@ -122,7 +122,8 @@ def test_half_precision_data_is_stored_in_single(stores):
     raw = zarr.open_group(str(stores["counts"]), mode="r")["data"][:]
     half = raw.astype(np.float16)
     np.save(stores["dir"] / "half.npy", half)
-    made = [spedflow.ingest(stores["dir"] / "half.npy", stores["dir"] / "half.zarr", progress=False),
+    made = [spedflow.ingest(stores["dir"] / "half.npy", stores["dir"] / "half.zarr",
+                            progress=False),
             spedflow.from_array(half, stores["dir"] / "half_a.zarr", progress=False)]
     for path in made:
         x = spedflow.open_store(path)
@@ -133,8 +134,8 @@ def test_half_precision_data_is_stored_in_single(stores):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for method in ("vdf", "nmf"):
-            res = spedflow.segment(made[0], method=method, out=stores["dir"] / f"half_{method}.zarr",
-                                   local=True, progress=False)
+            res = spedflow.segment(made[0], method=method, local=True, progress=False,
+                                   out=stores["dir"] / f"half_{method}.zarr")
             assert spedflow.open_result(res)["segments/maps"].shape[0] >= 3
 
 

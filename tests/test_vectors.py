@@ -237,7 +237,7 @@ def test_ring_of_evenly_spaced_spots_is_kept_with_discs_of_their_own_scatter():
     support, ring = ring_contrast(spots, v, oversample=2, radius=3.2)
     assert (support - ring < 10).all()  # the wide discs: an even ring
     # a weak reflection at |g| = 28 whose 20 peaks scatter by 1.2 px
-    weak = peak_histogram(np.column_stack([np.zeros((20, 2)), rng.normal([32 + 28, 32], 1.2, (20, 2)),
+    weak = peak_histogram(np.column_stack([np.zeros((20, 2)), rng.normal([60, 32], 1.2, (20, 2)),
                                            np.ones(20)]), (64, 64), 2)
     h = spots + weak
     vv = np.vstack([v, [[28.0, 0.0]]])
