@@ -60,10 +60,68 @@ def install_for_command() -> None:
         if issubclass(kind, KeyboardInterrupt):
             if not worker:
                 print("spedflow: interrupted", file=sys.stderr)
+                said_interrupted()
             return
         previous(kind, value, tb)
 
     sys.excepthook = hook
+    if not worker:
+        _install_watchdog()
+
+
+#: Seconds after a Ctrl-C by which the command has ended, or is ended
+#: (:func:`_install_watchdog`); the command's own exit takes under 3 s.
+_GRACE = 20.0
+#: Set once the command has said it was interrupted (:func:`said_interrupted`).
+_said = False
+
+
+def said_interrupted() -> None:
+    """The command printed its interrupt line: the watchdog need not."""
+    global _said
+    _said = True
+
+
+def _install_watchdog() -> None:
+    """Make the command's Ctrl-C end it even where Python drops the interrupt.
+
+    Python raises :class:`KeyboardInterrupt` in whatever code the main thread runs
+    when the signal is handled; raised inside a finaliser (``__del__``) or a callback,
+    it is printed as "Exception ignored" and lost, and the command ran on to the end
+    (seen in the test suite on a first run, while numba compiled the kernels). The
+    handler raises the interrupt as Python's own does, and the first one also starts a
+    thread that ends the process with status 130 if it still runs :data:`_GRACE`
+    seconds later. Not where SIGINT was ignored when the command started (a background
+    job of a shell script keeps ignoring it), nor outside the main thread."""
+    import signal
+    import threading
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    started = []
+
+    def watchdog():  # no waiting for anything here: the command's own exit did not come
+        import time
+        time.sleep(_GRACE)
+        if not _said:
+            print("spedflow: interrupted", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        os._exit(130)
+
+    def on_sigint(signum, frame):
+        if not started:
+            started.append(threading.Thread(target=watchdog, name="spedflow-interrupt",
+                                             daemon=True))
+            started[0].start()
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        pass
 
 
 def exit_now(code: int) -> None:

@@ -325,7 +325,8 @@ def _dispatch(args) -> int:
         kept = _KEPT_ON_INTERRUPT.get(args.command)
         print("spedflow: interrupted" + (f"; {kept} kept and a rerun resumes" if kept else ""),
               file=sys.stderr)
-        from ._interrupt import exit_now, is_command
+        from ._interrupt import exit_now, is_command, said_interrupted
+        said_interrupted()
         if is_command():
             exit_now(EXIT_INTERRUPT)
         return EXIT_INTERRUPT

@@ -491,6 +491,38 @@ def test_ctrl_c_does_not_wait_for_work_still_running_in_threads(tmp_path, sim_st
     assert not (tmp_path / "r.zarr").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_that_python_drops_still_ends_the_command(tmp_path):
+    """A KeyboardInterrupt raised where Python drops it (in a finaliser, a callback: here
+    a loop that swallows it) left the command running to the end; the first Ctrl-C
+    also starts a watchdog that ends the command with status 130 after a grace time."""
+    import subprocess
+    import time
+    script = tmp_path / "spedflow"
+    script.write_text("import sys, time\nimport spedflow._interrupt as I\n"
+                      "if __name__ == '__main__':\n"
+                      "    I._GRACE = 1.0\n"
+                      "    print('ready', flush=True)\n"
+                      "    while True:\n"
+                      "        try:\n"
+                      "            time.sleep(100)\n"
+                      "        except KeyboardInterrupt:  # dropped, as in a __del__\n"
+                      "            pass\n")
+    proc = subprocess.Popen([sys.executable, str(script), "segment"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    _interrupt_group(proc)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the dropped interrupt left the command running")
+    assert proc.returncode == 130 and 1.0 <= time.monotonic() - t0 < 30
+    assert err.strip().endswith("spedflow: interrupted")
+
+
 @pytest.mark.parametrize("argv, orig, expected", [
     (["/venv/bin/spedflow", "segment"], ["/venv/bin/python", "/venv/bin/spedflow", "segment"], True),
     (["-m", "segment"], ["python", "-m", "spedflow", "segment"], True),       # while importing
