@@ -74,6 +74,14 @@ def install_for_command() -> None:
 _GRACE = 20.0
 #: Set once the command has said it was interrupted (:func:`said_interrupted`).
 _said = False
+#: The line the watchdog prints for the command (:func:`set_interrupt_line`).
+_line = "spedflow: interrupted"
+
+
+def set_interrupt_line(line: str) -> None:
+    """What the command says when interrupted (what a rerun resumes from)."""
+    global _line
+    _line = line
 
 
 def said_interrupted() -> None:
@@ -103,7 +111,7 @@ def _install_watchdog() -> None:
         import time
         time.sleep(_GRACE)
         if not _said:
-            print("spedflow: interrupted", file=sys.stderr)
+            print(_line, file=sys.stderr)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

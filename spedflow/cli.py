@@ -314,17 +314,22 @@ _KEPT_ON_INTERRUPT = {"segment": "finished stages are", "watch": "finished stage
                       "fetch": "the download and ingest done so far are"}
 
 
+def _interrupt_line(command: str) -> str:
+    kept = _KEPT_ON_INTERRUPT.get(command)
+    return "spedflow: interrupted" + (f"; {kept} kept and a rerun resumes" if kept else "")
+
+
 def _dispatch(args) -> int:
     """Run the command; every user mistake becomes one line on stderr and exit 2."""
+    from ._interrupt import set_interrupt_line
+    set_interrupt_line(_interrupt_line(args.command))
     try:
         return int(_COMMANDS[args.command](args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        kept = _KEPT_ON_INTERRUPT.get(args.command)
-        print("spedflow: interrupted" + (f"; {kept} kept and a rerun resumes" if kept else ""),
-              file=sys.stderr)
+        print(_interrupt_line(args.command), file=sys.stderr)
         from ._interrupt import exit_now, is_command, said_interrupted
         said_interrupted()
         if is_command():

@@ -500,8 +500,10 @@ def test_ctrl_c_that_python_drops_still_ends_the_command(tmp_path):
     import time
     script = tmp_path / "spedflow"
     script.write_text("import sys, time\nimport spedflow._interrupt as I\n"
+                      "from spedflow.cli import _interrupt_line\n"
                       "if __name__ == '__main__':\n"
                       "    I._GRACE = 1.0\n"
+                      "    I.set_interrupt_line(_interrupt_line('segment'))\n"
                       "    print('ready', flush=True)\n"
                       "    while True:\n"
                       "        try:\n"
@@ -520,7 +522,8 @@ def test_ctrl_c_that_python_drops_still_ends_the_command(tmp_path):
         proc.communicate()
         pytest.fail("the dropped interrupt left the command running")
     assert proc.returncode == 130 and 1.0 <= time.monotonic() - t0 < 30
-    assert err.strip().endswith("spedflow: interrupted")
+    assert err.strip().endswith("spedflow: interrupted; finished stages are kept and a rerun "
+                                "resumes")
 
 
 @pytest.mark.parametrize("argv, orig, expected", [
