@@ -383,6 +383,15 @@ def _command_script(tmp_path):
     return script
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before it runs: SIGINT as a terminal's foreground job has it. A
+    pytest started in the background of a non-interactive shell (``cmd &``) has SIGINT
+    ignored, and its children inherit that: the command then ignored the test's Ctrl-C
+    and ran to the end (as :func:`tests.cluster_utils._child_start` does for dask's)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_group(proc) -> None:
     """Ctrl-C at a terminal: SIGINT to every process of the command's group."""
     import os
@@ -435,7 +444,8 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, sim_store, how):
     cmd = ([sys.executable, str(_command_script(tmp_path))] if how == "script"
            else [sys.executable, "-m", "spedflow"])
     proc = subprocess.Popen(cmd + ["info", str(sim_store)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     time.sleep(0.2)  # python itself is up; spedflow's imports are not done
     _interrupt_group(proc)
     out, err = proc.communicate(timeout=60)
@@ -455,7 +465,8 @@ def test_ctrl_c_during_a_local_cluster_run_is_one_line(tmp_path, sim_store):
     proc = subprocess.Popen([sys.executable, str(_command_script(tmp_path)), "segment", str(sim_store),
                              "--out", str(tmp_path / "r.zarr"), "--workers", "2", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     err = _interrupt_at_first_bar(proc, timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt")
@@ -479,7 +490,8 @@ def test_ctrl_c_does_not_wait_for_work_still_running_in_threads(tmp_path, sim_st
     proc = subprocess.Popen([sys.executable, str(script), "segment", str(sim_store), "--out",
                              str(tmp_path / "r.zarr"), "--no-cluster"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     try:
         err = _interrupt_at_first_bar(proc, timeout=60)
     except subprocess.TimeoutExpired:
@@ -511,7 +523,8 @@ def test_ctrl_c_that_python_drops_still_ends_the_command(tmp_path):
                       "        except KeyboardInterrupt:  # dropped, as in a __del__\n"
                       "            pass\n")
     proc = subprocess.Popen([sys.executable, str(script), "segment"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     assert proc.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     _interrupt_group(proc)
