@@ -37,22 +37,33 @@ def open_store(path, *, array: str = "data"):
     arr, meta = open_input(path, array=array)
     data = da.from_zarr(arr)
     dims = ("scan_y", "scan_x", "ky", "kx")
-    coords = {}
-    for dim, n in zip(dims, data.shape):
-        cal = (meta.get("scan_step") if dim.startswith("scan") else meta.get("reciprocal_scale")) or {}
-        scale, units = (float(cal["value"]), cal.get("units") or "px") if cal.get("value") else (1.0, "px")
-        coords[dim] = _axis(dim, n, scale, units)
-    return xr.DataArray(data, dims=dims, coords=coords,
+    return xr.DataArray(data, dims=dims, coords=_coords(dims, data.shape, meta),
                         name="patterns", attrs={"spedflow": meta, "path": str(path)})
 
 
-def _axis(dim: str, n: int, scale: float, units: str, origin: float = 0.0):
-    """Coordinates of axis ``dim`` of ``n`` pixels ``scale`` apart: a scan axis from
-    ``origin``, a detector axis (ky, kx) centred on the beam at pixel ``n // 2``."""
+def _coords(dims, shape, meta: dict, patterns=None) -> dict:
+    """Coordinates of the scan and detector axes among ``dims`` (of ``shape``), in the
+    units of a store's or result's calibration (the report's reading of it, older
+    results' too), else pixels: a scan axis from 0 in steps of a binned scan pixel,
+    which sits at its raw pixels' centre; a detector axis centred on the beam at pixel
+    ``n // 2``. ``patterns``: a result's pattern shape (its detector binning)."""
     import xarray as xr
-    if not dim.startswith("scan"):
-        origin = -(n // 2) * scale
-    return xr.Variable(dim, origin + scale * np.arange(n), attrs={"units": units})
+
+    from .report._load import _calibration, _pair
+    cal = _calibration(meta, {}, patterns, None)
+    b, d = _pair(meta.get("nav_binning"))[0], _pair(meta.get("detector_binning"))[0]
+    step, k = cal.scan_step or float(b), cal.k_scale or float(d)
+    out = {}
+    for dim, n in zip(dims, shape):
+        if dim in ("scan_y", "scan_x"):
+            values = (b - 1) / 2 * step / b + step * np.arange(n)
+            units = cal.scan_units if cal.scan_step else "px"
+        elif dim in ("ky", "kx"):
+            values, units = k * (np.arange(n) - n // 2), cal.k_units if cal.k_scale else "px"
+        else:
+            continue
+        out[dim] = xr.Variable(dim, values, attrs={"units": units})
+    return out
 
 
 def open_result(path) -> dict:
@@ -67,16 +78,7 @@ def open_result(path) -> dict:
         raise InputError(f"{str(path)!r} is not a spedflow result (made by `spedflow segment`); "
                          "open an input store with spedflow.open_store")
     out: dict[str, Any] = {"attrs": meta}
-    # the report's reading of a result's calibration (also of older results'): a binned
-    # scan pixel's step and a binned detector pixel's scale, else raw pixels
-    from .report._load import _calibration, _pair
     patterns = g["segments/patterns"].shape[-2:] if "segments/patterns" in g else None
-    cal = _calibration(meta, {}, patterns, None)
-    b, d = _pair(meta.get("nav_binning"))[0], _pair(meta.get("detector_binning"))[0]
-    step, k = cal.scan_step or float(b), cal.k_scale or float(d)
-    axes = {"scan": (step, cal.scan_units if cal.scan_step else "px",
-                     (b - 1) / 2 * step / b),  # a binned pixel sits at its raw pixels' centre
-            "k": (k, cal.k_units if cal.k_scale else "px", 0.0)}
     dims_by_name = {
         "segments/maps": ("segment", "scan_y", "scan_x"),
         "segments/patterns": ("segment", "ky", "kx"),
@@ -97,8 +99,7 @@ def open_result(path) -> dict:
         dims = dims_by_name.get(name, tuple(f"{name.replace('/', '_')}_{i}" for i in range(arr.ndim)))
         if len(dims) != arr.ndim:
             dims = tuple(f"dim_{i}" for i in range(arr.ndim))
-        coords = {dim: _axis(dim, n, *axes["scan" if dim.startswith("scan") else "k"])
-                  for dim, n in zip(dims, arr.shape) if dim in ("scan_y", "scan_x", "ky", "kx")}
+        coords = _coords(dims, arr.shape, meta, patterns)
         out[name] = xr.DataArray(da.from_zarr(arr), dims=dims, coords=coords, name=name,
                                  attrs=dict(arr.attrs))
     return out
