@@ -95,9 +95,9 @@ def _install_watchdog() -> None:
 
     Python raises :class:`KeyboardInterrupt` in whatever code the main thread runs
     when the signal is handled; raised inside a finaliser (``__del__``) or a callback,
-    it is printed as "Exception ignored" and lost, and the command ran on to the end
-    (seen in the test suite on a first run, while numba compiled the kernels). The
-    handler raises the interrupt as Python's own does, and the first one also starts a
+    it is printed as "Exception ignored" and lost, and the command would run on to the
+    end (a safety net: no such loss has been seen in a run). The handler raises the
+    interrupt as Python's own does, and the first one also starts a
     thread that ends the process with status 130 if it still runs :data:`_GRACE`
     seconds later. Not where SIGINT was ignored when the command started (a background
     job of a shell script keeps ignoring it), nor outside the main thread."""
@@ -112,12 +112,7 @@ def _install_watchdog() -> None:
         time.sleep(_GRACE)
         if not _said:
             print(_line, file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, ValueError, OSError):
-                pass
-        os._exit(130)
+        _flush_and_exit(130)
 
     def on_sigint(signum, frame):
         if not started:
@@ -164,6 +159,11 @@ def exit_now(code: int) -> None:
     except (KeyboardInterrupt, Exception):  # noqa: BLE001 (a further Ctrl-C: end now)
         pass
     logging.shutdown()  # flush the log handlers
+    _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    """Flush stdout and stderr, then end the process with ``code`` at once."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
