@@ -15,6 +15,7 @@ import numpy as np
 from ._version import __version__
 from .errors import InputError, ParameterError
 from .io import DATA, atomic_store, create_array, creation_stamp, nav_chunks
+from .io._ingest import _parse_calibration, _stored_dtype
 from .io._store import check_4d
 
 __all__ = ["from_array", "to_hyperspy"]
@@ -22,7 +23,6 @@ __all__ = ["from_array", "to_hyperspy"]
 
 def _calib(name, value, default_units):
     """A calibration as ``ingest`` takes it (checked the same way); none: 1 px."""
-    from .io._ingest import _parse_calibration
     parsed = _parse_calibration(name, value, default_units)
     return {"value": 1.0, "units": "px"} if parsed is None else parsed
 
@@ -113,8 +113,9 @@ def from_array(data, dest: str | os.PathLike, *, scan_step=None, reciprocal_scal
                              f"(got {type(data).__name__})")
     check_4d(arr, "`data`")
     original_dtype = str(arr.dtype)
-    if arr.dtype == np.float16:  # half precision overflows in the sums of a few patterns
-        arr = arr.astype(np.float32)
+    stored = _stored_dtype(arr.dtype)  # as ingest stores it: float16 as float32
+    if stored != arr.dtype.newbyteorder("="):
+        arr = arr.astype(stored)
     import zarr
     chunks = nav_chunks(arr.shape, arr.dtype)
     arr = arr.rechunk(chunks)
