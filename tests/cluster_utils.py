@@ -99,7 +99,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child_start() -> None:
+def child_start() -> None:
     """In the child, before it runs: die with the parent (:func:`_die_with_parent`), and
     take Ctrl-C (SIGINT) as from a terminal. A pytest started in the background of a
     non-interactive shell (``cmd &`` in a script) has SIGINT ignored, and children
@@ -119,7 +119,7 @@ class DaskProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, close_fds=True, preexec_fn=_child_start)
+            env=env, start_new_session=True, close_fds=True, preexec_fn=child_start)
         self._finalizer = weakref.finalize(self, _kill_group, self.proc.pid, 0.5,
                                           self.proc.poll)
 

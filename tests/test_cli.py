@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster_utils import child_start
 from spedflow.cli import build_parser, main
 from spedflow.interop import from_array
 
@@ -383,15 +384,6 @@ def _command_script(tmp_path):
     return script
 
 
-def _as_from_a_terminal() -> None:
-    """In the child, before it runs: SIGINT as a terminal's foreground job has it. A
-    pytest started in the background of a non-interactive shell (``cmd &``) has SIGINT
-    ignored, and its children inherit that: the command then ignored the test's Ctrl-C
-    and ran to the end (as :func:`tests.cluster_utils._child_start` does for dask's)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _interrupt_group(proc) -> None:
     """Ctrl-C at a terminal: SIGINT to every process of the command's group."""
     import os
@@ -445,7 +437,7 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, sim_store, how):
            else [sys.executable, "-m", "spedflow"])
     proc = subprocess.Popen(cmd + ["info", str(sim_store)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+                            preexec_fn=child_start)
     time.sleep(0.2)  # python itself is up; spedflow's imports are not done
     _interrupt_group(proc)
     out, err = proc.communicate(timeout=60)
@@ -466,7 +458,7 @@ def test_ctrl_c_during_a_local_cluster_run_is_one_line(tmp_path, sim_store):
                              "--out", str(tmp_path / "r.zarr"), "--workers", "2", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+                            preexec_fn=child_start)
     err = _interrupt_at_first_bar(proc, timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt")
@@ -491,7 +483,7 @@ def test_ctrl_c_does_not_wait_for_work_still_running_in_threads(tmp_path, sim_st
                              str(tmp_path / "r.zarr"), "--no-cluster"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+                            preexec_fn=child_start)
     try:
         err = _interrupt_at_first_bar(proc, timeout=60)
     except subprocess.TimeoutExpired:
@@ -516,15 +508,15 @@ def test_ctrl_c_that_python_drops_still_ends_the_command(tmp_path):
                       "if __name__ == '__main__':\n"
                       "    I._GRACE = 1.0\n"
                       "    I.set_interrupt_line(_interrupt_line('segment'))\n"
-                      "    print('ready', flush=True)\n"
                       "    while True:\n"
-                      "        try:\n"
+                      "        try:  # 'ready' inside: the interrupt lands where it is dropped\n"
+                      "            print('ready', flush=True)\n"
                       "            time.sleep(100)\n"
                       "        except KeyboardInterrupt:  # dropped, as in a __del__\n"
                       "            pass\n")
     proc = subprocess.Popen([sys.executable, str(script), "segment"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
+                            preexec_fn=child_start)
     assert proc.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     _interrupt_group(proc)
