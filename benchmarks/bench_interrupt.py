@@ -42,6 +42,16 @@ def _child_start():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _wait_or_kill(proc, timeout: float) -> int | None:
+    """The process's exit status, or None if it still ran after ``timeout`` s (killed)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
 def one_run(store: Path, work: Path, *, fresh_cache: bool, max_delay: float, timeout: float) -> dict:
     out = work / "r.zarr"
     cache = Path(str(out) + ".cache")
@@ -62,12 +72,7 @@ def one_run(store: Path, work: Path, *, fresh_cache: bool, max_delay: float, tim
         return {"finished_before_the_interrupt": True, "returncode": proc.returncode}
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        code = None
+    code = _wait_or_kill(proc, timeout)
     log.close()
     return {"returncode": code, "exit_s": round(time.monotonic() - sent, 3),
             "interrupted_after_s": round(sent - started, 3),
@@ -91,12 +96,7 @@ def double_during_start(store: Path, work: Path, *, timeout: float) -> dict:
             break
         sent = time.monotonic()
         time.sleep(0.3)
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        code = None
+    code = _wait_or_kill(proc, timeout)
     log.close()
     text = (work / "log.txt").read_text()
     return {"returncode": code, "exit_s": round(max(0.0, time.monotonic() - sent), 3),
